@@ -1,0 +1,375 @@
+"""A small, dependency-free reader for llama.cpp's GGUF files (NumPy only).
+
+    f = GGUFFile("model.gguf")
+    f.metadata["llama.block_count"]          # 30
+    f.tensors["blk.0.attn_q.weight"].shape   # (576, 576), NumPy (row-major) order
+    w = f.load("blk.0.attn_q.weight")        # dequantized float32 ndarray
+
+Layout (versions 2 and 3, little-endian): magic "GGUF", u32 version, u64 tensor
+count, u64 key/value count, the key/value pairs, the tensor infos, padding to
+`general.alignment` (default 32), then the data section. Strings are a u64 byte
+length and UTF-8 bytes. A tensor info is its name, u32 n_dims, n_dims u64 dims
+(fastest-varying first, so NumPy's shape is the reverse), u32 ggml type and a
+u64 offset relative to the data section.
+
+Metadata values become Python values: integers, floats, bools and strings as
+such, arrays as lists (string arrays as lists of str), exactly what gguf-py's
+`ReaderField.contents()` gives. Arrays of arrays are refused, as llama.cpp does.
+
+Dequantization matches gguf-py's `gguf.quants.dequantize` bit for bit: the
+same float32 operations in the same order, vectorised over many blocks at once.
+Every offset and length read from the file is checked against the file size
+before it is used; a bad file raises `GGUFError` naming the file and the problem.
+"""
+from __future__ import annotations
+
+import mmap
+import os
+import struct
+from dataclasses import dataclass
+
+import numpy as np
+
+GGUF_MAGIC = b"GGUF"
+DEFAULT_ALIGNMENT = 32
+MAX_DIMS = 4  # GGML_MAX_DIMS: llama.cpp refuses tensors with more dimensions
+
+# GGUF metadata value types: id -> (name, struct format); STRING and ARRAY are special.
+_VALUE_TYPES = {
+    0: ("UINT8", "<B"), 1: ("INT8", "<b"), 2: ("UINT16", "<H"), 3: ("INT16", "<h"),
+    4: ("UINT32", "<I"), 5: ("INT32", "<i"), 6: ("FLOAT32", "<f"), 7: ("BOOL", "<?"),
+    8: ("STRING", None), 9: ("ARRAY", None),
+    10: ("UINT64", "<Q"), 11: ("INT64", "<q"), 12: ("FLOAT64", "<d"),
+}
+_STRING, _ARRAY, _UINT32 = 8, 9, 4
+
+# ggml tensor types: id -> (name, elements per block, bytes per block), as in ggml.h.
+GGML_TYPES = {
+    0: ("F32", 1, 4), 1: ("F16", 1, 2), 2: ("Q4_0", 32, 18), 3: ("Q4_1", 32, 20),
+    6: ("Q5_0", 32, 22), 7: ("Q5_1", 32, 24), 8: ("Q8_0", 32, 34), 9: ("Q8_1", 32, 36),
+    10: ("Q2_K", 256, 84), 11: ("Q3_K", 256, 110), 12: ("Q4_K", 256, 144),
+    13: ("Q5_K", 256, 176), 14: ("Q6_K", 256, 210), 15: ("Q8_K", 256, 292),
+    16: ("IQ2_XXS", 256, 66), 17: ("IQ2_XS", 256, 74), 18: ("IQ3_XXS", 256, 98),
+    19: ("IQ1_S", 256, 50), 20: ("IQ4_NL", 32, 18), 21: ("IQ3_S", 256, 110),
+    22: ("IQ2_S", 256, 82), 23: ("IQ4_XS", 256, 136), 24: ("I8", 1, 1), 25: ("I16", 1, 2),
+    26: ("I32", 1, 4), 27: ("I64", 1, 8), 28: ("F64", 1, 8), 29: ("IQ1_M", 256, 56),
+    30: ("BF16", 1, 2), 34: ("TQ1_0", 256, 54), 35: ("TQ2_0", 256, 66), 39: ("MXFP4", 32, 17),
+    40: ("NVFP4", 64, 36), 41: ("Q1_0", 128, 18),
+}
+
+
+class GGUFError(ValueError):
+    """A GGUF file that is malformed, truncated or uses something this reader lacks."""
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    name: str
+    shape: tuple  # NumPy (row-major) order: GGUF's dims reversed
+    ggml_type: str  # e.g. "Q4_1"
+    offset: int  # absolute byte offset of the data in the file
+    nbytes: int
+
+    @property
+    def n_elements(self) -> int:
+        return int(np.prod(self.shape, dtype=np.int64))
+
+
+class _Cursor:
+    """Reads little-endian values from a buffer, refusing to read past its end."""
+
+    def __init__(self, buf, path):
+        self.buf, self.path, self.pos, self.size = buf, path, 0, len(buf)
+
+    def fail(self, problem):
+        raise GGUFError(f"{self.path}: {problem}")
+
+    def need(self, n, what):
+        if n > self.size - self.pos:
+            self.fail(f"truncated: {what} needs {n} bytes at offset {self.pos}, "
+                      f"file has {self.size}")
+
+    def unpack(self, fmt, what):
+        n = struct.calcsize(fmt)
+        self.need(n, what)
+        value = struct.unpack_from(fmt, self.buf, self.pos)[0]
+        self.pos += n
+        return value
+
+    def string(self, what):
+        n = self.unpack("<Q", f"length of {what}")
+        self.need(n, what)
+        raw = self.buf[self.pos:self.pos + n]
+        self.pos += n
+        try:
+            return raw.decode("utf-8")
+        except UnicodeDecodeError as e:
+            self.fail(f"{what} is not valid UTF-8 ({e})")
+
+    def value(self, vtype, what):
+        if vtype == _STRING:
+            return self.string(what)
+        if vtype == _ARRAY:
+            return self.array(what)
+        if vtype not in _VALUE_TYPES:
+            self.fail(f"{what} has unknown value type {vtype}")
+        return self.unpack(_VALUE_TYPES[vtype][1], what)
+
+    def array(self, what):
+        itype = self.unpack("<I", f"element type of {what}")
+        count = self.unpack("<Q", f"length of {what}")
+        if itype not in _VALUE_TYPES:
+            self.fail(f"{what} has unknown element type {itype}")
+        if itype == _ARRAY:
+            self.fail(f"{what} is an array of arrays, which GGUF readers do not support")
+        if itype == _STRING:
+            self.need(count * 8, f"{count} strings of {what}")  # each is at least 8 bytes
+            return [self.string(f"{what}[{i}]") for i in range(count)]
+        fmt = _VALUE_TYPES[itype][1]
+        size = struct.calcsize(fmt)
+        self.need(count * size, f"{count} elements of {what}")
+        values = np.frombuffer(self.buf, dtype=np.dtype(fmt), count=count, offset=self.pos)
+        self.pos += count * size
+        return values.tolist()
+
+
+class GGUFFile:
+    """A memory-mapped GGUF file: `.metadata`, `.tensors` and `.load(name)`."""
+
+    def __init__(self, path):
+        self.path = os.fspath(path)
+        with open(self.path, "rb") as fh:
+            size = os.fstat(fh.fileno()).st_size
+            if size < 24:
+                raise GGUFError(f"{self.path}: truncated: {size} bytes is shorter than a GGUF header")
+            self._mm = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ)
+        cur = _Cursor(self._mm, self.path)
+        magic = self._mm[:4]
+        if magic != GGUF_MAGIC:
+            cur.fail(f"bad magic {magic!r}, expected {GGUF_MAGIC!r}")
+        cur.pos = 4
+        self.version = cur.unpack("<I", "version")
+        if self.version not in (2, 3):
+            swapped = struct.unpack(">I", struct.pack("<I", self.version))[0]
+            if swapped in (2, 3):
+                cur.fail("big-endian GGUF files are not supported")
+            cur.fail(f"unsupported GGUF version {self.version} (supported: 2, 3)")
+        n_tensors = cur.unpack("<Q", "tensor count")
+        n_kv = cur.unpack("<Q", "key/value count")
+
+        self.metadata = {}
+        cur.need(n_kv * 12, f"{n_kv} key/value pairs")  # each is at least 12 bytes
+        for i in range(n_kv):
+            key = cur.string(f"key {i}")
+            vtype = cur.unpack("<I", f"type of {key!r}")
+            if key in self.metadata:
+                cur.fail(f"duplicate key {key!r}")
+            if vtype not in _VALUE_TYPES:
+                cur.fail(f"key {key!r} has unknown value type {vtype}")
+            if key == "general.alignment" and vtype != _UINT32:
+                cur.fail(f"general.alignment has type {_VALUE_TYPES[vtype][0]}, expected UINT32")
+            self.metadata[key] = cur.value(vtype, repr(key))
+
+        self.alignment = self.metadata.get("general.alignment", DEFAULT_ALIGNMENT)
+        if self.alignment == 0 or self.alignment & (self.alignment - 1):
+            cur.fail(f"general.alignment {self.alignment} is not a power of two")
+
+        infos = []
+        cur.need(n_tensors * 24, f"{n_tensors} tensor infos")  # each is at least 24 bytes
+        for i in range(n_tensors):
+            name = cur.string(f"name of tensor {i}")
+            n_dims = cur.unpack("<I", f"n_dims of tensor {name!r}")
+            if n_dims > MAX_DIMS:
+                cur.fail(f"tensor {name!r} has {n_dims} dims, at most {MAX_DIMS} are allowed")
+            dims = [cur.unpack("<Q", f"dims of tensor {name!r}") for _ in range(n_dims)]
+            type_id = cur.unpack("<I", f"type of tensor {name!r}")
+            offset = cur.unpack("<Q", f"offset of tensor {name!r}")
+            infos.append((name, dims, type_id, offset))
+        pad = -cur.pos % self.alignment
+        self.data_offset = cur.pos + pad
+        if self.data_offset > cur.size:
+            cur.fail(f"truncated: data section starts at {self.data_offset}, file has {cur.size} bytes")
+
+        self.tensors = {}
+        for name, dims, type_id, offset in infos:
+            if name in self.tensors:
+                cur.fail(f"duplicate tensor {name!r}")
+            if type_id not in GGML_TYPES:
+                cur.fail(f"tensor {name!r} has unknown ggml type {type_id}")
+            type_name, block_size, type_size = GGML_TYPES[type_id]
+            n_elements = 1
+            for d in dims:
+                n_elements *= d
+            if dims and dims[0] % block_size:
+                cur.fail(f"tensor {name!r}: row length {dims[0]} is not a multiple of "
+                         f"the {type_name} block size {block_size}")
+            nbytes = n_elements // block_size * type_size
+            start = self.data_offset + offset
+            if start + nbytes > cur.size:
+                cur.fail(f"tensor {name!r} ({type_name}, dims {dims}): data at "
+                         f"[{start}, {start + nbytes}) is out of bounds of the {cur.size}-byte file")
+            self.tensors[name] = TensorInfo(name, tuple(reversed(dims)), type_name, start, nbytes)
+
+    def __repr__(self):
+        return f"GGUFFile({self.path!r}, version={self.version}, {len(self.tensors)} tensors)"
+
+    def raw(self, name) -> np.ndarray:
+        """The tensor's bytes as a read-only uint8 view of the mapped file."""
+        info = self._info(name)
+        return np.frombuffer(self._mm, dtype=np.uint8, count=info.nbytes, offset=info.offset)
+
+    def load(self, name, dtype=np.float32) -> np.ndarray:
+        """The tensor as a new array of `info.shape`, dequantized to `dtype`.
+
+        dtype=None keeps the stored type for F16/F64/integer tensors and gives
+        float32 for BF16 (NumPy has no bfloat16) and quantized types.
+        """
+        info = self._info(name)
+        data = self.raw(name)
+        native = _NATIVE.get(info.ggml_type)
+        if native is not None:
+            out = data.view(native).reshape(info.shape)
+            return out.astype(native if dtype is None else dtype)  # astype copies
+        dequant = _DEQUANTIZE.get(info.ggml_type)
+        if dequant is None:
+            raise GGUFError(f"{self.path}: tensor {name!r} has type {info.ggml_type}, which this "
+                            f"reader cannot dequantize (supported: {', '.join(SUPPORTED_TYPES)})")
+        out = dequantize(data, info.ggml_type).reshape(info.shape)
+        return out if dtype is None or np.dtype(dtype) == np.float32 else out.astype(dtype)
+
+    def _info(self, name):
+        try:
+            return self.tensors[name]
+        except KeyError:
+            raise KeyError(f"{self.path}: no tensor named {name!r}") from None
+
+
+def read_metadata(path) -> dict:
+    """The key/value metadata of a GGUF file."""
+    return GGUFFile(path).metadata
+
+
+# Tensor types stored as plain NumPy values.
+_NATIVE = {"F32": np.dtype("<f4"), "F16": np.dtype("<f2"), "F64": np.dtype("<f8"),
+           "I8": np.dtype("i1"), "I16": np.dtype("<i2"), "I32": np.dtype("<i4"),
+           "I64": np.dtype("<i8")}
+
+_BLOCK_CHUNK = 1 << 15  # blocks dequantized per step: bounds the temporaries to a few MiB
+
+
+def _block_dtype(*fields):
+    return np.dtype([(name, fmt) for name, fmt in fields])
+
+
+def dequantize(data: np.ndarray, ggml_type: str) -> np.ndarray:
+    """Dequantize a flat uint8 buffer of `ggml_type` blocks to a flat float32 array."""
+    block_size, type_size = _SIZES[ggml_type]
+    if data.size % type_size:
+        raise GGUFError(f"{ggml_type} data of {data.size} bytes is not a whole number of "
+                        f"{type_size}-byte blocks")
+    n_blocks = data.size // type_size
+    blocks = np.frombuffer(data, dtype=_BLOCKS[ggml_type], count=n_blocks)
+    out = np.empty((n_blocks, block_size), dtype=np.float32)
+    fn = _DEQUANTIZE[ggml_type]
+    for i in range(0, n_blocks, _BLOCK_CHUNK):
+        fn(out[i:i + _BLOCK_CHUNK], blocks[i:i + _BLOCK_CHUNK])
+    return out.reshape(-1)
+
+
+def _f32(half):
+    """(n,) float16 block field -> (n, 1) float32, to broadcast over a block."""
+    return half.astype(np.float32)[:, None]
+
+
+def _nibbles(qs):
+    """(n, 16) packed bytes -> (n, 32) values 0..15: low nibbles are elements 0-15, high 16-31."""
+    return np.concatenate([qs & np.uint8(0x0F), qs >> np.uint8(4)], axis=1)
+
+
+def _fifth_bits(qh):
+    """(n,) uint32 -> (n, 32) bit j of each, shifted to 16 (the fifth bit of element j)."""
+    bits = (qh[:, None] >> np.arange(32, dtype=np.uint32)) & np.uint32(1)
+    return (bits << np.uint32(4)).astype(np.uint8)
+
+
+def _deq_bf16(out, b):  # out (n, 1); bfloat16 is the top half of a float32
+    out.view(np.uint32)[:, 0] = b["x"].astype(np.uint32) << np.uint32(16)
+
+
+def _deq_q8_0(out, b):  # x = d * q, q int8
+    np.multiply(b["qs"], _f32(b["d"]), out=out)
+
+
+def _deq_q8_1(out, b):  # x = d * q; s (= d * sum(q)) is only used by dot products
+    np.multiply(b["qs"], _f32(b["d"]), out=out)
+
+
+def _deq_q4_0(out, b):  # x = d * (q - 8)
+    q = _nibbles(b["qs"]).view(np.int8) - np.int8(8)
+    np.multiply(_f32(b["d"]), q, out=out)
+
+
+def _deq_q4_1(out, b):  # x = d * q + m
+    np.multiply(_f32(b["d"]), _nibbles(b["qs"]), out=out)
+    out += _f32(b["m"])
+
+
+def _deq_q5_0(out, b):  # x = d * (q - 16), q = nibble | fifth bit from qh
+    q = (_nibbles(b["qs"]) | _fifth_bits(b["qh"])).view(np.int8) - np.int8(16)
+    np.multiply(_f32(b["d"]), q, out=out)
+
+
+def _deq_q5_1(out, b):  # x = d * q + m
+    np.multiply(_f32(b["d"]), _nibbles(b["qs"]) | _fifth_bits(b["qh"]), out=out)
+    out += _f32(b["m"])
+
+
+def _k_scale_min(scales):
+    """(n, 12) packed 6-bit scales and mins of Q4_K/Q5_K -> two (n, 8) uint8 arrays."""
+    s = scales.reshape(-1, 3, 4)
+    d, m, m_d = s[:, 0], s[:, 1], s[:, 2]
+    sc = np.concatenate([d & 0x3F, (m_d & 0x0F) | ((d >> 2) & 0x30)], axis=1)
+    mn = np.concatenate([m & 0x3F, (m_d >> 4) | ((m >> 2) & 0x30)], axis=1)
+    return sc, mn
+
+
+def _deq_q4_k(out, b):  # 8 sub-blocks of 32: x = d*sc * q - dmin*mn
+    n = len(b)
+    sc, mn = _k_scale_min(b["scales"])
+    d = (_f32(b["d"]) * sc.astype(np.float32))[:, :, None]  # (n, 8, 1)
+    dm = (_f32(b["dmin"]) * mn.astype(np.float32))[:, :, None]
+    qs = b["qs"].reshape(n, 4, 1, 32) >> np.array([0, 4], dtype=np.uint8).reshape(1, 1, 2, 1)
+    q = (qs & np.uint8(0x0F)).reshape(n, 8, 32).astype(np.float32)
+    out.reshape(n, 8, 32)[:] = d * q - dm
+
+
+def _deq_q6_k(out, b):  # 16 sub-blocks of 16: x = d*scale * (q - 32), q 6 bits from ql, qh
+    n = len(b)
+    d = (_f32(b["d"]) * b["scales"].astype(np.float32))[:, :, None]  # (n, 16, 1)
+    ql = b["ql"].reshape(n, 2, 1, 64) >> np.array([0, 4], dtype=np.uint8).reshape(1, 1, 2, 1)
+    ql = (ql & np.uint8(0x0F)).reshape(n, 8, 32)
+    qh = b["qh"].reshape(n, 2, 1, 32) >> np.array([0, 2, 4, 6], dtype=np.uint8).reshape(1, 1, 4, 1)
+    qh = (qh & np.uint8(0x03)).reshape(n, 8, 32)
+    q = ((ql | (qh << np.uint8(4))).view(np.int8) - np.int8(32)).reshape(n, 16, 16)
+    out.reshape(n, 16, 16)[:] = d * q.astype(np.float32)
+
+
+# Block layouts (ggml-common.h) and their dequantizers.
+_BLOCKS = {
+    "BF16": _block_dtype(("x", "<u2")),
+    "Q4_0": _block_dtype(("d", "<f2"), ("qs", ("u1", 16))),
+    "Q4_1": _block_dtype(("d", "<f2"), ("m", "<f2"), ("qs", ("u1", 16))),
+    "Q5_0": _block_dtype(("d", "<f2"), ("qh", "<u4"), ("qs", ("u1", 16))),
+    "Q5_1": _block_dtype(("d", "<f2"), ("m", "<f2"), ("qh", "<u4"), ("qs", ("u1", 16))),
+    "Q8_0": _block_dtype(("d", "<f2"), ("qs", ("i1", 32))),
+    "Q8_1": _block_dtype(("d", "<f2"), ("s", "<f2"), ("qs", ("i1", 32))),
+    "Q4_K": _block_dtype(("d", "<f2"), ("dmin", "<f2"), ("scales", ("u1", 12)), ("qs", ("u1", 128))),
+    "Q6_K": _block_dtype(("ql", ("u1", 128)), ("qh", ("u1", 64)), ("scales", ("i1", 16)), ("d", "<f2")),
+}
+_DEQUANTIZE = {
+    "BF16": _deq_bf16, "Q4_0": _deq_q4_0, "Q4_1": _deq_q4_1, "Q5_0": _deq_q5_0,
+    "Q5_1": _deq_q5_1, "Q8_0": _deq_q8_0, "Q8_1": _deq_q8_1, "Q4_K": _deq_q4_k, "Q6_K": _deq_q6_k,
+}
+_SIZES = {name: (block, size) for name, block, size in GGML_TYPES.values()}
+assert all(_BLOCKS[t].itemsize == _SIZES[t][1] for t in _BLOCKS)
+SUPPORTED_TYPES = tuple(sorted(_NATIVE)) + tuple(sorted(_DEQUANTIZE))
