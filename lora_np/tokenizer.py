@@ -1,0 +1,607 @@
+"""Byte-level BPE tokenizer (GPT-2, Llama 3, SmolLM), exact to Hugging Face `tokenizers`.
+
+    tok = load_tokenizer("SmolLM2-135M-Instruct.Q4_1.gguf")   # or a tokenizer.json, or a HF folder
+    ids = tok.encode("Hello world")                            # [19556, 905]
+    tok.decode(ids)                                            # 'Hello world'
+    tok.apply_chat_template([{"role": "user", "content": "hi"}], add_generation_prompt=True)
+
+Encoding goes the way `tokenizers` goes:
+  1. added tokens (`<|im_start|>`...) are cut out of the text verbatim, longest match first;
+  2. each remaining segment is split by the pre-tokenizer: a sequence of regex splits
+     (the GPT-2 pattern, the Llama 3 pattern, SmolLM's "every digit alone, then GPT-2");
+  3. each piece becomes its UTF-8 bytes, one initial symbol per byte (GPT-2's byte <-> unicode
+     map names those symbols in the vocabulary), and BPE merges the adjacent pair of lowest
+     rank, leftmost first, until no pair has a merge;
+  4. the post-processor adds BOS/EOS when asked.
+
+The regexes are Oniguruma's (as in tokenizer.json and llama.cpp). They are run with Python's
+`re` after `\\p{L}`, `\\p{N}` and `\\s` are replaced by explicit code point classes built from
+`unicodedata`: Python's `\\s` also matches \\x1c-\\x1f, Oniguruma's is Unicode White_Space.
+
+A GGUF file names its pre-tokenizer in `tokenizer.ggml.pre`; we read that name as llama.cpp
+does (llama-vocab.cpp). For "smollm" that is "every digit alone, then GPT-2", as in SmolLM2's
+own tokenizer.json. transformers (5.x) builds a plain GPT-2 ByteLevel pre-tokenizer for
+"smollm" instead; the two differ when whitespace or newlines precede a digit ("a   1",
+"x\\n\\n2"). `load_tokenizer(path, pre_tokenizer="gpt2")` reproduces transformers.
+"""
+from __future__ import annotations
+
+import heapq
+import json
+import os
+import re
+import unicodedata
+from functools import lru_cache
+
+__all__ = ["Tokenizer", "load_tokenizer", "bytes_to_unicode", "PRE_TOKENIZERS", "GGUF_PRE_TOKENIZERS"]
+
+# -- Unicode classes for Oniguruma patterns ----------------------------------------------
+
+GPT2_PATTERN = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"
+LLAMA3_PATTERN = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
+    r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+
+# Unicode White_Space: what Oniguruma's \s matches.
+_WHITE_SPACE = ((0x09, 0x0D), (0x20, 0x20), (0x85, 0x85), (0xA0, 0xA0), (0x1680, 0x1680),
+                (0x2000, 0x200A), (0x2028, 0x2029), (0x202F, 0x202F), (0x205F, 0x205F), (0x3000, 0x3000))
+
+
+def _class_body(ranges):
+    """`re` character-class body (no brackets) for inclusive code point ranges."""
+    return "".join(f"\\U{a:08x}" if a == b else f"\\U{a:08x}-\\U{b:08x}" for a, b in ranges)
+
+
+_CATEGORY_NAMES = ("Lu", "Ll", "Lt", "Lm", "Lo", "Mn", "Mc", "Me", "Nd", "Nl", "No", "Pc", "Pd", "Ps", "Pe", "Pi",
+                   "Pf", "Po", "Sm", "Sc", "Sk", "So", "Zs", "Zl", "Zp", "Cc", "Cf", "Cs", "Co", "Cn")
+
+
+@lru_cache(maxsize=None)
+def _categories():
+    """One letter per code point, "a" + the index of its general category in _CATEGORY_NAMES."""
+    letter = {name: chr(ord("a") + k) for k, name in enumerate(_CATEGORY_NAMES)}
+    return "".join(map(letter.__getitem__, map(unicodedata.category, map(chr, range(0x110000)))))
+
+
+@lru_cache(maxsize=None)
+def _category_body(category):
+    """Class body for a general category ("L", "N", "Lu", ...) of Python's Unicode database."""
+    letters = "".join(chr(ord("a") + k) for k, name in enumerate(_CATEGORY_NAMES) if name.startswith(category))
+    if not letters:
+        raise ValueError(f"unknown Unicode general category \\p{{{category}}}")
+    return _class_body((m.start(), m.end() - 1) for m in re.finditer(f"[{letters}]+", _categories()))
+
+
+_ESCAPE = re.compile(r"\\(?:([pP])\{(\w+)\}|([sS])|(.))", re.S)
+
+
+def _translate(pattern):
+    """An Oniguruma pattern as a Python `re` pattern with \\p{..}, \\s, \\S spelled out."""
+    out, i, in_class = [], 0, False
+    while i < len(pattern):
+        c = pattern[i]
+        if c == "\\":
+            m = _ESCAPE.match(pattern, i)
+            if m is None:
+                raise ValueError(f"pattern {pattern!r} ends with a lone backslash")
+            p, category, space, _ = m.groups()
+            body = _category_body(category) if category else _class_body(_WHITE_SPACE) if space else None
+            negated = p == "P" or space == "S"
+            if body is None:
+                out.append(m.group())
+            elif in_class and negated:
+                raise ValueError(f"pattern {pattern!r}: {m.group()} inside [...] is not supported")
+            else:
+                out.append(body if in_class else f"[^{body}]" if negated else f"[{body}]")
+            i = m.end()
+            continue
+        if c == "[":
+            if in_class:
+                raise ValueError(f"pattern {pattern!r}: nested character classes are not supported")
+            in_class = True
+            out.append("[^" if pattern.startswith("[^", i) else "[")
+            i += 2 if pattern.startswith("[^", i) else 1
+            if pattern.startswith("]", i):  # a leading ] is a literal
+                out.append("\\]")
+                i += 1
+            continue
+        if c == "]" and in_class:
+            in_class = False
+        out.append(c)
+        i += 1
+    return "".join(out)
+
+
+@lru_cache(maxsize=None)
+def _compile(pattern):
+    return re.compile(_translate(pattern))
+
+
+# -- byte-level alphabet -----------------------------------------------------------------
+
+@lru_cache(maxsize=None)
+def bytes_to_unicode():
+    """GPT-2's map from each byte to a printable character (`openai/gpt-2`, encoder.py)."""
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    cs = bs[:]
+    n = 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return {b: chr(c) for b, c in zip(bs, cs)}
+
+
+# -- pre-tokenizers ----------------------------------------------------------------------
+
+# Named pre-tokenizers, written as tokenizer.json writes them.
+PRE_TOKENIZERS = {
+    "gpt2": {"type": "ByteLevel", "add_prefix_space": False, "use_regex": True},
+    "smollm": {"type": "Sequence", "pretokenizers": [
+        {"type": "Digits", "individual_digits": True},
+        {"type": "ByteLevel", "add_prefix_space": False, "use_regex": True},
+    ]},
+    "llama3": {"type": "Sequence", "pretokenizers": [
+        {"type": "Split", "pattern": {"Regex": LLAMA3_PATTERN}, "behavior": "Isolated", "invert": False},
+        {"type": "ByteLevel", "add_prefix_space": False, "use_regex": False},
+    ]},
+}
+
+# `tokenizer.ggml.pre` -> named pre-tokenizer, grouped as llama.cpp's llama-vocab.cpp groups them.
+GGUF_PRE_TOKENIZERS = {
+    **dict.fromkeys(("gpt2", "mpt", "olmo", "jais"), "gpt2"),
+    **dict.fromkeys(("smollm", "starcoder", "refact", "command-r", "codeshell", "exaone", "minerva"), "smollm"),
+    **dict.fromkeys(("llama3", "llama-bpe", "llama-v3", "falcon3", "pixtral", "midm-2.0", "lfm2",
+                     "dbrx", "smaug-bpe"), "llama3"),
+}
+
+
+def _isolated_split(regex):
+    """Split text into the regex's matches and the gaps between them (tokenizers' "Isolated")."""
+    def split(text):
+        pieces, pos = [], 0
+        for m in regex.finditer(text):
+            if m.start() > pos:
+                pieces.append(text[pos:m.start()])
+            if m.end() > m.start():
+                pieces.append(m.group())
+            pos = m.end()
+        if pos < len(text):
+            pieces.append(text[pos:])
+        return pieces
+    return split
+
+
+def _prefix_space(text):
+    return [text if text.startswith(" ") else " " + text]
+
+
+def _pre_tokenizer_steps(spec, where):
+    """A tokenizer.json pre_tokenizer as a list of `str -> list[str]` steps; ByteLevel must end it."""
+    kind = spec.get("type") if spec else None
+    if kind == "Sequence":
+        steps = [s for sub in spec["pretokenizers"] for s in _pre_tokenizer_steps(sub, where)]
+    elif kind == "ByteLevel":
+        steps = [_prefix_space] if spec.get("add_prefix_space", True) else []
+        if spec.get("use_regex", True):
+            steps.append(_isolated_split(_compile(GPT2_PATTERN)))
+        steps.append(None)  # marks the byte-level step; removed by the caller
+    elif kind == "Digits":
+        steps = [_isolated_split(_compile(r"\p{N}" if spec.get("individual_digits", False) else r"\p{N}+"))]
+    elif kind == "Split":
+        pattern = spec["pattern"]
+        regex = _compile(pattern["Regex"]) if "Regex" in pattern else re.compile(re.escape(pattern["String"]))
+        if spec.get("behavior") != "Isolated" or spec.get("invert", False):
+            raise NotImplementedError(f"{where}: Split pre-tokenizer with behavior {spec.get('behavior')!r}, "
+                                      f"invert {spec.get('invert')!r} (only Isolated, not inverted)")
+        steps = [_isolated_split(regex)]
+    else:
+        raise NotImplementedError(f"{where}: pre_tokenizer {kind!r} is not supported (byte-level BPE needs "
+                                  "ByteLevel, optionally after Digits / Split in a Sequence)")
+    return steps
+
+
+# -- the tokenizer -----------------------------------------------------------------------
+
+class Tokenizer:
+    """Byte-level BPE. Build it with `load_tokenizer`.
+
+    vocab: token string (byte-level spelling) -> id. merges: (left, right) pairs, best first.
+    added_tokens: dicts as in tokenizer.json's "added_tokens" (id, content, special, normalized).
+    pre_tokenizer: a tokenizer.json pre_tokenizer dict. prefix_ids / suffix_ids: what
+    `encode(..., add_special_tokens=True)` puts around the text.
+    """
+
+    _CACHE_SIZE = 100_000
+
+    def __init__(self, vocab, merges, added_tokens, pre_tokenizer, *, prefix_ids=(), suffix_ids=(),
+                 bos_token=None, eos_token=None, pad_token=None, unk_token=None, model_unk_token=None,
+                 ignore_merges=False, chat_template=None, source="tokenizer"):
+        self.source = source
+        self._vocab = dict(vocab)
+        for t in added_tokens:
+            if t.get("single_word") or t.get("lstrip") or t.get("rstrip"):
+                raise NotImplementedError(f"{source}: added token {t['content']!r} uses single_word/lstrip/rstrip")
+            self._vocab.setdefault(t["content"], t["id"])
+        self._id_to_token = {i: s for s, i in self._vocab.items()}
+        for t in added_tokens:
+            self._id_to_token[t["id"]] = t["content"]
+        self._added = {t["content"]: t["id"] for t in added_tokens}
+        self._special_ids = frozenset(t["id"] for t in added_tokens if t.get("special"))
+        # Non-normalized added tokens are cut out first, then normalized ones (no normalizer here).
+        self._added_regexes = [r for r in (self._alternation([t["content"] for t in added_tokens
+                                                              if t.get("normalized", True) == normalized])
+                                           for normalized in (False, True)) if r is not None]
+
+        steps = _pre_tokenizer_steps(pre_tokenizer, f"{source}: pre_tokenizer")
+        if steps.count(None) != 1 or steps[-1] is not None:
+            raise NotImplementedError(f"{source}: pre_tokenizer must end with exactly one ByteLevel, got {pre_tokenizer}")
+        self._steps = steps[:-1]
+
+        # A byte missing from the vocabulary becomes the BPE model's unk token, or is dropped without one.
+        model_unk_id = None if model_unk_token is None else self._require(model_unk_token, "model.unk_token")
+        byte_char = bytes_to_unicode()
+        self._byte_ids = [self._vocab.get(byte_char[b], model_unk_id) for b in range(256)]
+        self._ignore_merges = ignore_merges
+        self._byte_table = str.maketrans({chr(b): c for b, c in byte_char.items()})
+        self._merges = {}  # (left id, right id) -> (rank, merged id)
+        for rank, (a, b) in enumerate(merges):
+            ids = (self._vocab.get(a), self._vocab.get(b), self._vocab.get(a + b))
+            if None in ids:
+                missing = [s for s, i in zip((a, b, a + b), ids) if i is None]
+                raise ValueError(f"{source}: merge {rank} ({a!r} {b!r}) uses {missing!r}, not in the vocabulary")
+            self._merges.setdefault(ids[:2], (rank, ids[2]))
+        self._cache = {}
+
+        self.prefix_ids = [int(i) for i in prefix_ids]
+        self.suffix_ids = [int(i) for i in suffix_ids]
+        self.bos_token, self.eos_token, self.pad_token, self.unk_token = bos_token, eos_token, pad_token, unk_token
+        self.bos_token_id = None if bos_token is None else self._require(bos_token, "bos_token")
+        self.eos_token_id = None if eos_token is None else self._require(eos_token, "eos_token")
+        self.pad_token_id = None if pad_token is None else self._require(pad_token, "pad_token")
+        self.unk_token_id = None if unk_token is None else self._require(unk_token, "unk_token")
+        self.chat_template = chat_template
+        self._default_system = _chatml_default_system(chat_template) if chat_template is not None else None
+        self._token_bytes = None
+        self._vocab_size = max(self._id_to_token) + 1
+
+    @staticmethod
+    def _alternation(tokens):
+        if not tokens:
+            return None
+        return re.compile("|".join(re.escape(t) for t in sorted(tokens, key=len, reverse=True)))
+
+    def _require(self, token, what):
+        if token not in self._vocab:
+            raise ValueError(f"{self.source}: {what} {token!r} is not in the vocabulary")
+        return self._vocab[token]
+
+    def __repr__(self):
+        return f"Tokenizer({self.source!r}, vocab_size={self.vocab_size})"
+
+    # -- vocabulary --------------------------------------------------------------------
+    @property
+    def vocab_size(self) -> int:
+        """Number of ids, added tokens included (`len()` of a transformers tokenizer)."""
+        return self._vocab_size
+
+    def __len__(self):
+        return self.vocab_size
+
+    def token_to_id(self, token):
+        return self._vocab.get(token)
+
+    def id_to_token(self, i):
+        return self._id_to_token.get(int(i))
+
+    def get_vocab(self):
+        return dict(self._vocab)
+
+    # -- encode ------------------------------------------------------------------------
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        if not isinstance(text, str):
+            raise TypeError(f"{self.source}: encode() takes a str, got {type(text).__name__}")
+        ids = []
+        for segment, added_id in self._split_added(text, 0):
+            if added_id is not None:
+                ids.append(added_id)
+                continue
+            pieces = [segment]
+            for step in self._steps:
+                pieces = [p for piece in pieces for p in step(piece)]
+            for piece in pieces:
+                ids.extend(self._bpe(piece))
+        return self.prefix_ids + ids + self.suffix_ids if add_special_tokens else ids
+
+    def _split_added(self, text, level):
+        """(segment, None) for plain text and ("", id) for added tokens, in order."""
+        if not text:
+            return
+        if level == len(self._added_regexes):
+            yield text, None
+            return
+        pos = 0
+        for m in self._added_regexes[level].finditer(text):
+            yield from self._split_added(text[pos:m.start()], level + 1)
+            yield "", self._added[m.group()]
+            pos = m.end()
+        yield from self._split_added(text[pos:], level + 1)
+
+    def _bpe(self, piece):
+        ids = self._cache.get(piece)
+        if ids is not None:
+            return ids
+        if self._ignore_merges and (whole := self._vocab.get(piece.encode("utf-8").decode("latin-1")
+                                                             .translate(self._byte_table))) is not None:
+            ids = [whole]
+        else:
+            ids = self._merge([i for i in map(self._byte_ids.__getitem__, piece.encode("utf-8")) if i is not None])
+        if len(self._cache) >= self._CACHE_SIZE:
+            self._cache.clear()
+        self._cache[piece] = ids
+        return ids
+
+    def _merge(self, symbols):
+        """Apply merges lowest rank first, leftmost first (tokenizers' `Word::merge_all`)."""
+        n = len(symbols)
+        merges = self._merges
+        heap = []
+        for pos in range(n - 1):
+            m = merges.get((symbols[pos], symbols[pos + 1]))
+            if m is not None:
+                heap.append((m[0], pos, m[1]))
+        if not heap:
+            return symbols
+        heapq.heapify(heap)
+        prev = list(range(-1, n - 1))
+        nxt = list(range(1, n + 1))
+        while heap:
+            _, pos, new = heapq.heappop(heap)
+            right = nxt[pos]
+            if symbols[pos] is None or right >= n:
+                continue
+            m = merges.get((symbols[pos], symbols[right]))
+            if m is None or m[1] != new:  # a stale entry: one side was merged since
+                continue
+            symbols[pos], symbols[right] = new, None
+            after = nxt[right]
+            nxt[pos] = after
+            if after < n:
+                prev[after] = pos
+                m = merges.get((new, symbols[after]))
+                if m is not None:
+                    heapq.heappush(heap, (m[0], pos, m[1]))
+            before = prev[pos]
+            if before >= 0:
+                m = merges.get((symbols[before], new))
+                if m is not None:
+                    heapq.heappush(heap, (m[0], before, m[1]))
+        return [s for s in symbols if s is not None]
+
+    # -- decode ------------------------------------------------------------------------
+    def decode(self, ids, skip_special_tokens: bool = False) -> str:
+        """Text of `ids`; bytes that are not valid UTF-8 become U+FFFD (as tokenizers does)."""
+        if self._token_bytes is None:
+            char_byte = {c: b for b, c in bytes_to_unicode().items()}
+            self._token_bytes = {
+                i: bytes(char_byte[c] for c in s) if all(c in char_byte for c in s) else s.encode("utf-8")
+                for i, s in self._id_to_token.items()
+            }
+        out = bytearray()
+        for i in ids:
+            i = int(i)
+            if skip_special_tokens and i in self._special_ids:
+                continue
+            if i not in self._token_bytes:
+                raise ValueError(f"{self.source}: id {i} is not in the vocabulary (size {self.vocab_size})")
+            out += self._token_bytes[i]
+        return out.decode("utf-8", errors="replace")
+
+    # -- chat --------------------------------------------------------------------------
+    def apply_chat_template(self, messages, add_generation_prompt=False, tokenize=True):
+        """ChatML, as SmolLM2-Instruct's Jinja template renders it (default system prompt included).
+
+        Returns the ids (encoded without BOS/EOS, as transformers does) or, with
+        tokenize=False, the text.
+        """
+        if self._default_system is None:
+            raise NotImplementedError(f"{self.source}: chat template is not the ChatML template this module "
+                                      f"renders without jinja: {self.chat_template!r}")
+        parts = []
+        for k, message in enumerate(messages):
+            role, content = message["role"], message["content"]
+            if not isinstance(content, str):
+                raise TypeError(f"{self.source}: message {k} content must be a str, got {type(content).__name__}")
+            if k == 0 and role != "system" and self._default_system:
+                parts.append(f"<|im_start|>system\n{self._default_system[0]}<|im_end|>\n")
+            parts.append(f"<|im_start|>{role}\n{content}<|im_end|>\n")
+        if add_generation_prompt:
+            parts.append("<|im_start|>assistant\n")
+        text = "".join(parts)
+        return self.encode(text, add_special_tokens=False) if tokenize else text
+
+
+_CHATML_BODY = ("{% for message in messages %}SYSTEM{{'<|im_start|>' + message['role'] + '\n' + message['content'] "
+                "+ '<|im_end|>' + '\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}"
+                "{% endif %}")
+_CHATML_SYSTEM = re.compile(r"\{% if loop\.first and messages\[0\]\['role'\] != 'system' %\}"
+                            r"\{\{ '<\|im_start\|>system\n([^'\\]*)<\|im_end\|>\n' \}\}\{% endif %\}")
+
+
+def _chatml_default_system(template):
+    """For a ChatML template: () without a default system prompt, (prompt,) with one; None otherwise.
+
+    Jinja (trim_blocks, as transformers renders) drops one newline after the final block tag.
+    """
+    template = template[:-1] if template.endswith("\n") else template
+    m = _CHATML_SYSTEM.search(template)
+    system = (m.group(1),) if m else ()
+    stripped = template[:m.start()] + template[m.end():] if m else template
+    head, tail = _CHATML_BODY.split("SYSTEM")
+    if not (stripped == head + tail and (m is None or m.start() == len(head))):
+        return None
+    return system
+
+
+# -- loaders -----------------------------------------------------------------------------
+
+def load_tokenizer(path, pre_tokenizer=None) -> Tokenizer:
+    """A `Tokenizer` from a tokenizer.json, a Hugging Face folder, or a .gguf file.
+
+    pre_tokenizer: a name in PRE_TOKENIZERS to use instead of the one the file describes
+    ("gpt2" reproduces what transformers builds from a SmolLM GGUF).
+    """
+    path = os.fspath(path)
+    if pre_tokenizer is not None and pre_tokenizer not in PRE_TOKENIZERS:
+        raise ValueError(f"unknown pre_tokenizer {pre_tokenizer!r}; known: {sorted(PRE_TOKENIZERS)}")
+    override = PRE_TOKENIZERS.get(pre_tokenizer)
+    if path.endswith(".gguf"):
+        return _from_gguf(path, override)
+    if os.path.isdir(path):
+        return _from_folder(path, override)
+    if os.path.isfile(path):
+        return _from_tokenizer_json(path, {}, None, override)
+    raise FileNotFoundError(f"{path}: no such tokenizer.json, folder or .gguf file")
+
+
+def _special_content(value):
+    """A special token as tokenizer_config.json writes it: a str or an AddedToken dict."""
+    return value.get("content") if isinstance(value, dict) else value
+
+
+def _from_folder(folder, override):
+    tokenizer_json = os.path.join(folder, "tokenizer.json")
+    if not os.path.isfile(tokenizer_json):
+        raise FileNotFoundError(f"{folder}: no tokenizer.json (vocab.json/merges.txt folders are not supported)")
+    config = {}
+    for name in ("special_tokens_map.json", "tokenizer_config.json"):  # the latter wins
+        file = os.path.join(folder, name)
+        if os.path.isfile(file):
+            with open(file, encoding="utf-8") as fh:
+                config.update(json.load(fh))
+    chat_template = config.get("chat_template")
+    if isinstance(chat_template, list):  # [{"name": ..., "template": ...}]
+        chat_template = {t["name"]: t["template"] for t in chat_template}.get("default")
+    jinja = os.path.join(folder, "chat_template.jinja")
+    if os.path.isfile(jinja):
+        with open(jinja, encoding="utf-8") as fh:
+            chat_template = fh.read()
+    return _from_tokenizer_json(tokenizer_json, config, chat_template, override)
+
+
+def _post_processor_ids(spec, vocab, where):
+    """(prefix ids, suffix ids) of a tokenizer.json post_processor for a single sequence."""
+    kind = spec.get("type") if spec else None
+    if kind is None or kind == "ByteLevel":
+        return [], []
+    if kind == "Sequence":
+        prefix, suffix = [], []
+        for sub in spec["processors"]:
+            p, s = _post_processor_ids(sub, vocab, where)
+            prefix, suffix = prefix + p, s + suffix
+        return prefix, suffix
+    if kind == "TemplateProcessing":
+        prefix, suffix, seen = [], [], False
+        for item in spec["single"]:
+            if "Sequence" in item:
+                seen = True
+            else:
+                name = item["SpecialToken"]["id"]
+                (suffix if seen else prefix).extend(spec["special_tokens"][name]["ids"])
+        return prefix, suffix
+    raise NotImplementedError(f"{where}: post_processor {kind!r} is not supported")
+
+
+def _from_tokenizer_json(file, config, chat_template, override):
+    with open(file, encoding="utf-8") as fh:
+        data = json.load(fh)
+    model = data.get("model") or {}
+    if model.get("type") != "BPE":
+        raise NotImplementedError(f"{file}: model type {model.get('type')!r} (only byte-level BPE)")
+    for key, ok in (("dropout", None), ("continuing_subword_prefix", ""), ("end_of_word_suffix", ""),
+                    ("byte_fallback", False), ("fuse_unk", False)):
+        if model.get(key) not in (ok, None):
+            raise NotImplementedError(f"{file}: model.{key} = {model[key]!r} is not supported")
+    if (data.get("decoder") or {}).get("type") != "ByteLevel":
+        raise NotImplementedError(f"{file}: decoder {data.get('decoder')} is not supported (only ByteLevel)")
+    if data.get("normalizer") is not None:
+        raise NotImplementedError(f"{file}: normalizer {data['normalizer'].get('type')!r} is not supported")
+    merges = [tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in model["merges"]]
+    if any(len(m) != 2 for m in merges):
+        raise ValueError(f"{file}: model.merges has an entry that is not a pair")
+    prefix, suffix = _post_processor_ids(data.get("post_processor"), model["vocab"], f"{file}")
+    special = {k: _special_content(config.get(k)) for k in ("bos_token", "eos_token", "pad_token", "unk_token")}
+    if "add_bos_token" in config or "add_eos_token" in config:  # transformers rebuilds the post-processor
+        prefix, suffix = _bos_eos_ids(model["vocab"], data["added_tokens"], special,
+                                      config.get("add_bos_token", False), config.get("add_eos_token", False), file)
+    return Tokenizer(model["vocab"], merges, data.get("added_tokens", []), override or data.get("pre_tokenizer"),
+                     prefix_ids=prefix, suffix_ids=suffix, model_unk_token=model.get("unk_token"),
+                     ignore_merges=model.get("ignore_merges", False), chat_template=chat_template,
+                     source=file, **special)
+
+
+def _bos_eos_ids(vocab, added_tokens, special, add_bos, add_eos, where):
+    ids = {**vocab, **{t["content"]: t["id"] for t in added_tokens}}
+
+    def one(flag, key):
+        if not flag or special[key] is None:
+            return []
+        if special[key] not in ids:
+            raise ValueError(f"{where}: {key} {special[key]!r} is not in the vocabulary")
+        return [ids[special[key]]]
+    return one(add_bos, "bos_token"), one(add_eos, "eos_token")
+
+
+def _from_gguf(path, override):
+    from .gguf import GGUFFile
+
+    meta = GGUFFile(path).metadata
+
+    def get(key, default=KeyError):
+        if key not in meta:
+            if default is KeyError:
+                raise KeyError(f"{path}: metadata key {key!r} is missing")
+            return default
+        return meta[key]
+
+    if get("tokenizer.ggml.model") != "gpt2":
+        raise NotImplementedError(f"{path}: tokenizer.ggml.model {meta['tokenizer.ggml.model']!r} "
+                                  "(only 'gpt2', byte-level BPE)")
+    pre = get("tokenizer.ggml.pre", "gpt2")
+    if override is None and pre not in GGUF_PRE_TOKENIZERS:
+        raise NotImplementedError(f"{path}: tokenizer.ggml.pre {pre!r} is not supported; "
+                                  f"known: {sorted(GGUF_PRE_TOKENIZERS)}")
+    tokens = get("tokenizer.ggml.tokens")
+    token_types = get("tokenizer.ggml.token_type", [])
+    # As transformers' byte_level_tokenizer: a token outside the byte alphabet is respelled from its bytes.
+    spelling = bytes_to_unicode()
+    alphabet = set(spelling.values())
+    vocab = {}
+    for i, t in enumerate(tokens):
+        vocab[t if set(t) <= alphabet else "".join(spelling[b] for b in t.encode("utf-8"))] = i
+    merges = [tuple(m.split(" ")) for m in get("tokenizer.ggml.merges")]
+    if any(len(m) != 2 for m in merges):
+        raise ValueError(f"{path}: tokenizer.ggml.merges has an entry that is not two tokens")
+    # Control tokens (type 3) spelled in the byte alphabet are special; user-defined ones (4) are plain.
+    added = [{"id": i, "content": t, "special": True, "normalized": False}
+             for i, (t, kind) in enumerate(zip(tokens, token_types)) if kind == 3 and set(t) <= alphabet]
+    added += [{"id": vocab[t], "content": t, "special": False, "normalized": False}
+              for t, kind in zip(tokens, token_types) if kind == 4 and t in vocab]
+
+    def token(key):
+        i = get(key, None)
+        if i is None:
+            return None
+        if not 0 <= i < len(tokens):
+            raise ValueError(f"{path}: {key} = {i} is outside the vocabulary of {len(tokens)}")
+        return tokens[i]
+
+    bos, eos = token("tokenizer.ggml.bos_token_id"), token("tokenizer.ggml.eos_token_id")
+    prefix = [vocab[bos]] if get("tokenizer.ggml.add_bos_token", False) and bos is not None else []
+    suffix = [vocab[eos]] if get("tokenizer.ggml.add_eos_token", False) and eos is not None else []
+    return Tokenizer(vocab, merges, added, override or PRE_TOKENIZERS[GGUF_PRE_TOKENIZERS[pre]],
+                     prefix_ids=prefix, suffix_ids=suffix, bos_token=bos, eos_token=eos,
+                     pad_token=token("tokenizer.ggml.padding_token_id"), unk_token=token("tokenizer.ggml.unknown_token_id"),
+                     chat_template=get("tokenizer.chat_template", None), source=path)
