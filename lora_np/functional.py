@@ -1,0 +1,929 @@
+"""Differentiable ops, named and ordered as `torch` / `torch.nn.functional`.
+
+Each op is a `Function` with its forward and backward side by side. Composite ops
+that would otherwise build many graph nodes and big temporaries (softmax,
+log_softmax, cross_entropy, layer_norm, rms_norm, attention, rotary embedding,
+linear) have their backward written directly.
+"""
+import math
+
+import numpy as np
+
+from .tensor import Function, Tensor, _check_float_dtypes, _to_array
+
+__all__ = [
+    "add", "sub", "mul", "div", "neg", "pow", "matmul", "exp", "log", "sqrt", "tanh",
+    "sigmoid", "relu", "silu", "gelu", "sum", "mean", "max", "reshape", "transpose",
+    "permute", "unsqueeze", "squeeze", "getitem", "cat", "split", "stack", "where",
+    "masked_fill", "embedding", "softmax", "log_softmax", "cross_entropy", "layer_norm",
+    "rms_norm", "dropout", "linear", "rotary_embedding", "rotate_half", "rope_cos_sin",
+    "scaled_dot_product_attention", "cast", "manual_seed", "default_generator",
+]
+
+
+# -- helpers ---------------------------------------------------------------------------
+def _unbroadcast(grad, shape):
+    """Sum `grad` over the axes along which an input of `shape` was broadcast."""
+    if grad.shape == shape:
+        return grad
+    extra = grad.ndim - len(shape)
+    if extra:
+        grad = grad.sum(axis=tuple(range(extra)))
+    axes = tuple(i for i, n in enumerate(shape) if n == 1 and grad.shape[i] != 1)
+    if axes:
+        grad = grad.sum(axis=axes, keepdims=True)
+    return grad
+
+
+def _tensors(op, *xs):
+    """Wrap scalars/arrays as Tensors of the common float dtype; raise on mixed floats."""
+    arrays = [x.data if isinstance(x, Tensor) else None for x in xs]
+    dtype = _check_float_dtypes(op, [a for a in arrays if a is not None])
+    for x in xs:
+        if isinstance(x, np.ndarray) and x.dtype.kind == "f":
+            dtype = _check_float_dtypes(op, ([np.empty(0, dtype)] if dtype else []) + [x])
+    out = []
+    for x in xs:
+        if isinstance(x, Tensor):
+            if dtype is not None and x.data.dtype.kind in "biu":
+                x = Tensor(x.data.astype(dtype))
+            out.append(x)
+        else:
+            out.append(Tensor(_to_array(x, dtype if dtype is not None else None)))
+    return out
+
+
+def _check_float(op, x):
+    if x.data.dtype.kind != "f":
+        raise TypeError(f"{op}: expected a float32/float64 tensor, got dtype {x.data.dtype}")
+
+
+def _axes(dim, ndim):
+    if dim is None:
+        return tuple(range(ndim))
+    if isinstance(dim, int):
+        dim = (dim,)
+    return tuple(d % ndim for d in dim)
+
+
+def _broadcast_shapes(op, *shapes):
+    try:
+        return np.broadcast_shapes(*shapes)
+    except ValueError:
+        raise ValueError(f"{op}: shapes {' and '.join(str(tuple(s)) for s in shapes)} do not broadcast") from None
+
+
+# -- elementwise binary ------------------------------------------------------------------
+class Add(Function):
+    def forward(self, a, b):
+        _broadcast_shapes("add", a.shape, b.shape)
+        self.shapes = a.shape, b.shape
+        return a + b
+
+    def backward(self, g):
+        sa, sb = self.shapes
+        return (_unbroadcast(g, sa) if self.needs_input_grad[0] else None,
+                _unbroadcast(g, sb) if self.needs_input_grad[1] else None)
+
+
+class Sub(Function):
+    def forward(self, a, b):
+        _broadcast_shapes("sub", a.shape, b.shape)
+        self.shapes = a.shape, b.shape
+        return a - b
+
+    def backward(self, g):
+        sa, sb = self.shapes
+        return (_unbroadcast(g, sa) if self.needs_input_grad[0] else None,
+                _unbroadcast(-g, sb) if self.needs_input_grad[1] else None)
+
+
+class Mul(Function):
+    def forward(self, a, b):
+        _broadcast_shapes("mul", a.shape, b.shape)
+        self.a, self.b = a, b
+        return a * b
+
+    def backward(self, g):
+        a, b = self.a, self.b
+        return (_unbroadcast(g * b, a.shape) if self.needs_input_grad[0] else None,
+                _unbroadcast(g * a, b.shape) if self.needs_input_grad[1] else None)
+
+
+class Div(Function):
+    def forward(self, a, b):
+        _broadcast_shapes("div", a.shape, b.shape)
+        self.a, self.b = a, b
+        return a / b
+
+    def backward(self, g):
+        a, b = self.a, self.b
+        ga = _unbroadcast(g / b, a.shape) if self.needs_input_grad[0] else None
+        gb = _unbroadcast(-g * a / (b * b), b.shape) if self.needs_input_grad[1] else None
+        return ga, gb
+
+
+class Pow(Function):
+    def forward(self, a, b):
+        _broadcast_shapes("pow", a.shape, b.shape)
+        self.a, self.b = a, b
+        self.out = np.power(a, b)
+        return self.out
+
+    def backward(self, g):
+        a, b, out = self.a, self.b, self.out
+        ga = gb = None
+        if self.needs_input_grad[0]:
+            ga = _unbroadcast(g * b * np.power(a, b - 1), a.shape)
+        if self.needs_input_grad[1]:
+            with np.errstate(divide="ignore", invalid="ignore"):
+                gb = _unbroadcast(g * out * np.where(a > 0, np.log(np.where(a > 0, a, 1)), 0), b.shape)
+        return ga, gb
+
+
+def add(input, other):
+    return Add.apply(*_tensors("add", input, other))
+
+
+def sub(input, other):
+    return Sub.apply(*_tensors("sub", input, other))
+
+
+def mul(input, other):
+    return Mul.apply(*_tensors("mul", input, other))
+
+
+def div(input, other):
+    return Div.apply(*_tensors("div", input, other))
+
+
+def pow(input, exponent):
+    return Pow.apply(*_tensors("pow", input, exponent))
+
+
+def neg(input):
+    return mul(input, -1.0)
+
+
+# -- matmul ----------------------------------------------------------------------------
+class MatMul(Function):
+    """a @ b for a (..., n, k) and b (..., k, m), batch dims broadcast."""
+
+    def forward(self, a, b):
+        if a.shape[-1] != b.shape[-2]:
+            raise ValueError(f"matmul: shapes {a.shape} and {b.shape} are not aligned")
+        _broadcast_shapes("matmul", a.shape[:-2], b.shape[:-2])
+        self.a, self.b = a, b
+        return a @ b
+
+    def backward(self, g):
+        a, b = self.a, self.b
+        ga = _unbroadcast(g @ np.swapaxes(b, -1, -2), a.shape) if self.needs_input_grad[0] else None
+        gb = _unbroadcast(np.swapaxes(a, -1, -2) @ g, b.shape) if self.needs_input_grad[1] else None
+        return ga, gb
+
+
+def matmul(input, other):
+    a, b = _tensors("matmul", input, other)
+    if a.ndim == 0 or b.ndim == 0:
+        raise ValueError(f"matmul: both arguments need at least 1 dimension, got {a.shape} and {b.shape}")
+    if a.ndim == 1 and b.ndim == 1:
+        return reshape(MatMul.apply(reshape(a, (1, -1)), reshape(b, (-1, 1))), ())
+    if a.ndim == 1:
+        out = MatMul.apply(reshape(a, (1, -1)), b)
+        return reshape(out, out.shape[:-2] + out.shape[-1:])
+    if b.ndim == 1:
+        out = MatMul.apply(a, reshape(b, (-1, 1)))
+        return reshape(out, out.shape[:-1])
+    return MatMul.apply(a, b)
+
+
+class Linear(Function):
+    """y = x Wᵀ + b; x (..., in), W (out, in), b (out,). One GEMM over all leading dims."""
+
+    def forward(self, x, weight, bias=None):
+        if x.shape[-1] != weight.shape[1]:
+            raise ValueError(f"linear: input shape {x.shape} does not match weight shape {weight.shape}")
+        self.x, self.weight, self.has_bias = x, weight, bias is not None
+        x2 = x.reshape(-1, x.shape[-1])                                  # (N, in)
+        y = x2 @ weight.T                                                # (N, out)
+        if bias is not None:
+            y += bias
+        return y.reshape(x.shape[:-1] + (weight.shape[0],))
+
+    def backward(self, g):
+        g2 = g.reshape(-1, g.shape[-1])                                  # (N, out)
+        gx = (g2 @ self.weight).reshape(self.x.shape) if self.needs_input_grad[0] else None
+        gw = g2.T @ self.x.reshape(-1, self.x.shape[-1]) if self.needs_input_grad[1] else None
+        gb = g2.sum(0) if self.has_bias and self.needs_input_grad[2] else None
+        return gx, gw, gb
+
+
+def linear(input, weight, bias=None):
+    args = _tensors("linear", input, weight) + ([] if bias is None else _tensors("linear", bias))
+    _check_float_dtypes("linear", [a.data for a in args])
+    return Linear.apply(*args)
+
+
+# -- elementwise unary ------------------------------------------------------------------
+class Exp(Function):
+    def forward(self, x):
+        self.out = np.exp(x)
+        return self.out
+
+    def backward(self, g):
+        return g * self.out
+
+
+class Log(Function):
+    def forward(self, x):
+        self.x = x
+        return np.log(x)
+
+    def backward(self, g):
+        return g / self.x
+
+
+class Sqrt(Function):
+    def forward(self, x):
+        self.out = np.sqrt(x)
+        return self.out
+
+    def backward(self, g):
+        return g / (2 * self.out)
+
+
+class Tanh(Function):
+    def forward(self, x):
+        self.out = np.tanh(x)
+        return self.out
+
+    def backward(self, g):
+        return g * (1 - self.out * self.out)
+
+
+def _sigmoid(x):
+    # numerically stable for both signs, dtype preserving
+    e = np.exp(-np.abs(x))
+    return np.where(x >= 0, 1 / (1 + e), e / (1 + e))
+
+
+class Sigmoid(Function):
+    def forward(self, x):
+        self.out = _sigmoid(x)
+        return self.out
+
+    def backward(self, g):
+        return g * self.out * (1 - self.out)
+
+
+class Relu(Function):
+    def forward(self, x):
+        self.mask = x > 0
+        return np.where(self.mask, x, 0).astype(x.dtype, copy=False)
+
+    def backward(self, g):
+        return g * self.mask
+
+
+class Silu(Function):
+    def forward(self, x):
+        self.x, self.s = x, _sigmoid(x)
+        return x * self.s
+
+    def backward(self, g):
+        s = self.s
+        return g * (s * (1 + self.x * (1 - s)))
+
+
+_erf = np.frompyfunc(math.erf, 1, 1)
+_SQRT_2_OVER_PI = math.sqrt(2.0 / math.pi)
+
+
+class Gelu(Function):
+    """GELU: exact 0.5·x·(1 + erf(x/√2)), or the tanh approximation (GPT-2's gelu_new)."""
+
+    def forward(self, x, approximate="none"):
+        self.x, self.approximate = x, approximate
+        if approximate == "tanh":
+            self.t = np.tanh(_SQRT_2_OVER_PI * (x + 0.044715 * x ** 3))
+            return 0.5 * x * (1 + self.t)
+        self.cdf = (0.5 * (1 + _erf(x / math.sqrt(2.0)))).astype(x.dtype)
+        return x * self.cdf
+
+    def backward(self, g):
+        x = self.x
+        if self.approximate == "tanh":
+            t = self.t
+            dt = (1 - t * t) * _SQRT_2_OVER_PI * (1 + 3 * 0.044715 * x * x)
+            return g * (0.5 * (1 + t) + 0.5 * x * dt)
+        pdf = np.exp(-0.5 * x * x) / math.sqrt(2 * math.pi)
+        return g * (self.cdf + x * pdf)
+
+
+def _unary(fn_cls, name):
+    def op(input):
+        (x,) = _tensors(name, input)
+        _check_float(name, x)
+        return fn_cls.apply(x)
+
+    op.__name__ = name
+    return op
+
+
+exp = _unary(Exp, "exp")
+log = _unary(Log, "log")
+sqrt = _unary(Sqrt, "sqrt")
+tanh = _unary(Tanh, "tanh")
+sigmoid = _unary(Sigmoid, "sigmoid")
+relu = _unary(Relu, "relu")
+silu = _unary(Silu, "silu")
+
+
+def gelu(input, approximate="none"):
+    if approximate not in ("none", "tanh"):
+        raise ValueError(f"gelu: approximate must be 'none' or 'tanh', got {approximate!r}")
+    (x,) = _tensors("gelu", input)
+    _check_float("gelu", x)
+    return Gelu.apply(x, approximate=approximate)
+
+
+class Cast(Function):
+    def forward(self, x, dtype):
+        self.src = x.dtype
+        return x.astype(dtype)
+
+    def backward(self, g):
+        return g.astype(self.src)
+
+
+def cast(input, dtype):
+    """Differentiable dtype conversion (`tensor.to(dtype)`)."""
+    dtype = np.dtype(dtype)
+    if input.dtype == dtype:
+        return input
+    return Cast.apply(input, dtype=dtype)
+
+
+# -- reductions ------------------------------------------------------------------------
+class Sum(Function):
+    def forward(self, x, dim=None, keepdim=False):
+        self.shape, self.axes, self.keepdim = x.shape, _axes(dim, x.ndim), keepdim
+        return np.asarray(x.sum(axis=self.axes, keepdims=keepdim))
+
+    def backward(self, g):
+        if not self.keepdim:
+            g = np.expand_dims(g, self.axes)
+        return np.broadcast_to(g, self.shape).copy()
+
+
+class Mean(Function):
+    def forward(self, x, dim=None, keepdim=False):
+        self.shape, self.axes, self.keepdim = x.shape, _axes(dim, x.ndim), keepdim
+        self.count = int(np.prod([x.shape[a] for a in self.axes]))
+        return np.asarray(x.mean(axis=self.axes, keepdims=keepdim))
+
+    def backward(self, g):
+        if not self.keepdim:
+            g = np.expand_dims(g, self.axes)
+        return np.broadcast_to(g / self.count, self.shape).copy()
+
+
+class Max(Function):
+    """Max over axes; the gradient is shared equally among tied maxima (torch.amax)."""
+
+    def forward(self, x, dim=None, keepdim=False):
+        self.axes, self.keepdim = _axes(dim, x.ndim), keepdim
+        out = x.max(axis=self.axes, keepdims=True)
+        self.mask = x == out
+        return out if keepdim else np.squeeze(out, self.axes)
+
+    def backward(self, g):
+        if not self.keepdim:
+            g = np.expand_dims(g, self.axes)
+        mask = self.mask
+        return mask * (g / mask.sum(axis=self.axes, keepdims=True))
+
+
+def sum(input, dim=None, keepdim=False):
+    (x,) = _tensors("sum", input)
+    return Sum.apply(x, dim=dim, keepdim=keepdim)
+
+
+def mean(input, dim=None, keepdim=False):
+    (x,) = _tensors("mean", input)
+    _check_float("mean", x)
+    return Mean.apply(x, dim=dim, keepdim=keepdim)
+
+
+def max(input, dim=None, keepdim=False):
+    (x,) = _tensors("max", input)
+    return Max.apply(x, dim=dim, keepdim=keepdim)
+
+
+# -- shape ops -------------------------------------------------------------------------
+class Reshape(Function):
+    def forward(self, x, shape):
+        self.shape = x.shape
+        try:
+            return x.reshape(shape)
+        except ValueError:
+            raise ValueError(f"reshape: cannot reshape shape {x.shape} into {tuple(shape)}") from None
+
+    def backward(self, g):
+        return g.reshape(self.shape)
+
+
+class Permute(Function):
+    def forward(self, x, dims):
+        if sorted(d % x.ndim for d in dims) != list(range(x.ndim)):
+            raise ValueError(f"permute: dims {tuple(dims)} are not a permutation for shape {x.shape}")
+        self.inv = tuple(np.argsort([d % x.ndim for d in dims]))
+        return np.transpose(x, dims)
+
+    def backward(self, g):
+        return np.transpose(g, self.inv)
+
+
+def reshape(input, shape):
+    (x,) = _tensors("reshape", input)
+    return Reshape.apply(x, shape=tuple(shape))
+
+
+def permute(input, dims):
+    (x,) = _tensors("permute", input)
+    return Permute.apply(x, dims=tuple(dims))
+
+
+def transpose(input, dim0, dim1):
+    dims = list(range(input.ndim))
+    dims[dim0], dims[dim1] = dims[dim1], dims[dim0]
+    return permute(input, dims)
+
+
+def unsqueeze(input, dim):
+    shape = list(input.shape)
+    dim = dim % (len(shape) + 1)
+    shape.insert(dim, 1)
+    return reshape(input, shape)
+
+
+def squeeze(input, dim=None):
+    shape = input.shape
+    if dim is None:
+        new = [n for n in shape if n != 1]
+    else:
+        d = dim % len(shape)
+        new = [n for i, n in enumerate(shape) if not (i == d and n == 1)]
+    return reshape(input, new)
+
+
+def _index_array(index):
+    if isinstance(index, Tensor):
+        return index.data
+    if isinstance(index, tuple):
+        return tuple(_index_array(i) for i in index)
+    if isinstance(index, list):
+        return np.asarray(index)
+    return index
+
+
+class GetItem(Function):
+    def forward(self, x, index):
+        self.shape, self.dtype, self.index = x.shape, x.dtype, index
+        return x[index]
+
+    def backward(self, g):
+        out = np.zeros(self.shape, dtype=g.dtype)
+        np.add.at(out, self.index, g)  # correct for repeated advanced indices too
+        return out
+
+
+def getitem(input, index):
+    (x,) = _tensors("getitem", input)
+    out = GetItem.apply(x, index=_index_array(index))
+    return out
+
+
+class Cat(Function):
+    def forward(self, *xs, dim=0):
+        ndim = xs[0].ndim
+        self.dim = dim % ndim
+        for x in xs[1:]:
+            if x.ndim != ndim or any(a != b for i, (a, b) in enumerate(zip(x.shape, xs[0].shape)) if i != self.dim):
+                raise ValueError(f"cat: shapes {xs[0].shape} and {x.shape} differ outside dim {dim}")
+        self.sizes = [x.shape[self.dim] for x in xs]
+        return np.concatenate(xs, axis=self.dim)
+
+    def backward(self, g):
+        parts = np.split(g, np.cumsum(self.sizes)[:-1], axis=self.dim)
+        return tuple(p if need else None for p, need in zip(parts, self.needs_input_grad))
+
+
+def cat(tensors, dim=0):
+    xs = _tensors("cat", *tensors)
+    return Cat.apply(*xs, dim=dim)
+
+
+def stack(tensors, dim=0):
+    xs = _tensors("stack", *tensors)
+    shape = xs[0].shape
+    for x in xs[1:]:
+        if x.shape != shape:
+            raise ValueError(f"stack: shapes {shape} and {x.shape} differ")
+    return cat([unsqueeze(x, dim) for x in xs], dim=dim)
+
+
+def split(tensor, split_size_or_sections, dim=0):
+    """torch.split: chunks of a given size, or a list of section sizes."""
+    n = tensor.shape[dim]
+    if isinstance(split_size_or_sections, int):
+        sizes = [split_size_or_sections] * (n // split_size_or_sections)
+        if n % split_size_or_sections:
+            sizes.append(n % split_size_or_sections)
+    else:
+        sizes = list(split_size_or_sections)
+        if np.sum(sizes) != n:
+            raise ValueError(f"split: sections {sizes} do not add up to size {n} of dim {dim}")
+    out, start = [], 0
+    for s in sizes:
+        index = [slice(None)] * tensor.ndim
+        index[dim] = slice(start, start + s)
+        out.append(getitem(tensor, tuple(index)))
+        start += s
+    return tuple(out)
+
+
+class Where(Function):
+    def forward(self, cond, a, b):
+        _broadcast_shapes("where", cond.shape, a.shape, b.shape)
+        self.cond, self.sa, self.sb = cond, a.shape, b.shape
+        return np.where(cond, a, b)
+
+    def backward(self, g):
+        zero = np.zeros((), g.dtype)
+        ga = _unbroadcast(np.where(self.cond, g, zero), self.sa) if self.needs_input_grad[1] else None
+        gb = _unbroadcast(np.where(self.cond, zero, g), self.sb) if self.needs_input_grad[2] else None
+        return None, ga, gb
+
+
+def where(condition, input, other):
+    cond = condition.data if isinstance(condition, Tensor) else np.asarray(condition)
+    if cond.dtype != np.bool_:
+        raise TypeError(f"where: condition must be bool, got dtype {cond.dtype}")
+    a, b = _tensors("where", input, other)
+    return Where.apply(Tensor(cond), a, b)
+
+
+def masked_fill(input, mask, value):
+    """Fill where `mask` is True with `value` (mask broadcasts to input)."""
+    (x,) = _tensors("masked_fill", input)
+    return where(mask, Tensor(np.asarray(value, dtype=x.dtype)), x)
+
+
+# -- embedding -------------------------------------------------------------------------
+class Embedding(Function):
+    def forward(self, ids, weight):
+        self.ids, self.wshape = ids, weight.shape
+        return weight[ids]                                               # (*ids.shape, dim)
+
+    def backward(self, g):
+        gw = np.zeros(self.wshape, g.dtype)
+        np.add.at(gw, self.ids.reshape(-1), g.reshape(-1, self.wshape[1]))  # scatter-add
+        return None, gw
+
+
+def embedding(input, weight):
+    ids = input.data if isinstance(input, Tensor) else np.asarray(input)
+    if ids.dtype.kind not in "iu":
+        raise TypeError(f"embedding: indices must be integers, got dtype {ids.dtype}")
+    if ids.size and (ids.min() < 0 or ids.max() >= weight.shape[0]):
+        raise IndexError(f"embedding: index out of range [0, {weight.shape[0]}): min {ids.min()}, max {ids.max()}")
+    return Embedding.apply(Tensor(ids), weight)
+
+
+# -- softmax family --------------------------------------------------------------------
+def _softmax(x, axis):
+    e = np.exp(x - x.max(axis=axis, keepdims=True))
+    e /= e.sum(axis=axis, keepdims=True)
+    return e
+
+
+def _log_softmax(x, axis):
+    shifted = x - x.max(axis=axis, keepdims=True)
+    return shifted - np.log(np.exp(shifted).sum(axis=axis, keepdims=True))
+
+
+class Softmax(Function):
+    def forward(self, x, dim):
+        self.dim = dim
+        self.out = _softmax(x, dim)
+        return self.out
+
+    def backward(self, g):
+        p = self.out
+        return p * (g - (g * p).sum(axis=self.dim, keepdims=True))
+
+
+class LogSoftmax(Function):
+    def forward(self, x, dim):
+        self.dim = dim
+        self.out = _log_softmax(x, dim)
+        return self.out
+
+    def backward(self, g):
+        return g - np.exp(self.out) * g.sum(axis=self.dim, keepdims=True)
+
+
+def softmax(input, dim=-1):
+    (x,) = _tensors("softmax", input)
+    _check_float("softmax", x)
+    return Softmax.apply(x, dim=dim)
+
+
+def log_softmax(input, dim=-1):
+    (x,) = _tensors("log_softmax", input)
+    _check_float("log_softmax", x)
+    return LogSoftmax.apply(x, dim=dim)
+
+
+class CrossEntropy(Function):
+    """Fused log_softmax + NLL over logits (N, C) and targets (N,)."""
+
+    def forward(self, logits, target, ignore_index=-100, reduction="mean"):
+        n, c = logits.shape
+        valid = target != ignore_index
+        safe = np.where(valid, target, 0)
+        if valid.any() and (safe[valid].min() < 0 or safe[valid].max() >= c):
+            raise IndexError(f"cross_entropy: target out of range [0, {c}) (ignore_index={ignore_index})")
+        logp = _log_softmax(logits, 1)                                   # (N, C)
+        nll = -logp[np.arange(n), safe] * valid                          # (N,)
+        self.logp, self.safe, self.valid, self.reduction = logp, safe, valid, reduction
+        self.count = int(valid.sum())
+        if reduction == "none":
+            return nll.astype(logits.dtype)
+        if reduction == "sum":
+            return np.asarray(nll.sum(), logits.dtype)
+        return np.asarray(nll.sum() / self.count if self.count else np.nan, logits.dtype)
+
+    def backward(self, g):
+        n = self.logp.shape[0]
+        if self.reduction == "none":
+            w = g * self.valid                                           # (N,)
+        elif self.reduction == "sum":
+            w = np.broadcast_to(g, (n,)) * self.valid
+        else:
+            w = np.broadcast_to(g / self.count, (n,)) * self.valid
+        grad = np.exp(self.logp)
+        grad[np.arange(n), self.safe] -= 1
+        grad *= w[:, None].astype(grad.dtype)
+        return grad, None
+
+
+def cross_entropy(input, target, ignore_index=-100, reduction="mean"):
+    """torch.nn.functional.cross_entropy for logits (N, C) or (N, C, d...) and integer targets."""
+    if reduction not in ("mean", "sum", "none"):
+        raise ValueError(f"cross_entropy: reduction must be 'mean', 'sum' or 'none', got {reduction!r}")
+    (x,) = _tensors("cross_entropy", input)
+    _check_float("cross_entropy", x)
+    t = target.data if isinstance(target, Tensor) else np.asarray(target)
+    if t.dtype.kind not in "iu":
+        raise TypeError(f"cross_entropy: target must be integer class indices, got dtype {t.dtype}")
+    if x.ndim > 2:  # (N, C, d...) -> (N·d..., C)
+        c = x.shape[1]
+        x = reshape(permute(x, (0,) + tuple(range(2, x.ndim)) + (1,)), (-1, c))
+        out_shape = t.shape
+        t = t.reshape(-1)
+    else:
+        out_shape = t.shape
+    if x.ndim != 2 or t.shape != (x.shape[0],):
+        raise ValueError(f"cross_entropy: input shape {input.shape} does not match target shape {out_shape}")
+    out = CrossEntropy.apply(x, Tensor(t), ignore_index=ignore_index, reduction=reduction)
+    return reshape(out, out_shape) if reduction == "none" else out
+
+
+# -- normalisation ---------------------------------------------------------------------
+class LayerNormFn(Function):
+    """Normalise over the last dim: (x - mean) / sqrt(var + eps) · weight + bias."""
+
+    def forward(self, x, weight=None, bias=None, eps=1e-5):
+        mu = x.mean(-1, keepdims=True)
+        xc = x - mu
+        rstd = 1 / np.sqrt((xc * xc).mean(-1, keepdims=True) + eps)      # (..., 1)
+        self.xhat, self.rstd, self.weight = xc * rstd, rstd, weight
+        self.has_bias = bias is not None
+        out = self.xhat * weight if weight is not None else self.xhat.copy()
+        if bias is not None:
+            out += bias
+        return out
+
+    def backward(self, g):
+        xhat, rstd, w = self.xhat, self.rstd, self.weight
+        lead = tuple(range(g.ndim - 1))
+        gw = (g * xhat).sum(lead) if w is not None and self.needs_input_grad[1] else None
+        gb = g.sum(lead) if self.has_bias and self.needs_input_grad[2] else None
+        gx = None
+        if self.needs_input_grad[0]:
+            gh = g * w if w is not None else g
+            gx = rstd * (gh - gh.mean(-1, keepdims=True) - xhat * (gh * xhat).mean(-1, keepdims=True))
+        return gx, gw, gb
+
+
+def layer_norm(input, normalized_shape, weight=None, bias=None, eps=1e-5):
+    normalized_shape = (normalized_shape,) if isinstance(normalized_shape, int) else tuple(normalized_shape)
+    if tuple(input.shape[-len(normalized_shape):]) != normalized_shape:
+        raise ValueError(f"layer_norm: input shape {input.shape} does not end in {normalized_shape}")
+    args = _tensors("layer_norm", input, *(t for t in (weight, bias) if t is not None))
+    x = args[0]
+    k = int(np.prod(normalized_shape))
+    lead = x.shape[:-len(normalized_shape)]
+    x = reshape(x, lead + (k,))
+    w = reshape(args[1], (k,)) if weight is not None else None
+    b = reshape(args[-1], (k,)) if bias is not None else None
+    out = LayerNormFn.apply(x, w, b, eps=eps)
+    return reshape(out, input.shape)
+
+
+class RMSNormFn(Function):
+    """x / sqrt(mean(x²) + eps) · weight over the last dim (transformers' LlamaRMSNorm)."""
+
+    def forward(self, x, weight=None, eps=1e-6):
+        rstd = 1 / np.sqrt((x * x).mean(-1, keepdims=True) + eps)        # (..., 1)
+        self.xhat, self.rstd, self.weight = x * rstd, rstd, weight
+        return self.xhat * weight if weight is not None else self.xhat
+
+    def backward(self, g):
+        xhat, w = self.xhat, self.weight
+        gw = (g * xhat).sum(tuple(range(g.ndim - 1))) if w is not None and self.needs_input_grad[1] else None
+        gx = None
+        if self.needs_input_grad[0]:
+            gh = g * w if w is not None else g
+            gx = self.rstd * (gh - xhat * (gh * xhat).mean(-1, keepdims=True))
+        return gx, gw
+
+
+def rms_norm(input, normalized_shape, weight=None, eps=None):
+    normalized_shape = (normalized_shape,) if isinstance(normalized_shape, int) else tuple(normalized_shape)
+    if len(normalized_shape) != 1 or input.shape[-1] != normalized_shape[0]:
+        raise ValueError(f"rms_norm: input shape {input.shape} does not end in {normalized_shape}")
+    args = _tensors("rms_norm", input, *([weight] if weight is not None else []))
+    if eps is None:
+        eps = float(np.finfo(args[0].dtype).eps)
+    return RMSNormFn.apply(*args, eps=eps)
+
+
+# -- dropout ---------------------------------------------------------------------------
+_default_generator = [np.random.default_rng(0)]
+
+
+def manual_seed(seed):
+    """Seed the generator that dropout uses when no generator is given."""
+    _default_generator[0] = np.random.default_rng(seed)
+    return _default_generator[0]
+
+
+def default_generator():
+    return _default_generator[0]
+
+
+class DropoutFn(Function):
+    def forward(self, x, p, generator):
+        keep = generator.random(x.shape, dtype=np.float64 if x.dtype == np.float64 else np.float32) >= p
+        self.mask = keep.astype(x.dtype) / x.dtype.type(1 - p)            # scaled mask
+        return x * self.mask
+
+    def backward(self, g):
+        return g * self.mask
+
+
+def dropout(input, p=0.5, training=True, generator=None):
+    """Zero elements with probability p and scale the rest by 1/(1-p); identity in eval."""
+    if not 0 <= p < 1:
+        raise ValueError(f"dropout: p must be in [0, 1), got {p}")
+    if not training or p == 0:
+        return input
+    (x,) = _tensors("dropout", input)
+    return DropoutFn.apply(x, p=p, generator=generator or _default_generator[0])
+
+
+# -- rotary position embedding ---------------------------------------------------------
+def rope_cos_sin(positions, head_dim, base=10000.0, dtype=np.float32):
+    """cos, sin tables (T, head_dim), rotate-half layout: angles computed in float64, then cast.
+
+    (transformers computes these angles in float32 even for a float64 model; lora_np's
+    float64 mode keeps them exact.)"""
+    inv_freq = 1.0 / (base ** (np.arange(0, head_dim, 2, dtype=np.float64) / head_dim))   # (D/2,)
+    freqs = np.outer(np.asarray(positions, np.float64), inv_freq)                         # (T, D/2)
+    emb = np.concatenate([freqs, freqs], axis=-1)                                          # (T, D)
+    return np.cos(emb).astype(dtype), np.sin(emb).astype(dtype)
+
+
+def _rotate_half(x):
+    h = x.shape[-1] // 2
+    return np.concatenate([-x[..., h:], x[..., :h]], axis=-1)
+
+
+def _rotate_half_T(g):
+    h = g.shape[-1] // 2
+    return np.concatenate([g[..., h:], -g[..., :h]], axis=-1)
+
+
+class Rotary(Function):
+    """x·cos + rotate_half(x)·sin; x (B, H, T, D), cos/sin (T, D) or broadcastable."""
+
+    def forward(self, x, cos, sin):
+        self.cos, self.sin = cos, sin
+        return x * cos + _rotate_half(x) * sin
+
+    def backward(self, g):
+        return g * self.cos + _rotate_half_T(g * self.sin), None, None
+
+
+def rotary_embedding(x, cos, sin):
+    """Apply rotary position embedding, rotate-half convention of transformers' Llama."""
+    (x,) = _tensors("rotary_embedding", x)
+    cos = Tensor(_to_array(cos, x.dtype))
+    sin = Tensor(_to_array(sin, x.dtype))
+    return Rotary.apply(x, cos, sin)
+
+
+def rotate_half(x):
+    h = x.shape[-1] // 2
+    return cat([neg(x[..., h:]), x[..., :h]], dim=-1)
+
+
+# -- attention -------------------------------------------------------------------------
+class SDPA(Function):
+    """softmax(q kᵀ · scale + mask) v with grouped-query heads.
+
+    q (B, Hq, T, D), k and v (B, Hkv, S, D), Hq = Hkv·g. The g query heads that share
+    a key/value head are stacked along the row axis, (B, Hkv, g·T, D), so K and V are
+    never repeated in memory.
+    """
+
+    def forward(self, q, k, v, mask, is_causal=False, scale=None):
+        B, Hq, T, D = q.shape
+        Hkv, S = k.shape[1], k.shape[2]
+        g = Hq // Hkv
+        self.scale = scale if scale is not None else 1.0 / math.sqrt(D)
+        self.qshape = q.shape
+        qg = q.reshape(B, Hkv, g * T, D)                                 # (B, Hkv, gT, D)
+        scores = qg @ np.swapaxes(k, -1, -2)                             # (B, Hkv, gT, S)
+        scores *= q.dtype.type(self.scale)
+        if mask is not None:  # mask is (B', Hkv or 1, g or 1, T, S)
+            scores = scores.reshape(B, Hkv, g, T, S)
+            scores = np.where(mask, scores, -np.inf) if mask.dtype == np.bool_ else scores + mask
+            scores = scores.reshape(B, Hkv, g * T, S)
+        if is_causal:  # bottom-right aligned: query t sees keys <= t + (S - T)
+            allowed = np.tri(T, S, k=S - T, dtype=bool)                   # (T, S)
+            scores = np.where(np.tile(allowed, (g, 1)), scores, -np.inf)
+        p = _softmax(scores, -1)
+        self.p, self.q, self.k, self.v = p, qg, k, v
+        return (p @ v).reshape(B, Hq, T, D)                               # (B, Hq, T, D)
+
+    def backward(self, g_out):
+        p, q, k, v, s = self.p, self.q, self.k, self.v, self.scale
+        go = g_out.reshape(q.shape)                                      # (B, Hkv, gT, D)
+        gv = np.swapaxes(p, -1, -2) @ go if self.needs_input_grad[2] else None
+        gq = gk = None
+        if self.needs_input_grad[0] or self.needs_input_grad[1]:
+            dp = go @ np.swapaxes(v, -1, -2)                             # (B, Hkv, gT, S)
+            ds = p * (dp - (dp * p).sum(-1, keepdims=True))
+            ds *= p.dtype.type(s)
+            if self.needs_input_grad[0]:
+                gq = (ds @ k).reshape(self.qshape)
+            if self.needs_input_grad[1]:
+                gk = np.swapaxes(ds, -1, -2) @ q                         # (B, Hkv, S, D)
+        return gq, gk, gv, None
+
+
+def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False,
+                                 scale=None, enable_gqa=False):
+    """torch's scaled_dot_product_attention. `attn_mask`: bool (True = attend) or additive float,
+    broadcastable to (B, Hq, T, S). Key/value heads may be fewer than query heads
+    (grouped-query attention; always allowed). `is_causal` aligns the causal mask to the
+    bottom right (query t sees keys up to t + S - T), the same as torch when T == S."""
+    if dropout_p:
+        raise NotImplementedError("scaled_dot_product_attention: attention dropout is not supported")
+    q, k, v = _tensors("scaled_dot_product_attention", query, key, value)
+    if q.ndim != 4 or k.ndim != 4 or v.shape != k.shape or q.shape[0] != k.shape[0] or q.shape[3] != k.shape[3]:
+        raise ValueError(f"scaled_dot_product_attention: query {q.shape}, key {k.shape}, value {v.shape} "
+                         "must be (B, Hq, T, D), (B, Hkv, S, D), (B, Hkv, S, D)")
+    if q.shape[1] % k.shape[1]:
+        raise ValueError(f"scaled_dot_product_attention: {q.shape[1]} query heads are not a multiple of "
+                         f"{k.shape[1]} key/value heads")
+    mask = None
+    if attn_mask is not None:
+        m = attn_mask.data if isinstance(attn_mask, Tensor) else np.asarray(attn_mask)
+        B, Hq, T, _ = q.shape
+        S = k.shape[2]
+        m = np.broadcast_to(m, np.broadcast_shapes(m.shape, (1, 1, T, S)))
+        if m.shape[1] not in (1, Hq):
+            raise ValueError(f"scaled_dot_product_attention: attn_mask shape {m.shape} does not broadcast to "
+                             f"{(B, Hq, T, S)}")
+        Hkv = k.shape[1]
+        m = m.reshape(m.shape[0], 1, 1, T, S) if m.shape[1] == 1 else m.reshape(m.shape[0], Hkv, Hq // Hkv, T, S)
+        if m.dtype != np.bool_:
+            m = m.astype(q.dtype)
+        mask = Tensor(np.ascontiguousarray(m))
+    return SDPA.apply(q, k, v, mask, is_causal=is_causal, scale=scale)

@@ -1,0 +1,242 @@
+"""Causal language models with Hugging Face's module names: Llama (SmolLM2, TinyLlama,
+Qwen2-style q/k/v biases) and GPT-2.
+
+`LlamaForCausalLM(config)` has parameters named exactly as transformers' checkpoint
+keys (`model.layers.0.self_attn.q_proj.weight`, ...), and GPT-2 likewise
+(`transformer.h.0.attn.c_attn.weight`), so state dicts and PEFT adapter keys line up.
+"""
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Optional
+
+import numpy as np
+
+from . import functional as F
+from .nn import DecoderBlock, Embedding, GPT2Block, LayerNorm, Linear, Module, ModuleList, RMSNorm
+from .tensor import DEFAULT_DTYPE, Tensor
+
+__all__ = ["LlamaConfig", "GPT2Config", "LlamaForCausalLM", "GPT2LMHeadModel", "CausalLMOutput",
+           "causal_lm_loss", "config_from_dict"]
+
+
+def _from_dict(cls, d):
+    names = {f.name for f in dataclasses.fields(cls)}
+    return cls(**{k: v for k, v in d.items() if k in names})
+
+
+@dataclass
+class LlamaConfig:
+    vocab_size: int = 32000
+    hidden_size: int = 4096
+    intermediate_size: int = 11008
+    num_hidden_layers: int = 32
+    num_attention_heads: int = 32
+    num_key_value_heads: Optional[int] = None
+    head_dim: Optional[int] = None
+    rms_norm_eps: float = 1e-6
+    rope_theta: float = 10000.0
+    rope_scaling: Optional[dict] = None
+    max_position_embeddings: int = 2048
+    tie_word_embeddings: bool = False
+    attention_bias: bool = False
+    mlp_bias: bool = False
+    bos_token_id: Optional[int] = 1
+    eos_token_id: Optional[int] = 2
+    model_type: str = "llama"
+    architectures: list = field(default_factory=lambda: ["LlamaForCausalLM"])
+
+    def __post_init__(self):
+        if self.num_key_value_heads is None:
+            self.num_key_value_heads = self.num_attention_heads
+        if self.head_dim is None:
+            self.head_dim = self.hidden_size // self.num_attention_heads
+        if self.rope_scaling and self.rope_scaling.get("rope_type", self.rope_scaling.get("type")) not in (None, "default"):
+            raise NotImplementedError(f"LlamaConfig: rope_scaling {self.rope_scaling} is not supported")
+
+    @classmethod
+    def from_dict(cls, d):
+        return _from_dict(cls, d)
+
+    def to_dict(self):
+        return dataclasses.asdict(self)
+
+
+@dataclass
+class GPT2Config:
+    vocab_size: int = 50257
+    n_positions: int = 1024
+    n_embd: int = 768
+    n_layer: int = 12
+    n_head: int = 12
+    n_inner: Optional[int] = None
+    layer_norm_epsilon: float = 1e-5
+    activation_function: str = "gelu_new"
+    tie_word_embeddings: bool = True
+    bos_token_id: Optional[int] = 50256
+    eos_token_id: Optional[int] = 50256
+    model_type: str = "gpt2"
+    architectures: list = field(default_factory=lambda: ["GPT2LMHeadModel"])
+
+    def __post_init__(self):
+        if self.activation_function not in ("gelu_new", "gelu_pytorch_tanh", "gelu"):
+            raise NotImplementedError(f"GPT2Config: activation_function {self.activation_function!r} is not supported")
+
+    @classmethod
+    def from_dict(cls, d):
+        return _from_dict(cls, d)
+
+    def to_dict(self):
+        return dataclasses.asdict(self)
+
+
+def config_from_dict(d):
+    """A config object from a Hugging Face config.json dict (llama, mistral-free llama-likes, qwen2, gpt2)."""
+    model_type = d.get("model_type")
+    if model_type == "gpt2":
+        return GPT2Config.from_dict(d)
+    if model_type in ("llama", "qwen2"):
+        d = dict(d)
+        rope = d.get("rope_parameters") or {}  # transformers 5 keeps rope_theta here
+        if "rope_theta" in rope:
+            d["rope_theta"] = rope["rope_theta"]
+            d["rope_scaling"] = rope if rope.get("rope_type", "default") != "default" else None
+        if model_type == "qwen2":
+            d["attention_bias"] = "qwen2"
+        return LlamaConfig.from_dict(d)
+    raise ValueError(f"unknown architecture model_type={model_type!r} (supported: llama, qwen2, gpt2)")
+
+
+@dataclass
+class CausalLMOutput:
+    logits: Tensor
+    loss: Optional[Tensor] = None
+
+
+def causal_lm_loss(logits, labels, ignore_index=-100):
+    """Mean next-token cross-entropy as transformers computes it: predict labels[:, 1:]
+    from logits[:, :-1]; positions labelled -100 are ignored. logits (B, T, V), labels (B, T)."""
+    labels = np.asarray(labels.data if isinstance(labels, Tensor) else labels)
+    B, T, V = logits.shape
+    shift_logits = F.reshape(logits[:, :-1], (B * (T - 1), V))                   # (B·(T-1), V)
+    return F.cross_entropy(shift_logits, labels[:, 1:].reshape(-1).astype(np.int64), ignore_index=ignore_index)
+
+
+class _RopeTables:
+    """cos/sin for positions [0, n), grown on demand, one copy per dtype."""
+
+    def __init__(self, head_dim, base):
+        self.head_dim, self.base, self.tables = head_dim, base, {}
+
+    def get(self, start, length, dtype):
+        cos, sin = self.tables.get(np.dtype(dtype), (None, None))
+        if cos is None or cos.shape[0] < start + length:
+            n = max(start + length, 2 * (cos.shape[0] if cos is not None else 0), 256)
+            cos, sin = F.rope_cos_sin(np.arange(n), self.head_dim, self.base, dtype)
+            self.tables[np.dtype(dtype)] = cos, sin
+        return cos[start:start + length], sin[start:start + length]                  # (T, D)
+
+
+class _CausalLM(Module):
+    """What both families share: input ids -> logits (and the loss when labels are given)."""
+
+    def _blocks(self):
+        raise NotImplementedError  # pragma: no cover
+
+    def _embed(self, ids, past):
+        raise NotImplementedError  # pragma: no cover
+
+    def forward(self, input_ids, labels=None, cache=None, attn_mask=None):
+        ids = np.asarray(input_ids.data if isinstance(input_ids, Tensor) else input_ids)
+        if ids.ndim == 1:
+            ids = ids[None]
+        if ids.ndim != 2:
+            raise ValueError(f"input_ids must be (B, T), got shape {ids.shape}")
+        past = cache.seq_len() if cache is not None else 0
+        h, cos, sin = self._embed(ids, past)                                          # (B, T, C)
+        for block in self._blocks():
+            h = block(h, cos, sin, cache, attn_mask)
+        logits = self._head(h)                                                        # (B, T, V)
+        loss = causal_lm_loss(logits, labels) if labels is not None else None
+        return CausalLMOutput(logits, loss)
+
+    @property
+    def dtype(self):
+        return next(iter(self.parameters())).dtype
+
+    def generate(self, *args, **kwargs):
+        from .generation import generate
+
+        return generate(self, *args, **kwargs)
+
+
+class LlamaModel(Module):
+    def __init__(self, config, dtype=DEFAULT_DTYPE):
+        super().__init__()
+        c = config
+        self.embed_tokens = Embedding(c.vocab_size, c.hidden_size, dtype=dtype)
+        self.layers = ModuleList(
+            DecoderBlock(c.hidden_size, c.num_attention_heads, c.num_key_value_heads, c.intermediate_size,
+                         head_dim=c.head_dim, eps=c.rms_norm_eps, attention_bias=bool(c.attention_bias),
+                         mlp_bias=c.mlp_bias, layer_idx=i, dtype=dtype)
+            for i in range(c.num_hidden_layers))
+        if c.attention_bias is True:  # llama's attention_bias also covers o_proj; qwen2's does not
+            for layer in self.layers:
+                o = layer.self_attn.o_proj
+                o.bias = type(o.weight)(np.zeros(o.out_features, dtype))
+        self.norm = RMSNorm(c.hidden_size, c.rms_norm_eps, dtype=dtype)
+
+
+class LlamaForCausalLM(_CausalLM):
+    def __init__(self, config, dtype=DEFAULT_DTYPE):
+        super().__init__()
+        self.config = config
+        self.model = LlamaModel(config, dtype)
+        self.lm_head = Linear(config.hidden_size, config.vocab_size, bias=False, dtype=dtype)
+        if config.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+        self._rope = _RopeTables(config.head_dim, config.rope_theta)
+
+    def _blocks(self):
+        return self.model.layers
+
+    def _embed(self, ids, past):
+        h = self.model.embed_tokens(ids)
+        cos, sin = self._rope.get(past, ids.shape[1], h.dtype)
+        return h, cos, sin
+
+    def _head(self, h):
+        return self.lm_head(self.model.norm(h))
+
+
+class GPT2Model(Module):
+    def __init__(self, config, dtype=DEFAULT_DTYPE):
+        super().__init__()
+        c = config
+        self.wte = Embedding(c.vocab_size, c.n_embd, dtype=dtype)
+        self.wpe = Embedding(c.n_positions, c.n_embd, dtype=dtype)
+        approximate = "none" if c.activation_function == "gelu" else "tanh"
+        self.h = ModuleList(GPT2Block(c.n_embd, c.n_head, c.n_inner or 4 * c.n_embd, c.layer_norm_epsilon,
+                                      approximate, layer_idx=i, dtype=dtype) for i in range(c.n_layer))
+        self.ln_f = LayerNorm(c.n_embd, c.layer_norm_epsilon, dtype=dtype)
+
+
+class GPT2LMHeadModel(_CausalLM):
+    def __init__(self, config, dtype=DEFAULT_DTYPE):
+        super().__init__()
+        self.config = config
+        self.transformer = GPT2Model(config, dtype)
+        self.lm_head = Linear(config.n_embd, config.vocab_size, bias=False, dtype=dtype)
+        self.lm_head.weight = self.transformer.wte.weight  # GPT-2 always ties its head
+
+    def _blocks(self):
+        return self.transformer.h
+
+    def _embed(self, ids, past):
+        T = ids.shape[1]
+        if past + T > self.config.n_positions:
+            raise ValueError(f"sequence of {past + T} tokens is longer than n_positions={self.config.n_positions}")
+        pos = np.arange(past, past + T)
+        return self.transformer.wte(ids) + self.transformer.wpe(pos), None, None
+
+    def _head(self, h):
+        return self.lm_head(self.transformer.ln_f(h))

@@ -1,0 +1,426 @@
+"""Modules in the style of torch.nn, with Hugging Face's module names.
+
+A `Module` registers the `Parameter`s and child `Module`s assigned to it as
+attributes, so `named_parameters()` yields dotted names such as
+`model.layers.0.self_attn.q_proj.weight` that line up with checkpoints and with
+PEFT's adapter keys.
+"""
+import math
+from collections import OrderedDict
+
+import numpy as np
+
+from . import functional as F
+from .tensor import DEFAULT_DTYPE, Tensor
+
+__all__ = [
+    "Parameter", "Module", "ModuleList", "Linear", "Conv1D", "Embedding", "LayerNorm", "RMSNorm",
+    "Dropout", "GELUMLP", "GatedMLP", "Attention", "GPT2Attention", "DecoderBlock", "GPT2Block",
+    "KVCache",
+]
+
+
+class Parameter(Tensor):
+    """A Tensor that a Module registers; requires grad unless told otherwise."""
+
+    __slots__ = ()
+
+    def __init__(self, data, requires_grad=True, dtype=None):
+        super().__init__(data, requires_grad=requires_grad, dtype=dtype)
+
+    def __repr__(self):
+        return f"Parameter(shape={self.shape}, dtype={self.dtype}, requires_grad={self.requires_grad})"
+
+
+def _rng():
+    return F.default_generator()
+
+
+class Module:
+    """Base class: attribute assignment registers Parameters and Modules, in order."""
+
+    def __init__(self):
+        object.__setattr__(self, "_parameters", OrderedDict())
+        object.__setattr__(self, "_modules", OrderedDict())
+        object.__setattr__(self, "training", True)
+
+    def __setattr__(self, name, value):
+        params = self.__dict__.get("_parameters")
+        if params is None:
+            raise AttributeError(f"{type(self).__name__}.__init__ must call super().__init__() before assigning {name!r}")
+        params.pop(name, None)
+        self._modules.pop(name, None)
+        if isinstance(value, Parameter):
+            params[name] = value
+        elif isinstance(value, Module):
+            self._modules[name] = value
+        object.__setattr__(self, name, value)
+
+    def __delattr__(self, name):
+        self._parameters.pop(name, None)
+        self._modules.pop(name, None)
+        object.__delattr__(self, name)
+
+    def __call__(self, *args, **kwargs):
+        return self.forward(*args, **kwargs)
+
+    def forward(self, *args, **kwargs):  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    # -- traversal ----------------------------------------------------------------------
+    def named_children(self):
+        return iter(self._modules.items())
+
+    def children(self):
+        return iter(self._modules.values())
+
+    def named_modules(self, prefix=""):
+        stack = [(prefix, self)]
+        seen = set()
+        while stack:  # iterative, in registration order
+            name, mod = stack.pop()
+            if id(mod) in seen:
+                continue
+            seen.add(id(mod))
+            yield name, mod
+            for child_name, child in reversed(list(mod._modules.items())):
+                stack.append((f"{name}.{child_name}" if name else child_name, child))
+
+    def modules(self):
+        return (m for _, m in self.named_modules())
+
+    def named_parameters(self, prefix="", recurse=True, remove_duplicate=True):
+        seen = set()
+        mods = self.named_modules(prefix) if recurse else [(prefix, self)]
+        for mod_name, mod in mods:
+            for name, p in mod._parameters.items():
+                if remove_duplicate:
+                    if id(p) in seen:
+                        continue
+                    seen.add(id(p))
+                yield (f"{mod_name}.{name}" if mod_name else name), p
+
+    def parameters(self, recurse=True):
+        return (p for _, p in self.named_parameters(recurse=recurse))
+
+    def get_submodule(self, target):
+        mod = self
+        for part in target.split(".") if target else []:
+            if part not in mod._modules:
+                raise AttributeError(f"{type(mod).__name__} has no submodule {part!r} (looking for {target!r})")
+            mod = mod._modules[part]
+        return mod
+
+    # -- state --------------------------------------------------------------------------
+    def state_dict(self):
+        """name -> ndarray for every parameter (tied parameters appear under each name)."""
+        return OrderedDict((n, p.data) for n, p in self.named_parameters(remove_duplicate=False))
+
+    def load_state_dict(self, state_dict, strict=True):
+        """Copy arrays into parameters. Returns (missing_keys, unexpected_keys);
+        with strict=True either being non-empty raises KeyError listing them."""
+        own = OrderedDict(self.named_parameters(remove_duplicate=False))
+        missing = [k for k in own if k not in state_dict]
+        unexpected = [k for k in state_dict if k not in own]
+        if strict and (missing or unexpected):
+            raise KeyError(f"load_state_dict: missing keys {missing}, unexpected keys {unexpected}")
+        for k, p in own.items():
+            if k in state_dict:
+                arr = np.asarray(state_dict[k])
+                if arr.shape != p.shape:
+                    raise ValueError(f"load_state_dict: {k}: checkpoint shape {arr.shape} != model shape {p.shape}")
+                p.data = np.array(arr, dtype=p.dtype, copy=True)
+        return missing, unexpected
+
+    def train(self, mode=True):
+        for m in self.modules():
+            object.__setattr__(m, "training", mode)
+        return self
+
+    def eval(self):
+        return self.train(False)
+
+    def requires_grad_(self, requires_grad=True):
+        for p in self.parameters():
+            p.requires_grad = requires_grad
+        return self
+
+    def zero_grad(self):
+        for p in self.parameters():
+            p.grad = None
+
+    def to(self, dtype):
+        """Convert every parameter to `dtype` in place (float32 or float64)."""
+        dtype = np.dtype(dtype)
+        for p in self.parameters():
+            if p.dtype != dtype and p.dtype.kind == "f":
+                p.data = p.data.astype(dtype)
+                if p.grad is not None:
+                    p.grad = p.grad.astype(dtype)
+        return self
+
+    def num_parameters(self, only_trainable=False):
+        return int(sum(p.numel() for p in self.parameters() if p.requires_grad or not only_trainable))
+
+    def extra_repr(self):
+        return ""
+
+    def __repr__(self):
+        lines = [f"{type(self).__name__}({self.extra_repr()}"]
+        for name, mod in self._modules.items():
+            child = repr(mod).replace("\n", "\n  ")
+            lines.append(f"  ({name}): {child}")
+        return "\n".join(lines) + (")" if len(lines) == 1 else "\n)")
+
+
+class ModuleList(Module):
+    def __init__(self, modules=()):
+        super().__init__()
+        for m in modules:
+            self.append(m)
+
+    def append(self, module):
+        setattr(self, str(len(self._modules)), module)
+        return self
+
+    def __getitem__(self, i):
+        return list(self._modules.values())[i]
+
+    def __setitem__(self, i, module):
+        setattr(self, str(i % len(self)), module)
+
+    def __len__(self):
+        return len(self._modules)
+
+    def __iter__(self):
+        return iter(self._modules.values())
+
+
+# -- layers --------------------------------------------------------------------------------
+def _uniform(shape, bound, dtype):
+    return _rng().uniform(-bound, bound, size=shape).astype(dtype)
+
+
+class Linear(Module):
+    """y = x Wᵀ + b with weight [out_features, in_features] (torch's init)."""
+
+    def __init__(self, in_features, out_features, bias=True, dtype=DEFAULT_DTYPE):
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        bound = 1 / math.sqrt(in_features) if in_features else 0
+        self.weight = Parameter(_uniform((out_features, in_features), bound, dtype))
+        self.bias = Parameter(_uniform((out_features,), bound, dtype)) if bias else None
+
+    def forward(self, x):
+        return F.linear(x, self.weight, self.bias)
+
+    def extra_repr(self):
+        return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
+
+
+class Conv1D(Module):
+    """GPT-2's `Conv1D(nf, nx)`: weight stored [in (nx), out (nf)], y = x W + b."""
+
+    def __init__(self, nf, nx, dtype=DEFAULT_DTYPE):
+        super().__init__()
+        self.nf, self.nx = nf, nx
+        self.weight = Parameter((_rng().standard_normal((nx, nf)) * 0.02).astype(dtype))
+        self.bias = Parameter(np.zeros(nf, dtype))
+
+    @property
+    def in_features(self):
+        return self.nx
+
+    @property
+    def out_features(self):
+        return self.nf
+
+    def forward(self, x):
+        return F.linear(x, F.permute(self.weight, (1, 0)), self.bias)
+
+    def extra_repr(self):
+        return f"nf={self.nf}, nx={self.nx}"
+
+
+class Embedding(Module):
+    def __init__(self, num_embeddings, embedding_dim, dtype=DEFAULT_DTYPE):
+        super().__init__()
+        self.num_embeddings, self.embedding_dim = num_embeddings, embedding_dim
+        self.weight = Parameter(_rng().standard_normal((num_embeddings, embedding_dim)).astype(dtype))
+
+    def forward(self, input_ids):
+        return F.embedding(input_ids, self.weight)
+
+    def extra_repr(self):
+        return f"{self.num_embeddings}, {self.embedding_dim}"
+
+
+class LayerNorm(Module):
+    def __init__(self, normalized_shape, eps=1e-5, elementwise_affine=True, bias=True, dtype=DEFAULT_DTYPE):
+        super().__init__()
+        self.normalized_shape = (normalized_shape,) if isinstance(normalized_shape, int) else tuple(normalized_shape)
+        self.eps = eps
+        self.weight = Parameter(np.ones(self.normalized_shape, dtype)) if elementwise_affine else None
+        self.bias = Parameter(np.zeros(self.normalized_shape, dtype)) if elementwise_affine and bias else None
+
+    def forward(self, x):
+        return F.layer_norm(x, self.normalized_shape, self.weight, self.bias, self.eps)
+
+
+class RMSNorm(Module):
+    """transformers' LlamaRMSNorm: x / sqrt(mean(x²) + eps) · weight."""
+
+    def __init__(self, hidden_size, eps=1e-6, dtype=DEFAULT_DTYPE):
+        super().__init__()
+        self.eps = eps
+        self.weight = Parameter(np.ones(hidden_size, dtype))
+
+    def forward(self, x):
+        return F.rms_norm(x, (self.weight.shape[0],), self.weight, self.eps)
+
+
+class Dropout(Module):
+    def __init__(self, p=0.5):
+        super().__init__()
+        if not 0 <= p < 1:
+            raise ValueError(f"Dropout: p must be in [0, 1), got {p}")
+        self.p = p
+
+    def forward(self, x):
+        return F.dropout(x, self.p, self.training)
+
+
+class GELUMLP(Module):
+    """GPT-2's MLP: c_proj(gelu(c_fc(x)))."""
+
+    def __init__(self, hidden_size, intermediate_size, approximate="tanh", dropout=0.0, dtype=DEFAULT_DTYPE):
+        super().__init__()
+        self.c_fc = Conv1D(intermediate_size, hidden_size, dtype=dtype)
+        self.c_proj = Conv1D(hidden_size, intermediate_size, dtype=dtype)
+        self.dropout = Dropout(dropout)
+        self.approximate = approximate
+
+    def forward(self, x):
+        return self.dropout(self.c_proj(F.gelu(self.c_fc(x), approximate=self.approximate)))
+
+
+class GatedMLP(Module):
+    """Llama's SwiGLU MLP: down_proj(silu(gate_proj(x)) * up_proj(x))."""
+
+    def __init__(self, hidden_size, intermediate_size, bias=False, dtype=DEFAULT_DTYPE):
+        super().__init__()
+        self.gate_proj = Linear(hidden_size, intermediate_size, bias=bias, dtype=dtype)
+        self.up_proj = Linear(hidden_size, intermediate_size, bias=bias, dtype=dtype)
+        self.down_proj = Linear(intermediate_size, hidden_size, bias=bias, dtype=dtype)
+
+    def forward(self, x):
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class KVCache:
+    """Keys and values of earlier positions, per layer, for incremental decoding (no graph)."""
+
+    def __init__(self):
+        self.keys, self.values = {}, {}
+
+    def update(self, layer_idx, k, v):
+        """Append k, v (B, Hkv, T, D) arrays; return the full (B, Hkv, S, D) arrays."""
+        if layer_idx in self.keys:
+            k = np.concatenate([self.keys[layer_idx], k], axis=2)
+            v = np.concatenate([self.values[layer_idx], v], axis=2)
+        self.keys[layer_idx], self.values[layer_idx] = k, v
+        return k, v
+
+    def seq_len(self):
+        return next(iter(self.keys.values())).shape[2] if self.keys else 0
+
+
+def _attend(q, k, v, cache, layer_idx, cos, sin, attn_mask):
+    """Shared tail of both attention kinds: RoPE, cache, causal SDPA. q (B,Hq,T,D), k/v (B,Hkv,T,D)."""
+    if cos is not None:
+        q = F.rotary_embedding(q, cos, sin)
+        k = F.rotary_embedding(k, cos, sin)
+    if cache is not None:
+        kd, vd = cache.update(layer_idx, k.data, v.data)
+        k, v = Tensor(kd), Tensor(vd)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=True)
+
+
+class Attention(Module):
+    """Causal self-attention with separate q/k/v projections (Llama names), grouped-query
+    heads and optional RoPE; `bias` adds q/k/v biases (Qwen2), `o_bias` an o_proj bias."""
+
+    def __init__(self, hidden_size, num_heads, num_kv_heads=None, head_dim=None, bias=False, o_bias=False,
+                 layer_idx=0, dtype=DEFAULT_DTYPE):
+        super().__init__()
+        self.num_heads = num_heads
+        self.num_kv_heads = num_kv_heads or num_heads
+        self.head_dim = head_dim or hidden_size // num_heads
+        if self.num_heads % self.num_kv_heads:
+            raise ValueError(f"Attention: {num_heads} heads is not a multiple of {self.num_kv_heads} kv heads")
+        self.layer_idx = layer_idx
+        self.q_proj = Linear(hidden_size, self.num_heads * self.head_dim, bias=bias, dtype=dtype)
+        self.k_proj = Linear(hidden_size, self.num_kv_heads * self.head_dim, bias=bias, dtype=dtype)
+        self.v_proj = Linear(hidden_size, self.num_kv_heads * self.head_dim, bias=bias, dtype=dtype)
+        self.o_proj = Linear(self.num_heads * self.head_dim, hidden_size, bias=o_bias, dtype=dtype)
+
+    def forward(self, x, cos=None, sin=None, cache=None, attn_mask=None):
+        B, T, _ = x.shape
+        hd = self.head_dim
+        q = F.transpose(F.reshape(self.q_proj(x), (B, T, self.num_heads, hd)), 1, 2)     # (B, Hq, T, D)
+        k = F.transpose(F.reshape(self.k_proj(x), (B, T, self.num_kv_heads, hd)), 1, 2)  # (B, Hkv, T, D)
+        v = F.transpose(F.reshape(self.v_proj(x), (B, T, self.num_kv_heads, hd)), 1, 2)  # (B, Hkv, T, D)
+        y = _attend(q, k, v, cache, self.layer_idx, cos, sin, attn_mask)                 # (B, Hq, T, D)
+        return self.o_proj(F.reshape(F.transpose(y, 1, 2), (B, T, self.num_heads * hd)))
+
+
+class GPT2Attention(Module):
+    """GPT-2's attention: fused c_attn (Conv1D, [in, 3·hidden]) then c_proj."""
+
+    def __init__(self, hidden_size, num_heads, layer_idx=0, dropout=0.0, dtype=DEFAULT_DTYPE):
+        super().__init__()
+        self.num_heads, self.head_dim, self.layer_idx = num_heads, hidden_size // num_heads, layer_idx
+        self.c_attn = Conv1D(3 * hidden_size, hidden_size, dtype=dtype)
+        self.c_proj = Conv1D(hidden_size, hidden_size, dtype=dtype)
+        self.resid_dropout = Dropout(dropout)
+
+    def forward(self, x, cos=None, sin=None, cache=None, attn_mask=None):
+        B, T, C = x.shape
+        qkv = F.reshape(self.c_attn(x), (B, T, 3, self.num_heads, self.head_dim))
+        qkv = F.permute(qkv, (2, 0, 3, 1, 4))                                            # (3, B, H, T, D)
+        q, k, v = qkv[0], qkv[1], qkv[2]
+        y = _attend(q, k, v, cache, self.layer_idx, cos, sin, attn_mask)                 # (B, H, T, D)
+        return self.resid_dropout(self.c_proj(F.reshape(F.transpose(y, 1, 2), (B, T, C))))
+
+
+class DecoderBlock(Module):
+    """Pre-norm Llama decoder layer: x + attn(norm(x)), then x + mlp(norm(x))."""
+
+    def __init__(self, hidden_size, num_heads, num_kv_heads, intermediate_size, head_dim=None, eps=1e-6,
+                 attention_bias=False, mlp_bias=False, layer_idx=0, dtype=DEFAULT_DTYPE):
+        super().__init__()
+        self.input_layernorm = RMSNorm(hidden_size, eps, dtype=dtype)
+        self.self_attn = Attention(hidden_size, num_heads, num_kv_heads, head_dim, bias=attention_bias,
+                                   layer_idx=layer_idx, dtype=dtype)
+        self.post_attention_layernorm = RMSNorm(hidden_size, eps, dtype=dtype)
+        self.mlp = GatedMLP(hidden_size, intermediate_size, bias=mlp_bias, dtype=dtype)
+
+    def forward(self, x, cos=None, sin=None, cache=None, attn_mask=None):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, cache, attn_mask)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class GPT2Block(Module):
+    """Pre-norm GPT-2 block: x + attn(ln_1(x)), then x + mlp(ln_2(x))."""
+
+    def __init__(self, hidden_size, num_heads, intermediate_size=None, eps=1e-5, approximate="tanh",
+                 layer_idx=0, dtype=DEFAULT_DTYPE):
+        super().__init__()
+        self.ln_1 = LayerNorm(hidden_size, eps, dtype=dtype)
+        self.attn = GPT2Attention(hidden_size, num_heads, layer_idx=layer_idx, dtype=dtype)
+        self.ln_2 = LayerNorm(hidden_size, eps, dtype=dtype)
+        self.mlp = GELUMLP(hidden_size, intermediate_size or 4 * hidden_size, approximate, dtype=dtype)
+
+    def forward(self, x, cos=None, sin=None, cache=None, attn_mask=None):
+        x = x + self.attn(self.ln_1(x), cos, sin, cache, attn_mask)
+        return x + self.mlp(self.ln_2(x))

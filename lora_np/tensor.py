@@ -1,0 +1,406 @@
+"""Tensor and reverse-mode autograd.
+
+A `Tensor` wraps an ndarray. Every differentiable op is a `Function` subclass with
+`forward` (ndarrays in, ndarray out) and `backward` (gradient of the output in,
+gradients of the inputs out) side by side; what backward needs is saved on the op.
+`needs_input_grad` lets an op skip the gradient of an input nobody asked for (a
+frozen weight costs no weight-gradient matmul). `Tensor.backward` walks the graph
+in an iterative topological order, accumulates into the leaves' `.grad` with `+=`,
+and frees the graph as it goes.
+
+Dtype rule: float32 is the default; float64 is fully supported. Floating tensors of
+different dtypes are never mixed silently: an op that gets float32 and float64
+raises TypeError naming the op. Python scalars take the tensor's dtype; integer and
+bool arrays (masks, ids) are cast to the float operand's dtype.
+"""
+import numpy as np
+
+__all__ = ["Tensor", "Function", "no_grad", "enable_grad", "is_grad_enabled", "tensor"]
+
+DEFAULT_DTYPE = np.float32
+_FLOAT_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
+_grad_enabled = [True]
+
+
+def is_grad_enabled():
+    return _grad_enabled[0]
+
+
+class _GradMode:
+    """Context manager and decorator that sets whether ops record a graph."""
+
+    _mode = True
+
+    def __enter__(self):
+        self._prev = _grad_enabled[0]
+        _grad_enabled[0] = self._mode
+
+    def __exit__(self, *exc):
+        _grad_enabled[0] = self._prev
+        return False
+
+    def __call__(self, fn):
+        mode_cls = type(self)
+
+        def wrapper(*args, **kwargs):
+            with mode_cls():
+                return fn(*args, **kwargs)
+
+        wrapper.__name__ = getattr(fn, "__name__", "wrapper")
+        wrapper.__doc__ = getattr(fn, "__doc__", None)
+        return wrapper
+
+
+class no_grad(_GradMode):
+    """Ops inside build no graph: `with lora_np.no_grad(): ...`."""
+
+    _mode = False
+
+
+class enable_grad(_GradMode):
+    _mode = True
+
+
+def _check_float_dtypes(op, arrays):
+    """The common float dtype of `arrays`; raise TypeError if two float dtypes meet."""
+    dtype = None
+    for a in arrays:
+        if a.dtype.kind == "f":
+            if a.dtype not in _FLOAT_DTYPES:
+                raise TypeError(f"{op}: unsupported dtype {a.dtype} (use float32 or float64)")
+            if dtype is None:
+                dtype = a.dtype
+            elif a.dtype != dtype:
+                raise TypeError(
+                    f"{op}: dtype mismatch {dtype} vs {a.dtype}; convert explicitly with .to(...)"
+                )
+    return dtype
+
+
+class Function:
+    """One differentiable op. Subclasses define `forward(*arrays, **kw)` and `backward(grad)`.
+
+    `backward` returns one gradient per positional input (None where not needed);
+    each must have the shape of its input.
+    """
+
+    def __init__(self, *parents):
+        self.parents = parents
+        self.needs_input_grad = tuple(isinstance(p, Tensor) and p.requires_grad for p in parents)
+
+    @classmethod
+    def apply(cls, *args, **kwargs):
+        ctx = cls(*args)
+        arrays = [a.data if isinstance(a, Tensor) else a for a in args]
+        out = ctx.forward(*arrays, **kwargs)
+        if _grad_enabled[0] and any(ctx.needs_input_grad):
+            result = Tensor(out, requires_grad=True)
+            result._ctx = ctx
+            return result
+        return Tensor(out)
+
+    def forward(self, *arrays, **kwargs):  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def backward(self, grad):  # pragma: no cover - abstract
+        raise NotImplementedError
+
+
+def _to_array(data, dtype=None):
+    if isinstance(data, Tensor):
+        data = data.data
+    if isinstance(data, np.ndarray):
+        if dtype is not None and data.dtype != np.dtype(dtype):
+            return data.astype(dtype)
+        return data
+    arr = np.asarray(data)
+    if dtype is not None:
+        return arr.astype(dtype, copy=False)
+    if arr.dtype.kind == "f" or arr.dtype == np.dtype(object):
+        return arr.astype(DEFAULT_DTYPE)
+    return arr
+
+
+class Tensor:
+    """An ndarray with an optional gradient. `requires_grad` only for float32/float64."""
+
+    __slots__ = ("data", "grad", "_requires_grad", "_ctx", "__weakref__")
+    __array_priority__ = 100  # ndarray (op) Tensor defers to Tensor's reflected operator
+
+    def __init__(self, data, requires_grad=False, dtype=None):
+        self.data = _to_array(data, dtype)
+        self.grad = None
+        self._ctx = None
+        self._requires_grad = False
+        self.requires_grad = requires_grad
+
+    # -- autograd state -------------------------------------------------------------
+    @property
+    def requires_grad(self):
+        return self._requires_grad
+
+    @requires_grad.setter
+    def requires_grad(self, value):
+        if value and self.data.dtype not in _FLOAT_DTYPES:
+            raise TypeError(
+                f"only float32/float64 tensors can require grad, not dtype {self.data.dtype}"
+            )
+        self._requires_grad = bool(value)
+
+    def requires_grad_(self, requires_grad=True):
+        self.requires_grad = requires_grad
+        return self
+
+    @property
+    def is_leaf(self):
+        return self._ctx is None
+
+    def detach(self):
+        return Tensor(self.data)
+
+    def numpy(self):
+        return self.data
+
+    def item(self):
+        return self.data.item()
+
+    def backward(self, grad=None):
+        """Accumulate d(self)/d(leaf) into every leaf's `.grad`, then free the graph."""
+        if not self.requires_grad:
+            raise RuntimeError("backward() on a tensor that does not require grad")
+        if grad is None:
+            if self.data.size != 1:
+                raise RuntimeError(
+                    f"backward() without a gradient needs a scalar output, got shape {self.shape}"
+                )
+            grad = np.ones_like(self.data)
+        else:
+            grad = _to_array(grad, self.data.dtype)
+            if grad.shape != self.data.shape:
+                raise ValueError(f"backward(): gradient shape {grad.shape} != tensor shape {self.shape}")
+
+        order = []
+        visited = set()
+        stack = [(self, False)]
+        while stack:  # iterative post-order DFS: deep graphs never hit the recursion limit
+            node, done = stack.pop()
+            if done:
+                order.append(node)
+                continue
+            if id(node) in visited:
+                continue
+            visited.add(id(node))
+            stack.append((node, True))
+            if node._ctx is not None:
+                for p in node._ctx.parents:
+                    if isinstance(p, Tensor) and p.requires_grad and id(p) not in visited:
+                        stack.append((p, False))
+
+        grads = {id(self): grad}
+        for node in reversed(order):
+            g = grads.pop(id(node), None)
+            ctx = node._ctx
+            if ctx is None:
+                if g is not None:
+                    if node.grad is None:
+                        node.grad = np.array(g, dtype=node.data.dtype, copy=True)
+                    else:
+                        node.grad += g
+                continue
+            node._ctx = None  # free the graph as we go
+            if g is None:
+                continue
+            in_grads = ctx.backward(g)
+            if not isinstance(in_grads, tuple):
+                in_grads = (in_grads,)
+            for p, need, pg in zip(ctx.parents, ctx.needs_input_grad, in_grads):
+                if not need or pg is None:
+                    continue
+                assert pg.shape == p.data.shape, (
+                    f"{type(ctx).__name__}.backward: gradient shape {pg.shape} != input shape {p.data.shape}"
+                )
+                key = id(p)
+                grads[key] = pg if key not in grads else grads[key] + pg
+
+    def zero_grad(self):
+        self.grad = None
+
+    # -- array-like attributes ---------------------------------------------------------
+    @property
+    def shape(self):
+        return self.data.shape
+
+    @property
+    def dtype(self):
+        return self.data.dtype
+
+    @property
+    def ndim(self):
+        return self.data.ndim
+
+    def dim(self):
+        return self.data.ndim
+
+    def size(self, dim=None):
+        return self.data.shape if dim is None else self.data.shape[dim]
+
+    def numel(self):
+        return self.data.size
+
+    def __len__(self):
+        return len(self.data)
+
+    def __repr__(self):
+        rg = ", requires_grad=True" if self.requires_grad else ""
+        return f"Tensor({self.data!r}{rg})"
+
+    def __array__(self, dtype=None, copy=None):
+        return self.data if dtype is None else self.data.astype(dtype)
+
+    def to(self, dtype):
+        from . import functional as F
+
+        return F.cast(self, dtype)
+
+    def float(self):
+        return self.to(np.float32)
+
+    def double(self):
+        return self.to(np.float64)
+
+    # -- operators (implemented in functional) -----------------------------------------
+    def __add__(self, other):
+        from .functional import add
+
+        return add(self, other)
+
+    def __radd__(self, other):
+        from .functional import add
+
+        return add(other, self)
+
+    def __sub__(self, other):
+        from .functional import sub
+
+        return sub(self, other)
+
+    def __rsub__(self, other):
+        from .functional import sub
+
+        return sub(other, self)
+
+    def __mul__(self, other):
+        from .functional import mul
+
+        return mul(self, other)
+
+    def __rmul__(self, other):
+        from .functional import mul
+
+        return mul(other, self)
+
+    def __truediv__(self, other):
+        from .functional import div
+
+        return div(self, other)
+
+    def __rtruediv__(self, other):
+        from .functional import div
+
+        return div(other, self)
+
+    def __pow__(self, other):
+        from .functional import pow
+
+        return pow(self, other)
+
+    def __rpow__(self, other):
+        from .functional import pow
+
+        return pow(other, self)
+
+    def __neg__(self):
+        from .functional import neg
+
+        return neg(self)
+
+    def __matmul__(self, other):
+        from .functional import matmul
+
+        return matmul(self, other)
+
+    def __rmatmul__(self, other):
+        from .functional import matmul
+
+        return matmul(other, self)
+
+    def __getitem__(self, index):
+        from .functional import getitem
+
+        return getitem(self, index)
+
+    # comparisons give bool tensors without a graph
+    def __lt__(self, other):
+        return Tensor(self.data < _to_array(other))
+
+    def __le__(self, other):
+        return Tensor(self.data <= _to_array(other))
+
+    def __gt__(self, other):
+        return Tensor(self.data > _to_array(other))
+
+    def __ge__(self, other):
+        return Tensor(self.data >= _to_array(other))
+
+    __hash__ = object.__hash__
+
+    # -- methods as in torch ------------------------------------------------------------
+    def _f(name):  # noqa: N805 - builds the method forwarding to functional.<name>
+        def method(self, *args, **kwargs):
+            from . import functional
+
+            return getattr(functional, name)(self, *args, **kwargs)
+
+        method.__name__ = name
+        return method
+
+    exp = _f("exp")
+    log = _f("log")
+    sqrt = _f("sqrt")
+    tanh = _f("tanh")
+    sigmoid = _f("sigmoid")
+    relu = _f("relu")
+    sum = _f("sum")
+    mean = _f("mean")
+    max = _f("max")
+    pow = _f("pow")
+    matmul = _f("matmul")
+    transpose = _f("transpose")
+    permute = _f("permute")
+    softmax = _f("softmax")
+    log_softmax = _f("log_softmax")
+    split = _f("split")
+    masked_fill = _f("masked_fill")
+    unsqueeze = _f("unsqueeze")
+    squeeze = _f("squeeze")
+    del _f
+
+    def reshape(self, *shape):
+        from .functional import reshape
+
+        if len(shape) == 1 and isinstance(shape[0], (tuple, list)):
+            shape = tuple(shape[0])
+        return reshape(self, shape)
+
+    view = reshape
+
+    @property
+    def T(self):
+        from .functional import permute
+
+        return permute(self, tuple(reversed(range(self.ndim))))
+
+
+def tensor(data, requires_grad=False, dtype=None):
+    """Make a Tensor, as `torch.tensor`."""
+    return Tensor(np.array(_to_array(data, dtype), copy=True), requires_grad=requires_grad)
