@@ -14,7 +14,7 @@ from . import functional as F
 from .tensor import DEFAULT_DTYPE, Tensor
 
 __all__ = [
-    "Parameter", "Module", "ModuleList", "Linear", "Conv1D", "Embedding", "LayerNorm", "RMSNorm",
+    "Parameter", "Module", "ModuleList", "ModuleDict", "ParameterDict", "Linear", "Conv1D", "Embedding", "LayerNorm", "RMSNorm",
     "Dropout", "GELUMLP", "GatedMLP", "Attention", "GPT2Attention", "DecoderBlock", "GPT2Block",
     "KVCache",
 ]
@@ -194,6 +194,75 @@ class ModuleList(Module):
 
     def __iter__(self):
         return iter(self._modules.values())
+
+
+class ModuleDict(Module):
+    """Modules keyed by name (PEFT keeps one LoRA sub-layer per adapter name in these)."""
+
+    def __init__(self, modules=None):
+        super().__init__()
+        for k, m in (modules or {}).items():
+            self[k] = m
+
+    def __getitem__(self, key):
+        return self._modules[key]
+
+    def __setitem__(self, key, module):
+        setattr(self, key, module)
+
+    def __delitem__(self, key):
+        delattr(self, key)
+
+    def __contains__(self, key):
+        return key in self._modules
+
+    def __len__(self):
+        return len(self._modules)
+
+    def __iter__(self):
+        return iter(self._modules)
+
+    def keys(self):
+        return self._modules.keys()
+
+    def items(self):
+        return self._modules.items()
+
+    def values(self):
+        return self._modules.values()
+
+
+class ParameterDict(Module):
+    """Parameters keyed by name (PEFT's lora_embedding_A / lora_embedding_B / magnitude vectors)."""
+
+    def __getitem__(self, key):
+        return self._parameters[key]
+
+    def __setitem__(self, key, param):
+        if not isinstance(param, Parameter):
+            raise TypeError(f"ParameterDict: {key!r} must be a Parameter, got {type(param).__name__}")
+        setattr(self, key, param)
+
+    def __delitem__(self, key):
+        delattr(self, key)
+
+    def __contains__(self, key):
+        return key in self._parameters
+
+    def __len__(self):
+        return len(self._parameters)
+
+    def __iter__(self):
+        return iter(self._parameters)
+
+    def keys(self):
+        return self._parameters.keys()
+
+    def items(self):
+        return self._parameters.items()
+
+    def values(self):
+        return self._parameters.values()
 
 
 # -- layers --------------------------------------------------------------------------------
