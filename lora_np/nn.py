@@ -15,7 +15,7 @@ from .tensor import DEFAULT_DTYPE, Tensor
 
 __all__ = [
     "Parameter", "Module", "ModuleList", "ModuleDict", "ParameterDict", "Linear", "Conv1D", "Embedding", "LayerNorm", "RMSNorm",
-    "Dropout", "GELUMLP", "GatedMLP", "Attention", "GPT2Attention", "DecoderBlock", "GPT2Block",
+    "Dropout", "skip_init", "GELUMLP", "GatedMLP", "Attention", "GPT2Attention", "DecoderBlock", "GPT2Block",
     "KVCache",
 ]
 
@@ -266,8 +266,30 @@ class ParameterDict(Module):
 
 
 # -- layers --------------------------------------------------------------------------------
+_INIT = [True]
+
+
+class skip_init:
+    """Inside, new layers allocate their parameters with np.empty instead of random
+    values: for loaders that overwrite every weight (no time or memory spent on init)."""
+
+    def __enter__(self):
+        self._prev, _INIT[0] = _INIT[0], False
+
+    def __exit__(self, *exc):
+        _INIT[0] = self._prev
+
+
 def _uniform(shape, bound, dtype):
+    if not _INIT[0]:
+        return np.empty(shape, dtype)
     return _rng().uniform(-bound, bound, size=shape).astype(dtype)
+
+
+def _normal(shape, std, dtype):
+    if not _INIT[0]:
+        return np.empty(shape, dtype)
+    return (_rng().standard_normal(shape) * std).astype(dtype)
 
 
 class Linear(Module):
@@ -293,7 +315,7 @@ class Conv1D(Module):
     def __init__(self, nf, nx, dtype=DEFAULT_DTYPE):
         super().__init__()
         self.nf, self.nx = nf, nx
-        self.weight = Parameter((_rng().standard_normal((nx, nf)) * 0.02).astype(dtype))
+        self.weight = Parameter(_normal((nx, nf), 0.02, dtype))
         self.bias = Parameter(np.zeros(nf, dtype))
 
     @property
@@ -315,7 +337,7 @@ class Embedding(Module):
     def __init__(self, num_embeddings, embedding_dim, dtype=DEFAULT_DTYPE):
         super().__init__()
         self.num_embeddings, self.embedding_dim = num_embeddings, embedding_dim
-        self.weight = Parameter(_rng().standard_normal((num_embeddings, embedding_dim)).astype(dtype))
+        self.weight = Parameter(_normal((num_embeddings, embedding_dim), 1.0, dtype))
 
     def forward(self, input_ids):
         return F.embedding(input_ids, self.weight)
