@@ -219,12 +219,15 @@ def bf16_to_float32(bits: np.ndarray) -> np.ndarray:
 def float32_to_bf16(x: np.ndarray) -> np.ndarray:
     """float32 -> uint16 bfloat16 bit patterns, rounding to nearest even as PyTorch does.
 
-    NaN becomes the quiet NaN 0x7FC0 (PyTorch's choice) so rounding cannot turn it into inf.
+    A NaN keeps its sign and top payload bits and gets the quiet bit, as ggml and
+    the AVX512-BF16 instruction do, so rounding cannot turn it into infinity.
+    (PyTorch itself writes 0x7FC0 or 0xFFFF for NaN, depending on the code path.)
     """
     x = np.asarray(x, dtype=np.float32, order="C")
     u = x.view(np.uint32)
     rounded = (u + (np.uint32(0x7FFF) + ((u >> np.uint32(16)) & np.uint32(1)))) >> np.uint32(16)
-    return np.where(np.isnan(x), np.uint16(0x7FC0), rounded.astype(np.uint16))
+    quiet_nan = (u >> np.uint32(16)) | np.uint32(0x0040)
+    return np.where(np.isnan(x), quiet_nan, rounded).astype(np.uint16)
 
 
 # ---------------------------------------------------------------- writing
