@@ -409,6 +409,8 @@ class Tokenizer:
         if self._default_system is None:
             raise NotImplementedError(f"{self.source}: chat template is not the ChatML template this module "
                                       f"renders without jinja: {self.chat_template!r}")
+        if not messages:
+            raise ValueError(f"{self.source}: cannot apply the chat template to an empty conversation")
         parts = []
         for k, message in enumerate(messages):
             role, content = message["role"], message["content"]
