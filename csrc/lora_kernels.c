@@ -1,0 +1,92 @@
+/* lora_kernels.c: the low-rank branch of LoRA in C11 + OpenMP, float32 and float64.
+ *
+ * The branch is memory-bound: x, y, dy and dx are [N, in] or [N, out] while r is small.
+ * Each function therefore streams those big arrays once, in blocks of ROWS rows that stay
+ * in cache while every use of the block is made, and keeps the small matrices
+ * (lora_A, lora_B, their scaled or transposed copies) in cache.
+ *
+ * Three tiled building blocks do all the arithmetic (lora_kernels_impl.h):
+ *   rows_dot     T [M, R]  = X [M, K] @ W [R, K]^T     (t = x A^T, g = dy B)
+ *   rows_update  Y [M, K] += C [M, R] @ D [R, K]       (y, dx, merge)
+ *   rows_reduce  P [R, K] += C [M, R]^T @ X [M, K]     (d_lora_A, d_lora_B: sums over tokens)
+ *
+ * Determinism: OpenMP splits work by output rows, and the sums over tokens in backward go
+ * through a fixed number of chunks of tokens that depends on N only, added in a fixed
+ * order, so results are bit-identical for any number of threads. No atomics, no fast-math.
+ *
+ * SIMD: GCC/Clang vector extensions; on x86-64 Linux each public tiled function is built
+ * for x86-64-v3 (AVX2 + FMA) and the baseline, picked at load time (target_clones), so a
+ * wheel built here runs anywhere and still uses FMA where the CPU has it.
+ */
+#include <stdlib.h>
+#include <string.h>
+
+#include "lora_np.h"
+
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
+#if !defined(__GNUC__)
+#error "lora_kernels.c needs GCC or Clang (vector extensions); lora_np falls back to NumPy"
+#endif
+
+#if defined(__x86_64__) && defined(__linux__) && !defined(__clang__) && !defined(__SANITIZE_ADDRESS__)
+#define LORA_CLONES __attribute__((target_clones("arch=x86-64-v3", "default")))
+#else
+#define LORA_CLONES
+#endif
+
+#define ALWAYS_INLINE static inline __attribute__((always_inline))
+#define VBYTES 32          /* one AVX2 register; two SSE registers on the baseline */
+#define ROWS 32            /* token rows per cache block */
+#define CHUNK_ROWS 64      /* backward: at least this many tokens per chunk ... */
+#define MAX_CHUNKS 16      /* ... and at most this many chunks */
+
+static int lora_num_threads = 0;
+
+void lora_set_num_threads(int n) { lora_num_threads = n > 0 ? n : 0; }
+
+int lora_get_num_threads(void)
+{
+#ifdef _OPENMP
+    return lora_num_threads > 0 ? lora_num_threads : omp_get_max_threads();
+#else
+    return 1;
+#endif
+}
+
+int lora_has_openmp(void)
+{
+#ifdef _OPENMP
+    return 1;
+#else
+    return 0;
+#endif
+}
+
+static int64_t min64(int64_t a, int64_t b) { return a < b ? a : b; }
+
+/* Number of token chunks for the backward sums: a function of N alone. */
+static int64_t n_chunks(int64_t N)
+{
+    int64_t c = (N + CHUNK_ROWS - 1) / CHUNK_ROWS;
+    return c < 1 ? 1 : min64(c, MAX_CHUNKS);
+}
+
+static int bad_sizes(int64_t N, int64_t in, int64_t out, int64_t r)
+{
+    return N < 0 || in < 0 || out < 0 || r < 0;
+}
+
+#define real float
+#define SFX f32
+#include "lora_kernels_impl.h"
+#undef real
+#undef SFX
+
+#define real double
+#define SFX f64
+#include "lora_kernels_impl.h"
+#undef real
+#undef SFX

@@ -1,0 +1,64 @@
+/* lora_np.h: the C core of the LoRA low-rank branch.
+ *
+ * All matrices are row-major and dense (C-contiguous). Names follow PEFT:
+ * lora_A is [r, in], lora_B is [out, r], scaling = lora_alpha / r.
+ * Arguments come in a fixed order: outputs, inputs, scalars, sizes.
+ * Backward functions accumulate (+=) into their outputs; a NULL output skips its work.
+ * Every function returns LORA_OK or an error code; none exits or aborts.
+ * Outputs must not overlap inputs (the Python wrapper checks this).
+ * The _ref functions are plain single-threaded loops: the C reference the tiled,
+ * OpenMP-parallel functions are tested against.
+ * This header is also the cffi cdef: keep it to declarations without macros.
+ */
+#ifndef LORA_NP_H
+#define LORA_NP_H
+
+#include <stdint.h>
+
+enum lora_status { LORA_OK = 0, LORA_EINVAL = 1, LORA_ENOMEM = 2 };
+
+/* y [N, out] += scaling * t @ lora_B^T, with t [N, r] = x [N, in] @ lora_A^T also written out. */
+int lora_forward_f32(float *y, float *t, const float *x, const float *lora_A, const float *lora_B,
+                     double scaling, int64_t N, int64_t in, int64_t out, int64_t r);
+int lora_forward_f64(double *y, double *t, const double *x, const double *lora_A, const double *lora_B,
+                     double scaling, int64_t N, int64_t in, int64_t out, int64_t r);
+int lora_forward_ref_f32(float *y, float *t, const float *x, const float *lora_A, const float *lora_B,
+                         double scaling, int64_t N, int64_t in, int64_t out, int64_t r);
+int lora_forward_ref_f64(double *y, double *t, const double *x, const double *lora_A, const double *lora_B,
+                         double scaling, int64_t N, int64_t in, int64_t out, int64_t r);
+
+/* With g = dy [N, out] @ lora_B [out, r]:
+ *   dx [N, in] += scaling * g @ lora_A;   d_lora_A [r, in] += scaling * g^T @ x;
+ *   d_lora_B [out, r] += scaling * dy^T @ t   (t [N, r] as returned by the forward). */
+int lora_backward_f32(float *dx, float *d_lora_A, float *d_lora_B, const float *dy, const float *x,
+                      const float *t, const float *lora_A, const float *lora_B, double scaling,
+                      int64_t N, int64_t in, int64_t out, int64_t r);
+int lora_backward_f64(double *dx, double *d_lora_A, double *d_lora_B, const double *dy, const double *x,
+                      const double *t, const double *lora_A, const double *lora_B, double scaling,
+                      int64_t N, int64_t in, int64_t out, int64_t r);
+int lora_backward_ref_f32(float *dx, float *d_lora_A, float *d_lora_B, const float *dy, const float *x,
+                          const float *t, const float *lora_A, const float *lora_B, double scaling,
+                          int64_t N, int64_t in, int64_t out, int64_t r);
+int lora_backward_ref_f64(double *dx, double *d_lora_A, double *d_lora_B, const double *dy,
+                          const double *x, const double *t, const double *lora_A, const double *lora_B,
+                          double scaling, int64_t N, int64_t in, int64_t out, int64_t r);
+
+/* weight [out, in] += scaling * lora_B @ lora_A, or with fan_in_fan_out != 0
+ * weight [in, out] += scaling * (lora_B @ lora_A)^T. Unmerge is the same call with -scaling.
+ * Needs no temporary of weight's size. */
+int lora_merge_f32(float *weight, const float *lora_A, const float *lora_B, double scaling,
+                   int fan_in_fan_out, int64_t in, int64_t out, int64_t r);
+int lora_merge_f64(double *weight, const double *lora_A, const double *lora_B, double scaling,
+                   int fan_in_fan_out, int64_t in, int64_t out, int64_t r);
+int lora_merge_ref_f32(float *weight, const float *lora_A, const float *lora_B, double scaling,
+                       int fan_in_fan_out, int64_t in, int64_t out, int64_t r);
+int lora_merge_ref_f64(double *weight, const double *lora_A, const double *lora_B, double scaling,
+                       int fan_in_fan_out, int64_t in, int64_t out, int64_t r);
+
+/* Threads used by the parallel functions; n <= 0 restores the OpenMP default. */
+void lora_set_num_threads(int n);
+int lora_get_num_threads(void);
+/* 1 when compiled with OpenMP. */
+int lora_has_openmp(void);
+
+#endif

@@ -1,0 +1,60 @@
+"""cffi build script (API mode) for the C core in csrc/: `cffi_modules` in setup.py points here.
+
+Compiles csrc/lora_kernels.c into the extension module `lora_np._lora_np_c` with -O3 and,
+when the compiler accepts it, OpenMP. No -ffast-math: the kernels are compared with the
+NumPy reference element by element. Run this file directly to build the module in place.
+"""
+import os
+import subprocess
+import sysconfig
+import tempfile
+
+from cffi import FFI
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+HEADER = os.path.join("csrc", "lora_np.h")
+SOURCES = [os.path.join("csrc", "lora_kernels.c")]
+DEPENDS = [HEADER, os.path.join("csrc", "lora_kernels_impl.h")]
+
+
+def cdef_from_header(path):
+    """The header's declarations without its preprocessor lines (cffi parses no macros)."""
+    with open(path) as f:
+        return "\n".join(line for line in f.read().splitlines() if not line.lstrip().startswith("#"))
+
+
+def openmp_flags():
+    """['-fopenmp'] when the C compiler builds and links an OpenMP program, else []."""
+    cc = (os.environ.get("CC") or sysconfig.get_config_var("CC") or "cc").split()
+    with tempfile.TemporaryDirectory() as tmp:
+        src = os.path.join(tmp, "omp.c")
+        with open(src, "w") as f:
+            f.write("#include <omp.h>\nint main(void) { return omp_get_max_threads() < 1; }\n")
+        try:
+            done = subprocess.run(cc + ["-fopenmp", src, "-o", os.path.join(tmp, "omp")], capture_output=True)
+        except OSError:
+            return []
+    return ["-fopenmp"] if done.returncode == 0 else []
+
+
+def make_ffibuilder():
+    omp = openmp_flags()
+    builder = FFI()
+    builder.cdef(cdef_from_header(os.path.join(ROOT, HEADER)))
+    builder.set_source(
+        "lora_np._lora_np_c",
+        '#include "lora_np.h"',
+        sources=SOURCES,
+        depends=DEPENDS,
+        include_dirs=["csrc"],
+        extra_compile_args=["-O3", "-Wno-psabi"] + omp,
+        extra_link_args=omp,
+    )
+    return builder
+
+
+ffibuilder = make_ffibuilder()
+
+if __name__ == "__main__":
+    os.chdir(ROOT)
+    ffibuilder.compile(tmpdir=ROOT, verbose=False)

@@ -1,0 +1,287 @@
+"""The LoRA low-rank branch: forward, backward and merge, on three backends.
+
+    y = x Wᵀ + b + scaling · (x lora_Aᵀ) lora_Bᵀ       lora_A: [r, in]   lora_B: [out, r]
+
+Only the low-rank part lives here (the frozen x Wᵀ + b is the caller's):
+
+- ``lora_forward(y, x, lora_A, lora_B, scaling) -> t``: ``y += scaling·(x Aᵀ) Bᵀ`` in place,
+  returns ``t = x Aᵀ`` ([N, r]), which backward needs.
+- ``lora_backward(dx, d_lora_A, d_lora_B, dy, x, t, lora_A, lora_B, scaling)``: accumulates
+  ``d_lora_A += s·(dy B)ᵀ x``, ``d_lora_B += s·dyᵀ t``, ``dx += s·(dy B) A``; a None output is
+  skipped entirely.
+- ``lora_merge(weight, lora_A, lora_B, scaling, fan_in_fan_out=False)``: ``weight += s·B A``
+  in place (``weight += s·(B A)ᵀ`` for a GPT-2 Conv1D weight stored [in, out]); unmerge is the
+  same call with ``-scaling``.
+
+Backends: "numpy" (the reference below, readable, always there), "c" (csrc/, built by
+``pip install .`` through cffi, OpenMP) and "cuda" (csrc/cuda/, built only with
+``LORA_NP_CUDA=1``; host arrays are uploaded, computed on and downloaded). The environment
+variable ``LORA_NP_BACKEND`` picks one at import; the default is "c" when the compiled module
+loads, else "numpy". Passing ``cuda.DeviceArray`` arguments runs an op on the GPU whatever the
+backend, and then its results stay on the device.
+
+Every argument is checked (type, dtype, shape, C-contiguity, outputs not overlapping any
+other argument) before any compiled code runs: a wrong call raises TypeError or ValueError
+naming the argument and never reaches C.
+"""
+import numbers
+import os
+import warnings
+
+import numpy as np
+
+from lora_np import _cuda as cuda
+
+try:
+    from lora_np._lora_np_c import ffi as _ffi, lib as _lib
+
+    _C_MISSING = None
+except ImportError as e:  # no compiler at install time: NumPy only
+    _ffi = _lib = None
+    _C_MISSING = f"the compiled module lora_np._lora_np_c is not available ({e}); reinstall lora_np with a C compiler"
+
+BACKENDS = ("numpy", "c", "cuda")
+_FLOAT_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
+_backend = "numpy"
+_num_threads = 0
+
+
+# ---- backend selection -------------------------------------------------------------------
+
+
+def available_backends():
+    """The backends that can run here, e.g. ['numpy', 'c']."""
+    return [name for name in BACKENDS if _why_unavailable(name) is None]
+
+
+def _why_unavailable(name):
+    if name == "c":
+        return _C_MISSING
+    if name == "cuda":
+        return cuda.why_unavailable()
+    return None
+
+
+def backend():
+    """The backend that runs host (NumPy) arrays: "numpy", "c" or "cuda"."""
+    return _backend
+
+
+def set_backend(name):
+    """Pick the backend; ValueError for an unknown name, RuntimeError naming why one is unavailable."""
+    global _backend
+    if name not in BACKENDS:
+        raise ValueError(f"unknown lora_np backend {name!r}; choose one of {', '.join(BACKENDS)}")
+    why = _why_unavailable(name)
+    if why is not None:
+        raise RuntimeError(f"lora_np backend {name!r} is unavailable: {why}")
+    _backend = name
+
+
+def set_num_threads(n):
+    """Threads for the C backend's OpenMP loops (n >= 1)."""
+    global _num_threads
+    if isinstance(n, bool) or not isinstance(n, numbers.Integral) or n < 1:
+        raise ValueError(f"set_num_threads: n must be an integer >= 1, got {n!r}")
+    _num_threads = int(n)
+    if _lib is not None:
+        _lib.lora_set_num_threads(_num_threads)
+
+
+def get_num_threads():
+    """Threads the C backend uses (1 without OpenMP)."""
+    if _lib is not None:
+        return _lib.lora_get_num_threads()
+    return _num_threads or 1
+
+
+def _select_initial_backend():
+    global _backend
+    _backend = "c" if _lib is not None else "numpy"
+    asked = os.environ.get("LORA_NP_BACKEND", "").strip().lower()
+    if not asked:
+        return
+    try:
+        set_backend(asked)
+    except (ValueError, RuntimeError) as e:
+        warnings.warn(f"LORA_NP_BACKEND={asked}: {e}; running on {_backend!r}", RuntimeWarning, stacklevel=3)
+
+
+# ---- argument checks ---------------------------------------------------------------------
+
+
+def _check_matrix(name, a):
+    """a is a 2-D float32/float64 array (NumPy, or a cuda.DeviceArray)."""
+    if not isinstance(a, (np.ndarray, cuda.DeviceArray)):
+        raise TypeError(f"{name} must be a numpy.ndarray or cuda.DeviceArray, got {type(a).__name__}")
+    if a.dtype not in _FLOAT_DTYPES:
+        raise TypeError(f"{name} has dtype {a.dtype}; expected float32 or float64")
+    if a.ndim != 2:
+        raise ValueError(f"{name} must be 2-D, got shape {a.shape}")
+
+
+def _check_args(shapes, outputs, inputs, dtype):
+    """Shapes, dtype, contiguity, writability and aliasing of every argument.
+
+    shapes: {name: expected shape}; outputs / inputs: {name: array or None}."""
+    args = {**outputs, **inputs}
+    given = {name: a for name, a in args.items() if a is not None}
+    on_device = [isinstance(a, cuda.DeviceArray) for a in given.values()]
+    if any(on_device) and not all(on_device):
+        host = [n for n, a in given.items() if not isinstance(a, cuda.DeviceArray)]
+        raise TypeError(f"mixing cuda.DeviceArray and host arrays: {', '.join(host)} are on the host")
+    for name, a in given.items():
+        _check_matrix(name, a)
+        if a.dtype != dtype:
+            raise TypeError(f"{name} has dtype {a.dtype}, but the other arguments are {dtype}")
+        if a.shape != shapes[name]:
+            raise ValueError(f"{name} has shape {a.shape}, expected {shapes[name]}")
+        if isinstance(a, np.ndarray) and not a.flags.c_contiguous:
+            raise ValueError(f"{name} (shape {a.shape}, strides {a.strides}) must be C-contiguous")
+    for name, a in outputs.items():
+        if a is None:
+            continue
+        if isinstance(a, np.ndarray) and not a.flags.writeable:
+            raise ValueError(f"{name} is an output and must be writeable")
+        for other, b in given.items():
+            if other != name and _overlaps(a, b):
+                raise ValueError(f"output {name} {a.shape} overlaps {other} {b.shape} in memory; outputs must not alias")
+    return all(on_device)
+
+
+def _overlaps(a, b):
+    if isinstance(a, cuda.DeviceArray):
+        return a.overlaps(b)
+    return np.may_share_memory(a, b)
+
+
+def _scalar(scaling):
+    if isinstance(scaling, bool) or not isinstance(scaling, numbers.Real):
+        raise TypeError(f"scaling must be a real number, got {type(scaling).__name__}")
+    return float(scaling)
+
+
+def _lora_dims(x, lora_A, lora_B):
+    """(N, in, out, r) from x [N, in], lora_A [r, in], lora_B [out, r]."""
+    for name, a in (("x", x), ("lora_A", lora_A), ("lora_B", lora_B)):
+        _check_matrix(name, a)
+    (N, n_in), r, out = x.shape, lora_A.shape[0], lora_B.shape[0]
+    return N, n_in, out, r
+
+
+# ---- the three ops -------------------------------------------------------------------------
+
+
+def lora_forward(y, x, lora_A, lora_B, scaling):
+    """y [N, out] += scaling · (x [N, in] @ lora_Aᵀ) @ lora_Bᵀ in place; returns t = x @ lora_Aᵀ [N, r]."""
+    N, n_in, out, r = _lora_dims(x, lora_A, lora_B)
+    shapes = {"y": (N, out), "x": (N, n_in), "lora_A": (r, n_in), "lora_B": (out, r)}
+    device = _check_args(shapes, {"y": y}, {"x": x, "lora_A": lora_A, "lora_B": lora_B}, x.dtype)
+    s = _scalar(scaling)
+    if device:
+        return cuda.lora_forward(y, x, lora_A, lora_B, s)
+    if _backend == "c":
+        t = np.empty((N, r), dtype=x.dtype)
+        _call_c("lora_forward", y, t, x, lora_A, lora_B, s, N, n_in, out, r)
+        return t
+    if _backend == "cuda":
+        return cuda.on_host(cuda.lora_forward, [y], [x, lora_A, lora_B], s)
+    return _forward_numpy(y, x, lora_A, lora_B, s)
+
+
+def lora_backward(dx, d_lora_A, d_lora_B, dy, x, t, lora_A, lora_B, scaling):
+    """Accumulate, with g = dy @ lora_B [N, r]:
+    d_lora_A [r, in] += s·gᵀ x,  d_lora_B [out, r] += s·dyᵀ t,  dx [N, in] += s·g lora_A.
+    Outputs given as None are skipped."""
+    N, n_in, out, r = _lora_dims(x, lora_A, lora_B)
+    shapes = {"dx": (N, n_in), "d_lora_A": (r, n_in), "d_lora_B": (out, r), "dy": (N, out),
+              "x": (N, n_in), "t": (N, r), "lora_A": (r, n_in), "lora_B": (out, r)}
+    outputs = {"dx": dx, "d_lora_A": d_lora_A, "d_lora_B": d_lora_B}
+    inputs = {"dy": dy, "x": x, "t": t, "lora_A": lora_A, "lora_B": lora_B}
+    for name, a in inputs.items():
+        if a is None:
+            raise TypeError(f"{name} is required, got None")
+    device = _check_args(shapes, outputs, inputs, x.dtype)
+    s = _scalar(scaling)
+    if dx is None and d_lora_A is None and d_lora_B is None:
+        return
+    if device:
+        cuda.lora_backward(dx, d_lora_A, d_lora_B, dy, x, t, lora_A, lora_B, s)
+    elif _backend == "c":
+        _call_c("lora_backward", dx, d_lora_A, d_lora_B, dy, x, t, lora_A, lora_B, s, N, n_in, out, r)
+    elif _backend == "cuda":
+        cuda.on_host(cuda.lora_backward, [dx, d_lora_A, d_lora_B], [dy, x, t, lora_A, lora_B], s)
+    else:
+        _backward_numpy(dx, d_lora_A, d_lora_B, dy, x, t, lora_A, lora_B, s)
+
+
+def lora_merge(weight, lora_A, lora_B, scaling, fan_in_fan_out=False):
+    """weight [out, in] += scaling · lora_B @ lora_A in place, or for fan_in_fan_out
+    weight [in, out] += scaling · (lora_B @ lora_A)ᵀ. Unmerge: the same call with -scaling.
+    No temporary of weight's size on any backend."""
+    for name, a in (("weight", weight), ("lora_A", lora_A), ("lora_B", lora_B)):
+        _check_matrix(name, a)
+    (r, n_in), out = lora_A.shape, lora_B.shape[0]
+    fan_in_fan_out = bool(fan_in_fan_out)
+    shapes = {"weight": (n_in, out) if fan_in_fan_out else (out, n_in), "lora_A": (r, n_in), "lora_B": (out, r)}
+    device = _check_args(shapes, {"weight": weight}, {"lora_A": lora_A, "lora_B": lora_B}, weight.dtype)
+    s = _scalar(scaling)
+    if device:
+        cuda.lora_merge(weight, lora_A, lora_B, s, fan_in_fan_out)
+    elif _backend == "c":
+        _call_c("lora_merge", weight, lora_A, lora_B, s, int(fan_in_fan_out), n_in, out, r)
+    elif _backend == "cuda":
+        cuda.on_host(cuda.lora_merge, [weight], [lora_A, lora_B], s, fan_in_fan_out)
+    else:
+        _merge_numpy(weight, lora_A, lora_B, s, fan_in_fan_out)
+
+
+# ---- NumPy reference ----------------------------------------------------------------------
+
+
+def _forward_numpy(y, x, lora_A, lora_B, scaling):
+    t = x @ lora_A.T                    # [N, r]
+    y += (scaling * t) @ lora_B.T       # [N, out]
+    return t
+
+
+def _backward_numpy(dx, d_lora_A, d_lora_B, dy, x, t, lora_A, lora_B, scaling):
+    if dx is not None or d_lora_A is not None:
+        g = scaling * (dy @ lora_B)     # [N, r]
+        if d_lora_A is not None:
+            d_lora_A += g.T @ x         # [r, in]
+        if dx is not None:
+            dx += g @ lora_A            # [N, in]
+    if d_lora_B is not None:
+        d_lora_B += dy.T @ (scaling * t)  # [out, r]
+
+
+_MERGE_ROWS = 256  # rows of weight per step: the temporary is [256, cols], not weight-sized
+
+
+def _merge_numpy(weight, lora_A, lora_B, scaling, fan_in_fan_out):
+    # delta = scaling · B A is [out, in]; fan_in_fan_out weights hold its transpose [in, out].
+    left, right = (lora_A.T, lora_B.T) if fan_in_fan_out else (lora_B, lora_A)  # [rows, r], [r, cols]
+    right = scaling * right
+    for i in range(0, weight.shape[0], _MERGE_ROWS):
+        weight[i:i + _MERGE_ROWS] += left[i:i + _MERGE_ROWS] @ right
+
+
+# ---- C ------------------------------------------------------------------------------------
+
+
+def _call_c(op, *args, ref=False):
+    """Call lib.<op>[_ref]_{f32,f64} with arrays passed as pointers (None -> NULL)."""
+    dtype = next(a.dtype for a in args if isinstance(a, np.ndarray))
+    ctype, suffix = ("float[]", "f32") if dtype == np.float32 else ("double[]", "f64")
+    fn = getattr(_lib, f"{op}{'_ref' if ref else ''}_{suffix}")
+    c_args = [_ffi.NULL if a is None else _ffi.from_buffer(ctype, a) if isinstance(a, np.ndarray) else a
+              for a in args]
+    status = fn(*c_args)
+    if status == _lib.LORA_ENOMEM:
+        raise MemoryError(f"{op}: the C core could not allocate its small scratch buffers")
+    if status != _lib.LORA_OK:
+        raise RuntimeError(f"{op}: the C core returned error {status}")
+
+
+_select_initial_backend()
