@@ -145,7 +145,10 @@ class _CausalLM(Module):
     def _embed(self, ids, past):
         raise NotImplementedError  # pragma: no cover
 
-    def forward(self, input_ids, labels=None, cache=None, attn_mask=None):
+    def forward(self, input_ids, labels=None, cache=None, attn_mask=None, logits_to_keep=0):
+        """logits (B, T, V) for input_ids (B, T), and the causal-LM loss when labels (B, T)
+        are given. `cache` (nn.KVCache) holds earlier positions; `logits_to_keep` > 0
+        computes logits for the last that many positions only (generation)."""
         ids = np.asarray(input_ids.data if isinstance(input_ids, Tensor) else input_ids)
         if ids.ndim == 1:
             ids = ids[None]
@@ -155,7 +158,9 @@ class _CausalLM(Module):
         h, cos, sin = self._embed(ids, past)                                          # (B, T, C)
         for block in self._blocks():
             h = block(h, cos, sin, cache, attn_mask)
-        logits = self._head(h)                                                        # (B, T, V)
+        if logits_to_keep:
+            h = h[:, -logits_to_keep:]
+        logits = self._head(h)                                                        # (B, T', V)
         loss = causal_lm_loss(logits, labels) if labels is not None else None
         return CausalLMOutput(logits, loss)
 
