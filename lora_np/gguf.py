@@ -249,6 +249,21 @@ def read_metadata(path) -> dict:
     return GGUFFile(path).metadata
 
 
+def reverse_llama_permute(w: np.ndarray, n_head: int) -> np.ndarray:
+    """Undo llama.cpp's reordering of a llama q_proj / k_proj weight's rows.
+
+    convert_hf_to_gguf.py interleaves the two rotary halves of each head's rows
+    (HF's rotate-half layout -> GGML's pairwise RoPE); this restores HF's order,
+    as transformers' GGUF loader does. `n_head` is the number of query heads for
+    q_proj and of key/value heads for k_proj. `w` is [out, in] or a bias [out].
+    """
+    if w.shape[0] % (2 * n_head):
+        raise ValueError(f"cannot unpermute {w.shape[0]} rows into {n_head} heads of rotary pairs")
+    head_dim_half = w.shape[0] // n_head // 2
+    w_heads = w.reshape(n_head, head_dim_half, 2, *w.shape[1:])  # (n_head, hd/2, 2, ...)
+    return w_heads.swapaxes(1, 2).reshape(w.shape)  # (n_head, 2, hd/2, ...) -> [out, ...]
+
+
 # Tensor types stored as plain NumPy values.
 _NATIVE = {"F32": np.dtype("<f4"), "F16": np.dtype("<f2"), "F64": np.dtype("<f8"),
            "I8": np.dtype("i1"), "I16": np.dtype("<i2"), "I32": np.dtype("<i4"),
