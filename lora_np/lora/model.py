@@ -1,0 +1,452 @@
+"""`get_peft_model` and `LoraModel`: inject LoRA layers into a model as PEFT 0.21 does.
+
+`LoraModel` wraps the user's model as `base_model.model`, so parameter names read like
+PEFT's (`base_model.model.model.layers.0.self_attn.q_proj.lora_A.default.weight`).
+Target matching follows PEFT's `check_target_module_exists`: a list matches the full
+module name or a `.`-separated suffix, a string is a full-match regex, "all-linear" is
+every Linear / Conv1D except the output head; `exclude_modules`, `layers_to_transform`
+(+ `layers_pattern`), `rank_pattern` / `alpha_pattern` (first `(.*\\.)?(pattern)$` match
+wins) and `modules_to_save` as there.
+"""
+import contextlib
+import re
+import warnings
+
+import numpy as np
+
+from ..nn import Conv1D, Linear as BaseLinear, Module
+from .config import LoraConfig
+from .layer import LoraLayer, ModulesToSaveWrapper, lora_layer_for
+
+__all__ = ["LoraModel", "get_peft_model", "check_target_module_exists", "get_pattern_key", "embedding_is_targeted"]
+
+# PEFT's TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING for the architectures lora_np has
+DEFAULT_TARGET_MODULES = {"llama": ["q_proj", "v_proj"], "qwen2": ["q_proj", "v_proj"], "gpt2": ["c_attn"]}
+# modules PEFT treats as embeddings when deciding to save base embedding weights
+EMBEDDING_LAYER_NAMES = ("embed_tokens", "lm_head")
+_EXCLUDED = "excluded"
+
+
+def get_peft_model(model, config, adapter_name="default"):
+    """Wrap `model` with LoRA adapters as described by `config` (a LoraConfig)."""
+    return LoraModel(model, config, adapter_name)
+
+
+class _BaseModel(Module):
+    """Holds the adapted model as `.model`, as PEFT's tuner does."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+
+class LoraModel(Module):
+    """A model with LoRA layers injected; forward is the wrapped model's forward."""
+
+    def __init__(self, model, config, adapter_name="default"):
+        super().__init__()
+        if not isinstance(config, LoraConfig):
+            raise TypeError(f"get_peft_model: config must be a LoraConfig, got {type(config).__name__}")
+        self.base_model = _BaseModel(model)
+        self.peft_config = {}
+        self.active_adapters = [adapter_name]
+        self.inject_adapter(config, adapter_name)
+        self._mark_only_adapters_as_trainable()
+
+    @property
+    def model(self):
+        return self.base_model.model
+
+    def __getattr__(self, name):
+        base = self.__dict__.get("base_model")
+        if base is None:
+            raise AttributeError(name)
+        return getattr(base.model, name)
+
+    def forward(self, *args, **kwargs):
+        return self.model(*args, **kwargs)
+
+    @property
+    def active_adapter(self):
+        return self.active_adapters[0] if len(self.active_adapters) == 1 else list(self.active_adapters)
+
+    def get_base_model(self):
+        return self.model
+
+    # -- injection ------------------------------------------------------------------------
+    def _tuner_modules(self):
+        """(path, module) of every LoRA layer and modules_to_save wrapper, paths relative to the model."""
+        return [(n, m) for n, m in self.model.named_modules() if isinstance(m, (LoraLayer, ModulesToSaveWrapper))]
+
+    def inject_adapter(self, config, adapter_name, init_lora_weights=None):
+        """Add adapter `adapter_name` to every module `config` targets (PEFT's inject_adapter)."""
+        if adapter_name in self.peft_config:
+            raise ValueError(f"adapter {adapter_name!r} already exists")
+        config = config.replace()
+        model = self.model
+        if config.target_modules is None:
+            model_type = getattr(getattr(model, "config", None), "model_type", None)
+            if model_type not in DEFAULT_TARGET_MODULES:
+                raise ValueError(f"LoraConfig.target_modules is None and model type {model_type!r} has no default; "
+                                 "set target_modules")
+            config.target_modules = set(DEFAULT_TARGET_MODULES[model_type])
+        elif isinstance(config.target_modules, str) and config.target_modules.lower() == "all-linear":
+            config.target_modules = _all_linear_names(model)
+        self.peft_config[adapter_name] = config
+
+        matched, nested = [], []
+        for key, module in list(model.named_modules()):
+            if not key or any(key.startswith(p + ".") for p in nested):
+                continue
+            if isinstance(module, (LoraLayer, ModulesToSaveWrapper)):
+                nested.append(key)
+            if isinstance(module, ModulesToSaveWrapper):
+                continue
+            found = check_target_module_exists(config, key)
+            if not found or found == _EXCLUDED:
+                continue
+            r = config.rank_pattern.get(get_pattern_key(config.rank_pattern, key), config.r)
+            alpha = config.alpha_pattern.get(get_pattern_key(config.alpha_pattern, key), config.lora_alpha)
+            base = module.base_layer if isinstance(module, LoraLayer) else module
+            _match_fan_in_fan_out(config, base)
+            try:
+                if isinstance(module, LoraLayer):
+                    module.update_layer(adapter_name, r, alpha, config, init_lora_weights)
+                else:
+                    new = lora_layer_for(module, adapter_name, r, alpha, config, key, init_lora_weights)
+                    parent, name = _parent(model, key)
+                    _replace_child(parent, name, new)
+                    new.set_adapter(self.active_adapters, trainable=not config.inference_mode)
+            except Exception:
+                self._drop_adapter(adapter_name)
+                raise
+            matched.append(key)
+        if not matched:
+            del self.peft_config[adapter_name]
+            looked_for = config.target_modules if isinstance(config.target_modules, str) else sorted(config.target_modules)
+            extra = f" with layers_to_transform={config.layers_to_transform}" if config.layers_to_transform is not None else ""
+            excl = f" (excluding {config.exclude_modules})" if config.exclude_modules else ""
+            raise ValueError(f"Target modules {looked_for}{extra}{excl} not found in the base model "
+                             f"{type(model).__name__}; module names look like "
+                             f"{[k for k, _ in list(model.named_modules())[1:6]]}")
+        for key in list(self._modules_to_save_keys(config)):
+            parent, name = _parent(model, key)
+            target = parent._modules[name]
+            if isinstance(target, ModulesToSaveWrapper):
+                target.update(adapter_name)
+            else:
+                _replace_child(parent, name, ModulesToSaveWrapper(target, adapter_name))
+        return matched
+
+    def _modules_to_save_keys(self, config):
+        if not config.modules_to_save:
+            return []
+        keys, nested = [], []
+        for key, module in self.model.named_modules():
+            if not key or any(key.startswith(p + ".") for p in nested):
+                continue
+            if isinstance(module, (LoraLayer, ModulesToSaveWrapper)):
+                nested.append(key)
+            if any(key.endswith(m) for m in config.modules_to_save):
+                if isinstance(module, LoraLayer):
+                    raise ValueError(f"modules_to_save: {key!r} is also a LoRA target")
+                keys.append(key)
+        return keys
+
+    def _mark_only_adapters_as_trainable(self):
+        self.model.requires_grad_(False)
+        trainable = not any(self.peft_config[a].inference_mode for a in self.active_adapters if a in self.peft_config)
+        for _, module in self._tuner_modules():
+            module.set_adapter(self.active_adapters, trainable=trainable)
+        for name in self.active_adapters:
+            bias = self.peft_config[name].bias if name in self.peft_config else "none"
+            if bias == "all":
+                for n, p in self.model.named_parameters():
+                    if n == "bias" or n.endswith(".bias"):
+                        p.requires_grad = True
+            elif bias == "lora_only":
+                for _, module in self._tuner_modules():
+                    if isinstance(module, LoraLayer) and module.bias is not None:
+                        module.bias.requires_grad = True
+
+    # -- adapters -------------------------------------------------------------------------
+    def add_adapter(self, adapter_name, config):
+        """Add another adapter; it is not active until set_adapter names it."""
+        self.inject_adapter(config, adapter_name)
+        self._mark_only_adapters_as_trainable()
+
+    def set_adapter(self, adapter_name):
+        """Activate one adapter (a name) or several (a list of names); the others are frozen."""
+        names = [adapter_name] if isinstance(adapter_name, str) else list(adapter_name)
+        unknown = [n for n in names if n not in self.peft_config]
+        if unknown:
+            raise ValueError(f"set_adapter: unknown adapter(s) {unknown}; known: {list(self.peft_config)}")
+        self.active_adapters = names
+        self._mark_only_adapters_as_trainable()
+
+    def delete_adapter(self, adapter_name):
+        if adapter_name not in self.peft_config:
+            raise ValueError(f"delete_adapter: unknown adapter {adapter_name!r}; known: {list(self.peft_config)}")
+        for _, module in self._tuner_modules():
+            if isinstance(module, LoraLayer) and adapter_name in module.merged_adapters:
+                raise ValueError(f"delete_adapter: adapter {adapter_name!r} is merged; unmerge first")
+        self._drop_adapter(adapter_name)
+        self.active_adapters = [a for a in self.active_adapters if a != adapter_name] or list(self.peft_config)[:1]
+        self._mark_only_adapters_as_trainable()
+
+    def _drop_adapter(self, adapter_name):
+        self.peft_config.pop(adapter_name, None)
+        for _, module in self._tuner_modules():
+            module.delete_adapter(adapter_name)
+
+    @contextlib.contextmanager
+    def disable_adapter(self):
+        """Inside the context the model computes as its base model (merged adapters are unmerged)."""
+        modules = [m for _, m in self._tuner_modules()]
+        for m in modules:
+            m.disable_adapters = True
+        try:
+            yield self
+        finally:
+            for m in modules:
+                m.disable_adapters = False
+
+    # -- merging --------------------------------------------------------------------------
+    def merge_adapter(self, adapter_names=None, safe_merge=False):
+        """Merge adapters (default: the active ones) into the base weights. Explicit only."""
+        for _, module in self._tuner_modules():
+            if isinstance(module, LoraLayer):
+                module.merge(safe_merge=safe_merge, adapter_names=adapter_names)
+
+    def unmerge_adapter(self):
+        for _, module in self._tuner_modules():
+            if isinstance(module, LoraLayer):
+                module.unmerge()
+
+    merge = merge_adapter
+    unmerge = unmerge_adapter
+
+    def merge_and_unload(self, safe_merge=False, adapter_names=None):
+        """Merge, then return the base model with every LoRA layer replaced by its base layer."""
+        self.merge_adapter(adapter_names=adapter_names, safe_merge=safe_merge)
+        return self.unload()
+
+    def unload(self):
+        """The base model with every LoRA layer replaced by its (unmerged-as-is) base layer and every
+        modules_to_save wrapper by its active copy."""
+        model = self.model
+        for key, module in self._tuner_modules():
+            parent, name = _parent(model, key)
+            if isinstance(module, LoraLayer):
+                _replace_child(parent, name, module.base_layer)
+            else:
+                active = module.active_adapters
+                _replace_child(parent, name, module.modules_to_save[active[0]] if active else module.original_module)
+        return model
+
+    # -- combining adapters ---------------------------------------------------------------
+    def add_weighted_adapter(self, adapters, weights, adapter_name, combination_type="svd", svd_rank=None,
+                             svd_clamp=None, svd_full_matrices=True):
+        """A new adapter combining `adapters` with `weights` (PEFT's "linear", "cat", "svd")."""
+        if adapter_name in self.peft_config:
+            return
+        if len(adapters) != len(weights):
+            raise ValueError(f"add_weighted_adapter: {len(adapters)} adapters but {len(weights)} weights")
+        for a in adapters:
+            if a not in self.peft_config:
+                raise ValueError(f"add_weighted_adapter: adapter {a!r} does not exist")
+            if self.peft_config[a].use_dora:
+                raise NotImplementedError(f"add_weighted_adapter: adapter {a!r} uses DoRA, which lora_np cannot combine")
+        wrappers = [m for _, m in self._tuner_modules() if isinstance(m, ModulesToSaveWrapper)]
+        if any(sum(a in w.modules_to_save for a in adapters) > 1 for w in wrappers):
+            raise ValueError("add_weighted_adapter: adapters target the same module with modules_to_save")
+        combination_type = "linear" if len(adapters) == 1 else combination_type
+        configs = [self.peft_config[a] for a in adapters]
+        ranks = [max(c.r, *c.rank_pattern.values()) if c.rank_pattern else c.r for c in configs]
+        if combination_type == "linear":
+            if len(set(ranks)) != 1:
+                raise ValueError(f"add_weighted_adapter: 'linear' needs adapters of one rank, got {ranks}")
+            new_rank = ranks[0]
+        elif combination_type == "cat":
+            new_rank = sum(ranks)
+        elif combination_type == "svd":
+            new_rank = svd_rank or max(ranks)
+        else:
+            raise ValueError(f"add_weighted_adapter: combination_type {combination_type!r} is not one of "
+                             "'linear', 'cat', 'svd'")
+        kinds = {type(c.target_modules) for c in configs}
+        if len(kinds) > 1:
+            raise ValueError("add_weighted_adapter: adapters mix list and regex target_modules")
+        if kinds == {str}:
+            targets = "|".join(f"({c.target_modules})" for c in configs)
+        else:
+            targets = set().union(*(c.target_modules for c in configs))
+        new_config = configs[0].replace(r=new_rank, lora_alpha=new_rank, target_modules=targets,
+                                        rank_pattern={}, alpha_pattern={})
+        self.inject_adapter(new_config, adapter_name, init_lora_weights=True)
+        for _, layer in self._tuner_modules():
+            if isinstance(layer, LoraLayer) and adapter_name in layer.r:
+                self._combine_into(layer, adapters, weights, adapter_name, combination_type, new_rank,
+                                   svd_clamp, svd_full_matrices)
+        self._mark_only_adapters_as_trainable()
+
+    @staticmethod
+    def _combine_into(layer, adapters, weights, adapter_name, combination_type, new_rank, svd_clamp,
+                      svd_full_matrices):
+        present = [(a, w) for a, w in zip(adapters, weights) if a in layer.r]
+        if not present:
+            raise ValueError(f"add_weighted_adapter: none of {adapters} is in this layer")
+        new_A, new_B = layer.lora_factors(adapter_name)  # views of the new adapter's parameters
+        new_A[...] = 0
+        new_B[...] = 0
+        if combination_type == "cat":
+            rows = 0
+            for a, w in present:
+                lora_A, lora_B = layer.lora_factors(a)
+                k = lora_A.shape[0]
+                new_A[rows:rows + k] = lora_A * w * layer.scaling[a]
+                new_B[:, rows:rows + k] = lora_B
+                rows += k
+        elif combination_type == "linear":
+            # sign goes to A; √|w·s| to both factors
+            A_sum, B_sum = 0, 0
+            for a, w in present:
+                lora_A, lora_B = layer.lora_factors(a)
+                ws = w * layer.scaling[a]
+                A_sum = A_sum + lora_A * (np.sqrt(abs(ws)) * (1 if ws >= 0 else -1))
+                B_sum = B_sum + lora_B * np.sqrt(abs(ws))
+            new_A[...], new_B[...] = A_sum, B_sum
+        else:
+            delta = sum(layer.get_delta_weight(a) * w for a, w in present)                # base layout
+            if layer.fan_in_fan_out:
+                delta = delta.T                                                           # (out, in)
+            U, S, Vh = np.linalg.svd(delta, full_matrices=svd_full_matrices)
+            U = U[:, :new_rank] * S[:new_rank]                                            # (out, r)
+            Vh = Vh[:new_rank]                                                            # (r, in)
+            if svd_clamp is not None:
+                hi = np.quantile(np.concatenate([U.ravel(), Vh.ravel()]), svd_clamp)
+                U, Vh = np.clip(U, -hi, hi), np.clip(Vh, -hi, hi)
+            new_A[:Vh.shape[0]], new_B[:, :U.shape[1]] = Vh, U
+
+    # -- counting -------------------------------------------------------------------------
+    def get_nb_trainable_parameters(self):
+        trainable = total = 0
+        for _, p in self.named_parameters():
+            total += p.numel()
+            trainable += p.numel() if p.requires_grad else 0
+        return trainable, total
+
+    def print_trainable_parameters(self):
+        """PEFT's line: `trainable params: 460,800 || all params: ... || trainable%: 0.3414`."""
+        trainable, total = self.get_nb_trainable_parameters()
+        print(f"trainable params: {trainable:,d} || all params: {total:,d} || trainable%: {100 * trainable / total:.4f}")
+
+    # -- PEFT files -------------------------------------------------------------------------
+    def save_pretrained(self, save_directory, selected_adapters=None):
+        from .peft_io import save_adapter
+
+        for name in (list(self.peft_config) if selected_adapters is None else selected_adapters):
+            save_adapter(self, save_directory, name)
+
+    def load_adapter(self, directory, adapter_name, is_trainable=False):
+        from .peft_io import load_adapter
+
+        load_adapter(self, directory, adapter_name, is_trainable)
+
+    @classmethod
+    def from_pretrained(cls, model, directory, adapter_name="default", is_trainable=False):
+        """Load a PEFT adapter folder (adapter_config.json + adapter_model.safetensors) onto `model`."""
+        from .peft_io import from_pretrained
+
+        return from_pretrained(cls, model, directory, adapter_name, is_trainable)
+
+
+# -- PEFT's matching rules ------------------------------------------------------------------
+def check_target_module_exists(config, key):
+    """True if module `key` (its full dotted name) is a LoRA target; _EXCLUDED if explicitly excluded."""
+    exclude = config.exclude_modules
+    if exclude:
+        if isinstance(exclude, str):
+            if re.fullmatch(exclude, key):
+                return _EXCLUDED
+        elif key in exclude or any(key.endswith(f".{e}") for e in exclude):
+            return _EXCLUDED
+    if config.modules_to_save and any(re.match(rf"(^|.*\.){m}($|\..*)", key) for m in config.modules_to_save):
+        return _EXCLUDED
+    targets = config.target_modules
+    if isinstance(targets, str):
+        return re.fullmatch(targets, key) is not None
+    if key in targets:
+        return True
+    found = any(key.endswith(f".{t}") for t in targets)
+    layers = config.layers_to_transform
+    if found and layers is not None and (not isinstance(layers, list) or layers):
+        patterns = config.layers_pattern
+        if not patterns:
+            match = re.match(r".*?\.[^.]*\.(?P<idx>\d+)\.", key)  # the first numbered segment
+        else:
+            match = None
+            for pattern in [patterns] if isinstance(patterns, str) else patterns:
+                match = re.match(rf"(?:^|.*?\.){pattern}\.(?P<idx>\d+)\.", key)
+                if match:
+                    break
+        if match is None:
+            return False
+        idx = int(match.group("idx"))
+        return idx == layers if isinstance(layers, int) else idx in layers
+    return found
+
+
+def get_pattern_key(patterns, key):
+    """The first pattern p with `(.*\\.)?(p)$` matching `key` (else `key` itself, as PEFT)."""
+    for p in patterns:
+        if re.match(rf"(.*\.)?({p})$", key):
+            return p
+    return key
+
+
+def _all_linear_names(model):
+    """Full names of every Linear / Conv1D except the output head ("all-linear")."""
+    names, nested = set(), []
+    head = getattr(model, "lm_head", None)
+    for key, module in model.named_modules():
+        if any(key.startswith(p + ".") for p in nested):
+            continue
+        if isinstance(module, (LoraLayer, ModulesToSaveWrapper)):
+            nested.append(key)
+        base = module.base_layer if isinstance(module, LoraLayer) else module
+        if isinstance(base, (BaseLinear, Conv1D)) and module is not head and base is not head:
+            names.add(key)
+    return names
+
+
+def _match_fan_in_fan_out(config, base):
+    """PEFT's dispatch: Conv1D needs fan_in_fan_out=True, Linear False; it fixes the config and warns."""
+    if isinstance(base, Conv1D) and not config.fan_in_fan_out:
+        warnings.warn("fan_in_fan_out is set to False but the target module is `Conv1D`. "
+                      "Setting fan_in_fan_out to True.")
+        config.fan_in_fan_out = True
+    elif isinstance(base, BaseLinear) and config.fan_in_fan_out:
+        warnings.warn("fan_in_fan_out is set to True but the target module is `Linear`. "
+                      "Setting fan_in_fan_out to False.")
+        config.fan_in_fan_out = False
+
+
+def _parent(model, key):
+    parent_key, _, name = key.rpartition(".")
+    return model.get_submodule(parent_key), name
+
+
+def _replace_child(parent, name, new):
+    parent._modules[name] = new  # keeps the registration order (setattr would move it last)
+    object.__setattr__(parent, name, new)
+
+
+def embedding_is_targeted(config, model):
+    """PEFT's rule for saving base embedding weights along with the adapter."""
+    targets = config.target_modules
+    if isinstance(targets, str):
+        return any(re.fullmatch(targets, k) for k, _ in model.named_modules()
+                   if any(re.match(rf"(.*\.)?{e}$", k) for e in EMBEDDING_LAYER_NAMES))
+    return bool(targets) and any(e in targets for e in EMBEDDING_LAYER_NAMES)
+

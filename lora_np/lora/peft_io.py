@@ -1,0 +1,177 @@
+"""PEFT adapter folders: `adapter_config.json` + `adapter_model.safetensors`.
+
+File keys are the LoraModel's parameter names without the adapter name (REFERENCE.md §2):
+
+    base_model.model.<path>.lora_A.weight          <- <path>.lora_A.<adapter>.weight
+    base_model.model.<path>.lora_embedding_A       <- <path>.lora_embedding_A.<adapter>
+    base_model.model.<path>.lora_magnitude_vector  <- <path>.lora_magnitude_vector.<adapter>.weight
+    base_model.model.<path>.weight                 <- <path>.modules_to_save.<adapter>.weight
+
+plus, as PEFT, biases for bias="all" / "lora_only" and the base weights of targeted
+embedding layers. A non-default adapter is saved in a sub-folder named after it. Both
+files are written atomically (temporary file, then rename), weights first.
+"""
+import json
+import os
+import secrets
+
+import numpy as np
+
+from .. import safetensors
+from .config import LoraConfig
+from .layer import LoraLayer, ModulesToSaveWrapper
+from .model import embedding_is_targeted
+
+__all__ = ["CONFIG_NAME", "WEIGHTS_NAME", "adapter_parameters", "save_adapter", "load_adapter", "from_pretrained"]
+
+CONFIG_NAME = "adapter_config.json"
+WEIGHTS_NAME = "adapter_model.safetensors"
+_PREFIX = "base_model.model."
+
+
+def adapter_parameters(lora_model, adapter_name):
+    """{file key: Parameter} of one adapter, and the set of keys a file may leave out."""
+    config = lora_model.peft_config[adapter_name]
+    model = lora_model.model
+    out, optional = {}, set()
+    tuner_paths = []
+    for path, module in model.named_modules():
+        key = _PREFIX + path
+        if isinstance(module, ModulesToSaveWrapper):
+            tuner_paths.append(path)
+            if adapter_name in module.modules_to_save:
+                for n, p in module.modules_to_save[adapter_name].named_parameters():
+                    out[f"{key}.{n}"] = p
+        if not isinstance(module, LoraLayer):
+            continue
+        tuner_paths.append(path)
+        if adapter_name in module.lora_A:
+            out[f"{key}.lora_A.weight"] = module.lora_A[adapter_name].weight
+            out[f"{key}.lora_B.weight"] = module.lora_B[adapter_name].weight
+        if adapter_name in module.lora_embedding_A:
+            out[f"{key}.lora_embedding_A"] = module.lora_embedding_A[adapter_name]
+            out[f"{key}.lora_embedding_B"] = module.lora_embedding_B[adapter_name]
+        if adapter_name in module.lora_magnitude_vector:
+            out[f"{key}.lora_magnitude_vector"] = module.lora_magnitude_vector[adapter_name].weight
+        if config.bias == "lora_only" and adapter_name in module.r and module.bias is not None:
+            out[f"{key}.base_layer.bias"] = module.bias
+    if config.bias == "all":
+        for n, p in model.named_parameters():
+            inside_tuner = any(n.startswith(t + ".") and not n.startswith(t + ".base_layer.") for t in tuner_paths)
+            if (n == "bias" or n.endswith(".bias")) and not inside_tuner:
+                out[_PREFIX + n] = p
+    if embedding_is_targeted(config, model):
+        for path in _embedding_paths(model):
+            module = model.get_submodule(path)
+            if isinstance(module, LoraLayer) and adapter_name in module.r:
+                key = f"{_PREFIX}{path}.base_layer.weight"
+                out[key] = module.base_layer.weight
+                optional.add(key)
+    return out, optional
+
+
+def _embedding_paths(model):
+    """The input embedding (first Embedding-like module) and the output head `lm_head`."""
+    from ..nn import Embedding
+
+    paths = []
+    for path, module in model.named_modules():
+        base = module.base_layer if isinstance(module, LoraLayer) else module
+        if isinstance(base, Embedding):
+            paths.append(path)
+            break
+    if "lm_head" in model._modules:
+        paths.append("lm_head")
+    return paths
+
+
+def adapter_folder(directory, adapter_name):
+    return directory if adapter_name == "default" else os.path.join(directory, adapter_name)
+
+
+def save_adapter(lora_model, directory, adapter_name):
+    if adapter_name not in lora_model.peft_config:
+        raise ValueError(f"save_pretrained: unknown adapter {adapter_name!r}; known: {list(lora_model.peft_config)}")
+    folder = adapter_folder(os.fspath(directory), adapter_name)
+    os.makedirs(folder, exist_ok=True)
+    params, _ = adapter_parameters(lora_model, adapter_name)
+    safetensors.save_file({k: p.data for k, p in params.items()}, os.path.join(folder, WEIGHTS_NAME),
+                          metadata={"format": "pt"})
+    config = lora_model.peft_config[adapter_name].to_dict()
+    config["inference_mode"] = True
+    _write_text_atomic(os.path.join(folder, CONFIG_NAME), json.dumps(config, indent=2, sort_keys=True) + "\n")
+
+
+def _write_text_atomic(path, text):
+    tmp = os.path.join(os.path.dirname(os.path.abspath(path)), f".{os.path.basename(path)}.{secrets.token_hex(6)}.tmp")
+    try:
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def read_config(directory):
+    path = os.path.join(os.fspath(directory), CONFIG_NAME)
+    try:
+        with open(path, encoding="utf-8") as f:
+            d = json.load(f)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{path}: no adapter config (expected {CONFIG_NAME} in {directory})") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path}: not valid JSON: {e}") from None
+    if not isinstance(d, dict):
+        raise ValueError(f"{path}: expected a JSON object, got {type(d).__name__}")
+    return LoraConfig.from_dict(d, source=path), path
+
+
+def load_adapter(lora_model, directory, adapter_name, is_trainable=False):
+    """Add adapter `adapter_name` to `lora_model` from a PEFT folder."""
+    config, config_path = read_config(directory)
+    config = config.replace(inference_mode=not is_trainable)
+    try:
+        lora_model.inject_adapter(config, adapter_name)
+    except ValueError as e:
+        raise ValueError(f"{config_path}: adapter does not fit this model: {e}") from None
+    try:
+        _load_weights(lora_model, directory, adapter_name)
+    except Exception:
+        lora_model._drop_adapter(adapter_name)
+        raise
+    lora_model._mark_only_adapters_as_trainable()
+
+
+def from_pretrained(cls, model, directory, adapter_name="default", is_trainable=False):
+    config, config_path = read_config(directory)
+    config = config.replace(inference_mode=not is_trainable)
+    try:
+        lora_model = cls(model, config, adapter_name)
+    except ValueError as e:
+        raise ValueError(f"{config_path}: adapter does not fit this model: {e}") from None
+    _load_weights(lora_model, directory, adapter_name)
+    return lora_model
+
+
+def _load_weights(lora_model, directory, adapter_name):
+    path = os.path.join(os.fspath(directory), WEIGHTS_NAME)
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{path}: no adapter weights (expected {WEIGHTS_NAME} in {directory})")
+    tensors = safetensors.load_file(path)
+    params, optional = adapter_parameters(lora_model, adapter_name)
+    missing = [k for k in params if k not in tensors and k not in optional]
+    unexpected = [k for k in tensors if k not in params]
+    if missing or unexpected:
+        raise ValueError(f"{path}: adapter does not fit this model: missing keys {missing}, unexpected keys {unexpected}")
+    for key, array in tensors.items():
+        p = params[key]
+        if array.shape != p.shape:
+            raise ValueError(f"{path}: {key}: file shape {tuple(array.shape)} != model shape {tuple(p.shape)}")
+        if array.dtype.kind != "f":
+            raise ValueError(f"{path}: {key}: dtype {array.dtype} is not a floating-point type")
+    for key, array in tensors.items():
+        params[key].data = np.array(array, dtype=params[key].dtype, order="C", copy=True)
