@@ -13,7 +13,7 @@ from .tensor import Function, Tensor, _check_float_dtypes, _to_array
 
 __all__ = [
     "add", "sub", "mul", "div", "neg", "pow", "matmul", "exp", "log", "sqrt", "tanh",
-    "sigmoid", "relu", "silu", "gelu", "sum", "mean", "max", "reshape", "transpose",
+    "sigmoid", "relu", "silu", "silu_mul", "gelu", "sum", "mean", "max", "reshape", "transpose",
     "permute", "unsqueeze", "squeeze", "getitem", "cat", "split", "stack", "where",
     "masked_fill", "embedding", "softmax", "log_softmax", "cross_entropy", "layer_norm",
     "rms_norm", "dropout", "linear", "rotary_embedding", "rotate_half", "rope_cos_sin",
@@ -101,25 +101,28 @@ class Sub(Function):
 class Mul(Function):
     def forward(self, a, b):
         _broadcast_shapes("mul", a.shape, b.shape)
-        self.a, self.b = a, b
+        self.shapes = a.shape, b.shape
+        self.a = a if self.needs_input_grad[1] else None
+        self.b = b if self.needs_input_grad[0] else None
         return a * b
 
     def backward(self, g):
-        a, b = self.a, self.b
-        return (_unbroadcast(g * b, a.shape) if self.needs_input_grad[0] else None,
-                _unbroadcast(g * a, b.shape) if self.needs_input_grad[1] else None)
+        sa, sb = self.shapes
+        return (_unbroadcast(g * self.b, sa) if self.needs_input_grad[0] else None,
+                _unbroadcast(g * self.a, sb) if self.needs_input_grad[1] else None)
 
 
 class Div(Function):
     def forward(self, a, b):
         _broadcast_shapes("div", a.shape, b.shape)
-        self.a, self.b = a, b
+        self.shapes, self.b = (a.shape, b.shape), b
+        self.a = a if self.needs_input_grad[1] else None
         return a / b
 
     def backward(self, g):
-        a, b = self.a, self.b
-        ga = _unbroadcast(g / b, a.shape) if self.needs_input_grad[0] else None
-        gb = _unbroadcast(-g * a / (b * b), b.shape) if self.needs_input_grad[1] else None
+        (sa, sb), a, b = self.shapes, self.a, self.b
+        ga = _unbroadcast(g / b, sa) if self.needs_input_grad[0] else None
+        gb = _unbroadcast(-g * a / (b * b), sb) if self.needs_input_grad[1] else None
         return ga, gb
 
 
@@ -173,13 +176,15 @@ class MatMul(Function):
         if a.shape[-1] != b.shape[-2]:
             raise ValueError(f"matmul: shapes {a.shape} and {b.shape} are not aligned")
         _broadcast_shapes("matmul", a.shape[:-2], b.shape[:-2])
-        self.a, self.b = a, b
+        self.shapes = a.shape, b.shape
+        self.a = a if self.needs_input_grad[1] else None
+        self.b = b if self.needs_input_grad[0] else None
         return a @ b
 
     def backward(self, g):
-        a, b = self.a, self.b
-        ga = _unbroadcast(g @ np.swapaxes(b, -1, -2), a.shape) if self.needs_input_grad[0] else None
-        gb = _unbroadcast(np.swapaxes(a, -1, -2) @ g, b.shape) if self.needs_input_grad[1] else None
+        (sa, sb), a, b = self.shapes, self.a, self.b
+        ga = _unbroadcast(g @ np.swapaxes(b, -1, -2), sa) if self.needs_input_grad[0] else None
+        gb = _unbroadcast(np.swapaxes(a, -1, -2) @ g, sb) if self.needs_input_grad[1] else None
         return ga, gb
 
 
@@ -202,9 +207,14 @@ class Linear(Function):
     """y = x Wᵀ + b; x (..., in), W (out, in), b (out,). One GEMM over all leading dims."""
 
     def forward(self, x, weight, bias=None):
-        if x.shape[-1] != weight.shape[1]:
+        if weight.ndim != 2 or x.shape[-1] != weight.shape[1]:
             raise ValueError(f"linear: input shape {x.shape} does not match weight shape {weight.shape}")
-        self.x, self.weight, self.has_bias = x, weight, bias is not None
+        if bias is not None and bias.shape != (weight.shape[0],):
+            raise ValueError(f"linear: bias shape {bias.shape} does not match weight shape {weight.shape}")
+        need_x, need_w = self.needs_input_grad[:2]
+        self.xshape, self.has_bias = x.shape, bias is not None
+        self.x = x if need_w else None           # only the weight gradient needs the input
+        self.weight = weight if need_x else None  # only the input gradient needs the weight
         x2 = x.reshape(-1, x.shape[-1])                                  # (N, in)
         y = x2 @ weight.T                                                # (N, out)
         if bias is not None:
@@ -213,7 +223,7 @@ class Linear(Function):
 
     def backward(self, g):
         g2 = g.reshape(-1, g.shape[-1])                                  # (N, out)
-        gx = (g2 @ self.weight).reshape(self.x.shape) if self.needs_input_grad[0] else None
+        gx = (g2 @ self.weight).reshape(self.xshape) if self.needs_input_grad[0] else None
         gw = g2.T @ self.x.reshape(-1, self.x.shape[-1]) if self.needs_input_grad[1] else None
         gb = g2.sum(0) if self.has_bias and self.needs_input_grad[2] else None
         return gx, gw, gb
@@ -263,9 +273,13 @@ class Tanh(Function):
 
 
 def _sigmoid(x):
-    # numerically stable for both signs, dtype preserving
-    e = np.exp(-np.abs(x))
-    return np.where(x >= 0, 1 / (1 + e), e / (1 + e))
+    """1 / (1 + exp(-x)) in one new array, dtype preserving. exp(-x) overflowing to inf
+    for x < -88 (float32) gives exactly 0, which is the correctly rounded result."""
+    s = np.negative(x)
+    with np.errstate(over="ignore"):
+        np.exp(s, out=s)
+    s += 1
+    return np.reciprocal(s, out=s)
 
 
 class Sigmoid(Function):
@@ -286,14 +300,55 @@ class Relu(Function):
         return g * self.mask
 
 
+def _silu_grad(x, s):
+    """d silu / dx = s·(1 + x·(1 − s)) with s = sigmoid(x); overwrites and returns s."""
+    t = 1 - s
+    t *= x
+    t += 1
+    s *= t
+    return s
+
+
 class Silu(Function):
+    """x·sigmoid(x); saves only x and recomputes the sigmoid in backward."""
+
     def forward(self, x):
-        self.x, self.s = x, _sigmoid(x)
-        return x * self.s
+        self.x = x
+        s = _sigmoid(x)
+        s *= x
+        return s
 
     def backward(self, g):
-        s = self.s
-        return g * (s * (1 + self.x * (1 - s)))
+        d = _silu_grad(self.x, _sigmoid(self.x))
+        d *= g
+        return d
+
+
+class SiluMul(Function):
+    """silu(a)·b in one op (the SwiGLU gate): saves a and b only, no silu(a) array."""
+
+    def forward(self, a, b):
+        if a.shape != b.shape:
+            raise ValueError(f"silu_mul: shapes {a.shape} and {b.shape} differ")
+        self.a, self.b = a, b
+        out = _sigmoid(a)
+        out *= a
+        out *= b
+        return out
+
+    def backward(self, g):
+        a, b = self.a, self.b
+        s = _sigmoid(a)
+        gb = None
+        if self.needs_input_grad[1]:
+            gb = a * s                                                   # silu(a)
+            gb *= g
+        ga = None
+        if self.needs_input_grad[0]:
+            ga = _silu_grad(a, s)
+            ga *= b
+            ga *= g
+        return ga, gb
 
 
 _erf = np.frompyfunc(math.erf, 1, 1)
@@ -338,6 +393,13 @@ tanh = _unary(Tanh, "tanh")
 sigmoid = _unary(Sigmoid, "sigmoid")
 relu = _unary(Relu, "relu")
 silu = _unary(Silu, "silu")
+
+
+def silu_mul(input, other):
+    """silu(input) * other as one op: the gate of a SwiGLU MLP, `silu(gate_proj(x)) * up_proj(x)`."""
+    a, b = _tensors("silu_mul", input, other)
+    _check_float("silu_mul", a)
+    return SiluMul.apply(a, b)
 
 
 def gelu(input, approximate="none"):
@@ -488,14 +550,23 @@ def _index_array(index):
     return index
 
 
+def _is_basic_index(index):
+    """True for ints, slices, None and Ellipsis only: such an index selects each element at most once."""
+    items = index if isinstance(index, tuple) else (index,)
+    return all(i is None or i is Ellipsis or isinstance(i, (int, np.integer, slice)) for i in items)
+
+
 class GetItem(Function):
     def forward(self, x, index):
-        self.shape, self.dtype, self.index = x.shape, x.dtype, index
+        self.shape, self.index = x.shape, index
         return x[index]
 
     def backward(self, g):
         out = np.zeros(self.shape, dtype=g.dtype)
-        np.add.at(out, self.index, g)  # correct for repeated advanced indices too
+        if _is_basic_index(self.index):
+            out[self.index] = g
+        else:
+            np.add.at(out, self.index, g)  # repeated advanced indices accumulate
         return out
 
 
@@ -656,10 +727,12 @@ class CrossEntropy(Function):
         safe = np.where(valid, target, 0)
         if valid.any() and (safe[valid].min() < 0 or safe[valid].max() >= c):
             raise IndexError(f"cross_entropy: target out of range [0, {c}) (ignore_index={ignore_index})")
-        logp = _log_softmax(logits, 1)                                   # (N, C)
-        nll = -logp[np.arange(n), safe] * valid                          # (N,)
-        self.logp, self.safe, self.valid, self.reduction = logp, safe, valid, reduction
+        m = logits.max(1, keepdims=True)
+        lse = m + np.log(np.exp(logits - m).sum(1, keepdims=True))      # (N, 1) log-sum-exp
+        nll = (lse[:, 0] - logits[np.arange(n), safe]) * valid          # (N,)
         self.count = int(valid.sum())
+        if self.needs_input_grad[0]:  # logits and lse give the probabilities again; no (N, C) copy kept
+            self.logits, self.lse, self.safe, self.valid, self.reduction = logits, lse, safe, valid, reduction
         if reduction == "none":
             return nll.astype(logits.dtype)
         if reduction == "sum":
@@ -667,14 +740,15 @@ class CrossEntropy(Function):
         return np.asarray(nll.sum() / self.count if self.count else np.nan, logits.dtype)
 
     def backward(self, g):
-        n = self.logp.shape[0]
+        n = self.logits.shape[0]
         if self.reduction == "none":
             w = g * self.valid                                           # (N,)
         elif self.reduction == "sum":
             w = np.broadcast_to(g, (n,)) * self.valid
         else:
             w = np.broadcast_to(g / self.count, (n,)) * self.valid
-        grad = np.exp(self.logp)
+        grad = self.logits - self.lse
+        np.exp(grad, out=grad)                                           # softmax (N, C)
         grad[np.arange(n), self.safe] -= 1
         grad *= w[:, None].astype(grad.dtype)
         return grad, None
@@ -707,25 +781,35 @@ class LayerNormFn(Function):
     """Normalise over the last dim: (x - mean) / sqrt(var + eps) · weight + bias."""
 
     def forward(self, x, weight=None, bias=None, eps=1e-5):
-        mu = x.mean(-1, keepdims=True)
-        xc = x - mu
-        rstd = 1 / np.sqrt((xc * xc).mean(-1, keepdims=True) + eps)      # (..., 1)
-        self.xhat, self.rstd, self.weight = xc * rstd, rstd, weight
-        self.has_bias = bias is not None
-        out = self.xhat * weight if weight is not None else self.xhat.copy()
+        mu = x.mean(-1, keepdims=True)                                   # (..., 1)
+        xhat = x - mu
+        var = np.einsum("...i,...i->...", xhat, xhat)[..., None] / xhat.shape[-1]
+        rstd = 1 / np.sqrt(var + eps)                                    # (..., 1)
+        xhat *= rstd
+        self.x, self.mu, self.rstd = x, mu, rstd  # xhat is recomputed in backward
+        self.weight, self.has_bias = weight, bias is not None
+        if weight is not None:
+            xhat *= weight
         if bias is not None:
-            out += bias
-        return out
+            xhat += bias
+        return xhat
 
     def backward(self, g):
-        xhat, rstd, w = self.xhat, self.rstd, self.weight
+        rstd, w = self.rstd, self.weight
+        xhat = self.x - self.mu
+        xhat *= rstd
         lead = tuple(range(g.ndim - 1))
         gw = (g * xhat).sum(lead) if w is not None and self.needs_input_grad[1] else None
         gb = g.sum(lead) if self.has_bias and self.needs_input_grad[2] else None
         gx = None
         if self.needs_input_grad[0]:
-            gh = g * w if w is not None else g
-            gx = rstd * (gh - gh.mean(-1, keepdims=True) - xhat * (gh * xhat).mean(-1, keepdims=True))
+            gh = g * w if w is not None else g.copy()
+            c = np.einsum("...i,...i->...", gh, xhat)[..., None] / g.shape[-1]
+            gh -= gh.mean(-1, keepdims=True)
+            xhat *= c
+            gh -= xhat
+            gh *= rstd
+            gx = gh
         return gx, gw, gb
 
 
@@ -748,17 +832,26 @@ class RMSNormFn(Function):
     """x / sqrt(mean(x²) + eps) · weight over the last dim (transformers' LlamaRMSNorm)."""
 
     def forward(self, x, weight=None, eps=1e-6):
-        rstd = 1 / np.sqrt((x * x).mean(-1, keepdims=True) + eps)        # (..., 1)
-        self.xhat, self.rstd, self.weight = x * rstd, rstd, weight
-        return self.xhat * weight if weight is not None else self.xhat
+        ms = np.einsum("...i,...i->...", x, x)[..., None] / x.shape[-1]  # (..., 1) mean of squares
+        rstd = 1 / np.sqrt(ms + eps)                                     # (..., 1)
+        self.x, self.rstd, self.weight = x, rstd, weight  # xhat is recomputed in backward
+        out = x * rstd
+        if weight is not None:
+            out *= weight
+        return out
 
     def backward(self, g):
-        xhat, w = self.xhat, self.weight
+        w, rstd = self.weight, self.rstd
+        xhat = self.x * rstd
         gw = (g * xhat).sum(tuple(range(g.ndim - 1))) if w is not None and self.needs_input_grad[1] else None
         gx = None
         if self.needs_input_grad[0]:
-            gh = g * w if w is not None else g
-            gx = self.rstd * (gh - xhat * (gh * xhat).mean(-1, keepdims=True))
+            gh = g * w if w is not None else g.copy()
+            c = np.einsum("...i,...i->...", gh, xhat)[..., None] / g.shape[-1]
+            xhat *= c
+            gh -= xhat
+            gh *= rstd
+            gx = gh
         return gx, gw
 
 
@@ -818,25 +911,43 @@ def rope_cos_sin(positions, head_dim, base=10000.0, dtype=np.float32):
     return np.cos(emb).astype(dtype), np.sin(emb).astype(dtype)
 
 
-def _rotate_half(x):
+def _rotary(x, cos, sin):
+    """x·cos + rotate_half(x)·sin into a new C-contiguous array.
+
+    With x = cat(x₁, x₂) along the last dim, rotate_half(x) = cat(−x₂, x₁), so
+    y₁ = x₁·cos₁ − x₂·sin₁ and y₂ = x₂·cos₂ + x₁·sin₂."""
     h = x.shape[-1] // 2
-    return np.concatenate([-x[..., h:], x[..., :h]], axis=-1)
+    out = np.multiply(x, cos, out=np.empty(x.shape, x.dtype))
+    t = np.multiply(x[..., h:], sin[..., :h])
+    out[..., :h] -= t
+    np.multiply(x[..., :h], sin[..., h:], out=t)
+    out[..., h:] += t
+    return out
 
 
-def _rotate_half_T(g):
+def _rotary_transpose(g, cos, sin):
+    """The transpose of `_rotary`: gx₁ = g₁·cos₁ + g₂·sin₂, gx₂ = g₂·cos₂ − g₁·sin₁."""
     h = g.shape[-1] // 2
-    return np.concatenate([g[..., h:], -g[..., :h]], axis=-1)
+    out = np.multiply(g, cos, out=np.empty(g.shape, g.dtype))
+    t = np.multiply(g[..., h:], sin[..., h:])
+    out[..., :h] += t
+    np.multiply(g[..., :h], sin[..., :h], out=t)
+    out[..., h:] -= t
+    return out
 
 
 class Rotary(Function):
     """x·cos + rotate_half(x)·sin; x (B, H, T, D), cos/sin (T, D) or broadcastable."""
 
     def forward(self, x, cos, sin):
+        if x.shape[-1] % 2 or np.broadcast_shapes(x.shape, cos.shape) != x.shape:
+            raise ValueError(f"rotary_embedding: x shape {x.shape} needs an even last dim and cos/sin "
+                             f"shape {cos.shape} broadcastable to it")
         self.cos, self.sin = cos, sin
-        return x * cos + _rotate_half(x) * sin
+        return _rotary(x, cos, sin)
 
     def backward(self, g):
-        return g * self.cos + _rotate_half_T(g * self.sin), None, None
+        return _rotary_transpose(g, self.cos, self.sin), None, None
 
 
 def rotary_embedding(x, cos, sin):
@@ -854,47 +965,102 @@ def rotate_half(x):
 
 # -- attention -------------------------------------------------------------------------
 class SDPA(Function):
-    """softmax(q kᵀ · scale + mask) v with grouped-query heads.
+    """softmax(q kᵀ · scale + bias) v with grouped-query heads, the way flash attention keeps memory.
 
     q (B, Hq, T, D), k and v (B, Hkv, S, D), Hq = Hkv·g. The g query heads that share
     a key/value head are stacked along the row axis, (B, Hkv, g·T, D), so K and V are
-    never repeated in memory.
+    never repeated in memory. The (g·T, S) probabilities are built one batch element at
+    a time and not kept: forward saves the scaled q, k, v, the output and each row's
+    log-sum-exp, and backward recomputes the probabilities from them. A row whose keys
+    are all masked out gives 0 (torch's safe softmax), not NaN.
     """
 
-    def forward(self, q, k, v, mask, is_causal=False, scale=None):
+    def forward(self, q, k, v, bias, scale=None):
         B, Hq, T, D = q.shape
         Hkv, S = k.shape[1], k.shape[2]
         g = Hq // Hkv
-        self.scale = scale if scale is not None else 1.0 / math.sqrt(D)
-        self.qshape = q.shape
-        qg = q.reshape(B, Hkv, g * T, D)                                 # (B, Hkv, gT, D)
-        scores = qg @ np.swapaxes(k, -1, -2)                             # (B, Hkv, gT, S)
-        scores *= q.dtype.type(self.scale)
-        if mask is not None:  # mask is (B', Hkv or 1, g or 1, T, S)
-            scores = scores.reshape(B, Hkv, g, T, S)
-            scores = np.where(mask, scores, -np.inf) if mask.dtype == np.bool_ else scores + mask
-            scores = scores.reshape(B, Hkv, g * T, S)
-        if is_causal:  # bottom-right aligned: query t sees keys <= t + (S - T)
-            allowed = np.tri(T, S, k=S - T, dtype=bool)                   # (T, S)
-            scores = np.where(np.tile(allowed, (g, 1)), scores, -np.inf)
-        p = _softmax(scores, -1)
-        self.p, self.q, self.k, self.v = p, qg, k, v
-        return (p @ v).reshape(B, Hq, T, D)                               # (B, Hq, T, D)
+        self.scale = q.dtype.type(scale if scale is not None else 1.0 / math.sqrt(D))
+        qs = q.reshape(B, Hkv, g * T, D) * self.scale                    # (B, Hkv, gT, D)
+        out = np.empty_like(qs)                                          # (B, Hkv, gT, D)
+        lse = np.empty((B, Hkv, g * T, 1), q.dtype)                      # log-sum-exp per row
+        for b in range(B):
+            p = self._scores(qs, k, bias, b)                             # (Hkv, gT, S)
+            m = p.max(-1, keepdims=True)
+            m[~np.isfinite(m)] = 0  # fully masked row: exp(-inf) = 0 everywhere
+            p -= m
+            np.exp(p, out=p)
+            total = p.sum(-1, keepdims=True)
+            total[total == 0] = np.inf  # so that the row and its lse give p = 0
+            p /= total
+            np.matmul(p, v[b], out=out[b])
+            np.log(total, out=total)
+            np.add(m, total, out=lse[b])
+        if any(self.needs_input_grad[:3]):
+            self.qs, self.k, self.v, self.out, self.lse, self.bias = qs, k, v, out, lse, bias
+        return out.reshape(B, Hq, T, D)
+
+    @staticmethod
+    def _scores(qs, k, bias, b):
+        """Scaled scores of batch element b plus the additive bias: (Hkv, gT, S)."""
+        s = qs[b] @ np.swapaxes(k[b], -1, -2)                           # (Hkv, gT, S)
+        if bias is not None:  # bias (B or 1, Hkv or 1, g or 1, T, S)
+            Hkv, gT, S = s.shape
+            T = bias.shape[-2]
+            s4 = s.reshape(Hkv, gT // T, T, S)
+            s4 += bias[b if bias.shape[0] > 1 else 0]
+        return s
 
     def backward(self, g_out):
-        p, q, k, v, s = self.p, self.q, self.k, self.v, self.scale
-        go = g_out.reshape(q.shape)                                      # (B, Hkv, gT, D)
-        gv = np.swapaxes(p, -1, -2) @ go if self.needs_input_grad[2] else None
-        gq = gk = None
-        if self.needs_input_grad[0] or self.needs_input_grad[1]:
-            dp = go @ np.swapaxes(v, -1, -2)                             # (B, Hkv, gT, S)
-            ds = p * (dp - (dp * p).sum(-1, keepdims=True))
-            ds *= p.dtype.type(s)
-            if self.needs_input_grad[0]:
-                gq = (ds @ k).reshape(self.qshape)
-            if self.needs_input_grad[1]:
-                gk = np.swapaxes(ds, -1, -2) @ q                         # (B, Hkv, S, D)
-        return gq, gk, gv, None
+        qs, k, v, out, lse, scale = self.qs, self.k, self.v, self.out, self.lse, self.scale
+        need_q, need_k, need_v = self.needs_input_grad[:3]
+        go = g_out.reshape(qs.shape)                                     # (B, Hkv, gT, D)
+        delta = np.einsum("...i,...i->...", go, out)[..., None]          # (B, Hkv, gT, 1) = rowsum(dP·P)
+        gq = np.empty_like(qs) if need_q else None
+        gk = np.empty(k.shape, k.dtype) if need_k else None
+        gv = np.empty(v.shape, v.dtype) if need_v else None
+        for b in range(qs.shape[0]):
+            p = self._scores(qs, k, self.bias, b)                        # (Hkv, gT, S)
+            p -= lse[b]
+            np.exp(p, out=p)                                             # probabilities
+            if need_v:
+                np.matmul(np.swapaxes(p, -1, -2), go[b], out=gv[b])     # (Hkv, S, D)
+            if need_q or need_k:
+                ds = go[b] @ np.swapaxes(v[b], -1, -2)                   # (Hkv, gT, S) = dP
+                ds -= delta[b]
+                ds *= p                                                  # dS / scale
+                if need_q:
+                    np.matmul(ds, k[b], out=gq[b])
+                    gq[b] *= scale
+                if need_k:
+                    np.matmul(np.swapaxes(ds, -1, -2), qs[b], out=gk[b])
+        return (gq.reshape(g_out.shape) if need_q else None), gk, gv, None
+
+
+def _attention_bias(mask, is_causal, B, Hq, Hkv, T, S, dtype):
+    """The additive bias (B or 1, Hkv or 1, g or 1, T, S) of a bool/float mask and the causal flag."""
+    bias = None
+    if mask is not None:
+        m = mask.data if isinstance(mask, Tensor) else np.asarray(mask)
+        try:
+            m = np.broadcast_to(m, np.broadcast_shapes(m.shape, (1, 1, T, S)))
+        except ValueError:
+            raise ValueError(f"scaled_dot_product_attention: attn_mask shape {m.shape} does not broadcast "
+                             f"to {(B, Hq, T, S)}") from None
+        if m.ndim != 4 or m.shape[0] not in (1, B) or m.shape[1] not in (1, Hq):
+            raise ValueError(f"scaled_dot_product_attention: attn_mask shape {m.shape} does not broadcast "
+                             f"to {(B, Hq, T, S)}")
+        if m.dtype == np.bool_:
+            m = np.where(m, dtype.type(0), dtype.type(-np.inf))
+        elif m.dtype.kind == "f":
+            _check_float_dtypes("scaled_dot_product_attention", [np.empty(0, dtype), m])
+        else:
+            raise TypeError(f"scaled_dot_product_attention: attn_mask must be bool or float, got dtype {m.dtype}")
+        bias = np.ascontiguousarray(m).reshape(
+            (m.shape[0], 1, 1, T, S) if m.shape[1] == 1 else (m.shape[0], Hkv, Hq // Hkv, T, S))
+    if is_causal:  # bottom-right aligned: query t sees keys <= t + (S - T)
+        causal = np.where(np.tri(T, S, k=S - T, dtype=bool), dtype.type(0), dtype.type(-np.inf))  # (T, S)
+        bias = causal[None, None, None] if bias is None else bias + causal
+    return bias
 
 
 def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False,
@@ -906,24 +1072,13 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
     if dropout_p:
         raise NotImplementedError("scaled_dot_product_attention: attention dropout is not supported")
     q, k, v = _tensors("scaled_dot_product_attention", query, key, value)
+    _check_float("scaled_dot_product_attention", q)
     if q.ndim != 4 or k.ndim != 4 or v.shape != k.shape or q.shape[0] != k.shape[0] or q.shape[3] != k.shape[3]:
         raise ValueError(f"scaled_dot_product_attention: query {q.shape}, key {k.shape}, value {v.shape} "
                          "must be (B, Hq, T, D), (B, Hkv, S, D), (B, Hkv, S, D)")
     if q.shape[1] % k.shape[1]:
         raise ValueError(f"scaled_dot_product_attention: {q.shape[1]} query heads are not a multiple of "
                          f"{k.shape[1]} key/value heads")
-    mask = None
-    if attn_mask is not None:
-        m = attn_mask.data if isinstance(attn_mask, Tensor) else np.asarray(attn_mask)
-        B, Hq, T, _ = q.shape
-        S = k.shape[2]
-        m = np.broadcast_to(m, np.broadcast_shapes(m.shape, (1, 1, T, S)))
-        if m.shape[1] not in (1, Hq):
-            raise ValueError(f"scaled_dot_product_attention: attn_mask shape {m.shape} does not broadcast to "
-                             f"{(B, Hq, T, S)}")
-        Hkv = k.shape[1]
-        m = m.reshape(m.shape[0], 1, 1, T, S) if m.shape[1] == 1 else m.reshape(m.shape[0], Hkv, Hq // Hkv, T, S)
-        if m.dtype != np.bool_:
-            m = m.astype(q.dtype)
-        mask = Tensor(np.ascontiguousarray(m))
-    return SDPA.apply(q, k, v, mask, is_causal=is_causal, scale=scale)
+    B, Hq, T, _ = q.shape
+    bias = _attention_bias(attn_mask, is_causal, B, Hq, k.shape[1], T, k.shape[2], q.dtype)
+    return SDPA.apply(q, k, v, bias, scale=scale)

@@ -405,7 +405,7 @@ class GatedMLP(Module):
         self.down_proj = Linear(intermediate_size, hidden_size, bias=bias, dtype=dtype)
 
     def forward(self, x):
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        return self.down_proj(F.silu_mul(self.gate_proj(x), self.up_proj(x)))
 
 
 class KVCache:

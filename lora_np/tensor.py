@@ -81,19 +81,29 @@ class Function:
     """One differentiable op. Subclasses define `forward(*arrays, **kw)` and `backward(grad)`.
 
     `backward` returns one gradient per positional input (None where not needed);
-    each must have the shape of its input.
+    each must have the shape of its input. `forward` saves on `self` only what
+    `backward` needs for the inputs flagged in `needs_input_grad` (a frozen weight's
+    op keeps no activation alive for it).
+
+    The graph holds no input Tensor: `next_nodes` has, per input, the node its
+    gradient flows to (the input's own Function, or the input itself when it is a
+    leaf that requires grad, else None), so an intermediate array stays alive only
+    while some op has saved it.
     """
 
     def __init__(self, *parents):
-        self.parents = parents
-        self.needs_input_grad = tuple(isinstance(p, Tensor) and p.requires_grad for p in parents)
+        grad = _grad_enabled[0]
+        self.needs_input_grad = tuple(grad and isinstance(p, Tensor) and p._requires_grad for p in parents)
+        self.next_nodes = tuple((p._ctx if p._ctx is not None else p) if need else None
+                                for p, need in zip(parents, self.needs_input_grad))
+        self.input_shapes = tuple(p.data.shape if need else None for p, need in zip(parents, self.needs_input_grad))
 
     @classmethod
     def apply(cls, *args, **kwargs):
         ctx = cls(*args)
         arrays = [a.data if isinstance(a, Tensor) else a for a in args]
         out = ctx.forward(*arrays, **kwargs)
-        if _grad_enabled[0] and any(ctx.needs_input_grad):
+        if any(ctx.needs_input_grad):
             result = Tensor(out, requires_grad=True)
             result._ctx = ctx
             return result
@@ -104,6 +114,11 @@ class Function:
 
     def backward(self, grad):  # pragma: no cover - abstract
         raise NotImplementedError
+
+    def _release(self):
+        """Drop everything forward saved; the node can no longer backpropagate."""
+        self.__dict__.clear()
+        self.next_nodes = None
 
 
 def _to_array(data, dtype=None):
@@ -179,9 +194,10 @@ class Tensor:
             if grad.shape != self.data.shape:
                 raise ValueError(f"backward(): gradient shape {grad.shape} != tensor shape {self.shape}")
 
-        order = []
+        root = self._ctx if self._ctx is not None else self
+        order = []  # nodes (Functions and leaf Tensors) in post-order
         visited = set()
-        stack = [(self, False)]
+        stack = [(root, False)]
         while stack:  # iterative post-order DFS: deep graphs never hit the recursion limit
             node, done = stack.pop()
             if done:
@@ -191,36 +207,42 @@ class Tensor:
                 continue
             visited.add(id(node))
             stack.append((node, True))
-            if node._ctx is not None:
-                for p in node._ctx.parents:
-                    if isinstance(p, Tensor) and p.requires_grad and id(p) not in visited:
-                        stack.append((p, False))
+            if isinstance(node, Function):
+                if node.next_nodes is None:
+                    raise RuntimeError("backward() through a graph that was already freed by an earlier "
+                                       "backward(); recompute the forward")
+                for nxt in node.next_nodes:
+                    if nxt is not None and id(nxt) not in visited:
+                        stack.append((nxt, False))
 
-        grads = {id(self): grad}
+        grads = {id(root): grad}
         for node in reversed(order):
             g = grads.pop(id(node), None)
-            ctx = node._ctx
-            if ctx is None:
+            if isinstance(node, Tensor):  # a leaf: accumulate
                 if g is not None:
                     if node.grad is None:
                         node.grad = np.array(g, dtype=node.data.dtype, copy=True)
                     else:
                         node.grad += g
                 continue
-            node._ctx = None  # free the graph as we go
             if g is None:
+                node._release()
                 continue
-            in_grads = ctx.backward(g)
+            in_grads = node.backward(g)
             if not isinstance(in_grads, tuple):
                 in_grads = (in_grads,)
-            for p, need, pg in zip(ctx.parents, ctx.needs_input_grad, in_grads):
-                if not need or pg is None:
+            nexts, shapes = node.next_nodes, node.input_shapes
+            node._release()  # free the graph as we go
+            del g
+            for nxt, shape, pg in zip(nexts, shapes, in_grads):
+                if nxt is None or pg is None:
                     continue
-                assert pg.shape == p.data.shape, (
-                    f"{type(ctx).__name__}.backward: gradient shape {pg.shape} != input shape {p.data.shape}"
-                )
-                key = id(p)
+                if pg.shape != shape:
+                    raise RuntimeError(f"{type(node).__name__}.backward: gradient shape {pg.shape} != "
+                                       f"input shape {shape}")
+                key = id(nxt)
                 grads[key] = pg if key not in grads else grads[key] + pg
+        self._ctx = None
 
     def zero_grad(self):
         self.grad = None
