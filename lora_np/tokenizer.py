@@ -16,7 +16,8 @@ Encoding goes the way `tokenizers` goes:
 
 The regexes are Oniguruma's (as in tokenizer.json and llama.cpp). They are run with Python's
 `re` after `\\p{L}`, `\\p{N}` and `\\s` are replaced by explicit code point classes built from
-`unicodedata`: Python's `\\s` also matches \\x1c-\\x1f, Oniguruma's is Unicode White_Space.
+`unicodedata` (plus the letters and numbers of Unicode 15-16, which Oniguruma knows and Python 3.11
+does not): Python's `\\s` also matches \\x1c-\\x1f, Oniguruma's is Unicode White_Space.
 
 A GGUF file names its pre-tokenizer in `tokenizer.ggml.pre`; we read that name as llama.cpp
 does (llama-vocab.cpp). For "smollm" that is "every digit alone, then GPT-2", as in SmolLM2's
@@ -48,13 +49,23 @@ _WHITE_SPACE = ((0x09, 0x0D), (0x20, 0x20), (0x85, 0x85), (0xA0, 0xA0), (0x1680,
                 (0x2000, 0x200A), (0x2028, 0x2029), (0x202F, 0x202F), (0x205F, 0x205F), (0x3000, 0x3000))
 
 
-def _class_body(ranges):
-    """`re` character-class body (no brackets) for inclusive code point ranges."""
-    return "".join(f"\\U{a:08x}" if a == b else f"\\U{a:08x}-\\U{b:08x}" for a, b in ranges)
-
-
 _CATEGORY_NAMES = ("Lu", "Ll", "Lt", "Lm", "Lo", "Mn", "Mc", "Me", "Nd", "Nl", "No", "Pc", "Pd", "Ps", "Pe", "Pi",
                    "Pf", "Po", "Sm", "Sc", "Sk", "So", "Zs", "Zl", "Zp", "Cc", "Cf", "Cs", "Co", "Cn")
+
+
+# Letters and numbers assigned in Unicode 15.0-16.0, which tokenizers' Oniguruma (Unicode 16.0) knows and
+# Python 3.11's unicodedata (14.0) calls unassigned. Added to \p{L} / \p{N} (not to subcategories).
+_UNICODE_16_ADDITIONS = {
+    "L": ((0x1C89, 0x1C8A), (0xA7CB, 0xA7CD), (0xA7DA, 0xA7DC), (0x105C0, 0x105F3), (0x10D4A, 0x10D65),
+          (0x10D6F, 0x10D85), (0x10EC2, 0x10EC4), (0x1123F, 0x11240), (0x11380, 0x11389), (0x1138B, 0x1138B),
+          (0x1138E, 0x1138E), (0x11390, 0x113B5), (0x113B7, 0x113B7), (0x113D1, 0x113D1), (0x113D3, 0x113D3),
+          (0x11BC0, 0x11BE0), (0x11F02, 0x11F02), (0x11F04, 0x11F10), (0x11F12, 0x11F33), (0x1342F, 0x1342F),
+          (0x13441, 0x13446), (0x13460, 0x143FA), (0x16100, 0x1611D), (0x16D40, 0x16D6C), (0x18CFF, 0x18CFF),
+          (0x1B132, 0x1B132), (0x1B155, 0x1B155), (0x1DF25, 0x1DF2A), (0x1E030, 0x1E06D), (0x1E4D0, 0x1E4EB),
+          (0x1E5D0, 0x1E5ED), (0x1E5F0, 0x1E5F0), (0x2B739, 0x2B739), (0x2EBF0, 0x2EE5D), (0x31350, 0x323AF)),
+    "N": ((0x10D40, 0x10D49), (0x116D0, 0x116E3), (0x11BF0, 0x11BF9), (0x11F50, 0x11F59), (0x16130, 0x16139),
+          (0x16D70, 0x16D79), (0x1CCF0, 0x1CCF9), (0x1D2C0, 0x1D2D3), (0x1E4F0, 0x1E4F9), (0x1E5F1, 0x1E5FA)),
+}
 
 
 @lru_cache(maxsize=None)
@@ -65,51 +76,118 @@ def _categories():
 
 
 @lru_cache(maxsize=None)
-def _category_body(category):
-    """Class body for a general category ("L", "N", "Lu", ...) of Python's Unicode database."""
+def _category_ranges(category):
+    """Code point ranges of a general category ("L", "N", "Lu", ...)."""
     letters = "".join(chr(ord("a") + k) for k, name in enumerate(_CATEGORY_NAMES) if name.startswith(category))
     if not letters:
         raise ValueError(f"unknown Unicode general category \\p{{{category}}}")
-    return _class_body((m.start(), m.end() - 1) for m in re.finditer(f"[{letters}]+", _categories()))
+    ranges = [(m.start(), m.end() - 1) for m in re.finditer(f"[{letters}]+", _categories())]
+    return _merged(ranges + list(_UNICODE_16_ADDITIONS.get(category, ())))
+
+
+def _merged(ranges):
+    """Sorted, non-overlapping, non-adjacent inclusive ranges."""
+    out = []
+    for a, b in sorted(ranges):
+        if out and a <= out[-1][1] + 1:
+            out[-1] = (out[-1][0], max(out[-1][1], b))
+        else:
+            out.append((a, b))
+    return out
+
+
+def _complement(ranges):
+    out, start = [], 0
+    for a, b in _merged(ranges):
+        if a > start:
+            out.append((start, a - 1))
+        start = b + 1
+    return out + [(start, 0x10FFFF)] if start <= 0x10FFFF else out
+
+
+def _class(ranges):
+    """A `re` class for the ranges. `re` tests characters above U+FFFF against a class by scanning its
+    ranges one by one, so those go in a second class that only such characters reach."""
+    def body(rs):
+        return "".join(f"\\U{a:08x}" if a == b else f"\\U{a:08x}-\\U{b:08x}" for a, b in rs)
+    bmp = [(a, min(b, 0xFFFF)) for a, b in ranges if a <= 0xFFFF]
+    astral = [(max(a, 0x10000), b) for a, b in ranges if b > 0xFFFF]
+    if not astral:
+        return f"[{body(bmp)}]"
+    return f"(?:[{body(bmp)}]|(?=[^\\x00-\\uffff])[{body(astral)}])" if bmp else f"[{body(astral)}]"
 
 
 _ESCAPE = re.compile(r"\\(?:([pP])\{(\w+)\}|([sS])|(.))", re.S)
+_SIMPLE_ESCAPES = {"r": "\r", "n": "\n", "t": "\t", "f": "\f", "v": "\v"}
 
 
-def _translate(pattern):
-    """An Oniguruma pattern as a Python `re` pattern with \\p{..}, \\s, \\S spelled out."""
-    out, i, in_class = [], 0, False
-    while i < len(pattern):
+def _escape_ranges(m, pattern):
+    """Ranges of a \\p{..}, \\P{..}, \\s, \\S escape; None for any other escape."""
+    p, category, space, other = m.groups()
+    if category:
+        ranges = _category_ranges(category)
+        return _complement(ranges) if p == "P" else ranges
+    if space:
+        return _complement(_WHITE_SPACE) if space == "S" else list(_WHITE_SPACE)
+    return None
+
+
+def _parse_class(pattern, i):
+    """The ranges of the class `[...]` starting at pattern[i], and the index after it."""
+    negated = pattern.startswith("[^", i)
+    i += 2 if negated else 1
+    ranges, first = [], True
+    while True:
+        if i >= len(pattern):
+            raise ValueError(f"pattern {pattern!r}: unterminated [...]")
         c = pattern[i]
+        if c == "]" and not first:
+            break
+        first = False
+        if c == "[":
+            raise ValueError(f"pattern {pattern!r}: nested character classes are not supported")
         if c == "\\":
             m = _ESCAPE.match(pattern, i)
             if m is None:
                 raise ValueError(f"pattern {pattern!r} ends with a lone backslash")
-            p, category, space, _ = m.groups()
-            body = _category_body(category) if category else _class_body(_WHITE_SPACE) if space else None
-            negated = p == "P" or space == "S"
-            if body is None:
-                out.append(m.group())
-            elif in_class and negated:
-                raise ValueError(f"pattern {pattern!r}: {m.group()} inside [...] is not supported")
-            else:
-                out.append(body if in_class else f"[^{body}]" if negated else f"[{body}]")
             i = m.end()
-            continue
+            spelled = _escape_ranges(m, pattern)
+            if spelled is not None:
+                ranges += spelled
+                continue
+            other = m.group(4)
+            if other.isalnum() and other not in _SIMPLE_ESCAPES:
+                raise ValueError(f"pattern {pattern!r}: escape \\{other} inside [...] is not supported")
+            c = _SIMPLE_ESCAPES.get(other, other)
+        else:
+            i += 1
+        if pattern.startswith("-", i) and i + 1 < len(pattern) and pattern[i + 1] not in "]\\":
+            ranges.append((ord(c), ord(pattern[i + 1])))
+            i += 2
+        else:
+            ranges.append((ord(c), ord(c)))
+    ranges = _merged(ranges)
+    return (_complement(ranges) if negated else ranges), i + 1
+
+
+def _translate(pattern):
+    """An Oniguruma pattern as a Python `re` pattern, every character class spelled out in code points."""
+    out, i = [], 0
+    while i < len(pattern):
+        c = pattern[i]
         if c == "[":
-            if in_class:
-                raise ValueError(f"pattern {pattern!r}: nested character classes are not supported")
-            in_class = True
-            out.append("[^" if pattern.startswith("[^", i) else "[")
-            i += 2 if pattern.startswith("[^", i) else 1
-            if pattern.startswith("]", i):  # a leading ] is a literal
-                out.append("\\]")
-                i += 1
-            continue
-        if c == "]" and in_class:
-            in_class = False
-        out.append(c)
-        i += 1
+            ranges, i = _parse_class(pattern, i)
+            out.append(_class(ranges))
+        elif c == "\\":
+            m = _ESCAPE.match(pattern, i)
+            if m is None:
+                raise ValueError(f"pattern {pattern!r} ends with a lone backslash")
+            ranges = _escape_ranges(m, pattern)
+            out.append(m.group() if ranges is None else _class(ranges))
+            i = m.end()
+        else:
+            out.append(c)
+            i += 1
     return "".join(out)
 
 
@@ -161,6 +239,10 @@ GGUF_PRE_TOKENIZERS = {
 def _isolated_split(regex):
     """Split text into the regex's matches and the gaps between them (tokenizers' "Isolated")."""
     def split(text):
+        if not regex.groups:  # findall gives whole matches; if they cover the text there are no gaps
+            pieces = regex.findall(text)
+            if sum(map(len, pieces)) == len(text):
+                return pieces
         pieces, pos = [], 0
         for m in regex.finditer(text):
             if m.start() > pos:
@@ -246,13 +328,13 @@ class Tokenizer:
         self._byte_ids = [self._vocab.get(byte_char[b], model_unk_id) for b in range(256)]
         self._ignore_merges = ignore_merges
         self._byte_table = str.maketrans({chr(b): c for b, c in byte_char.items()})
-        self._merges = {}  # (left id, right id) -> (rank, merged id)
+        self._merges = {}  # left id << 32 | right id -> (rank, merged id)
         for rank, (a, b) in enumerate(merges):
             ids = (self._vocab.get(a), self._vocab.get(b), self._vocab.get(a + b))
             if None in ids:
                 missing = [s for s, i in zip((a, b, a + b), ids) if i is None]
                 raise ValueError(f"{source}: merge {rank} ({a!r} {b!r}) uses {missing!r}, not in the vocabulary")
-            self._merges.setdefault(ids[:2], (rank, ids[2]))
+            self._merges.setdefault(ids[0] << 32 | ids[1], (rank, ids[2]))
         self._cache = {}
 
         self.prefix_ids = [int(i) for i in prefix_ids]
@@ -349,7 +431,7 @@ class Tokenizer:
         merges = self._merges
         heap = []
         for pos in range(n - 1):
-            m = merges.get((symbols[pos], symbols[pos + 1]))
+            m = merges.get(symbols[pos] << 32 | symbols[pos + 1])
             if m is not None:
                 heap.append((m[0], pos, m[1]))
         if not heap:
@@ -362,7 +444,7 @@ class Tokenizer:
             right = nxt[pos]
             if symbols[pos] is None or right >= n:
                 continue
-            m = merges.get((symbols[pos], symbols[right]))
+            m = merges.get(symbols[pos] << 32 | symbols[right])
             if m is None or m[1] != new:  # a stale entry: one side was merged since
                 continue
             symbols[pos], symbols[right] = new, None
@@ -370,12 +452,12 @@ class Tokenizer:
             nxt[pos] = after
             if after < n:
                 prev[after] = pos
-                m = merges.get((new, symbols[after]))
+                m = merges.get(new << 32 | symbols[after])
                 if m is not None:
                     heapq.heappush(heap, (m[0], pos, m[1]))
             before = prev[pos]
             if before >= 0:
-                m = merges.get((symbols[before], new))
+                m = merges.get(symbols[before] << 32 | new)
                 if m is not None:
                     heapq.heappush(heap, (m[0], before, m[1]))
         return [s for s in symbols if s is not None]
