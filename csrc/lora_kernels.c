@@ -31,7 +31,7 @@
 #error "lora_kernels.c needs GCC or Clang (vector extensions); lora_np falls back to NumPy"
 #endif
 
-#if defined(__x86_64__) && defined(__linux__) && !defined(__clang__) && !defined(__SANITIZE_ADDRESS__)
+#if defined(__x86_64__) && defined(__linux__) && !defined(__clang__)
 #define LORA_CLONES __attribute__((target_clones("arch=x86-64-v3", "default")))
 #else
 #define LORA_CLONES

@@ -149,10 +149,27 @@ __global__ void rank_reduce_kernel(T *P, const T *C, const T *X, int64_t M, int6
 
 // ---- host-side launchers ------------------------------------------------------------------
 
-struct Scratch {  // stream-ordered device scratch, freed on scope exit
+// Device memory is stream-ordered (cudaMallocAsync on the default stream), so allocating and
+// freeing never waits for the GPU; the pool keeps what it has instead of returning it at
+// every synchronization.
+cudaError_t device_alloc(void **ptr, size_t bytes)
+{
+    static bool pool_kept = false;
+    if (!pool_kept) {
+        int device = 0;
+        cudaMemPool_t pool;
+        uint64_t keep_all = UINT64_MAX;
+        if (cudaGetDevice(&device) == cudaSuccess && cudaDeviceGetDefaultMemPool(&pool, device) == cudaSuccess)
+            cudaMemPoolSetAttribute(pool, cudaMemPoolAttrReleaseThreshold, &keep_all);
+        pool_kept = true;
+    }
+    return cudaMallocAsync(ptr, bytes ? bytes : 1, 0);
+}
+
+struct Scratch {  // device scratch, freed (stream-ordered) on scope exit
     void *ptr = nullptr;
     cudaError_t status = cudaSuccess;
-    explicit Scratch(size_t bytes) { status = cudaMallocAsync(&ptr, bytes ? bytes : 1, 0); }
+    explicit Scratch(size_t bytes) { status = device_alloc(&ptr, bytes); }
     ~Scratch() { if (ptr) cudaFreeAsync(ptr, 0); }
 };
 
@@ -248,8 +265,8 @@ extern "C" {
 
 int lora_cuda_device_count(int *count) { return cudaGetDeviceCount(count); }
 const char *lora_cuda_error_string(int status) { return cudaGetErrorString((cudaError_t)status); }
-int lora_cuda_malloc(void **ptr, size_t bytes) { return cudaMalloc(ptr, bytes ? bytes : 1); }
-int lora_cuda_free(void *ptr) { return cudaFree(ptr); }
+int lora_cuda_malloc(void **ptr, size_t bytes) { return device_alloc(ptr, bytes); }
+int lora_cuda_free(void *ptr) { return cudaFreeAsync(ptr, 0); }
 int lora_cuda_upload(void *dst, const void *src, size_t bytes) { return cudaMemcpy(dst, src, bytes, cudaMemcpyHostToDevice); }
 int lora_cuda_download(void *dst, const void *src, size_t bytes) { return cudaMemcpy(dst, src, bytes, cudaMemcpyDeviceToHost); }
 int lora_cuda_synchronize(void) { return cudaDeviceSynchronize(); }

@@ -1,0 +1,349 @@
+"""lora_np.kernels: the C core equals the NumPy reference, and wrong calls never reach C.
+
+Properties: forward / backward / merge of the C core (tiled and plain-loop) equal the NumPy
+reference over awkward sizes; results are bit-identical for 1 and 2 threads; merge then
+unmerge returns the weight; every malformed call raises TypeError / ValueError naming the
+argument and leaves the outputs untouched. The C driver csrc/test_lora_kernels.c also runs
+once under AddressSanitizer. The tolerance is relative to the size of the terms summed:
+float64 1e-12, float32 1e-5, times the same op evaluated on absolute values.
+"""
+import os
+import shutil
+import subprocess
+import sys
+import sysconfig
+
+import numpy as np
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from conftest import IN_CI, assert_close
+from lora_np import kernels
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+HAS_C = "c" in kernels.available_backends()
+needs_c = pytest.mark.skipif(not HAS_C and not IN_CI, reason="C core not built")
+RTOL = {np.float32: 1e-5, np.float64: 1e-12}
+
+
+@pytest.fixture(autouse=True, scope="module")
+def restore_backend():
+    before, threads = kernels.backend(), kernels.get_num_threads()
+    yield
+    kernels.set_backend(before)
+    kernels.set_num_threads(threads)
+
+
+def test_c_core_is_built_in_ci():
+    """CI installs with a compiler: the C backend must be there and be the default."""
+    if not IN_CI:
+        pytest.skip("only CI promises a compiler")
+    assert "c" in kernels.available_backends(), kernels._C_MISSING
+    assert kernels.backend() == "c"
+
+
+# ---- data ---------------------------------------------------------------------------------
+
+sizes = st.tuples(
+    st.integers(1, 70),                               # N: tokens, crosses the 32-row blocks
+    st.integers(1, 80),                               # in: not a multiple of the SIMD width
+    st.integers(1, 80),                               # out
+    st.integers(1, 64),                               # r
+)
+
+
+def make_case(seed, N, n_in, out, r, dtype):
+    rng = np.random.default_rng(seed)
+    a = {name: rng.standard_normal(shape).astype(dtype) for name, shape in {
+        "x": (N, n_in), "lora_A": (r, n_in), "lora_B": (out, r), "y": (N, out), "dy": (N, out),
+        "dx": (N, n_in), "d_lora_A": (r, n_in), "d_lora_B": (out, r), "weight": (out, n_in),
+        "weight_t": (n_in, out)}.items()}
+    a["scaling"] = float(rng.uniform(-4, 4))
+    a["t"] = a["x"] @ a["lora_A"].T
+    return a
+
+
+def reference(op, args, absolute=False):
+    """The NumPy reference in float64; with absolute=True on |args|: the magnitude of the terms."""
+    wide = {k: (np.abs(v) if absolute else v).astype(np.float64) if isinstance(v, np.ndarray) else
+            (abs(v) if absolute else v) for k, v in args.items()}
+    return op(wide), wide
+
+
+def check(actual, expected, magnitude, dtype, name):
+    assert_close(actual, expected, rtol=0, atol=RTOL[dtype] * max(float(np.max(magnitude, initial=0)), 1e-300),
+                 name=name)
+
+
+def run_forward(a, backend=None, ref_c=False):
+    y = a["y"].copy()
+    if ref_c:
+        t = np.empty_like(a["t"])
+        N, n_in = a["x"].shape
+        kernels._call_c("lora_forward", y, t, a["x"], a["lora_A"], a["lora_B"], a["scaling"], N, n_in,
+                        a["lora_B"].shape[0], a["lora_A"].shape[0], ref=True)
+    else:
+        if backend:
+            kernels.set_backend(backend)
+        t = kernels.lora_forward(y, a["x"], a["lora_A"], a["lora_B"], a["scaling"])
+    return {"y": y, "t": t}
+
+
+def run_backward(a, which, backend=None, ref_c=False):
+    grads = {k: (a[k].copy() if k in which else None) for k in ("dx", "d_lora_A", "d_lora_B")}
+    args = (grads["dx"], grads["d_lora_A"], grads["d_lora_B"], a["dy"], a["x"], a["t"], a["lora_A"],
+            a["lora_B"], a["scaling"])
+    if ref_c:
+        N, n_in = a["x"].shape
+        kernels._call_c("lora_backward", *args, N, n_in, a["lora_B"].shape[0], a["lora_A"].shape[0], ref=True)
+    else:
+        if backend:
+            kernels.set_backend(backend)
+        kernels.lora_backward(*args)
+    return {k: v for k, v in grads.items() if v is not None}
+
+
+def run_merge(a, fan_in_fan_out, backend=None, ref_c=False):
+    w = (a["weight_t"] if fan_in_fan_out else a["weight"]).copy()
+    if ref_c:
+        r, n_in = a["lora_A"].shape
+        kernels._call_c("lora_merge", w, a["lora_A"], a["lora_B"], a["scaling"], int(fan_in_fan_out), n_in,
+                        a["lora_B"].shape[0], r, ref=True)
+    else:
+        if backend:
+            kernels.set_backend(backend)
+        kernels.lora_merge(w, a["lora_A"], a["lora_B"], a["scaling"], fan_in_fan_out=fan_in_fan_out)
+    return w
+
+
+# ---- the C core equals the NumPy reference --------------------------------------------------
+
+
+@needs_c
+@given(sizes=sizes, seed=st.integers(0, 2**32 - 1), dtype=st.sampled_from([np.float32, np.float64]),
+       ref_c=st.booleans())
+def test_forward_matches_numpy(sizes, seed, dtype, ref_c):
+    a = make_case(seed, *sizes, dtype)
+    got = run_forward(a, "c", ref_c)
+    want, _ = reference(lambda w: run_forward(w, "numpy"), a)
+    mag, _ = reference(lambda w: run_forward(w, "numpy"), a, absolute=True)
+    for k in ("y", "t"):
+        assert got[k].dtype == dtype
+        check(got[k], want[k], mag[k], dtype, f"forward {k} {sizes}")
+
+
+@needs_c
+@given(sizes=sizes, seed=st.integers(0, 2**32 - 1), dtype=st.sampled_from([np.float32, np.float64]),
+       which=st.sets(st.sampled_from(["dx", "d_lora_A", "d_lora_B"])), ref_c=st.booleans())
+def test_backward_matches_numpy(sizes, seed, dtype, which, ref_c):
+    a = make_case(seed, *sizes, dtype)
+    got = run_backward(a, which, "c", ref_c)
+    want, _ = reference(lambda w: run_backward(w, which, "numpy"), a)
+    mag, _ = reference(lambda w: run_backward(w, which, "numpy"), a, absolute=True)
+    assert set(got) == set(which)
+    for k in which:
+        check(got[k], want[k], mag[k], dtype, f"backward {k} {sizes}")
+
+
+@needs_c
+@given(sizes=sizes, seed=st.integers(0, 2**32 - 1), dtype=st.sampled_from([np.float32, np.float64]),
+       fan_in_fan_out=st.booleans(), ref_c=st.booleans())
+def test_merge_matches_numpy(sizes, seed, dtype, fan_in_fan_out, ref_c):
+    a = make_case(seed, *sizes, dtype)
+    got = run_merge(a, fan_in_fan_out, "c", ref_c)
+    want, _ = reference(lambda w: run_merge(w, fan_in_fan_out, "numpy"), a)
+    mag, _ = reference(lambda w: run_merge(w, fan_in_fan_out, "numpy"), a, absolute=True)
+    check(got, want, mag, dtype, f"merge fan_in_fan_out={fan_in_fan_out} {sizes}")
+
+
+def test_numpy_reference_is_the_formula():
+    """The reference against the formula written out element by element, once."""
+    a = make_case(1, 3, 5, 4, 2, np.float64)
+    x, A, B, s = a["x"], a["lora_A"], a["lora_B"], a["scaling"]
+    y = run_forward(a, "numpy")["y"]
+    want = a["y"] + s * np.array([[sum(x[n] @ A[k] * B[o, k] for k in range(2)) for o in range(4)] for n in range(3)])
+    assert_close(y, want, rtol=1e-12, name="y")
+    g = run_backward(a, {"dx", "d_lora_A", "d_lora_B"}, "numpy")
+    dyB = np.array([[sum(a["dy"][n, o] * B[o, k] for o in range(4)) for k in range(2)] for n in range(3)])
+    assert_close(g["d_lora_A"], a["d_lora_A"] + s * np.einsum("nk,ni->ki", dyB, x), rtol=1e-12, name="d_lora_A")
+    assert_close(g["d_lora_B"], a["d_lora_B"] + s * np.einsum("no,nk->ok", a["dy"], a["t"]), rtol=1e-12, name="d_lora_B")
+    assert_close(g["dx"], a["dx"] + s * np.einsum("nk,ki->ni", dyB, A), rtol=1e-12, name="dx")
+    assert_close(run_merge(a, True, "numpy"), a["weight_t"] + s * (B @ A).T, rtol=1e-12, name="merge fan_in_fan_out")
+
+
+@pytest.mark.parametrize("backend", ["numpy", pytest.param("c", marks=needs_c)])
+@given(sizes=sizes, seed=st.integers(0, 2**32 - 1), fan_in_fan_out=st.booleans())
+def test_merge_then_unmerge_returns_weight(backend, sizes, seed, fan_in_fan_out):
+    a = make_case(seed, *sizes, np.float64)
+    w0 = (a["weight_t"] if fan_in_fan_out else a["weight"]).copy()
+    kernels.set_backend(backend)
+    w = w0.copy()
+    kernels.lora_merge(w, a["lora_A"], a["lora_B"], a["scaling"], fan_in_fan_out)
+    kernels.lora_merge(w, a["lora_A"], a["lora_B"], -a["scaling"], fan_in_fan_out)
+    mag, _ = reference(lambda v: run_merge(v, fan_in_fan_out, "numpy"), a, absolute=True)
+    check(w, w0, mag, np.float64, "merge then unmerge")
+
+
+@needs_c
+@given(N=st.integers(1, 300), n_in=st.integers(1, 50), out=st.integers(1, 50), r=st.integers(1, 20),
+       seed=st.integers(0, 2**32 - 1), dtype=st.sampled_from([np.float32, np.float64]))
+def test_one_and_two_threads_give_identical_bits(N, n_in, out, r, seed, dtype):
+    a = make_case(seed, N, n_in, out, r, dtype)
+    results = []
+    for threads in (1, 2):
+        kernels.set_num_threads(threads)
+        results.append({**run_forward(a, "c"), **run_backward(a, {"dx", "d_lora_A", "d_lora_B"}, "c"),
+                        "merge": run_merge(a, N % 2 == 1, "c")})
+    for k in results[0]:
+        assert np.array_equal(results[0][k], results[1][k]), f"{k} differs between 1 and 2 threads"
+
+
+@needs_c
+def test_large_case_matches_numpy():
+    """One size with several tiles, chunks and SIMD blocks in every dimension."""
+    a = make_case(7, 1000, 576, 1536, 16, np.float32)
+    for k, v in run_forward(a, "c").items():
+        want, _ = reference(lambda w: run_forward(w, "numpy"), a)
+        mag, _ = reference(lambda w: run_forward(w, "numpy"), a, absolute=True)
+        check(v, want[k], mag[k], np.float32, f"forward {k}")
+    got = run_backward(a, {"dx", "d_lora_A", "d_lora_B"}, "c")
+    want, _ = reference(lambda w: run_backward(w, {"dx", "d_lora_A", "d_lora_B"}, "numpy"), a)
+    mag, _ = reference(lambda w: run_backward(w, {"dx", "d_lora_A", "d_lora_B"}, "numpy"), a, absolute=True)
+    for k in got:
+        check(got[k], want[k], mag[k], np.float32, f"backward {k}")
+
+
+# ---- wrong calls are refused before C ---------------------------------------------------------
+
+
+def small(dtype=np.float32):
+    return make_case(0, 6, 5, 4, 3, dtype)
+
+
+@pytest.mark.parametrize("backend", ["numpy", pytest.param("c", marks=needs_c)])
+@pytest.mark.parametrize("arg, bad, error, words", [
+    ("x", lambda a: a["x"].astype(np.int64), TypeError, ["x", "int64"]),
+    ("x", lambda a: a["x"].astype(np.float16), TypeError, ["x", "float16"]),
+    ("lora_A", lambda a: a["lora_A"].astype(np.float64), TypeError, ["lora_A", "float64"]),
+    ("y", lambda a: a["y"].tolist(), TypeError, ["y", "list"]),
+    ("lora_B", lambda a: np.zeros((4, 2), np.float32), ValueError, ["lora_B", "(4, 2)", "(4, 3)"]),
+    ("y", lambda a: np.zeros((6, 5), np.float32), ValueError, ["y", "(6, 5)", "(6, 4)"]),
+    ("x", lambda a: a["x"][None], ValueError, ["x", "2-D"]),
+    ("x", lambda a: np.asfortranarray(a["x"]), ValueError, ["x", "C-contiguous"]),
+    ("lora_A", lambda a: np.zeros((3, 10), np.float32)[:, ::2], ValueError, ["lora_A", "C-contiguous"]),
+])
+def test_forward_rejects(backend, arg, bad, error, words):
+    kernels.set_backend(backend)
+    a = small()
+    args = {"y": a["y"].copy(), "x": a["x"], "lora_A": a["lora_A"], "lora_B": a["lora_B"]}
+    before = args["y"].copy()
+    args[arg] = bad(a)
+    with pytest.raises(error) as e:
+        kernels.lora_forward(args["y"], args["x"], args["lora_A"], args["lora_B"], a["scaling"])
+    for w in words:
+        assert w in str(e.value)
+    if arg != "y":
+        assert np.array_equal(args["y"], before), "a refused call changed y"
+
+
+@pytest.mark.parametrize("backend", ["numpy", pytest.param("c", marks=needs_c)])
+def test_aliasing_outputs_are_refused(backend):
+    kernels.set_backend(backend)
+    a = make_case(0, 6, 4, 4, 3, np.float32)  # in == out, so y and x can share a buffer
+    buf = np.zeros((7, 4), np.float32)
+    with pytest.raises(ValueError, match="output y .* overlaps x"):
+        kernels.lora_forward(buf[:6], buf[1:], a["lora_A"], a["lora_B"], 1.0)
+    with pytest.raises(ValueError, match="output dx .* overlaps x"):
+        kernels.lora_backward(a["x"], None, None, a["dy"], a["x"], a["t"], a["lora_A"], a["lora_B"], 1.0)
+    with pytest.raises(ValueError, match="output d_lora_A .* overlaps lora_A"):
+        kernels.lora_backward(None, a["lora_A"], None, a["dy"], a["x"], a["t"], a["lora_A"], a["lora_B"], 1.0)
+    grads = np.zeros((9, 4), np.float32)  # dx [6, 4] and d_lora_A [3, 4] overlapping by one row
+    with pytest.raises(ValueError, match="overlaps"):
+        kernels.lora_backward(grads[:6], grads[5:8], None, a["dy"], a["x"], a["t"], a["lora_A"], a["lora_B"], 1.0)
+    w = np.zeros((4, 4), np.float32)
+    with pytest.raises(ValueError, match="output weight .* overlaps lora_A"):
+        kernels.lora_merge(w, w[:3], a["lora_B"], 1.0)
+
+
+@pytest.mark.parametrize("backend", ["numpy", pytest.param("c", marks=needs_c)])
+def test_other_bad_arguments(backend):
+    kernels.set_backend(backend)
+    a = small()
+    y = a["y"].copy()
+    y.flags.writeable = False
+    with pytest.raises(ValueError, match="y is an output and must be writeable"):
+        kernels.lora_forward(y, a["x"], a["lora_A"], a["lora_B"], 1.0)
+    with pytest.raises(TypeError, match="scaling must be a real number"):
+        kernels.lora_forward(a["y"].copy(), a["x"], a["lora_A"], a["lora_B"], "2")
+    with pytest.raises(TypeError, match="t is required"):
+        kernels.lora_backward(None, a["d_lora_A"].copy(), None, a["dy"], a["x"], None, a["lora_A"], a["lora_B"], 1.0)
+    with pytest.raises(ValueError, match=r"d_lora_B has shape \(3, 4\), expected \(4, 3\)"):
+        kernels.lora_backward(None, None, np.zeros((3, 4), np.float32), a["dy"], a["x"], a["t"], a["lora_A"],
+                              a["lora_B"], 1.0)
+    with pytest.raises(ValueError, match=r"weight has shape \(4, 5\), expected \(5, 4\)"):
+        kernels.lora_merge(a["weight"].copy(), a["lora_A"], a["lora_B"], 1.0, fan_in_fan_out=True)
+
+
+# ---- backend selection and threads ---------------------------------------------------------------
+
+
+def test_backend_selection():
+    assert "numpy" in kernels.available_backends()
+    with pytest.raises(ValueError, match="unknown lora_np backend 'fortran'"):
+        kernels.set_backend("fortran")
+    kernels.set_backend("numpy")
+    assert kernels.backend() == "numpy"
+    if "cuda" not in kernels.available_backends():
+        with pytest.raises(RuntimeError, match="'cuda' is unavailable: .+"):
+            kernels.set_backend("cuda")
+
+
+def test_set_num_threads():
+    for bad in (0, -1, 1.5, "2", True):
+        with pytest.raises(ValueError, match="integer >= 1"):
+            kernels.set_num_threads(bad)
+    kernels.set_num_threads(1)
+    assert kernels.get_num_threads() == 1
+
+
+def import_backend(env_value):
+    env = {**os.environ, "LORA_NP_BACKEND": env_value, "PYTHONWARNINGS": "always"}
+    code = "import lora_np.kernels as k; print(k.backend())"
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, cwd=ROOT)
+    assert done.returncode == 0, done.stderr
+    return done.stdout.strip(), done.stderr
+
+
+def test_environment_variable_picks_the_backend():
+    default = "c" if HAS_C else "numpy"
+    assert import_backend("numpy") == ("numpy", "")
+    backend, warned = import_backend("bogus")
+    assert backend == default and "LORA_NP_BACKEND=bogus" in warned and "unknown lora_np backend" in warned
+    backend, warned = import_backend("c")
+    assert backend == default and (HAS_C == (warned == ""))
+    if "cuda" not in kernels.available_backends():
+        backend, warned = import_backend("cuda")
+        assert backend == default and "'cuda' is unavailable" in warned
+
+
+# ---- the C driver under AddressSanitizer -----------------------------------------------------------
+
+
+@needs_c
+def test_c_kernels_under_address_sanitizer(tmp_path):
+    cc = (os.environ.get("CC") or sysconfig.get_config_var("CC") or "cc").split()
+    if shutil.which(cc[0]) is None:
+        pytest.fail(f"the C compiler {cc[0]!r} that built the extension is gone")
+    exe = tmp_path / "test_lora_kernels"
+    sources = [os.path.join(ROOT, "csrc", f) for f in ("test_lora_kernels.c", "lora_kernels.c")]
+    flags = ["-O0", "-g", "-fsanitize=address,undefined", "-fno-omit-frame-pointer", "-fno-sanitize-recover=all",
+             "-Wno-psabi", "-I" + os.path.join(ROOT, "csrc")]
+    omp = ["-fopenmp"] if kernels._lib.lora_has_openmp() else []
+    build = subprocess.run(cc + flags + omp + sources + ["-o", str(exe), "-lm"], capture_output=True, text=True)
+    assert build.returncode == 0, build.stderr
+    env = {**os.environ, "ASAN_OPTIONS": "detect_leaks=1:abort_on_error=0", "LORA_TEST_VERBOSE": "1"}
+    env.pop("LD_PRELOAD", None)
+    done = subprocess.run([str(exe)], capture_output=True, text=True, env=env, timeout=120)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert "all C kernel checks passed" in done.stdout

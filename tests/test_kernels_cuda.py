@@ -1,0 +1,115 @@
+"""The optional CUDA build: the same properties as the C core, on device arrays.
+
+Runs where lora_np/_lora_np_cuda.so is built (LORA_NP_CUDA=1) and a GPU is present; elsewhere
+the GPU tests skip (a missing GPU is not a missing cross-check package). The check that the
+cffi declarations match csrc/cuda/lora_cuda.h runs everywhere.
+"""
+import os
+import re
+
+import numpy as np
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from lora_np import _cuda, kernels
+from test_kernels import check, make_case, reference, run_backward, run_forward, run_merge
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+needs_gpu = pytest.mark.skipif(_cuda.why_unavailable() is not None, reason=f"CUDA: {_cuda.why_unavailable()}")
+
+
+def declarations(text):
+    """C declarations with comments, preprocessor lines and extern "C" braces removed, one per line."""
+    text = re.sub(r"/\*.*?\*/|//[^\n]*", "", text, flags=re.S)
+    lines = [ln for ln in text.splitlines() if not ln.strip().startswith("#")
+             and ln.strip() not in ('extern "C" {', "}")]
+    return [" ".join(d.split()) + ";" for d in " ".join(lines).split(";") if d.strip()]
+
+
+def test_cffi_declarations_match_the_header():
+    with open(os.path.join(ROOT, "csrc", "cuda", "lora_cuda.h")) as f:
+        assert declarations(f.read()) == declarations(_cuda.CDEF)
+
+
+def test_cuda_unavailable_is_explained():
+    if _cuda.why_unavailable() is None:
+        pytest.skip("CUDA is available here")
+    with pytest.raises(RuntimeError, match="CUDA is unavailable: .+"):
+        _cuda.to_device(np.zeros((2, 2), np.float32))
+
+
+sizes = st.tuples(st.integers(1, 70), st.integers(1, 80), st.integers(1, 80), st.integers(1, 64))
+
+
+def on_device(a):
+    return {k: _cuda.to_device(v) if isinstance(v, np.ndarray) else v for k, v in a.items()}
+
+
+@needs_gpu
+@given(sizes=sizes, seed=st.integers(0, 2**32 - 1), dtype=st.sampled_from([np.float32, np.float64]),
+       which=st.sets(st.sampled_from(["dx", "d_lora_A", "d_lora_B"])), fan_in_fan_out=st.booleans())
+def test_device_ops_match_numpy(sizes, seed, dtype, which, fan_in_fan_out):
+    a = make_case(seed, *sizes, dtype)
+    d = on_device(a)
+    t = kernels.lora_forward(d["y"], d["x"], d["lora_A"], d["lora_B"], a["scaling"])
+    assert isinstance(t, _cuda.DeviceArray)
+    got = {"y": d["y"].to_numpy(), "t": t.to_numpy()}
+    kernels.lora_backward(*(d[k] if k in which else None for k in ("dx", "d_lora_A", "d_lora_B")),
+                          d["dy"], d["x"], d["t"], d["lora_A"], d["lora_B"], a["scaling"])
+    got.update({k: d[k].to_numpy() for k in which})
+    w = d["weight_t" if fan_in_fan_out else "weight"]
+    kernels.lora_merge(w, d["lora_A"], d["lora_B"], a["scaling"], fan_in_fan_out)
+    got["merge"] = w.to_numpy()
+
+    def all_ops(v):
+        return {**run_forward(v, "numpy"), **run_backward(v, which, "numpy"), "merge": run_merge(v, fan_in_fan_out, "numpy")}
+
+    want, _ = reference(all_ops, a)
+    mag, _ = reference(all_ops, a, absolute=True)
+    for k, v in got.items():
+        assert v.dtype == dtype
+        check(v, want[k], mag[k], dtype, f"cuda {k} {sizes}")
+    for v in [t, *d.values()]:
+        if isinstance(v, _cuda.DeviceArray):
+            v.free()
+
+
+@needs_gpu
+def test_cuda_backend_on_host_arrays_and_repeatability():
+    a = make_case(3, 3000, 576, 1536, 16, np.float32)
+    kernels.set_backend("cuda")
+    try:
+        first = {**run_forward(a), **run_backward(a, {"dx", "d_lora_A", "d_lora_B"}), "merge": run_merge(a, True)}
+        second = {**run_forward(a), **run_backward(a, {"dx", "d_lora_A", "d_lora_B"}), "merge": run_merge(a, True)}
+    finally:
+        kernels.set_backend("numpy")
+
+    def all_ops(v):
+        return {**run_forward(v, "numpy"), **run_backward(v, {"dx", "d_lora_A", "d_lora_B"}, "numpy"),
+                "merge": run_merge(v, True, "numpy")}
+
+    want, _ = reference(all_ops, a)
+    mag, _ = reference(all_ops, a, absolute=True)
+    for k, v in first.items():
+        check(v, want[k], mag[k], np.float32, f"cuda backend {k}")
+        assert np.array_equal(v, second[k]), f"{k} differs between two identical runs"
+
+
+@needs_gpu
+def test_device_arrays_are_checked():
+    a = make_case(0, 6, 4, 4, 3, np.float32)
+    d = on_device(a)
+    with pytest.raises(TypeError, match="mixing cuda.DeviceArray and host arrays: x"):
+        kernels.lora_forward(d["y"], a["x"], d["lora_A"], d["lora_B"], 1.0)
+    with pytest.raises(ValueError, match="output dx .* overlaps x"):
+        kernels.lora_backward(d["x"], None, None, d["dy"], d["x"], d["t"], d["lora_A"], d["lora_B"], 1.0)
+    with pytest.raises(ValueError, match=r"lora_B has shape \(4, 3\), expected \(4, 2\)|lora_A has shape"):
+        kernels.lora_forward(d["y"], d["x"], _cuda.to_device(a["lora_A"][:2].copy()), d["lora_B"], 1.0)
+    x64 = _cuda.to_device(a["x"].astype(np.float64))
+    with pytest.raises(TypeError, match="float64"):
+        kernels.lora_forward(d["y"], x64, d["lora_A"], d["lora_B"], 1.0)
+    d["x"].free()
+    with pytest.raises(ValueError, match="was freed"):
+        d["x"].to_numpy()
+    assert np.array_equal(d["y"].to_numpy(), a["y"]), "refused calls changed y"
