@@ -33,6 +33,7 @@ import numpy as np
 GGUF_MAGIC = b"GGUF"
 DEFAULT_ALIGNMENT = 32
 MAX_DIMS = 4  # GGML_MAX_DIMS: llama.cpp refuses tensors with more dimensions
+_MAX_BYTES = 2**63 - 1  # the largest array NumPy can describe
 
 # GGUF metadata value types: id -> (name, struct format); STRING and ARRAY are special.
 _VALUE_TYPES = {
@@ -156,59 +157,17 @@ class GGUFFile:
             cur.fail(f"unsupported GGUF version {self.version} (supported: 2, 3)")
         n_tensors = cur.unpack("<Q", "tensor count")
         n_kv = cur.unpack("<Q", "key/value count")
-
-        self.metadata = {}
-        cur.need(n_kv * 12, f"{n_kv} key/value pairs")  # each is at least 12 bytes
-        for i in range(n_kv):
-            key = cur.string(f"key {i}")
-            vtype = cur.unpack("<I", f"type of {key!r}")
-            if key in self.metadata:
-                cur.fail(f"duplicate key {key!r}")
-            if vtype not in _VALUE_TYPES:
-                cur.fail(f"key {key!r} has unknown value type {vtype}")
-            if key == "general.alignment" and vtype != _UINT32:
-                cur.fail(f"general.alignment has type {_VALUE_TYPES[vtype][0]}, expected UINT32")
-            self.metadata[key] = cur.value(vtype, repr(key))
-
+        self.metadata = _read_metadata(cur, n_kv)
         self.alignment = self.metadata.get("general.alignment", DEFAULT_ALIGNMENT)
         if self.alignment == 0 or self.alignment & (self.alignment - 1):
             cur.fail(f"general.alignment {self.alignment} is not a power of two")
-
-        infos = []
-        cur.need(n_tensors * 24, f"{n_tensors} tensor infos")  # each is at least 24 bytes
-        for i in range(n_tensors):
-            name = cur.string(f"name of tensor {i}")
-            n_dims = cur.unpack("<I", f"n_dims of tensor {name!r}")
-            if n_dims > MAX_DIMS:
-                cur.fail(f"tensor {name!r} has {n_dims} dims, at most {MAX_DIMS} are allowed")
-            dims = [cur.unpack("<Q", f"dims of tensor {name!r}") for _ in range(n_dims)]
-            type_id = cur.unpack("<I", f"type of tensor {name!r}")
-            offset = cur.unpack("<Q", f"offset of tensor {name!r}")
-            infos.append((name, dims, type_id, offset))
-        pad = -cur.pos % self.alignment
-        self.data_offset = cur.pos + pad
-        if self.data_offset > cur.size:
-            cur.fail(f"truncated: data section starts at {self.data_offset}, file has {cur.size} bytes")
-
+        infos = _read_tensor_infos(cur, n_tensors)
+        self.data_offset = cur.pos + (-cur.pos % self.alignment)  # may be past the end if no tensors
         self.tensors = {}
         for name, dims, type_id, offset in infos:
             if name in self.tensors:
                 cur.fail(f"duplicate tensor {name!r}")
-            if type_id not in GGML_TYPES:
-                cur.fail(f"tensor {name!r} has unknown ggml type {type_id}")
-            type_name, block_size, type_size = GGML_TYPES[type_id]
-            n_elements = 1
-            for d in dims:
-                n_elements *= d
-            if dims and dims[0] % block_size:
-                cur.fail(f"tensor {name!r}: row length {dims[0]} is not a multiple of "
-                         f"the {type_name} block size {block_size}")
-            nbytes = n_elements // block_size * type_size
-            start = self.data_offset + offset
-            if start + nbytes > cur.size:
-                cur.fail(f"tensor {name!r} ({type_name}, dims {dims}): data at "
-                         f"[{start}, {start + nbytes}) is out of bounds of the {cur.size}-byte file")
-            self.tensors[name] = TensorInfo(name, tuple(reversed(dims)), type_name, start, nbytes)
+            self.tensors[name] = _tensor_info(cur, name, dims, type_id, self.data_offset + offset)
 
     def __repr__(self):
         return f"GGUFFile({self.path!r}, version={self.version}, {len(self.tensors)} tensors)"
@@ -242,6 +201,60 @@ class GGUFFile:
             return self.tensors[name]
         except KeyError:
             raise KeyError(f"{self.path}: no tensor named {name!r}") from None
+
+
+def _read_metadata(cur, n_kv):
+    metadata = {}
+    cur.need(n_kv * 12, f"{n_kv} key/value pairs")  # each is at least 12 bytes
+    for i in range(n_kv):
+        key = cur.string(f"key {i}")
+        vtype = cur.unpack("<I", f"type of {key!r}")
+        if key in metadata:
+            cur.fail(f"duplicate key {key!r}")
+        if vtype not in _VALUE_TYPES:
+            cur.fail(f"key {key!r} has unknown value type {vtype}")
+        if key == "general.alignment" and vtype != _UINT32:
+            cur.fail(f"general.alignment has type {_VALUE_TYPES[vtype][0]}, expected UINT32")
+        metadata[key] = cur.value(vtype, repr(key))
+    return metadata
+
+
+def _read_tensor_infos(cur, n_tensors):
+    """[(name, dims in GGUF order, ggml type id, offset in the data section)]."""
+    infos = []
+    cur.need(n_tensors * 24, f"{n_tensors} tensor infos")  # each is at least 24 bytes
+    for i in range(n_tensors):
+        name = cur.string(f"name of tensor {i}")
+        n_dims = cur.unpack("<I", f"n_dims of tensor {name!r}")
+        if n_dims > MAX_DIMS:
+            cur.fail(f"tensor {name!r} has {n_dims} dims, at most {MAX_DIMS} are allowed")
+        dims = [cur.unpack("<Q", f"dims of tensor {name!r}") for _ in range(n_dims)]
+        type_id = cur.unpack("<I", f"type of tensor {name!r}")
+        offset = cur.unpack("<Q", f"offset of tensor {name!r}")
+        infos.append((name, dims, type_id, offset))
+    return infos
+
+
+def _tensor_info(cur, name, dims, type_id, start):
+    """Check one tensor's type, dims and data region against the file; make its TensorInfo."""
+    if type_id not in GGML_TYPES:
+        cur.fail(f"tensor {name!r} has unknown ggml type {type_id}")
+    type_name, block_size, type_size = GGML_TYPES[type_id]
+    n_elements = 1
+    for d in dims:  # NumPy refuses a shape whose nonzero dims overflow, even beside a zero
+        n_elements *= max(d, 1)
+    if n_elements * type_size > _MAX_BYTES:
+        cur.fail(f"tensor {name!r}: dims {dims} overflow")
+    if 0 in dims:
+        n_elements = 0
+    if dims and dims[0] % block_size:
+        cur.fail(f"tensor {name!r}: row length {dims[0]} is not a multiple of "
+                 f"the {type_name} block size {block_size}")
+    nbytes = n_elements // block_size * type_size
+    if start + nbytes > cur.size:
+        cur.fail(f"tensor {name!r} ({type_name}, dims {dims}): data at "
+                 f"[{start}, {start + nbytes}) is out of bounds of the {cur.size}-byte file")
+    return TensorInfo(name, tuple(reversed(dims)), type_name, start, nbytes)
 
 
 def read_metadata(path) -> dict:

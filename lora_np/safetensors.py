@@ -35,6 +35,7 @@ import numpy as np
 MAX_HEADER_SIZE = 100_000_000  # as the reference reader: a larger header is refused
 _ALIGN = 8
 _U64_MAX = 2**64 - 1
+_MAX_BYTES = 2**63 - 1  # the largest array NumPy can describe
 
 # safetensors dtype -> bits per element, in the reference's order (its save sorts by it).
 _DTYPE_BITS = {
@@ -190,10 +191,12 @@ def _check_entry(name, info, fail):
     if end < begin:
         fail(f"tensor {name!r}: data_offsets {offsets} end before they begin")
     n_bits = _DTYPE_BITS[dtype]
-    for d in shape:
-        n_bits *= d
-        if n_bits > 8 * _U64_MAX:
+    for d in shape:  # NumPy refuses a shape whose nonzero dims overflow, even beside a zero
+        n_bits *= max(d, 1)
+        if n_bits > 8 * _MAX_BYTES:
             fail(f"tensor {name!r}: shape {shape} overflows")
+    if 0 in shape:
+        n_bits = 0
     if n_bits % 8 or n_bits // 8 != end - begin:
         fail(f"tensor {name!r}: shape {shape} of {dtype} needs {n_bits / 8:g} bytes, "
              f"data_offsets {offsets} hold {end - begin}")

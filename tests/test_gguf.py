@@ -265,6 +265,18 @@ def test_huge_counts_are_refused_before_reading(tmp_path, small_file):
     expect_error(tmp_path, small_file[:16] + struct.pack("<Q", 2**40) + small_file[24:], "key/value pairs")
 
 
+def test_huge_dims_beside_a_zero_are_refused(tmp_path):
+    gguf = crosscheck("gguf")
+    path = tmp_path / "huge.gguf"
+    writer = gguf.GGUFWriter(path, "llama")
+    writer.add_tensor("z", np.zeros(0, dtype=np.float32), raw_shape=[2**62, 0])
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    expect_error(tmp_path, path.read_bytes(), "overflow")
+
+
 def test_unsupported_type_names_the_tensor(tmp_path):
     gguf = crosscheck("gguf")
     path = tmp_path / "q2k.gguf"

@@ -173,6 +173,8 @@ BAD_FILES = {
                 "overlaps"),
     "shape overflow": (file_bytes({"a": {"dtype": "F64", "shape": [2**32, 2**32], "data_offsets": [0, 0]}}),
                        "overflows"),
+    "huge dim beside a zero": (file_bytes({"a": {"dtype": "U8", "shape": [2**63, 0], "data_offsets": [0, 0]}}),
+                               "overflows"),
     "bad metadata": (file_bytes({"__metadata__": {"k": 1}}), "__metadata__"),
 }
 
@@ -238,7 +240,8 @@ JSON_VALUES = st.recursive(st.none() | st.booleans() | st.integers(-2**70, 2**70
                            max_leaves=8)
 ENTRIES = st.fixed_dictionaries({
     "dtype": st.sampled_from(["F32", "I8", "BF16", "U64", "F4", "F6_E2M3", "x"]) | JSON_VALUES,
-    "shape": st.lists(st.integers(-1, 5), max_size=3) | JSON_VALUES,
+    "shape": st.lists(st.integers(-1, 5) | st.sampled_from([2**31, 2**61, 2**63, 2**64 - 1, 2**64]),
+                      max_size=3) | JSON_VALUES,
     "data_offsets": st.lists(st.integers(-1, 40), min_size=2, max_size=2) | JSON_VALUES,
 })
 
