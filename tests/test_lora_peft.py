@@ -1,0 +1,196 @@
+"""LoRA interop with Hugging Face PEFT 0.21 on tiny transformers models (float64).
+
+Property: the same base weights and the same adapter give the same logits, loss and
+gradient of every adapter tensor in lora_np and in PEFT, whichever side saved the
+adapter folder. Runs in CI through crosscheck("torch" / "transformers" / "peft").
+"""
+import warnings
+
+import numpy as np
+import pytest
+
+from conftest import assert_close, crosscheck
+from lora_np.lora import LoraConfig, LoraModel, get_peft_model
+from lora_np.models import GPT2LMHeadModel, LlamaForCausalLM, config_from_dict
+
+pytestmark = pytest.mark.filterwarnings("ignore")
+
+VOCAB = 61
+TOL = dict(rtol=1e-10, atol=1e-11)
+
+
+def _rms_forward_f64(self, h):
+    var = h.pow(2).mean(-1, keepdim=True)
+    return self.weight * (h * (var + self.variance_epsilon).rsqrt())
+
+
+def _patch_rope_f64(torch, tm, head_dim, theta):
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim))
+
+    def forward(x, position_ids):
+        freqs = position_ids[:, :, None].double() * inv_freq[None, None, :]          # (B, T, D/2)
+        emb = torch.cat([freqs, freqs], -1)                                            # (B, T, D)
+        return emb.cos().to(x.dtype), emb.sin().to(x.dtype)
+
+    tm.model.rotary_emb.forward = forward
+
+
+def _pair(kind, monkeypatch):
+    """(transformers model, lora_np model) with equal float64 weights."""
+    torch, transformers = crosscheck("torch"), crosscheck("transformers")
+    crosscheck("peft")
+    torch.manual_seed(0)
+    if kind == "llama":
+        from transformers.models.llama import modeling_llama
+
+        # transformers computes LlamaRMSNorm and the RoPE cos/sin in float32 even in a float64
+        # model; patch both to float64 so that the two sides agree to ~1e-15.
+        monkeypatch.setattr(modeling_llama.LlamaRMSNorm, "forward", _rms_forward_f64)
+        cfg = transformers.LlamaConfig(vocab_size=VOCAB, hidden_size=24, intermediate_size=40, num_hidden_layers=2,
+                                       num_attention_heads=4, num_key_value_heads=2, rope_theta=1000.0,
+                                       tie_word_embeddings=False)
+        tm = transformers.LlamaForCausalLM(cfg).double().eval()
+        _patch_rope_f64(torch, tm, 6, 1000.0)
+        m = LlamaForCausalLM(config_from_dict(cfg.to_dict()), dtype=np.float64)
+        m.load_state_dict({k: v.numpy() for k, v in tm.state_dict().items()})
+    else:
+        cfg = transformers.GPT2Config(vocab_size=VOCAB, n_embd=24, n_layer=2, n_head=4, n_positions=16,
+                                      resid_pdrop=0, embd_pdrop=0, attn_pdrop=0)
+        tm = transformers.GPT2LMHeadModel(cfg).double().eval()
+        m = GPT2LMHeadModel(config_from_dict(cfg.to_dict()), dtype=np.float64)
+        m.load_state_dict({k: v.numpy() for k, v in tm.state_dict().items()
+                           if not k.endswith((".attn.bias", ".attn.masked_bias"))})
+    return torch, tm, m.eval()
+
+
+CASES = [
+    ("llama", dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False)),
+    ("llama", dict(r=4, lora_alpha=6, use_rslora=True, target_modules=["q_proj", "k_proj", "o_proj", "down_proj"],
+                   rank_pattern={"layers.1.self_attn.k_proj": 2, "down_proj": 3}, alpha_pattern={"o_proj": 5})),
+    ("llama", dict(r=3, lora_alpha=5, target_modules="all-linear", use_dora=True)),
+    ("llama", dict(r=4, target_modules=["embed_tokens", "gate_proj"], modules_to_save=["lm_head"])),
+    ("llama", dict(r=2, target_modules=r".*\.layers\.1\.mlp\.(up|down)_proj", lora_dropout=0.1)),
+    ("llama", dict(r=2, target_modules=["q_proj", "up_proj"], layers_to_transform=[1], use_dora=True)),
+    ("gpt2", dict(r=4, target_modules=["c_attn", "c_proj"], bias="lora_only", init_lora_weights=False)),
+    ("gpt2", dict(r=3, lora_alpha=7, target_modules=["c_attn", "c_fc"], use_dora=True, bias="all")),
+    ("gpt2", dict(r=4, target_modules=["wte", "c_fc"], use_rslora=True)),
+]
+
+
+def _perturb(named_params, rng, set_data):
+    """Move every trainable tensor off its init (B = 0, m = ‖W‖ would hide bugs)."""
+    for name, p in named_params:
+        if p.requires_grad:
+            set_data(name, rng.standard_normal(tuple(p.shape)) * 0.05)
+
+
+def _run_torch(torch, pm, ids):
+    pm.eval()  # lora_dropout is random in training mode
+    pm.zero_grad()
+    logits = pm(input_ids=torch.tensor(ids)).logits                                   # (B, T, V)
+    # transformers' own loss casts the logits to float32; take the float64 loss here
+    loss = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, VOCAB), torch.tensor(ids[:, 1:]).reshape(-1))
+    loss.backward()
+    grads = {n: p.grad.numpy().copy() for n, p in pm.named_parameters() if p.requires_grad}
+    return logits.detach().numpy(), loss.item(), grads
+
+
+def _run_np(lm, ids):
+    lm.eval()
+    lm.zero_grad()
+    out = lm(ids, labels=ids)
+    out.loss.backward()
+    grads = {n: p.grad for n, p in lm.named_parameters() if p.requires_grad}
+    return out.logits.data, out.loss.item(), grads
+
+
+def _compare(mine, theirs):
+    (logits, loss, grads), (t_logits, t_loss, t_grads) = mine, theirs
+    assert_close(logits, t_logits, name="logits", **TOL)
+    assert_close(loss, t_loss, name="loss", **TOL)
+    assert sorted(grads) == sorted(t_grads), "trainable parameter names differ from PEFT's"
+    for n in grads:
+        assert_close(grads[n], t_grads[n], name=f"grad {n}", rtol=1e-9, atol=1e-11)
+
+
+def _ids(seed=1):
+    return np.random.default_rng(seed).integers(0, VOCAB, (2, 9))
+
+
+@pytest.mark.parametrize("kind,kw", CASES, ids=[f"{k}-{i}" for i, (k, _) in enumerate(CASES)])
+def test_peft_adapter_loads_in_lora_np(kind, kw, tmp_path, monkeypatch):
+    torch, tm, m = _pair(kind, monkeypatch)
+    peft = crosscheck("peft")
+    pm = peft.get_peft_model(tm, peft.LoraConfig(**kw))
+    params = dict(pm.named_parameters())
+    with torch.no_grad():
+        _perturb(params.items(), np.random.default_rng(2),
+                 lambda n, d: params[n].add_(torch.from_numpy(d)))
+    pm.save_pretrained(tmp_path)
+    theirs = _run_torch(torch, pm, _ids())
+
+    lm = LoraModel.from_pretrained(m, tmp_path, is_trainable=True)
+    _compare(_run_np(lm, _ids()), theirs)
+
+
+@pytest.mark.parametrize("kind,kw", CASES, ids=[f"{k}-{i}" for i, (k, _) in enumerate(CASES)])
+def test_lora_np_adapter_loads_in_peft(kind, kw, tmp_path, monkeypatch):
+    torch, tm, m = _pair(kind, monkeypatch)
+    peft = crosscheck("peft")
+    lm = get_peft_model(m, LoraConfig(**kw))
+    params = dict(lm.named_parameters())
+
+    def add(name, d):
+        params[name].data = params[name].data + d
+
+    _perturb(params.items(), np.random.default_rng(3), add)
+    lm.save_pretrained(tmp_path)
+    mine = _run_np(lm, _ids())
+
+    pm = peft.PeftModel.from_pretrained(tm, str(tmp_path), is_trainable=True)
+    _compare(mine, _run_torch(torch, pm, _ids()))
+
+
+def test_print_trainable_parameters_matches_peft(monkeypatch, capsys):
+    torch, tm, m = _pair("llama", monkeypatch)
+    peft = crosscheck("peft")
+    kw = dict(r=4, target_modules=["q_proj", "v_proj", "embed_tokens"], modules_to_save=["lm_head"])
+    peft.get_peft_model(tm, peft.LoraConfig(**kw)).print_trainable_parameters()
+    theirs = capsys.readouterr().out
+    get_peft_model(m, LoraConfig(**kw)).print_trainable_parameters()
+    assert capsys.readouterr().out == theirs
+
+
+def test_named_parameters_match_peft(monkeypatch):
+    torch, tm, m = _pair("gpt2", monkeypatch)
+    peft = crosscheck("peft")
+    kw = dict(r=2, target_modules=["c_attn", "wte"], use_dora=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        theirs = {n: tuple(p.shape) for n, p in peft.get_peft_model(tm, peft.LoraConfig(**kw)).named_parameters()}
+        with pytest.raises(NotImplementedError, match="DoRA on Embedding"):
+            get_peft_model(m, LoraConfig(**kw))
+    kw["target_modules"] = ["c_attn"]
+    torch, tm, m = _pair("gpt2", monkeypatch)
+    theirs = {n: tuple(p.shape) for n, p in peft.get_peft_model(tm, peft.LoraConfig(**kw)).named_parameters()}
+    mine = {n: tuple(p.shape) for n, p in get_peft_model(m, LoraConfig(**kw)).named_parameters()}
+    assert mine == theirs
+
+
+@pytest.mark.parametrize("kind,kw", [CASES[2], CASES[7]], ids=["llama-dora", "gpt2-dora"])
+def test_merged_weights_match_peft(kind, kw, tmp_path, monkeypatch):
+    torch, tm, m = _pair(kind, monkeypatch)
+    peft = crosscheck("peft")
+    lm = get_peft_model(m, LoraConfig(**kw))
+    params = dict(lm.named_parameters())
+
+    def add(name, d):
+        params[name].data = params[name].data + d
+
+    _perturb(params.items(), np.random.default_rng(4), add)
+    lm.save_pretrained(tmp_path)
+    pm = peft.PeftModel.from_pretrained(tm, str(tmp_path))
+    merged_t = {k: v.numpy() for k, v in pm.merge_and_unload().state_dict().items()}
+    merged = lm.merge_and_unload().state_dict()
+    for k, v in merged.items():
+        assert_close(v, merged_t[k], name=k, rtol=1e-12, atol=1e-14)
