@@ -50,8 +50,8 @@ def labelled(example):
     return example.input_ids[example.labels != IGNORE_INDEX]
 
 
-def check_shape(examples, seq_len, pad_id):
-    """Every example is int64 [seq_len]; labels equal ids or are IGNORE_INDEX; pads only at the right."""
+def check_shape(examples, seq_len):
+    """Every example is int64 [seq_len]; each label is its id or IGNORE_INDEX."""
     for e in examples:
         assert isinstance(e, Example)
         assert e.input_ids.shape == e.labels.shape == (seq_len,)
@@ -69,7 +69,7 @@ def test_txt_is_one_document_packed(tmp_path_factory, text, seq_len):
     document = [0, *tokenizer.encode(text, add_special_tokens=False), 1]
     tail = len(document) % seq_len
     examples = load_examples(path, tokenizer, seq_len)
-    check_shape(examples, seq_len, pad_id=1)
+    check_shape(examples, seq_len)
     assert len(examples) == len(document) // seq_len + (tail >= 2)
     # Packed blocks hold the document in order; only a tail of one token is left out.
     kept = document if tail != 1 else document[:-1]
@@ -94,7 +94,7 @@ def test_txt_with_real_tokenizer(tok, tmp_path):
 def test_text_jsonl_packs_documents_with_eos(tok, tmp_path):
     texts = ["One short document.", "", "Another,\nwith a newline.", "x" * 50]
     examples = load_examples(write(tmp_path, "t.jsonl", jsonl({"text": t} for t in texts)), tok, 16)
-    check_shape(examples, 16, tok.pad_token_id)
+    check_shape(examples, 16)
     assert tok.decode(np.concatenate([labelled(e) for e in examples])) == "".join(t + tok.eos_token for t in texts)
 
 
@@ -111,7 +111,7 @@ def test_prompt_completion_loss_is_on_the_completion_only(tok, tmp_path_factory,
     assume(prompt or completion)  # else a lone eos at position 0: nothing to predict, the row is dropped
     path = write(tmp_path_factory.mktemp("pc"), "pc.jsonl", jsonl([{"prompt": prompt, "completion": completion}]))
     (example,) = load_examples(path, tok, 256)
-    check_shape([example], 256, tok.pad_token_id)
+    check_shape([example], 256)
     keep = np.flatnonzero(example.labels != IGNORE_INDEX)
     start, end = keep[0], keep[-1] + 1
     assert (np.diff(keep) == 1).all(), "the labelled tokens are one run"
@@ -151,9 +151,10 @@ def test_messages_loss_is_on_assistant_turns_only(tok, tmp_path_factory, message
     """
     path = write(tmp_path_factory.mktemp("chat"), "chat.jsonl", jsonl([{"messages": messages}]))
     (example,) = load_examples(path, tok, 512)
-    check_shape([example], 512, tok.pad_token_id)
+    check_shape([example], 512)
     full = tok.apply_chat_template(messages)
     assert example.input_ids[:len(full)].tolist() == full
+    assert (example.input_ids[len(full):] == tok.pad_token_id).all()
     assert (example.labels[len(full):] == IGNORE_INDEX).all()
 
     keep = np.flatnonzero(example.labels != IGNORE_INDEX)
