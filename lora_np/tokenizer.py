@@ -227,12 +227,15 @@ PRE_TOKENIZERS = {
     ]},
 }
 
-# `tokenizer.ggml.pre` -> named pre-tokenizer, grouped as llama.cpp's llama-vocab.cpp groups them.
+# `tokenizer.ggml.pre` -> (named pre-tokenizer, ignore_merges, add BOS when the file has no
+# tokenizer.ggml.add_bos_token), as llama.cpp's llama-vocab.cpp reads them.
 GGUF_PRE_TOKENIZERS = {
-    **dict.fromkeys(("gpt2", "mpt", "olmo", "jais"), "gpt2"),
-    **dict.fromkeys(("smollm", "starcoder", "refact", "command-r", "codeshell", "exaone", "minerva"), "smollm"),
-    **dict.fromkeys(("llama3", "llama-bpe", "llama-v3", "falcon3", "pixtral", "midm-2.0", "lfm2",
-                     "dbrx", "smaug-bpe"), "llama3"),
+    **dict.fromkeys(("gpt-2", "phi-2", "jina-es", "jina-de", "mpt", "olmo", "jais"), ("gpt2", False, False)),
+    **dict.fromkeys(("smollm", "starcoder", "refact", "command-r", "codeshell", "exaone", "minerva"),
+                    ("smollm", False, False)),
+    **dict.fromkeys(("llama3", "llama-v3", "llama-bpe", "falcon3", "falcon-h1", "pixtral", "midm-2.0", "lfm2"),
+                    ("llama3", True, True)),
+    **dict.fromkeys(("dbrx", "smaug-bpe"), ("llama3", False, False)),
 }
 
 
@@ -345,7 +348,6 @@ class Tokenizer:
         self.pad_token_id = None if pad_token is None else self._require(pad_token, "pad_token")
         self.unk_token_id = None if unk_token is None else self._require(unk_token, "unk_token")
         self.chat_template = chat_template
-        self._default_system = _chatml_default_system(chat_template) if chat_template is not None else None
         self._token_bytes = None
         self._vocab_size = max(self._id_to_token) + 1
 
@@ -488,9 +490,7 @@ class Tokenizer:
         Returns the ids (encoded without BOS/EOS, as transformers does) or, with
         tokenize=False, the text.
         """
-        if self._default_system is None:
-            raise NotImplementedError(f"{self.source}: chat template is not the ChatML template this module "
-                                      f"renders without jinja: {self.chat_template!r}")
+        system = _chatml_default_system(self.chat_template, self.source)
         if not messages:
             raise ValueError(f"{self.source}: cannot apply the chat template to an empty conversation")
         parts = []
@@ -498,8 +498,8 @@ class Tokenizer:
             role, content = message["role"], message["content"]
             if not isinstance(content, str):
                 raise TypeError(f"{self.source}: message {k} content must be a str, got {type(content).__name__}")
-            if k == 0 and role != "system" and self._default_system:
-                parts.append(f"<|im_start|>system\n{self._default_system[0]}<|im_end|>\n")
+            if k == 0 and role != "system" and system is not None:
+                parts.append(f"<|im_start|>system\n{system}<|im_end|>\n")
             parts.append(f"<|im_start|>{role}\n{content}<|im_end|>\n")
         if add_generation_prompt:
             parts.append("<|im_start|>assistant\n")
@@ -514,19 +514,20 @@ _CHATML_SYSTEM = re.compile(r"\{% if loop\.first and messages\[0\]\['role'\] != 
                             r"\{\{ '<\|im_start\|>system\n([^'\\]*)<\|im_end\|>\n' \}\}\{% endif %\}")
 
 
-def _chatml_default_system(template):
-    """For a ChatML template: () without a default system prompt, (prompt,) with one; None otherwise.
+def _chatml_default_system(template, where):
+    """The default system prompt of a ChatML template (None if it has none); raises for other templates.
 
     Jinja (trim_blocks, as transformers renders) drops one newline after the final block tag.
     """
-    template = template[:-1] if template.endswith("\n") else template
-    m = _CHATML_SYSTEM.search(template)
-    system = (m.group(1),) if m else ()
-    stripped = template[:m.start()] + template[m.end():] if m else template
+    if template is None:
+        raise NotImplementedError(f"{where}: has no chat template")
+    text = template[:-1] if template.endswith("\n") else template
     head, tail = _CHATML_BODY.split("SYSTEM")
-    if not (stripped == head + tail and (m is None or m.start() == len(head))):
-        return None
-    return system
+    m = _CHATML_SYSTEM.match(text, len(head))
+    if text != head + (m.group() if m else "") + tail:
+        raise NotImplementedError(f"{where}: chat template is not the ChatML template this module renders "
+                                  f"without jinja: {template!r}")
+    return m.group(1) if m else None
 
 
 # -- loaders -----------------------------------------------------------------------------
@@ -653,18 +654,18 @@ def _from_gguf(path, override):
     if get("tokenizer.ggml.model") != "gpt2":
         raise NotImplementedError(f"{path}: tokenizer.ggml.model {meta['tokenizer.ggml.model']!r} "
                                   "(only 'gpt2', byte-level BPE)")
-    pre = get("tokenizer.ggml.pre", "gpt2")
-    if override is None and pre not in GGUF_PRE_TOKENIZERS:
-        raise NotImplementedError(f"{path}: tokenizer.ggml.pre {pre!r} is not supported; "
-                                  f"known: {sorted(GGUF_PRE_TOKENIZERS)}")
+    pre = get("tokenizer.ggml.pre", None)
+    if pre not in GGUF_PRE_TOKENIZERS and override is None:
+        raise NotImplementedError(f"{path}: tokenizer.ggml.pre {pre!r} is not supported (known: "
+                                  f"{sorted(GGUF_PRE_TOKENIZERS)}); pass pre_tokenizer= one of {sorted(PRE_TOKENIZERS)}")
+    layout, ignore_merges, add_bos = GGUF_PRE_TOKENIZERS.get(pre, (None, False, False))
     tokens = get("tokenizer.ggml.tokens")
     token_types = get("tokenizer.ggml.token_type", [])
     # As transformers' byte_level_tokenizer: a token outside the byte alphabet is respelled from its bytes.
-    spelling = bytes_to_unicode()
-    alphabet = set(spelling.values())
-    vocab = {}
-    for i, t in enumerate(tokens):
-        vocab[t if set(t) <= alphabet else "".join(spelling[b] for b in t.encode("utf-8"))] = i
+    byte_char = bytes_to_unicode()
+    alphabet = set(byte_char.values())
+    spelled = [t if set(t) <= alphabet else "".join(byte_char[b] for b in t.encode("utf-8")) for t in tokens]
+    vocab = {t: i for i, t in enumerate(spelled)}
     merges = [tuple(m.split(" ")) for m in get("tokenizer.ggml.merges")]
     if any(len(m) != 2 for m in merges):
         raise ValueError(f"{path}: tokenizer.ggml.merges has an entry that is not two tokens")
@@ -674,18 +675,17 @@ def _from_gguf(path, override):
     added += [{"id": vocab[t], "content": t, "special": False, "normalized": False}
               for t, kind in zip(tokens, token_types) if kind == 4 and t in vocab]
 
-    def token(key):
+    def token_id(key):
         i = get(key, None)
-        if i is None:
-            return None
-        if not 0 <= i < len(tokens):
+        if i is not None and not 0 <= i < len(tokens):
             raise ValueError(f"{path}: {key} = {i} is outside the vocabulary of {len(tokens)}")
-        return tokens[i]
+        return i
 
-    bos, eos = token("tokenizer.ggml.bos_token_id"), token("tokenizer.ggml.eos_token_id")
-    prefix = [vocab[bos]] if get("tokenizer.ggml.add_bos_token", False) and bos is not None else []
-    suffix = [vocab[eos]] if get("tokenizer.ggml.add_eos_token", False) and eos is not None else []
-    return Tokenizer(vocab, merges, added, override or PRE_TOKENIZERS[GGUF_PRE_TOKENIZERS[pre]],
-                     prefix_ids=prefix, suffix_ids=suffix, bos_token=bos, eos_token=eos,
-                     pad_token=token("tokenizer.ggml.padding_token_id"), unk_token=token("tokenizer.ggml.unknown_token_id"),
-                     chat_template=get("tokenizer.chat_template", None), source=path)
+    bos, eos = token_id("tokenizer.ggml.bos_token_id"), token_id("tokenizer.ggml.eos_token_id")
+    pad, unk = token_id("tokenizer.ggml.padding_token_id"), token_id("tokenizer.ggml.unknown_token_id")
+    prefix = [bos] if get("tokenizer.ggml.add_bos_token", add_bos) and bos is not None else []
+    suffix = [eos] if get("tokenizer.ggml.add_eos_token", False) and eos is not None else []
+    return Tokenizer(vocab, merges, added, override or PRE_TOKENIZERS[layout], prefix_ids=prefix, suffix_ids=suffix,
+                     **{name: None if i is None else spelled[i] for name, i in
+                        (("bos_token", bos), ("eos_token", eos), ("pad_token", pad), ("unk_token", unk))},
+                     ignore_merges=ignore_merges, chat_template=get("tokenizer.chat_template", None), source=path)

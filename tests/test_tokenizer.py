@@ -12,11 +12,14 @@ import importlib.util
 import json
 import os
 
+import unicodedata
+
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from conftest import crosscheck
+from lora_np import tokenizer
 from lora_np.tokenizer import LLAMA3_PATTERN, PRE_TOKENIZERS, bytes_to_unicode, load_tokenizer
 
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -267,6 +270,89 @@ def test_named_pre_tokenizers_match_trained(trained):
     assert data["pre_tokenizer"]["pretokenizers"][0]["pattern"] == PRE_TOKENIZERS["llama3"]["pretokenizers"][0]["pattern"]
     for text in FIXED:
         assert load_tokenizer(path, pre_tokenizer="llama3").encode(text) == ref.encode(text).ids, text
+
+
+@pytest.mark.parametrize("ignore_merges", [False, True])
+def test_ignore_merges_matches_tokenizers(tmp_path, ignore_merges):
+    """With ignore_merges a piece that is itself in the vocabulary is one token, whatever the merges say."""
+    tokenizers = crosscheck("tokenizers")
+    alphabet = sorted(bytes_to_unicode().values())
+    vocab = {c: i for i, c in enumerate(alphabet + ["bc", "ab", "abc"])}
+    ref = tokenizers.Tokenizer(tokenizers.models.BPE(vocab, [("b", "c"), ("a", "b")], ignore_merges=ignore_merges))
+    ref.pre_tokenizer = tokenizers.pre_tokenizers.ByteLevel(add_prefix_space=False)
+    ref.decoder = tokenizers.decoders.ByteLevel()
+    path = tmp_path / "tokenizer.json"
+    path.write_text(ref.to_str(), encoding="utf-8")
+    ours = load_tokenizer(path)
+    for text in ("abc", "xabc abc", "ab", "abcabc"):
+        assert ours.encode(text) == ref.encode(text).ids, text
+    assert (ours.encode("abc") == [vocab["abc"]]) == ignore_merges
+
+
+# -- character classes and GGUF metadata -----------------------------------------------
+
+@pytest.mark.parametrize("pattern", [r"\p{L}", r"\p{N}", r"\s", r"[^\s\p{L}\p{N}]", r"[^\r\n\p{L}\p{N}]"])
+def test_character_classes_match_oniguruma(pattern):
+    """Membership of every code point at an edge of our \\p{L}, \\p{N}, \\s ranges, as Oniguruma decides it."""
+    tokenizers = crosscheck("tokenizers")
+    ranges = tokenizer._category_ranges("L") + tokenizer._category_ranges("N") + list(tokenizer._WHITE_SPACE)
+    points = sorted({c for a, b in ranges for c in (a - 1, a, b, b + 1)
+                     if 0 <= c <= 0x10FFFF and not 0xD800 <= c <= 0xDFFF} | set(range(0x80)))
+    text = "".join(map(chr, points))
+    gaps = tokenizers.pre_tokenizers.Split(tokenizers.Regex(pattern), behavior="removed").pre_tokenize_str(text)
+    theirs = set(text) - set("".join(piece for piece, _ in gaps))
+    ours = set(tokenizer._compile(pattern).findall(text))
+    wrong = sorted(theirs ^ ours)
+    assert not wrong, [(hex(ord(c)), unicodedata.category(c), c in theirs) for c in wrong[:10]]
+
+
+@pytest.fixture(scope="module")
+def synthetic_gguf(trained, tmp_path_factory):
+    """The trained BPE written as a tokenizer-only GGUF: "llama-bpe" pre-tokenizer, no add_bos_token key,
+    a user-defined token, and tokens outside the byte alphabet (respelled / skipped as transformers does)."""
+    gguf = crosscheck("gguf")
+    _, ref, _ = trained["gpt2"]
+    vocab = ref.get_vocab()
+    tokens = sorted(vocab, key=vocab.get) + ["<think>", "🤖", "<|ctrl ☃|>"]
+    types = [3 if t in ("<|endoftext|>", "<s>", "</s>", "<|ctrl ☃|>") else 4 if t == "<think>" else 1 for t in tokens]
+    merges = [" ".join(m) for m in json.loads(ref.to_str())["model"]["merges"]]
+    path = tmp_path_factory.mktemp("gguf") / "tok.gguf"
+    writer = gguf.GGUFWriter(str(path), "llama")
+    writer.add_tokenizer_model("gpt2")
+    writer.add_tokenizer_pre("llama-bpe")
+    writer.add_token_list(tokens)
+    writer.add_token_types(types)
+    writer.add_token_merges(merges)
+    writer.add_bos_token_id(vocab["<s>"])
+    writer.add_eos_token_id(vocab["</s>"])
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path
+
+
+@settings(max_examples=100)
+@given(text=texts.map(lambda t: t + " <think>🤖<s>"))
+def test_synthetic_gguf_matches_transformers(synthetic_gguf, text):
+    """transformers' GGUF mapping, with what llama.cpp adds for "llama-bpe": ignore_merges, and BOS
+    when the file does not say (transformers adds none)."""
+    crosscheck("transformers")
+    from transformers.integrations.gguf.gguf_tokenizer_mapping import convert_gguf_tokenizer, get_gguf_tokenizer
+
+    if synthetic_gguf not in _loaded:
+        architecture, tokenizer_dict, config = get_gguf_tokenizer(str(synthetic_gguf))
+        ref = convert_gguf_tokenizer(architecture, tokenizer_dict)[0]
+        ref.model.ignore_merges = True
+        _loaded[synthetic_gguf] = (ref, config, load_tokenizer(synthetic_gguf))
+    ref, config, ours = _loaded[synthetic_gguf]
+    assert "add_bos_token" not in config
+    expected = ref.encode(text, add_special_tokens=False).ids
+    assert ours.encode(text, add_special_tokens=False) == expected, text
+    assert ours.encode(text) == [ref.token_to_id(config["bos_token"])] + expected
+    assert ours.decode(expected) == ref.decode(expected, skip_special_tokens=False)
+    assert ours.decode(expected, skip_special_tokens=True) == ref.decode(expected, skip_special_tokens=True)
+    assert ours.vocab_size == ref.get_vocab_size(with_added_tokens=True)
 
 
 # -- errors ------------------------------------------------------------------------------
