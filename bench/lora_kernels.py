@@ -145,7 +145,7 @@ def gpu(args):
 
     from lora_np._cuda import synchronize, to_device
 
-    def timed(fn, sync, reps=50):
+    def timed(fn, sync, reps=50):  # mean seconds per call
         sync()
         start = time.perf_counter()
         for _ in range(reps):
@@ -194,16 +194,30 @@ def gpu(args):
             g["dB"].addmm_(g["dy"].T, t["torch"], alpha=s)
             g["dx"].addmm_(gg, g["lora_A"], alpha=s)
 
+        def ours_only(grad):
+            def run():
+                kernels.lora_backward(*(d[k] if k == grad else None for k in ("dx", "dA", "dB")), d["dy"], d["x"],
+                                      t["ours"], d["lora_A"], d["lora_B"], s)
+            return run
+
         fns = {"ours fwd": (ours_fwd, synchronize), "ours bwd": (ours_bwd, synchronize),
                "torch fwd": (torch_fwd, torch.cuda.synchronize), "torch bwd": (torch_bwd, torch.cuda.synchronize),
                "addmm fwd": (torch_addmm_fwd, torch.cuda.synchronize),
-               "addmm bwd": (torch_addmm_bwd, torch.cuda.synchronize)}
-        med = median_times({k: (lambda f=f, sy=sy: timed(f, sy)) for k, (f, sy) in fns.items()}, args.rounds)
+               "addmm bwd": (torch_addmm_bwd, torch.cuda.synchronize),
+               "ours dx": (ours_only("dx"), synchronize), "ours dA": (ours_only("dA"), synchronize),
+               "ours dB": (ours_only("dB"), synchronize)}
+        times = {k: [] for k in fns}
+        for _ in range(args.rounds):  # interleaved rounds; each entry is the mean of 50 calls
+            for k, (f, sync) in fns.items():
+                times[k].append(timed(f, sync))
+        med = {k: statistics.median(v) for k, v in times.items()}
         ours = med["ours fwd"] + med["ours bwd"]
         floor = 4 * (N * n_in + 2 * N * out + N * out + 3 * N * n_in)
-        print(f"N={N} {n_in}x{out} r={r}: lora_np fwd {med['ours fwd'] * 1e6:.0f} us, bwd {med['ours bwd'] * 1e6:.0f} us; "
-              f"torch eager fwd {med['torch fwd'] * 1e6:.0f} us, bwd {med['torch bwd'] * 1e6:.0f} us; "
-              f"torch addmm_ fwd {med['addmm fwd'] * 1e6:.0f} us, bwd {med['addmm bwd'] * 1e6:.0f} us")
+        print(f"N={N} {n_in}x{out} r={r}: lora_np fwd {med['ours fwd'] * 1e6:.0f} us, bwd {med['ours bwd'] * 1e6:.0f} us "
+              f"(dx alone {med['ours dx'] * 1e6:.0f}, d_lora_A alone {med['ours dA'] * 1e6:.0f}, "
+              f"d_lora_B alone {med['ours dB'] * 1e6:.0f}); torch eager fwd {med['torch fwd'] * 1e6:.0f} us, "
+              f"bwd {med['torch bwd'] * 1e6:.0f} us; torch addmm_ fwd {med['addmm fwd'] * 1e6:.0f} us, "
+              f"bwd {med['addmm bwd'] * 1e6:.0f} us")
         print(f"    fwd+bwd speed-up vs torch eager {(med['torch fwd'] + med['torch bwd']) / ours:.2f}x, "
               f"vs addmm_ {(med['addmm fwd'] + med['addmm bwd']) / ours:.2f}x; "
               f"lora_np moves the unavoidable bytes at {floor / ours / 1e12:.2f} TB/s")

@@ -42,6 +42,7 @@
 #define ROWS 32            /* token rows per cache block */
 #define CHUNK_ROWS 64      /* backward: at least this many tokens per chunk ... */
 #define MAX_CHUNKS 16      /* ... and at most this many chunks */
+#define PARALLEL_WORK 200000 /* multiply-adds below which a call stays on one thread */
 
 static int lora_num_threads = 0;
 

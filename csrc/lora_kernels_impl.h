@@ -194,7 +194,7 @@ int FN(lora_forward)(real *y, real *t, const real *x, const real *lora_A, const 
     if (!sBt) return LORA_ENOMEM;
     FN(transpose_scaled)(sBt, lora_B, (real)scaling, out, r);
     int64_t n_blocks = (N + ROWS - 1) / ROWS;
-#pragma omp parallel for schedule(static) num_threads(lora_get_num_threads())
+#pragma omp parallel for schedule(static) num_threads(lora_get_num_threads()) if (N * r * (in + out) > PARALLEL_WORK)
     for (int64_t b = 0; b < n_blocks; b++) {
         int64_t m0 = b * ROWS, M = min64(ROWS, N - m0);
         FN(forward_block)(y + m0 * out, t + m0 * r, x + m0 * in, lora_A, sBt, M, in, out, r);
@@ -226,7 +226,7 @@ int FN(lora_backward)(real *dx, real *d_lora_A, real *d_lora_B, const real *dy, 
     if (sA)
         for (int64_t j = 0; j < r * in; j++) sA[j] = s * lora_A[j];
 
-#pragma omp parallel for schedule(static) num_threads(lora_get_num_threads())
+#pragma omp parallel for schedule(static) num_threads(lora_get_num_threads()) if (2 * N * r * (in + out) > PARALLEL_WORK)
     for (int64_t c = 0; c < n_c; c++) {
         for (int64_t m0 = c * N / n_c, m_end = (c + 1) * N / n_c; m0 < m_end; m0 += ROWS) {
             int64_t M = min64(ROWS, m_end - m0);
@@ -238,7 +238,7 @@ int FN(lora_backward)(real *dx, real *d_lora_A, real *d_lora_B, const real *dy, 
 
     /* Sum the chunks in order c = 0..n_c-1 into chunk 0, then scale into the gradients. */
     if (Pa) {
-#pragma omp parallel for schedule(static) num_threads(lora_get_num_threads())
+#pragma omp parallel for schedule(static) num_threads(lora_get_num_threads()) if (n_c * r * in > PARALLEL_WORK)
         for (int64_t k = 0; k < r; k++) {
             real *p0 = Pa + k * in;
             for (int64_t c = 1; c < n_c; c++)
@@ -247,7 +247,7 @@ int FN(lora_backward)(real *dx, real *d_lora_A, real *d_lora_B, const real *dy, 
         }
     }
     if (Pb) {
-#pragma omp parallel for schedule(static) num_threads(lora_get_num_threads())
+#pragma omp parallel for schedule(static) num_threads(lora_get_num_threads()) if (n_c * r * out > PARALLEL_WORK)
         for (int64_t k = 0; k < r; k++) {
             real *p0 = Pb + k * out;
             for (int64_t c = 1; c < n_c; c++)
@@ -277,7 +277,7 @@ int FN(lora_merge)(real *weight, const real *lora_A, const real *lora_B, double 
     else
         for (int64_t j = 0; j < r * in; j++) D[j] = s * lora_A[j];
     int64_t n_blocks = (rows + ROWS - 1) / ROWS;
-#pragma omp parallel for schedule(static) num_threads(lora_get_num_threads())
+#pragma omp parallel for schedule(static) num_threads(lora_get_num_threads()) if (rows * cols * r > PARALLEL_WORK)
     for (int64_t b = 0; b < n_blocks; b++) {
         int64_t m0 = b * ROWS, M = min64(ROWS, rows - m0);
         FN(update_block)(weight + m0 * cols, C + m0 * csm, csm, csk, D, M, cols, r);

@@ -25,30 +25,44 @@ int64_t cdiv(int64_t a, int64_t b) { return (a + b - 1) / b; }
 // ---- rows_dot ---------------------------------------------------------------------------
 // P [slice][M, R] = X [M, K-slice] @ W(k, i)^T, W(k, i) = W[k * wk + i * wi], one K slice per
 // blockIdx.y. Grid (ceil(M / 64), slices, ceil(R / RT)), 128 threads: rows tid/4 and tid/4 + 32,
-// ranks 4 * (tid % 4) .. + 3 of this block's RT ranks.
+// ranks 4 * (tid % 4) .. + 3 of this block's RT ranks. The next tile is loaded into registers
+// while the current one is used, so each thread keeps its 20 global loads in flight together.
 template <typename T>
-__global__ void rows_dot_kernel(T *P, const T *X, const T *W, int64_t wk, int64_t wi, int64_t M, int64_t K,
-                                int64_t R, int64_t kslice)
+__global__ void __launch_bounds__(128, 4) rows_dot_kernel(T *P, const T *__restrict__ X, const T *__restrict__ W,
+                                                       int64_t wk, int64_t wi, int64_t M, int64_t K, int64_t R,
+                                                       int64_t kslice)
 {
-    constexpr int BM = 64, BK = 32;
+    constexpr int BM = 64, BK = 32, XPT = BM * BK / 128, WPT = RT * BK / 128;
     __shared__ T xs[BM][BK + 1];
-    __shared__ T ws[BK][RT];
+    __shared__ T ws[BK][RT + 1];
     const int tid = threadIdx.x, row = tid >> 2, quad = tid & 3;
     const int64_t m0 = (int64_t)blockIdx.x * BM, r0 = (int64_t)blockIdx.z * RT;
     const int64_t k_begin = (int64_t)blockIdx.y * kslice, k_end = min(K, k_begin + kslice);
-    T acc[2][4] = {};
-    for (int64_t kb = k_begin; kb < k_end; kb += BK) {
-        for (int e = tid; e < BM * BK; e += 128) {
-            const int rr = e / BK, c = e % BK;
-            const int64_t m = m0 + rr, i = kb + c;
-            xs[rr][c] = (m < M && i < k_end) ? X[m * K + i] : T(0);
-        }
-        for (int e = tid; e < RT * BK; e += 128) {  // walk W along its contiguous dimension
-            const int rank = wi == 1 ? e / BK : e % RT, c = wi == 1 ? e % BK : e / RT;
+    T xr[XPT], wr[WPT];
+    auto load = [&](int64_t kb) {
+        const int64_t m = m0 + tid / BK, i = kb + tid % BK;  // element u is row m + 4u, column i
+        const T *x = X + m * K + i;
+#pragma unroll
+        for (int u = 0; u < XPT; u++) xr[u] = (m + 4 * u < M && i < k_end) ? x[4 * u * K] : T(0);
+#pragma unroll
+        for (int u = 0; u < WPT; u++) {  // walk W along its contiguous dimension
+            const int e = tid + 128 * u, rank = wi == 1 ? e / BK : e % RT, c = wi == 1 ? e % BK : e / RT;
             const int64_t k = r0 + rank, i = kb + c;
-            ws[c][rank] = (k < R && i < k_end) ? W[k * wk + i * wi] : T(0);
+            wr[u] = (k < R && i < k_end) ? W[k * wk + i * wi] : T(0);
+        }
+    };
+    T acc[2][4] = {};
+    load(k_begin);
+    for (int64_t kb = k_begin; kb < k_end; kb += BK) {
+#pragma unroll
+        for (int u = 0; u < XPT; u++) xs[(tid + 128 * u) / BK][(tid + 128 * u) % BK] = xr[u];
+#pragma unroll
+        for (int u = 0; u < WPT; u++) {
+            const int e = tid + 128 * u;
+            ws[wi == 1 ? e % BK : e / RT][wi == 1 ? e / BK : e % RT] = wr[u];
         }
         __syncthreads();
+        if (kb + BK < k_end) load(kb + BK);
 #pragma unroll 8
         for (int c = 0; c < BK; c++) {
             const T x0 = xs[row][c], x1 = xs[row + 32][c];
@@ -88,10 +102,10 @@ __global__ void sum_slices_kernel(T *out, int64_t oi, int64_t oj, const T *P, in
 // D(k, j) = D[k * dk + j * dj]. Grid (ceil(M / 32), ceil(K / 256)), 256 threads: one column each,
 // its RT values of D in registers, 32 rows of C in shared memory.
 template <typename T>
-__global__ void rank_update_kernel(T *Y, const T *C, int64_t cm, int64_t ck, const T *D, int64_t dk, int64_t dj,
+__global__ void __launch_bounds__(256) rank_update_kernel(T *Y, const T *C, int64_t cm, int64_t ck, const T *D, int64_t dk, int64_t dj,
                                    T alpha, int64_t M, int64_t K, int64_t R, int64_t r0)
 {
-    constexpr int BM = 32;
+    constexpr int BM = 32, U = 8;
     __shared__ T cs[BM][RT];
     const int64_t m0 = (int64_t)blockIdx.x * BM, j = (int64_t)blockIdx.y * 256 + threadIdx.x;
     for (int e = threadIdx.x; e < BM * RT; e += 256) {
@@ -105,12 +119,17 @@ __global__ void rank_update_kernel(T *Y, const T *C, int64_t cm, int64_t ck, con
     __syncthreads();
     if (j >= K) return;
     const int rows = (int)min((int64_t)BM, M - m0);
-#pragma unroll 4
-    for (int rr = 0; rr < rows; rr++) {
-        T acc = 0;
+    for (int rr0 = 0; rr0 < rows; rr0 += U) {  // U loads in flight, then U updates
+        T yv[U];
 #pragma unroll
-        for (int q = 0; q < RT; q++) acc += cs[rr][q] * d[q];
-        Y[(m0 + rr) * K + j] += alpha * acc;
+        for (int u = 0; u < U; u++) yv[u] = rr0 + u < rows ? Y[(m0 + rr0 + u) * K + j] : T(0);
+#pragma unroll
+        for (int u = 0; u < U; u++) {
+            T acc = 0;
+#pragma unroll
+            for (int q = 0; q < RT; q++) acc += cs[rr0 + u][q] * d[q];
+            if (rr0 + u < rows) Y[(m0 + rr0 + u) * K + j] = yv[u] + alpha * acc;
+        }
     }
 }
 
@@ -118,9 +137,10 @@ __global__ void rank_update_kernel(T *Y, const T *C, int64_t cm, int64_t ck, con
 // P [slice][R, K] = C [M-slice, R]^T @ X [M-slice, K] for ranks r0..r0+RT-1, C and X dense.
 // Grid (ceil(K / 256), slices, ceil(R / RT)), 256 threads: one column each, RT sums in registers.
 template <typename T>
-__global__ void rank_reduce_kernel(T *P, const T *C, const T *X, int64_t M, int64_t K, int64_t R, int64_t mslice)
+__global__ void __launch_bounds__(256) rank_reduce_kernel(T *P, const T *__restrict__ C, const T *__restrict__ X,
+                                                         int64_t M, int64_t K, int64_t R, int64_t mslice)
 {
-    constexpr int BM = 32;
+    constexpr int BM = 32, U = 8;
     __shared__ T cs[BM][RT];
     const int64_t j = (int64_t)blockIdx.x * 256 + threadIdx.x, r0 = (int64_t)blockIdx.z * RT;
     const int64_t m_begin = (int64_t)blockIdx.y * mslice, m_end = min(M, m_begin + mslice);
@@ -134,11 +154,14 @@ __global__ void rank_reduce_kernel(T *P, const T *C, const T *X, int64_t M, int6
         __syncthreads();
         if (j < K) {
             const int rows = (int)min((int64_t)BM, m_end - mb);
-#pragma unroll 4
-            for (int rr = 0; rr < rows; rr++) {
-                const T xv = X[(mb + rr) * K + j];
+            for (int rr0 = 0; rr0 < rows; rr0 += U) {  // U loads in flight, then their sums
+                T xv[U];
 #pragma unroll
-                for (int q = 0; q < RT; q++) acc[q] += cs[rr][q] * xv;
+                for (int u = 0; u < U; u++) xv[u] = rr0 + u < rows ? X[(mb + rr0 + u) * K + j] : T(0);
+#pragma unroll
+                for (int u = 0; u < U; u++)
+#pragma unroll
+                    for (int q = 0; q < RT; q++) acc[q] += cs[rr0 + u][q] * xv[u];
             }
         }
         __syncthreads();
