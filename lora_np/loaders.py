@@ -13,6 +13,7 @@ import numpy as np
 from . import gguf as _gguf
 from . import safetensors as _st
 from .models import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, config_from_dict
+from .gguf import reverse_llama_permute
 from .nn import skip_init
 
 __all__ = ["load_model", "default_model_path", "DEFAULT_MODEL_PACKAGE", "DEFAULT_MODEL_FILE",
@@ -183,13 +184,6 @@ def gguf_config(metadata, tensors, source):
         bos_token_id=metadata.get("tokenizer.ggml.bos_token_id"),
         eos_token_id=metadata.get("tokenizer.ggml.eos_token_id"),
     )
-
-
-def reverse_llama_permute(w, n_head):
-    """Undo llama.cpp's convert_hf_to_gguf permutation of q/k rows (its RoPE layout), as
-    transformers' GGUF loader does: rows (n_head, 2, D/2) were stored as (n_head, D/2, 2)."""
-    rows = w.shape[0]
-    return w.reshape(n_head, rows // n_head // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
 def _load_gguf(path, dtype):
