@@ -124,6 +124,8 @@ class Function:
 def _to_array(data, dtype=None):
     if isinstance(data, Tensor):
         data = data.data
+    if isinstance(data, np.generic):  # a NumPy scalar (what ops on 0-d arrays return) keeps its dtype
+        data = np.asarray(data)
     if isinstance(data, np.ndarray):
         if dtype is not None and data.dtype != np.dtype(dtype):
             return data.astype(dtype)
@@ -237,6 +239,7 @@ class Tensor:
             for nxt, shape, pg in zip(nexts, shapes, in_grads):
                 if nxt is None or pg is None:
                     continue
+                pg = np.asarray(pg)  # ops on 0-d arrays give NumPy scalars
                 if pg.shape != shape:
                     raise RuntimeError(f"{type(node).__name__}.backward: gradient shape {pg.shape} != "
                                        f"input shape {shape}")
