@@ -576,7 +576,7 @@ def _from_folder(folder, override):
     return _from_tokenizer_json(tokenizer_json, config, chat_template, override)
 
 
-def _post_processor_ids(spec, vocab, where):
+def _post_processor_ids(spec, where):
     """(prefix ids, suffix ids) of a tokenizer.json post_processor for a single sequence."""
     kind = spec.get("type") if spec else None
     if kind is None or kind == "ByteLevel":
@@ -584,7 +584,7 @@ def _post_processor_ids(spec, vocab, where):
     if kind == "Sequence":
         prefix, suffix = [], []
         for sub in spec["processors"]:
-            p, s = _post_processor_ids(sub, vocab, where)
+            p, s = _post_processor_ids(sub, where)
             prefix, suffix = prefix + p, s + suffix
         return prefix, suffix
     if kind == "TemplateProcessing":
@@ -616,27 +616,14 @@ def _from_tokenizer_json(file, config, chat_template, override):
     merges = [tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in model["merges"]]
     if any(len(m) != 2 for m in merges):
         raise ValueError(f"{file}: model.merges has an entry that is not a pair")
-    prefix, suffix = _post_processor_ids(data.get("post_processor"), model["vocab"], f"{file}")
+    prefix, suffix = _post_processor_ids(data.get("post_processor"), file)
     special = {k: _special_content(config.get(k)) for k in ("bos_token", "eos_token", "pad_token", "unk_token")}
-    if "add_bos_token" in config or "add_eos_token" in config:  # transformers rebuilds the post-processor
-        prefix, suffix = _bos_eos_ids(model["vocab"], data["added_tokens"], special,
-                                      config.get("add_bos_token", False), config.get("add_eos_token", False), file)
+    # BOS/EOS come from the post-processor only: transformers 5 ignores add_bos_token / add_eos_token in
+    # tokenizer_config.json when a tokenizer.json is there.
     return Tokenizer(model["vocab"], merges, data.get("added_tokens", []), override or data.get("pre_tokenizer"),
                      prefix_ids=prefix, suffix_ids=suffix, model_unk_token=model.get("unk_token"),
                      ignore_merges=model.get("ignore_merges", False), chat_template=chat_template,
                      source=file, **special)
-
-
-def _bos_eos_ids(vocab, added_tokens, special, add_bos, add_eos, where):
-    ids = {**vocab, **{t["content"]: t["id"] for t in added_tokens}}
-
-    def one(flag, key):
-        if not flag or special[key] is None:
-            return []
-        if special[key] not in ids:
-            raise ValueError(f"{where}: {key} {special[key]!r} is not in the vocabulary")
-        return [ids[special[key]]]
-    return one(add_bos, "bos_token"), one(add_eos, "eos_token")
 
 
 def _from_gguf(path, override):

@@ -263,6 +263,22 @@ def test_trained_bpe_matches_tokenizers(trained, variant, text):
     assert ours.decode(ids, skip_special_tokens=True) == ref.decode(ids, skip_special_tokens=True)
 
 
+@pytest.mark.parametrize("add_bos,add_eos", [(True, True), (True, False), (False, False)])
+def test_folder_config_bos_eos_matches_transformers(trained, tmp_path, add_bos, add_eos):
+    """BOS/EOS follow tokenizer.json's post-processor; transformers 5 leaves it alone whatever
+    tokenizer_config.json's add_bos_token / add_eos_token say."""
+    transformers = crosscheck("transformers")
+    path, _, _ = trained["llama3"]  # its own post-processor adds <s>
+    (tmp_path / "tokenizer.json").write_text(path.read_text(encoding="utf-8"), encoding="utf-8")
+    config = {"bos_token": "<s>", "eos_token": "</s>", "add_bos_token": add_bos, "add_eos_token": add_eos,
+              "tokenizer_class": "PreTrainedTokenizerFast"}
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps(config), encoding="utf-8")
+    ref, ours = transformers.AutoTokenizer.from_pretrained(tmp_path), load_tokenizer(tmp_path)
+    for text in FIXED:
+        assert ours.encode(text) == ref.encode(text), text
+    assert (ours.bos_token_id, ours.eos_token_id) == (ref.bos_token_id, ref.eos_token_id)
+
+
 def test_named_pre_tokenizers_match_trained(trained):
     """PRE_TOKENIZERS["llama3"] is the Split + ByteLevel layout the Llama 3 tokenizer.json uses."""
     path, ref, _ = trained["llama3"]
