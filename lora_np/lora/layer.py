@@ -40,7 +40,8 @@ class LoraLinearFn(Function):
 
     Forward and backward run in the C core on 2-D C-contiguous views, N = all leading dims."""
 
-    def forward(self, y, x, lora_A, lora_B, scaling):
+    def forward(self, y, x, lora_A, lora_B, scaling, inplace=False):
+        """inplace=True adds into y's own array (the caller owns it and reads it nowhere else)."""
         in_features, out_features = lora_A.shape[1], lora_B.shape[0]
         if x.shape[-1] != in_features or lora_B.shape[1] != lora_A.shape[0]:
             raise ValueError(f"lora: input shape {x.shape} does not match lora_A {lora_A.shape} / lora_B {lora_B.shape}")
@@ -49,6 +50,8 @@ class LoraLinearFn(Function):
         self.lora_A, self.lora_B = np.ascontiguousarray(lora_A), np.ascontiguousarray(lora_B)
         if y is None:
             out = np.zeros((self.x.shape[0], out_features), x.dtype)                        # (N, out)
+        elif inplace and y.flags.c_contiguous and y.dtype == x.dtype:
+            out = y.reshape(-1, out_features)                                                  # (N, out), a view
         else:
             out = np.array(y.reshape(-1, out_features), dtype=x.dtype, order="C", copy=True)  # (N, out)
         self.t = kernels.lora_forward(out, self.x, self.lora_A, self.lora_B, scaling)        # t = x Aᵀ (N, r)
@@ -65,10 +68,10 @@ class LoraLinearFn(Function):
         return (g if need_y else None, None if dx is None else dx.reshape(self.x_shape), d_lora_A, d_lora_B)
 
 
-def lora_linear(y, x, lora_A, lora_B, scaling):
+def lora_linear(y, x, lora_A, lora_B, scaling, inplace=False):
     """Tensor-level entry to LoraLinearFn: y + s·(x Aᵀ) Bᵀ (y may be None)."""
     _check_float_dtypes("lora", [t.data for t in (y, x, lora_A, lora_B) if t is not None])
-    return LoraLinearFn.apply(y, x, lora_A, lora_B, scaling=scaling)
+    return LoraLinearFn.apply(y, x, lora_A, lora_B, scaling=scaling, inplace=inplace)
 
 
 class DoraLinearLayer(Module):
@@ -309,9 +312,10 @@ class Linear(LoraLayer):
             if name in self.lora_magnitude_vector:
                 result = self._dora_forward(result, x, name)
             else:
+                # result is this forward's own array (no backward reads it): add into it
                 dropout = self.lora_dropout[name]
                 result = lora_linear(result, dropout(x), self.lora_A[name].weight, self.lora_B[name].weight,
-                                     self.scaling[name])
+                                     self.scaling[name], inplace=True)
         return result
 
     def _dora_forward(self, result, x, name):
