@@ -121,9 +121,9 @@ _ESCAPE = re.compile(r"\\(?:([pP])\{(\w+)\}|([sS])|(.))", re.S)
 _SIMPLE_ESCAPES = {"r": "\r", "n": "\n", "t": "\t", "f": "\f", "v": "\v"}
 
 
-def _escape_ranges(m, pattern):
+def _escape_ranges(m):
     """Ranges of a \\p{..}, \\P{..}, \\s, \\S escape; None for any other escape."""
-    p, category, space, other = m.groups()
+    p, category, space, _ = m.groups()
     if category:
         ranges = _category_ranges(category)
         return _complement(ranges) if p == "P" else ranges
@@ -151,7 +151,7 @@ def _parse_class(pattern, i):
             if m is None:
                 raise ValueError(f"pattern {pattern!r} ends with a lone backslash")
             i = m.end()
-            spelled = _escape_ranges(m, pattern)
+            spelled = _escape_ranges(m)
             if spelled is not None:
                 ranges += spelled
                 continue
@@ -182,7 +182,7 @@ def _translate(pattern):
             m = _ESCAPE.match(pattern, i)
             if m is None:
                 raise ValueError(f"pattern {pattern!r} ends with a lone backslash")
-            ranges = _escape_ranges(m, pattern)
+            ranges = _escape_ranges(m)
             out.append(m.group() if ranges is None else _class(ranges))
             i = m.end()
         else:

@@ -133,19 +133,15 @@ def test_saved_tokenizer_json_matches_transformers(hf, saved):
     assert folder.vocab_size == len(hf)
 
 
-_loaded = {}
-
-
-def load_tokenizer_cached(path):
-    if path not in _loaded:
-        _loaded[path] = load_tokenizer(path)
-    return _loaded[path]
+@pytest.fixture(scope="module")
+def ours_saved(saved):
+    return load_tokenizer(saved)
 
 
 @settings(max_examples=50)
 @given(text=texts)
-def test_saved_folder_random_text(hf, saved, text):
-    assert load_tokenizer_cached(saved).encode(text) == hf.encode(text), text
+def test_saved_folder_random_text(hf, ours_saved, text):
+    assert ours_saved.encode(text) == hf.encode(text), text
 
 
 @settings(max_examples=200)
@@ -180,10 +176,10 @@ CONVERSATIONS = [
 
 @pytest.mark.parametrize("generation_prompt", [False, True])
 @pytest.mark.parametrize("messages", CONVERSATIONS)
-def test_chat_template_matches_transformers(hf, ours_hf, saved, messages, generation_prompt):
+def test_chat_template_matches_transformers(hf, ours_hf, ours_saved, messages, generation_prompt):
     text = hf.apply_chat_template(messages, add_generation_prompt=generation_prompt, tokenize=False)
     ids = hf.encode(text, add_special_tokens=False)
-    for tok in (ours_hf, load_tokenizer_cached(saved)):
+    for tok in (ours_hf, ours_saved):
         assert tok.apply_chat_template(messages, add_generation_prompt=generation_prompt, tokenize=False) == text
         assert tok.apply_chat_template(messages, add_generation_prompt=generation_prompt) == ids
     got = hf.apply_chat_template(messages, add_generation_prompt=generation_prompt, tokenize=True)
@@ -348,20 +344,24 @@ def synthetic_gguf(trained, tmp_path_factory):
     return path
 
 
-@settings(max_examples=100)
-@given(text=texts.map(lambda t: t + " <think>🤖<s>"))
-def test_synthetic_gguf_matches_transformers(synthetic_gguf, text):
-    """transformers' GGUF mapping, with what llama.cpp adds for "llama-bpe": ignore_merges, and BOS
-    when the file does not say (transformers adds none)."""
+@pytest.fixture(scope="module")
+def synthetic_pair(synthetic_gguf):
+    """(transformers' tokenizer from the synthetic GGUF, its tokenizer_config, ours)."""
     crosscheck("transformers")
     from transformers.integrations.gguf.gguf_tokenizer_mapping import convert_gguf_tokenizer, get_gguf_tokenizer
 
-    if synthetic_gguf not in _loaded:
-        architecture, tokenizer_dict, config = get_gguf_tokenizer(str(synthetic_gguf))
-        ref = convert_gguf_tokenizer(architecture, tokenizer_dict)[0]
-        ref.model.ignore_merges = True
-        _loaded[synthetic_gguf] = (ref, config, load_tokenizer(synthetic_gguf))
-    ref, config, ours = _loaded[synthetic_gguf]
+    architecture, tokenizer_dict, config = get_gguf_tokenizer(str(synthetic_gguf))
+    ref = convert_gguf_tokenizer(architecture, tokenizer_dict)[0]
+    ref.model.ignore_merges = True  # llama.cpp sets it for "llama-bpe"; transformers does not
+    return ref, config, load_tokenizer(synthetic_gguf)
+
+
+@settings(max_examples=100)
+@given(text=texts.map(lambda t: t + " <think>🤖<s>"))
+def test_synthetic_gguf_matches_transformers(synthetic_pair, text):
+    """transformers' GGUF mapping, with what llama.cpp adds for "llama-bpe": ignore_merges, and BOS
+    when the file does not say (transformers adds none)."""
+    ref, config, ours = synthetic_pair
     assert "add_bos_token" not in config
     expected = ref.encode(text, add_special_tokens=False).ids
     assert ours.encode(text, add_special_tokens=False) == expected, text
@@ -369,6 +369,24 @@ def test_synthetic_gguf_matches_transformers(synthetic_gguf, text):
     assert ours.decode(expected) == ref.decode(expected, skip_special_tokens=False)
     assert ours.decode(expected, skip_special_tokens=True) == ref.decode(expected, skip_special_tokens=True)
     assert ours.vocab_size == ref.get_vocab_size(with_added_tokens=True)
+
+
+def test_gguf_without_known_pre_tokenizer_is_refused(synthetic_gguf, tmp_path):
+    gguf = crosscheck("gguf")
+    reader = gguf.GGUFReader(str(synthetic_gguf))
+    path = tmp_path / "nopre.gguf"
+    writer = gguf.GGUFWriter(str(path), "llama")
+    for key in ("tokenizer.ggml.tokens", "tokenizer.ggml.merges"):
+        writer.add_array(key, reader.fields[key].contents())
+    writer.add_tokenizer_model("gpt2")
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    with pytest.raises(NotImplementedError, match=r"nopre\.gguf: tokenizer\.ggml\.pre None is not supported"):
+        load_tokenizer(path)
+    tok = load_tokenizer(path, pre_tokenizer="gpt2")
+    assert tok.decode(tok.encode("it works 42")) == "it works 42"
 
 
 # -- errors ------------------------------------------------------------------------------
