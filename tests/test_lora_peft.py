@@ -194,3 +194,33 @@ def test_merged_weights_match_peft(kind, kw, tmp_path, monkeypatch):
     merged = lm.merge_and_unload().state_dict()
     for k, v in merged.items():
         assert_close(v, merged_t[k], name=k, rtol=1e-12, atol=1e-14)
+
+
+@pytest.mark.parametrize("combination,svd_rank", [("linear", None), ("cat", None), ("svd", None), ("svd", 3)])
+def test_add_weighted_adapter_matches_peft(combination, svd_rank, tmp_path, monkeypatch):
+    torch, tm, m = _pair("gpt2", monkeypatch)
+    peft = crosscheck("peft")
+    pm = peft.get_peft_model(tm, peft.LoraConfig(r=2, target_modules=["c_attn", "c_fc"]))
+    pm.add_adapter("b", peft.LoraConfig(r=2, lora_alpha=4, target_modules=["c_attn", "wte"]))
+    params = dict(pm.named_parameters())
+    with torch.no_grad():
+        rng = np.random.default_rng(5)
+        for n, p in params.items():
+            if "lora_" in n:
+                p.add_(torch.from_numpy(rng.standard_normal(tuple(p.shape)) * 0.05))
+    pm.save_pretrained(tmp_path)
+    lm = LoraModel.from_pretrained(m, tmp_path)
+    lm.load_adapter(tmp_path / "b", "b")
+    kw = dict(combination_type=combination, svd_rank=svd_rank)
+    # PEFT holds the weights (and for "linear" √|w·s|) in float32 tensors: pick weights where
+    # those are exact (s = 4 and 2, so √|w·s| = 1 and 2), so float64 agreement can be asked for
+    weights = [0.25, -2.0]
+    pm.add_weighted_adapter(["default", "b"], weights, "mix", **kw)
+    lm.add_weighted_adapter(["default", "b"], weights, "mix", **kw)
+    theirs = {n: mod for n, mod in pm.base_model.model.named_modules() if hasattr(mod, "get_delta_weight")}
+    mine = {n: mod for n, mod in lm.model.named_modules() if hasattr(mod, "get_delta_weight")}
+    assert sorted(mine) == sorted(theirs)
+    for n in mine:
+        assert mine[n].r["mix"] == theirs[n].r["mix"]
+        assert_close(mine[n].get_delta_weight("mix"), theirs[n].get_delta_weight("mix").detach().numpy(),
+                     name=f"{n} delta", rtol=1e-10, atol=1e-12)
