@@ -234,3 +234,24 @@ def test_dropout_touches_only_the_lora_branch():
     assert not np.allclose(lora, (x.data @ A.T) @ B.T)
     layer.eval()
     assert_close(layer(x).data - base(x).data, (x.data @ A.T) @ B.T, rtol=1e-12, atol=1e-12, name="eval: no dropout")
+
+
+@pytest.mark.parametrize("kind", ["linear", "conv1d"])
+def test_dora_with_dropout_in_training_follows_peft(kind):
+    """PEFT, training with dropout: y = base(x) + (m/n − 1)·(x̃ Wᵀ) + (m/n)·s·(x̃ Aᵀ) Bᵀ, x̃ = dropout(x)."""
+    layer = _layer(kind, 6, 5, 2, 4, dora=True, seed=7)
+    layer.lora_dropout["default"].p = 0.4
+    x = _input(kind, (3, 4), 6, np.random.default_rng(0))
+    F.manual_seed(11)
+    y = layer(x).data
+    F.manual_seed(11)
+    xd = F.dropout(x, 0.4, training=True).data                                          # the same mask
+    W = layer.base_layer.weight.data
+    W_oi = W.T if kind == "conv1d" else W                                               # (out, in)
+    A, B = layer.lora_factors("default")
+    s = layer.scaling["default"]
+    n = np.linalg.norm(W_oi + s * B @ A, axis=1)
+    scale = layer.lora_magnitude_vector["default"].weight.data / n
+    expected = layer.base_layer(x).data + (scale - 1) * (xd @ W_oi.T) + scale * (s * (xd @ A.T) @ B.T)
+    assert not np.allclose(xd, x.data)
+    assert_close(y, expected, rtol=1e-12, atol=1e-12, name="DoRA with dropout")

@@ -154,7 +154,7 @@ def from_pretrained(cls, model, directory, adapter_name="default", is_trainable=
     except ValueError as e:
         raise ValueError(f"{config_path}: adapter does not fit this model: {e}") from None
     _load_weights(lora_model, directory, adapter_name)
-    return lora_model
+    return lora_model if is_trainable else lora_model.eval()  # as PEFT: inference loads in eval mode
 
 
 def _load_weights(lora_model, directory, adapter_name):
