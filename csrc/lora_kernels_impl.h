@@ -128,6 +128,10 @@ ALWAYS_INLINE void FN(reduce_tile)(real *restrict P, int64_t ldp, const real *re
 ALWAYS_INLINE void FN(rows_reduce)(real *restrict P, const real *restrict C, const real *restrict X,
                                    int64_t M, int64_t K, int64_t R)
 {
+    /* The tiles below walk X down its columns, which the hardware prefetcher does not follow:
+     * ask for the block's cache lines first, row by row. */
+    for (int64_t m = 0; m < M; m++)
+        for (int64_t j = 0; j < K; j += 64 / (int64_t)sizeof(real)) __builtin_prefetch(X + m * K + j);
     int64_t j = 0;
     for (; j + VL <= K; j += VL) {
         int64_t k = 0;
@@ -194,7 +198,7 @@ int FN(lora_forward)(real *y, real *t, const real *x, const real *lora_A, const 
     if (!sBt) return LORA_ENOMEM;
     FN(transpose_scaled)(sBt, lora_B, (real)scaling, out, r);
     int64_t n_blocks = (N + ROWS - 1) / ROWS;
-#pragma omp parallel for schedule(static) num_threads(lora_get_num_threads()) if (N * r * (in + out) > PARALLEL_WORK)
+#pragma omp parallel for schedule(dynamic) num_threads(lora_get_num_threads()) if (N * r * (in + out) > PARALLEL_WORK)
     for (int64_t b = 0; b < n_blocks; b++) {
         int64_t m0 = b * ROWS, M = min64(ROWS, N - m0);
         FN(forward_block)(y + m0 * out, t + m0 * r, x + m0 * in, lora_A, sBt, M, in, out, r);
@@ -226,7 +230,7 @@ int FN(lora_backward)(real *dx, real *d_lora_A, real *d_lora_B, const real *dy, 
     if (sA)
         for (int64_t j = 0; j < r * in; j++) sA[j] = s * lora_A[j];
 
-#pragma omp parallel for schedule(static) num_threads(lora_get_num_threads()) if (2 * N * r * (in + out) > PARALLEL_WORK)
+#pragma omp parallel for schedule(dynamic) num_threads(lora_get_num_threads()) if (2 * N * r * (in + out) > PARALLEL_WORK)
     for (int64_t c = 0; c < n_c; c++) {
         for (int64_t m0 = c * N / n_c, m_end = (c + 1) * N / n_c; m0 < m_end; m0 += ROWS) {
             int64_t M = min64(ROWS, m_end - m0);
@@ -277,7 +281,7 @@ int FN(lora_merge)(real *weight, const real *lora_A, const real *lora_B, double 
     else
         for (int64_t j = 0; j < r * in; j++) D[j] = s * lora_A[j];
     int64_t n_blocks = (rows + ROWS - 1) / ROWS;
-#pragma omp parallel for schedule(static) num_threads(lora_get_num_threads()) if (rows * cols * r > PARALLEL_WORK)
+#pragma omp parallel for schedule(dynamic) num_threads(lora_get_num_threads()) if (rows * cols * r > PARALLEL_WORK)
     for (int64_t b = 0; b < n_blocks; b++) {
         int64_t m0 = b * ROWS, M = min64(ROWS, rows - m0);
         FN(update_block)(weight + m0 * cols, C + m0 * csm, csm, csk, D, M, cols, r);
