@@ -68,6 +68,11 @@ _UNICODE_16_ADDITIONS = {
 }
 
 
+# Numbers of Unicode 17.0 that tokenizers' Digits pre-tokenizer (Rust's char::is_numeric) splits off
+# and Oniguruma's \p{N} does not know.
+_RUST_NUMERIC_ADDITIONS = ((0x11DE0, 0x11DE9), (0x16FF4, 0x16FF6))
+
+
 @lru_cache(maxsize=None)
 def _categories():
     """One letter per code point, "a" + the index of its general category in _CATEGORY_NAMES."""
@@ -274,7 +279,8 @@ def _pre_tokenizer_steps(spec, where):
             steps.append(_isolated_split(_compile(GPT2_PATTERN)))
         steps.append(None)  # marks the byte-level step; removed by the caller
     elif kind == "Digits":
-        steps = [_isolated_split(_compile(r"\p{N}" if spec.get("individual_digits", False) else r"\p{N}+"))]
+        numeric = _class(_merged(_category_ranges("N") + list(_RUST_NUMERIC_ADDITIONS)))
+        steps = [_isolated_split(re.compile(numeric if spec.get("individual_digits", False) else numeric + "+"))]
     elif kind == "Split":
         pattern = spec["pattern"]
         regex = _compile(pattern["Regex"]) if "Regex" in pattern else re.compile(re.escape(pattern["String"]))

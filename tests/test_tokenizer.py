@@ -29,7 +29,7 @@ GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 # CJK, emoji with modifiers, combining marks, and the special tokens.
 PIECES = [" ", "  ", "\t", "\n", "\n\n", "\r\n", "\x0b", "\x0c", "\x1c", "\x1f", "\x85", "\xa0", "\u2000",
           "\u2028", "\u3000", "'", "'s", "'S", "'ll", "'LL", "'ve", "'d", "'ſ", "s", "t", "re", "0", "7", "12",
-          "2024", "3.14", "²", "½", "Ⅻ", "٣", "a", "Hello", " world", "don't", "日本語", "中文", "한국어", "🤗",
+          "2024", "3.14", "²", "½", "Ⅻ", "٣", "\U00011de3", "\U00016ff5", "\U000323af", "\U00013460", "a", "Hello", " world", "don't", "日本語", "中文", "한국어", "🤗",
           "👍🏽", "👨‍👩‍👧", "é", "e\u0301", "def f(x):\n    return x", "===", "<", "|", ">", "<|im_start|>",
           "<|im_end|>", "<|endoftext|>", "<s>", "\ufeff", "\u200b"]
 texts = st.lists(st.one_of(st.sampled_from(PIECES), st.characters()), max_size=40).map("".join)
@@ -316,6 +316,20 @@ def test_character_classes_match_oniguruma(pattern):
     ours = set(tokenizer._compile(pattern).findall(text))
     wrong = sorted(theirs ^ ours)
     assert not wrong, [(hex(ord(c)), unicodedata.category(c), c in theirs) for c in wrong[:10]]
+
+
+@pytest.mark.parametrize("individual", [True, False])
+def test_digits_split_matches_tokenizers(individual):
+    """tokenizers' Digits uses Rust's char::is_numeric, which knows a few numbers \\p{N} does not."""
+    tokenizers = crosscheck("tokenizers")
+    ranges = tokenizer._category_ranges("N") + list(tokenizer._RUST_NUMERIC_ADDITIONS)
+    points = sorted({c for a, b in ranges for c in (a - 1, a, b, b + 1)} | set(range(0x80)))
+    text = "".join(map(chr, points))
+    spec = {"type": "Sequence", "pretokenizers": [{"type": "Digits", "individual_digits": individual},
+                                                  PRE_TOKENIZERS["gpt2"]]}
+    (split,) = tokenizer._pre_tokenizer_steps(spec, "test")[:1]
+    theirs = tokenizers.pre_tokenizers.Digits(individual_digits=individual).pre_tokenize_str(text)
+    assert split(text) == [piece for piece, _ in theirs]
 
 
 @pytest.fixture(scope="module")
