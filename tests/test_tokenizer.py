@@ -303,14 +303,20 @@ def test_ignore_merges_matches_tokenizers(tmp_path, ignore_merges):
 
 # -- character classes and GGUF metadata -----------------------------------------------
 
+def code_points(ranges):
+    """Planes 0 and 1, U+30000-U+32FFF, and both sides of each range's ends; no surrogates."""
+    edges = {c for a, b in ranges for c in (a - 1, a, b, b + 1)}
+    points = edges | set(range(0x20000)) | set(range(0x30000, 0x33000))
+    return sorted(c for c in points if 0 <= c <= 0x10FFFF and not 0xD800 <= c <= 0xDFFF)
+
+
 @pytest.mark.parametrize("pattern", [r"\p{L}", r"\p{N}", r"\s", r"[^\s\p{L}\p{N}]", r"[^\r\n\p{L}\p{N}]"])
 def test_character_classes_match_oniguruma(pattern):
-    """Membership of every code point at an edge of our \\p{L}, \\p{N}, \\s ranges, as Oniguruma decides it."""
+    """Membership, as Oniguruma decides it, of every code point in the planes where scripts are added
+    (0, 1, and 3's CJK) and at an edge of our \\p{L}, \\p{N}, \\s ranges."""
     tokenizers = crosscheck("tokenizers")
     ranges = tokenizer._category_ranges("L") + tokenizer._category_ranges("N") + list(tokenizer._WHITE_SPACE)
-    points = sorted({c for a, b in ranges for c in (a - 1, a, b, b + 1)
-                     if 0 <= c <= 0x10FFFF and not 0xD800 <= c <= 0xDFFF} | set(range(0x80)))
-    text = "".join(map(chr, points))
+    text = "".join(map(chr, code_points(ranges)))
     gaps = tokenizers.pre_tokenizers.Split(tokenizers.Regex(pattern), behavior="removed").pre_tokenize_str(text)
     theirs = set(text) - set("".join(piece for piece, _ in gaps))
     ours = set(tokenizer._compile(pattern).findall(text))
@@ -323,8 +329,7 @@ def test_digits_split_matches_tokenizers(individual):
     """tokenizers' Digits uses Rust's char::is_numeric, which knows a few numbers \\p{N} does not."""
     tokenizers = crosscheck("tokenizers")
     ranges = tokenizer._category_ranges("N") + list(tokenizer._RUST_NUMERIC_ADDITIONS)
-    points = sorted({c for a, b in ranges for c in (a - 1, a, b, b + 1)} | set(range(0x80)))
-    text = "".join(map(chr, points))
+    text = "".join(map(chr, code_points(ranges)))
     spec = {"type": "Sequence", "pretokenizers": [{"type": "Digits", "individual_digits": individual},
                                                   PRE_TOKENIZERS["gpt2"]]}
     (split,) = tokenizer._pre_tokenizer_steps(spec, "test")[:1]
