@@ -34,7 +34,7 @@ __global__ void __launch_bounds__(128, 4) rows_dot_kernel(T *P, const T *__restr
 {
     constexpr int BM = 64, BK = 32, XPT = BM * BK / 128, WPT = RT * BK / 128;
     __shared__ T xs[BM][BK + 1];
-    __shared__ T ws[BK][RT + 1];
+    __shared__ T ws[BK][RT];  // unpadded, so a thread reads its 4 ranks in one vector load
     const int tid = threadIdx.x, row = tid >> 2, quad = tid & 3;
     const int64_t m0 = (int64_t)blockIdx.x * BM, r0 = (int64_t)blockIdx.z * RT;
     const int64_t k_begin = (int64_t)blockIdx.y * kslice, k_end = min(K, k_begin + kslice);
@@ -140,7 +140,7 @@ template <typename T>
 __global__ void __launch_bounds__(256) rank_reduce_kernel(T *P, const T *__restrict__ C, const T *__restrict__ X,
                                                          int64_t M, int64_t K, int64_t R, int64_t mslice)
 {
-    constexpr int BM = 32, U = 8;
+    constexpr int BM = 32, U = 16;
     __shared__ T cs[BM][RT];
     const int64_t j = (int64_t)blockIdx.x * 256 + threadIdx.x, r0 = (int64_t)blockIdx.z * RT;
     const int64_t m_begin = (int64_t)blockIdx.y * mslice, m_end = min(M, m_begin + mslice);
