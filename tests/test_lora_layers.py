@@ -255,3 +255,16 @@ def test_dora_with_dropout_in_training_follows_peft(kind):
     expected = layer.base_layer(x).data + (scale - 1) * (xd @ W_oi.T) + scale * (s * (xd @ A.T) @ B.T)
     assert not np.allclose(xd, x.data)
     assert_close(y, expected, rtol=1e-12, atol=1e-12, name="DoRA with dropout")
+
+
+def test_merge_into_a_read_only_weight_copies_it():
+    layer = _layer("conv1d", 6, 5, 2, 4)
+    w0 = layer.base_layer.weight.data.copy()
+    frozen = np.asfortranarray(w0)  # like a memory-mapped checkpoint: read-only and not C-ordered
+    frozen.flags.writeable = False
+    layer.base_layer.weight.data = frozen
+    layer.merge()
+    assert_close(layer.base_layer.weight.data, w0 + layer.get_delta_weight("default"), rtol=1e-14, atol=1e-14, name="W")
+    layer.unmerge()
+    assert_close(layer.base_layer.weight.data, w0, rtol=0, atol=1e-14, name="W after unmerge")
+    assert np.array_equal(frozen, w0)

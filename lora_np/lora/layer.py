@@ -168,7 +168,9 @@ class LoraLayer(Module):
         for name in names:
             if name not in self.r or name in self.merged_adapters:
                 continue
-            merged = self._merge_one(weight.data.copy() if safe_merge else weight.data, name)
+            w = weight.data
+            own = w.flags.writeable and w.flags.c_contiguous and not safe_merge  # e.g. not a read-only file map
+            merged = self._merge_one(w if own else np.array(w, order="C"), name)
             if safe_merge and not np.isfinite(merged).all():
                 self._weight_norms.pop(name, None)
                 raise ValueError(f"safe_merge: merging adapter {name!r} into {type(self.base_layer).__name__} "
@@ -181,7 +183,7 @@ class LoraLayer(Module):
         weight = self.base_layer.weight
         while self.merged_adapters:
             name = self.merged_adapters.pop()
-            weight.data = self._unmerge_one(weight.data, name)
+            weight.data = self._unmerge_one(weight.data, name)  # merge left it writeable and contiguous
             self._weight_norms.pop(name, None)
 
     def _merge_one(self, w, name):
