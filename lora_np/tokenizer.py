@@ -87,7 +87,7 @@ def _category_ranges(category):
     if not letters:
         raise ValueError(f"unknown Unicode general category \\p{{{category}}}")
     ranges = [(m.start(), m.end() - 1) for m in re.finditer(f"[{letters}]+", _categories())]
-    return _merged(ranges + list(_UNICODE_16_ADDITIONS.get(category, ())))
+    return tuple(_merged(ranges + list(_UNICODE_16_ADDITIONS.get(category, ()))))
 
 
 def _merged(ranges):
@@ -279,7 +279,7 @@ def _pre_tokenizer_steps(spec, where):
             steps.append(_isolated_split(_compile(GPT2_PATTERN)))
         steps.append(None)  # marks the byte-level step; removed by the caller
     elif kind == "Digits":
-        numeric = _class(_merged(_category_ranges("N") + list(_RUST_NUMERIC_ADDITIONS)))
+        numeric = _class(_merged([*_category_ranges("N"), *_RUST_NUMERIC_ADDITIONS]))
         steps = [_isolated_split(re.compile(numeric if spec.get("individual_digits", False) else numeric + "+"))]
     elif kind == "Split":
         pattern = spec["pattern"]

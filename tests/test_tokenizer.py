@@ -315,7 +315,7 @@ def test_character_classes_match_oniguruma(pattern):
     """Membership, as Oniguruma decides it, of every code point in the planes where scripts are added
     (0, 1, and 3's CJK) and at an edge of our \\p{L}, \\p{N}, \\s ranges."""
     tokenizers = crosscheck("tokenizers")
-    ranges = tokenizer._category_ranges("L") + tokenizer._category_ranges("N") + list(tokenizer._WHITE_SPACE)
+    ranges = [*tokenizer._category_ranges("L"), *tokenizer._category_ranges("N"), *tokenizer._WHITE_SPACE]
     text = "".join(map(chr, code_points(ranges)))
     gaps = tokenizers.pre_tokenizers.Split(tokenizers.Regex(pattern), behavior="removed").pre_tokenize_str(text)
     theirs = set(text) - set("".join(piece for piece, _ in gaps))
@@ -328,7 +328,7 @@ def test_character_classes_match_oniguruma(pattern):
 def test_digits_split_matches_tokenizers(individual):
     """tokenizers' Digits uses Rust's char::is_numeric, which knows a few numbers \\p{N} does not."""
     tokenizers = crosscheck("tokenizers")
-    ranges = tokenizer._category_ranges("N") + list(tokenizer._RUST_NUMERIC_ADDITIONS)
+    ranges = [*tokenizer._category_ranges("N"), *tokenizer._RUST_NUMERIC_ADDITIONS]
     text = "".join(map(chr, code_points(ranges)))
     spec = {"type": "Sequence", "pretokenizers": [{"type": "Digits", "individual_digits": individual},
                                                   PRE_TOKENIZERS["gpt2"]]}
