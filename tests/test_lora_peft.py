@@ -4,8 +4,6 @@ Property: the same base weights and the same adapter give the same logits, loss 
 gradient of every adapter tensor in lora_np and in PEFT, whichever side saved the
 adapter folder. Runs in CI through crosscheck("torch" / "transformers" / "peft").
 """
-import warnings
-
 import numpy as np
 import pytest
 
@@ -74,6 +72,8 @@ CASES = [
     ("gpt2", dict(r=4, target_modules=["c_attn", "c_proj"], bias="lora_only", init_lora_weights=False)),
     ("gpt2", dict(r=3, lora_alpha=7, target_modules=["c_attn", "c_fc"], use_dora=True, bias="all")),
     ("gpt2", dict(r=4, target_modules=["wte", "c_fc"], use_rslora=True)),
+    ("gpt2", dict(r=2, lora_alpha=3, target_modules=["wte", "c_proj"], use_dora=True, init_lora_weights=False)),
+    ("llama", dict(r=3, target_modules=["embed_tokens", "v_proj"], use_dora=True)),
 ]
 
 
@@ -165,19 +165,12 @@ def test_named_parameters_match_peft(monkeypatch):
     torch, tm, m = _pair("gpt2", monkeypatch)
     peft = crosscheck("peft")
     kw = dict(r=2, target_modules=["c_attn", "wte"], use_dora=True)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        theirs = {n: tuple(p.shape) for n, p in peft.get_peft_model(tm, peft.LoraConfig(**kw)).named_parameters()}
-        with pytest.raises(NotImplementedError, match="DoRA on Embedding"):
-            get_peft_model(m, LoraConfig(**kw))
-    kw["target_modules"] = ["c_attn"]
-    torch, tm, m = _pair("gpt2", monkeypatch)
     theirs = {n: tuple(p.shape) for n, p in peft.get_peft_model(tm, peft.LoraConfig(**kw)).named_parameters()}
     mine = {n: tuple(p.shape) for n, p in get_peft_model(m, LoraConfig(**kw)).named_parameters()}
     assert mine == theirs
 
 
-@pytest.mark.parametrize("kind,kw", [CASES[2], CASES[7]], ids=["llama-dora", "gpt2-dora"])
+@pytest.mark.parametrize("kind,kw", [CASES[2], CASES[7], CASES[10]], ids=["llama-dora", "gpt2-dora", "llama-emb-dora"])
 def test_merged_weights_match_peft(kind, kw, tmp_path, monkeypatch):
     torch, tm, m = _pair(kind, monkeypatch)
     peft = crosscheck("peft")

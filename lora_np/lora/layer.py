@@ -18,6 +18,9 @@ as a constant in backward (DoRA §4.3),
 
     y = base(x) + (m/n − 1) ⊙ (x Wᵀ) + (m/n) ⊙ s·(dropout(x) Aᵀ) Bᵀ
 
+where, as in PEFT, x Wᵀ is the running output less the bias when dropout is off (eval or
+p = 0), and dropout(x) Wᵀ otherwise. Merged: W' = (m/n)·(W + s·BA), n from the unmerged W.
+
 Merging is explicit (`merge` / `unmerge`), never a side effect of `eval()`.
 """
 import copy
@@ -187,13 +190,19 @@ class LoraLayer(Module):
             self._weight_norms.pop(name, None)
 
     def _merge_one(self, w, name):
-        """w + s·BA, in place when the kernel can do it."""
+        """w + s·BA (in place, by the kernel); DoRA: (m/n)·(w + s·BA) with n from the unmerged weight."""
         lora_A, lora_B = self.lora_factors(name)
+        if name in self.lora_magnitude_vector:
+            norm = self._weight_norm(self._unmerged_weight(), lora_A, lora_B, self.scaling[name])
+            self._weight_norms[name] = norm
+            return self._dora_factor(name, norm) * (w + self.get_delta_weight(name))
         kernels.lora_merge(w, np.ascontiguousarray(lora_A), np.ascontiguousarray(lora_B), self.scaling[name],
                            fan_in_fan_out=self.fan_in_fan_out)
         return w
 
     def _unmerge_one(self, w, name):
+        if name in self.lora_magnitude_vector:
+            return w / self._dora_factor(name, self._weight_norms[name]) - self.get_delta_weight(name)
         lora_A, lora_B = self.lora_factors(name)
         kernels.lora_merge(w, np.ascontiguousarray(lora_A), np.ascontiguousarray(lora_B), -self.scaling[name],
                            fan_in_fan_out=self.fan_in_fan_out)
@@ -205,6 +214,31 @@ class LoraLayer(Module):
         for name in reversed(self.merged_adapters):
             w = self._unmerge_one(w, name)
         return w
+
+    # -- DoRA ------------------------------------------------------------------------------
+    def _weight_oi(self, w):
+        """The base weight as [out, in] whatever its storage layout."""
+        return w.T if self.fan_in_fan_out else w
+
+    def _weight_norm(self, w, lora_A, lora_B, scaling):
+        """‖W + s·BA‖ per output row: DoRA's n [out]."""
+        return np.linalg.norm(self._weight_oi(w) + scaling * (lora_B @ lora_A), axis=1).astype(w.dtype)
+
+    def _init_dora(self, name):
+        """m = n at the start, so DoRA begins as plain LoRA."""
+        lora_A, lora_B = self.lora_factors(name)
+        self.lora_magnitude_vector[name] = DoraLinearLayer(
+            self._weight_norm(self.base_layer.weight.data, lora_A, lora_B, self.scaling[name]))
+
+    def _dora_scale(self, name):
+        """m / n as a Tensor [out]; n is computed without a graph: a constant in backward (DoRA §4.3)."""
+        lora_A, lora_B = self.lora_factors(name)
+        norm = self._weight_norm(self.base_layer.weight.data, lora_A, lora_B, self.scaling[name])
+        return self.lora_magnitude_vector[name].weight / Tensor(norm)
+
+    def _dora_factor(self, name, norm):
+        factor = self.lora_magnitude_vector[name].weight.data / norm                     # (out,)
+        return factor[None, :] if self.fan_in_fan_out else factor[:, None]
 
     def _check_r(self, r):
         if not isinstance(r, int) or isinstance(r, bool) or r <= 0:
@@ -241,18 +275,8 @@ class Linear(LoraLayer):
                 a.data = F.default_generator().normal(0.0, 1.0 / r, a.shape).astype(dtype)
             self.lora_B[adapter_name].weight.data[...] = 0
         if config.use_dora:
-            lora_A, lora_B = self.lora_factors(adapter_name)
-            self.lora_magnitude_vector[adapter_name] = DoraLinearLayer(
-                self._weight_norm(self.base_layer.weight.data, lora_A, lora_B, self.scaling[adapter_name]))
+            self._init_dora(adapter_name)
         self.set_adapter(self.active_adapters, trainable=not config.inference_mode)
-
-    def _weight_oi(self, w):
-        """The base weight as [out, in] whatever its storage layout."""
-        return w.T if self.fan_in_fan_out else w
-
-    def _weight_norm(self, w, lora_A, lora_B, scaling):
-        """‖W + s·BA‖ per output row: DoRA's n [out]."""
-        return np.linalg.norm(self._weight_oi(w) + scaling * (lora_B @ lora_A), axis=1).astype(w.dtype)
 
     def _pissa_init(self, name):
         """PiSSA: A, B from the top-r singular triplets of W (S/s split evenly); W -= s·BA."""
@@ -280,24 +304,6 @@ class Linear(LoraLayer):
         self.lora_B[name].weight.data = np.ascontiguousarray(lora_B, dtype=dtype)
         residual = self._weight_oi(w.data).astype(work) - self.scaling[name] * (lora_B @ lora_A)   # (out, in)
         w.data = np.ascontiguousarray(self._weight_oi(residual).astype(dtype))
-
-    # -- DoRA merge: W' = (m/n)·(W + s·BA), n from the unmerged weight ------------------------
-    def _merge_one(self, w, name):
-        if name not in self.lora_magnitude_vector:
-            return super()._merge_one(w, name)
-        lora_A, lora_B = self.lora_factors(name)
-        norm = self._weight_norm(self._unmerged_weight(), lora_A, lora_B, self.scaling[name])
-        self._weight_norms[name] = norm
-        return self._dora_factor(name, norm) * (w + self.get_delta_weight(name))
-
-    def _unmerge_one(self, w, name):
-        if name not in self.lora_magnitude_vector:
-            return super()._unmerge_one(w, name)
-        return w / self._dora_factor(name, self._weight_norms[name]) - self.get_delta_weight(name)
-
-    def _dora_factor(self, name, norm):
-        factor = self.lora_magnitude_vector[name].weight.data / norm                     # (out,)
-        return factor[None, :] if self.fan_in_fan_out else factor[:, None]
 
     # -- forward ---------------------------------------------------------------------------
     def forward(self, x):
@@ -330,8 +336,7 @@ class Linear(LoraLayer):
             x = dropout(x)
             w = self.base_layer.weight
             base = F.linear(x, F.permute(w, (1, 0)) if self.fan_in_fan_out else w)
-        norm = self._weight_norm(self.base_layer.weight.data, lora_A.data, lora_B.data, scaling)  # constant
-        mag_norm_scale = self.lora_magnitude_vector[name].weight / Tensor(norm)           # (out,)
+        mag_norm_scale = self._dora_scale(name)                                           # (out,)
         lora = lora_linear(None, x, lora_A, lora_B, scaling)                              # (..., out)
         return result + (mag_norm_scale - 1.0) * base + mag_norm_scale * lora
 
@@ -340,7 +345,8 @@ class Linear(LoraLayer):
 
 
 class Embedding(LoraLayer):
-    """LoRA around an Embedding: y = W[ids] + s · A.T[ids] Bᵀ (no dropout, as in PEFT)."""
+    """LoRA around an Embedding: y = W[ids] + s · A.T[ids] Bᵀ (no dropout, as in PEFT).
+    DoRA (n = ‖Wᵀ + s·BA‖ per embedding dimension): y = (m/n) ⊙ (W[ids] + s · A.T[ids] Bᵀ)."""
 
     fan_in_fan_out = True  # the update s·(BA)ᵀ is laid out [num_embeddings, dim]
 
@@ -352,8 +358,6 @@ class Embedding(LoraLayer):
 
     def update_layer(self, adapter_name, r, lora_alpha, config, init_lora_weights=None):
         self._check_r(r)
-        if config.use_dora:
-            raise NotImplementedError("DoRA on Embedding layers is not implemented in lora_np (Linear/Conv1D only)")
         init = config.init_lora_weights if init_lora_weights is None else init_lora_weights
         dtype = self.base_layer.weight.dtype
         rng = F.default_generator()
@@ -366,6 +370,8 @@ class Embedding(LoraLayer):
             lora_A[...] = 0
         self.lora_embedding_A[adapter_name] = Parameter(lora_A.astype(dtype))
         self.lora_embedding_B[adapter_name] = Parameter(lora_B.astype(dtype))
+        if config.use_dora:
+            self._init_dora(adapter_name)
         self.set_adapter(self.active_adapters, trainable=not config.inference_mode)
 
     def lora_factors(self, adapter_name):
@@ -384,7 +390,11 @@ class Embedding(LoraLayer):
                 continue
             after_A = F.embedding(x, F.permute(self.lora_embedding_A[name], (1, 0)))      # (..., r)
             lora = F.matmul(after_A, F.permute(self.lora_embedding_B[name], (1, 0)))      # (..., dim)
-            result = result + lora * self.scaling[name]
+            if name in self.lora_magnitude_vector:  # DoRA scales the whole running output, as PEFT
+                mag_norm_scale = self._dora_scale(name)                                   # (dim,)
+                result = mag_norm_scale * result + mag_norm_scale * lora * self.scaling[name]
+            else:
+                result = result + lora * self.scaling[name]
         return result
 
     def extra_repr(self):
