@@ -45,6 +45,7 @@ FIXED = [
     "a   1", "x\n\n2", "   \t\t\n\n  \n", "\n\n\n", "\t \t \t", "trailing spaces   ",
     "12345678901234567890 3.14159 1,000,000 ²³ ½",
     "I'm, you're, he's, we've, they'll, I'd, DON'T, She'S",
+    "long s: it'ſ, kelvin: 'K 'ᴋ, dotted: 'İ 'ı",
     "<|im_start|>user\nhello<|im_end|>\n<|im_start|>assistant\n",
     "text<|im_start|>glued<|im_end|>text<|endoftext|>",
     "<|im_start<|im_end|>|>",
