@@ -217,3 +217,25 @@ def test_add_weighted_adapter_matches_peft(combination, svd_rank, tmp_path, monk
         assert mine[n].r["mix"] == theirs[n].r["mix"]
         assert_close(mine[n].get_delta_weight("mix"), theirs[n].get_delta_weight("mix").detach().numpy(),
                      name=f"{n} delta", rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("init", ["pissa", "olora"])
+def test_pissa_olora_init_matches_peft_in_float32(init, monkeypatch):
+    """Same residual base weight and same s·BA as PEFT (singular / QR vectors may differ in sign,
+    their products do not). float32, as PEFT computes these inits."""
+    torch, tm, m = _pair("llama", monkeypatch)
+    peft = crosscheck("peft")
+    tm.float()
+    m.to(np.float32)
+    kw = dict(r=3, lora_alpha=6, target_modules=["q_proj", "down_proj"], init_lora_weights=init)
+    pm = peft.get_peft_model(tm, peft.LoraConfig(**kw))
+    lm = get_peft_model(m, LoraConfig(**kw))
+    theirs = {n: mod for n, mod in pm.base_model.model.named_modules() if hasattr(mod, "get_delta_weight")}
+    mine = {n: mod for n, mod in lm.model.named_modules() if hasattr(mod, "get_delta_weight")}
+    assert sorted(mine) == sorted(theirs) and len(mine) == 4
+    for n in mine:
+        w = theirs[n].base_layer.weight.detach().numpy()
+        atol = 1e-5 * np.abs(w).max()  # two float32 LAPACK factorizations (numpy's, torch's) of one W
+        assert_close(mine[n].base_layer.weight.data, w, name=f"{n} residual W", rtol=0, atol=atol)
+        assert_close(mine[n].get_delta_weight("default"), theirs[n].get_delta_weight("default").detach().numpy(),
+                     name=f"{n} s·BA", rtol=0, atol=atol)
