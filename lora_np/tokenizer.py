@@ -206,7 +206,7 @@ def _compile(pattern):
 @lru_cache(maxsize=None)
 def bytes_to_unicode():
     """GPT-2's map from each byte to a printable character (`openai/gpt-2`, encoder.py)."""
-    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    bs = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
     cs = bs[:]
     n = 0
     for b in range(256):
@@ -328,7 +328,8 @@ class Tokenizer:
 
         steps = _pre_tokenizer_steps(pre_tokenizer, f"{source}: pre_tokenizer")
         if steps.count(None) != 1 or steps[-1] is not None:
-            raise NotImplementedError(f"{source}: pre_tokenizer must end with exactly one ByteLevel, got {pre_tokenizer}")
+            raise NotImplementedError(f"{source}: pre_tokenizer must end with exactly one ByteLevel, "
+                                      f"got {pre_tokenizer}")
         self._steps = steps[:-1]
 
         # A byte missing from the vocabulary becomes the BPE model's unk token, or is dropped without one.
@@ -650,7 +651,8 @@ def _from_gguf(path, override):
     pre = get("tokenizer.ggml.pre", None)
     if pre not in GGUF_PRE_TOKENIZERS and override is None:
         raise NotImplementedError(f"{path}: tokenizer.ggml.pre {pre!r} is not supported (known: "
-                                  f"{sorted(GGUF_PRE_TOKENIZERS)}); pass pre_tokenizer= one of {sorted(PRE_TOKENIZERS)}")
+                                  f"{sorted(GGUF_PRE_TOKENIZERS)}); pass pre_tokenizer= one of "
+                                  f"{sorted(PRE_TOKENIZERS)}")
     layout, ignore_merges, add_bos = GGUF_PRE_TOKENIZERS.get(pre, (None, False, False))
     tokens = get("tokenizer.ggml.tokens")
     token_types = get("tokenizer.ggml.token_type", [])
