@@ -240,6 +240,9 @@ class LoraLayer(Module):
         factor = self.lora_magnitude_vector[name].weight.data / norm                     # (out,)
         return factor[None, :] if self.fan_in_fan_out else factor[:, None]
 
+    def __repr__(self):
+        return "lora." + super().__repr__()  # as PEFT prints its LoRA layers
+
     def _check_r(self, r):
         if not isinstance(r, int) or isinstance(r, bool) or r <= 0:
             raise ValueError(f"LoRA r must be a positive integer, got {r!r}")
