@@ -4,6 +4,8 @@ import os
 
 import numpy as np
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 import lora_np
 from conftest import assert_close
@@ -327,3 +329,33 @@ def test_a_lora_layer_refuses_a_mismatched_input():
         layer(lora_np.Tensor(np.zeros((2, 5))))
     with pytest.raises(TypeError, match="dtype mismatch"):
         layer(lora_np.Tensor(np.zeros((2, 4), np.float32)))
+
+
+def test_smollm2_count_r8_on_q_and_v():
+    """SmolLM2-135M (30 blocks, q 576→576, v 576→192), r=8 on q, v: 460,800 (REFERENCE.md §5)."""
+    stack = _QVStack(30, 576)
+    for block in stack.layers:
+        block.v_proj = nn.Linear(576, 192, dtype=np.float32)
+    trainable, _ = get_peft_model(stack, LoraConfig(r=8, target_modules=["q_proj", "v_proj"])).get_nb_trainable_parameters()
+    assert trainable == 30 * (8 * 576 + 576 * 8 + 8 * 576 + 192 * 8) == 460_800
+
+
+@given(data=st.data())
+def test_damaged_adapter_files_fail_cleanly_naming_the_file(data, tmp_path_factory):
+    """Any truncation or byte change of a saved adapter either loads or raises an error naming a file of it."""
+    folder = tmp_path_factory.mktemp("adapter")
+    lm = get_peft_model(_llama(), LoraConfig(r=2, target_modules=["q_proj"], use_dora=True))
+    lm.save_pretrained(folder)
+    name = data.draw(st.sampled_from(["adapter_model.safetensors", "adapter_config.json"]))
+    path = folder / name
+    raw = bytearray(path.read_bytes())
+    if data.draw(st.booleans()):
+        raw = raw[: data.draw(st.integers(0, len(raw) - 1))]
+    else:
+        for _ in range(data.draw(st.integers(1, 4))):
+            raw[data.draw(st.integers(0, len(raw) - 1))] = data.draw(st.integers(0, 255))
+    path.write_bytes(bytes(raw))
+    try:
+        LoraModel.from_pretrained(_llama(), folder)
+    except (ValueError, NotImplementedError) as e:  # e.g. a changed "r" is a shape error in the weights file
+        assert str(folder) in str(e) and ("adapter_config.json" in str(e) or "adapter_model.safetensors" in str(e))
