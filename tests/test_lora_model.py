@@ -240,6 +240,8 @@ def test_save_load_round_trip_and_sub_folders(tmp_path):
     assert config["inference_mode"] is True and config["r"] == 2
     loaded = LoraModel.from_pretrained(_llama(), tmp_path)
     loaded.load_adapter(tmp_path / "other", "other")
+    with pytest.raises(ValueError, match="'other' already exists"):
+        loaded.load_adapter(tmp_path / "other", "other")
     assert not any(p.requires_grad for _, p in loaded.named_parameters())
     loaded.set_adapter(["default", "other"])
     assert_close(loaded(IDS).logits.data, expected, rtol=1e-14, atol=1e-14, name="reloaded")

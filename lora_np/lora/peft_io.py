@@ -132,6 +132,8 @@ def read_config(directory):
 
 def load_adapter(lora_model, directory, adapter_name, is_trainable=False):
     """Add adapter `adapter_name` to `lora_model` from a PEFT folder."""
+    if adapter_name in lora_model.peft_config:
+        raise ValueError(f"load_adapter: adapter {adapter_name!r} already exists; pick another name")
     config, config_path = read_config(directory)
     config = config.replace(inference_mode=not is_trainable)
     try:
