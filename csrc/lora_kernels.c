@@ -1,14 +1,19 @@
 /* lora_kernels.c: the low-rank branch of LoRA in C11 + OpenMP, float32 and float64.
  *
  * The branch is memory-bound: x, y, dy and dx are [N, in] or [N, out] while r is small.
- * Each function therefore streams those big arrays once, in blocks of ROWS rows that stay
- * in cache while every use of the block is made, and keeps the small matrices
- * (lora_A, lora_B, their scaled or transposed copies) in cache.
+ * Each function therefore streams those big arrays in blocks of ROWS rows that stay in cache
+ * while every use of the block is made, and keeps the small matrices (lora_A, lora_B, their
+ * scaled or transposed copies) in cache.
  *
  * Three tiled building blocks do all the arithmetic (lora_kernels_impl.h):
  *   rows_dot     T [M, R]  = X [M, K] @ W [R, K]^T     (t = x A^T, g = dy B)
  *   rows_update  Y [M, K] += C [M, R] @ D [R, K]       (y, dx, merge)
  *   rows_reduce  P [R, K] += C [M, R]^T @ X [M, K]     (d_lora_A, d_lora_B: sums over tokens)
+ * Forward is rows_dot then rows_update on each block. Backward makes, per chunk of tokens, a
+ * first pass over its blocks (g = dy B, dx += s g A) and then the two sums over tokens, in
+ * column panels so that the partial sums stay in cache; those reductions read X through a
+ * packed copy of each block, as does rows_update read D (rows a power of two apart would
+ * otherwise all land in the same cache sets).
  *
  * Determinism: OpenMP splits work by output rows, and the sums over tokens in backward go
  * through a fixed number of chunks of tokens that depends on N only, added in a fixed
@@ -40,8 +45,10 @@
 #define ALWAYS_INLINE static inline __attribute__((always_inline))
 #define VBYTES 32          /* one AVX2 register; two SSE registers on the baseline */
 #define ROWS 32            /* token rows per cache block */
-#define CHUNK_ROWS 64      /* backward: at least this many tokens per chunk ... */
+#define CHUNK_ROWS 256     /* backward: at least this many tokens per chunk ... */
 #define MAX_CHUNKS 16      /* ... and at most this many chunks */
+#define PANEL_BYTES (96 * 1024) /* backward: the slice of a partial sum kept in cache ... */
+#define PANEL_COLS 1024         /* ... at most this many columns wide */
 #define PARALLEL_WORK 200000 /* multiply-adds below which a call stays on one thread */
 
 static int lora_num_threads = 0;

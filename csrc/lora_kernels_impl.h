@@ -68,20 +68,38 @@ ALWAYS_INLINE void FN(rows_dot)(real *restrict T, const real *restrict X, const 
 
 /* ---- rows_update: Y [M, K] += C [M, R] @ D [R, K] ----------------------------------- */
 
-/* MB <= 4 rows of Y (row stride ldy); C[m, k] is C[m * csm + k * csk], so C may be a
- * transposed view; D is dense [R, K]. Each element adds its R terms in order k = 0..R-1. */
-ALWAYS_INLINE void FN(update_tile)(real *restrict Y, int64_t ldy, const real *restrict C, int64_t csm,
-                                   int64_t csk, const real *restrict D, int64_t K, int64_t R, const int MB)
+/* D is packed by column tiles of JW = 2 * VL: tile jt holds D[0..R, jt*JW .. jt*JW + JW) as R
+ * contiguous rows of JW, so a tile's R rows are one sequential read whatever K is (rows of D a
+ * power of two apart would otherwise fall into the same cache sets); the K % JW last columns
+ * follow as a dense [R, K % JW] block. pack_scaled writes this layout. */
+#define JW (2 * VL)
+
+/* Dp = scale * S packed as above, where S (k, j) = src[k * sk + j * sj] for k < R, j < K. */
+static void FN(pack_scaled)(real *restrict Dp, const real *restrict src, int64_t sk, int64_t sj, real scale,
+                            int64_t R, int64_t K)
 {
-    int64_t j = 0;
-    for (; j + 2 * VL <= K; j += 2 * VL) {
+    const int64_t full = K / JW * JW, tail = K - full;
+    for (int64_t k = 0; k < R; k++) {
+        for (int64_t j = 0; j < full; j++) Dp[(j / JW * R + k) * JW + j % JW] = scale * src[k * sk + j * sj];
+        for (int64_t j = full; j < K; j++) Dp[full * R + k * tail + (j - full)] = scale * src[k * sk + j * sj];
+    }
+}
+
+/* MB <= 4 rows of Y (row stride ldy); C[m, k] is C[m * csm + k * csk], so C may be a
+ * transposed view; Dp is D [R, K] packed. Each element adds its R terms in order k = 0..R-1. */
+ALWAYS_INLINE void FN(update_tile)(real *restrict Y, int64_t ldy, const real *restrict C, int64_t csm,
+                                   int64_t csk, const real *restrict Dp, int64_t K, int64_t R, const int MB)
+{
+    const int64_t full = K / JW * JW, tail = K - full;
+    for (int64_t j = 0; j < full; j += JW) {
+        const real *d = Dp + j * R;
         vec acc[4][2];
         for (int m = 0; m < MB; m++) {
             acc[m][0] = FN(load)(Y + m * ldy + j);
             acc[m][1] = FN(load)(Y + m * ldy + j + VL);
         }
         for (int64_t k = 0; k < R; k++) {
-            vec d0 = FN(load)(D + k * K + j), d1 = FN(load)(D + k * K + j + VL);
+            vec d0 = FN(load)(d + k * JW), d1 = FN(load)(d + k * JW + VL);
             for (int m = 0; m < MB; m++) {
                 real c = C[m * csm + k * csk];
                 acc[m][0] += c * d0;
@@ -93,23 +111,23 @@ ALWAYS_INLINE void FN(update_tile)(real *restrict Y, int64_t ldy, const real *re
             FN(store)(Y + m * ldy + j + VL, acc[m][1]);
         }
     }
-    for (; j < K; j++)
+    for (int64_t j = full; j < K; j++)
         for (int m = 0; m < MB; m++) {
             real s = Y[m * ldy + j];
-            for (int64_t k = 0; k < R; k++) s += C[m * csm + k * csk] * D[k * K + j];
+            for (int64_t k = 0; k < R; k++) s += C[m * csm + k * csk] * Dp[full * R + k * tail + (j - full)];
             Y[m * ldy + j] = s;
         }
 }
 
 ALWAYS_INLINE void FN(rows_update)(real *restrict Y, const real *restrict C, int64_t csm, int64_t csk,
-                                   const real *restrict D, int64_t M, int64_t K, int64_t R)
+                                   const real *restrict Dp, int64_t M, int64_t K, int64_t R)
 {
     int64_t m = 0;
-    for (; m + 4 <= M; m += 4) FN(update_tile)(Y + m * K, K, C + m * csm, csm, csk, D, K, R, 4);
-    for (; m < M; m++) FN(update_tile)(Y + m * K, K, C + m * csm, csm, csk, D, K, R, 1);
+    for (; m + 4 <= M; m += 4) FN(update_tile)(Y + m * K, K, C + m * csm, csm, csk, Dp, K, R, 4);
+    for (; m < M; m++) FN(update_tile)(Y + m * K, K, C + m * csm, csm, csk, Dp, K, R, 1);
 }
 
-/* ---- rows_reduce: P [R, K] += C [M, R]^T @ X [M, K] --------------------------------- */
+/* ---- rows_reduce: P [R, W] += C [M, R]^T @ X [M, W] --------------------------------- */
 
 /* KB <= 8 rows of P, VL columns (P row stride ldp); C is [M, KB] (row stride ldc); X is
  * [M, VL] (row stride ldx). Each element adds its M terms in order m = 0..M-1. */
@@ -125,31 +143,34 @@ ALWAYS_INLINE void FN(reduce_tile)(real *restrict P, int64_t ldp, const real *re
     for (int k = 0; k < KB; k++) FN(store)(P + k * ldp, acc[k]);
 }
 
-ALWAYS_INLINE void FN(rows_reduce)(real *restrict P, const real *restrict C, const real *restrict X,
-                                   int64_t M, int64_t K, int64_t R)
+/* P [R, W] (row stride ldp) += C [M, R]^T @ X [M, W] (row stride ldx); C is dense.
+ * The tiles walk X down its columns. Rows of X a power of two apart share cache sets and the
+ * prefetcher does not follow that walk, so the block's full column tiles are first copied, row
+ * by row, into `packed` [W / VL][M][VL] (M * W reals), which the tiles then read in order. */
+ALWAYS_INLINE void FN(rows_reduce)(real *restrict P, int64_t ldp, const real *restrict C, const real *restrict X,
+                                   int64_t ldx, int64_t M, int64_t W, int64_t R, real *restrict packed)
 {
-    /* The tiles below walk X down its columns, which the hardware prefetcher does not follow:
-     * ask for the block's cache lines first, row by row. */
+    const int64_t full = W / VL * VL;
     for (int64_t m = 0; m < M; m++)
-        for (int64_t j = 0; j < K; j += 64 / (int64_t)sizeof(real)) __builtin_prefetch(X + m * K + j);
-    int64_t j = 0;
-    for (; j + VL <= K; j += VL) {
+        for (int64_t j = 0; j < full; j += VL) FN(store)(packed + (j * M + m * VL), FN(load)(X + m * ldx + j));
+    for (int64_t j = 0; j < full; j += VL) {
+        const real *xp = packed + j * M;
         int64_t k = 0;
-        for (; k + 8 <= R; k += 8) FN(reduce_tile)(P + k * K + j, K, C + k, R, X + j, K, M, 8);
-        for (; k + 4 <= R; k += 4) FN(reduce_tile)(P + k * K + j, K, C + k, R, X + j, K, M, 4);
-        for (; k < R; k++) FN(reduce_tile)(P + k * K + j, K, C + k, R, X + j, K, M, 1);
+        for (; k + 8 <= R; k += 8) FN(reduce_tile)(P + k * ldp + j, ldp, C + k, R, xp, VL, M, 8);
+        for (; k + 4 <= R; k += 4) FN(reduce_tile)(P + k * ldp + j, ldp, C + k, R, xp, VL, M, 4);
+        for (; k < R; k++) FN(reduce_tile)(P + k * ldp + j, ldp, C + k, R, xp, VL, M, 1);
     }
-    for (; j < K; j++)
+    for (int64_t j = full; j < W; j++)
         for (int64_t k = 0; k < R; k++) {
-            real s = P[k * K + j];
-            for (int64_t m = 0; m < M; m++) s += C[m * R + k] * X[m * K + j];
-            P[k * K + j] = s;
+            real s = P[k * ldp + j];
+            for (int64_t m = 0; m < M; m++) s += C[m * R + k] * X[m * ldx + j];
+            P[k * ldp + j] = s;
         }
 }
 
 /* ---- per-block workers: the SIMD code, one clone per instruction set ------------------ */
 
-/* M token rows: t [M, r] = x [M, in] @ lora_A^T;  y [M, out] += t @ sBt, sBt = scaling * lora_B^T [r, out]. */
+/* M token rows: t [M, r] = x [M, in] @ lora_A^T;  y [M, out] += t @ sBt, sBt = scaling * lora_B^T [r, out] packed. */
 LORA_CLONES static void FN(forward_block)(real *restrict y, real *restrict t, const real *restrict x,
                                           const real *restrict lora_A, const real *restrict sBt,
                                           int64_t M, int64_t in, int64_t out, int64_t r)
@@ -158,28 +179,45 @@ LORA_CLONES static void FN(forward_block)(real *restrict y, real *restrict t, co
     FN(rows_update)(y, t, r, 1, sBt, M, out, r);
 }
 
-/* M token rows of backward. g [M, r] = dy [M, out] @ Bt^T (Bt = lora_B^T [r, out]);
- * dx [M, in] += g @ sA (sA = scaling * lora_A); Pa [r, in] += g^T @ x; Pb [r, out] += t^T @ dy.
- * NULL outputs are skipped; g is scratch, needed when dx or Pa is. */
-LORA_CLONES static void FN(backward_block)(real *restrict dx, real *restrict Pa, real *restrict Pb,
-                                           real *restrict g, const real *restrict dy,
-                                           const real *restrict x, const real *restrict t,
-                                           const real *restrict Bt, const real *restrict sA,
-                                           int64_t M, int64_t in, int64_t out, int64_t r)
+/* Backward, first pass over M token rows: g [M, r] = dy [M, out] @ Bt^T (Bt = lora_B^T [r, out]);
+ * dx [M, in] += g @ sA (sA = scaling * lora_A, packed), skipped when dx is NULL. */
+LORA_CLONES static void FN(backward_rows)(real *restrict dx, real *restrict g, const real *restrict dy,
+                                          const real *restrict Bt, const real *restrict sA,
+                                          int64_t M, int64_t in, int64_t out, int64_t r)
 {
-    if (g) FN(rows_dot)(g, dy, Bt, M, out, r);
+    FN(rows_dot)(g, dy, Bt, M, out, r);
     if (dx) FN(rows_update)(dx, g, r, 1, sA, M, in, r);
-    if (Pa) FN(rows_reduce)(Pa, g, x, M, in, r);
-    if (Pb) FN(rows_reduce)(Pb, t, dy, M, out, r);
+}
+
+/* Backward, second pass: P [r, W] (row stride ldp) += C [M, r]^T @ X [M, W] (row stride ldx). */
+LORA_CLONES static void FN(reduce_block)(real *restrict P, int64_t ldp, const real *restrict C,
+                                         const real *restrict X, int64_t ldx, int64_t M, int64_t W, int64_t r,
+                                         real *restrict packed)
+{
+    FN(rows_reduce)(P, ldp, C, X, ldx, M, W, r, packed);
+}
+
+/* P [r, K] += C [M, r]^T @ X [M, K] over one chunk of M tokens, in column panels (at most
+ * PANEL_COLS wide) whose slice of P (about PANEL_BYTES) stays in cache while the chunk's
+ * ROWS-row blocks stream by: P is not re-read from memory for every block however large r * K.
+ * packed: ROWS * PANEL_COLS reals of scratch. */
+static void FN(reduce_chunk)(real *P, const real *C, const real *X, int64_t M, int64_t K, int64_t r, real *packed)
+{
+    int64_t width = min64(PANEL_COLS, PANEL_BYTES / (r * (int64_t)sizeof(real)) / VL * VL);
+    if (width < VL) width = VL;
+    for (int64_t j0 = 0; j0 < K; j0 += width)
+        for (int64_t m0 = 0; m0 < M; m0 += ROWS)
+            FN(reduce_block)(P + j0, K, C + m0 * r, X + m0 * K + j0, K, min64(ROWS, M - m0), min64(width, K - j0),
+                             r, packed);
 }
 
 LORA_CLONES static void FN(update_block)(real *restrict Y, const real *restrict C, int64_t csm, int64_t csk,
-                                         const real *restrict D, int64_t M, int64_t K, int64_t R)
+                                         const real *restrict Dp, int64_t M, int64_t K, int64_t R)
 {
-    FN(rows_update)(Y, C, csm, csk, D, M, K, R);
+    FN(rows_update)(Y, C, csm, csk, Dp, M, K, R);
 }
 
-/* dst [r, n] = scale * src^T, src [n, r]: the small transposed copies of lora_B. */
+/* dst [r, n] = scale * src^T, src [n, r]: the dense transposed copy of lora_B. */
 static void FN(transpose_scaled)(real *restrict dst, const real *restrict src, real scale, int64_t n, int64_t r)
 {
     for (int64_t k = 0; k < r; k++)
@@ -196,7 +234,7 @@ int FN(lora_forward)(real *y, real *t, const real *x, const real *lora_A, const 
     if (bad_sizes(N, in, out, r) || !y || !t || !x || !lora_A || !lora_B) return LORA_EINVAL;
     real *sBt = FN(alloc)(r * out);
     if (!sBt) return LORA_ENOMEM;
-    FN(transpose_scaled)(sBt, lora_B, (real)scaling, out, r);
+    FN(pack_scaled)(sBt, lora_B, 1, r, (real)scaling, r, out);
     int64_t n_blocks = (N + ROWS - 1) / ROWS;
 #pragma omp parallel for schedule(dynamic) num_threads(lora_get_num_threads()) if (N * r * (in + out) > PARALLEL_WORK)
     for (int64_t b = 0; b < n_blocks; b++) {
@@ -215,29 +253,31 @@ int FN(lora_backward)(real *dx, real *d_lora_A, real *d_lora_B, const real *dy, 
     const real s = (real)scaling;
     const int64_t n_c = n_chunks(N);
     const int need_g = dx || d_lora_A;
-    /* Bt = lora_B^T [r, out]; sA = s * lora_A [r, in]; g: per-chunk [ROWS, r] scratch;
+    /* Bt = lora_B^T [r, out]; sA = s * lora_A [r, in]; g = dy @ lora_B [N, r];
      * Pa [n_c, r, in] and Pb [n_c, r, out]: per-chunk partial sums over tokens. */
     real *Bt = need_g ? FN(alloc)(r * out) : NULL;
     real *sA = dx ? FN(alloc)(r * in) : NULL;
-    real *g = need_g ? FN(alloc)(n_c * ROWS * r) : NULL;
+    real *g = need_g ? FN(alloc)(N * r) : NULL;
     real *Pa = d_lora_A ? calloc((size_t)(n_c * r * in + 1), sizeof(real)) : NULL;
     real *Pb = d_lora_B ? calloc((size_t)(n_c * r * out + 1), sizeof(real)) : NULL;
-    if ((need_g && (!Bt || !g)) || (dx && !sA) || (d_lora_A && !Pa) || (d_lora_B && !Pb)) {
-        free(Bt), free(sA), free(g), free(Pa), free(Pb);
+    real *packed = d_lora_A || d_lora_B ? FN(alloc)(n_c * ROWS * PANEL_COLS) : NULL;
+    if ((need_g && (!Bt || !g)) || (dx && !sA) || (d_lora_A && !Pa) || (d_lora_B && !Pb) ||
+        ((d_lora_A || d_lora_B) && !packed)) {
+        free(Bt), free(sA), free(g), free(Pa), free(Pb), free(packed);
         return LORA_ENOMEM;
     }
     if (Bt) FN(transpose_scaled)(Bt, lora_B, 1, out, r);
-    if (sA)
-        for (int64_t j = 0; j < r * in; j++) sA[j] = s * lora_A[j];
+    if (sA) FN(pack_scaled)(sA, lora_A, in, 1, s, r, in);
 
 #pragma omp parallel for schedule(dynamic) num_threads(lora_get_num_threads()) if (2 * N * r * (in + out) > PARALLEL_WORK)
     for (int64_t c = 0; c < n_c; c++) {
-        for (int64_t m0 = c * N / n_c, m_end = (c + 1) * N / n_c; m0 < m_end; m0 += ROWS) {
-            int64_t M = min64(ROWS, m_end - m0);
-            FN(backward_block)(dx ? dx + m0 * in : NULL, Pa ? Pa + c * r * in : NULL,
-                               Pb ? Pb + c * r * out : NULL, g ? g + c * ROWS * r : NULL,
-                               dy + m0 * out, x + m0 * in, t + m0 * r, Bt, sA, M, in, out, r);
-        }
+        const int64_t m_begin = c * N / n_c, m_end = (c + 1) * N / n_c, M = m_end - m_begin;
+        for (int64_t m0 = m_begin; need_g && m0 < m_end; m0 += ROWS)
+            FN(backward_rows)(dx ? dx + m0 * in : NULL, g + m0 * r, dy + m0 * out, Bt, sA,
+                              min64(ROWS, m_end - m0), in, out, r);
+        real *pack_c = packed ? packed + c * ROWS * PANEL_COLS : NULL;
+        if (Pb) FN(reduce_chunk)(Pb + c * r * out, t + m_begin * r, dy + m_begin * out, M, out, r, pack_c);
+        if (Pa) FN(reduce_chunk)(Pa + c * r * in, g + m_begin * r, x + m_begin * in, M, in, r, pack_c);
     }
 
     /* Sum the chunks in order c = 0..n_c-1 into chunk 0, then scale into the gradients. */
@@ -260,7 +300,7 @@ int FN(lora_backward)(real *dx, real *d_lora_A, real *d_lora_B, const real *dy, 
         for (int64_t o = 0; o < out; o++)
             for (int64_t k = 0; k < r; k++) d_lora_B[o * r + k] += s * Pb[k * out + o];
     }
-    free(Bt), free(sA), free(g), free(Pa), free(Pb);
+    free(Bt), free(sA), free(g), free(Pa), free(Pb), free(packed);
     return LORA_OK;
 }
 
@@ -277,9 +317,9 @@ int FN(lora_merge)(real *weight, const real *lora_A, const real *lora_B, double 
     real *D = FN(alloc)(r * cols);
     if (!D) return LORA_ENOMEM;
     if (fan_in_fan_out)
-        FN(transpose_scaled)(D, lora_B, s, out, r);
+        FN(pack_scaled)(D, lora_B, 1, r, s, r, out);
     else
-        for (int64_t j = 0; j < r * in; j++) D[j] = s * lora_A[j];
+        FN(pack_scaled)(D, lora_A, in, 1, s, r, in);
     int64_t n_blocks = (rows + ROWS - 1) / ROWS;
 #pragma omp parallel for schedule(dynamic) num_threads(lora_get_num_threads()) if (rows * cols * r > PARALLEL_WORK)
     for (int64_t b = 0; b < n_blocks; b++) {
@@ -357,6 +397,7 @@ int FN(lora_merge_ref)(real *weight, const real *lora_A, const real *lora_B, dou
     return LORA_OK;
 }
 
+#undef JW
 #undef vec
 #undef VL
 #undef FN
