@@ -373,4 +373,12 @@ def test_smollm2_print_trainable_parameters(capsys):
         pytest.skip(str(e))
     lm = get_peft_model(lora_np.load_model(path), LoraConfig(r=8, target_modules=["q_proj", "v_proj"]))
     lm.print_trainable_parameters()
-    assert capsys.readouterr().out == "trainable params: 460,800 || all params: 134,975,808 || trainable%: 0.3414\n"
+    # REFERENCE.md §4: 30 blocks, hidden 576, kv width 3·64, SwiGLU 1536, vocab 49152, tied head
+    block = 2 * 576 * 576 + 2 * 576 * 192 + 3 * 576 * 1536 + 2 * 576
+    base = 49152 * 576 + 30 * block + 576
+    lora = 30 * (8 * 576 + 576 * 8 + 8 * 576 + 192 * 8)
+    total = base + lora
+    assert (lora, total) == (460_800, 134_975_808)
+    assert capsys.readouterr().out == (f"trainable params: {lora:,d} || all params: {total:,d} || "
+                                       f"trainable%: {100 * lora / total:.4f}\n")
+    assert f"{100 * lora / total:.4f}" == "0.3414"
