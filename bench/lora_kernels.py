@@ -3,6 +3,7 @@
     python bench/lora_kernels.py            # CPU: the table of issue 4 (float32)
     python bench/lora_kernels.py --quick    # CPU: N=4096, 576x1536, r=8 only
     python bench/lora_kernels.py --cuda     # GPU: lora_np's CUDA build vs PyTorch eager CUDA
+    python bench/lora_kernels.py --threads 1  # one thread for C and PyTorch (NumPy: set OPENBLAS_NUM_THREADS=1)
 
 One run, every implementation timed in turn round after round (interleaved), medians.
 The NumPy composition is lora_np's "numpy" backend (the best composition: scaling applied
@@ -231,7 +232,10 @@ def main():
     parser.add_argument("--quick", action="store_true", help="only N=4096, 576x1536, r=8")
     parser.add_argument("--cuda", action="store_true", help="the GPU benchmark")
     parser.add_argument("--rounds", type=int, default=7)
+    parser.add_argument("--threads", type=int, help="threads for the C core and PyTorch (default: all cores)")
     args = parser.parse_args()
+    if args.threads:
+        kernels.set_num_threads(args.threads)
     gpu(args) if args.cuda else cpu(args)
 
 
