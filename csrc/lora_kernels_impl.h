@@ -217,11 +217,11 @@ LORA_CLONES static void FN(update_block)(real *restrict Y, const real *restrict 
     FN(rows_update)(Y, C, csm, csk, Dp, M, K, R);
 }
 
-/* dst [r, n] = scale * src^T, src [n, r]: the dense transposed copy of lora_B. */
-static void FN(transpose_scaled)(real *restrict dst, const real *restrict src, real scale, int64_t n, int64_t r)
+/* dst [r, n] = src^T, src [n, r]: the dense transposed copy of lora_B that rows_dot reads. */
+static void FN(transpose)(real *restrict dst, const real *restrict src, int64_t n, int64_t r)
 {
     for (int64_t k = 0; k < r; k++)
-        for (int64_t o = 0; o < n; o++) dst[k * n + o] = scale * src[o * r + k];
+        for (int64_t o = 0; o < n; o++) dst[k * n + o] = src[o * r + k];
 }
 
 static real *FN(alloc)(int64_t count) { return malloc(sizeof(real) * (size_t)(count > 0 ? count : 1)); }
@@ -266,7 +266,7 @@ int FN(lora_backward)(real *dx, real *d_lora_A, real *d_lora_B, const real *dy, 
         free(Bt), free(sA), free(g), free(Pa), free(Pb), free(packed);
         return LORA_ENOMEM;
     }
-    if (Bt) FN(transpose_scaled)(Bt, lora_B, 1, out, r);
+    if (Bt) FN(transpose)(Bt, lora_B, out, r);
     if (sA) FN(pack_scaled)(sA, lora_A, in, 1, s, r, in);
 
 #pragma omp parallel for schedule(dynamic) num_threads(lora_get_num_threads()) if (2 * N * r * (in + out) > PARALLEL_WORK)

@@ -1,8 +1,9 @@
 /* lora_cuda.h: the optional CUDA build of the LoRA low-rank branch (see ../lora_np.h).
  *
  * Same operations and argument order as the C core; every pointer to an array is a device
- * pointer from lora_cuda_malloc. Work is queued on the default stream; copies to the host
- * wait for it. Every function returns 0 or a CUDA error code, whose text
+ * pointer from lora_cuda_malloc. Work, allocation and freeing are all queued on the default
+ * stream (stream-ordered memory), so nothing waits for the GPU except the copies to the host
+ * and lora_cuda_synchronize. Every function returns 0 or a CUDA error code, whose text
  * lora_cuda_error_string gives; none exits.
  * The same declarations are the cffi cdef in lora_np/_cuda.py (tests/test_kernels_cuda.py
  * checks that the two agree).
