@@ -72,10 +72,13 @@ def cmd_info(args):
 
 
 # -- dump --------------------------------------------------------------------------------------
-def lora_gradients(model):
-    """{'grad.<adapter file key>': gradient} for every LoRA tensor of a LoraModel."""
+def lora_gradients(model, adapter_name="default"):
+    """{'grad.<adapter file key>': gradient} for every trainable tensor of a LoraModel's adapter."""
+    from .lora.peft_io import adapter_parameters
+
+    params, _ = adapter_parameters(model, adapter_name)
     return {f"grad.{key}": p.grad if p.grad is not None else np.zeros_like(p.data)
-            for key, p in model.adapter_parameters().items()}
+            for key, p in params.items() if p.requires_grad}
 
 
 def cmd_dump(args):
@@ -196,9 +199,7 @@ def main(argv=None):
 
 
 def _register_training_commands():
-    """train / eval / generate / merge / demo live in lora_np.train (imported only here)."""
-    try:
-        from .train import register_commands
-    except ImportError:
-        return
+    """train / eval / generate / merge / demo live in lora_np.train."""
+    from .train import register_commands
+
     register_commands(COMMANDS)
