@@ -10,17 +10,21 @@ by hypothesis:
 Each op is a `Case`: a function of Tensors, its input arrays (drawn in float64), which of
 them to differentiate, and the NumPy reference. The four properties run over every case.
 
-Finite-difference bound. With eps = 1e-6 the central difference (L(x+e) − L(x−e)) / 2e
-differs from the true derivative by a truncation term ≤ eps²/6 · |L'''| ≈ 2e-13 · |L'''|
-(negligible: inputs are O(1) and away from kinks and poles) plus the rounding error of
-evaluating L twice, ≤ 2·k·u·S / (2·eps) with u = 1.1e-16, S = Σ|out·R| the magnitude of
-the summed terms and k ≤ 100 rounding steps per element for our ops: 1.1e-8·S. The check is
-therefore |analytic − numeric| ≤ 1e-6·|numeric| + 2e-8·(1 + S) per element: a wrong factor,
-a missing broadcast reduction or a transposed gradient is off by O(1) and always fails.
+Finite-difference bound. The derivative along a direction V (a unit vector per element, or
+a random direction for module parameters) is estimated with the fourth-order central stencil
+N = [8(L(x+eV) − L(x−eV)) − (L(x+2eV) − L(x−2eV))] / 12e with e = 1e-6. Its truncation
+error is ≤ e⁴/30·|L⁽⁵⁾| ≈ 3e-26·|L⁽⁵⁾|, negligible even where a normalisation over two
+elements makes each derivative ~1/√eps_norm ≈ 300 times the last (there the two-point
+stencil's e²/6·|L⁽³⁾| is not negligible). Its rounding error is ≤ (18/12)·k·u·S/e with
+u = 1.1e-16, S = Σ|out·R| the magnitude of the summed terms and k ≤ 100 rounding steps
+per element for our ops: 1.7e-8·S. The check is therefore
+|analytic − numeric| ≤ 1e-6·|numeric| + 2e-8·(1 + S): a wrong factor, a missing broadcast
+reduction or a transposed gradient is off by O(1) and always fails.
 """
 import math
 from dataclasses import dataclass
-from typing import Callable
+import operator
+from typing import Callable, Optional
 
 import numpy as np
 import pytest
@@ -57,16 +61,20 @@ def check_grad(fn, arrays, grad_of, rng, name="op"):
         a = arrays[i]
         num = np.zeros_like(a)
         for idx in np.ndindex(a.shape):
-            plus = list(arrays)
-            minus = list(arrays)
-            plus[i] = a.copy()
-            minus[i] = a.copy()
-            plus[i][idx] += EPS
-            minus[i][idx] -= EPS
-            num[idx] = (loss(plus) - loss(minus)) / (2 * EPS)
+            def at(step):
+                moved = list(arrays)
+                moved[i] = a.copy()
+                moved[i][idx] += step
+                return loss(moved)
+            num[idx] = central_difference(at)
         assert tensors[i].grad is not None, f"{name}: input {i} got no gradient"
         assert tensors[i].grad.dtype == a.dtype, f"{name}: input {i} gradient dtype {tensors[i].grad.dtype}"
         assert_close(tensors[i].grad, num, FD_RTOL, FD_ATOL_PER_S * (1 + scale), name=f"{name} d/dinput{i}")
+
+
+def central_difference(at):
+    """d/dt of at(t) at t = 0 by the fourth-order stencil of the module doc (step EPS)."""
+    return (8 * (at(EPS) - at(-EPS)) - (at(2 * EPS) - at(-2 * EPS))) / (12 * EPS)
 
 
 def f32_tolerance(expected):
@@ -79,7 +87,7 @@ class Case:
     inputs: list                 # float64 arrays (and integer arrays / fixed extras)
     grad_of: tuple               # indices of the float inputs to differentiate
     ref: Callable                # same inputs as ndarrays -> expected ndarray
-    f32: bool = True             # run the float32-vs-float64 property
+    torch: Optional[Callable] = None  # (torch module, *torch tensors) -> tensor, for the cross-check
 
     def __post_init__(self):  # NumPy scalars (0-d draws) become 0-d arrays
         self.inputs = [np.asarray(a) if isinstance(a, np.generic) else a for a in self.inputs]
@@ -95,6 +103,14 @@ def _normal(rng, shape):
 
 def _away_from_zero(rng, shape, lo=0.5, hi=2.0):
     return rng.uniform(lo, hi, shape) * rng.choice([-1.0, 1.0], shape)
+
+
+def spread_rows(rng, shape):
+    """Values whose rows along the last dim are spread out (a linear ramp plus noise) and away
+    from 0 on average: a norm over a near-constant or near-zero row has a condition number up
+    to 1/√eps ≈ 300, where float32 cannot agree with float64 in any library."""
+    ramp = np.linspace(-1.5, 1.5, shape[-1]) if shape[-1] > 1 else np.array([1.5])
+    return rng.standard_normal(shape) * 0.3 + ramp
 
 
 def _shape(data, min_dims=0, max_dims=3, min_side=1, max_side=4):
@@ -122,34 +138,36 @@ def _erf(x):
 
 # -- the cases ----------------------------------------------------------------------------------
 def _binary(op, npop, positive_b=False, positive_a=False):
+    name = op.__name__
+
     def draw(data):
         rng = _rng(data)
         sa, sb = data.draw(hnp.mutually_broadcastable_shapes(num_shapes=2, max_dims=3, max_side=3), label="shapes").input_shapes
         a = rng.uniform(0.5, 2.0, sa) if positive_a else _normal(rng, sa)
         b = (rng.uniform(0.5, 2.0, sb) if positive_a else _away_from_zero(rng, sb)) if positive_b else _normal(rng, sb)
-        return Case(op, [a, b], (0, 1), npop)
+        return Case(op, [a, b], (0, 1), npop, lambda T, a, b: getattr(T, name)(a, b))
     return draw
 
 
-def _with_scalar(op, npop):
+def _with_scalar(op, npop, pyop):
     """The op with a Python scalar on either side (scalars take the tensor's dtype)."""
     def draw(data):
         rng = _rng(data)
         a = _away_from_zero(rng, _shape(data))
         c = data.draw(st.sampled_from([-1.5, 0.5, 2.0, 3]), label="scalar")
         if data.draw(st.booleans(), label="scalar_first"):
-            return Case(lambda x: op(c, x), [a], (0,), lambda x: npop(c, x))
-        return Case(lambda x: op(x, c), [a], (0,), lambda x: npop(x, c))
+            return Case(lambda x: op(c, x), [a], (0,), lambda x: npop(c, x), lambda T, x: pyop(c, x))
+        return Case(lambda x: op(x, c), [a], (0,), lambda x: npop(x, c), lambda T, x: pyop(x, c))
     return draw
 
 
-def _unary(op, npop, domain="real"):
+def _unary(op, npop, domain="real", torch=None):
     def draw(data):
         rng = _rng(data)
         shape = _shape(data)
         x = {"real": _normal, "positive": lambda r, s: r.uniform(0.3, 3.0, s),
              "nonzero": _away_from_zero}[domain](rng, shape)
-        return Case(op, [x], (0,), npop)
+        return Case(op, [x], (0,), npop, torch)
     return draw
 
 
@@ -169,7 +187,7 @@ def _matmul(data):
         sa, sb = data.draw(st.sampled_from([(n, k), (2, n, k)])), (k,)
     else:
         sa, sb = (k,), (k,)
-    return Case(F.matmul, [_normal(rng, sa), _normal(rng, sb)], (0, 1), np.matmul)
+    return Case(F.matmul, [_normal(rng, sa), _normal(rng, sb)], (0, 1), np.matmul, lambda T, a, b: T.matmul(a, b))
 
 
 def _linear(data):
@@ -178,11 +196,12 @@ def _linear(data):
     i, o = data.draw(st.integers(1, 4)), data.draw(st.integers(1, 4))
     x, w = _normal(rng, lead + (i,)), _normal(rng, (o, i))
     if data.draw(st.booleans(), label="bias"):
-        return Case(F.linear, [x, w, _normal(rng, (o,))], (0, 1, 2), lambda x, w, b: x @ w.T + b)
-    return Case(F.linear, [x, w], (0, 1), lambda x, w: x @ w.T)
+        return Case(F.linear, [x, w, _normal(rng, (o,))], (0, 1, 2), lambda x, w, b: x @ w.T + b,
+                    lambda T, x, w, b: T.nn.functional.linear(x, w, b))
+    return Case(F.linear, [x, w], (0, 1), lambda x, w: x @ w.T, lambda T, x, w: T.nn.functional.linear(x, w))
 
 
-def _reduction(op, npop):
+def _reduction(op, npop, torch_name):
     def draw(data):
         rng = _rng(data)
         shape = _shape(data, 1)
@@ -190,8 +209,10 @@ def _reduction(op, npop):
                                   hnp.valid_tuple_axes(len(shape), min_size=1)), label="dim")
         keepdim = data.draw(st.booleans(), label="keepdim")
         axis = dim if dim is None or isinstance(dim, int) else tuple(dim)
+        tdim = tuple(range(len(shape))) if dim is None else dim
         return Case(lambda x: op(x, dim, keepdim), [_normal(rng, shape)], (0,),
-                    lambda x: np.asarray(npop(x, axis=axis, keepdims=keepdim)))
+                    lambda x: np.asarray(npop(x, axis=axis, keepdims=keepdim)),
+                    lambda T, x: getattr(T, torch_name)(x, dim=tdim, keepdim=keepdim))
     return draw
 
 
@@ -201,28 +222,32 @@ def _reshape(data):
     new = list(data.draw(st.permutations(shape), label="perm_shape"))
     if data.draw(st.booleans(), label="minus_one"):
         new[data.draw(st.integers(0, len(new) - 1))] = -1
-    return Case(lambda x: F.reshape(x, new), [_normal(rng, shape)], (0,), lambda x: x.reshape(new))
+    return Case(lambda x: F.reshape(x, new), [_normal(rng, shape)], (0,), lambda x: x.reshape(new),
+                lambda T, x: T.reshape(x, new))
 
 
 def _transpose(data):
     rng = _rng(data)
     shape = _shape(data, 1)
     d0, d1 = _dim(data, len(shape)), _dim(data, len(shape))
-    return Case(lambda x: F.transpose(x, d0, d1), [_normal(rng, shape)], (0,), lambda x: np.swapaxes(x, d0, d1))
+    return Case(lambda x: F.transpose(x, d0, d1), [_normal(rng, shape)], (0,), lambda x: np.swapaxes(x, d0, d1),
+                lambda T, x: T.transpose(x, d0, d1))
 
 
 def _permute(data):
     rng = _rng(data)
     shape = _shape(data, 1)
     perm = data.draw(st.permutations(range(len(shape))), label="perm")
-    return Case(lambda x: F.permute(x, perm), [_normal(rng, shape)], (0,), lambda x: np.transpose(x, perm))
+    return Case(lambda x: F.permute(x, perm), [_normal(rng, shape)], (0,), lambda x: np.transpose(x, perm),
+                lambda T, x: T.permute(x, perm))
 
 
 def _unsqueeze(data):
     rng = _rng(data)
     shape = _shape(data)
     d = data.draw(st.integers(-len(shape) - 1, len(shape)), label="dim")
-    return Case(lambda x: F.unsqueeze(x, d), [_normal(rng, shape)], (0,), lambda x: np.expand_dims(x, d))
+    return Case(lambda x: F.unsqueeze(x, d), [_normal(rng, shape)], (0,), lambda x: np.expand_dims(x, d),
+                lambda T, x: T.unsqueeze(x, d))
 
 
 def _squeeze(data):
@@ -234,14 +259,18 @@ def _squeeze(data):
         if d is None:
             return np.squeeze(x)
         return np.squeeze(x, d) if x.shape[d] == 1 else x
-    return Case(lambda x: F.squeeze(x, d), [_normal(rng, shape)], (0,), ref)
+    return Case(lambda x: F.squeeze(x, d), [_normal(rng, shape)], (0,), ref,
+                lambda T, x: T.squeeze(x) if d is None else T.squeeze(x, d))
 
 
 def _getitem_basic(data):
     rng = _rng(data)
     shape = _shape(data, 1)
     index = data.draw(hnp.basic_indices(shape, allow_newaxis=True), label="index")
-    return Case(lambda x: x[index], [_normal(rng, shape)], (0,), lambda x: np.asarray(x[index]))
+    items = index if isinstance(index, tuple) else (index,)
+    reverses = any(isinstance(i, slice) and (i.step or 1) < 0 for i in items)  # torch has no negative steps
+    return Case(lambda x: x[index], [_normal(rng, shape)], (0,), lambda x: np.asarray(x[index]),
+                None if reverses else (lambda T, x: x[index]))
 
 
 def _getitem_advanced(data):
@@ -249,7 +278,8 @@ def _getitem_advanced(data):
     shape = _shape(data, 1)
     idx = data.draw(hnp.arrays(np.int64, data.draw(st.integers(1, 5)), elements=st.integers(-shape[0], shape[0] - 1)),
                     label="indices")  # repeats allowed: their gradients must add up
-    return Case(lambda x: x[Tensor(idx)], [_normal(rng, shape)], (0,), lambda x: x[idx])
+    return Case(lambda x: x[Tensor(idx)], [_normal(rng, shape)], (0,), lambda x: x[idx],
+                lambda T, x: x[T.from_numpy(idx)])
 
 
 def _cat(data):
@@ -263,7 +293,8 @@ def _cat(data):
         sh[dim] = s
         arrays.append(_normal(rng, tuple(sh)))
     n = len(arrays)
-    return Case(lambda *xs: F.cat(list(xs), dim), arrays, tuple(range(n)), lambda *xs: np.concatenate(xs, dim))
+    return Case(lambda *xs: F.cat(list(xs), dim), arrays, tuple(range(n)), lambda *xs: np.concatenate(xs, dim),
+                lambda T, *xs: T.cat(xs, dim))
 
 
 def _stack(data):
@@ -272,7 +303,8 @@ def _stack(data):
     n = data.draw(st.integers(1, 3), label="n")
     dim = data.draw(st.integers(-len(shape) - 1, len(shape)), label="dim")
     arrays = [_normal(rng, shape) for _ in range(n)]
-    return Case(lambda *xs: F.stack(list(xs), dim), arrays, tuple(range(n)), lambda *xs: np.stack(xs, dim))
+    return Case(lambda *xs: F.stack(list(xs), dim), arrays, tuple(range(n)), lambda *xs: np.stack(xs, dim),
+                lambda T, *xs: T.stack(xs, dim))
 
 
 def _split(data):
@@ -291,16 +323,17 @@ def _split(data):
     ws = [1.0 + i for i in range(len(bounds) + 1)]
     fn = lambda x: F.cat([p * w for p, w in zip(F.split(x, arg, dim), ws)], dim)  # noqa: E731
     ref = lambda x: np.concatenate([p * w for p, w in zip(np.split(x, bounds, dim), ws)], dim)  # noqa: E731
-    return Case(fn, [_normal(rng, shape)], (0,), ref)
+    tfn = lambda T, x: T.cat([p * w for p, w in zip(T.split(x, arg, dim), ws)], dim)  # noqa: E731
+    return Case(fn, [_normal(rng, shape)], (0,), ref, tfn)
 
 
 def _where(data):
     rng = _rng(data)
     sc, sa, sb = data.draw(hnp.mutually_broadcastable_shapes(num_shapes=3, max_dims=3, max_side=3),
                            label="shapes").input_shapes
-    cond = rng.random(sc) < 0.5
+    cond = np.asarray(rng.random(sc) < 0.5)
     return Case(lambda a, b: F.where(cond, a, b), [_normal(rng, sa), _normal(rng, sb)], (0, 1),
-                lambda a, b: np.where(cond, a, b))
+                lambda a, b: np.where(cond, a, b), lambda T, a, b: T.where(T.from_numpy(cond), a, b))
 
 
 def _masked_fill(data):
@@ -309,24 +342,27 @@ def _masked_fill(data):
                        label="shapes").input_shapes
     shape = np.broadcast_shapes(sx, sm)
     x = _normal(rng, shape)
-    mask = rng.random(sm) < 0.5
+    mask = np.asarray(rng.random(sm) < 0.5)
     value = data.draw(st.sampled_from([0.0, -1e9, 2.5]), label="value")
-    return Case(lambda x: F.masked_fill(x, Tensor(mask), value), [x], (0,), lambda x: np.where(mask, value, x))
+    return Case(lambda x: F.masked_fill(x, Tensor(mask), value), [x], (0,), lambda x: np.where(mask, value, x),
+                lambda T, x: x.masked_fill(T.from_numpy(mask), value))
 
 
 def _embedding(data):
     rng = _rng(data)
     num, dim = data.draw(st.integers(1, 5)), data.draw(st.integers(1, 3))
     ids = rng.integers(0, num, _shape(data, 0, 2))  # repeated ids: scatter-add must accumulate
-    return Case(lambda w: F.embedding(ids, w), [_normal(rng, (num, dim))], (0,), lambda w: w[ids])
+    return Case(lambda w: F.embedding(ids, w), [_normal(rng, (num, dim))], (0,), lambda w: w[ids],
+                lambda T, w: T.nn.functional.embedding(T.from_numpy(ids), w))
 
 
-def _softmax_like(op, npop):
+def _softmax_like(op, npop, torch_name):
     def draw(data):
         rng = _rng(data)
         shape = _shape(data, 1)
         dim = _dim(data, len(shape))
-        return Case(lambda x: op(x, dim), [2 * _normal(rng, shape)], (0,), lambda x: npop(x, dim))
+        return Case(lambda x: op(x, dim), [2 * _normal(rng, shape)], (0,), lambda x: npop(x, dim),
+                    lambda T, x: getattr(T, torch_name)(x, dim))
     return draw
 
 
@@ -348,7 +384,8 @@ def _cross_entropy(data):
         safe = np.where(target == -100, 0, target)
         nll = -np.take_along_axis(logp, safe[:, None], 1)[:, 0] * (target != -100)
         return {"none": nll, "sum": nll.sum(), "mean": nll.sum() / (target != -100).sum()}[reduction]
-    return Case(lambda x: F.cross_entropy(x, target, reduction=reduction), [logits], (0,), ref)
+    return Case(lambda x: F.cross_entropy(x, target, reduction=reduction), [logits], (0,), ref,
+                lambda T, x: T.nn.functional.cross_entropy(x, T.from_numpy(target), reduction=reduction))
 
 
 def _layer_norm(data):
@@ -358,31 +395,33 @@ def _layer_norm(data):
     ns = shape[-k:]
     eps = data.draw(st.sampled_from([1e-5, 1e-2]), label="eps")
     affine = data.draw(st.sampled_from(["none", "weight", "both"]), label="affine")
-    x = _normal(rng, shape) * 2 + 0.5
+    x = spread_rows(rng, shape)
     axes = tuple(range(len(shape) - k, len(shape)))
 
     def norm(x):
         mu = x.mean(axes, keepdims=True)
         return (x - mu) / np.sqrt(((x - mu) ** 2).mean(axes, keepdims=True) + eps)
+    tfn = lambda T, x, w=None, b=None: T.nn.functional.layer_norm(x, ns, w, b, eps)  # noqa: E731
     if affine == "none":
-        return Case(lambda x: F.layer_norm(x, ns, eps=eps), [x], (0,), norm)
+        return Case(lambda x: F.layer_norm(x, ns, eps=eps), [x], (0,), norm, tfn)
     w = _normal(rng, ns)
     if affine == "weight":
-        return Case(lambda x, w: F.layer_norm(x, ns, w, eps=eps), [x, w], (0, 1), lambda x, w: norm(x) * w)
+        return Case(lambda x, w: F.layer_norm(x, ns, w, eps=eps), [x, w], (0, 1), lambda x, w: norm(x) * w, tfn)
     return Case(lambda x, w, b: F.layer_norm(x, ns, w, b, eps=eps), [x, w, _normal(rng, ns)], (0, 1, 2),
-                lambda x, w, b: norm(x) * w + b)
+                lambda x, w, b: norm(x) * w + b, tfn)
 
 
 def _rms_norm(data):
     rng = _rng(data)
     shape = _shape(data, 1)
     eps = data.draw(st.sampled_from([1e-5, 1e-2]), label="eps")
-    x = _normal(rng, shape)
+    x = spread_rows(rng, shape)
     norm = lambda x: x / np.sqrt((x * x).mean(-1, keepdims=True) + eps)  # noqa: E731
+    tfn = lambda T, x, w=None: T.nn.functional.rms_norm(x, shape[-1:], w, eps)  # noqa: E731
     if data.draw(st.booleans(), label="weight"):
         return Case(lambda x, w: F.rms_norm(x, (shape[-1],), w, eps), [x, _normal(rng, shape[-1:])], (0, 1),
-                    lambda x, w: norm(x) * w)
-    return Case(lambda x: F.rms_norm(x, shape[-1], eps=eps), [x], (0,), norm)
+                    lambda x, w: norm(x) * w, tfn)
+    return Case(lambda x: F.rms_norm(x, shape[-1], eps=eps), [x], (0,), norm, tfn)
 
 
 def _dropout(data):
@@ -438,37 +477,49 @@ def np_attention(q, k, v, mask=None, is_causal=False, scale=None):
 def _sdpa(data):
     rng = _rng(data)
     B, Hkv, g = data.draw(st.integers(1, 2)), data.draw(st.integers(1, 2)), data.draw(st.integers(1, 3))
-    T = data.draw(st.integers(1, 4), label="T")
-    S = data.draw(st.integers(T, 5), label="S")  # S >= T: no query row is fully masked
+    L = data.draw(st.integers(1, 4), label="L")
+    S = data.draw(st.integers(L, 5), label="S")  # S >= L: no query row is fully masked
     D = data.draw(st.integers(1, 3), label="D")
     is_causal = data.draw(st.booleans(), label="is_causal")
     kind = data.draw(st.sampled_from(["none", "bool", "float"]), label="mask")
     scale = data.draw(st.sampled_from([None, 0.3]), label="scale")
-    mshape = data.draw(st.sampled_from([(T, S), (B, 1, T, S), (1, Hkv * g, T, S), (B, Hkv * g, 1, S)]), label="mshape")
+    mshape = data.draw(st.sampled_from([(L, S), (B, 1, L, S), (1, Hkv * g, L, S), (B, Hkv * g, 1, S)]), label="mshape")
     mask = None
     if kind == "bool":
         mask = rng.random(mshape) < 0.7
         mask[..., 0] = True  # each row keeps key 0 (visible under the causal mask too)
     elif kind == "float":
         mask = _normal(rng, mshape)
-    q, k, v = _normal(rng, (B, Hkv * g, T, D)), _normal(rng, (B, Hkv, S, D)), _normal(rng, (B, Hkv, S, D))
+    q, k, v = _normal(rng, (B, Hkv * g, L, D)), _normal(rng, (B, Hkv, S, D)), _normal(rng, (B, Hkv, S, D))
     fn = lambda q, k, v: F.scaled_dot_product_attention(  # noqa: E731
         q, k, v, None if mask is None else (Tensor(mask) if mask.dtype == bool else Tensor(mask.astype(q.dtype))),
         is_causal=is_causal, scale=scale)
-    return Case(fn, [q, k, v], (0, 1, 2), lambda q, k, v: np_attention(q, k, v, mask, is_causal, scale))
+
+    def tfn(T, q, k, v):  # torch aligns a causal mask top-left and refuses it with attn_mask: pass one mask
+        sdpa = T.nn.functional.scaled_dot_product_attention
+        if mask is None and (not is_causal or L == S):
+            return sdpa(q, k, v, is_causal=is_causal, scale=scale, enable_gqa=True)
+        m = None if mask is None else T.from_numpy(mask)
+        if is_causal:
+            tri = T.from_numpy(np.tri(L, S, S - L, dtype=bool))
+            m = tri if m is None else (m & tri if m.dtype == T.bool else m.masked_fill(~tri, -math.inf))
+        return sdpa(q, k, v, attn_mask=m, scale=scale, enable_gqa=True)
+    return Case(fn, [q, k, v], (0, 1, 2), lambda q, k, v: np_attention(q, k, v, mask, is_causal, scale), tfn)
 
 
 def _silu_mul(data):
     rng = _rng(data)
     shape = _shape(data)
     silu = lambda a: a / (1 + np.exp(-a))  # noqa: E731
-    return Case(F.silu_mul, [2 * _normal(rng, shape), _normal(rng, shape)], (0, 1), lambda a, b: silu(a) * b)
+    return Case(F.silu_mul, [2 * _normal(rng, shape), _normal(rng, shape)], (0, 1), lambda a, b: silu(a) * b,
+                lambda T, a, b: T.nn.functional.silu(a) * b)
 
 
 def _pow_scalar(data):
     rng = _rng(data)
     e = data.draw(st.sampled_from([2.0, 3, 0.5, -1.5]), label="exponent")
-    return Case(lambda x: F.pow(x, e), [rng.uniform(0.5, 2.0, _shape(data))], (0,), lambda x: x ** e)
+    return Case(lambda x: F.pow(x, e), [rng.uniform(0.5, 2.0, _shape(data))], (0,), lambda x: x ** e,
+                lambda T, x: T.pow(x, e))
 
 
 CASES = {
@@ -478,27 +529,29 @@ CASES = {
     "div": _binary(F.div, np.divide, positive_b=True),
     "pow": _binary(F.pow, np.power, positive_a=True, positive_b=True),
     "pow_scalar": _pow_scalar,
-    "add_scalar": _with_scalar(F.add, np.add),
-    "sub_scalar": _with_scalar(F.sub, np.subtract),
-    "mul_scalar": _with_scalar(F.mul, np.multiply),
-    "div_scalar": _with_scalar(F.div, np.divide),
-    "neg": _unary(F.neg, np.negative),
+    "add_scalar": _with_scalar(F.add, np.add, operator.add),
+    "sub_scalar": _with_scalar(F.sub, np.subtract, operator.sub),
+    "mul_scalar": _with_scalar(F.mul, np.multiply, operator.mul),
+    "div_scalar": _with_scalar(F.div, np.divide, operator.truediv),
+    "neg": _unary(F.neg, np.negative, torch=lambda T, x: T.neg(x)),
     "matmul": _matmul,
     "linear": _linear,
-    "exp": _unary(F.exp, np.exp),
-    "log": _unary(F.log, np.log, "positive"),
-    "sqrt": _unary(F.sqrt, np.sqrt, "positive"),
-    "tanh": _unary(F.tanh, np.tanh),
-    "sigmoid": _unary(F.sigmoid, lambda x: 1 / (1 + np.exp(-x))),
-    "relu": _unary(F.relu, lambda x: np.maximum(x, 0), "nonzero"),
-    "silu": _unary(F.silu, lambda x: x / (1 + np.exp(-x))),
+    "exp": _unary(F.exp, np.exp, torch=lambda T, x: T.exp(x)),
+    "log": _unary(F.log, np.log, "positive", torch=lambda T, x: T.log(x)),
+    "sqrt": _unary(F.sqrt, np.sqrt, "positive", torch=lambda T, x: T.sqrt(x)),
+    "tanh": _unary(F.tanh, np.tanh, torch=lambda T, x: T.tanh(x)),
+    "sigmoid": _unary(F.sigmoid, lambda x: 1 / (1 + np.exp(-x)), torch=lambda T, x: T.sigmoid(x)),
+    "relu": _unary(F.relu, lambda x: np.maximum(x, 0), "nonzero", torch=lambda T, x: T.relu(x)),
+    "silu": _unary(F.silu, lambda x: x / (1 + np.exp(-x)), torch=lambda T, x: T.nn.functional.silu(x)),
     "silu_mul": _silu_mul,
-    "gelu": _unary(F.gelu, lambda x: 0.5 * x * (1 + _erf(x / math.sqrt(2)))),
+    "gelu": _unary(F.gelu, lambda x: 0.5 * x * (1 + _erf(x / math.sqrt(2))),
+                   torch=lambda T, x: T.nn.functional.gelu(x)),
     "gelu_tanh": _unary(lambda x: F.gelu(x, approximate="tanh"),
-                        lambda x: 0.5 * x * (1 + np.tanh(math.sqrt(2 / math.pi) * (x + 0.044715 * x ** 3)))),
-    "sum": _reduction(F.sum, np.sum),
-    "mean": _reduction(F.mean, np.mean),
-    "max": _reduction(F.max, np.max),
+                        lambda x: 0.5 * x * (1 + np.tanh(math.sqrt(2 / math.pi) * (x + 0.044715 * x ** 3))),
+                        torch=lambda T, x: T.nn.functional.gelu(x, approximate="tanh")),
+    "sum": _reduction(F.sum, np.sum, "sum"),
+    "mean": _reduction(F.mean, np.mean, "mean"),
+    "max": _reduction(F.max, np.max, "amax"),
     "reshape": _reshape,
     "transpose": _transpose,
     "permute": _permute,
@@ -512,8 +565,8 @@ CASES = {
     "where": _where,
     "masked_fill": _masked_fill,
     "embedding": _embedding,
-    "softmax": _softmax_like(F.softmax, _np_softmax),
-    "log_softmax": _softmax_like(F.log_softmax, lambda x, d: np.log(_np_softmax(x, d))),
+    "softmax": _softmax_like(F.softmax, _np_softmax, "softmax"),
+    "log_softmax": _softmax_like(F.log_softmax, lambda x, d: np.log(_np_softmax(x, d)), "log_softmax"),
     "cross_entropy": _cross_entropy,
     "layer_norm": _layer_norm,
     "rms_norm": _rms_norm,
