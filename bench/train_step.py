@@ -40,7 +40,7 @@ def lora_np_worker():
         return {"trainable": sum(p.numel() for p in params), "backend": lora_np.backend()}
 
     def step():
-        out = state["model"](state["ids"], labels=state["ids"])
+        out = state["model"](state["ids"], labels=state["ids"], return_logits=False)  # as `lora-np train` does
         out.loss.backward()
         state["opt"].step()
         state["opt"].zero_grad()

@@ -13,10 +13,10 @@ import numpy as np
 
 from . import functional as F
 from .nn import DecoderBlock, Embedding, GPT2Block, LayerNorm, Linear, Module, ModuleList, RMSNorm
-from .tensor import DEFAULT_DTYPE, Tensor
+from .tensor import DEFAULT_DTYPE, Function, Tensor
 
 __all__ = ["LlamaConfig", "GPT2Config", "LlamaForCausalLM", "GPT2LMHeadModel", "CausalLMOutput",
-           "causal_lm_loss", "config_from_dict"]
+           "causal_lm_loss", "causal_lm_head_loss", "LinearCrossEntropy", "config_from_dict"]
 
 
 def _from_dict(cls, d):
@@ -121,6 +121,57 @@ def causal_lm_loss(logits, labels, ignore_index=-100):
     return F.cross_entropy(shift_logits, labels[:, 1:].reshape(-1).astype(np.int64), ignore_index=ignore_index)
 
 
+class LinearCrossEntropy(Function):
+    """mean over rows with a target of cross_entropy(h Wᵀ, target), never holding all the
+    logits: rows go through the head in chunks, and backward recomputes each chunk's
+    softmax (one extra head matmul for (N, V) floats less memory). Rows whose target is
+    ignore_index cost nothing. h (N, C), weight (V, C), target (N,)."""
+
+    def forward(self, h, weight, target, ignore_index=-100, chunk=512):
+        rows = np.nonzero(target != ignore_index)[0]
+        self.n, self.weight, self.chunk = h.shape[0], weight, chunk
+        self.h, self.t = h[rows], target[rows].astype(np.int64)                     # (M, C), (M,)
+        self.rows, self.count = rows, len(rows)
+        if self.t.size and (self.t.min() < 0 or self.t.max() >= weight.shape[0]):
+            raise IndexError(f"cross_entropy: target out of range [0, {weight.shape[0]})")
+        self.lse = np.empty(self.count, h.dtype)                                    # logsumexp per row
+        total = 0.0
+        for s in range(0, self.count, chunk):
+            logits = self.h[s:s + chunk] @ weight.T                                  # (c, V)
+            m = logits.max(-1)
+            self.lse[s:s + chunk] = m + np.log(np.exp(logits - m[:, None]).sum(-1))
+            total += float((self.lse[s:s + chunk] - logits[np.arange(len(logits)), self.t[s:s + chunk]]).sum())
+        return np.asarray(total / self.count if self.count else np.nan, h.dtype)
+
+    def backward(self, g):
+        w, chunk = self.weight, self.chunk
+        need_h, need_w = self.needs_input_grad[0], self.needs_input_grad[1]
+        gh = np.zeros((self.n, w.shape[1]), w.dtype) if need_h else None
+        gw = np.zeros_like(w) if need_w else None
+        scale = w.dtype.type(g / self.count)
+        for s in range(0, self.count, chunk):
+            hc = self.h[s:s + chunk]
+            p = hc @ w.T                                                              # (c, V) logits
+            p -= self.lse[s:s + chunk, None]
+            np.exp(p, out=p)                                                          # softmax
+            p[np.arange(len(p)), self.t[s:s + chunk]] -= 1
+            p *= scale
+            if need_h:
+                gh[self.rows[s:s + chunk]] = p @ w                                    # (c, C)
+            if need_w:
+                gw += p.T @ hc
+        return gh, gw, None
+
+
+def causal_lm_head_loss(h, weight, labels, ignore_index=-100):
+    """causal_lm_loss(h Wᵀ, labels) without the (B, T, V) logits: h (B, T, C), weight (V, C)."""
+    labels = np.asarray(labels.data if isinstance(labels, Tensor) else labels)
+    B, T, C = h.shape
+    target = np.concatenate([labels[:, 1:], np.full((B, 1), ignore_index, labels.dtype)], 1)  # (B, T)
+    return LinearCrossEntropy.apply(F.reshape(h, (B * T, C)), weight, Tensor(target.reshape(-1)),
+                                    ignore_index=ignore_index)
+
+
 class _RopeTables:
     """cos/sin for positions [0, n), grown on demand, one copy per dtype."""
 
@@ -145,9 +196,10 @@ class _CausalLM(Module):
     def _embed(self, ids, past):
         raise NotImplementedError  # pragma: no cover
 
-    def forward(self, input_ids, labels=None, cache=None, attn_mask=None, logits_to_keep=0):
+    def forward(self, input_ids, labels=None, cache=None, attn_mask=None, logits_to_keep=0, return_logits=True):
         """logits (B, T, V) for input_ids (B, T), and the causal-LM loss when labels (B, T)
-        are given. `cache` (nn.KVCache) holds earlier positions; `logits_to_keep` > 0
+        are given. With labels and return_logits=False the loss is computed chunk by chunk
+        without the (B, T, V) logits (training). `cache` (nn.KVCache) holds earlier positions; `logits_to_keep` > 0
         computes logits for the last that many positions only (generation)."""
         ids = np.asarray(input_ids.data if isinstance(input_ids, Tensor) else input_ids)
         if ids.ndim == 1:
@@ -158,9 +210,12 @@ class _CausalLM(Module):
         h, cos, sin = self._embed(ids, past)                                          # (B, T, C)
         for block in self._blocks():
             h = block(h, cos, sin, cache, attn_mask)
+        if labels is not None and not return_logits and type(self.lm_head) is Linear:  # a plain (un-adapted) head
+            h = self._final_norm(h)
+            return CausalLMOutput(None, causal_lm_head_loss(h, self.lm_head.weight, labels))
         if logits_to_keep:
             h = h[:, -logits_to_keep:]
-        logits = self._head(h)                                                        # (B, T', V)
+        logits = self.lm_head(self._final_norm(h))                                   # (B, T', V)
         loss = causal_lm_loss(logits, labels) if labels is not None else None
         return CausalLMOutput(logits, loss)
 
@@ -209,8 +264,8 @@ class LlamaForCausalLM(_CausalLM):
         cos, sin = self._rope.get(past, ids.shape[1], h.dtype)
         return h, cos, sin
 
-    def _head(self, h):
-        return self.lm_head(self.model.norm(h))
+    def _final_norm(self, h):
+        return self.model.norm(h)
 
 
 class GPT2Model(Module):
@@ -243,5 +298,5 @@ class GPT2LMHeadModel(_CausalLM):
         pos = np.arange(past, past + T)
         return self.transformer.wte(ids) + self.transformer.wpe(pos), None, None
 
-    def _head(self, h):
-        return self.lm_head(self.transformer.ln_f(h))
+    def _final_norm(self, h):
+        return self.transformer.ln_f(h)

@@ -185,7 +185,7 @@ def evaluate(model, examples, batch_size):
             labels = np.stack([e[1] for e in examples[i:i + batch_size]])
             n = int((labels[:, 1:] != IGNORE_INDEX).sum())
             if n:
-                total += float(model(ids, labels=labels).loss.data) * n
+                total += float(model(ids, labels=labels, return_logits=False).loss.data) * n
                 count += n
     model.train(was_training)
     return total / count if count else float("nan")
@@ -346,7 +346,7 @@ def train(args, stream=None):
                 loss_sum, tokens = 0.0, 0
                 for _ in range(args.grad_accum):
                     ids, labels = batches.next_batch()
-                    loss = peft(ids, labels=labels).loss
+                    loss = peft(ids, labels=labels, return_logits=False).loss
                     value = float(loss.data)
                     if not math.isfinite(value):
                         raise NonFiniteLoss(f"loss is {value} at step {step + 1}; stopping. The last good "
