@@ -250,6 +250,7 @@ int FN(lora_backward)(real *dx, real *d_lora_A, real *d_lora_B, const real *dy, 
                       int64_t N, int64_t in, int64_t out, int64_t r)
 {
     if (bad_sizes(N, in, out, r) || !dy || !x || !t || !lora_A || !lora_B) return LORA_EINVAL;
+    if (N == 0 || r == 0) return LORA_OK; /* every gradient gets a sum of no terms */
     const real s = (real)scaling;
     const int64_t n_c = n_chunks(N);
     const int need_g = dx || d_lora_A;

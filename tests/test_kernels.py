@@ -185,6 +185,18 @@ def test_merge_then_unmerge_returns_weight(backend, sizes, seed, fan_in_fan_out)
     check(w, w0, mag, np.float64, "merge then unmerge")
 
 
+@needs_c
+@pytest.mark.parametrize("N, n_in, out, r", [(0, 3, 4, 2), (3, 0, 4, 2), (3, 3, 0, 2), (3, 3, 4, 0), (0, 0, 0, 0)])
+def test_empty_sizes_match_numpy(N, n_in, out, r):
+    a = make_case(0, N, n_in, out, r, np.float64)
+    for fifo in (False, True):
+        got = {**run_forward(a, "c"), **run_backward(a, {"dx", "d_lora_A", "d_lora_B"}, "c"), "merge": run_merge(a, fifo, "c")}
+        want = {**run_forward(a, "numpy"), **run_backward(a, {"dx", "d_lora_A", "d_lora_B"}, "numpy"),
+                "merge": run_merge(a, fifo, "numpy")}
+        for k in want:
+            assert_close(got[k], want[k], rtol=1e-12, name=f"{k} at N={N} in={n_in} out={out} r={r}")
+
+
 @pytest.mark.parametrize("backend", ["numpy", pytest.param("c", marks=needs_c)])
 def test_merge_makes_no_weight_sized_temporary(backend):
     """Peak NumPy allocation during a merge stays far below the weight's size (the C core's

@@ -113,3 +113,16 @@ def test_device_arrays_are_checked():
     with pytest.raises(ValueError, match="was freed"):
         d["x"].to_numpy()
     assert np.array_equal(d["y"].to_numpy(), a["y"]), "refused calls changed y"
+
+
+@needs_gpu
+@pytest.mark.parametrize("N, n_in, out, r", [(0, 3, 4, 2), (3, 0, 4, 2), (3, 3, 0, 2), (3, 3, 4, 0), (0, 0, 0, 0)])
+def test_cuda_backend_empty_sizes(N, n_in, out, r):
+    a = make_case(0, N, n_in, out, r, np.float64)
+    for fifo in (False, True):
+        got = {**run_forward(a, "cuda"), **run_backward(a, {"dx", "d_lora_A", "d_lora_B"}, "cuda"),
+               "merge": run_merge(a, fifo, "cuda")}
+        want = {**run_forward(a, "numpy"), **run_backward(a, {"dx", "d_lora_A", "d_lora_B"}, "numpy"),
+                "merge": run_merge(a, fifo, "numpy")}
+        for k in want:
+            assert np.allclose(got[k], want[k], rtol=1e-12, atol=0), f"{k} at N={N} in={n_in} out={out} r={r}"
