@@ -53,7 +53,7 @@ def _parse_ids(text):
 
 # -- info --------------------------------------------------------------------------------------
 def cmd_info(args):
-    model, path = _load(args)
+    model, path = _load(args, trainable=True)  # count the adapter as training would
     base = getattr(model, "base_model_model", None) or model
     config = getattr(base, "config", None) or getattr(getattr(model, "model", None), "config", None)
     print(f"model: {path}")
