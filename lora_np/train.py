@@ -9,7 +9,11 @@ adapter, PEFT format), `metrics.jsonl` (one JSON row per step), `loss.svg`, and
 optimizer moments, scheduler, data position and dropout RNG). Checkpoints are written to
 a temporary folder and renamed into place, so an interrupted save never replaces a good
 one; `--resume` continues exactly where the checkpoint left off.
+
+Under an MPI launcher (`mpiexec -n K lora-np train ...`, or with `--distributed`) the run is
+data-parallel: see lora_np/distributed.py. Only rank 0 writes to the run directory.
 """
+import argparse
 import dataclasses
 import json
 import math
@@ -18,6 +22,7 @@ import shutil
 import signal
 import sys
 import time
+import traceback
 from dataclasses import dataclass
 from typing import Optional
 
@@ -65,6 +70,8 @@ class TrainArgs:
     dtype: str = "float32"
     resume: bool = False
     stop_at: Optional[int] = None
+    distributed: Optional[bool] = None  # None: when launched by MPI with several ranks
+    allreduce_timeout: Optional[float] = None  # seconds; None: $LORA_NP_ALLREDUCE_TIMEOUT or 120
 
 
 # -- threads -----------------------------------------------------------------------------------
@@ -169,13 +176,16 @@ class Progress:
 
 
 # -- evaluation -----------------------------------------------------------------------------
-def evaluate(model, examples, batch_size):
-    """Token-weighted mean next-token loss over `examples` (no graph, eval mode)."""
+def evaluate(model, examples, batch_size, comm=None):
+    """Token-weighted mean next-token loss over `examples` (no graph, eval mode). With a
+    distributed Communicator each rank scores every K-th example and the sums are allreduced."""
     from .data import IGNORE_INDEX
     from .tensor import no_grad
 
     if not examples:
         raise ValueError("evaluate: no examples")
+    if comm is not None:
+        examples = examples[comm.rank::comm.size]
     was_training = model.training
     model.eval()
     total, count = 0.0, 0
@@ -188,6 +198,8 @@ def evaluate(model, examples, batch_size):
                 total += float(model(ids, labels=labels, return_logits=False).loss.data) * n
                 count += n
     model.train(was_training)
+    if comm is not None:
+        total, count = comm.allreduce_sum_(np.array([total, count], np.float64), "the validation loss allreduce")
     return total / count if count else float("nan")
 
 
@@ -196,9 +208,9 @@ def _checkpoint_dir(out):
     return os.path.join(out, "checkpoints")
 
 
-def save_checkpoint(out, step, peft_model, optimizer, scheduler, batches_state, rng_state, args):
+def save_checkpoint(out, step, peft_model, optimizer, scheduler, batches_state, rng_state, args, extra=None):
     """Write checkpoints/step-NNNNNN atomically (temp folder + rename), point latest.json at it,
-    then remove older checkpoints."""
+    then remove older checkpoints. `extra`: more trainer_state.json keys."""
     from .optim import flatten_state_dict
 
     root = _checkpoint_dir(out)
@@ -212,7 +224,7 @@ def save_checkpoint(out, step, peft_model, optimizer, scheduler, batches_state, 
         arrays, meta = flatten_state_dict(optimizer.state_dict())
         safetensors.save_file(arrays, os.path.join(tmp, "optimizer.safetensors"))
         state = {"step": step, "optimizer": meta, "scheduler": scheduler.state_dict(), "batches": batches_state,
-                 "rng": rng_state, "args": dataclasses.asdict(args)}
+                 "rng": rng_state, "args": dataclasses.asdict(args), **(extra or {})}
         _write_atomic(os.path.join(tmp, "trainer_state.json"), json.dumps(state, indent=1).encode())
         final = os.path.join(root, name)
         shutil.rmtree(final, ignore_errors=True)
@@ -253,6 +265,14 @@ def _lora_config(args, model_path):
                       base_model_name_or_path=os.path.basename(model_path))
 
 
+def _communicator(args):
+    """A distributed.Communicator when this run is data-parallel, else None."""
+    from .distributed import Communicator, launched_by_mpi
+
+    use = launched_by_mpi() if args.distributed is None else args.distributed
+    return Communicator(args.allreduce_timeout) if use else None
+
+
 def train(args, stream=None):
     """Fine-tune a LoRA adapter; returns a dict of results (steps, final losses, paths, timings)."""
     from .data import Batches, load_examples, train_val_split
@@ -264,9 +284,15 @@ def train(args, stream=None):
 
     if args.threads:
         set_threads(args.threads)
-    stream = stream or sys.stderr
+    comm = _communicator(args)
+    world = comm.size if comm else 1
+    if comm and not args.threads:  # share this machine's cores among its ranks
+        set_threads(max(1, (os.cpu_count() or 1) // comm.local_size))
+    writer = comm is None or comm.rank == 0  # only rank 0 writes logs, metrics, checkpoints, the adapter
+    stream = (stream or sys.stderr) if writer else open(os.devnull, "w")
     model_path = args.model or default_model_path()
-    os.makedirs(args.out, exist_ok=True)
+    if writer:
+        os.makedirs(args.out, exist_ok=True)
 
     ckpt_folder, ckpt_state = (None, None)
     if args.resume:
@@ -275,6 +301,9 @@ def train(args, stream=None):
         for key in _RESUME_MUST_MATCH:
             if saved.get(key) != getattr(args, key):
                 raise ValueError(f"--resume: {key} was {saved.get(key)!r} in the checkpoint, now {getattr(args, key)!r}")
+        if ckpt_state.get("world_size", 1) != world:
+            raise ValueError(f"--resume: the checkpoint was written by {ckpt_state.get('world_size', 1)} ranks, "
+                             f"now {world}; resume with the same number (the global batch depends on it)")
 
     tokenizer = load_tokenizer(args.tokenizer or model_path)
     examples = load_examples(args.data, tokenizer, args.seq_len)
@@ -284,7 +313,7 @@ def train(args, stream=None):
         train_ex, val_ex = train_val_split(examples, args.val_fraction, args.seed)
     else:
         train_ex, val_ex = examples, []
-    batches = Batches(train_ex, args.batch_size, seed=args.seed)
+    batches = Batches(train_ex, args.batch_size * world, seed=args.seed)  # the global batch
     steps_per_epoch = max(1, len(batches) // args.grad_accum)
     total = args.steps if args.steps else max(1, math.ceil((args.epochs or 1) * steps_per_epoch))
 
@@ -295,6 +324,8 @@ def train(args, stream=None):
     else:
         F.manual_seed(args.seed)  # LoRA init and dropout draw from this generator
         peft = get_peft_model(model, config)
+        if world > 1:
+            F.manual_seed([args.seed, comm.rank])  # same LoRA init everywhere, each rank its own dropout masks
     peft.train()
     params = [p for p in peft.parameters() if p.requires_grad]
     optimizer = AdamW(params, lr=args.lr, weight_decay=args.weight_decay)
@@ -308,21 +339,27 @@ def train(args, stream=None):
         optimizer.load_state_dict(unflatten_state_dict(arrays, ckpt_state["optimizer"]))
         scheduler.load_state_dict(ckpt_state["scheduler"])
         batches.load_state_dict(ckpt_state["batches"])
-        F.default_generator().bit_generator.state = ckpt_state["rng"]
+        F.default_generator().bit_generator.state = ckpt_state["rng_ranks"][comm.rank] if world > 1 else ckpt_state["rng"]
         start = ckpt_state["step"]
+    if comm:
+        from .distributed import fingerprint
+
+        comm.check_same(fingerprint(args, model, peft, params, batches, val_ex, optimizer, scheduler, start), "at start")
 
     metrics_path = os.path.join(args.out, "metrics.jsonl")
     rows = []
     if start and os.path.exists(metrics_path):
         with open(metrics_path) as fh:
             rows = [r for r in (json.loads(line) for line in fh if line.strip()) if r["step"] <= start]
-    with open(metrics_path, "w") as fh:
-        fh.writelines(json.dumps(r) + "\n" for r in rows)
+    if writer:
+        with open(metrics_path, "w") as fh:
+            fh.writelines(json.dumps(r) + "\n" for r in rows)
 
     progress = Progress(total, stream, args.log_every)
     trainable = sum(p.numel() for p in params)
     progress.message(f"lora_np: {len(train_ex)} train / {len(val_ex)} val examples of {args.seq_len} tokens; "
-                     f"{total} steps of {args.batch_size}x{args.grad_accum}; trainable params {trainable:,}"
+                     f"{total} steps of {args.batch_size}x{args.grad_accum}"
+                     + (f" on each of {world} ranks" if comm else "") + f"; trainable params {trainable:,}"
                      + (f"; resuming at step {start}" if start else ""))
 
     stop = {"requested": False}
@@ -335,25 +372,43 @@ def train(args, stream=None):
 
     old_handler = signal.signal(signal.SIGINT, on_sigint) if _main_thread() else None
     ckpt_args = (peft, optimizer, scheduler)
+
+    def checkpoint():
+        rng = F.default_generator().bit_generator.state
+        extra = {"world_size": world}
+        if world > 1:
+            extra["rng_ranks"] = comm.allgather_json(rng, "the checkpoint's dropout RNG gather")
+        if not writer:
+            return None
+        return save_checkpoint(args.out, step, *ckpt_args, batches.state_dict(), rng, args, extra)
+
     t_start = time.perf_counter()
     elapsed_before = rows[-1]["elapsed"] if rows else 0.0
     last_ckpt = ckpt_folder
     step = start
     try:
-        with open(metrics_path, "a") as metrics:
+        with open(metrics_path if writer else os.devnull, "a") as metrics:
             while step < total:
                 t0 = time.perf_counter()
                 loss_sum, tokens = 0.0, 0
                 for _ in range(args.grad_accum):
                     ids, labels = batches.next_batch()
-                    loss = peft(ids, labels=labels, return_logits=False).loss
-                    value = float(loss.data)
-                    if not math.isfinite(value):
-                        raise NonFiniteLoss(f"loss is {value} at step {step + 1}; stopping. The last good "
-                                            f"checkpoint is {last_ckpt or '(none written yet)'}")
-                    (loss * (1.0 / args.grad_accum)).backward()
-                    loss_sum += value / args.grad_accum
                     tokens += ids.size
+                    weight = 1.0
+                    if comm:  # this rank's rows; weight = its share of the global batch's labelled tokens
+                        ids, labels, weight = comm.shard(ids, labels)
+                        if weight == 0:
+                            continue
+                    loss = peft(ids, labels=labels, return_logits=False).loss
+                    (loss * (weight / args.grad_accum)).backward()
+                    loss_sum += float(loss.data) * weight / args.grad_accum
+                stopping = stop["requested"]
+                if comm:  # sum gradients, loss and stop flag over the ranks: one allreduce
+                    comm.step = step + 1
+                    loss_sum, stopping = comm.allreduce_step(params, loss_sum, stopping)
+                if not math.isfinite(loss_sum):
+                    raise NonFiniteLoss(f"loss is {loss_sum} at step {step + 1}; stopping. The last good "
+                                        f"checkpoint is {last_ckpt or '(none written yet)'}")
                 if args.max_grad_norm:
                     clip_grad_norm_(params, args.max_grad_norm)
                 lr = optimizer.param_groups[0]["lr"]
@@ -365,30 +420,39 @@ def train(args, stream=None):
                 elapsed = elapsed_before + time.perf_counter() - t_start
                 row = {"step": step, "loss": loss_sum, "lr": lr, "tokens_per_s": tokens / dt, "elapsed": elapsed}
                 if val_ex and ((args.eval_every and step % args.eval_every == 0) or step == total):
-                    row["val_loss"] = evaluate(peft, val_ex, args.batch_size)
+                    row["val_loss"] = evaluate(peft, val_ex, args.batch_size, comm)
                 rows.append(row)
                 metrics.write(json.dumps(row) + "\n")
                 metrics.flush()
                 done_steps = step - start
                 eta = (time.perf_counter() - t_start) / done_steps * (total - step)
                 progress.update(step, loss_sum, lr, tokens / dt, eta, row.get("val_loss"))
+                if comm is None:
+                    stopping = stop["requested"]
                 if args.stop_at is not None and step >= args.stop_at and step < total:
-                    stop["requested"] = True
-                if (args.save_every and step % args.save_every == 0) or stop["requested"]:
-                    last_ckpt = save_checkpoint(args.out, step, *ckpt_args, batches.state_dict(),
-                                                F.default_generator().bit_generator.state, args)
-                    write_loss_svg(rows, os.path.join(args.out, "loss.svg"))
-                if stop["requested"]:
+                    stopping = True
+                if (args.save_every and step % args.save_every == 0) or stopping:
+                    last_ckpt = checkpoint()
+                    if writer:
+                        write_loss_svg(rows, os.path.join(args.out, "loss.svg"))
+                if stopping:
                     progress.message(f"stopped at step {step}; resume with --resume (checkpoint {last_ckpt})")
                     return {"steps": step, "interrupted": True, "checkpoint": last_ckpt, "rows": rows}
     finally:
         if old_handler is not None:
             signal.signal(signal.SIGINT, old_handler)
-    last_ckpt = save_checkpoint(args.out, step, *ckpt_args, batches.state_dict(),
-                                F.default_generator().bit_generator.state, args)
-    peft.save_pretrained(args.out)
-    write_loss_svg(rows, os.path.join(args.out, "loss.svg"))
-    progress.message(f"done: {step} steps; adapter written to {args.out}")
+    last_ckpt = checkpoint()
+    done = f"done: {step} steps; adapter written to {args.out}"
+    if comm:
+        from .distributed import crc32_arrays
+
+        adapter_crc = crc32_arrays((str(i), p.data) for i, p in enumerate(params))
+        comm.check_same({"adapter weights (crc32)": adapter_crc}, "at the end (their optimizer steps diverged)")
+        done += f"; adapter crc32 {adapter_crc} on all {world} ranks"
+    if writer:
+        peft.save_pretrained(args.out)
+        write_loss_svg(rows, os.path.join(args.out, "loss.svg"))
+    progress.message(done)
     return {"steps": step, "interrupted": False, "checkpoint": last_ckpt, "rows": rows, "model": peft,
             "tokenizer": tokenizer, "final_loss": rows[-1]["loss"] if rows else None,
             "val_loss": rows[-1].get("val_loss") if rows else None}
@@ -435,6 +499,11 @@ def _add_train_args(p):
     p.add_argument("--resume", action="store_true", help="continue from --out's latest checkpoint")
     p.add_argument("--stop-at", type=int, help="stop after this step with a checkpoint, as Ctrl-C does "
                                                "(run a long job in pieces; continue with --resume)")
+    p.add_argument("--distributed", action=argparse.BooleanOptionalAction, default=None,
+                   help="data-parallel over MPI ranks (default: on when mpiexec starts several ranks); "
+                        "--batch-size is per rank")
+    p.add_argument("--allreduce-timeout", type=float, help="seconds to wait for the other ranks before stopping "
+                                                           "them all (default: $LORA_NP_ALLREDUCE_TIMEOUT or 120)")
 
 
 def _args_from_namespace(ns):
@@ -443,11 +512,22 @@ def _args_from_namespace(ns):
 
 
 def cmd_train(ns):
+    from . import distributed
+
     try:
         train(_args_from_namespace(ns))
-    except NonFiniteLoss as e:
-        print(f"lora-np train: {e}", file=sys.stderr)
-        return 1
+    except (NonFiniteLoss, distributed.DistributedMismatch) as e:  # raised on every rank alike
+        comm = distributed.current()
+        if comm is None or comm.rank == 0:
+            print(f"lora-np train: {e}", file=sys.stderr)
+        return 1 if isinstance(e, NonFiniteLoss) else 2
+    except (Exception, KeyboardInterrupt) as e:
+        comm = distributed.current()
+        if comm is None or comm.size == 1:
+            raise
+        if not isinstance(e, (ValueError, FileNotFoundError, KeyboardInterrupt)):
+            traceback.print_exc()
+        comm.abort(f"{type(e).__name__}: {e}")  # one rank failing alone must not leave the others waiting
     return 0
 
 
