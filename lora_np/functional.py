@@ -927,12 +927,12 @@ def rope_cos_sin(positions, head_dim, base=10000.0, dtype=np.float32):
 
 
 def _rotary(x, cos, sin):
-    """x·cos + rotate_half(x)·sin into a new C-contiguous array.
+    """x·cos + rotate_half(x)·sin into a new array laid out in memory as x is.
 
     With x = cat(x₁, x₂) along the last dim, rotate_half(x) = cat(−x₂, x₁), so
     y₁ = x₁·cos₁ − x₂·sin₁ and y₂ = x₂·cos₂ + x₁·sin₂."""
     h = x.shape[-1] // 2
-    out = np.multiply(x, cos, out=np.empty(x.shape, x.dtype))
+    out = np.multiply(x, cos, out=np.empty_like(x))  # x's memory layout: (B, T, H, D) under a transpose
     t = np.multiply(x[..., h:], sin[..., :h])
     out[..., :h] -= t
     np.multiply(x[..., :h], sin[..., h:], out=t)
@@ -943,7 +943,7 @@ def _rotary(x, cos, sin):
 def _rotary_transpose(g, cos, sin):
     """The transpose of `_rotary`: gx₁ = g₁·cos₁ + g₂·sin₂, gx₂ = g₂·cos₂ − g₁·sin₁."""
     h = g.shape[-1] // 2
-    out = np.multiply(g, cos, out=np.empty(g.shape, g.dtype))
+    out = np.multiply(g, cos, out=np.empty_like(g))
     t = np.multiply(g[..., h:], sin[..., h:])
     out[..., :h] += t
     np.multiply(g[..., :h], sin[..., :h], out=t)
@@ -980,103 +980,127 @@ def rotate_half(x):
 
 
 # -- attention -------------------------------------------------------------------------
+_ATTN_BLOCK = 64  # query positions per block: bounds the scores' memory, and causal blocks skip hidden keys
+
+
 class SDPA(Function):
     """softmax(q kᵀ · scale + bias) v with grouped-query heads, the way flash attention keeps memory.
 
-    q (B, Hq, T, D), k and v (B, Hkv, S, D), Hq = Hkv·g. The g query heads that share
-    a key/value head are stacked along the row axis, (B, Hkv, g·T, D), so K and V are
-    never repeated in memory. The (g·T, S) probabilities are built one batch element at
-    a time and not kept: forward saves the scaled q, k, v, the output and each row's
-    log-sum-exp, and backward recomputes the probabilities from them. A row whose keys
-    are all masked out gives 0 (torch's safe softmax), not NaN.
+    q (B, Hq, T, D), k and v (B, Hkv, S, D), Hq = Hkv·g. The g query heads that share a
+    key/value head are stacked as rows, (B, Hkv, T·g, D) position-major, so K and V are
+    never repeated. Scores are built for one batch element and one block of query
+    positions at a time; a causal block only sees its first n = t1 + S − T keys, so the
+    hidden upper triangle is (mostly) never computed. Nothing of size T × S is kept:
+    forward saves the scaled q, k, v, the output and each row's log-sum-exp, and backward
+    recomputes the probabilities block by block. A row whose keys are all masked gives 0
+    (torch's safe softmax), not NaN.
+
+    The output is laid out in memory as (B, T, Hq, D), so the caller's transpose to
+    (B, T, Hq·D) is free, and the query gradient is returned in the query's own layout.
     """
 
-    def forward(self, q, k, v, bias, scale=None):
+    def forward(self, q, k, v, bias, is_causal=False, scale=None):
         B, Hq, T, D = q.shape
         Hkv, S = k.shape[1], k.shape[2]
         g = Hq // Hkv
-        self.scale = q.dtype.type(scale if scale is not None else 1.0 / math.sqrt(D))
-        qs = q.reshape(B, Hkv, g * T, D) * self.scale                    # (B, Hkv, gT, D)
-        out = np.empty_like(qs)                                          # (B, Hkv, gT, D)
-        lse = np.empty((B, Hkv, g * T, 1), q.dtype)                      # log-sum-exp per row
+        dt = q.dtype
+        self.scale = dt.type(scale if scale is not None else 1.0 / math.sqrt(D))
+        self.causal = (np.where(np.tri(T, S, k=S - T, dtype=bool), dt.type(0), dt.type(-np.inf))  # (T, S)
+                       if is_causal else None)
+        self.bias = bias
+        self.blocks = [(t0, min(t0 + _ATTN_BLOCK, T), min(S, min(t0 + _ATTN_BLOCK, T) + S - T) if is_causal else S)
+                       for t0 in range(0, T, _ATTN_BLOCK)]                # (t0, t1, visible keys)
+        qs = np.multiply(q.reshape(B, Hkv, g, T, D).transpose(0, 1, 3, 2, 4), self.scale,
+                         out=np.empty((B, Hkv, T, g, D), dt))             # (B, Hkv, T, g, D) scaled
+        k, v = np.ascontiguousarray(k), np.ascontiguousarray(v)           # strided batched GEMMs are slower
+        out = np.zeros((B, T, Hkv, g, D), dt)                             # = (B, T, Hq·D) in memory
+        lse = np.full((B, Hkv, T, g), np.inf, dt)                         # log-sum-exp per row
         for b in range(B):
-            p = self._scores(qs, k, bias, b)                             # (Hkv, gT, S)
-            m = p.max(-1, keepdims=True)
-            m[~np.isfinite(m)] = 0  # fully masked row: exp(-inf) = 0 everywhere
-            p -= m
-            np.exp(p, out=p)
-            total = p.sum(-1, keepdims=True)
-            total[total == 0] = np.inf  # so that the row and its lse give p = 0
-            p /= total
-            np.matmul(p, v[b], out=out[b])
-            np.log(total, out=total)
-            np.add(m, total, out=lse[b])
+            for t0, t1, n in self.blocks:
+                if n <= 0:  # every key hidden: output 0
+                    continue
+                p = self._scores(qs, k, b, t0, t1, n)                     # (Hkv, tc·g, n)
+                m = p.max(-1, keepdims=True)
+                m[~np.isfinite(m)] = 0  # a fully masked row: exp(-inf) = 0 everywhere
+                p -= m
+                np.exp(p, out=p)
+                total = p.sum(-1, keepdims=True)
+                total[total == 0] = np.inf  # so that the row and its lse give p = 0
+                p /= total
+                o = p @ v[b, :, :n]                                       # (Hkv, tc·g, D)
+                out[b, t0:t1] = o.reshape(Hkv, t1 - t0, g, D).transpose(1, 0, 2, 3)
+                np.log(total, out=total)
+                total += m
+                lse[b, :, t0:t1] = total.reshape(Hkv, t1 - t0, g)
         if any(self.needs_input_grad[:3]):
-            self.qs, self.k, self.v, self.out, self.lse, self.bias = qs, k, v, out, lse, bias
-        return out.reshape(B, Hq, T, D)
+            self.qs, self.k, self.v, self.out, self.lse = qs, k, v, out, lse
+        return out.transpose(0, 2, 3, 1, 4).reshape(B, Hq, T, D)          # a view
 
-    @staticmethod
-    def _scores(qs, k, bias, b):
-        """Scaled scores of batch element b plus the additive bias: (Hkv, gT, S)."""
-        s = qs[b] @ np.swapaxes(k[b], -1, -2)                           # (Hkv, gT, S)
-        if bias is not None:  # bias (B or 1, Hkv or 1, g or 1, T, S)
-            Hkv, gT, S = s.shape
-            T = bias.shape[-2]
-            s4 = s.reshape(Hkv, gT // T, T, S)
-            s4 += bias[b if bias.shape[0] > 1 else 0]
+    def _scores(self, qs, k, b, t0, t1, n):
+        """Scaled scores plus masks for batch element b, query positions [t0, t1), keys [0, n)."""
+        Hkv, _, g, D = qs.shape[1:]
+        tc = t1 - t0
+        s = qs[b, :, t0:t1].reshape(Hkv, tc * g, D) @ np.swapaxes(k[b, :, :n], -1, -2)   # (Hkv, tc·g, n)
+        s4 = s.reshape(Hkv, tc, g, n)
+        if self.causal is not None:
+            s4 += self.causal[t0:t1, None, :n]
+        if self.bias is not None:  # bias (B or 1, Hkv or 1, g or 1, T, S)
+            s4 += self.bias[b if self.bias.shape[0] > 1 else 0, :, :, t0:t1, :n].transpose(0, 2, 1, 3)
         return s
 
     def backward(self, g_out):
         qs, k, v, out, lse, scale = self.qs, self.k, self.v, self.out, self.lse, self.scale
         need_q, need_k, need_v = self.needs_input_grad[:3]
-        go = g_out.reshape(qs.shape)                                     # (B, Hkv, gT, D)
-        delta = np.einsum("...i,...i->...", go, out)[..., None]          # (B, Hkv, gT, 1) = rowsum(dP·P)
-        gq = np.empty_like(qs) if need_q else None
-        gk = np.empty(k.shape, k.dtype) if need_k else None
-        gv = np.empty(v.shape, v.dtype) if need_v else None
-        for b in range(qs.shape[0]):
-            p = self._scores(qs, k, self.bias, b)                        # (Hkv, gT, S)
-            p -= lse[b]
-            np.exp(p, out=p)                                             # probabilities
-            if need_v:
-                np.matmul(np.swapaxes(p, -1, -2), go[b], out=gv[b])     # (Hkv, S, D)
-            if need_q or need_k:
-                ds = go[b] @ np.swapaxes(v[b], -1, -2)                   # (Hkv, gT, S) = dP
-                ds -= delta[b]
-                ds *= p                                                  # dS / scale
-                if need_q:
-                    np.matmul(ds, k[b], out=gq[b])
-                    gq[b] *= scale
-                if need_k:
-                    np.matmul(np.swapaxes(ds, -1, -2), qs[b], out=gk[b])
-        return (gq.reshape(g_out.shape) if need_q else None), gk, gv, None
+        B, Hkv, T, g, D = qs.shape
+        go = g_out.reshape(B, Hkv, g, T, D).transpose(0, 3, 1, 2, 4)     # (B, T, Hkv, g, D), out's layout
+        delta = np.einsum("bthgd,bthgd->bhtg", go, out)                   # (B, Hkv, T, g) = rowsum(dP·P)
+        gq = np.zeros((B, T, Hkv, g, D), qs.dtype) if need_q else None
+        gk = np.zeros_like(k) if need_k else None
+        gv = np.zeros_like(v) if need_v else None
+        for b in range(B):
+            for t0, t1, n in self.blocks:
+                if n <= 0:
+                    continue
+                tc = t1 - t0
+                p = self._scores(qs, k, b, t0, t1, n)                     # (Hkv, tc·g, n)
+                p -= lse[b, :, t0:t1].reshape(Hkv, tc * g, 1)
+                np.exp(p, out=p)                                          # probabilities
+                gor = go[b, t0:t1].transpose(1, 0, 2, 3).reshape(Hkv, tc * g, D)
+                if need_v:
+                    gv[b, :, :n] += np.swapaxes(p, -1, -2) @ gor          # (Hkv, n, D)
+                if need_q or need_k:
+                    ds = gor @ np.swapaxes(v[b, :, :n], -1, -2)           # (Hkv, tc·g, n) = dP
+                    ds -= delta[b, :, t0:t1].reshape(Hkv, tc * g, 1)
+                    ds *= p                                               # dS / scale
+                    if need_q:
+                        gqr = ds @ k[b, :, :n]                            # (Hkv, tc·g, D)
+                        gqr *= scale
+                        gq[b, t0:t1] = gqr.reshape(Hkv, tc, g, D).transpose(1, 0, 2, 3)
+                    if need_k:
+                        gk[b, :, :n] += np.swapaxes(ds, -1, -2) @ qs[b, :, t0:t1].reshape(Hkv, tc * g, D)
+        gq = gq.transpose(0, 2, 3, 1, 4).reshape(g_out.shape) if need_q else None
+        return gq, gk, gv, None
 
 
-def _attention_bias(mask, is_causal, B, Hq, Hkv, T, S, dtype):
-    """The additive bias (B or 1, Hkv or 1, g or 1, T, S) of a bool/float mask and the causal flag."""
-    bias = None
-    if mask is not None:
-        m = mask.data if isinstance(mask, Tensor) else np.asarray(mask)
-        try:
-            m = np.broadcast_to(m, np.broadcast_shapes(m.shape, (1, 1, T, S)))
-        except ValueError:
-            raise ValueError(f"scaled_dot_product_attention: attn_mask shape {m.shape} does not broadcast "
-                             f"to {(B, Hq, T, S)}") from None
-        if m.ndim != 4 or m.shape[0] not in (1, B) or m.shape[1] not in (1, Hq):
-            raise ValueError(f"scaled_dot_product_attention: attn_mask shape {m.shape} does not broadcast "
-                             f"to {(B, Hq, T, S)}")
-        if m.dtype == np.bool_:
-            m = np.where(m, dtype.type(0), dtype.type(-np.inf))
-        elif m.dtype.kind == "f":
-            _check_float_dtypes("scaled_dot_product_attention", [np.empty(0, dtype), m])
-        else:
-            raise TypeError(f"scaled_dot_product_attention: attn_mask must be bool or float, got dtype {m.dtype}")
-        bias = np.ascontiguousarray(m).reshape(
-            (m.shape[0], 1, 1, T, S) if m.shape[1] == 1 else (m.shape[0], Hkv, Hq // Hkv, T, S))
-    if is_causal:  # bottom-right aligned: query t sees keys <= t + (S - T)
-        causal = np.where(np.tri(T, S, k=S - T, dtype=bool), dtype.type(0), dtype.type(-np.inf))  # (T, S)
-        bias = causal[None, None, None] if bias is None else bias + causal
-    return bias
+def _attention_bias(mask, B, Hq, Hkv, T, S, dtype):
+    """The additive bias (B or 1, Hkv or 1, g or 1, T, S) of a bool (True = attend) or float mask."""
+    m = mask.data if isinstance(mask, Tensor) else np.asarray(mask)
+    try:
+        m = np.broadcast_to(m, np.broadcast_shapes(m.shape, (1, 1, T, S)))
+    except ValueError:
+        raise ValueError(f"scaled_dot_product_attention: attn_mask shape {m.shape} does not broadcast "
+                         f"to {(B, Hq, T, S)}") from None
+    if m.ndim != 4 or m.shape[0] not in (1, B) or m.shape[1] not in (1, Hq):
+        raise ValueError(f"scaled_dot_product_attention: attn_mask shape {m.shape} does not broadcast "
+                         f"to {(B, Hq, T, S)}")
+    if m.dtype == np.bool_:
+        m = np.where(m, dtype.type(0), dtype.type(-np.inf))
+    elif m.dtype.kind == "f":
+        _check_float_dtypes("scaled_dot_product_attention", [np.empty(0, dtype), m])
+    else:
+        raise TypeError(f"scaled_dot_product_attention: attn_mask must be bool or float, got dtype {m.dtype}")
+    return np.ascontiguousarray(m).reshape(
+        (m.shape[0], 1, 1, T, S) if m.shape[1] == 1 else (m.shape[0], Hkv, Hq // Hkv, T, S))
 
 
 def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False,
@@ -1096,5 +1120,5 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
         raise ValueError(f"scaled_dot_product_attention: {q.shape[1]} query heads are not a multiple of "
                          f"{k.shape[1]} key/value heads")
     B, Hq, T, _ = q.shape
-    bias = _attention_bias(attn_mask, is_causal, B, Hq, k.shape[1], T, k.shape[2], q.dtype)
-    return SDPA.apply(q, k, v, bias, scale=scale)
+    bias = None if attn_mask is None else _attention_bias(attn_mask, B, Hq, k.shape[1], T, k.shape[2], q.dtype)
+    return SDPA.apply(q, k, v, bias, is_causal=is_causal, scale=scale)

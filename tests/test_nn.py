@@ -190,7 +190,9 @@ def _decoder_block(data, rng):
 
 def _gpt2_block(data, rng):
     nh = data.draw(st.integers(1, 3), label="heads")
-    c = nh * data.draw(st.integers(1, 2), label="head_dim")
+    # hidden >= 4: ln_2 normalises the attention output plus x, and a layer norm over 2 or 3
+    # elements is often near-degenerate (condition ~1/sqrt(eps)), beyond float32's agreement
+    c = nh * data.draw(st.integers(-(-4 // nh), -(-4 // nh) + 1), label="head_dim")
     f = data.draw(st.integers(1, 6), label="ffn")
     m = _randomize(nn.GPT2Block(c, nh, f, eps=1e-5, dtype=F64), rng)
     T = data.draw(st.integers(1, 4), label="T")
