@@ -34,7 +34,7 @@ import zlib
 
 import numpy as np
 
-__all__ = ["Communicator", "DistributedMismatch", "launched_by_mpi", "current", "crc32_arrays", "fingerprint",
+__all__ = ["Communicator", "DistributedMismatch", "launched_by_mpi", "current", "shard", "crc32_arrays", "fingerprint",
            "TIMEOUT_ENV", "DEFAULT_TIMEOUT"]
 
 TIMEOUT_ENV = "LORA_NP_ALLREDUCE_TIMEOUT"
@@ -98,9 +98,29 @@ def fingerprint(args, model, peft, params, batches, val_examples, optimizer, sch
             "start step": start}
 
 
+def _differences(a, b, prefix=""):
+    """(key, a's value, b's value) for each key whose values differ, looking inside nested dicts."""
+    for key in sorted(set(a) | set(b)):
+        x, y = a.get(key), b.get(key)
+        if isinstance(x, dict) and isinstance(y, dict):
+            yield from _differences(x, y, f"{prefix}{key}.")
+        elif x != y:
+            yield f"{prefix}{key}", x, y
+
+
 def _labelled(labels, ignore_index=-100):
     """Tokens with a loss in a batch: labels[:, 1:] (position 0 is never predicted)."""
     return int((labels[:, 1:] != ignore_index).sum())
+
+
+def shard(ids, labels, rank, size):
+    """(ids, labels, weight): rank's rows of a global batch [B, T] (a contiguous slice,
+    B / size rows when it divides) and its loss weight n_rank / n_global, the rank's share
+    of the labelled tokens (NaN when the global batch has none, as its mean loss is)."""
+    rows = np.array_split(np.arange(len(ids)), size)[rank]
+    n_global = _labelled(labels)
+    weight = _labelled(labels[rows]) / n_global if n_global else float("nan")
+    return ids[rows], labels[rows], weight
 
 
 class Communicator:
@@ -127,12 +147,7 @@ class Communicator:
 
     # -- sharding ---------------------------------------------------------------------------
     def shard(self, ids, labels):
-        """(ids, labels, weight): this rank's rows of a global batch [B, T] and its loss weight
-        n_rank / n_global (labelled tokens; NaN when the global batch has none, as the loss)."""
-        rows = np.array_split(np.arange(len(ids)), self.size)[self.rank]
-        n_global = _labelled(labels)
-        weight = _labelled(labels[rows]) / n_global if n_global else float("nan")
-        return ids[rows], labels[rows], weight
+        return shard(ids, labels, self.rank, self.size)
 
     # -- collectives ------------------------------------------------------------------------
     def abort(self, message, code=1):
@@ -197,8 +212,7 @@ class Communicator:
     def check_same(self, fingerprint, when):
         """Raise DistributedMismatch on every rank, naming each key whose value differs from rank 0's."""
         everyone = self.allgather_json(fingerprint, f"the {when} consistency check")
-        problems = [f"{key}: rank 0 has {everyone[0].get(key)!r}, rank {r} has {theirs.get(key)!r}"
-                    for r, theirs in enumerate(everyone[1:], 1)
-                    for key in sorted(set(everyone[0]) | set(theirs)) if theirs.get(key) != everyone[0].get(key)]
+        problems = [f"{key}: rank 0 has {ours!r}, rank {r} has {theirs!r}"
+                    for r, other in enumerate(everyone[1:], 1) for key, ours, theirs in _differences(everyone[0], other)]
         if problems:
             raise DistributedMismatch(f"the {self.size} ranks disagree {when}: " + "; ".join(problems))
