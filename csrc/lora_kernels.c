@@ -19,9 +19,8 @@
  * through a fixed number of chunks of tokens that depends on N only, added in a fixed
  * order, so results are bit-identical for any number of threads. No atomics, no fast-math.
  *
- * SIMD: GCC/Clang vector extensions; on x86-64 Linux each public tiled function is built
- * for x86-64-v3 (AVX2 + FMA) and the baseline, picked at load time (target_clones), so a
- * wheel built here runs anywhere and still uses FMA where the CPU has it.
+ * SIMD: GCC/Clang vector extensions (lora_kernels_simd.h), built for AVX2 + FMA and for the
+ * baseline on x86-64 and picked at run time (see LORA_V3 below).
  */
 #include <stdlib.h>
 #include <string.h>
@@ -36,14 +35,15 @@
 #error "lora_kernels.c needs GCC or Clang (vector extensions); lora_np falls back to NumPy"
 #endif
 
-#if defined(__x86_64__) && defined(__linux__) && !defined(__clang__)
-#define LORA_CLONES __attribute__((target_clones("arch=x86-64-v3", "default")))
-#else
-#define LORA_CLONES
+/* On x86-64 with GCC the SIMD code is built twice: for AVX2 + FMA (x86-64-v3, 32-byte vectors)
+ * and for the baseline (16-byte SSE2 vectors), and the public functions pick one per call from
+ * what the CPU reports, so a wheel built here runs anywhere and still uses AVX2 where it can.
+ * Elsewhere (Clang, other CPUs) only the baseline build exists, with 16-byte vectors. */
+#if defined(__x86_64__) && !defined(__clang__)
+#define LORA_V3 1
 #endif
 
 #define ALWAYS_INLINE static inline __attribute__((always_inline))
-#define VBYTES 32          /* one AVX2 register; two SSE registers on the baseline */
 #define ROWS 32            /* token rows per cache block */
 #define CHUNK_ROWS 256     /* backward: at least this many tokens per chunk ... */
 #define MAX_CHUNKS 16      /* ... and at most this many chunks */
@@ -86,6 +86,61 @@ static int bad_sizes(int64_t N, int64_t in, int64_t out, int64_t r)
 {
     return N < 0 || in < 0 || out < 0 || r < 0;
 }
+
+/* 1 when this CPU runs the x86-64-v3 build (checked once). The environment variable
+ * LORA_NP_SIMD=baseline forces the baseline build, so that tests can check it on any CPU. */
+static int use_v3(void)
+{
+#ifdef LORA_V3
+    static int use = -1;
+    if (use < 0) {
+        const char *simd = getenv("LORA_NP_SIMD");
+        use = !(simd && strcmp(simd, "baseline") == 0) && __builtin_cpu_supports("avx2") &&
+              __builtin_cpu_supports("fma");
+    }
+    return use;
+#else
+    return 0;
+#endif
+}
+
+#ifdef LORA_V3
+#pragma GCC push_options
+#pragma GCC target("avx2,fma")
+#define VBYTES 32
+#define ISA v3
+#define real float
+#define SFX f32
+#include "lora_kernels_simd.h"
+#undef real
+#undef SFX
+#define real double
+#define SFX f64
+#include "lora_kernels_simd.h"
+#undef real
+#undef SFX
+#undef ISA
+#undef VBYTES
+#pragma GCC pop_options
+#define SIMD(name) (use_v3() ? CAT(name, CAT(SFX, v3)) : CAT(name, CAT(SFX, base)))
+#else
+#define SIMD(name) CAT(name, CAT(SFX, base))
+#endif
+
+#define VBYTES 16
+#define ISA base
+#define real float
+#define SFX f32
+#include "lora_kernels_simd.h"
+#undef real
+#undef SFX
+#define real double
+#define SFX f64
+#include "lora_kernels_simd.h"
+#undef real
+#undef SFX
+#undef ISA
+#undef VBYTES
 
 #define real float
 #define SFX f32

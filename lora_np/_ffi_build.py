@@ -14,7 +14,7 @@ from cffi import FFI
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 HEADER = os.path.join("csrc", "lora_np.h")
 SOURCES = [os.path.join("csrc", "lora_kernels.c")]
-DEPENDS = [HEADER, os.path.join("csrc", "lora_kernels_impl.h")]
+DEPENDS = [HEADER] + [os.path.join("csrc", f) for f in ("lora_kernels_impl.h", "lora_kernels_simd.h")]
 
 
 def cdef_from_header(path):

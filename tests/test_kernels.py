@@ -373,8 +373,10 @@ def test_c_kernels_under_address_sanitizer(tmp_path):
     omp = ["-fopenmp"] if kernels._lib.lora_has_openmp() else []
     build = subprocess.run(cc + flags + omp + sources + ["-o", str(exe), "-lm"], capture_output=True, text=True)
     assert build.returncode == 0, build.stderr
-    env = {**os.environ, "ASAN_OPTIONS": "detect_leaks=1:abort_on_error=0", "LORA_TEST_VERBOSE": "1"}
-    env.pop("LD_PRELOAD", None)
-    done = subprocess.run([str(exe)], capture_output=True, text=True, env=env, timeout=120)
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    assert "all C kernel checks passed" in done.stdout
+    for simd in ("", "baseline"):  # the AVX2 build where the CPU has it, then the baseline build
+        env = {**os.environ, "ASAN_OPTIONS": "detect_leaks=1:abort_on_error=0", "LORA_TEST_VERBOSE": "1",
+               "LORA_NP_SIMD": simd}
+        env.pop("LD_PRELOAD", None)
+        done = subprocess.run([str(exe)], capture_output=True, text=True, env=env, timeout=120)
+        assert done.returncode == 0, f"LORA_NP_SIMD={simd!r}\n" + done.stdout[-3000:] + done.stderr[-3000:]
+        assert "all C kernel checks passed" in done.stdout
