@@ -142,7 +142,7 @@ class Communicator:
             raise ValueError(f"allreduce timeout must be > 0 seconds, got {timeout}")
         self.timeout = timeout
         self.step = 0  # the optimizer step being reduced, for messages
-        self.allreduce_seconds = 0.0  # time spent waiting in allreduce_step, summed
+        self.last_allreduce_seconds = 0.0  # the last allreduce_step's wait (transfer + waiting for the slowest rank)
         _current[0] = self
 
     # -- sharding ---------------------------------------------------------------------------
@@ -158,16 +158,19 @@ class Communicator:
 
     def _wait(self, request, what):
         """Poll `request` until it completes; abort all ranks after `timeout` seconds."""
-        deadline = time.monotonic() + self.timeout
-        pause = 2e-5
+        start = time.monotonic()
+        deadline, pause = start + self.timeout, 1e-5
         try:
-            while not request.Test():
-                if time.monotonic() > deadline:
+            while not request.Test():  # each Test also moves the transfer on: spin for 5 ms, then back off
+                now = time.monotonic()
+                if now < start + 5e-3:
+                    continue
+                if now > deadline:
                     self.abort(f"{what} got no answer within {self.timeout:g} s: another rank died, stalled or "
                                f"is unreachable. Stopping all ranks; the last checkpoint is intact "
                                f"(set {TIMEOUT_ENV} or --allreduce-timeout for slower steps)")
                 time.sleep(pause)
-                pause = min(2 * pause, 0.01)
+                pause = min(2 * pause, 1e-3)
         except self.MPI.Exception as e:
             self.abort(f"{what} failed: {e.Get_error_string()}")
 
@@ -191,7 +194,7 @@ class Communicator:
         bucket[-2], bucket[-1] = loss, float(stop)
         t0 = time.perf_counter()
         self.allreduce_sum_(bucket, "the gradient allreduce")
-        self.allreduce_seconds += time.perf_counter() - t0
+        self.last_allreduce_seconds = time.perf_counter() - t0
         offset = 0
         for i, (p, n) in enumerate(zip(params, sizes)):
             p.grad = bucket[offset:offset + n].reshape(p.data.shape) if bucket[sum(sizes) + i] else None

@@ -419,6 +419,8 @@ def train(args, stream=None):
                 dt = time.perf_counter() - t0
                 elapsed = elapsed_before + time.perf_counter() - t_start
                 row = {"step": step, "loss": loss_sum, "lr": lr, "tokens_per_s": tokens / dt, "elapsed": elapsed}
+                if comm:
+                    row["allreduce_s"] = comm.last_allreduce_seconds
                 if val_ex and ((args.eval_every and step % args.eval_every == 0) or step == total):
                     row["val_loss"] = evaluate(peft, val_ex, args.batch_size, comm)
                 rows.append(row)

@@ -138,6 +138,7 @@ def test_two_ranks_train_as_one_process_with_twice_the_batch(tiny, tmp_path, mpi
 
     one, two = _metrics(tmp_path / "one"), _metrics(tmp_path / "two")
     assert [r["step"] for r in two] == [r["step"] for r in one] == list(range(1, 7))
+    assert all(r["allreduce_s"] >= 0 for r in two) and not any("allreduce_s" in r for r in one)
     loss_rtol = 1e-10 if dtype == "float64" else 1e-6
     assert_close([r["loss"] for r in two], [r["loss"] for r in one], rtol=loss_rtol, name="losses")
     assert_close(two[-1]["val_loss"], one[-1]["val_loss"], rtol=loss_rtol, name="validation loss")
