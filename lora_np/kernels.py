@@ -18,7 +18,8 @@ Backends: "numpy" (the reference below, readable, always there), "c" (csrc/, bui
 ``LORA_NP_CUDA=1``; host arrays are uploaded, computed on and downloaded). The environment
 variable ``LORA_NP_BACKEND`` picks one at import; the default is "c" when the compiled module
 loads, else "numpy". Passing ``cuda.DeviceArray`` arguments runs an op on the GPU whatever the
-backend, and then its results stay on the device.
+backend, and then its results stay on the device. The C core uses AVX2 + FMA where the CPU has
+them and its baseline SIMD build elsewhere (``LORA_NP_SIMD=baseline`` forces the latter).
 
 Every argument is checked (type, dtype, shape, C-contiguity, outputs not overlapping any
 other argument) before any compiled code runs: a wrong call raises TypeError or ValueError
