@@ -10,7 +10,9 @@ is `mpiexec -n 2` of the same with the same per-rank batch (so the global batch 
 tokens/s and the allreduce wait are medians over the steps after the first (warm-up), read
 from metrics.jsonl (global tokens / step time; `allreduce_s` is rank 0's wait, transfer
 plus waiting for the slower rank). A separate 2-rank loop times the allreduce alone (the
-same flat float32 buffer, 200 times). --reps alternates K=1 and K=2 runs that many times.
+same flat float32 buffer, 200 times). A control runs two independent 1-rank trainings at the
+same time (no MPI): what two processes get from this machine's cores and memory. --reps
+repeats the K=1, K=2, control sequence.
 
 The machine is shared (other jobs run on it): compare numbers from one invocation only.
 """
@@ -88,16 +90,22 @@ def make_data(folder):
     return path
 
 
-def run_train(k, data, out, args):
+def start_train(k, data, out, args):
     argv = [sys.executable, "-m", "lora_np", "train", "--data", data, "--out", out, "--r", str(R), "--alpha", "16",
             "--dropout", "0", "--targets", "q_proj,v_proj", "--steps", str(args.steps), "--batch-size",
             str(args.batch_size), "--seq-len", str(args.seq_len), "--val-fraction", "0", "--threads", "1"]
     cmd = [_mpiexec(), "-n", str(k), *argv] if k > 1 else argv
-    proc = subprocess.run(cmd, env=_env(), capture_output=True, text=True)
+    return subprocess.Popen(cmd, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True), out
+
+
+def finish_train(started):
+    """The metrics rows of a run from start_train, after its first (warm-up) step."""
+    proc, out = started
+    log = proc.communicate()[0]
     if proc.returncode:
-        sys.exit(f"bench/distributed.py: K={k} run failed:\n{proc.stderr}{proc.stdout}")
+        sys.exit(f"bench/distributed.py: run {out} failed:\n{log}")
     with open(os.path.join(out, "metrics.jsonl")) as fh:
-        return [json.loads(line) for line in fh][1:]  # the first step warms up
+        return [json.loads(line) for line in fh][1:]
 
 
 def allreduce_worker(floats, reps):
@@ -166,11 +174,14 @@ def main():
 
     sys.path.insert(0, ROOT)
     rows = {1: [], 2: []}
+    pair = []  # control: two independent 1-rank runs at the same time, no MPI
     with tempfile.TemporaryDirectory() as tmp:
         data = make_data(tmp)
         for rep in range(args.reps):
             for k in (1, 2):
-                rows[k] += run_train(k, data, os.path.join(tmp, f"k{k}-{rep}"), args)
+                rows[k] += finish_train(start_train(k, data, os.path.join(tmp, f"k{k}-{rep}"), args))
+            both = [start_train(1, data, os.path.join(tmp, f"pair{i}-{rep}"), args) for i in (0, 1)]
+            pair += [r for run in both for r in finish_train(run)]
     floats = lora_qv_trainable(*MODELS["SmolLM2-135M r=8"])
     alone = measure_allreduce(bucket_floats(*MODELS["SmolLM2-135M r=8"]))
 
@@ -182,8 +193,12 @@ def main():
           f"per rank, one thread per rank, {os.cpu_count()} cores; medians of {len(rows[1])} steps per K "
           f"(first step of each run dropped; shared machine, noisy)")
     print(f"  K=1: {tok_s[1]:8.1f} tokens/s   step {step_s[1]:.2f} s")
-    print(f"  K=2: {tok_s[2]:8.1f} tokens/s   step {step_s[2]:.2f} s   global batch {2 * args.batch_size}x{args.seq_len}")
+    print(f"  K=2: {tok_s[2]:8.1f} tokens/s   step {step_s[2]:.2f} s   "
+          f"global batch {2 * args.batch_size}x{args.seq_len}")
     print(f"  scaling efficiency K=2: {tok_s[2] / (2 * tok_s[1]):.1%} (tokens/s at K=2 over twice K=1)")
+    pair_tok_s = 2 * statistics.median(r["tokens_per_s"] for r in pair)
+    print(f"  control, two independent 1-rank runs at once (no MPI): {pair_tok_s:.1f} tokens/s together, "
+          f"{pair_tok_s / (2 * tok_s[1]):.1%} of twice K=1 (what two processes get from this machine)")
     print(f"  allreduce per step, rank 0's wait inside training: median {wait * 1e3:.2f} ms "
           f"({wait / step_s[2]:.2%} of the step; includes waiting for the slower rank)")
     print(f"  allreduce alone, 2 ranks, {bucket_floats(*MODELS['SmolLM2-135M r=8']) * 4 / 1e6:.2f} MB float32 "

@@ -216,6 +216,7 @@ class Communicator:
         """Raise DistributedMismatch on every rank, naming each key whose value differs from rank 0's."""
         everyone = self.allgather_json(fingerprint, f"the {when} consistency check")
         problems = [f"{key}: rank 0 has {ours!r}, rank {r} has {theirs!r}"
-                    for r, other in enumerate(everyone[1:], 1) for key, ours, theirs in _differences(everyone[0], other)]
+                    for r, other in enumerate(everyone[1:], 1)
+                    for key, ours, theirs in _differences(everyone[0], other)]
         if problems:
             raise DistributedMismatch(f"the {self.size} ranks disagree {when}: " + "; ".join(problems))

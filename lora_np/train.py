@@ -339,12 +339,14 @@ def train(args, stream=None):
         optimizer.load_state_dict(unflatten_state_dict(arrays, ckpt_state["optimizer"]))
         scheduler.load_state_dict(ckpt_state["scheduler"])
         batches.load_state_dict(ckpt_state["batches"])
-        F.default_generator().bit_generator.state = ckpt_state["rng_ranks"][comm.rank] if world > 1 else ckpt_state["rng"]
+        rng = ckpt_state["rng_ranks"][comm.rank] if world > 1 else ckpt_state["rng"]
+        F.default_generator().bit_generator.state = rng
         start = ckpt_state["step"]
     if comm:
         from .distributed import fingerprint
 
-        comm.check_same(fingerprint(args, model, peft, params, batches, val_ex, optimizer, scheduler, start), "at start")
+        comm.check_same(fingerprint(args, model, peft, params, batches, val_ex, optimizer, scheduler, start),
+                        "at start")
 
     metrics_path = os.path.join(args.out, "metrics.jsonl")
     rows = []
