@@ -201,3 +201,12 @@ def test_ranks_with_different_data_are_named_at_start(tiny, tmp_path, mpiexec):
     assert "the 2 ranks disagree at start: train data (examples, crc32): rank 0 has [43, " in err
     assert "rank 1 has [42, " in err
     assert not os.path.exists(tmp_path / "run" / "metrics.jsonl"), "no step may run"
+
+
+def test_an_error_on_one_rank_stops_all_with_its_message(tiny, tmp_path, mpiexec):
+    argv = _train_argv(tiny, tmp_path / "run", batch_size=2)
+    missing = _train_argv(tiny, tmp_path / "run", batch_size=2, data=tmp_path / "missing.jsonl")
+    rc, err, seconds = _run([_module(argv), _module(missing)], mpiexec, timeout=60)
+    assert rc != 0
+    assert "rank 1/2, step 0: FileNotFoundError" in err and "missing.jsonl" in err, err
+    assert seconds < 40  # rank 0, waiting in the start check, is ended by rank 1's abort
