@@ -1026,8 +1026,8 @@ class SDPA(Function):
                 np.exp(p, out=p)
                 total = p.sum(-1, keepdims=True)
                 total[total == 0] = np.inf  # so that the row and its lse give p = 0
-                p /= total
                 o = p @ v[b, :, :n]                                       # (Hkv, tc·g, D)
+                o /= total  # normalise the D-wide output rather than the n-wide probabilities
                 out[b, t0:t1] = o.reshape(Hkv, t1 - t0, g, D).transpose(1, 0, 2, 3)
                 np.log(total, out=total)
                 total += m
@@ -1042,8 +1042,10 @@ class SDPA(Function):
         tc = t1 - t0
         s = qs[b, :, t0:t1].reshape(Hkv, tc * g, D) @ np.swapaxes(k[b, :, :n], -1, -2)   # (Hkv, tc·g, n)
         s4 = s.reshape(Hkv, tc, g, n)
-        if self.causal is not None:
-            s4 += self.causal[t0:t1, None, :n]
+        if self.causal is not None:  # keys before c0 are visible to every row of the block
+            c0 = t0 + self.causal.shape[1] - self.causal.shape[0]  # (`max` here is F.max)
+            c0 = c0 if c0 > 0 else 0
+            s4[..., c0:] += self.causal[t0:t1, None, c0:n]
         if self.bias is not None:  # bias (B or 1, Hkv or 1, g or 1, T, S)
             s4 += self.bias[b if self.bias.shape[0] > 1 else 0, :, :, t0:t1, :n].transpose(0, 2, 1, 3)
         return s
