@@ -3,7 +3,13 @@
 Each op is a `Function` with its forward and backward side by side. Composite ops
 that would otherwise build many graph nodes and big temporaries (softmax,
 log_softmax, cross_entropy, layer_norm, rms_norm, attention, rotary embedding,
-linear) have their backward written directly.
+linear, and `silu_mul`, the SwiGLU gate) have their backward written directly.
+
+Memory: an op saves for backward only what the gradients it must compute use
+(`needs_input_grad`): a linear layer with a frozen weight keeps no input, a norm keeps
+its input and one scalar per row (not the normalised copy), attention keeps no
+probabilities (they are recomputed block by block). Temporaries are updated in place
+where the op owns them; inputs and saved arrays are never written.
 """
 import math
 
