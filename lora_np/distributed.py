@@ -12,7 +12,8 @@ than one rank (or with `--distributed`). What the ranks agree on:
   the whole global batch, which every rank can count because it holds the whole batch).
   The SUM over ranks of the gradients is then exactly the gradient of the global mean
   loss, the one a single process with batch K · b computes; only the order of float
-  additions differs.
+  additions differs. (With dropout each rank draws its own masks from its own generator,
+  saved per rank in checkpoints; that run is statistically, not bitwise, the one-process run.)
 - One allreduce per optimizer step: every trainable gradient, a has-gradient flag per
   parameter, the step's loss and a stop flag (Ctrl-C on any rank stops all after the same
   step) are concatenated into one flat buffer (`allreduce_step`).
