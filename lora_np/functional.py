@@ -307,12 +307,12 @@ class Relu(Function):
 
 
 def _silu_grad(x, s):
-    """d silu / dx = s·(1 + x·(1 − s)) with s = sigmoid(x); overwrites and returns s."""
-    t = 1 - s
+    """d silu / dx = s·(1 + x·(1 − s)) with s = sigmoid(x), in a new array."""
+    t = np.subtract(1, s, out=np.empty(s.shape, s.dtype))
     t *= x
     t += 1
-    s *= t
-    return s
+    t *= s
+    return t
 
 
 class Silu(Function):
@@ -331,12 +331,14 @@ class Silu(Function):
 
 
 class SiluMul(Function):
-    """silu(a)·b in one op (the SwiGLU gate): saves a and b only, no silu(a) array."""
+    """silu(a)·b in one op (the SwiGLU gate): saves a and b only, no silu(a) array, and
+    backward holds two temporaries of a's size (the peak of a SwiGLU block's backward)."""
 
     def forward(self, a, b):
         if a.shape != b.shape:
             raise ValueError(f"silu_mul: shapes {a.shape} and {b.shape} differ")
-        self.a, self.b = a, b
+        self.a = a
+        self.b = b if self.needs_input_grad[0] else None  # only a's gradient needs b
         out = _sigmoid(a)
         out *= a
         out *= b
@@ -345,15 +347,15 @@ class SiluMul(Function):
     def backward(self, g):
         a, b = self.a, self.b
         s = _sigmoid(a)
-        gb = None
-        if self.needs_input_grad[1]:
-            gb = a * s                                                   # silu(a)
-            gb *= g
-        ga = None
+        ga = gb = None
         if self.needs_input_grad[0]:
             ga = _silu_grad(a, s)
             ga *= b
             ga *= g
+        if self.needs_input_grad[1]:
+            s *= a                                                       # silu(a), in s's buffer
+            s *= g
+            gb = s
         return ga, gb
 
 
