@@ -105,11 +105,14 @@ def _away_from_zero(rng, shape, lo=0.5, hi=2.0):
     return rng.uniform(lo, hi, shape) * rng.choice([-1.0, 1.0], shape)
 
 
-def spread_rows(rng, shape):
-    """Values whose rows along the last dim are spread out (a linear ramp plus noise) and away
-    from 0 on average: a norm over a near-constant or near-zero row has a condition number up
-    to 1/√eps ≈ 300, where float32 cannot agree with float64 in any library."""
-    ramp = np.linspace(-1.5, 1.5, shape[-1]) if shape[-1] > 1 else np.array([1.5])
+def spread_rows(rng, shape, norm_dims=1):
+    """Values whose groups over the last `norm_dims` dims are spread out (a linear ramp from
+    −1.5 to 1.5 plus noise of std 0.3) and far from 0: a norm over a near-constant or
+    near-zero group has a condition number up to 1/√eps ≈ 300, where float32 cannot agree
+    with float64 in any library."""
+    group = shape[len(shape) - norm_dims:]
+    n = int(np.prod(group))
+    ramp = (np.linspace(-1.5, 1.5, n) if n > 1 else np.array([1.5])).reshape(group)
     return rng.standard_normal(shape) * 0.3 + ramp
 
 
@@ -395,7 +398,7 @@ def _layer_norm(data):
     ns = shape[-k:]
     eps = data.draw(st.sampled_from([1e-5, 1e-2]), label="eps")
     affine = data.draw(st.sampled_from(["none", "weight", "both"]), label="affine")
-    x = spread_rows(rng, shape)
+    x = spread_rows(rng, shape, k)
     axes = tuple(range(len(shape) - k, len(shape)))
 
     def norm(x):
