@@ -5,7 +5,7 @@ RMSNorm eps 1e-5, RoPE base 100000; batch 4 x 256 tokens, float32. Every block w
 is frozen (requires_grad False, as under LoRA) but the input gradient is computed, so
 each side does the forward, then the input-gradient half of the backward.
 
-    python bench/block.py [--reps 10] [--threads 2]
+    python bench/block.py [--reps 10] [--threads 2] [--profile]
 
 Time: both blocks get the same weights, input and output gradient; one step is
 `out = block(x); out.backward(R)`. The two are interleaved (lora_np, torch, lora_np,
@@ -24,6 +24,9 @@ same step is printed as a cross-check of the RSS method.
 
 Threads: torch.set_num_threads(n) and OPENBLAS_NUM_THREADS=OMP_NUM_THREADS=n, set
 before NumPy is imported.
+
+--profile: time every lora_np Function's forward and backward over the steps (each op's
+smallest per-step total, in ms) instead of the comparison.
 """
 import argparse
 import json
@@ -187,6 +190,43 @@ def run_timing(reps, threads):
             "max_rel_diff": {"out": err_out, "dx": err_dx}}
 
 
+def run_profile(reps):
+    """Per-op times of the lora_np step: each Function's forward/backward, smallest per-step total."""
+    from lora_np.tensor import Function
+
+    times = {}
+
+    def timed(cls, name):
+        method = getattr(cls, name)
+
+        def wrapper(self, *args, **kwargs):
+            t0 = time.perf_counter()
+            result = method(self, *args, **kwargs)
+            times.setdefault((cls.__name__, name), []).append(time.perf_counter() - t0)
+            return result
+        setattr(cls, name, wrapper)
+
+    for cls in Function.__subclasses__():
+        for name in ("forward", "backward"):
+            if name in cls.__dict__:
+                timed(cls, name)
+    step, _ = lora_np_step_fn(*make_inputs())
+    step()
+    times.clear()
+    totals = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        step()
+        totals.append(time.perf_counter() - t0)
+    rows = []
+    for (op, name), ts in times.items():
+        per = len(ts) // reps
+        rows.append((min(sum(ts[i * per:(i + 1) * per]) for i in range(reps)), op, name, per))
+    print(f"lora_np step: median {1e3 * _median(totals):.1f} ms, min {1e3 * min(totals):.1f} ms; per op (min over steps):")
+    for t, op, name, per in sorted(rows, reverse=True):
+        print(f"  {1e3 * t:8.2f} ms  {op:12s} {name:8s} x{per}")
+
+
 def _blas_info():
     try:
         from threadpoolctl import threadpool_info
@@ -202,11 +242,15 @@ def main():
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--memory", choices=["lora_np", "torch"], help=argparse.SUPPRESS)
     ap.add_argument("--no-memory", action="store_true", help="skip the memory subprocesses")
+    ap.add_argument("--profile", action="store_true", help="per-op times of the lora_np step only")
     args = ap.parse_args()
     _set_threads(args.threads)
     sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
     if args.memory:
         print(json.dumps(measure_memory(args.memory, args.threads)))
+        return
+    if args.profile:
+        run_profile(args.reps)
         return
 
     t = run_timing(args.reps, args.threads)
