@@ -75,7 +75,7 @@ def exact_match(model, tokenizer, rows, max_new_tokens=12):
     return float(np.mean(hits)), replies
 
 
-def run_demo(out="runs/demo", steps=120, batch_size=8, lr=1e-3, n_test=60, threads=None, stream=None):
+def run_demo(out="runs/demo", steps=40, batch_size=8, lr=1e-3, n_test=60, threads=None, stream=None):
     from .loaders import default_model_path, load_model
     from .tokenizer import load_tokenizer
     from .train import TrainArgs, train
@@ -93,8 +93,8 @@ def run_demo(out="runs/demo", steps=120, batch_size=8, lr=1e-3, n_test=60, threa
           flush=True)
     del base
     result = train(TrainArgs(data=os.path.join(DATA_DIR, "dates_train.jsonl"), out=out, model=path, r=8, alpha=16,
-                             dropout=0.0, targets="q_proj,v_proj", lr=lr, warmup=10, steps=steps,
-                             batch_size=batch_size, seq_len=48, val_fraction=0.05, log_every=10, threads=threads,
+                             dropout=0.0, targets="q_proj,v_proj", lr=lr, warmup=5, steps=steps,
+                             batch_size=batch_size, seq_len=64, val_fraction=0.05, log_every=10, threads=threads,
                              seed=0))
     model = result["model"].eval()
     after, replies_after = exact_match(model, tokenizer, test)
@@ -118,7 +118,7 @@ def run_demo(out="runs/demo", steps=120, batch_size=8, lr=1e-3, n_test=60, threa
 
 def add_demo_args(p):
     p.add_argument("--out", default="runs/demo")
-    p.add_argument("--steps", type=int, default=120)
+    p.add_argument("--steps", type=int, default=40)
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--n-test", type=int, default=60)
