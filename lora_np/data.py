@@ -110,7 +110,7 @@ def _load_jsonl(path, tokenizer, seq_len, pad_id):
 
     if kind == "text":
         return pack([_document(tokenizer, row["text"]) for _, row in rows], seq_len, pad_id)
-    examples, dropped = [], []
+    examples, dropped, cut = [], [], []
     for where, row in rows:
         if kind == "prompt/completion":
             prompt = [*tokenizer.prefix_ids, *tokenizer.encode(row["prompt"], add_special_tokens=False)]
@@ -118,11 +118,17 @@ def _load_jsonl(path, tokenizer, seq_len, pad_id):
             ids, labels = prompt + completion, [IGNORE_INDEX] * len(prompt) + completion
         else:
             ids, labels = _chat_example(tokenizer, row["messages"], where)
+        if len(ids) > seq_len:
+            cut.append((where, len(ids)))
         example = _padded(ids, labels, seq_len, pad_id)
         if (example.labels[1:] != IGNORE_INDEX).any():  # position 0's label is never predicted
             examples.append(example)
         else:
             dropped.append(where)
+    if cut:
+        warnings.warn(f"{len(cut)} of {len(rows)} rows are longer than seq_len={seq_len} and were cut, losing "
+                      f"their last tokens (longest: {max(n for _, n in cut)} tokens at "
+                      f"{max(cut, key=lambda c: c[1])[0]}); raise --seq-len to keep them whole", stacklevel=3)
     if dropped:
         warnings.warn(f"{len(dropped)} rows have no labelled token within seq_len={seq_len} and were dropped "
                       f"(first: {dropped[0]})", stacklevel=3)

@@ -328,3 +328,11 @@ def test_load_state_dict_refuses_other_data_or_settings():
         Batches(other, 3, seed=1).load_state_dict(saved)
     with pytest.raises(ValueError, match="one length"):
         Batches(numbered(3, seq_len=4) + numbered(1, seq_len=5), 2)
+
+
+def test_rows_longer_than_seq_len_are_cut_with_a_warning(tmp_path):
+    path = tmp_path / "long.jsonl"
+    path.write_text('{"prompt": "ab", "completion": "cdefgh"}\n{"prompt": "a", "completion": "b"}\n')
+    with pytest.warns(UserWarning, match=r"1 of 2 rows are longer than seq_len=5 .*longest: \d+ tokens at .*long\.jsonl:1"):
+        examples = load_examples(str(path), ByteTokenizer(), 5)
+    assert len(examples) == 2 and all(len(e.input_ids) == 5 for e in examples)
