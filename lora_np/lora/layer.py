@@ -132,6 +132,23 @@ class LoraLayer(Module):
                 params.append(container[adapter_name])
         return params
 
+    def forward(self, x):
+        """base_layer(x) plus each active adapter of this layer (none when disabled or merged)."""
+        if self.disable_adapters:
+            if self.merged:
+                self.unmerge()
+            return self.base_layer(x)
+        result = self.base_layer(x)                                                       # (..., out)
+        if self.merged:
+            return result
+        for name in self.active_adapters:
+            if name in self.r:  # an adapter this layer has
+                result = self._add_adapter(result, x, name)
+        return result
+
+    def _add_adapter(self, result, x, name):  # pragma: no cover - abstract
+        raise NotImplementedError
+
     def set_adapter(self, adapter_names, trainable=True):
         """Make these adapters active; only active adapters' parameters require grad."""
         self.active_adapters = list(adapter_names)
@@ -309,25 +326,12 @@ class Linear(LoraLayer):
         w.data = np.ascontiguousarray(self._weight_oi(residual).astype(dtype))
 
     # -- forward ---------------------------------------------------------------------------
-    def forward(self, x):
-        if self.disable_adapters:
-            if self.merged:
-                self.unmerge()
-            return self.base_layer(x)
-        result = self.base_layer(x)                                                       # (..., out)
-        if self.merged:
-            return result
-        for name in self.active_adapters:
-            if name not in self.lora_A:
-                continue
-            if name in self.lora_magnitude_vector:
-                result = self._dora_forward(result, x, name)
-            else:
-                # result is this forward's own array (no backward reads it): add into it
-                dropout = self.lora_dropout[name]
-                result = lora_linear(result, dropout(x), self.lora_A[name].weight, self.lora_B[name].weight,
-                                     self.scaling[name], inplace=True)
-        return result
+    def _add_adapter(self, result, x, name):
+        if name in self.lora_magnitude_vector:
+            return self._dora_forward(result, x, name)
+        # result is this forward's own array (no backward reads it): add into it
+        return lora_linear(result, self.lora_dropout[name](x), self.lora_A[name].weight, self.lora_B[name].weight,
+                           self.scaling[name], inplace=True)
 
     def _dora_forward(self, result, x, name):
         dropout, scaling = self.lora_dropout[name], self.scaling[name]
@@ -380,25 +384,13 @@ class Embedding(LoraLayer):
     def lora_factors(self, adapter_name):
         return self.lora_embedding_A[adapter_name].data, self.lora_embedding_B[adapter_name].data
 
-    def forward(self, x):
-        if self.disable_adapters:
-            if self.merged:
-                self.unmerge()
-            return self.base_layer(x)
-        result = self.base_layer(x)                                                       # (..., dim)
-        if self.merged:
-            return result
-        for name in self.active_adapters:
-            if name not in self.lora_embedding_A:
-                continue
-            after_A = F.embedding(x, F.permute(self.lora_embedding_A[name], (1, 0)))      # (..., r)
-            lora = F.matmul(after_A, F.permute(self.lora_embedding_B[name], (1, 0)))      # (..., dim)
-            if name in self.lora_magnitude_vector:  # DoRA scales the whole running output, as PEFT
-                mag_norm_scale = self._dora_scale(name)                                   # (dim,)
-                result = mag_norm_scale * result + mag_norm_scale * lora * self.scaling[name]
-            else:
-                result = result + lora * self.scaling[name]
-        return result
+    def _add_adapter(self, result, x, name):
+        after_A = F.embedding(x, F.permute(self.lora_embedding_A[name], (1, 0)))          # (..., r)
+        lora = F.matmul(after_A, F.permute(self.lora_embedding_B[name], (1, 0)))          # (..., dim)
+        if name in self.lora_magnitude_vector:  # DoRA scales the whole running output, as PEFT
+            mag_norm_scale = self._dora_scale(name)                                       # (dim,)
+            return mag_norm_scale * result + mag_norm_scale * lora * self.scaling[name]
+        return result + lora * self.scaling[name]
 
     def extra_repr(self):
         return f"{self.in_features}, {self.out_features}"
