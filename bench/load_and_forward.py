@@ -53,13 +53,8 @@ def torch_worker(threads):
     state = {}
 
     def setup():
-        import transformers
-        import lora_np.loaders
-
-        path = lora_np.loaders.default_model_path()
         t = time.perf_counter()
-        state["model"] = transformers.AutoModelForCausalLM.from_pretrained(
-            os.path.dirname(path), gguf_file=os.path.basename(path), dtype=torch.float32).eval()
+        state["model"] = W.load_torch_smollm2().eval()
         load = time.perf_counter() - t
         state["ids"] = torch.tensor(_ids())
         return {"load_s": load, "rss_after_load_mb": W.peak_rss_mb()}

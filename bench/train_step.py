@@ -56,13 +56,9 @@ def torch_worker(threads):
 
     def setup():
         import peft
-        import transformers
-        import lora_np.loaders
 
-        path = lora_np.loaders.default_model_path()
-        model = transformers.AutoModelForCausalLM.from_pretrained(os.path.dirname(path), gguf_file=os.path.basename(path),
-                                                                  dtype=torch.float32)
-        model = peft.get_peft_model(model, peft.LoraConfig(r=R, lora_alpha=ALPHA, target_modules=["q_proj", "v_proj"]))
+        config = peft.LoraConfig(r=R, lora_alpha=ALPHA, target_modules=["q_proj", "v_proj"])
+        model = peft.get_peft_model(W.load_torch_smollm2(), config)
         model.train()
         params = [p for p in model.parameters() if p.requires_grad]
         state.update(model=model, opt=torch.optim.AdamW(params, lr=1e-4), ids=torch.tensor(_batch()))
