@@ -133,18 +133,24 @@ def test_peft_adapter_loads_in_lora_np(kind, kw, tmp_path, monkeypatch):
     _compare(_run_np(lm, _ids()), theirs)
 
 
-@pytest.mark.parametrize("kind,kw", CASES, ids=[f"{k}-{i}" for i, (k, _) in enumerate(CASES)])
-def test_lora_np_adapter_loads_in_peft(kind, kw, tmp_path, monkeypatch):
-    torch, tm, m = _pair(kind, monkeypatch)
-    peft = crosscheck("peft")
+def _perturbed_and_saved(m, kw, seed, folder):
+    """get_peft_model(m, LoraConfig(**kw)) with every adapter tensor perturbed, saved to folder."""
     lm = get_peft_model(m, LoraConfig(**kw))
     params = dict(lm.named_parameters())
 
     def add(name, d):
         params[name].data = params[name].data + d
 
-    _perturb(params.items(), np.random.default_rng(3), add)
-    lm.save_pretrained(tmp_path)
+    _perturb(params.items(), np.random.default_rng(seed), add)
+    lm.save_pretrained(folder)
+    return lm
+
+
+@pytest.mark.parametrize("kind,kw", CASES, ids=[f"{k}-{i}" for i, (k, _) in enumerate(CASES)])
+def test_lora_np_adapter_loads_in_peft(kind, kw, tmp_path, monkeypatch):
+    torch, tm, m = _pair(kind, monkeypatch)
+    peft = crosscheck("peft")
+    lm = _perturbed_and_saved(m, kw, 3, tmp_path)
     mine = _run_np(lm, _ids())
 
     pm = peft.PeftModel.from_pretrained(tm, str(tmp_path), is_trainable=True)
@@ -174,14 +180,7 @@ def test_named_parameters_match_peft(monkeypatch):
 def test_merged_weights_match_peft(kind, kw, tmp_path, monkeypatch):
     torch, tm, m = _pair(kind, monkeypatch)
     peft = crosscheck("peft")
-    lm = get_peft_model(m, LoraConfig(**kw))
-    params = dict(lm.named_parameters())
-
-    def add(name, d):
-        params[name].data = params[name].data + d
-
-    _perturb(params.items(), np.random.default_rng(4), add)
-    lm.save_pretrained(tmp_path)
+    lm = _perturbed_and_saved(m, kw, 4, tmp_path)
     pm = peft.PeftModel.from_pretrained(tm, str(tmp_path))
     merged_t = {k: v.numpy() for k, v in pm.merge_and_unload().state_dict().items()}
     merged = lm.merge_and_unload().state_dict()
