@@ -84,8 +84,7 @@ def set_threads(n):
     import ctypes
 
     with open("/proc/self/maps") as fh:
-        libs = {line.split()[-1] for line in fh if "openblas" in line.lower() and line.rstrip().endswith(".so")
-                or "openblas" in line.lower() and ".so" in line.split()[-1]}
+        libs = {path for path in (line.split()[-1] for line in fh) if "openblas" in path.lower() and ".so" in path}
     for lib in libs:
         try:
             handle = ctypes.CDLL(lib)
