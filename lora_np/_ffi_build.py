@@ -1,6 +1,6 @@
 """cffi build script (API mode) for the C core in csrc/: `cffi_modules` in setup.py points here.
 
-Compiles csrc/lora_kernels.c into the extension module `lora_np._lora_np_c` with -O3 and,
+Compiles csrc/lora_kernels.c and csrc/step_kernels.c into the extension module `lora_np._lora_np_c` with -O3 and,
 when the compiler accepts it, OpenMP. No -ffast-math: the kernels are compared with the
 NumPy reference element by element. Run this file directly to build the module in place.
 """
@@ -13,8 +13,9 @@ from cffi import FFI
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 HEADER = os.path.join("csrc", "lora_np.h")
-SOURCES = [os.path.join("csrc", "lora_kernels.c")]
-DEPENDS = [HEADER] + [os.path.join("csrc", f) for f in ("lora_kernels_impl.h", "lora_kernels_simd.h")]
+SOURCES = [os.path.join("csrc", f) for f in ("lora_kernels.c", "step_kernels.c")]
+DEPENDS = [HEADER] + [os.path.join("csrc", f) for f in (
+    "lora_internal.h", "lora_kernels_impl.h", "lora_kernels_simd.h", "step_kernels_impl.h", "step_kernels_simd.h")]
 
 
 def cdef_from_header(path):

@@ -15,6 +15,7 @@ import math
 
 import numpy as np
 
+from . import kernels
 from .tensor import Function, Tensor, _check_float_dtypes, _to_array
 
 __all__ = [
@@ -278,14 +279,7 @@ class Tanh(Function):
         return g * (1 - self.out * self.out)
 
 
-def _sigmoid(x):
-    """1 / (1 + exp(-x)) in one new array, dtype preserving. exp(-x) overflowing to inf
-    for x < -88 (float32) gives exactly 0, which is the correctly rounded result."""
-    s = np.negative(x, out=np.empty(x.shape, x.dtype))
-    with np.errstate(over="ignore"):
-        np.exp(s, out=s)
-    s += 1
-    return np.reciprocal(s, out=s)
+_sigmoid = kernels._sigmoid_numpy  # 1 / (1 + exp(-x)) in one new array
 
 
 class Sigmoid(Function):
@@ -331,32 +325,19 @@ class Silu(Function):
 
 
 class SiluMul(Function):
-    """silu(a)·b in one op (the SwiGLU gate): saves a and b only, no silu(a) array, and
-    backward holds two temporaries of a's size (the peak of a SwiGLU block's backward)."""
+    """silu(a)·b in one op (the SwiGLU gate): saves a and b only, no silu(a) array; forward and
+    backward are one pass each in the C core (kernels.silu_mul_forward / _backward)."""
 
     def forward(self, a, b):
         if a.shape != b.shape:
             raise ValueError(f"silu_mul: shapes {a.shape} and {b.shape} differ")
+        a, b = kernels.contiguous(a), kernels.contiguous(b)
         self.a = a
         self.b = b if self.needs_input_grad[0] else None  # only a's gradient needs b
-        out = _sigmoid(a)
-        out *= a
-        out *= b
-        return out
+        return kernels.silu_mul_forward(a, b)
 
     def backward(self, g):
-        a, b = self.a, self.b
-        s = _sigmoid(a)
-        ga = gb = None
-        if self.needs_input_grad[0]:
-            ga = _silu_grad(a, s)
-            ga *= b
-            ga *= g
-        if self.needs_input_grad[1]:
-            s *= a                                                       # silu(a), in s's buffer
-            s *= g
-            gb = s
-        return ga, gb
+        return kernels.silu_mul_backward(kernels.contiguous(g), self.a, self.b, *self.needs_input_grad[:2])
 
 
 def _erf(x):
@@ -996,12 +977,13 @@ class SDPA(Function):
 
     q (B, Hq, T, D), k and v (B, Hkv, S, D), Hq = Hkv·g. The g query heads that share a
     key/value head are stacked as rows, (B, Hkv, T·g, D) position-major, so K and V are
-    never repeated. Scores are built for one batch element and one block of query
-    positions at a time; a causal block only sees its first n = t1 + S − T keys, so the
-    hidden upper triangle is (mostly) never computed. Nothing of size T × S is kept:
-    forward saves the scaled q, k, v, the output and each row's log-sum-exp, and backward
-    recomputes the probabilities block by block. A row whose keys are all masked gives 0
-    (torch's safe softmax), not NaN.
+    never repeated. Scores are built for one block of query positions at a time (all batch
+    elements and heads together); a causal block only sees its first n = t1 + S − T keys, so
+    the hidden upper triangle is (mostly) never computed, and inside the block the causal
+    limit of each row is applied by the row softmax (kernels.softmax_rows), not by a mask
+    array. Nothing of size T × S is kept: forward saves the scaled q, k, v, the output and
+    each row's log-sum-exp, and backward recomputes the probabilities block by block
+    (kernels.exp_rows). A row whose keys are all masked gives 0 (torch's safe softmax), not NaN.
 
     The output is laid out in memory as (B, T, Hq, D), so the caller's transpose to
     (B, T, Hq·D) is free, and the query gradient is returned in the query's own layout.
@@ -1013,81 +995,65 @@ class SDPA(Function):
         g = Hq // Hkv
         dt = q.dtype
         self.scale = dt.type(scale if scale is not None else 1.0 / math.sqrt(D))
-        self.causal = (np.where(np.tri(T, S, k=S - T, dtype=bool), dt.type(0), dt.type(-np.inf))  # (T, S)
-                       if is_causal else None)
         self.bias = bias
-        self.blocks = [(t0, min(t0 + _ATTN_BLOCK, T), min(S, min(t0 + _ATTN_BLOCK, T) + S - T) if is_causal else S)
-                       for t0 in range(0, T, _ATTN_BLOCK)]                # (t0, t1, visible keys)
+        self.blocks = []  # (t0, t1, keys computed, visible keys of the block's first row)
+        for t0 in range(0, T, _ATTN_BLOCK):
+            t1 = min(t0 + _ATTN_BLOCK, T)
+            n = min(S, t1 + S - T) if is_causal else S
+            if n > 0:  # else every key is hidden from the block: output 0
+                self.blocks.append((t0, t1, n, t0 + 1 + S - T if is_causal else S))
         qs = np.multiply(q.reshape(B, Hkv, g, T, D).transpose(0, 1, 3, 2, 4), self.scale,
                          out=np.empty((B, Hkv, T, g, D), dt))             # (B, Hkv, T, g, D) scaled
         k, v = np.ascontiguousarray(k), np.ascontiguousarray(v)           # strided batched GEMMs are slower
         out = np.zeros((B, T, Hkv, g, D), dt)                             # = (B, T, Hq·D) in memory
         lse = np.full((B, Hkv, T, g), np.inf, dt)                         # log-sum-exp per row
-        for b in range(B):
-            for t0, t1, n in self.blocks:
-                if n <= 0:  # every key hidden: output 0
-                    continue
-                p = self._scores(qs, k, b, t0, t1, n)                     # (Hkv, tc·g, n)
-                m = p.max(-1, keepdims=True)
-                m[~np.isfinite(m)] = 0  # a fully masked row: exp(-inf) = 0 everywhere
-                p -= m
-                np.exp(p, out=p)
-                total = p.sum(-1, keepdims=True)
-                total[total == 0] = np.inf  # so that the row and its lse give p = 0
-                o = p @ v[b, :, :n]                                       # (Hkv, tc·g, D)
-                o /= total  # normalise the D-wide output rather than the n-wide probabilities
-                out[b, t0:t1] = o.reshape(Hkv, t1 - t0, g, D).transpose(1, 0, 2, 3)
-                np.log(total, out=total)
-                total += m
-                lse[b, :, t0:t1] = total.reshape(Hkv, t1 - t0, g)
+        for t0, t1, n, count0 in self.blocks:
+            p = self._scores(qs, k, t0, t1, n)                            # (B·Hkv, tc·g, n)
+            lse[:, :, t0:t1] = kernels.softmax_rows(p, count0=count0, group=g, period=p.shape[1]).reshape(
+                B, Hkv, t1 - t0, g)
+            o = p @ v[:, :, :n].reshape(B * Hkv, n, D)                    # (B·Hkv, tc·g, D)
+            out[:, t0:t1] = o.reshape(B, Hkv, t1 - t0, g, D).transpose(0, 2, 1, 3, 4)
         if any(self.needs_input_grad[:3]):
             self.qs, self.k, self.v, self.out, self.lse = qs, k, v, out, lse
         return out.transpose(0, 2, 3, 1, 4).reshape(B, Hq, T, D)          # a view
 
-    def _scores(self, qs, k, b, t0, t1, n):
-        """Scaled scores plus masks for batch element b, query positions [t0, t1), keys [0, n)."""
-        Hkv, _, g, D = qs.shape[1:]
+    def _scores(self, qs, k, t0, t1, n):
+        """Scaled scores plus the bias for query positions [t0, t1), keys [0, n): (B·Hkv, tc·g, n)."""
+        B, Hkv, _, g, D = qs.shape
         tc = t1 - t0
-        s = qs[b, :, t0:t1].reshape(Hkv, tc * g, D) @ np.swapaxes(k[b, :, :n], -1, -2)   # (Hkv, tc·g, n)
-        s4 = s.reshape(Hkv, tc, g, n)
-        if self.causal is not None:  # keys before c0 are visible to every row of the block
-            c0 = t0 + self.causal.shape[1] - self.causal.shape[0]  # (`max` here is F.max)
-            c0 = c0 if c0 > 0 else 0
-            s4[..., c0:] += self.causal[t0:t1, None, c0:n]
+        s = qs[:, :, t0:t1].reshape(B * Hkv, tc * g, D) @ np.swapaxes(k[:, :, :n].reshape(B * Hkv, n, D), -1, -2)
         if self.bias is not None:  # bias (B or 1, Hkv or 1, g or 1, T, S)
-            s4 += self.bias[b if self.bias.shape[0] > 1 else 0, :, :, t0:t1, :n].transpose(0, 2, 1, 3)
+            s.reshape(B, Hkv, tc, g, n)[...] += self.bias[:, :, :, t0:t1, :n].transpose(0, 1, 3, 2, 4)
         return s
 
     def backward(self, g_out):
         qs, k, v, out, lse, scale = self.qs, self.k, self.v, self.out, self.lse, self.scale
         need_q, need_k, need_v = self.needs_input_grad[:3]
         B, Hkv, T, g, D = qs.shape
-        go = g_out.reshape(B, Hkv, g, T, D).transpose(0, 3, 1, 2, 4)     # (B, T, Hkv, g, D), out's layout
-        delta = np.einsum("bthgd,bthgd->bhtg", go, out)                   # (B, Hkv, T, g) = rowsum(dP·P)
+        go = g_out.reshape(B, Hkv, g, T, D).transpose(0, 1, 3, 2, 4)     # (B, Hkv, T, g, D), qs' layout
+        delta = np.einsum("bhtgd,bthgd->bhtg", go, out)                   # (B, Hkv, T, g) = rowsum(dP·P)
         gq = np.zeros((B, T, Hkv, g, D), qs.dtype) if need_q else None
         gk = np.zeros_like(k) if need_k else None
         gv = np.zeros_like(v) if need_v else None
-        for b in range(B):
-            for t0, t1, n in self.blocks:
-                if n <= 0:
-                    continue
-                tc = t1 - t0
-                p = self._scores(qs, k, b, t0, t1, n)                     # (Hkv, tc·g, n)
-                p -= lse[b, :, t0:t1].reshape(Hkv, tc * g, 1)
-                np.exp(p, out=p)                                          # probabilities
-                gor = go[b, t0:t1].transpose(1, 0, 2, 3).reshape(Hkv, tc * g, D)
-                if need_v:
-                    gv[b, :, :n] += np.swapaxes(p, -1, -2) @ gor          # (Hkv, n, D)
-                if need_q or need_k:
-                    ds = gor @ np.swapaxes(v[b, :, :n], -1, -2)           # (Hkv, tc·g, n) = dP
-                    ds -= delta[b, :, t0:t1].reshape(Hkv, tc * g, 1)
-                    ds *= p                                               # dS / scale
-                    if need_q:
-                        gqr = ds @ k[b, :, :n]                            # (Hkv, tc·g, D)
-                        gqr *= scale
-                        gq[b, t0:t1] = gqr.reshape(Hkv, tc, g, D).transpose(1, 0, 2, 3)
-                    if need_k:
-                        gk[b, :, :n] += np.swapaxes(ds, -1, -2) @ qs[b, :, t0:t1].reshape(Hkv, tc * g, D)
+        for t0, t1, n, count0 in self.blocks:
+            tc = t1 - t0
+            p = self._scores(qs, k, t0, t1, n)                            # (B·Hkv, tc·g, n)
+            kernels.exp_rows(p, np.ascontiguousarray(lse[:, :, t0:t1]).reshape(B * Hkv, tc * g),
+                             count0=count0, group=g, period=tc * g)       # probabilities
+            gor = go[:, :, t0:t1].reshape(B * Hkv, tc * g, D)             # a copy
+            if need_v:
+                gv[:, :, :n] += (np.swapaxes(p, -1, -2) @ gor).reshape(B, Hkv, n, D)
+            if need_q or need_k:
+                ds = gor @ np.swapaxes(v[:, :, :n].reshape(B * Hkv, n, D), -1, -2)   # (B·Hkv, tc·g, n) = dP
+                ds -= delta[:, :, t0:t1].reshape(B * Hkv, tc * g, 1)
+                ds *= p                                                   # dS / scale
+                if need_q:
+                    gqr = ds @ k[:, :, :n].reshape(B * Hkv, n, D)         # (B·Hkv, tc·g, D)
+                    gqr *= scale
+                    gq[:, t0:t1] = gqr.reshape(B, Hkv, tc, g, D).transpose(0, 2, 1, 3, 4)
+                if need_k:
+                    gk[:, :, :n] += (np.swapaxes(ds, -1, -2) @ qs[:, :, t0:t1].reshape(B * Hkv, tc * g, D)).reshape(
+                        B, Hkv, n, D)
         gq = gq.transpose(0, 2, 3, 1, 4).reshape(g_out.shape) if need_q else None
         return gq, gk, gv, None
 

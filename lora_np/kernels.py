@@ -33,6 +33,15 @@ import numpy as np
 
 from lora_np import _cuda as cuda
 
+# OpenMP threads that spin after a parallel region take the cores from OpenBLAS's threads, and
+# the other way round: measured on 2 cores, a base-layer GEMM followed by the LoRA kernels took
+# 32 ms with spinning OpenMP threads against 16 ms with sleeping ones (bench/lora_kernels.py
+# --after-gemm). So unless the user chose a policy, the OpenMP runtime this module loads starts
+# with OMP_WAIT_POLICY=passive; the variable is set only while the module loads (the runtime
+# reads it then), so that libraries loaded later keep their own default. It has no effect when
+# the process already loaded the same OpenMP runtime.
+_wait_policy = os.environ.get("OMP_WAIT_POLICY")
+os.environ["OMP_WAIT_POLICY"] = _wait_policy or "passive"
 try:
     from lora_np._lora_np_c import ffi as _ffi, lib as _lib
 
@@ -40,6 +49,9 @@ try:
 except ImportError as e:  # no compiler at install time: NumPy only
     _ffi = _lib = None
     _C_MISSING = f"the compiled module lora_np._lora_np_c is not available ({e}); reinstall lora_np with a C compiler"
+finally:
+    if _wait_policy is None:
+        del os.environ["OMP_WAIT_POLICY"]
 
 BACKENDS = ("numpy", "c", "cuda")
 _FLOAT_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
@@ -283,6 +295,155 @@ def _call_c(op, *args, ref=False):
         raise MemoryError(f"{op}: the C core could not allocate its small scratch buffers")
     if status != _lib.LORA_OK:
         raise RuntimeError(f"{op}: the C core returned error {status}")
+
+
+# ---- fused ops of the training step (csrc/step_kernels.c) ---------------------------------
+# The SwiGLU gate and the row softmaxes of attention and of the LM head's cross-entropy. They run
+# in C when the backend is "c" and as the NumPy code below otherwise. float32 C uses a vector exp
+# within 2 ulp of NumPy's (which runs at ~3 ns an element on AVX2 machines).
+
+
+def _check_step_arrays(op, outputs, inputs):
+    """Same dtype (float32/float64), C-contiguous, outputs writeable and not overlapping anything."""
+    given = {name: a for name, a in {**outputs, **inputs}.items() if a is not None}
+    dtype = next(iter(given.values())).dtype
+    for name, a in given.items():
+        if not isinstance(a, np.ndarray):
+            raise TypeError(f"{op}: {name} must be a numpy.ndarray, got {type(a).__name__}")
+        if a.dtype not in _FLOAT_DTYPES or a.dtype != dtype:
+            raise TypeError(f"{op}: {name} has dtype {a.dtype}; expected float32 or float64, all alike")
+        if not a.flags.c_contiguous:
+            raise ValueError(f"{op}: {name} (shape {a.shape}, strides {a.strides}) must be C-contiguous")
+    for name, a in outputs.items():
+        if a is None:
+            continue
+        if not a.flags.writeable:
+            raise ValueError(f"{op}: {name} is an output and must be writeable")
+        for other, b in given.items():
+            if other != name and np.may_share_memory(a, b):
+                raise ValueError(f"{op}: output {name} overlaps {other} in memory; outputs must not alias")
+    return dtype
+
+
+def contiguous(a):
+    """a itself when C-contiguous, else a C-contiguous copy (np.ascontiguousarray makes 0-d arrays 1-d)."""
+    return a if a.flags.c_contiguous else np.array(a, order="C")
+
+
+def _same_shape(op, **arrays):
+    shapes = {name: a.shape for name, a in arrays.items() if a is not None}
+    if len(set(shapes.values())) > 1:
+        raise ValueError(f"{op}: shapes differ: " + ", ".join(f"{n} {s}" for n, s in shapes.items()))
+
+
+def _sigmoid_numpy(x):
+    """1 / (1 + exp(-x)) in one new array; exp(-x) overflowing to inf gives exactly 0."""
+    s = np.negative(x, out=np.empty(x.shape, x.dtype))
+    with np.errstate(over="ignore"):
+        np.exp(s, out=s)
+    s += 1
+    return np.reciprocal(s, out=s)
+
+
+def silu_mul_forward(a, b):
+    """silu(a)·b = a·sigmoid(a)·b in a new array (the SwiGLU gate)."""
+    _same_shape("silu_mul_forward", a=a, b=b)
+    _check_step_arrays("silu_mul_forward", {}, {"a": a, "b": b})
+    out = np.empty(a.shape, a.dtype)
+    if _backend == "c":
+        _call_c("silu_mul_forward", out, a, b, a.size)
+        return out
+    s = _sigmoid_numpy(a)
+    s *= a
+    s *= b
+    return s
+
+
+def silu_mul_backward(g, a, b, need_a=True, need_b=True):
+    """Gradients of silu(a)·b given g: (g·b·s·(1 + a·(1 − s)) or None, g·a·s or None), s = sigmoid(a).
+    b is only read for the first (and may be None when need_a is False)."""
+    _same_shape("silu_mul_backward", g=g, a=a, b=b if need_a else None)
+    _check_step_arrays("silu_mul_backward", {}, {"g": g, "a": a, "b": b if need_a else None})
+    ga = np.empty(a.shape, a.dtype) if need_a else None
+    gb = np.empty(a.shape, a.dtype) if need_b else None
+    if not (need_a or need_b):
+        return None, None
+    if _backend == "c":
+        _call_c("silu_mul_backward", ga, gb, g, a, b if need_a else None, a.size)
+        return ga, gb
+    s = _sigmoid_numpy(a)
+    if need_a:
+        np.subtract(1, s, out=ga)
+        ga *= a
+        ga += 1
+        ga *= s
+        ga *= b
+        ga *= g
+    if need_b:
+        np.multiply(s, a, out=gb)
+        gb *= g
+    return ga, gb
+
+
+def _visible(rows, n, period, count0, group):
+    """vis [rows]: how many leading columns each row sees (see csrc/step_kernels.c)."""
+    return np.clip(count0 + (np.arange(rows) % period) // group, 0, n)
+
+
+def _rows_args(op, p, count0, group, period):
+    if p.ndim < 1:
+        raise ValueError(f"{op}: p must have at least one dimension, got shape {p.shape}")
+    n = p.shape[-1]
+    rows = p.size // n if n else int(np.prod(p.shape[:-1]))
+    count0 = n if count0 is None else int(count0)
+    period = rows if period is None else int(period)
+    group = int(group)
+    if period < 1 or group < 1:
+        raise ValueError(f"{op}: period ({period}) and group ({group}) must be >= 1")
+    return rows, n, max(period, 1), count0, group
+
+
+def softmax_rows(p, scale=1.0, count0=None, group=1, period=None):
+    """In place over the last axis of p: scale·softmax of each row's visible columns, 0 on the
+    others; returns the log-sum-exp of each row's visible columns (shape p.shape[:-1]; +inf and a
+    row of 0 when no visible column is finite). Row i sees the first
+    clip(count0 + (i % period) // group, 0, n) columns; by default all n."""
+    rows, n, period, count0, group = _rows_args("softmax_rows", p, count0, group, period)
+    dtype = _check_step_arrays("softmax_rows", {"p": p}, {})
+    lse = np.empty(p.shape[:-1], dtype)
+    if _backend == "c":
+        _call_c("softmax_rows", p, lse, float(scale), rows, n, period, count0, group)
+        return lse
+    p2, lse2 = p.reshape(rows, n), lse.reshape(rows)
+    hidden = np.arange(n) >= _visible(rows, n, period, count0, group)[:, None]      # (rows, n)
+    p2[hidden] = -np.inf
+    m = p2.max(-1, keepdims=True, initial=-np.inf)
+    m[~np.isfinite(m)] = 0
+    p2 -= m
+    np.exp(p2, out=p2)
+    total = p2.sum(-1, keepdims=True)
+    total[total == 0] = np.inf
+    p2 *= dtype.type(scale) / total
+    np.log(total, out=total)
+    total += m
+    lse2[:] = total[:, 0]
+    return lse
+
+
+def exp_rows(p, lse, count0=None, group=1, period=None):
+    """In place over the last axis of p: exp(p − lse) on each row's visible columns, 0 on the others
+    (the probabilities again, from softmax_rows' log-sum-exp)."""
+    rows, n, period, count0, group = _rows_args("exp_rows", p, count0, group, period)
+    if lse.shape != p.shape[:-1]:
+        raise ValueError(f"exp_rows: lse has shape {lse.shape}, expected {p.shape[:-1]}")
+    _check_step_arrays("exp_rows", {"p": p}, {"lse": lse})
+    if _backend == "c":
+        _call_c("exp_rows", p, lse, rows, n, period, count0, group)
+        return
+    p2 = p.reshape(rows, n)
+    p2 -= lse.reshape(rows, 1)
+    p2[np.arange(n) >= _visible(rows, n, period, count0, group)[:, None]] = -np.inf
+    np.exp(p2, out=p2)
 
 
 _select_initial_backend()

@@ -32,7 +32,7 @@ from . import functional as F
 from . import safetensors
 from .cli import add_model_args, load_for_command
 
-__all__ = ["TrainArgs", "train", "evaluate", "NonFiniteLoss", "register_commands", "set_threads", "write_loss_svg"]
+__all__ = ["TrainArgs", "train", "evaluate", "NonFiniteLoss", "register_commands", "set_threads", "keep_freed_memory", "write_loss_svg"]
 
 
 class NonFiniteLoss(RuntimeError):
@@ -95,6 +95,27 @@ def set_threads(n):
             if fn is not None:
                 fn(ctypes.c_int(n))
                 break
+
+
+def keep_freed_memory():
+    """Ask glibc's malloc to keep freed memory for reuse instead of handing it back to the OS.
+
+    A training step allocates and frees about 1 GB of activations and gradients (SmolLM2,
+    4 x 256 tokens); with glibc's defaults most of it goes back to the OS and page-faults in
+    again on the next step: 270,000 faults and 1.5 s of system time per step here, against
+    2,000 with this setting. Peak memory is unchanged (the same blocks are reused). Called by
+    `train` and `evaluate`; a no-op where the C library has no mallopt (not glibc).
+    Returns True when the setting was applied."""
+    import ctypes
+    import ctypes.util
+
+    try:
+        mallopt = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").mallopt
+    except (OSError, AttributeError):
+        return False
+    M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
+    # Blocks up to 32 MiB (glibc's ceiling) come from the heap, and its top is never trimmed.
+    return bool(mallopt(M_MMAP_THRESHOLD, 32 << 20)) and bool(mallopt(M_TRIM_THRESHOLD, 1 << 30))
 
 
 # -- metrics and the loss picture ---------------------------------------------------------------
@@ -184,6 +205,7 @@ def evaluate(model, examples, batch_size, comm=None):
 
     if not examples:
         raise ValueError("evaluate: no examples")
+    keep_freed_memory()
     if comm is not None:
         examples = examples[comm.rank::comm.size]
     was_training = model.training
@@ -282,6 +304,7 @@ def train(args, stream=None):
         get_linear_schedule_with_warmup, unflatten_state_dict
     from .tokenizer import load_tokenizer
 
+    keep_freed_memory()
     if args.threads:
         set_threads(args.threads)
     comm = _communicator(args)

@@ -1,0 +1,113 @@
+/* step_kernels.c: fused element-wise and row-wise ops of the training step, float32 and float64.
+ *
+ * Profiles of a LoRA step on SmolLM2 put these next after the matrix products: the SwiGLU gate
+ * (NumPy needs five passes and three temporaries, and its float32 exp runs at ~3 ns an element
+ * here) and the softmax of attention and of the LM head's cross-entropy (max, exp, sum and scale
+ * of each row, plus a causal mask). Each function makes one or two passes over its rows.
+ *
+ *   silu_mul_forward / silu_mul_backward   the SwiGLU gate and its gradients
+ *   softmax_rows                           scale * softmax of each row's visible prefix, and its log-sum-exp
+ *   exp_rows                               exp(p - lse) of each row's visible prefix (backward's probabilities)
+ *
+ * Rows and the causal limit: p is [rows, n]; row i sees its first
+ *   vis(i) = clamp(count0 + (i % period) / group, 0, n)
+ * columns; the others are set to 0. A plain softmax is count0 = n, group = period = 1; attention
+ * with query positions t0.. of a causal mask (g query heads per key head stacked position-major,
+ * S keys, T queries) is count0 = t0 + 1 + S - T, group = g, period = rows per head.
+ *
+ * Work is split by rows or by fixed chunks of elements (no reductions across threads), so results
+ * are identical for any number of threads. No fast-math; the same AVX2 / baseline dispatch as
+ * lora_kernels.c.
+ */
+#include <math.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "lora_internal.h"
+#include "lora_np.h"
+
+#if !defined(__GNUC__)
+#error "step_kernels.c needs GCC or Clang (vector extensions); lora_np falls back to NumPy"
+#endif
+
+#if defined(__x86_64__) && !defined(__clang__)
+#define LORA_V3 1
+#endif
+
+#define ALWAYS_INLINE static inline __attribute__((always_inline))
+#define ELEMENT_CHUNK 16384   /* elements per parallel chunk of the element-wise ops */
+#define PARALLEL_WORK 100000  /* elements below which a call stays on one thread */
+
+#ifdef LORA_V3
+#pragma GCC push_options
+#pragma GCC target("avx2,fma")
+#define VBYTES 32
+#define ISA v3
+#define real float
+#define SFX f32
+#define IS_F32 1
+#include "step_kernels_simd.h"
+#undef real
+#undef SFX
+#undef IS_F32
+#define real double
+#define SFX f64
+#define IS_F32 0
+#include "step_kernels_simd.h"
+#undef real
+#undef SFX
+#undef IS_F32
+#undef ISA
+#undef VBYTES
+#pragma GCC pop_options
+#endif
+
+#define VBYTES 16
+#define ISA base
+#define real float
+#define SFX f32
+#define IS_F32 1
+#include "step_kernels_simd.h"
+#undef real
+#undef SFX
+#undef IS_F32
+#define real double
+#define SFX f64
+#define IS_F32 0
+#include "step_kernels_simd.h"
+#undef real
+#undef SFX
+#undef IS_F32
+#undef ISA
+#undef VBYTES
+
+#define CAT_(a, b) a##_##b
+#define CAT(a, b) CAT_(a, b)
+#ifdef LORA_V3
+#define SIMD(name) (lora_np_use_v3() ? CAT(name, CAT(SFX, v3)) : CAT(name, CAT(SFX, base)))
+#else
+#define SIMD(name) CAT(name, CAT(SFX, base))
+#endif
+#define FN(name) CAT(name, SFX)
+
+static int64_t row_vis(int64_t i, int64_t n, int64_t period, int64_t count0, int64_t group)
+{
+    int64_t v = count0 + (i % period) / group;
+    return v < 0 ? 0 : v > n ? n : v;
+}
+
+static int bad_rows(int64_t rows, int64_t n, int64_t period, int64_t group)
+{
+    return rows < 0 || n < 0 || period < 1 || group < 1;
+}
+
+#define real float
+#define SFX f32
+#include "step_kernels_impl.h"
+#undef real
+#undef SFX
+#define real double
+#define SFX f64
+#include "step_kernels_impl.h"
+#undef real
+#undef SFX
