@@ -79,6 +79,29 @@ int exp_rows_f32(float *p, const float *lse, int64_t rows, int64_t n, int64_t pe
 int exp_rows_f64(double *p, const double *lse, int64_t rows, int64_t n, int64_t period, int64_t count0,
                  int64_t group);
 
+/* Scaled-dot-product attention, softmax(scale * q k^T [+ causal mask]) v, with g query heads per
+ * key/value head. k, v, dk, dv are dense [B, Hkv, S, D]; lse is dense [B, Hkv, T, g] (the
+ * log-sum-exp of each query row's scaled scores). q, out, dq, dout are [B, Hkv * g, T, D]-like with
+ * any strides except a unit stride along D: element (b, head h * g + j, position t, e) sits at
+ * base + b * s[0] + h * s[1] + t * s[2] + j * s[3] + e, s = the array's four strides in elements.
+ * causal: query t sees keys up to t + S - T (bottom-right aligned). A query row that sees no key
+ * gives 0 (lse = +inf). Backward overwrites dq, dk, dv (NULL skips one). */
+int attention_forward_f32(float *out, float *lse, const float *q, const float *k, const float *v, double scale,
+                          int causal, int64_t B, int64_t Hkv, int64_t g, int64_t T, int64_t S, int64_t D,
+                          const int64_t *q_strides, const int64_t *out_strides);
+int attention_forward_f64(double *out, double *lse, const double *q, const double *k, const double *v,
+                          double scale, int causal, int64_t B, int64_t Hkv, int64_t g, int64_t T, int64_t S,
+                          int64_t D, const int64_t *q_strides, const int64_t *out_strides);
+int attention_backward_f32(float *dq, float *dk, float *dv, const float *dout, const float *q, const float *k,
+                           const float *v, const float *out, const float *lse, double scale, int causal, int64_t B,
+                           int64_t Hkv, int64_t g, int64_t T, int64_t S, int64_t D, const int64_t *dq_strides,
+                           const int64_t *dout_strides, const int64_t *q_strides, const int64_t *out_strides);
+int attention_backward_f64(double *dq, double *dk, double *dv, const double *dout, const double *q,
+                           const double *k, const double *v, const double *out, const double *lse, double scale,
+                           int causal, int64_t B, int64_t Hkv, int64_t g, int64_t T, int64_t S, int64_t D,
+                           const int64_t *dq_strides, const int64_t *dout_strides, const int64_t *q_strides,
+                           const int64_t *out_strides);
+
 /* Threads used by the parallel functions; n <= 0 restores the OpenMP default. */
 void lora_set_num_threads(int n);
 int lora_get_num_threads(void);

@@ -8,6 +8,9 @@
  *   silu_mul_forward / silu_mul_backward   the SwiGLU gate and its gradients
  *   softmax_rows                           scale * softmax of each row's visible prefix, and its log-sum-exp
  *   exp_rows                               exp(p - lse) of each row's visible prefix (backward's probabilities)
+ *   attention_forward / attention_backward scaled-dot-product attention with grouped-query heads and
+ *                                          a causal mask, one (batch, key/value head) per task: small
+ *                                          register-tiled products, the scores never leave a block of rows
  *
  * Rows and the causal limit: p is [rows, n]; row i sees its first
  *   vis(i) = clamp(count0 + (i % period) / group, 0, n)
@@ -37,6 +40,15 @@
 #define ALWAYS_INLINE static inline __attribute__((always_inline))
 #define ELEMENT_CHUNK 16384   /* elements per parallel chunk of the element-wise ops */
 #define PARALLEL_WORK 100000  /* elements below which a call stays on one thread */
+
+/* The sizes of one attention call (see step_kernels_simd.h); tb query positions per block. */
+typedef struct {
+    int64_t T, S, D, g, tb;
+    int causal;
+    double scale;
+} attn_dims;
+
+#define ATTN_ROWS 48 /* query rows (positions x heads per key/value head) per block: a multiple of 6 */
 
 #ifdef LORA_V3
 #pragma GCC push_options

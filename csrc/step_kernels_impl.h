@@ -43,3 +43,73 @@ int FN(exp_rows)(real *p, const real *lse, int64_t rows, int64_t n, int64_t peri
     for (int64_t i = 0; i < rows; i++) SIMD(exp_row)(p + i * n, lse[i], row_vis(i, n, period, count0, group), n);
     return LORA_OK;
 }
+
+static int FN(bad_attention)(int64_t B, int64_t Hkv, int64_t g, int64_t T, int64_t S, int64_t D)
+{
+    return B < 0 || Hkv < 0 || g < 1 || T < 0 || S < 0 || D < 1;
+}
+
+int FN(attention_forward)(real *out, real *lse, const real *q, const real *k, const real *v, double scale,
+                          int causal, int64_t B, int64_t Hkv, int64_t g, int64_t T, int64_t S, int64_t D,
+                          const int64_t *q_strides, const int64_t *out_strides)
+{
+    if (FN(bad_attention)(B, Hkv, g, T, S, D) || !out || !lse || !q || !k || !v || !q_strides || !out_strides)
+        return LORA_EINVAL;
+    const int64_t tb = ATTN_ROWS / g > 0 ? ATTN_ROWS / g : 1, tasks = B * Hkv;
+    const attn_dims d = {T, S, D, g, tb, causal != 0, scale};
+    const int64_t *qs = q_strides, *os = out_strides;
+    int status = LORA_OK;
+#pragma omp parallel num_threads(lora_get_num_threads()) if (tasks > 1 && tasks * T * S * D > PARALLEL_WORK)
+    {
+        real *scratch = malloc(sizeof(real) * (size_t)(tb * g * (2 * D + S) + D * S + 1));
+        if (!scratch) {
+#pragma omp atomic write
+            status = LORA_ENOMEM;
+        }
+#pragma omp for schedule(dynamic)
+        for (int64_t task = 0; task < tasks; task++) {
+            if (!scratch) continue;
+            const int64_t b = task / Hkv, h = task % Hkv;
+            SIMD(attn_fwd_head)(out + b * os[0] + h * os[1], os[2], os[3], lse + task * T * g,
+                                q + b * qs[0] + h * qs[1], qs[2], qs[3], k + task * S * D, v + task * S * D, &d,
+                                scratch);
+        }
+        free(scratch);
+    }
+    return status;
+}
+
+int FN(attention_backward)(real *dq, real *dk, real *dv, const real *dout, const real *q, const real *k,
+                           const real *v, const real *out, const real *lse, double scale, int causal, int64_t B,
+                           int64_t Hkv, int64_t g, int64_t T, int64_t S, int64_t D, const int64_t *dq_strides,
+                           const int64_t *dout_strides, const int64_t *q_strides, const int64_t *out_strides)
+{
+    if (FN(bad_attention)(B, Hkv, g, T, S, D) || !dout || !q || !k || !v || !out || !lse || !dq_strides ||
+        !dout_strides || !q_strides || !out_strides)
+        return LORA_EINVAL;
+    if (!dq && !dk && !dv) return LORA_OK;
+    const int64_t tb = ATTN_ROWS / g > 0 ? ATTN_ROWS / g : 1, tasks = B * Hkv, R = tb * g;
+    const attn_dims d = {T, S, D, g, tb, causal != 0, scale};
+    const int64_t *qs = q_strides, *os = out_strides, *dqs = dq_strides, *dos = dout_strides;
+    int status = LORA_OK;
+#pragma omp parallel num_threads(lora_get_num_threads()) if (tasks > 1 && tasks * T * S * D > PARALLEL_WORK)
+    {
+        real *scratch = malloc(sizeof(real) * (size_t)(R * (3 * D + 2 * S + 1) + 2 * D * S + 1));
+        if (!scratch) {
+#pragma omp atomic write
+            status = LORA_ENOMEM;
+        }
+#pragma omp for schedule(dynamic)
+        for (int64_t task = 0; task < tasks; task++) {
+            if (!scratch) continue;
+            const int64_t b = task / Hkv, h = task % Hkv;
+            SIMD(attn_bwd_head)(dq ? dq + b * dqs[0] + h * dqs[1] : NULL, dqs[2], dqs[3],
+                                dk ? dk + task * S * D : NULL, dv ? dv + task * S * D : NULL,
+                                dout + b * dos[0] + h * dos[1], dos[2], dos[3], q + b * qs[0] + h * qs[1], qs[2],
+                                qs[3], k + task * S * D, v + task * S * D, out + b * os[0] + h * os[1], os[2], os[3],
+                                lse + task * T * g, &d, scratch);
+        }
+        free(scratch);
+    }
+    return status;
+}

@@ -197,6 +197,171 @@ static void FN(exp_row)(real *p, real lse, int64_t vis, int64_t n)
     memset(p + vis, 0, sizeof(real) * (size_t)(n - vis));
 }
 
+
+/* ---- small matrix products for attention ------------------------------------------------ */
+
+#define MR 6          /* rows of C per register tile */
+#define NR (2 * VL)   /* columns of C per register tile */
+
+/* C [MB, NR] (row stride ldc) = beta * C + alpha * A B over K terms, added in order k = 0..K-1;
+ * A (i, k) = A[i * sai + k * sak]: any layout, read one element at a time; B (k, j) = B[k * ldb + j]. */
+ALWAYS_INLINE void FN(gemm_tile)(real *restrict C, int64_t ldc, const real *restrict A, int64_t sai, int64_t sak,
+                                 const real *restrict B, int64_t ldb, int64_t K, real alpha, int add, const int MB)
+{
+    vec c[MR][2];
+    for (int m = 0; m < MB; m++) c[m][0] = c[m][1] = (vec){0};
+    for (int64_t k = 0; k < K; k++) {
+        vec b0 = FN(load)(B + k * ldb), b1 = FN(load)(B + k * ldb + VL);
+        for (int m = 0; m < MB; m++) {
+            real a = A[m * sai + k * sak];
+            c[m][0] += a * b0;
+            c[m][1] += a * b1;
+        }
+    }
+    for (int m = 0; m < MB; m++) {
+        real *cr = C + m * ldc;
+        if (add) {
+            FN(store)(cr, FN(load)(cr) + alpha * c[m][0]);
+            FN(store)(cr + VL, FN(load)(cr + VL) + alpha * c[m][1]);
+        } else {
+            FN(store)(cr, alpha * c[m][0]);
+            FN(store)(cr + VL, alpha * c[m][1]);
+        }
+    }
+}
+
+/* C [M, N] (row stride ldc) = (add ? C : 0) + alpha * A [M, K] B [K, N], A and B as in gemm_tile.
+ * Columns past the last full NR-wide tile go through plain loops with the same order of terms. */
+static void FN(gemm)(real *restrict C, int64_t ldc, const real *restrict A, int64_t sai, int64_t sak,
+                     const real *restrict B, int64_t ldb, int64_t M, int64_t N, int64_t K, real alpha, int add)
+{
+    const int64_t full = N / NR * NR;
+    for (int64_t j = 0; j < full; j += NR) {
+        int64_t i = 0;
+        for (; i + MR <= M; i += MR) FN(gemm_tile)(C + i * ldc + j, ldc, A + i * sai, sai, sak, B + j, ldb, K, alpha, add, MR);
+        switch (M - i) {
+        case 5: FN(gemm_tile)(C + i * ldc + j, ldc, A + i * sai, sai, sak, B + j, ldb, K, alpha, add, 5); break;
+        case 4: FN(gemm_tile)(C + i * ldc + j, ldc, A + i * sai, sai, sak, B + j, ldb, K, alpha, add, 4); break;
+        case 3: FN(gemm_tile)(C + i * ldc + j, ldc, A + i * sai, sai, sak, B + j, ldb, K, alpha, add, 3); break;
+        case 2: FN(gemm_tile)(C + i * ldc + j, ldc, A + i * sai, sai, sak, B + j, ldb, K, alpha, add, 2); break;
+        case 1: FN(gemm_tile)(C + i * ldc + j, ldc, A + i * sai, sai, sak, B + j, ldb, K, alpha, add, 1); break;
+        default: break;
+        }
+    }
+    for (int64_t i = 0; i < M; i++)
+        for (int64_t j = full; j < N; j++) {
+            real acc = 0;
+            for (int64_t k = 0; k < K; k++) acc += A[i * sai + k * sak] * B[k * ldb + j];
+            C[i * ldc + j] = add ? C[i * ldc + j] + alpha * acc : alpha * acc;
+        }
+}
+
+/* ---- attention for one (batch element, key/value head) ------------------------------------
+ * The g query heads of key/value head h are rows i = t * g + j (position t, head j) of a
+ * (T * g, D) matrix; row i of q, out, dq and dout sits at base + t * st + j * sj (the caller
+ * has added the batch and head offsets). k, v, dk, dv are this head's dense (S, D) matrices,
+ * lse its dense (T * g) log-sum-exps. Queries go in blocks of tb positions (rows = tb * g);
+ * a causal block computes only the keys its last row sees, and the row softmax hides the rest. */
+
+/* Keys computed for the block of positions [t0, t1), and visible to its first row. */
+static int64_t FN(block_keys)(const attn_dims *d, int64_t t1)
+{
+    if (!d->causal) return d->S;
+    int64_t n = t1 + d->S - d->T;
+    return n < 0 ? 0 : n > d->S ? d->S : n;
+}
+
+/* dst [D, n] = src [n, D]^T, the dense transposes that the products read as B. */
+static void FN(transpose_keys)(real *restrict dst, const real *restrict src, int64_t n, int64_t D)
+{
+    for (int64_t s = 0; s < n; s++)
+        for (int64_t e = 0; e < D; e++) dst[e * n + s] = src[s * D + e];
+}
+
+/* dst [rows, D] = scale * the block's rows of a (strided) matrix. */
+static void FN(gather_rows)(real *restrict dst, const real *restrict base, int64_t st, int64_t sj, int64_t t0,
+                            int64_t rows, int64_t g, int64_t D, real scale)
+{
+    for (int64_t i = 0; i < rows; i++) {
+        const real *src = base + (t0 + i / g) * st + (i % g) * sj;
+        for (int64_t e = 0; e < D; e++) dst[i * D + e] = scale * src[e];
+    }
+}
+
+/* scratch: (tb * g) * (2 D + S) + D * S reals. */
+static void FN(attn_fwd_head)(real *out, int64_t ost, int64_t osj, real *lse, const real *q, int64_t qst, int64_t qsj,
+                              const real *k, const real *v, const attn_dims *d, real *scratch)
+{
+    const int64_t T = d->T, S = d->S, D = d->D, g = d->g, tb = d->tb;
+    real *Qb = scratch, *Ob = Qb + tb * g * D, *P = Ob + tb * g * D, *KT = P + tb * g * S;
+    FN(transpose_keys)(KT, k, S, D);                                     /* KT [D, S] */
+    for (int64_t t0 = 0; t0 < T; t0 += tb) {
+        const int64_t t1 = t0 + tb < T ? t0 + tb : T, rows = (t1 - t0) * g, n = FN(block_keys)(d, t1);
+        const int64_t count0 = d->causal ? t0 + 1 + S - T : n;
+        FN(gather_rows)(Qb, q, qst, qsj, t0, rows, g, D, (real)d->scale);       /* Qb [rows, D] = scale q */
+        FN(gemm)(P, n, Qb, D, 1, KT, S, rows, n, D, 1, 0);                /* P [rows, n] = Qb K^T */
+        for (int64_t i = 0; i < rows; i++) {
+            int64_t vis = count0 + i / g;
+            FN(softmax_row)(P + i * n, lse + t0 * g + i, 1, vis < 0 ? 0 : vis > n ? n : vis, n);
+        }
+        FN(gemm)(Ob, D, P, n, 1, v, D, rows, D, n, 1, 0);                 /* Ob [rows, D] = P V */
+        for (int64_t i = 0; i < rows; i++)
+            memcpy(out + (t0 + i / g) * ost + (i % g) * osj, Ob + i * D, sizeof(real) * (size_t)D);
+    }
+}
+
+/* dk, dv (S, D) are overwritten; dq rows written; any of the three may be NULL.
+ * scratch: (tb * g) * (3 D + 2 S + 1) + 2 D * S reals. */
+static void FN(attn_bwd_head)(real *dq, int64_t dqst, int64_t dqsj, real *dk, real *dv, const real *dout,
+                              int64_t dost, int64_t dosj, const real *q, int64_t qst, int64_t qsj, const real *k,
+                              const real *v, const real *out, int64_t ost, int64_t osj, const real *lse,
+                              const attn_dims *d, real *scratch)
+{
+    const int64_t T = d->T, S = d->S, D = d->D, g = d->g, tb = d->tb, R = tb * g;
+    real *Qb = scratch, *dOb = Qb + R * D, *dQb = dOb + R * D, *P = dQb + R * D, *dP = P + R * S;
+    real *delta = dP + R * S, *KT = delta + R, *VT = KT + D * S;
+    FN(transpose_keys)(KT, k, S, D);
+    FN(transpose_keys)(VT, v, S, D);
+    if (dk) memset(dk, 0, sizeof(real) * (size_t)(S * D));
+    if (dv) memset(dv, 0, sizeof(real) * (size_t)(S * D));
+    for (int64_t t0 = 0; t0 < T; t0 += tb) {
+        const int64_t t1 = t0 + tb < T ? t0 + tb : T, rows = (t1 - t0) * g, n = FN(block_keys)(d, t1);
+        const int64_t count0 = d->causal ? t0 + 1 + S - T : n;
+        FN(gather_rows)(dOb, dout, dost, dosj, t0, rows, g, D, 1);         /* dOb [rows, D] */
+        for (int64_t i = 0; i < rows; i++) {                              /* delta = rowsum(dO * O) */
+            const real *o = out + (t0 + i / g) * ost + (i % g) * osj;
+            real acc = 0;
+            for (int64_t e = 0; e < D; e++) acc += dOb[i * D + e] * o[e];
+            delta[i] = acc;
+        }
+        if (n == 0) {
+            if (dq)
+                for (int64_t i = 0; i < rows; i++) memset(dq + (t0 + i / g) * dqst + (i % g) * dqsj, 0, sizeof(real) * (size_t)D);
+            continue;
+        }
+        FN(gather_rows)(Qb, q, qst, qsj, t0, rows, g, D, (real)d->scale);        /* Qb = scale q */
+        FN(gemm)(P, n, Qb, D, 1, KT, S, rows, n, D, 1, 0);                 /* scores */
+        for (int64_t i = 0; i < rows; i++) {
+            int64_t vis = count0 + i / g;
+            FN(exp_row)(P + i * n, lse[t0 * g + i], vis < 0 ? 0 : vis > n ? n : vis, n);   /* probabilities */
+        }
+        if (dv) FN(gemm)(dv, D, P, 1, n, dOb, D, n, D, rows, 1, 1);        /* dV [n, D] += P^T dO */
+        if (!dq && !dk) continue;
+        FN(gemm)(dP, n, dOb, D, 1, VT, S, rows, n, D, 1, 0);               /* dP [rows, n] = dO V^T */
+        for (int64_t i = 0; i < rows; i++)                                 /* dS = P * (dP - delta) */
+            for (int64_t s = 0; s < n; s++) dP[i * n + s] = (dP[i * n + s] - delta[i]) * P[i * n + s];
+        if (dq) {
+            FN(gemm)(dQb, D, dP, n, 1, k, D, rows, D, n, (real)d->scale, 0);     /* dQ = scale dS K */
+            for (int64_t i = 0; i < rows; i++)
+                memcpy(dq + (t0 + i / g) * dqst + (i % g) * dqsj, dQb + i * D, sizeof(real) * (size_t)D);
+        }
+        if (dk) FN(gemm)(dk, D, dP, 1, n, Qb, D, n, D, rows, 1, 1);        /* dK [n, D] += dS^T Qb */
+    }
+}
+
+#undef MR
+#undef NR
+
 #undef ivec
 #undef SEL
 #undef vec

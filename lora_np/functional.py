@@ -987,6 +987,11 @@ class SDPA(Function):
 
     The output is laid out in memory as (B, T, Hq, D), so the caller's transpose to
     (B, T, Hq·D) is free, and the query gradient is returned in the query's own layout.
+
+    With the C backend and no attn_mask, forward and backward run whole in the C core instead
+    (kernels.attention_forward / _backward: the same blocks, register-tiled products, one
+    (batch, key/value head) per thread, no NumPy calls per block); the NumPy blocks below are
+    the reference and the path for masks.
     """
 
     def forward(self, q, k, v, bias, is_causal=False, scale=None):
@@ -1002,9 +1007,15 @@ class SDPA(Function):
             n = min(S, t1 + S - T) if is_causal else S
             if n > 0:  # else every key is hidden from the block: output 0
                 self.blocks.append((t0, t1, n, t0 + 1 + S - T if is_causal else S))
+        k, v = np.ascontiguousarray(k), np.ascontiguousarray(v)           # strided batched GEMMs are slower
+        self.fused = bias is None and kernels.attention_in_c() and q.strides[-1] == q.itemsize
+        if self.fused:  # the whole op in the C core, one (batch, key/value head) per task
+            out, lse = kernels.attention_forward(q, k, v, self.scale, is_causal)
+            if any(self.needs_input_grad[:3]):
+                self.q, self.k, self.v, self.out, self.lse, self.causal = q, k, v, out, lse, is_causal
+            return out.transpose(0, 2, 3, 1, 4).reshape(B, Hq, T, D)      # a view
         qs = np.multiply(q.reshape(B, Hkv, g, T, D).transpose(0, 1, 3, 2, 4), self.scale,
                          out=np.empty((B, Hkv, T, g, D), dt))             # (B, Hkv, T, g, D) scaled
-        k, v = np.ascontiguousarray(k), np.ascontiguousarray(v)           # strided batched GEMMs are slower
         out = np.zeros((B, T, Hkv, g, D), dt)                             # = (B, T, Hq·D) in memory
         lse = np.full((B, Hkv, T, g), np.inf, dt)                         # log-sum-exp per row
         for t0, t1, n, count0 in self.blocks:
@@ -1027,8 +1038,14 @@ class SDPA(Function):
         return s
 
     def backward(self, g_out):
-        qs, k, v, out, lse, scale = self.qs, self.k, self.v, self.out, self.lse, self.scale
         need_q, need_k, need_v = self.needs_input_grad[:3]
+        if self.fused:
+            if g_out.strides[-1] != g_out.itemsize:
+                g_out = np.ascontiguousarray(g_out)
+            gq, gk, gv = kernels.attention_backward(g_out, self.q, self.k, self.v, self.out, self.lse, self.scale,
+                                                    self.causal, need_q, need_k, need_v)
+            return gq, gk, gv, None
+        qs, k, v, out, lse, scale = self.qs, self.k, self.v, self.out, self.lse, self.scale
         B, Hkv, T, g, D = qs.shape
         go = g_out.reshape(B, Hkv, g, T, D).transpose(0, 1, 3, 2, 4)     # (B, Hkv, T, g, D), qs' layout
         delta = np.einsum("bhtgd,bthgd->bhtg", go, out)                   # (B, Hkv, T, g) = rowsum(dP·P)

@@ -283,13 +283,19 @@ def _merge_numpy(weight, lora_A, lora_B, scaling, fan_in_fan_out):
 # ---- C ------------------------------------------------------------------------------------
 
 
+def _pointer(a, ctype):
+    """A cffi pointer to a's first element; strided arrays (attention's q) are passed with their strides."""
+    if a.flags.c_contiguous:
+        return _ffi.from_buffer(ctype, a)
+    return _ffi.cast(ctype[:-2] + "*", a.__array_interface__["data"][0])
+
+
 def _call_c(op, *args, ref=False):
     """Call lib.<op>[_ref]_{f32,f64} with arrays passed as pointers (None -> NULL)."""
     dtype = next(a.dtype for a in args if isinstance(a, np.ndarray))
     ctype, suffix = ("float[]", "f32") if dtype == np.float32 else ("double[]", "f64")
     fn = getattr(_lib, f"{op}{'_ref' if ref else ''}_{suffix}")
-    c_args = [_ffi.NULL if a is None else _ffi.from_buffer(ctype, a) if isinstance(a, np.ndarray) else a
-              for a in args]
+    c_args = [_ffi.NULL if a is None else _pointer(a, ctype) if isinstance(a, np.ndarray) else a for a in args]
     status = fn(*c_args)
     if status == _lib.LORA_ENOMEM:
         raise MemoryError(f"{op}: the C core could not allocate its small scratch buffers")
@@ -444,6 +450,65 @@ def exp_rows(p, lse, count0=None, group=1, period=None):
     p2 -= lse.reshape(rows, 1)
     p2[np.arange(n) >= _visible(rows, n, period, count0, group)[:, None]] = -np.inf
     np.exp(p2, out=p2)
+
+
+def attention_in_c():
+    """True when attention_forward / attention_backward run (the "c" backend); otherwise the caller
+    (functional.SDPA) runs its NumPy blocks."""
+    return _backend == "c"
+
+
+def _head_strides(a, g):
+    """Strides in elements of a (B, Hkv·g, T, D)-like array, as (batch, kv head, position, query head in group)."""
+    sb, sh, st, sd = (x // a.itemsize for x in a.strides)
+    if sd != 1 or any(x % a.itemsize for x in a.strides):
+        raise ValueError(f"attention: an array of shape {a.shape} needs a unit stride along its last axis, "
+                         f"got strides {a.strides}")
+    return _ffi.new("int64_t[4]", [sb, g * sh, st, sh])
+
+
+def _attention_dims(q, k, v):
+    if q.ndim != 4 or k.ndim != 4 or v.shape != k.shape or q.shape[0] != k.shape[0] or q.shape[3] != k.shape[3] \
+            or q.shape[1] % max(k.shape[1], 1):
+        raise ValueError(f"attention: query {q.shape}, key {k.shape}, value {v.shape} must be (B, Hq, T, D), "
+                         "(B, Hkv, S, D), (B, Hkv, S, D) with Hq a multiple of Hkv")
+    _check_step_arrays("attention", {}, {"k": k, "v": v})
+    if q.dtype != k.dtype:
+        raise TypeError(f"attention: query has dtype {q.dtype}, key {k.dtype}")
+    B, Hq, T, D = q.shape
+    Hkv, S = k.shape[1], k.shape[2]
+    return B, Hkv, Hq // Hkv, T, S, D
+
+
+def attention_forward(q, k, v, scale, is_causal):
+    """softmax(scale·q kᵀ [+ causal mask]) v in the C core, grouped-query heads (query head h·g + j
+    uses key/value head h). q (B, Hq, T, D) with any strides but a unit one along D; k, v dense
+    (B, Hkv, S, D). Returns out (B, T, Hkv, g, D), dense (= (B, T, Hq·D)), and lse (B, Hkv, T, g)."""
+    B, Hkv, g, T, S, D = _attention_dims(q, k, v)
+    out = np.empty((B, T, Hkv, g, D), q.dtype)
+    lse = np.empty((B, Hkv, T, g), q.dtype)
+    out_view = out.transpose(0, 2, 3, 1, 4).reshape(B, Hkv * g, T, D)
+    _call_c("attention_forward", out, lse, q, k, v, float(scale), int(bool(is_causal)), B, Hkv, g, T, S, D,
+            _head_strides(q, g), _head_strides(out_view, g))
+    return out, lse
+
+
+def attention_backward(g_out, q, k, v, out, lse, scale, is_causal, need_q=True, need_k=True, need_v=True):
+    """Gradients (dq in q's memory layout, dk, dv dense), None where not needed, of attention_forward's
+    output given g_out (B, Hq, T, D) (any strides but a unit one along D)."""
+    B, Hkv, g, T, S, D = _attention_dims(q, k, v)
+    if g_out.shape != q.shape:
+        raise ValueError(f"attention_backward: g_out has shape {g_out.shape}, expected {q.shape}")
+    dq = np.empty_like(q) if need_q else None                  # q's layout: its transposes stay free
+    dk = np.empty_like(k) if need_k else None
+    dv = np.empty_like(v) if need_v else None
+    if not (need_q or need_k or need_v):
+        return None, None, None
+    out_view = out.transpose(0, 2, 3, 1, 4).reshape(B, Hkv * g, T, D)
+    dq_strides = _head_strides(dq, g) if need_q else _ffi.new("int64_t[4]")
+    _call_c("attention_backward", dq, dk, dv, g_out, q, k, v, out, lse, float(scale), int(bool(is_causal)),
+            B, Hkv, g, T, S, D, dq_strides, _head_strides(g_out, g), _head_strides(q, g), _head_strides(out_view, g))
+    return dq, dk, dv
 
 
 _select_initial_backend()
