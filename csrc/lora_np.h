@@ -68,7 +68,8 @@ int silu_mul_forward_f64(double *out, const double *a, const double *b, int64_t 
 int silu_mul_backward_f32(float *ga, float *gb, const float *g, const float *a, const float *b, int64_t n);
 int silu_mul_backward_f64(double *ga, double *gb, const double *g, const double *a, const double *b, int64_t n);
 /* p [rows, n] <- scale * softmax over each row's visible columns (0 elsewhere), in place;
- * lse [rows] = log-sum-exp of the visible columns (+inf, with a row of 0, when none is finite). */
+ * lse [rows] = log-sum-exp of the visible columns (+inf, with a row of 0, when all are -inf;
+ * NaN, with NaN visible columns, when one is NaN or +inf). */
 int softmax_rows_f32(float *p, float *lse, double scale, int64_t rows, int64_t n, int64_t period,
                      int64_t count0, int64_t group);
 int softmax_rows_f64(double *p, double *lse, double scale, int64_t rows, int64_t n, int64_t period,

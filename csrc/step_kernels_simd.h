@@ -155,7 +155,8 @@ static double FN(exp_shift)(real *p, real c, int64_t vis)
     return sum;
 }
 
-/* The largest of p [vis] (-inf when vis == 0; NaNs are passed over here and reach the sum). */
+/* The largest of p [vis] (-inf when vis == 0). NaNs are passed over here; they still make the
+ * row's sum, lse and probabilities NaN (softmax_row). */
 static real FN(row_max)(const real *p, int64_t vis)
 {
     real m = -INFINITY;
@@ -173,13 +174,16 @@ static real FN(row_max)(const real *p, int64_t vis)
 }
 
 /* One row: p [n] <- scale * softmax of its first vis entries, 0 after them; *lse = log-sum-exp of
- * those vis entries, +inf when there are none or all are -inf (then the row is all 0). */
+ * those vis entries, +inf when there are none or all are -inf (then the row is all 0). A NaN or
+ * +inf among them makes the visible entries and lse NaN. */
 static void FN(softmax_row)(real *p, real *lse, real scale, int64_t vis, int64_t n)
 {
     real m = FN(row_max)(p, vis);
-    if (vis == 0 || m == -INFINITY) {
-        memset(p, 0, sizeof(real) * (size_t)n);
-        *lse = INFINITY;
+    if (vis == 0 || m == -INFINITY) { /* no finite column, unless a NaN hid from row_max */
+        int nan = 0;
+        for (int64_t j = 0; j < vis; j++) nan |= p[j] != p[j];
+        for (int64_t j = 0; j < n; j++) p[j] = j < vis && nan ? NAN : 0;
+        *lse = nan ? NAN : INFINITY;
         return;
     }
     double sum = FN(exp_shift)(p, m, vis);

@@ -312,10 +312,11 @@ def _call_c(op, *args, ref=False):
 def _check_step_arrays(op, outputs, inputs):
     """Same dtype (float32/float64), C-contiguous, outputs writeable and not overlapping anything."""
     given = {name: a for name, a in {**outputs, **inputs}.items() if a is not None}
-    dtype = next(iter(given.values())).dtype
     for name, a in given.items():
         if not isinstance(a, np.ndarray):
             raise TypeError(f"{op}: {name} must be a numpy.ndarray, got {type(a).__name__}")
+    dtype = next(iter(given.values())).dtype
+    for name, a in given.items():
         if a.dtype not in _FLOAT_DTYPES or a.dtype != dtype:
             raise TypeError(f"{op}: {name} has dtype {a.dtype}; expected float32 or float64, all alike")
         if not a.flags.c_contiguous:
@@ -353,8 +354,8 @@ def _sigmoid_numpy(x):
 
 def silu_mul_forward(a, b):
     """silu(a)·b = a·sigmoid(a)·b in a new array (the SwiGLU gate)."""
-    _same_shape("silu_mul_forward", a=a, b=b)
     _check_step_arrays("silu_mul_forward", {}, {"a": a, "b": b})
+    _same_shape("silu_mul_forward", a=a, b=b)
     out = np.empty(a.shape, a.dtype)
     if _backend == "c":
         _call_c("silu_mul_forward", out, a, b, a.size)
@@ -368,8 +369,10 @@ def silu_mul_forward(a, b):
 def silu_mul_backward(g, a, b, need_a=True, need_b=True):
     """Gradients of silu(a)·b given g: (g·b·s·(1 + a·(1 − s)) or None, g·a·s or None), s = sigmoid(a).
     b is only read for the first (and may be None when need_a is False)."""
-    _same_shape("silu_mul_backward", g=g, a=a, b=b if need_a else None)
+    if need_a and b is None:
+        raise TypeError("silu_mul_backward: b is required for the gradient of a (need_a=True), got None")
     _check_step_arrays("silu_mul_backward", {}, {"g": g, "a": a, "b": b if need_a else None})
+    _same_shape("silu_mul_backward", g=g, a=a, b=b if need_a else None)
     ga = np.empty(a.shape, a.dtype) if need_a else None
     gb = np.empty(a.shape, a.dtype) if need_b else None
     if not (need_a or need_b):
@@ -397,22 +400,24 @@ def _visible(rows, n, period, count0, group):
 
 
 def _rows_args(op, p, count0, group, period):
+    if not isinstance(p, np.ndarray):
+        raise TypeError(f"{op}: p must be a numpy.ndarray, got {type(p).__name__}")
     if p.ndim < 1:
         raise ValueError(f"{op}: p must have at least one dimension, got shape {p.shape}")
     n = p.shape[-1]
     rows = p.size // n if n else int(np.prod(p.shape[:-1]))
     count0 = n if count0 is None else int(count0)
-    period = rows if period is None else int(period)
+    period = max(rows, 1) if period is None else int(period)
     group = int(group)
     if period < 1 or group < 1:
         raise ValueError(f"{op}: period ({period}) and group ({group}) must be >= 1")
-    return rows, n, max(period, 1), count0, group
+    return rows, n, period, count0, group
 
 
 def softmax_rows(p, scale=1.0, count0=None, group=1, period=None):
     """In place over the last axis of p: scale·softmax of each row's visible columns, 0 on the
     others; returns the log-sum-exp of each row's visible columns (shape p.shape[:-1]; +inf and a
-    row of 0 when no visible column is finite). Row i sees the first
+    row of 0 when every visible column is -inf; NaN and NaN visible columns when one is NaN or +inf). Row i sees the first
     clip(count0 + (i % period) // group, 0, n) columns; by default all n."""
     rows, n, period, count0, group = _rows_args("softmax_rows", p, count0, group, period)
     dtype = _check_step_arrays("softmax_rows", {"p": p}, {})
@@ -423,13 +428,15 @@ def softmax_rows(p, scale=1.0, count0=None, group=1, period=None):
     p2, lse2 = p.reshape(rows, n), lse.reshape(rows)
     hidden = np.arange(n) >= _visible(rows, n, period, count0, group)[:, None]      # (rows, n)
     p2[hidden] = -np.inf
-    m = p2.max(-1, keepdims=True, initial=-np.inf)
-    m[~np.isfinite(m)] = 0
-    p2 -= m
-    np.exp(p2, out=p2)
-    total = p2.sum(-1, keepdims=True)
-    total[total == 0] = np.inf
-    p2 *= dtype.type(scale) / total
+    m = p2.max(-1, keepdims=True, initial=-np.inf)                                  # NaN stays NaN
+    m[m == -np.inf] = 0  # no finite column: exp(-inf) = 0 everywhere
+    with np.errstate(invalid="ignore"):
+        p2 -= m
+        np.exp(p2, out=p2)
+        total = p2.sum(-1, keepdims=True)
+        total[total == 0] = np.inf
+        p2 *= dtype.type(scale) / total
+    p2[hidden] = 0
     np.log(total, out=total)
     total += m
     lse2[:] = total[:, 0]
@@ -438,7 +445,7 @@ def softmax_rows(p, scale=1.0, count0=None, group=1, period=None):
 
 def exp_rows(p, lse, count0=None, group=1, period=None):
     """In place over the last axis of p: exp(p − lse) on each row's visible columns, 0 on the others
-    (the probabilities again, from softmax_rows' log-sum-exp)."""
+    and on rows whose lse is +inf (the probabilities again, from softmax_rows' log-sum-exp)."""
     rows, n, period, count0, group = _rows_args("exp_rows", p, count0, group, period)
     if lse.shape != p.shape[:-1]:
         raise ValueError(f"exp_rows: lse has shape {lse.shape}, expected {p.shape[:-1]}")
@@ -446,9 +453,10 @@ def exp_rows(p, lse, count0=None, group=1, period=None):
     if _backend == "c":
         _call_c("exp_rows", p, lse, rows, n, period, count0, group)
         return
-    p2 = p.reshape(rows, n)
-    p2 -= lse.reshape(rows, 1)
-    p2[np.arange(n) >= _visible(rows, n, period, count0, group)[:, None]] = -np.inf
+    p2, lse2 = p.reshape(rows, n), lse.reshape(rows)
+    with np.errstate(invalid="ignore"):
+        p2 -= lse2[:, None]
+    p2[(np.arange(n) >= _visible(rows, n, period, count0, group)[:, None]) | (lse2[:, None] == np.inf)] = -np.inf
     np.exp(p2, out=p2)
 
 
