@@ -63,12 +63,17 @@ int FN(lora_backward)(real *dx, real *d_lora_A, real *d_lora_B, const real *dy, 
 #pragma omp parallel for schedule(dynamic) num_threads(lora_get_num_threads()) if (2 * N * r * (in + out) > PARALLEL_WORK)
     for (int64_t c = 0; c < n_c; c++) {
         const int64_t m_begin = c * N / n_c, m_end = (c + 1) * N / n_c, M = m_end - m_begin;
-        for (int64_t m0 = m_begin; need_g && m0 < m_end; m0 += ROWS)
-            SIMD(backward_rows)(dx ? dx + m0 * in : NULL, g + m0 * r, dy + m0 * out, Bt, sA,
-                              min64(ROWS, m_end - m0), in, out, r);
         real *pack_c = packed ? packed + c * ROWS * PANEL_COLS : NULL;
-        if (Pb) SIMD(reduce_chunk)(Pb + c * r * out, t + m_begin * r, dy + m_begin * out, M, out, r, pack_c);
-        if (Pa) SIMD(reduce_chunk)(Pa + c * r * in, g + m_begin * r, x + m_begin * in, M, in, r, pack_c);
+        (void)M;
+        /* One block of rows at a time, every use of it while it is in cache: dy is read from
+         * memory once. The partial sums still add the blocks in order, as in a chunk-wide pass. */
+        for (int64_t m0 = m_begin; m0 < m_end; m0 += ROWS) {
+            const int64_t rows = min64(ROWS, m_end - m0);
+            if (need_g)
+                SIMD(backward_rows)(dx ? dx + m0 * in : NULL, g + m0 * r, dy + m0 * out, Bt, sA, rows, in, out, r);
+            if (Pb) SIMD(reduce_chunk)(Pb + c * r * out, t + m0 * r, dy + m0 * out, rows, out, r, pack_c);
+            if (Pa) SIMD(reduce_chunk)(Pa + c * r * in, g + m0 * r, x + m0 * in, rows, in, r, pack_c);
+        }
     }
 
     /* Sum the chunks in order c = 0..n_c-1 into chunk 0, then scale into the gradients. */
