@@ -62,9 +62,8 @@ int FN(lora_backward)(real *dx, real *d_lora_A, real *d_lora_B, const real *dy, 
 
 #pragma omp parallel for schedule(dynamic) num_threads(lora_get_num_threads()) if (2 * N * r * (in + out) > PARALLEL_WORK)
     for (int64_t c = 0; c < n_c; c++) {
-        const int64_t m_begin = c * N / n_c, m_end = (c + 1) * N / n_c, M = m_end - m_begin;
+        const int64_t m_begin = c * N / n_c, m_end = (c + 1) * N / n_c;
         real *pack_c = packed ? packed + c * ROWS * PANEL_COLS : NULL;
-        (void)M;
         /* One block of rows at a time, every use of it while it is in cache: dy is read from
          * memory once. The partial sums still add the blocks in order, as in a chunk-wide pass. */
         for (int64_t m0 = m_begin; m0 < m_end; m0 += ROWS) {
