@@ -9,11 +9,11 @@
  *   rows_dot     T [M, R]  = X [M, K] @ W [R, K]^T     (t = x A^T, g = dy B)
  *   rows_update  Y [M, K] += C [M, R] @ D [R, K]       (y, dx, merge)
  *   rows_reduce  P [R, K] += C [M, R]^T @ X [M, K]     (d_lora_A, d_lora_B: sums over tokens)
- * Forward is rows_dot then rows_update on each block. Backward makes, per chunk of tokens, a
- * first pass over its blocks (g = dy B, dx += s g A) and then the two sums over tokens, in
- * column panels so that the partial sums stay in cache; those reductions read X through a
- * packed copy of each block, as does rows_update read D (rows a power of two apart would
- * otherwise all land in the same cache sets).
+ * Forward is rows_dot then rows_update on each block. Backward takes each block of a chunk of
+ * tokens once, while it is in cache: g = dy B, dx += s g A, then its terms of the chunk's two
+ * sums over tokens (in column panels); those reductions read X through a packed copy of the
+ * block, as does rows_update read D (rows a power of two apart would otherwise all land in the
+ * same cache sets).
  *
  * Determinism: OpenMP splits work by output rows, and the sums over tokens in backward go
  * through a fixed number of chunks of tokens that depends on N only, added in a fixed
