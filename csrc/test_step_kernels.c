@@ -11,6 +11,12 @@
  * for float32, a floor for the vector exp that returns 0 below FLT_MIN where libm gives a
  * denormal. Also: 1 and 2 threads give identical bits on sizes that go parallel, and NULL
  * pointers or bad sizes return LORA_EINVAL without touching anything. Exits non-zero on a failure.
+ * attention_forward / attention_backward: against a scalar reference of the definition (grouped-query
+ * heads, bottom-right causal mask, rows that see no key), with q, out, dq, dout in four layouts
+ * (dense, the (B, T, Hq, D) transpose, padded rows, a negative position stride), every subset of
+ * NULL gradient outputs (bit for bit the values of the full call), outputs that start as NaN (so that
+ * one not written shows), T = 1, S = 1, T != S both ways, S, T or B = 0, D = 1, 17, 65; 1 and 2
+ * threads bit for bit; LORA_EINVAL for bad sizes or NULL pointers, nothing written.
  */
 #include <float.h>
 #include <math.h>
@@ -306,6 +312,407 @@ static void check_f32_exp_edges(void)
     free(got), free(x), free(lse), free(want), free(tol);
 }
 
+/* ---- attention_forward / attention_backward --------------------------------------------------------
+ * Grouped-query attention with q head hq = h * g + j on key/value head h. The reference works on dense
+ * (B, Hq, T, D) copies of q, dout (and gives out, dq in that order), dense (B, Hkv, S, D) k, v, dk, dv
+ * and (B, Hkv, T, g) lse, in double, from the definition: scores s = scale q.k (scale rounded to the
+ * element type, as the kernel does), causal: query t sees keys s <= t + S - T, P = softmax over those,
+ * out = P v, lse = log-sum-exp of the visible scores (+inf, with out = 0 and dq = 0, when none is),
+ * delta = dout.out, dS = P (dout.v - delta), dq = scale dS k, dk = scale dS^T q, dv = P^T dout.
+ * Tolerance, first order in RTOL (the differences of rounding, relative to the magnitude of the terms):
+ * a score may be off by RTOL * A with A = |scale| |q|.|k|; so P by P * rP, rP = RTOL (3 + A + max A +
+ * |lse|), giving Pt = P (RTOL + rP) + FLOOR; out by Pt.|v|; delta, dS, dq, dk, dv likewise (the same
+ * propagation as tests/test_attention_kernel.py). */
+
+typedef struct {
+    int64_t B, Hkv, g, T, S, D;
+    int causal;
+    double scale;
+} attn_case;
+
+/* Where q, out, dq, dout live: kind 0 dense (B, Hq, T, D); 1 (B, T, Hq, D), the transpose a model
+ * passes; 2 (B, T, Hq, D + 3), each row after 3 pad elements (the last element ends the buffer);
+ * 3 dense (B, Hq, T, D) with the positions reversed (a negative stride; the base is in the middle).
+ * strides: (batch, key/value head, position, query head in its group), in elements, as the kernels
+ * take them; base: the offset of element (0, 0, 0, 0); n: the buffer's length. */
+typedef struct {
+    int64_t s[4], base, n;
+} attn_layout;
+
+static attn_layout attn_layout_of(int kind, const attn_case *c)
+{
+    const int64_t Hq = c->Hkv * c->g, T = c->T, D = c->D, g = c->g;
+    attn_layout l = {{0, 0, 0, 0}, 0, c->B * Hq * T * D};
+    if (kind == 0 || kind == 3) {
+        int64_t sh = T * D;
+        l.s[0] = Hq * sh, l.s[1] = g * sh, l.s[2] = D, l.s[3] = sh;
+        if (kind == 3 && T > 0) l.s[2] = -D, l.base = (T - 1) * D;
+    } else {
+        int64_t row = kind == 1 ? D : D + 3;
+        l.s[0] = T * Hq * row, l.s[1] = g * row, l.s[2] = Hq * row, l.s[3] = row;
+        l.base = kind == 1 ? 0 : 3;
+        l.n = c->B * T * Hq * row;
+    }
+    return l;
+}
+
+/* The buffer index of element (b, query head hq, position t, e). */
+static int64_t attn_index(const attn_layout *l, const attn_case *c, int64_t b, int64_t hq, int64_t t, int64_t e)
+{
+    return l->base + b * l->s[0] + (hq / c->g) * l->s[1] + t * l->s[2] + (hq % c->g) * l->s[3] + e;
+}
+
+/* mask [n]: 1 where the layout keeps an element of the (B, Hq, T, D) array, 0 on padding. */
+static char *attn_mask(const attn_layout *l, const attn_case *c)
+{
+    const int64_t Hq = c->Hkv * c->g;
+    char *m = alloc((size_t)l->n);
+    memset(m, 0, (size_t)l->n);
+    for (int64_t b = 0; b < c->B; b++)
+        for (int64_t hq = 0; hq < Hq; hq++)
+            for (int64_t t = 0; t < c->T; t++)
+                for (int64_t e = 0; e < c->D; e++) m[attn_index(l, c, b, hq, t, e)] = 1;
+    return m;
+}
+
+static int64_t attn_visible(const attn_case *c, int64_t t)
+{
+    if (!c->causal) return c->S;
+    int64_t n = t + 1 + c->S - c->T;
+    return n < 0 ? 0 : n > c->S ? c->S : n;
+}
+
+/* want / tol: out [B, Hq, T, D], lse [B, Hkv, T, g], dq [B, Hq, T, D], dk, dv [B, Hkv, S, D], each a
+ * separately malloc'ed array (index 0..4). scale is the kernel's, already rounded to the element type. */
+static void attention_ref(double *want[5], double *tol[5], const attn_case *c, const double *q, const double *k,
+                          const double *v, const double *dout, double scale, double rtol, double floor_)
+{
+    const int64_t B = c->B, Hkv = c->Hkv, g = c->g, T = c->T, S = c->S, D = c->D, Hq = Hkv * g;
+    double *sc = alloc(sizeof(double) * (size_t)S), *A = alloc(sizeof(double) * (size_t)S);
+    double *P = alloc(sizeof(double) * (size_t)S), *Pt = alloc(sizeof(double) * (size_t)S);
+    double *dP = alloc(sizeof(double) * (size_t)S), *G = alloc(sizeof(double) * (size_t)S);
+    for (int w = 0; w < 5; w++) {
+        int64_t n = w == 1 ? B * Hkv * T * g : w >= 3 ? B * Hkv * S * D : B * Hq * T * D;
+        for (int64_t i = 0; i < n; i++) want[w][i] = 0, tol[w][i] = 0;
+    }
+    for (int64_t b = 0; b < B; b++)
+        for (int64_t hq = 0; hq < Hq; hq++)
+            for (int64_t t = 0; t < T; t++) {
+                const int64_t h = hq / g, row = ((b * Hq + hq) * T + t) * D, kv = (b * Hkv + h) * S * D;
+                const int64_t li = ((b * Hkv + h) * T + t) * g + hq % g, vis = attn_visible(c, t);
+                const double *qr = q + row, *dor = dout + row;
+                double *o = want[0] + row, *ot = tol[0] + row, *dq = want[2] + row, *dqt = tol[2] + row;
+                if (vis == 0) { /* no key: out = 0, dq = 0, lse = +inf */
+                    want[1][li] = INFINITY;
+                    for (int64_t e = 0; e < D; e++) ot[e] = dqt[e] = floor_;
+                    continue;
+                }
+                double m = -INFINITY, Amax = 0, sum = 0;
+                for (int64_t s = 0; s < vis; s++) {
+                    double acc = 0, mag = 0;
+                    for (int64_t e = 0; e < D; e++) acc += qr[e] * k[kv + s * D + e], mag += fabs(qr[e] * k[kv + s * D + e]);
+                    sc[s] = scale * acc, A[s] = fabs(scale) * mag;
+                    m = fmax(m, sc[s]), Amax = fmax(Amax, A[s]);
+                }
+                for (int64_t s = 0; s < vis; s++) sum += exp(sc[s] - m);
+                const double lse = m + log(sum);
+                want[1][li] = lse;
+                tol[1][li] = rtol * (fabs(m) + fabs(lse - m) + Amax) + floor_;
+                for (int64_t s = 0; s < vis; s++) {
+                    P[s] = exp(sc[s] - lse);
+                    Pt[s] = P[s] * (rtol + rtol * (3 + A[s] + Amax + fabs(lse))) + floor_;
+                }
+                double delta = 0, dmag = 0, dtol = 0;
+                for (int64_t e = 0; e < D; e++) {
+                    double acc = 0, at = 0;
+                    for (int64_t s = 0; s < vis; s++) acc += P[s] * v[kv + s * D + e], at += Pt[s] * fabs(v[kv + s * D + e]);
+                    o[e] = acc, ot[e] = at;
+                }
+                for (int64_t e = 0; e < D; e++) delta += dor[e] * o[e], dmag += fabs(dor[e] * o[e]), dtol += fabs(dor[e]) * ot[e];
+                dtol += rtol * dmag;
+                for (int64_t s = 0; s < vis; s++) {
+                    double acc = 0, mag = 0;
+                    for (int64_t e = 0; e < D; e++) acc += dor[e] * v[kv + s * D + e], mag += fabs(dor[e] * v[kv + s * D + e]);
+                    dP[s] = acc, G[s] = mag;
+                }
+                for (int64_t s = 0; s < vis; s++) {
+                    const double dS = P[s] * (dP[s] - delta);
+                    const double dSt = Pt[s] * fabs(dP[s] - delta) + P[s] * (rtol * G[s] + dtol) + rtol * fabs(dS);
+                    for (int64_t e = 0; e < D; e++) {
+                        const double kk = k[kv + s * D + e];
+                        dq[e] += scale * dS * kk, dqt[e] += fabs(scale) * dSt * fabs(kk);
+                        want[3][kv + s * D + e] += scale * dS * qr[e];
+                        tol[3][kv + s * D + e] += fabs(scale) * dSt * fabs(qr[e]);
+                        want[4][kv + s * D + e] += P[s] * dor[e];
+                        tol[4][kv + s * D + e] += Pt[s] * fabs(dor[e]);
+                    }
+                }
+                for (int64_t e = 0; e < D; e++) dqt[e] += floor_;
+            }
+    for (int w = 3; w < 5; w++)
+        for (int64_t i = 0; i < B * Hkv * S * D; i++) tol[w][i] += floor_;
+    free(sc), free(A), free(P), free(Pt), free(dP), free(G);
+}
+
+#define ATTENTION_CHECKS(real, SFX, RTOL, FLOOR)                                                                   \
+    /* A (B, Hq, T, D) array in a layout: the values of dense (canonical order) at the kept elements, pad         \
+     * elsewhere. */                                                                                               \
+    static real *attn_scatter_##SFX(const double *dense, const attn_layout *l, const attn_case *c, real pad)       \
+    {                                                                                                              \
+        real *a = alloc(sizeof(real) * (size_t)l->n);                                                              \
+        for (int64_t i = 0; i < l->n; i++) a[i] = pad;                                                             \
+        for (int64_t b = 0, i = 0; b < c->B; b++)                                                                  \
+            for (int64_t hq = 0; hq < c->Hkv * c->g; hq++)                                                         \
+                for (int64_t t = 0; t < c->T; t++)                                                                 \
+                    for (int64_t e = 0; e < c->D; e++, i++) a[attn_index(l, c, b, hq, t, e)] = (real)dense[i];     \
+        return a;                                                                                                  \
+    }                                                                                                              \
+    /* The kept elements in canonical (B, Hq, T, D) order; 1 in *pads_ok unless a pad lost its NaN. */              \
+    static double *attn_gather_##SFX(const real *a, const attn_layout *l, const attn_case *c, int *pads_ok)        \
+    {                                                                                                              \
+        double *d = alloc(sizeof(double) * (size_t)(c->B * c->Hkv * c->g * c->T * c->D));                          \
+        for (int64_t b = 0, i = 0; b < c->B; b++)                                                                  \
+            for (int64_t hq = 0; hq < c->Hkv * c->g; hq++)                                                         \
+                for (int64_t t = 0; t < c->T; t++)                                                                 \
+                    for (int64_t e = 0; e < c->D; e++, i++) d[i] = a[attn_index(l, c, b, hq, t, e)];               \
+        char *m = attn_mask(l, c);                                                                                 \
+        for (int64_t i = 0; i < l->n; i++)                                                                         \
+            if (!m[i] && a[i] == a[i]) *pads_ok = 0;                                                               \
+        free(m);                                                                                                   \
+        return d;                                                                                                  \
+    }                                                                                                              \
+    static real *attn_nans_##SFX(int64_t n)                                                                        \
+    {                                                                                                              \
+        real *a = alloc(sizeof(real) * (size_t)n);                                                                 \
+        for (int64_t i = 0; i < n; i++) a[i] = (real)NAN;                                                          \
+        return a;                                                                                                  \
+    }                                                                                                              \
+                                                                                                                   \
+    /* Forward, then backward with every combination of NULL gradient outputs, against attention_ref.            \
+     * Layouts of q, out, dq, dout: the four digits of `layouts`. Every output starts as NaN (so an element       \
+     * not written, or a gradient accumulated instead of overwritten, shows), pads of out and dq must stay NaN,   \
+     * pads of q and dout are NaN (reading one would show). */                                                     \
+    static void check_attention_##SFX(attn_case c, int layouts, double mag)                                        \
+    {                                                                                                              \
+        char what[200], name[160];                                                                                 \
+        const int64_t Hq = c.Hkv * c.g, NQ = c.B * Hq * c.T * c.D, NK = c.B * c.Hkv * c.S * c.D;                   \
+        const int64_t NL = c.B * c.Hkv * c.T * c.g;                                                                \
+        const attn_layout lq = attn_layout_of(layouts / 1000 % 10, &c), lo = attn_layout_of(layouts / 100 % 10, &c); \
+        const attn_layout ld = attn_layout_of(layouts / 10 % 10, &c), lg = attn_layout_of(layouts % 10, &c);        \
+        snprintf(name, sizeof name, #SFX " attention B=%lld Hkv=%lld g=%lld T=%lld S=%lld D=%lld causal=%d "        \
+                 "layouts=%04d",                                                                                   \
+                 (long long)c.B, (long long)c.Hkv, (long long)c.g, (long long)c.T, (long long)c.S, (long long)c.D,  \
+                 c.causal, layouts);                                                                               \
+        /* Inputs, rounded to real, then widened for the reference. */                                            \
+        real *qd = random_##SFX(NQ, mag), *gd = random_##SFX(NQ, 1);                                               \
+        real *k = random_##SFX(NK, mag), *v = random_##SFX(NK, 1);                                                 \
+        double *q64 = widen_##SFX(qd, NQ), *g64 = widen_##SFX(gd, NQ), *k64 = widen_##SFX(k, NK);                  \
+        double *v64 = widen_##SFX(v, NK);                                                                          \
+        real *q = attn_scatter_##SFX(q64, &lq, &c, (real)NAN), *dout = attn_scatter_##SFX(g64, &lg, &c, (real)NAN); \
+        double *want[5], *tol[5];                                                                                  \
+        const int64_t sizes[5] = {NQ, NL, NQ, NK, NK};                                                             \
+        for (int w = 0; w < 5; w++)                                                                                \
+            want[w] = alloc(sizeof(double) * (size_t)sizes[w]), tol[w] = alloc(sizeof(double) * (size_t)sizes[w]); \
+        attention_ref(want, tol, &c, q64, k64, v64, g64, (double)(real)c.scale, RTOL, FLOOR);                      \
+                                                                                                                   \
+        real *out = attn_nans_##SFX(lo.n), *lse = attn_nans_##SFX(NL);                                             \
+        int st = attention_forward_##SFX(out + lo.base, lse, q + lq.base, k, v, c.scale, c.causal, c.B, c.Hkv,     \
+                                         c.g, c.T, c.S, c.D, lq.s, lo.s);                                          \
+        snprintf(what, sizeof what, "%s forward status", name);                                                    \
+        if (st != LORA_OK) fail(what);                                                                             \
+        int pads_ok = 1;                                                                                           \
+        double *got = attn_gather_##SFX(out, &lo, &c, &pads_ok);                                                   \
+        snprintf(what, sizeof what, "%s out", name);                                                               \
+        expect_close(what, got, want[0], tol[0], NQ);                                                              \
+        free(got);                                                                                                 \
+        got = widen_##SFX(lse, NL);                                                                                \
+        snprintf(what, sizeof what, "%s lse", name);                                                               \
+        expect_close(what, got, want[1], tol[1], NL);                                                              \
+        free(got);                                                                                                 \
+                                                                                                                   \
+        real *full[3] = {NULL, NULL, NULL};                                                                        \
+        const int64_t glen[3] = {ld.n, NK, NK};                                                                    \
+        for (int need = 7; need >= 0; need--) { /* bit 4: dq, 2: dk, 1: dv; 7 first, the others against it */     \
+            real *gr[3];                                                                                           \
+            for (int w = 0; w < 3; w++) gr[w] = need & (4 >> w) ? attn_nans_##SFX(glen[w]) : NULL;                \
+            st = attention_backward_##SFX(gr[0] ? gr[0] + ld.base : NULL, gr[1], gr[2], dout + lg.base,            \
+                                          q + lq.base, k, v, out + lo.base, lse, c.scale, c.causal, c.B, c.Hkv,    \
+                                          c.g, c.T, c.S, c.D, ld.s, lg.s, lq.s, lo.s);                             \
+            snprintf(what, sizeof what, "%s backward need=%d status", name, need);                                 \
+            if (st != LORA_OK) fail(what);                                                                         \
+            if (need == 7) {                                                                                       \
+                const char *names[3] = {"dq", "dk", "dv"};                                                         \
+                for (int w = 0; w < 3; w++) {                                                                      \
+                    got = w == 0 ? attn_gather_##SFX(gr[0], &ld, &c, &pads_ok) : widen_##SFX(gr[w], NK);           \
+                    snprintf(what, sizeof what, "%s %s", name, names[w]);                                          \
+                    expect_close(what, got, want[2 + w], tol[2 + w], sizes[2 + w]);                                \
+                    free(got);                                                                                     \
+                    full[w] = gr[w];                                                                               \
+                }                                                                                                  \
+                continue;                                                                                          \
+            }                                                                                                      \
+            for (int w = 0; w < 3; w++) {                                                                          \
+                if (!gr[w]) continue;                                                                              \
+                snprintf(what, sizeof what, "%s need=%d %s alone", name, need, w == 0 ? "dq" : w == 1 ? "dk" : "dv"); \
+                int same = 1;                                                                                      \
+                for (int64_t i = 0; i < glen[w]; i++) /* NaN pads compare as equal */                              \
+                    same &= memcmp(gr[w] + i, full[w] + i, sizeof(real)) == 0;                                     \
+                if (!same) {                                                                                       \
+                    failures++;                                                                                    \
+                    printf("%-44s differs from the call with all three FAIL\n", what);                             \
+                }                                                                                                  \
+                free(gr[w]);                                                                                       \
+            }                                                                                                      \
+        }                                                                                                          \
+        snprintf(what, sizeof what, "%s: a pad of out or dq was written", name);                                   \
+        if (!pads_ok) fail(what);                                                                                  \
+        for (int w = 0; w < 3; w++) free(full[w]);                                                                 \
+        for (int w = 0; w < 5; w++) free(want[w]), free(tol[w]);                                                   \
+        free(qd), free(gd), free(k), free(v), free(q64), free(g64), free(k64), free(v64), free(q), free(dout);     \
+        free(out), free(lse);                                                                                      \
+    }                                                                                                              \
+                                                                                                                   \
+    /* 1 and 2 threads: identical bits (B * Hkv = 6 tasks, far above the parallel threshold). */                   \
+    static void check_attention_threads_##SFX(int causal)                                                          \
+    {                                                                                                              \
+        const attn_case c = {2, 3, 3, 70, 70, 33, causal, 0.3};                                                    \
+        const attn_layout l = attn_layout_of(1, &c);                                                               \
+        const int64_t NQ = l.n, NK = c.B * c.Hkv * c.S * c.D, NL = c.B * c.Hkv * c.T * c.g;                        \
+        real *q = random_##SFX(NQ, 2), *dout = random_##SFX(NQ, 1), *k = random_##SFX(NK, 2);                     \
+        real *v = random_##SFX(NK, 1), *r[2][5];                                                                   \
+        const int64_t n[5] = {NQ, NL, NQ, NK, NK};                                                                 \
+        for (int t = 0; t < 2; t++) {                                                                              \
+            lora_set_num_threads(t + 1);                                                                           \
+            for (int w = 0; w < 5; w++) r[t][w] = alloc(sizeof(real) * (size_t)n[w]);                              \
+            int st = attention_forward_##SFX(r[t][0], r[t][1], q, k, v, c.scale, causal, c.B, c.Hkv, c.g, c.T,     \
+                                             c.S, c.D, l.s, l.s);                                                  \
+            st |= attention_backward_##SFX(r[t][2], r[t][3], r[t][4], dout, q, k, v, r[t][0], r[t][1], c.scale,   \
+                                           causal, c.B, c.Hkv, c.g, c.T, c.S, c.D, l.s, l.s, l.s, l.s);            \
+            if (st != LORA_OK) fail(#SFX " attention threads: status");                                            \
+        }                                                                                                          \
+        const char *names[5] = {"out", "lse", "dq", "dk", "dv"};                                                   \
+        for (int w = 0; w < 5; w++) {                                                                              \
+            char what[96];                                                                                         \
+            snprintf(what, sizeof what, #SFX " attention %s causal=%d", names[w], causal);                         \
+            expect_equal(what, r[0][w], r[1][w], sizeof(real) * (size_t)n[w]);                                    \
+            free(r[0][w]), free(r[1][w]);                                                                          \
+        }                                                                                                          \
+        lora_set_num_threads(0);                                                                                   \
+        free(q), free(dout), free(k), free(v);                                                                     \
+    }                                                                                                              \
+                                                                                                                   \
+    /* NULL pointers and bad sizes: LORA_EINVAL, and no output written. B = Hkv = T = S = 1, g = 2, D = 3. */      \
+    static void check_attention_errors_##SFX(void)                                                                 \
+    {                                                                                                              \
+        real q[6] = {1, 2, 3, 4, 5, 6}, k[3] = {1, 0, 1}, v[3] = {2, 1, 0}, o[6], l[2], dq[6], dk[3], dv[3];       \
+        const int64_t s[4] = {6, 6, 6, 3};                                                                         \
+        for (int i = 0; i < 6; i++) o[i] = dq[i] = 7;                                                              \
+        l[0] = l[1] = dk[0] = dk[1] = dk[2] = dv[0] = dv[1] = dv[2] = 7;                                           \
+        struct {                                                                                                   \
+            const char *what;                                                                                      \
+            int status;                                                                                            \
+        } calls[] = {                                                                                              \
+            {"forward B<0", attention_forward_##SFX(o, l, q, k, v, 1, 1, -1, 1, 2, 1, 1, 3, s, s)},                \
+            {"forward Hkv<0", attention_forward_##SFX(o, l, q, k, v, 1, 1, 1, -1, 2, 1, 1, 3, s, s)},              \
+            {"forward g=0", attention_forward_##SFX(o, l, q, k, v, 1, 1, 1, 1, 0, 1, 1, 3, s, s)},                 \
+            {"forward T<0", attention_forward_##SFX(o, l, q, k, v, 1, 1, 1, 1, 2, -1, 1, 3, s, s)},                \
+            {"forward S<0", attention_forward_##SFX(o, l, q, k, v, 1, 1, 1, 1, 2, 1, -1, 3, s, s)},                \
+            {"forward D=0", attention_forward_##SFX(o, l, q, k, v, 1, 1, 1, 1, 2, 1, 1, 0, s, s)},                 \
+            {"forward out=NULL", attention_forward_##SFX(NULL, l, q, k, v, 1, 1, 1, 1, 2, 1, 1, 3, s, s)},         \
+            {"forward lse=NULL", attention_forward_##SFX(o, NULL, q, k, v, 1, 1, 1, 1, 2, 1, 1, 3, s, s)},         \
+            {"forward q=NULL", attention_forward_##SFX(o, l, NULL, k, v, 1, 1, 1, 1, 2, 1, 1, 3, s, s)},           \
+            {"forward k=NULL", attention_forward_##SFX(o, l, q, NULL, v, 1, 1, 1, 1, 2, 1, 1, 3, s, s)},           \
+            {"forward v=NULL", attention_forward_##SFX(o, l, q, k, NULL, 1, 1, 1, 1, 2, 1, 1, 3, s, s)},           \
+            {"forward q_strides=NULL", attention_forward_##SFX(o, l, q, k, v, 1, 1, 1, 1, 2, 1, 1, 3, NULL, s)},   \
+            {"forward out_strides=NULL", attention_forward_##SFX(o, l, q, k, v, 1, 1, 1, 1, 2, 1, 1, 3, s, NULL)}, \
+            {"backward B<0", attention_backward_##SFX(dq, dk, dv, q, q, k, v, q, l, 1, 1, -1, 1, 2, 1, 1, 3, s, s,  \
+                                                      s, s)},                                                      \
+            {"backward g=0", attention_backward_##SFX(dq, dk, dv, q, q, k, v, q, l, 1, 1, 1, 1, 0, 1, 1, 3, s, s,   \
+                                                      s, s)},                                                      \
+            {"backward S<0", attention_backward_##SFX(dq, dk, dv, q, q, k, v, q, l, 1, 1, 1, 1, 2, 1, -1, 3, s, s,  \
+                                                      s, s)},                                                      \
+            {"backward D=0", attention_backward_##SFX(dq, dk, dv, q, q, k, v, q, l, 1, 1, 1, 1, 2, 1, 1, 0, s, s,   \
+                                                      s, s)},                                                      \
+            {"backward T<0", attention_backward_##SFX(NULL, NULL, dv, q, q, k, v, q, l, 1, 1, 1, 1, 2, -1, 1, 3, s, \
+                                                      s, s, s)},                                                   \
+            {"backward dout=NULL", attention_backward_##SFX(dq, dk, dv, NULL, q, k, v, q, l, 1, 1, 1, 1, 2, 1, 1,   \
+                                                            3, s, s, s, s)},                                       \
+            {"backward q=NULL", attention_backward_##SFX(dq, dk, dv, q, NULL, k, v, q, l, 1, 1, 1, 1, 2, 1, 1, 3,   \
+                                                         s, s, s, s)},                                             \
+            {"backward k=NULL", attention_backward_##SFX(dq, dk, dv, q, q, NULL, v, q, l, 1, 1, 1, 1, 2, 1, 1, 3,   \
+                                                         s, s, s, s)},                                             \
+            {"backward v=NULL", attention_backward_##SFX(dq, dk, dv, q, q, k, NULL, q, l, 1, 1, 1, 1, 2, 1, 1, 3,   \
+                                                         s, s, s, s)},                                             \
+            {"backward out=NULL", attention_backward_##SFX(dq, dk, dv, q, q, k, v, NULL, l, 1, 1, 1, 1, 2, 1, 1, 3, \
+                                                           s, s, s, s)},                                           \
+            {"backward lse=NULL", attention_backward_##SFX(dq, dk, dv, q, q, k, v, q, NULL, 1, 1, 1, 1, 2, 1, 1, 3, \
+                                                           s, s, s, s)},                                           \
+            {"backward dq_strides=NULL", attention_backward_##SFX(dq, dk, dv, q, q, k, v, q, l, 1, 1, 1, 1, 2, 1,   \
+                                                                  1, 3, NULL, s, s, s)},                           \
+            {"backward dout_strides=NULL", attention_backward_##SFX(dq, dk, dv, q, q, k, v, q, l, 1, 1, 1, 1, 2, 1, \
+                                                                    1, 3, s, NULL, s, s)},                         \
+            {"backward q_strides=NULL", attention_backward_##SFX(dq, dk, dv, q, q, k, v, q, l, 1, 1, 1, 1, 2, 1, 1, \
+                                                                 3, s, s, NULL, s)},                               \
+            {"backward out_strides=NULL", attention_backward_##SFX(dq, dk, dv, q, q, k, v, q, l, 1, 1, 1, 1, 2, 1,  \
+                                                                   1, 3, s, s, s, NULL)},                          \
+            {"backward no output, q=NULL", attention_backward_##SFX(NULL, NULL, NULL, q, NULL, k, v, q, l, 1, 1, 1, \
+                                                                    1, 2, 1, 1, 3, s, s, s, s)},                   \
+        };                                                                                                         \
+        for (size_t i = 0; i < sizeof calls / sizeof calls[0]; i++) {                                              \
+            char what[96];                                                                                         \
+            snprintf(what, sizeof what, #SFX " attention %s -> LORA_EINVAL", calls[i].what);                       \
+            if (calls[i].status != LORA_EINVAL) fail(what);                                                        \
+        }                                                                                                          \
+        int touched = l[0] != 7 || l[1] != 7;                                                                      \
+        for (int i = 0; i < 6; i++) touched |= o[i] != 7 || dq[i] != 7;                                            \
+        for (int i = 0; i < 3; i++) touched |= dk[i] != 7 || dv[i] != 7;                                           \
+        if (touched) fail(#SFX " attention: a refused call wrote an output");                                      \
+        if (attention_backward_##SFX(NULL, NULL, NULL, q, q, k, v, q, l, 1, 1, 1, 1, 2, 1, 1, 3, s, s, s, s) !=     \
+            LORA_OK)                                                                                               \
+            fail(#SFX " attention_backward with no output: LORA_OK");                                              \
+    }
+
+ATTENTION_CHECKS(double, f64, 1e-12, 4 * DBL_MIN)
+ATTENTION_CHECKS(float, f32, 1e-5, 4 * (double)FLT_MIN)
+
+/* B, Hkv, g, T, S, D, causal, scale; the layouts of q, out, dq, dout; the magnitude of q and k. */
+static const struct {
+    attn_case c;
+    int layouts;
+    double mag;
+} attention_cases[] = {
+    {{1, 1, 1, 1, 1, 1, 0, 1.0}, 0, 1},        /* everything 1 */
+    {{1, 1, 1, 1, 1, 1, 1, -0.5}, 1111, 1},
+    {{2, 1, 3, 1, 5, 17, 1, 0.7}, 1230, 2},    /* T = 1: the one row sees every key */
+    {{1, 2, 1, 5, 1, 3, 1, 1.3}, 2301, 2},     /* S = 1, T > S causal: rows 0..3 see no key */
+    {{2, 2, 3, 9, 4, 17, 1, 0.25}, 3012, 2},   /* T > S causal with g = 3 */
+    {{1, 1, 3, 4, 9, 17, 1, 0.5}, 1102, 2},    /* T < S causal: every row sees S - T + t + 1 keys */
+    {{1, 3, 3, 7, 11, 1, 1, 2.0}, 2222, 2},    /* D = 1 */
+    {{1, 1, 5, 20, 20, 1, 1, 0.9}, 1313, 2},   /* D = 1, g = 5 */
+    {{2, 3, 1, 50, 61, 16, 0, -0.3}, 123, 2},  /* a full register tile, two blocks */
+    {{1, 2, 3, 70, 70, 17, 1, 0.24}, 1021, 2}, /* blocks of 16 positions, the last short */
+    {{1, 1, 1, 49, 30, 8, 1, 0.35}, 3333, 2},  /* 48 + 1 positions, 19 blind */
+    {{2, 1, 2, 3, 70, 65, 0, 0.12}, 2130, 2},
+    {{1, 1, 4, 13, 13, 33, 1, 0.0}, 1, 2},    /* scale 0: uniform over the visible keys */
+    {{1, 2, 2, 6, 9, 16, 0, 0.25}, 1100, 30},  /* scores in the hundreds: near one-hot rows */
+    {{1, 1, 2, 9, 6, 8, 1, 0.25}, 1212, 30},
+    {{1, 1, 2, 3, 0, 4, 1, 0.5}, 1111, 1},     /* S = 0: no key at all */
+    {{1, 1, 2, 3, 0, 4, 0, 0.5}, 2222, 1},
+    {{1, 2, 2, 0, 5, 4, 1, 0.5}, 1111, 1},     /* T = 0 */
+    {{0, 2, 2, 3, 5, 4, 1, 0.5}, 1111, 1},     /* B = 0 */
+};
+
+static void check_attention_all(void)
+{
+    for (size_t i = 0; i < sizeof attention_cases / sizeof attention_cases[0]; i++) {
+        check_attention_f64(attention_cases[i].c, attention_cases[i].layouts, attention_cases[i].mag);
+        check_attention_f32(attention_cases[i].c, attention_cases[i].layouts, attention_cases[i].mag);
+    }
+    for (int causal = 0; causal < 2; causal++) check_attention_threads_f64(causal), check_attention_threads_f32(causal);
+    check_attention_errors_f64();
+    check_attention_errors_f32();
+}
+
 int main(void)
 {
     static const int64_t sizes[] = {0, 1, 2, 3, 4, 5, 7, 8, 9, 15, 16, 17, 33, 63, 65, 257, 1000};
@@ -334,6 +741,7 @@ int main(void)
     check_threads_f32(401, 257);
     check_errors_f64();
     check_errors_f32();
+    check_attention_all();
     printf("%s (%d failures)\n", failures ? "FAILED" : "all step kernel checks passed", failures);
     return failures != 0;
 }
