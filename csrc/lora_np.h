@@ -103,6 +103,25 @@ int attention_backward_f64(double *dq, double *dk, double *dv, const double *dou
                            const int64_t *dq_strides, const int64_t *dout_strides, const int64_t *q_strides,
                            const int64_t *out_strides);
 
+/* RMSNorm over rows of n: y [rows, n] = x * rstd * weight (weight [n], NULL: none), rstd [rows] =
+ * 1 / sqrt(mean(x^2) + eps). Backward: gx = rstd * (g w - xhat * mean(g w xhat)) with xhat = x * rstd
+ * (written; NULL skips), gweight [n] += sum over rows of g * xhat (NULL skips). */
+int rms_norm_forward_f32(float *y, float *rstd, const float *x, const float *weight, double eps, int64_t rows,
+                         int64_t n);
+int rms_norm_forward_f64(double *y, double *rstd, const double *x, const double *weight, double eps, int64_t rows,
+                         int64_t n);
+int rms_norm_backward_f32(float *gx, float *gweight, const float *g, const float *x, const float *weight,
+                          const float *rstd, int64_t rows, int64_t n);
+int rms_norm_backward_f64(double *gx, double *gweight, const double *g, const double *x, const double *weight,
+                          const double *rstd, int64_t rows, int64_t n);
+/* Rotary embedding, transformers' rotate-half form, of x [B, H, T, D] (strides x_strides[0..2] in
+ * elements for b, h, t; unit along D) into out (strides out_strides); cos, sin dense [T, D]:
+ * out = x cos + rotate_half(x) sin, or with transpose != 0 its transpose (the backward). */
+int rotary_f32(float *out, const float *x, const float *cos, const float *sin, int transpose, int64_t B, int64_t H,
+               int64_t T, int64_t D, const int64_t *x_strides, const int64_t *out_strides);
+int rotary_f64(double *out, const double *x, const double *cos, const double *sin, int transpose, int64_t B,
+               int64_t H, int64_t T, int64_t D, const int64_t *x_strides, const int64_t *out_strides);
+
 /* Threads used by the parallel functions; n <= 0 restores the OpenMP default. */
 void lora_set_num_threads(int n);
 int lora_get_num_threads(void);

@@ -113,3 +113,51 @@ int FN(attention_backward)(real *dq, real *dk, real *dv, const real *dout, const
     }
     return status;
 }
+
+int FN(rms_norm_forward)(real *y, real *rstd, const real *x, const real *weight, double eps, int64_t rows, int64_t n)
+{
+    if (rows < 0 || n < 1 || !y || !rstd || !x) return LORA_EINVAL;
+#pragma omp parallel for schedule(static) num_threads(lora_get_num_threads()) if (rows * n > PARALLEL_WORK)
+    for (int64_t i = 0; i < rows; i++) SIMD(rms_norm_row)(y + i * n, rstd + i, x + i * n, weight, (real)eps, n);
+    return LORA_OK;
+}
+
+int FN(rms_norm_backward)(real *gx, real *gweight, const real *g, const real *x, const real *weight,
+                          const real *rstd, int64_t rows, int64_t n)
+{
+    if (rows < 0 || n < 1 || !g || !x || !rstd) return LORA_EINVAL;
+    int status = LORA_OK;
+    if (gx) {
+#pragma omp parallel num_threads(lora_get_num_threads()) if (rows * n > PARALLEL_WORK)
+        {
+            real *gh = malloc(sizeof(real) * (size_t)n);
+            if (!gh) {
+#pragma omp atomic write
+                status = LORA_ENOMEM;
+            }
+#pragma omp for schedule(static)
+            for (int64_t i = 0; i < rows; i++)
+                if (gh) SIMD(rms_norm_grad_row)(gx + i * n, g + i * n, x + i * n, weight, rstd[i], n, gh);
+            free(gh);
+        }
+    }
+    if (gweight) /* += sum over rows of g * xhat, rows in order: one thread */
+        for (int64_t i = 0; i < rows; i++)
+            for (int64_t j = 0; j < n; j++) gweight[j] += g[i * n + j] * (x[i * n + j] * rstd[i]);
+    return status;
+}
+
+int FN(rotary)(real *out, const real *x, const real *cos, const real *sin, int transpose, int64_t B, int64_t H,
+               int64_t T, int64_t D, const int64_t *x_strides, const int64_t *out_strides)
+{
+    if (B < 0 || H < 0 || T < 0 || D < 0 || D % 2 || !out || !x || !cos || !sin || !x_strides || !out_strides)
+        return LORA_EINVAL;
+    const int64_t *xs = x_strides, *os = out_strides, rows = B * H * T;
+#pragma omp parallel for schedule(static) num_threads(lora_get_num_threads()) if (rows * D > PARALLEL_WORK)
+    for (int64_t i = 0; i < rows; i++) {
+        const int64_t b = i / (H * T), h = i / T % H, t = i % T;
+        SIMD(rotary_row)(out + b * os[0] + h * os[1] + t * os[2], x + b * xs[0] + h * xs[1] + t * xs[2],
+                         cos + t * D, sin + t * D, transpose, D);
+    }
+    return LORA_OK;
+}

@@ -366,6 +366,58 @@ static void FN(attn_bwd_head)(real *dq, int64_t dqst, int64_t dqsj, real *dk, re
 #undef MR
 #undef NR
 
+/* ---- RMSNorm and rotary embedding, one row at a time ---------------------------------------- */
+
+/* sum of a[j] * b[j] over n, in VL lanes then across them (a fixed order for a given n). */
+static real FN(dot)(const real *a, const real *b, int64_t n)
+{
+    vec acc = {0};
+    int64_t j = 0;
+    for (; j + VL <= n; j += VL) acc += FN(load)(a + j) * FN(load)(b + j);
+    real s = 0;
+    for (int l = 0; l < VL; l++) s += acc[l];
+    for (; j < n; j++) s += a[j] * b[j];
+    return s;
+}
+
+/* y [n] = x * rstd * w (w NULL: 1), *rstd = 1 / sqrt(mean(x^2) + eps). */
+static void FN(rms_norm_row)(real *y, real *rstd, const real *x, const real *w, real eps, int64_t n)
+{
+    real r = (real)1 / (real)sqrt(FN(dot)(x, x, n) / (real)n + eps);
+    *rstd = r;
+    if (w)
+        for (int64_t j = 0; j < n; j++) y[j] = x[j] * r * w[j];
+    else
+        for (int64_t j = 0; j < n; j++) y[j] = x[j] * r;
+}
+
+/* gx [n] = rstd * (g w - xhat * mean(g w xhat)), xhat = x * rstd; gh [n]: scratch. */
+static void FN(rms_norm_grad_row)(real *gx, const real *g, const real *x, const real *w, real rstd, int64_t n,
+                                  real *gh)
+{
+    for (int64_t j = 0; j < n; j++) gh[j] = w ? g[j] * w[j] : g[j];
+    real c = FN(dot)(gh, x, n) * rstd / (real)n;
+    for (int64_t j = 0; j < n; j++) gx[j] = (gh[j] - x[j] * rstd * c) * rstd;
+}
+
+/* One row of D = 2h: forward y1 = x1 c1 - x2 s1, y2 = x2 c2 + x1 s2; transpose (its backward)
+ * y1 = x1 c1 + x2 s2, y2 = x2 c2 - x1 s1. */
+static void FN(rotary_row)(real *restrict y, const real *restrict x, const real *restrict c, const real *restrict s,
+                           int transpose, int64_t D)
+{
+    const int64_t h = D / 2;
+    if (!transpose)
+        for (int64_t j = 0; j < h; j++) {
+            y[j] = x[j] * c[j] - x[j + h] * s[j];
+            y[j + h] = x[j + h] * c[j + h] + x[j] * s[j + h];
+        }
+    else
+        for (int64_t j = 0; j < h; j++) {
+            y[j] = x[j] * c[j] + x[j + h] * s[j + h];
+            y[j + h] = x[j + h] * c[j + h] - x[j] * s[j];
+        }
+}
+
 #undef ivec
 #undef SEL
 #undef vec

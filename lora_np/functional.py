@@ -827,6 +827,12 @@ class RMSNormFn(Function):
     """x / sqrt(mean(x²) + eps) · weight over the last dim (transformers' LlamaRMSNorm)."""
 
     def forward(self, x, weight=None, eps=1e-6):
+        self.fused = kernels.in_c() and x.shape[-1] > 0 and (weight is None or weight.flags.c_contiguous)
+        if self.fused:  # one pass per row in the C core
+            x = kernels.contiguous(x)
+            out, self.rstd = kernels.rms_norm_forward(x, weight, eps)
+            self.x, self.weight = x, weight
+            return out
         ms = np.einsum("...i,...i->...", x, x)[..., None] / x.shape[-1]  # (..., 1) mean of squares
         rstd = 1 / np.sqrt(ms + eps)                                     # (..., 1)
         self.x, self.rstd, self.weight = x, rstd, weight  # xhat is recomputed in backward
@@ -837,6 +843,9 @@ class RMSNormFn(Function):
 
     def backward(self, g):
         w, rstd = self.weight, self.rstd
+        if self.fused:
+            need_w = w is not None and self.needs_input_grad[1]
+            return kernels.rms_norm_backward(kernels.contiguous(g), self.x, w, rstd, self.needs_input_grad[0], need_w)
         xhat = self.x * rstd
         gw = (g * xhat).sum(tuple(range(g.ndim - 1))) if w is not None and self.needs_input_grad[1] else None
         gx = None
@@ -948,9 +957,15 @@ class Rotary(Function):
             raise ValueError(f"rotary_embedding: x shape {x.shape} needs an even last dim and cos/sin "
                              f"shape {cos.shape} broadcastable to it")
         self.cos, self.sin = cos, sin
+        self.fused = (kernels.in_c() and x.ndim == 4 and cos.shape == sin.shape == x.shape[2:]
+                      and cos.flags.c_contiguous and sin.flags.c_contiguous)
+        if self.fused and x.strides[-1] == x.itemsize:
+            return kernels.rotary(x, cos, sin)                           # one pass, in x's layout
         return _rotary(x, cos, sin)
 
     def backward(self, g):
+        if self.fused and g.strides[-1] == g.itemsize:
+            return kernels.rotary(g, self.cos, self.sin, transpose=True), None, None
         return _rotary_transpose(g, self.cos, self.sin), None, None
 
 
@@ -1008,7 +1023,7 @@ class SDPA(Function):
             if n > 0:  # else every key is hidden from the block: output 0
                 self.blocks.append((t0, t1, n, t0 + 1 + S - T if is_causal else S))
         k, v = np.ascontiguousarray(k), np.ascontiguousarray(v)           # strided batched GEMMs are slower
-        self.fused = bias is None and kernels.attention_in_c() and q.strides[-1] == q.itemsize
+        self.fused = bias is None and kernels.in_c() and q.strides[-1] == q.itemsize
         if self.fused:  # the whole op in the C core, one (batch, key/value head) per task
             out, lse = kernels.attention_forward(q, k, v, self.scale, is_causal)
             if any(self.needs_input_grad[:3]):
@@ -1109,7 +1124,7 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
     if q.ndim != 4 or k.ndim != 4 or v.shape != k.shape or q.shape[0] != k.shape[0] or q.shape[3] != k.shape[3]:
         raise ValueError(f"scaled_dot_product_attention: query {q.shape}, key {k.shape}, value {v.shape} "
                          "must be (B, Hq, T, D), (B, Hkv, S, D), (B, Hkv, S, D)")
-    if q.shape[1] % k.shape[1]:
+    if k.shape[1] < 1 or q.shape[1] % k.shape[1]:
         raise ValueError(f"scaled_dot_product_attention: {q.shape[1]} query heads are not a multiple of "
                          f"{k.shape[1]} key/value heads")
     B, Hq, T, _ = q.shape

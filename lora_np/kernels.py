@@ -460,29 +460,79 @@ def exp_rows(p, lse, count0=None, group=1, period=None):
     np.exp(p2, out=p2)
 
 
-def attention_in_c():
-    """True when attention_forward / attention_backward run (the "c" backend); otherwise the caller
-    (functional.SDPA) runs its NumPy blocks."""
+def in_c():
+    """True when the backend is "c": then attention_*, rms_norm_* and rotary below can run; otherwise
+    their callers in lora_np.functional run their NumPy code, which is the reference."""
     return _backend == "c"
+
+
+def _strides3(a):
+    """Strides in elements of a 4-D array's first three axes; it needs a unit stride along the last."""
+    if a.strides[-1] != a.itemsize or any(x % a.itemsize for x in a.strides):
+        raise ValueError(f"an array of shape {a.shape} needs a unit stride along its last axis, got {a.strides}")
+    return _ffi.new("int64_t[3]", [x // a.itemsize for x in a.strides[:3]])
+
+
+def rms_norm_forward(x, weight, eps):
+    """(x / sqrt(mean(x², last axis) + eps)·weight, rstd of shape x.shape[:-1]) in the C core;
+    x C-contiguous, weight (n,) or None."""
+    n = x.shape[-1]
+    if weight is not None and weight.shape != (n,):
+        raise ValueError(f"rms_norm: weight shape {weight.shape} does not match the input's last axis {n}")
+    _check_step_arrays("rms_norm_forward", {}, {"x": x, "weight": weight})
+    y, rstd = np.empty(x.shape, x.dtype), np.empty(x.shape[:-1], x.dtype)
+    _call_c("rms_norm_forward", y, rstd, x, weight, float(eps), x.size // n, n)
+    return y, rstd
+
+
+def rms_norm_backward(g, x, weight, rstd, need_x=True, need_weight=False):
+    """(gx, gweight) of rms_norm_forward given g (shape of x), None where not needed."""
+    n = x.shape[-1]
+    _same_shape("rms_norm_backward", g=g, x=x)
+    _check_step_arrays("rms_norm_backward", {}, {"g": g, "x": x, "weight": weight, "rstd": rstd})
+    gx = np.empty(x.shape, x.dtype) if need_x else None
+    gw = np.zeros(n, x.dtype) if need_weight else None
+    if need_x or need_weight:
+        _call_c("rms_norm_backward", gx, gw, g, x, weight, rstd, x.size // n, n)
+    return gx, gw
+
+
+def rotary(x, cos, sin, transpose=False):
+    """x·cos + rotate_half(x)·sin (or its transpose) in the C core, into a new array laid out as x;
+    x (B, H, T, D) with a unit stride along D, cos and sin dense (T, D)."""
+    B, H, T, D = x.shape
+    if cos.shape != (T, D) or sin.shape != (T, D) or D % 2:
+        raise ValueError(f"rotary: x {x.shape} needs cos/sin of shape {(T, D)} and an even D, got {cos.shape}")
+    _check_step_arrays("rotary", {}, {"cos": cos, "sin": sin})
+    out = np.empty_like(x)
+    _call_c("rotary", out, x, cos, sin, int(bool(transpose)), B, H, T, D, _strides3(x), _strides3(out))
+    return out
 
 
 def _head_strides(a, g):
     """Strides in elements of a (B, Hkv·g, T, D)-like array, as (batch, kv head, position, query head in group)."""
     sb, sh, st, sd = (x // a.itemsize for x in a.strides)
-    if sd != 1 or any(x % a.itemsize for x in a.strides):
+    if (sd != 1 and a.shape[-1] > 1 and a.size) or any(x % a.itemsize for x in a.strides):
         raise ValueError(f"attention: an array of shape {a.shape} needs a unit stride along its last axis, "
                          f"got strides {a.strides}")
     return _ffi.new("int64_t[4]", [sb, g * sh, st, sh])
 
 
 def _attention_dims(q, k, v):
+    for name, a in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(a, np.ndarray):
+            raise TypeError(f"attention: {name} must be a numpy.ndarray, got {type(a).__name__}")
+        if a.dtype not in _FLOAT_DTYPES:
+            raise TypeError(f"attention: {name} ({dict(q='query', k='key', v='value')[name]}) has dtype {a.dtype}; "
+                            "expected float32 or float64")
+        if a.dtype != q.dtype:
+            raise TypeError(f"attention: {name} ({dict(q='query', k='key', v='value')[name]}) has dtype {a.dtype}, "
+                            f"but q (query) has {q.dtype}")
     if q.ndim != 4 or k.ndim != 4 or v.shape != k.shape or q.shape[0] != k.shape[0] or q.shape[3] != k.shape[3] \
-            or q.shape[1] % max(k.shape[1], 1):
+            or k.shape[1] < 1 or q.shape[1] % k.shape[1]:
         raise ValueError(f"attention: query {q.shape}, key {k.shape}, value {v.shape} must be (B, Hq, T, D), "
-                         "(B, Hkv, S, D), (B, Hkv, S, D) with Hq a multiple of Hkv")
+                         "(B, Hkv, S, D), (B, Hkv, S, D) with Hq a multiple of Hkv >= 1")
     _check_step_arrays("attention", {}, {"k": k, "v": v})
-    if q.dtype != k.dtype:
-        raise TypeError(f"attention: query has dtype {q.dtype}, key {k.dtype}")
     B, Hq, T, D = q.shape
     Hkv, S = k.shape[1], k.shape[2]
     return B, Hkv, Hq // Hkv, T, S, D
@@ -505,8 +555,18 @@ def attention_backward(g_out, q, k, v, out, lse, scale, is_causal, need_q=True, 
     """Gradients (dq in q's memory layout, dk, dv dense), None where not needed, of attention_forward's
     output given g_out (B, Hq, T, D) (any strides but a unit one along D)."""
     B, Hkv, g, T, S, D = _attention_dims(q, k, v)
+    if not isinstance(g_out, np.ndarray) or g_out.dtype != q.dtype:
+        raise TypeError(f"attention_backward: g_out must be a {q.dtype} numpy.ndarray, got "
+                        f"{getattr(g_out, 'dtype', type(g_out).__name__)}")
     if g_out.shape != q.shape:
         raise ValueError(f"attention_backward: g_out has shape {g_out.shape}, expected {q.shape}")
+    for name, a, shape in (("out", out, (B, T, Hkv, g, D)), ("lse", lse, (B, Hkv, T, g))):
+        if not isinstance(a, np.ndarray) or a.dtype != q.dtype:
+            raise TypeError(f"attention_backward: {name} must be a {q.dtype} numpy.ndarray (attention_forward's), "
+                            f"got {getattr(a, 'dtype', type(a).__name__)}")
+        if a.shape != shape or not a.flags.c_contiguous:
+            raise ValueError(f"attention_backward: {name} must be attention_forward's dense {shape} array, got "
+                             f"shape {a.shape}, strides {a.strides}")
     dq = np.empty_like(q) if need_q else None                  # q's layout: its transposes stay free
     dk = np.empty_like(k) if need_k else None
     dv = np.empty_like(v) if need_v else None
