@@ -14,7 +14,6 @@ The ops take DeviceArrays through ``lora_np.kernels`` (which checks them first),
 import os
 
 import numpy as np
-from cffi import FFI
 
 LIBRARY = os.path.join(os.path.dirname(os.path.abspath(__file__)), "_lora_np_cuda.so")
 
@@ -43,8 +42,7 @@ int lora_cuda_merge_f64(double *weight, const double *lora_A, const double *lora
                         int fan_in_fan_out, int64_t in, int64_t out, int64_t r);
 """
 
-ffi = FFI()
-ffi.cdef(CDEF)
+ffi = None  # made in _load: cffi's C parser costs ~50 ms, too much for `import lora_np`
 _lib = None
 _why = None  # why the library cannot be used, once known
 
@@ -56,12 +54,16 @@ def why_unavailable():
 
 
 def _load():
-    global _lib, _why
+    global _lib, _why, ffi
     if _lib is not None or _why is not None:
         return _lib
     if not os.path.exists(LIBRARY):
         _why = f"{LIBRARY} is not built (install with LORA_NP_CUDA=1, or run lora_np/_cuda_build.py)"
         return None
+    from cffi import FFI
+
+    ffi = FFI()
+    ffi.cdef(CDEF)
     try:
         lib = ffi.dlopen(LIBRARY)
     except OSError as e:

@@ -871,7 +871,7 @@ def rms_norm(input, normalized_shape, weight=None, eps=None):
 
 
 # -- dropout ---------------------------------------------------------------------------
-_default_generator = [np.random.default_rng(0)]
+_default_generator = [None]  # np.random.default_rng(0) on first use: numpy.random costs ~20 ms to import
 
 
 def manual_seed(seed):
@@ -881,6 +881,8 @@ def manual_seed(seed):
 
 
 def default_generator():
+    if _default_generator[0] is None:
+        _default_generator[0] = np.random.default_rng(0)
     return _default_generator[0]
 
 
@@ -909,7 +911,7 @@ def dropout(input, p=0.5, training=True, generator=None):
         return input
     (x,) = _tensors("dropout", input)
     _check_float("dropout", x)
-    return DropoutFn.apply(x, p=p, generator=generator or _default_generator[0])
+    return DropoutFn.apply(x, p=p, generator=generator or default_generator())
 
 
 # -- rotary position embedding ---------------------------------------------------------
