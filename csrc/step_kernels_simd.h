@@ -5,8 +5,8 @@
  *
  * exp: float32 uses the vector polynomial vexp below (Cephes' expf: range reduction by ln 2 in
  * two parts, a degree-5 polynomial, the power of two put into the exponent bits): within 2 ulp
- * of the correctly rounded result over [-87.3, 88.4], +inf above, 0 below (no denormals), NaN
- * kept. float64 calls the C library's exp, element by element: that type is for checking, and
+ * of the correctly rounded result over [-87.3, 88.72], +inf above, 0 below (no denormals: they
+ * would be slow and are 0 to a softmax or a sigmoid anyway), NaN kept. float64 calls the C library's exp, element by element: that type is for checking, and
  * must agree with NumPy to 1e-12.
  */
 #define CAT3_(a, b, c) a##_##b##_##c
@@ -34,12 +34,12 @@ typedef int64_t FN(ivec) __attribute__((vector_size(VBYTES), aligned(8), may_ali
 
 ALWAYS_INLINE vec FN(vexp)(vec x)
 {
-    const vec hi = FN(splat)(88.3762626647949f), lo = FN(splat)(-87.3365447504f);
+    const vec hi = FN(splat)(88.7228391f), lo = FN(splat)(-87.3365447504f);   /* ln FLT_MAX, ln FLT_MIN */
     const vec magic = FN(splat)(12582912.0f); /* 1.5 * 2^23: adding it rounds to an integer */
     ivec over = x > hi, under = x < lo;
     vec xc = SEL(over, hi, SEL(under, lo, x));
     vec t = xc * 1.44269504088896341f + magic;
-    vec n = t - magic;                                   /* round(x / ln 2), in [-126, 127] */
+    vec n = t - magic;                                   /* round(x / ln 2), in [-126, 128] */
     ivec ni = (ivec)t - (ivec)magic;
     vec r = xc - n * 0.693359375f;                       /* x - n ln 2, ln 2 in two parts */
     r = r - n * -2.12194440e-4f;
@@ -50,7 +50,8 @@ ALWAYS_INLINE vec FN(vexp)(vec x)
     p = p * r + 1.6666665459e-1f;
     p = p * r + 5.0000001201e-1f;
     p = p * (r * r) + r + 1.0f;
-    vec y = p * (vec)((ni + 127) << 23);                 /* times 2^n */
+    ivec n1 = ni >> 1, n2 = ni - n1;                     /* 2^n as 2^n1 * 2^n2: n = 128 has no float */
+    vec y = p * (vec)((n1 + 127) << 23) * (vec)((n2 + 127) << 23);
     y = SEL(over, FN(splat)(INFINITY), y);
     return SEL(under, FN(splat)(0.0f), y);
 }
