@@ -57,6 +57,7 @@ class Worker:
         env = dict(os.environ)
         for var in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
             env[var] = str(threads)
+        env.setdefault("OPENBLAS_THREAD_TIMEOUT", "4")  # both sides, as the `lora-np` command sets it
         root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
         env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
         self.name = name

@@ -380,3 +380,23 @@ def test_c_kernels_under_address_sanitizer(tmp_path):
         done = subprocess.run([str(exe)], capture_output=True, text=True, env=env, timeout=120)
         assert done.returncode == 0, f"LORA_NP_SIMD={simd!r}\n" + done.stdout[-3000:] + done.stderr[-3000:]
         assert "all C kernel checks passed" in done.stdout
+
+
+def _environment_after_import(argv0, env_extra):
+    """OMP_WAIT_POLICY and OPENBLAS_THREAD_TIMEOUT as a process sees them after `import lora_np`."""
+    env = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "OPENBLAS_THREAD_TIMEOUT")}
+    env.update(env_extra)
+    code = (f"import sys; sys.argv[0] = {argv0!r}; import lora_np, lora_np.kernels, os; "
+            "print(os.environ.get('OMP_WAIT_POLICY'), os.environ.get('OPENBLAS_THREAD_TIMEOUT'))")
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, cwd=ROOT)
+    assert done.returncode == 0, done.stderr
+    return done.stdout.split()
+
+
+def test_thread_settings_stay_out_of_a_library_import():
+    """The OpenMP wait policy is set only while the C module loads (then the environment is as
+    before); OpenBLAS's thread timeout only for the `lora-np` command, never over the user's value."""
+    assert _environment_after_import("-c", {}) == ["None", "None"]
+    assert _environment_after_import("/usr/local/bin/lora-np", {}) == ["None", "4"]
+    assert _environment_after_import("/usr/local/bin/lora-np", {"OPENBLAS_THREAD_TIMEOUT": "20",
+                                                                 "OMP_WAIT_POLICY": "active"}) == ["active", "20"]
