@@ -17,6 +17,12 @@
  * NULL gradient outputs (bit for bit the values of the full call), outputs that start as NaN (so that
  * one not written shows), T = 1, S = 1, T != S both ways, S, T or B = 0, D = 1, 17, 65; 1 and 2
  * threads bit for bit; LORA_EINVAL for bad sizes or NULL pointers, nothing written.
+ * rms_norm_forward / rms_norm_backward: rows 0, 1, 37 of n = 1, 7, 9, 33, 577, with and without weight,
+ * eps 0 to 0.25, magnitudes 1e+-12 (float) and 1e+-140 (double); gx alone and gweight alone (NULL for
+ * the other) bit for bit the full call's, gweight accumulated onto its start. rotary, forward and
+ * transpose: D = 2, 6, 64, 130 (and 0), B, H, T = 0 to 37, random tables whose halves differ, x and out in
+ * the layouts above (dense, the (B, T, H, D) transpose, padded rows, reversed positions) passed with their
+ * strides. Both: 1 and 2 threads bit for bit, LORA_EINVAL for bad sizes, odd D, NULL inputs.
  */
 #include <float.h>
 #include <math.h>
@@ -713,6 +719,277 @@ static void check_attention_all(void)
     check_attention_errors_f32();
 }
 
+/* ---- rms_norm_forward / rms_norm_backward and rotary ------------------------------------------------
+ * References in double from the definitions in lora_np.h, on the element type's inputs. Tolerance,
+ * relative to the magnitude of the terms: y = x r w against RTOL |y| (r from the inputs; the kernel sums
+ * the squares in VL lanes of the element type); rstd against RTOL r; gx = r (g w - xhat c), c = mean(g w
+ * xhat), xhat = x r (r: the kernel's rstd, an input of the backward) against RTOL r (|g w| + |xhat|
+ * mean|g w xhat|) since the two terms may cancel; gweight (start + sum over rows of g xhat) against
+ * RTOL (|start| + sum |g xhat|); rotary, two products per element, against RTOL times their sum of
+ * absolute values. */
+
+#define NORM_ROTARY_CHECKS(real, SFX, RTOL)                                                                        \
+    /* rms_norm_forward on x [rows, n] (weight or NULL), then rms_norm_backward with the kernel's rstd;            \
+     * gx starts as NaN (an element not written shows), gweight at random values (it accumulates). Then            \
+     * gx alone and gweight alone (NULL for the other) give the full call's bits, and nothing asked is             \
+     * LORA_OK. */                                                                                                 \
+    static void check_rms_norm_##SFX(int64_t rows, int64_t n, int weighted, double mag, double eps)                \
+    {                                                                                                              \
+        char name[128], what[192];                                                                                 \
+        const int64_t N = rows * n;                                                                                \
+        snprintf(name, sizeof name, #SFX " rms_norm %lldx%lld weight=%d mag=%g eps=%g", (long long)rows,           \
+                 (long long)n, weighted, mag, eps);                                                                \
+        real *x = random_##SFX(N, mag), *g = random_##SFX(N, 1), *w = weighted ? random_##SFX(n, 2) : NULL;        \
+        real *y = attn_nans_##SFX(N), *rstd = attn_nans_##SFX(rows), *gx = attn_nans_##SFX(N);                     \
+        real *gx1 = attn_nans_##SFX(N), *gw = random_##SFX(n, 0.5), *gw1 = alloc(sizeof(real) * (size_t)n);        \
+        memcpy(gw1, gw, sizeof(real) * (size_t)n);                                                                 \
+        double *want = alloc(sizeof(double) * (size_t)N), *tol = alloc(sizeof(double) * (size_t)N);                \
+        double *wr = alloc(sizeof(double) * (size_t)rows), *tr = alloc(sizeof(double) * (size_t)rows);             \
+        double *wg = widen_##SFX(gw, n), *tg = alloc(sizeof(double) * (size_t)n);                                  \
+        const double e = (double)(real)eps;                                                                        \
+        for (int64_t j = 0; j < n; j++) tg[j] = RTOL * fabs(wg[j]);                                                \
+        /* forward: y = x r w, r = 1 / sqrt(mean(x^2) + eps), in double from the inputs */                         \
+        for (int64_t i = 0; i < rows; i++) {                                                                       \
+            double ss = 0;                                                                                         \
+            for (int64_t j = 0; j < n; j++) ss += (double)x[i * n + j] * x[i * n + j];                             \
+            const double r = 1 / sqrt(ss / (double)n + e);                                                         \
+            wr[i] = r, tr[i] = RTOL * r;                                                                           \
+            for (int64_t j = 0; j < n; j++) {                                                                      \
+                want[i * n + j] = x[i * n + j] * r * (w ? (double)w[j] : 1.0);                                     \
+                tol[i * n + j] = RTOL * fabs(want[i * n + j]);                                                     \
+            }                                                                                                      \
+        }                                                                                                          \
+        snprintf(what, sizeof what, "%s forward status", name);                                                    \
+        if (rms_norm_forward_##SFX(y, rstd, x, w, eps, rows, n) != LORA_OK) fail(what);                            \
+        double *got = widen_##SFX(y, N);                                                                           \
+        snprintf(what, sizeof what, "%s y", name);                                                                 \
+        expect_close(what, got, want, tol, N);                                                                     \
+        free(got);                                                                                                 \
+        got = widen_##SFX(rstd, rows);                                                                             \
+        snprintf(what, sizeof what, "%s rstd", name);                                                              \
+        expect_close(what, got, wr, tr, rows);                                                                     \
+        free(got);                                                                                                 \
+        /* backward, from the kernel's rstd r: gx = r (g w - xhat c), c = mean(g w xhat), xhat = x r;              \
+         * gweight += sum over rows of g xhat */                                                                   \
+        for (int64_t i = 0; i < rows; i++) {                                                                       \
+            const double r = rstd[i];                                                                              \
+            double c = 0, ca = 0;                                                                                  \
+            for (int64_t j = 0; j < n; j++) {                                                                      \
+                const double gh = g[i * n + j] * (w ? (double)w[j] : 1.0), xh = x[i * n + j] * r;                  \
+                c += gh * xh, ca += fabs(gh * xh);                                                                 \
+                wg[j] += g[i * n + j] * xh, tg[j] += RTOL * fabs(g[i * n + j] * xh);                               \
+            }                                                                                                      \
+            c /= (double)n, ca /= (double)n;                                                                       \
+            for (int64_t j = 0; j < n; j++) {                                                                      \
+                const double gh = g[i * n + j] * (w ? (double)w[j] : 1.0), xh = x[i * n + j] * r;                  \
+                want[i * n + j] = r * (gh - xh * c);                                                               \
+                tol[i * n + j] = RTOL * r * (fabs(gh) + fabs(xh) * ca);                                            \
+            }                                                                                                      \
+        }                                                                                                          \
+        snprintf(what, sizeof what, "%s backward status", name);                                                   \
+        if (rms_norm_backward_##SFX(gx, gw, g, x, w, rstd, rows, n) != LORA_OK) fail(what);                        \
+        got = widen_##SFX(gx, N);                                                                                  \
+        snprintf(what, sizeof what, "%s gx", name);                                                                \
+        expect_close(what, got, want, tol, N);                                                                     \
+        free(got);                                                                                                 \
+        got = widen_##SFX(gw, n);                                                                                  \
+        snprintf(what, sizeof what, "%s gweight", name);                                                           \
+        expect_close(what, got, wg, tg, n);                                                                        \
+        free(got);                                                                                                 \
+        int st = rms_norm_backward_##SFX(gx1, NULL, g, x, w, rstd, rows, n);                                       \
+        st |= rms_norm_backward_##SFX(NULL, gw1, g, x, w, rstd, rows, n);                                          \
+        st |= rms_norm_backward_##SFX(NULL, NULL, g, x, w, rstd, rows, n);                                         \
+        snprintf(what, sizeof what, "%s backward NULL outputs status", name);                                      \
+        if (st != LORA_OK) fail(what);                                                                             \
+        snprintf(what, sizeof what, "%s gx alone (gweight NULL)", name);                                           \
+        if (memcmp(gx1, gx, sizeof(real) * (size_t)N) != 0) fail(what);                                            \
+        snprintf(what, sizeof what, "%s gweight alone (gx NULL)", name);                                           \
+        if (memcmp(gw1, gw, sizeof(real) * (size_t)n) != 0) fail(what);                                            \
+        free(x), free(g), free(w), free(y), free(rstd), free(gx), free(gx1), free(gw), free(gw1);                  \
+        free(want), free(tol), free(wr), free(tr), free(wg), free(tg);                                             \
+    }                                                                                                              \
+                                                                                                                   \
+    /* rotary of x [B, H, T, D] in layout lx (attn_layout_of's kinds with g = 1: dense, the (B, T, H, D)           \
+     * transpose, padded rows, reversed positions) into out in layout lo, forward and transpose, with              \
+     * random cos / sin tables (their halves differ, unlike a rope table's). Pads of x are NaN (reading one        \
+     * shows), out starts as NaN and its pads must stay NaN. */                                                    \
+    static void check_rotary_##SFX(int64_t B, int64_t H, int64_t T, int64_t D, int lx, int lo)                     \
+    {                                                                                                              \
+        char name[128], what[192];                                                                                 \
+        const attn_case c = {B, H, 1, T, T, D, 0, 0};                                                              \
+        const attn_layout Lx = attn_layout_of(lx, &c), Lo = attn_layout_of(lo, &c);                                \
+        const int64_t N = B * H * T * D, h = D / 2;                                                                \
+        real *xd = random_##SFX(N, 2), *cs = random_##SFX(T * D, 1), *sn = random_##SFX(T * D, 1);                 \
+        double *x64 = widen_##SFX(xd, N), *want = alloc(sizeof(double) * (size_t)N);                               \
+        double *tol = alloc(sizeof(double) * (size_t)N);                                                           \
+        real *x = attn_scatter_##SFX(x64, &Lx, &c, (real)NAN);                                                     \
+        for (int transpose = 0; transpose < 2; transpose++) {                                                      \
+            snprintf(name, sizeof name, #SFX " rotary B=%lld H=%lld T=%lld D=%lld layouts=%d%d transpose=%d",      \
+                     (long long)B, (long long)H, (long long)T, (long long)D, lx, lo, transpose);                   \
+            for (int64_t r = 0; r < B * H * T; r++) {                                                              \
+                const double *xr = x64 + r * D;                                                                    \
+                const int64_t t = r % T; /* rows in (B, H, T) order */                                             \
+                double cc[2], ss[2];                                                                               \
+                for (int64_t j = 0; j < h; j++) {                                                                  \
+                    cc[0] = cs[t * D + j], cc[1] = cs[t * D + j + h];                                              \
+                    ss[0] = sn[t * D + j], ss[1] = sn[t * D + j + h];                                              \
+                    double a1, b1, a2, b2; /* y1 = a1 + b1, y2 = a2 + b2 */                                        \
+                    if (!transpose)                                                                                \
+                        a1 = xr[j] * cc[0], b1 = -xr[j + h] * ss[0], a2 = xr[j + h] * cc[1], b2 = xr[j] * ss[1];   \
+                    else                                                                                           \
+                        a1 = xr[j] * cc[0], b1 = xr[j + h] * ss[1], a2 = xr[j + h] * cc[1], b2 = -xr[j] * ss[0];   \
+                    want[r * D + j] = a1 + b1, tol[r * D + j] = RTOL * (fabs(a1) + fabs(b1));                      \
+                    want[r * D + j + h] = a2 + b2, tol[r * D + j + h] = RTOL * (fabs(a2) + fabs(b2));              \
+                }                                                                                                  \
+            }                                                                                                      \
+            real *out = attn_nans_##SFX(Lo.n);                                                                     \
+            snprintf(what, sizeof what, "%s status", name);                                                        \
+            if (rotary_##SFX(out + Lo.base, x + Lx.base, cs, sn, transpose, B, H, T, D, Lx.s, Lo.s) != LORA_OK)    \
+                fail(what);                                                                                        \
+            int pads_ok = 1;                                                                                       \
+            double *got = attn_gather_##SFX(out, &Lo, &c, &pads_ok);                                               \
+            snprintf(what, sizeof what, "%s", name);                                                               \
+            expect_close(what, got, want, tol, N);                                                                 \
+            snprintf(what, sizeof what, "%s: a pad of out was written", name);                                     \
+            if (!pads_ok) fail(what);                                                                              \
+            if (transpose) { /* any non-zero transpose is the transpose */                                         \
+                real *out2 = attn_nans_##SFX(Lo.n);                                                                \
+                int st = rotary_##SFX(out2 + Lo.base, x + Lx.base, cs, sn, -7, B, H, T, D, Lx.s, Lo.s);            \
+                snprintf(what, sizeof what, "%s: transpose=-7 differs from transpose=1", name);                    \
+                int same = st == LORA_OK;                                                                          \
+                for (int64_t i = 0; i < Lo.n; i++) same &= memcmp(out2 + i, out + i, sizeof(real)) == 0;           \
+                if (!same) fail(what);                                                                             \
+                free(out2);                                                                                        \
+            }                                                                                                      \
+            free(got), free(out);                                                                                  \
+        }                                                                                                          \
+        free(xd), free(cs), free(sn), free(x64), free(want), free(tol), free(x);                                   \
+    }                                                                                                              \
+                                                                                                                   \
+    /* 1 and 2 threads: identical bits above the parallel threshold (1e5 elements): rms_norm over                  \
+     * 401 x 257, rotary over (2, 4, 100, 130) from and into the (B, T, H, D) transpose. */                        \
+    static void check_norm_rotary_threads_##SFX(void)                                                              \
+    {                                                                                                              \
+        const int64_t rows = 401, n = 257, N = rows * n;                                                           \
+        const attn_case c = {2, 4, 1, 100, 100, 130, 0, 0};                                                        \
+        const attn_layout L = attn_layout_of(1, &c);                                                               \
+        real *x = random_##SFX(N, 3), *g = random_##SFX(N, 1), *w = random_##SFX(n, 1);                            \
+        real *q = random_##SFX(L.n, 1), *cs = random_##SFX(100 * 130, 1), *sn = random_##SFX(100 * 130, 1);        \
+        real *r[2][6];                                                                                             \
+        const int64_t len[6] = {N, rows, N, n, L.n, L.n};                                                          \
+        for (int t = 0; t < 2; t++) {                                                                              \
+            lora_set_num_threads(t + 1);                                                                           \
+            for (int k = 0; k < 6; k++) r[t][k] = alloc(sizeof(real) * (size_t)len[k]);                            \
+            memset(r[t][3], 0, sizeof(real) * (size_t)n);                                                          \
+            int st = rms_norm_forward_##SFX(r[t][0], r[t][1], x, w, 1e-6, rows, n);                                \
+            st |= rms_norm_backward_##SFX(r[t][2], r[t][3], g, x, w, r[t][1], rows, n);                            \
+            st |= rotary_##SFX(r[t][4], q, cs, sn, 0, c.B, c.Hkv, c.T, c.D, L.s, L.s);                             \
+            st |= rotary_##SFX(r[t][5], q, cs, sn, 1, c.B, c.Hkv, c.T, c.D, L.s, L.s);                             \
+            if (st != LORA_OK) fail(#SFX " rms_norm / rotary threads: status");                                    \
+        }                                                                                                          \
+        const char *names[6] = {"rms_norm y", "rms_norm rstd", "rms_norm gx", "rms_norm gweight", "rotary",        \
+                                "rotary transpose"};                                                               \
+        for (int k = 0; k < 6; k++) {                                                                              \
+            char what[96];                                                                                         \
+            snprintf(what, sizeof what, #SFX " %s", names[k]);                                                     \
+            expect_equal(what, r[0][k], r[1][k], sizeof(real) * (size_t)len[k]);                                   \
+            free(r[0][k]), free(r[1][k]);                                                                          \
+        }                                                                                                          \
+        lora_set_num_threads(0);                                                                                   \
+        free(x), free(g), free(w), free(q), free(cs), free(sn);                                                    \
+    }                                                                                                              \
+                                                                                                                   \
+    /* NULL pointers and bad sizes: LORA_EINVAL, and no output written. rows = 1, n = 4; B = H = T = 1, D = 4. */  \
+    static void check_norm_rotary_errors_##SFX(void)                                                               \
+    {                                                                                                              \
+        real x[4] = {1, 2, 3, 4}, w[4] = {1, 1, 2, 2}, cs[4] = {1, 0, 1, 0}, sn[4] = {0, 1, 0, 1}, r1[1] = {0.5};  \
+        real y[4], rs[1], gx[4], gw[4], o[4];                                                                      \
+        const int64_t s[3] = {4, 4, 4};                                                                            \
+        for (int i = 0; i < 4; i++) y[i] = gx[i] = gw[i] = o[i] = 7;                                               \
+        rs[0] = 7;                                                                                                 \
+        struct {                                                                                                   \
+            const char *what;                                                                                      \
+            int status;                                                                                            \
+        } calls[] = {                                                                                              \
+            {"rms_norm_forward rows<0", rms_norm_forward_##SFX(y, rs, x, w, 1e-6, -1, 4)},                         \
+            {"rms_norm_forward n=0", rms_norm_forward_##SFX(y, rs, x, w, 1e-6, 1, 0)},                             \
+            {"rms_norm_forward n<0", rms_norm_forward_##SFX(y, rs, x, w, 1e-6, 1, -4)},                            \
+            {"rms_norm_forward y=NULL", rms_norm_forward_##SFX(NULL, rs, x, w, 1e-6, 1, 4)},                       \
+            {"rms_norm_forward rstd=NULL", rms_norm_forward_##SFX(y, NULL, x, w, 1e-6, 1, 4)},                     \
+            {"rms_norm_forward x=NULL", rms_norm_forward_##SFX(y, rs, NULL, w, 1e-6, 1, 4)},                       \
+            {"rms_norm_backward rows<0", rms_norm_backward_##SFX(gx, gw, x, x, w, r1, -1, 4)},                     \
+            {"rms_norm_backward n=0", rms_norm_backward_##SFX(gx, gw, x, x, w, r1, 1, 0)},                         \
+            {"rms_norm_backward n<0", rms_norm_backward_##SFX(gx, gw, x, x, w, r1, 1, -2)},                        \
+            {"rms_norm_backward g=NULL", rms_norm_backward_##SFX(gx, gw, NULL, x, w, r1, 1, 4)},                   \
+            {"rms_norm_backward x=NULL", rms_norm_backward_##SFX(gx, gw, x, NULL, w, r1, 1, 4)},                   \
+            {"rms_norm_backward rstd=NULL", rms_norm_backward_##SFX(gx, gw, x, x, w, NULL, 1, 4)},                 \
+            {"rms_norm_backward gweight only, x=NULL", rms_norm_backward_##SFX(NULL, gw, x, NULL, w, r1, 1, 4)},   \
+            {"rotary B<0", rotary_##SFX(o, x, cs, sn, 0, -1, 1, 1, 4, s, s)},                                      \
+            {"rotary H<0", rotary_##SFX(o, x, cs, sn, 0, 1, -1, 1, 4, s, s)},                                      \
+            {"rotary T<0", rotary_##SFX(o, x, cs, sn, 1, 1, 1, -1, 4, s, s)},                                      \
+            {"rotary D<0", rotary_##SFX(o, x, cs, sn, 0, 1, 1, 1, -4, s, s)},                                      \
+            {"rotary D=3", rotary_##SFX(o, x, cs, sn, 0, 1, 1, 1, 3, s, s)},                                       \
+            {"rotary D=1", rotary_##SFX(o, x, cs, sn, 1, 1, 1, 1, 1, s, s)},                                       \
+            {"rotary out=NULL", rotary_##SFX(NULL, x, cs, sn, 0, 1, 1, 1, 4, s, s)},                               \
+            {"rotary x=NULL", rotary_##SFX(o, NULL, cs, sn, 0, 1, 1, 1, 4, s, s)},                                 \
+            {"rotary cos=NULL", rotary_##SFX(o, x, NULL, sn, 0, 1, 1, 1, 4, s, s)},                                \
+            {"rotary sin=NULL", rotary_##SFX(o, x, cs, NULL, 0, 1, 1, 1, 4, s, s)},                                \
+            {"rotary x_strides=NULL", rotary_##SFX(o, x, cs, sn, 0, 1, 1, 1, 4, NULL, s)},                         \
+            {"rotary out_strides=NULL", rotary_##SFX(o, x, cs, sn, 1, 1, 1, 1, 4, s, NULL)},                       \
+        };                                                                                                         \
+        for (size_t i = 0; i < sizeof calls / sizeof calls[0]; i++) {                                              \
+            char what[96];                                                                                         \
+            snprintf(what, sizeof what, #SFX " %s -> LORA_EINVAL", calls[i].what);                                 \
+            if (calls[i].status != LORA_EINVAL) fail(what);                                                        \
+        }                                                                                                          \
+        int touched = rs[0] != 7;                                                                                  \
+        for (int i = 0; i < 4; i++) touched |= y[i] != 7 || gx[i] != 7 || gw[i] != 7 || o[i] != 7;                 \
+        if (touched) fail(#SFX " rms_norm / rotary: a refused call wrote an output");                              \
+        /* weight NULL is no weight, not an error; nothing asked of the backward: LORA_OK */                       \
+        if (rms_norm_forward_##SFX(y, rs, x, NULL, 1e-6, 1, 4) != LORA_OK)                                         \
+            fail(#SFX " rms_norm_forward with weight=NULL: LORA_OK");                                              \
+        if (rms_norm_backward_##SFX(NULL, NULL, x, x, NULL, r1, 1, 4) != LORA_OK)                                  \
+            fail(#SFX " rms_norm_backward with no output: LORA_OK");                                               \
+    }
+
+NORM_ROTARY_CHECKS(double, f64, 1e-12)
+NORM_ROTARY_CHECKS(float, f32, 1e-5)
+
+static void check_norm_rotary_all(void)
+{
+    static const int64_t ns[] = {1, 7, 9, 33, 577}, rows[] = {0, 1, 37};
+    for (size_t a = 0; a < sizeof ns / sizeof ns[0]; a++)
+        for (size_t b = 0; b < sizeof rows / sizeof rows[0]; b++)
+            for (int weighted = 0; weighted < 2; weighted++) {
+                const double eps = (a + b + (size_t)weighted) % 2 ? 1e-6 : 0.25;
+                check_rms_norm_f64(rows[b], ns[a], weighted, 1, eps);
+                check_rms_norm_f32(rows[b], ns[a], weighted, 1, eps);
+            }
+    /* magnitudes: large, tiny with eps dominating, tiny with eps = 0 (squares stay normal numbers) */
+    check_rms_norm_f64(37, 33, 1, 1e140, 1e-6), check_rms_norm_f32(37, 33, 1, 1e12, 1e-6);
+    check_rms_norm_f64(37, 33, 1, 1e-140, 1e-6), check_rms_norm_f32(37, 33, 1, 1e-12, 1e-6);
+    check_rms_norm_f64(5, 9, 0, 1e-140, 0), check_rms_norm_f32(5, 9, 0, 1e-12, 0);
+
+    static const int64_t Ds[] = {2, 6, 64, 130}, bht[][3] = {{1, 1, 1}, {2, 3, 5}, {1, 2, 37}};
+    static const int layouts[][2] = {{0, 0}, {1, 1}, {1, 0}, {0, 1}, {2, 3}, {3, 2}};
+    for (size_t d = 0; d < sizeof Ds / sizeof Ds[0]; d++)
+        for (size_t s = 0; s < sizeof bht / sizeof bht[0]; s++)
+            for (size_t l = 0; l < sizeof layouts / sizeof layouts[0]; l++) {
+                check_rotary_f64(bht[s][0], bht[s][1], bht[s][2], Ds[d], layouts[l][0], layouts[l][1]);
+                check_rotary_f32(bht[s][0], bht[s][1], bht[s][2], Ds[d], layouts[l][0], layouts[l][1]);
+            }
+    static const int64_t empty[][4] = {{0, 2, 3, 4}, {1, 0, 3, 4}, {2, 2, 0, 4}, {1, 2, 3, 0}};
+    for (size_t e = 0; e < sizeof empty / sizeof empty[0]; e++)
+        for (int l = 0; l < 4; l++) {
+            check_rotary_f64(empty[e][0], empty[e][1], empty[e][2], empty[e][3], l, 3 - l);
+            check_rotary_f32(empty[e][0], empty[e][1], empty[e][2], empty[e][3], l, 3 - l);
+        }
+    check_norm_rotary_threads_f64();
+    check_norm_rotary_threads_f32();
+    check_norm_rotary_errors_f64();
+    check_norm_rotary_errors_f32();
+}
+
 int main(void)
 {
     static const int64_t sizes[] = {0, 1, 2, 3, 4, 5, 7, 8, 9, 15, 16, 17, 33, 63, 65, 257, 1000};
@@ -742,6 +1019,7 @@ int main(void)
     check_errors_f64();
     check_errors_f32();
     check_attention_all();
+    check_norm_rotary_all();
     printf("%s (%d failures)\n", failures ? "FAILED" : "all step kernel checks passed", failures);
     return failures != 0;
 }
