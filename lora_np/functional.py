@@ -865,6 +865,8 @@ def rms_norm(input, normalized_shape, weight=None, eps=None):
         raise ValueError(f"rms_norm: input shape {input.shape} does not end in {normalized_shape}")
     args = _tensors("rms_norm", input, *([weight] if weight is not None else []))
     _check_float("rms_norm", args[0])
+    if weight is not None and args[1].shape != normalized_shape:
+        raise ValueError(f"rms_norm: weight shape {args[1].shape} is not normalized_shape {normalized_shape}")
     if eps is None:
         eps = float(np.finfo(args[0].dtype).eps)
     return RMSNormFn.apply(*args, eps=eps)

@@ -473,37 +473,59 @@ def _strides3(a):
     return _ffi.new("int64_t[3]", [x // a.itemsize for x in a.strides[:3]])
 
 
+def _rms_rows(op, x, weight):
+    """rows, n of x (..., n) for the RMSNorm kernels, after the type, dtype and shape checks."""
+    if not isinstance(x, np.ndarray):
+        raise TypeError(f"{op}: x must be a numpy.ndarray, got {type(x).__name__}")
+    if x.ndim < 1 or x.shape[-1] < 1:
+        raise ValueError(f"{op}: x needs a last axis of length >= 1, got shape {x.shape}")
+    n = x.shape[-1]
+    if weight is not None and getattr(weight, "shape", None) != (n,):
+        raise ValueError(f"{op}: weight shape {getattr(weight, 'shape', None)} does not match the input's last "
+                         f"axis ({n},)")
+    return x.size // n, n
+
+
 def rms_norm_forward(x, weight, eps):
     """(x / sqrt(mean(x², last axis) + eps)·weight, rstd of shape x.shape[:-1]) in the C core;
     x C-contiguous, weight (n,) or None."""
-    n = x.shape[-1]
-    if weight is not None and weight.shape != (n,):
-        raise ValueError(f"rms_norm: weight shape {weight.shape} does not match the input's last axis {n}")
+    rows, n = _rms_rows("rms_norm_forward", x, weight)
     _check_step_arrays("rms_norm_forward", {}, {"x": x, "weight": weight})
     y, rstd = np.empty(x.shape, x.dtype), np.empty(x.shape[:-1], x.dtype)
-    _call_c("rms_norm_forward", y, rstd, x, weight, float(eps), x.size // n, n)
+    _call_c("rms_norm_forward", y, rstd, x, weight, float(eps), rows, n)
     return y, rstd
 
 
 def rms_norm_backward(g, x, weight, rstd, need_x=True, need_weight=False):
     """(gx, gweight) of rms_norm_forward given g (shape of x), None where not needed."""
-    n = x.shape[-1]
-    _same_shape("rms_norm_backward", g=g, x=x)
+    rows, n = _rms_rows("rms_norm_backward", x, weight)
     _check_step_arrays("rms_norm_backward", {}, {"g": g, "x": x, "weight": weight, "rstd": rstd})
+    _same_shape("rms_norm_backward", g=g, x=x)
+    if rstd.shape != x.shape[:-1]:
+        raise ValueError(f"rms_norm_backward: rstd has shape {rstd.shape}, expected {x.shape[:-1]}")
     gx = np.empty(x.shape, x.dtype) if need_x else None
     gw = np.zeros(n, x.dtype) if need_weight else None
     if need_x or need_weight:
-        _call_c("rms_norm_backward", gx, gw, g, x, weight, rstd, x.size // n, n)
+        _call_c("rms_norm_backward", gx, gw, g, x, weight, rstd, rows, n)
     return gx, gw
 
 
 def rotary(x, cos, sin, transpose=False):
     """x·cos + rotate_half(x)·sin (or its transpose) in the C core, into a new array laid out as x;
-    x (B, H, T, D) with a unit stride along D, cos and sin dense (T, D)."""
+    x (B, H, T, D) with a unit stride along D, cos and sin dense (T, D), all of one float dtype."""
+    if not isinstance(x, np.ndarray):
+        raise TypeError(f"rotary: x must be a numpy.ndarray, got {type(x).__name__}")
+    if x.ndim != 4:
+        raise ValueError(f"rotary: x must be 4-D (B, H, T, D), got shape {x.shape}")
     B, H, T, D = x.shape
-    if cos.shape != (T, D) or sin.shape != (T, D) or D % 2:
-        raise ValueError(f"rotary: x {x.shape} needs cos/sin of shape {(T, D)} and an even D, got {cos.shape}")
     _check_step_arrays("rotary", {}, {"cos": cos, "sin": sin})
+    if x.dtype != cos.dtype:
+        raise TypeError(f"rotary: x has dtype {x.dtype}, cos and sin {cos.dtype}; they must be alike")
+    for name, a in (("cos", cos), ("sin", sin)):
+        if a.shape != (T, D):
+            raise ValueError(f"rotary: {name} has shape {a.shape}, expected {(T, D)} for x of shape {x.shape}")
+    if D % 2:
+        raise ValueError(f"rotary: x's last axis must be even, got shape {x.shape}")
     out = np.empty_like(x)
     _call_c("rotary", out, x, cos, sin, int(bool(transpose)), B, H, T, D, _strides3(x), _strides3(out))
     return out

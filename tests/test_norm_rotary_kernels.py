@@ -20,7 +20,7 @@ rotary with random cos/sin tables whose halves differ (rope tables repeat one ha
 a swapped index) against the NumPy functions, its transpose the adjoint (<R x, y> = <x, Rᵀ y>) and
 the inverse for a rope table, its output laid out as x. 1 and 2 threads give identical bits above
 the parallel threshold (1e5 elements). Malformed calls raise TypeError / ValueError naming the
-argument; the ones that do not yet are strict xfails (see the end of the file).
+argument (the checks at the end of the file were strict xfails until the wrappers were fixed).
 
 Tolerances are relative to the magnitude of the terms, RTOL = 1e-12 for float64 and 1e-5 for
 float32, computed in float64 from the inputs with the exact r = 1/sqrt(mean(x²) + eps) (eps rounded
@@ -605,14 +605,11 @@ def test_functional_rejects(backend):
         F.rotary_embedding(q, np.stack([cos, cos])[:, None], np.stack([sin, sin])[:, None])
 
 
-# ---- known gaps: strict xfails, they start failing (XPASS) when fixed ----------------------------------------
+# ---- gaps found by these tests and fixed since: wrong dtypes, shapes and types refused, naming the argument ----
 # Each call below stays inside its buffers (the variants that read past an end are in the report, not here).
 
 
 @needs_c
-@pytest.mark.xfail(strict=True, reason="kernels.rotary checks cos and sin but not x: x float32 with float64 "
-                   "tables runs the f32 kernel on the tables' bytes (garbage, no error); x float64 with float32 "
-                   "tables reads twice the tables' bytes, past their end")
 def test_rotary_refuses_x_of_another_dtype_than_cos():
     x = _x(np.float32, (1, 2, 3, 4))
     cos, sin = F.rope_cos_sin(np.arange(3), 4, dtype=np.float64)
@@ -621,8 +618,6 @@ def test_rotary_refuses_x_of_another_dtype_than_cos():
 
 
 @needs_c
-@pytest.mark.xfail(strict=True, reason="kernels.rotary does not check x's dtype: an int64 x runs the f64 kernel "
-                   "on its bytes and returns an int64 array of reinterpreted doubles")
 def test_rotary_refuses_an_int_x():
     cos, sin = F.rope_cos_sin(np.arange(3), 4, dtype=np.float64)
     with pytest.raises(TypeError, match="int64"):
@@ -630,39 +625,30 @@ def test_rotary_refuses_an_int_x():
 
 
 @needs_c
-@pytest.mark.xfail(strict=True, reason="kernels.rotary's shape message shows cos's shape when sin's is the wrong one")
 def test_rotary_names_the_wrong_sin_shape():
     with pytest.raises(ValueError, match=r"\(4, 4\)"):
         _rotary(sin=_x(shape=(4, 4)))
 
 
 @needs_c
-@pytest.mark.xfail(strict=True, reason="kernels.rotary unpacks x.shape into B, H, T, D: a 3-D x gives "
-                   "'not enough values to unpack', naming neither x nor the 4 axes it needs")
 def test_rotary_names_a_3d_x():
     with pytest.raises(ValueError, match=r"\bx\b"):
         kernels.rotary(_x(shape=(2, 3, 4)), _x(shape=(3, 4)), _x(shape=(3, 4)))
 
 
 @needs_c
-@pytest.mark.xfail(strict=True, reason="kernels.rms_norm_backward does not check rstd's shape: C reads rstd[0..rows) "
-                   "(too short: past its end; here too long: accepted silently)")
 def test_rms_norm_backward_checks_rstd_shape():
     with pytest.raises(ValueError, match="rstd"):
         _backward(rstd=np.ones(8, np.float32))
 
 
 @needs_c
-@pytest.mark.xfail(strict=True, reason="kernels.rms_norm_backward does not check weight's shape: C reads "
-                   "weight[0..n) (too short: past its end; here too long: accepted silently)")
 def test_rms_norm_backward_checks_weight_shape():
     with pytest.raises(ValueError, match="weight"):
         _backward(w=np.ones(7, np.float32))
 
 
 @needs_c
-@pytest.mark.xfail(strict=True, reason="kernels.rms_norm_forward / _backward divide x.size by n: an empty last "
-                   "axis raises ZeroDivisionError (functional.rms_norm avoids the C path there)")
 def test_rms_norm_kernels_take_an_empty_last_axis():
     x = np.ones((3, 0), np.float32)
     try:
@@ -673,8 +659,6 @@ def test_rms_norm_kernels_take_an_empty_last_axis():
 
 
 @needs_c
-@pytest.mark.xfail(strict=True, reason="kernels.rms_norm_forward and kernels.rotary read x.shape before any check: "
-                   "a list x raises AttributeError, not TypeError")
 @pytest.mark.parametrize("op", ["rms_norm_forward", "rotary"])
 def test_kernels_refuse_a_list_x(op):
     with pytest.raises(TypeError, match="x"):
@@ -685,11 +669,7 @@ def test_kernels_refuse_a_list_x(op):
 
 
 @pytest.mark.parametrize("backend", [
-    pytest.param("numpy", marks=pytest.mark.xfail(strict=True, reason="functional.rms_norm does not check the "
-                                                  "weight's shape: the NumPy code broadcasts a (1, n) weight (and "
-                                                  "its backward then fails on the gradient's shape), the C path "
-                                                  "refuses it")),
-    pytest.param("c", marks=needs_c)])
+    "numpy", pytest.param("c", marks=needs_c)])
 def test_rms_norm_refuses_a_weight_not_of_normalized_shape(backend):
     kernels.set_backend(backend)
     with pytest.raises(ValueError, match="weight"):
