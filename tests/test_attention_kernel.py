@@ -42,14 +42,6 @@ LAYOUTS = ["dense", "bthd", "padded", "reversed"]
 NEEDS = [(a, b, c) for a in (True, False) for b in (True, False) for c in (True, False)]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def restore_backend():
-    before, threads = kernels.backend(), kernels.get_num_threads()
-    yield
-    kernels.set_backend(before)
-    kernels.set_num_threads(threads)
-
-
 # ---- data ---------------------------------------------------------------------------------------------
 
 

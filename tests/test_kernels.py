@@ -27,14 +27,6 @@ needs_c = pytest.mark.skipif(not HAS_C and not IN_CI, reason="C core not built")
 RTOL = {np.float32: 1e-5, np.float64: 1e-12}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def restore_backend():
-    before, threads = kernels.backend(), kernels.get_num_threads()
-    yield
-    kernels.set_backend(before)
-    kernels.set_num_threads(threads)
-
-
 def test_c_core_is_built_in_ci():
     """CI installs with a compiler: the C backend must be there and be the default."""
     if not IN_CI:

@@ -56,14 +56,6 @@ LAYOUTS = ["dense", "bthd", "padded", "reversed"]
 SPIED = ("rms_norm_forward", "rms_norm_backward", "rotary")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def restore_backend():
-    before, threads = kernels.backend(), kernels.get_num_threads()
-    yield
-    kernels.set_backend(before)
-    kernels.set_num_threads(threads)
-
-
 # ---- helpers ------------------------------------------------------------------------------------------
 
 

@@ -49,14 +49,6 @@ FLOOR = {np.float32: 4 * float(np.finfo(np.float32).tiny), np.float64: 4 * float
 EXP_F32_HI = float(np.nextafter(np.float32(88.7228391), np.float32(0)))  # the largest float32 below ln FLT_MAX
 
 
-@pytest.fixture(autouse=True, scope="module")
-def restore_backend():
-    before, threads = kernels.backend(), kernels.get_num_threads()
-    yield
-    kernels.set_backend(before)
-    kernels.set_num_threads(threads)
-
-
 # ---- helpers --------------------------------------------------------------------------------------
 
 
