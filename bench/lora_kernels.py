@@ -26,12 +26,15 @@ TOKENS = [1024, 4096]
 
 
 def median_times(fns, rounds):
-    """{name: median seconds}, calling each fn once per round, in turn."""
+    """{name: median seconds}, calling each fn once per round, in turn. Each round starts one
+    implementation further on, so that none always runs first after the 256 MB copy (cold caches)
+    or always right after another one (warm caches, or its idle threads still spinning)."""
     times = {name: [] for name in fns}
     for name, fn in fns.items():  # warm-up
         fn()
-    for _ in range(rounds):
-        for name, fn in fns.items():
+    order = list(fns.items())
+    for i in range(rounds):
+        for name, fn in order[i % len(order):] + order[:i % len(order)]:
             start = time.perf_counter()
             fn()
             times[name].append(time.perf_counter() - start)
