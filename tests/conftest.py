@@ -7,6 +7,9 @@ Every module runs under `restore_backend`, which puts lora_np's kernel backend a
 """
 import importlib
 import os
+import shutil
+import subprocess
+import sysconfig
 
 import numpy as np
 import pytest
@@ -59,3 +62,29 @@ def assert_close(actual, expected, rtol, atol=0.0, name="value"):
             f"actual {actual[i]!r} expected {expected[i]!r} (rtol={rtol}, atol={atol}, "
             f"{int(bad.sum())} of {bad.size} elements out of tolerance)"
         )
+
+
+def run_c_driver_under_sanitizers(tmp_path, driver, sources, passed_line):
+    """Build csrc/<driver>.c with the given C sources of csrc/ under AddressSanitizer + UBSan (and
+    OpenMP when the extension has it), run it with the AVX2 build and then the baseline SIMD build,
+    and check it exits 0 printing `passed_line`. A missing compiler fails: the extension was built."""
+    from lora_np import kernels
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    cc = (os.environ.get("CC") or sysconfig.get_config_var("CC") or "cc").split()
+    if shutil.which(cc[0]) is None:
+        pytest.fail(f"the C compiler {cc[0]!r} that built the extension is gone")
+    exe = tmp_path / driver
+    paths = [os.path.join(root, "csrc", f) for f in [f"{driver}.c", *sources]]
+    flags = ["-O0", "-g", "-fsanitize=address,undefined", "-fno-omit-frame-pointer", "-fno-sanitize-recover=all",
+             "-Wno-psabi", "-I" + os.path.join(root, "csrc")]
+    omp = ["-fopenmp"] if kernels._lib.lora_has_openmp() else []
+    build = subprocess.run(cc + flags + omp + paths + ["-o", str(exe), "-lm"], capture_output=True, text=True)
+    assert build.returncode == 0, build.stderr
+    for simd in ("", "baseline"):  # the AVX2 build where the CPU has it, then the baseline build
+        env = {**os.environ, "ASAN_OPTIONS": "detect_leaks=1:abort_on_error=0", "LORA_TEST_VERBOSE": "1",
+               "LORA_NP_SIMD": simd}
+        env.pop("LD_PRELOAD", None)
+        done = subprocess.run([str(exe)], capture_output=True, text=True, env=env, timeout=120)
+        assert done.returncode == 0, f"LORA_NP_SIMD={simd!r}\n" + done.stdout[-3000:] + done.stderr[-3000:]
+        assert passed_line in done.stdout

@@ -8,17 +8,15 @@ once under AddressSanitizer. The tolerance is relative to the size of the terms 
 float64 1e-12, float32 1e-5, times the same op evaluated on absolute values.
 """
 import os
-import shutil
 import subprocess
 import sys
-import sysconfig
 
 import numpy as np
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from conftest import IN_CI, assert_close
+from conftest import IN_CI, assert_close, run_c_driver_under_sanitizers
 from lora_np import kernels
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -355,23 +353,7 @@ def test_environment_variable_picks_the_backend():
 
 @needs_c
 def test_c_kernels_under_address_sanitizer(tmp_path):
-    cc = (os.environ.get("CC") or sysconfig.get_config_var("CC") or "cc").split()
-    if shutil.which(cc[0]) is None:
-        pytest.fail(f"the C compiler {cc[0]!r} that built the extension is gone")
-    exe = tmp_path / "test_lora_kernels"
-    sources = [os.path.join(ROOT, "csrc", f) for f in ("test_lora_kernels.c", "lora_kernels.c")]
-    flags = ["-O0", "-g", "-fsanitize=address,undefined", "-fno-omit-frame-pointer", "-fno-sanitize-recover=all",
-             "-Wno-psabi", "-I" + os.path.join(ROOT, "csrc")]
-    omp = ["-fopenmp"] if kernels._lib.lora_has_openmp() else []
-    build = subprocess.run(cc + flags + omp + sources + ["-o", str(exe), "-lm"], capture_output=True, text=True)
-    assert build.returncode == 0, build.stderr
-    for simd in ("", "baseline"):  # the AVX2 build where the CPU has it, then the baseline build
-        env = {**os.environ, "ASAN_OPTIONS": "detect_leaks=1:abort_on_error=0", "LORA_TEST_VERBOSE": "1",
-               "LORA_NP_SIMD": simd}
-        env.pop("LD_PRELOAD", None)
-        done = subprocess.run([str(exe)], capture_output=True, text=True, env=env, timeout=120)
-        assert done.returncode == 0, f"LORA_NP_SIMD={simd!r}\n" + done.stdout[-3000:] + done.stderr[-3000:]
-        assert "all C kernel checks passed" in done.stdout
+    run_c_driver_under_sanitizers(tmp_path, "test_lora_kernels", ["lora_kernels.c"], "all C kernel checks passed")
 
 
 def _environment_after_import(argv0, env_extra):

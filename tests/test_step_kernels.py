@@ -27,16 +27,13 @@ s < 1e-38). Non-finite results must
 match exactly: NaN where NaN, inf of the same sign.
 """
 import os
-import shutil
-import subprocess
-import sysconfig
 
 import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from conftest import IN_CI, assert_close
+from conftest import IN_CI, assert_close, run_c_driver_under_sanitizers
 from lora_np import Tensor, kernels
 from lora_np import functional as F
 
@@ -583,20 +580,4 @@ def test_silu_mul_function_takes_strided_inputs():
 
 @needs_c
 def test_step_kernels_under_address_sanitizer(tmp_path):
-    cc = (os.environ.get("CC") or sysconfig.get_config_var("CC") or "cc").split()
-    if shutil.which(cc[0]) is None:
-        pytest.fail(f"the C compiler {cc[0]!r} that built the extension is gone")
-    exe = tmp_path / "test_step_kernels"
-    sources = [os.path.join(ROOT, "csrc", f) for f in ("test_step_kernels.c", "step_kernels.c", "lora_kernels.c")]
-    flags = ["-O0", "-g", "-fsanitize=address,undefined", "-fno-omit-frame-pointer", "-fno-sanitize-recover=all",
-             "-Wno-psabi", "-I" + os.path.join(ROOT, "csrc")]
-    omp = ["-fopenmp"] if kernels._lib.lora_has_openmp() else []
-    build = subprocess.run(cc + flags + omp + sources + ["-o", str(exe), "-lm"], capture_output=True, text=True)
-    assert build.returncode == 0, build.stderr
-    for simd in ("", "baseline"):  # the AVX2 build where the CPU has it, then the baseline build
-        env = {**os.environ, "ASAN_OPTIONS": "detect_leaks=1:abort_on_error=0", "LORA_TEST_VERBOSE": "1",
-               "LORA_NP_SIMD": simd}
-        env.pop("LD_PRELOAD", None)
-        done = subprocess.run([str(exe)], capture_output=True, text=True, env=env, timeout=120)
-        assert done.returncode == 0, f"LORA_NP_SIMD={simd!r}\n" + done.stdout[-3000:] + done.stderr[-3000:]
-        assert "all step kernel checks passed" in done.stdout
+    run_c_driver_under_sanitizers(tmp_path, "test_step_kernels", ["step_kernels.c", "lora_kernels.c"], "all step kernel checks passed")
