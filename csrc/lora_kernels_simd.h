@@ -5,24 +5,7 @@
  * name_f32_base, ... and the public functions pick the set the CPU has at run time.
  * Matrices are row-major; a shape comment names each argument's shape.
  */
-#define CAT3_(a, b, c) a##_##b##_##c
-#define CAT3(a, b, c) CAT3_(a, b, c)
-#define FN(name) CAT3(name, SFX, ISA)
-#define VL ((int64_t)(VBYTES / sizeof(real)))
-
-/* A SIMD vector of VL reals that may sit at any real-aligned address. */
-typedef real FN(vec) __attribute__((vector_size(VBYTES), aligned(sizeof(real)), may_alias));
-#define vec FN(vec)
-
-ALWAYS_INLINE vec FN(load)(const real *p) { return *(const vec *)p; }
-ALWAYS_INLINE void FN(store)(real *p, vec v) { *(vec *)p = v; }
-
-ALWAYS_INLINE real FN(hsum)(vec v)
-{
-    real s = 0;
-    for (int l = 0; l < VL; l++) s += v[l];
-    return s;
-}
+#include "simd_vec.h"
 
 /* ---- rows_dot: T [M, R] = X [M, K] @ W [R, K]^T ------------------------------------- */
 
@@ -220,8 +203,4 @@ static void FN(update_block)(real *restrict Y, const real *restrict C, int64_t c
 }
 
 #undef JW
-#undef vec
-#undef VL
-#undef FN
-#undef CAT3
-#undef CAT3_
+#include "simd_vec_end.h"

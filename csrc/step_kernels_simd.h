@@ -6,20 +6,11 @@
  * exp: float32 uses the vector polynomial vexp below (Cephes' expf: range reduction by ln 2 in
  * two parts, a degree-5 polynomial, the power of two put into the exponent bits): within 2 ulp
  * of the correctly rounded result over [-87.3, 88.72], +inf above, 0 below (no denormals: they
- * would be slow and are 0 to a softmax or a sigmoid anyway), NaN kept. float64 calls the C library's exp, element by element: that type is for checking, and
- * must agree with NumPy to 1e-12.
+ * would be slow and are 0 to a softmax or a sigmoid anyway), NaN kept. float64 calls the C
+ * library's exp, element by element: that type is for checking, and must agree with NumPy to
+ * 1e-12.
  */
-#define CAT3_(a, b, c) a##_##b##_##c
-#define CAT3(a, b, c) CAT3_(a, b, c)
-#define FN(name) CAT3(name, SFX, ISA)
-#define VL ((int64_t)(VBYTES / sizeof(real)))
-
-typedef real FN(vec) __attribute__((vector_size(VBYTES), aligned(sizeof(real)), may_alias));
-#define vec FN(vec)
-
-ALWAYS_INLINE vec FN(load)(const real *p) { return *(const vec *)p; }
-ALWAYS_INLINE void FN(store)(real *p, vec v) { *(vec *)p = v; }
-ALWAYS_INLINE vec FN(splat)(real s) { return (vec){0} + s; }
+#include "simd_vec.h"
 
 #if IS_F32
 typedef int32_t FN(ivec) __attribute__((vector_size(VBYTES), aligned(4), may_alias));
@@ -421,8 +412,4 @@ static void FN(rotary_row)(real *restrict y, const real *restrict x, const real 
 
 #undef ivec
 #undef SEL
-#undef vec
-#undef VL
-#undef FN
-#undef CAT3
-#undef CAT3_
+#include "simd_vec_end.h"

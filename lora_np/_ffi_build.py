@@ -15,7 +15,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 HEADER = os.path.join("csrc", "lora_np.h")
 SOURCES = [os.path.join("csrc", f) for f in ("lora_kernels.c", "step_kernels.c")]
 DEPENDS = [HEADER] + [os.path.join("csrc", f) for f in (
-    "lora_internal.h", "lora_kernels_impl.h", "lora_kernels_simd.h", "step_kernels_impl.h", "step_kernels_simd.h")]
+    "lora_internal.h", "lora_kernels_impl.h", "lora_kernels_simd.h", "step_kernels_impl.h", "step_kernels_simd.h",
+    "simd_vec.h", "simd_vec_end.h")]
 
 
 def cdef_from_header(path):
