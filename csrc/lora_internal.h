@@ -2,7 +2,30 @@
 #ifndef LORA_INTERNAL_H
 #define LORA_INTERNAL_H
 
+#if !defined(__GNUC__)
+#error "the C core needs GCC or Clang (vector extensions); lora_np falls back to NumPy"
+#endif
+
 /* 1 when the AVX2 + FMA build runs on this CPU (lora_kernels.c; LORA_NP_SIMD=baseline says 0). */
 int lora_np_use_v3(void);
+
+/* On x86-64 with GCC the SIMD code (*_simd.h) is built twice: for AVX2 + FMA (x86-64-v3, 32-byte
+ * vectors) and for the baseline (16-byte SSE2 vectors), and the public functions pick one per call
+ * from what the CPU reports, so a wheel built here runs anywhere and still uses AVX2 where it can.
+ * Elsewhere (Clang, other CPUs) only the baseline build exists, with 16-byte vectors. */
+#if defined(__x86_64__) && !defined(__clang__)
+#define LORA_V3 1
+#endif
+
+#define ALWAYS_INLINE static inline __attribute__((always_inline))
+#define CAT_(a, b) a##_##b
+#define CAT(a, b) CAT_(a, b)
+
+/* SIMD(name): the worker name_SFX_v3 or name_SFX_base of a *_simd.h file, for this CPU. */
+#ifdef LORA_V3
+#define SIMD(name) (lora_np_use_v3() ? CAT(name, CAT(SFX, v3)) : CAT(name, CAT(SFX, base)))
+#else
+#define SIMD(name) CAT(name, CAT(SFX, base))
+#endif
 
 #endif

@@ -20,7 +20,7 @@
  * order, so results are bit-identical for any number of threads. No atomics, no fast-math.
  *
  * SIMD: GCC/Clang vector extensions (lora_kernels_simd.h), built for AVX2 + FMA and for the
- * baseline on x86-64 and picked at run time (see LORA_V3 below).
+ * baseline on x86-64 and picked at run time (LORA_V3 and SIMD() in lora_internal.h).
  */
 #include <stdlib.h>
 #include <string.h>
@@ -32,19 +32,6 @@
 #include <omp.h>
 #endif
 
-#if !defined(__GNUC__)
-#error "lora_kernels.c needs GCC or Clang (vector extensions); lora_np falls back to NumPy"
-#endif
-
-/* On x86-64 with GCC the SIMD code is built twice: for AVX2 + FMA (x86-64-v3, 32-byte vectors)
- * and for the baseline (16-byte SSE2 vectors), and the public functions pick one per call from
- * what the CPU reports, so a wheel built here runs anywhere and still uses AVX2 where it can.
- * Elsewhere (Clang, other CPUs) only the baseline build exists, with 16-byte vectors. */
-#if defined(__x86_64__) && !defined(__clang__)
-#define LORA_V3 1
-#endif
-
-#define ALWAYS_INLINE static inline __attribute__((always_inline))
 #define ROWS 32            /* token rows per cache block */
 #define CHUNK_ROWS 256     /* backward: at least this many tokens per chunk ... */
 #define MAX_CHUNKS 16      /* ... and at most this many chunks */
@@ -105,7 +92,6 @@ int lora_np_use_v3(void)
     return 0;
 #endif
 }
-#define use_v3 lora_np_use_v3
 
 #ifdef LORA_V3
 #pragma GCC push_options
@@ -125,9 +111,6 @@ int lora_np_use_v3(void)
 #undef ISA
 #undef VBYTES
 #pragma GCC pop_options
-#define SIMD(name) (use_v3() ? CAT(name, CAT(SFX, v3)) : CAT(name, CAT(SFX, base)))
-#else
-#define SIMD(name) CAT(name, CAT(SFX, base))
 #endif
 
 #define VBYTES 16

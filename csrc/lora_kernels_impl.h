@@ -3,8 +3,6 @@
  * SFX = f64, so each function below exists as name_f32 and name_f64. SIMD(name) is the
  * per-block worker of lora_kernels_simd.h for the instruction set this CPU has.
  */
-#define CAT_(a, b) a##_##b
-#define CAT(a, b) CAT_(a, b)
 #define FN(name) CAT(name, SFX)
 
 /* dst [r, n] = src^T, src [n, r]: the dense transposed copy of lora_B that rows_dot reads. */
@@ -193,5 +191,3 @@ int FN(lora_merge_ref)(real *weight, const real *lora_A, const real *lora_B, dou
 }
 
 #undef FN
-#undef CAT
-#undef CAT_

@@ -29,15 +29,6 @@
 #include "lora_internal.h"
 #include "lora_np.h"
 
-#if !defined(__GNUC__)
-#error "step_kernels.c needs GCC or Clang (vector extensions); lora_np falls back to NumPy"
-#endif
-
-#if defined(__x86_64__) && !defined(__clang__)
-#define LORA_V3 1
-#endif
-
-#define ALWAYS_INLINE static inline __attribute__((always_inline))
 #define ELEMENT_CHUNK 16384   /* elements per parallel chunk of the element-wise ops */
 #define PARALLEL_WORK 100000  /* elements below which a call stays on one thread */
 
@@ -93,13 +84,6 @@ typedef struct {
 #undef ISA
 #undef VBYTES
 
-#define CAT_(a, b) a##_##b
-#define CAT(a, b) CAT_(a, b)
-#ifdef LORA_V3
-#define SIMD(name) (lora_np_use_v3() ? CAT(name, CAT(SFX, v3)) : CAT(name, CAT(SFX, base)))
-#else
-#define SIMD(name) CAT(name, CAT(SFX, base))
-#endif
 #define FN(name) CAT(name, SFX)
 
 static int64_t row_vis(int64_t i, int64_t n, int64_t period, int64_t count0, int64_t group)
