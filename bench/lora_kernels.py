@@ -11,14 +11,22 @@ to the [N, r] factor, one [N, out] temporary); PyTorch eager does the same math 
 in-place addmm_ (its best eager form). Bandwidth is the traffic the op cannot avoid
 (read x, read+write y; read dy and x, read+write dx; read+write the weight) over the time,
 compared with a plain copy (np.copyto of 256 MB: bytes read + written) timed in the same rounds.
+
+OPENBLAS_THREAD_TIMEOUT=4 (unless set): after each call OpenBLAS's idle threads otherwise spin for
+about 0.1 s and take the cores from whatever is timed next (here: C after a NumPy call ran at half
+speed). The `lora-np` command sets the same, and NumPy's own times do not change with it.
 """
-import argparse
-import statistics
-import time
+import os
 
-import numpy as np
+os.environ.setdefault("OPENBLAS_THREAD_TIMEOUT", "4")  # before NumPy loads OpenBLAS
 
-from lora_np import kernels
+import argparse  # noqa: E402
+import statistics  # noqa: E402
+import time  # noqa: E402
+
+import numpy as np  # noqa: E402
+
+from lora_np import kernels  # noqa: E402
 
 SHAPES = [(576, 576), (576, 1536), (4096, 4096)]
 RANKS = [8, 16, 64]

@@ -18,6 +18,14 @@ int lora_np_use_v3(void);
 #endif
 
 #define ALWAYS_INLINE static inline __attribute__((always_inline))
+/* Prefetch the cache line `bytes` past p into all levels. The address may lie past the end of
+ * the array (prefetches never fault); it is computed as an integer so that no pointer does. */
+#include <stdint.h>
+ALWAYS_INLINE void prefetch_ahead(const void *p, int64_t bytes)
+{
+    __builtin_prefetch((const void *)((uintptr_t)p + (uintptr_t)bytes), 0, 3);
+}
+
 #define CAT_(a, b) a##_##b
 #define CAT(a, b) CAT_(a, b)
 

@@ -23,12 +23,14 @@ int FN(lora_forward)(real *y, real *t, const real *x, const real *lora_A, const 
     real *sBt = FN(alloc)(r * out);
     if (!sBt) return LORA_ENOMEM;
     SIMD(pack_scaled)(sBt, lora_B, 1, r, (real)scaling, r, out);
-    int64_t n_blocks = (N + ROWS - 1) / ROWS;
+    const int64_t n_blocks = (N + ROWS - 1) / ROWS, group = group_blocks(n_blocks);
 #pragma omp parallel for schedule(dynamic) num_threads(lora_get_num_threads()) if (N * r * (in + out) > PARALLEL_WORK)
-    for (int64_t b = 0; b < n_blocks; b++) {
-        int64_t m0 = b * ROWS, M = min64(ROWS, N - m0);
-        SIMD(forward_block)(y + m0 * out, t + m0 * r, x + m0 * in, lora_A, sBt, M, in, out, r);
-    }
+    for (int64_t b0 = 0; b0 < n_blocks; b0 += group)
+        for (int64_t b = b0; b < min64(b0 + group, n_blocks); b++) {
+            const int64_t m0 = b * ROWS, M = min64(ROWS, N - m0);
+            const int64_t pf = b + 1 < min64(b0 + group, n_blocks) ? ROWS : 0;
+            SIMD(forward_block)(y + m0 * out, t + m0 * r, x + m0 * in, lora_A, sBt, M, in, out, r, pf);
+        }
     free(sBt);
     return LORA_OK;
 }
@@ -40,7 +42,8 @@ int FN(lora_backward)(real *dx, real *d_lora_A, real *d_lora_B, const real *dy, 
     if (bad_sizes(N, in, out, r) || !dy || !x || !t || !lora_A || !lora_B) return LORA_EINVAL;
     if (N == 0 || r == 0) return LORA_OK; /* every gradient gets a sum of no terms */
     const real s = (real)scaling;
-    const int64_t n_c = n_chunks(N);
+    const int64_t n_c = n_chunks(N), block = bwd_rows(in, out, sizeof(real));
+    const int64_t group = bwd_group(block, in, out, r, sizeof(real));
     const int need_g = dx || d_lora_A;
     /* Bt = lora_B^T [r, out]; sA = s * lora_A [r, in]; g = dy @ lora_B [N, r];
      * Pa [n_c, r, in] and Pb [n_c, r, out]: per-chunk partial sums over tokens. */
@@ -49,10 +52,8 @@ int FN(lora_backward)(real *dx, real *d_lora_A, real *d_lora_B, const real *dy, 
     real *g = need_g ? FN(alloc)(N * r) : NULL;
     real *Pa = d_lora_A ? calloc((size_t)(n_c * r * in + 1), sizeof(real)) : NULL;
     real *Pb = d_lora_B ? calloc((size_t)(n_c * r * out + 1), sizeof(real)) : NULL;
-    real *packed = d_lora_A || d_lora_B ? FN(alloc)(n_c * ROWS * PANEL_COLS) : NULL;
-    if ((need_g && (!Bt || !g)) || (dx && !sA) || (d_lora_A && !Pa) || (d_lora_B && !Pb) ||
-        ((d_lora_A || d_lora_B) && !packed)) {
-        free(Bt), free(sA), free(g), free(Pa), free(Pb), free(packed);
+    if ((need_g && (!Bt || !g)) || (dx && !sA) || (d_lora_A && !Pa) || (d_lora_B && !Pb)) {
+        free(Bt), free(sA), free(g), free(Pa), free(Pb);
         return LORA_ENOMEM;
     }
     if (Bt) FN(transpose)(Bt, lora_B, out, r);
@@ -61,15 +62,21 @@ int FN(lora_backward)(real *dx, real *d_lora_A, real *d_lora_B, const real *dy, 
 #pragma omp parallel for schedule(dynamic) num_threads(lora_get_num_threads()) if (2 * N * r * (in + out) > PARALLEL_WORK)
     for (int64_t c = 0; c < n_c; c++) {
         const int64_t m_begin = c * N / n_c, m_end = (c + 1) * N / n_c;
-        real *pack_c = packed ? packed + c * ROWS * PANEL_COLS : NULL;
-        /* One block of rows at a time, every use of it while it is in cache: dy is read from
-         * memory once. The partial sums still add the blocks in order, as in a chunk-wide pass. */
-        for (int64_t m0 = m_begin; m0 < m_end; m0 += ROWS) {
-            const int64_t rows = min64(ROWS, m_end - m0);
+        real *Pa_c = Pa ? Pa + c * r * in : NULL, *Pb_c = Pb ? Pb + c * r * out : NULL;
+        /* Groups of rows (at most ROWS), each used while it is in cache: dy is read from memory once. First
+         * g and dx, in smaller blocks (each prefetching the next one's dy and dx), then the group's
+         * terms of the two sums over tokens (the Pa pass prefetches the next group's x). The
+         * partial sums still add the tokens in order, as in a chunk-wide pass. */
+        for (int64_t g0 = m_begin; g0 < m_end; g0 += group) {
+            const int64_t g_end = min64(g0 + group, m_end);
             if (need_g)
-                SIMD(backward_rows)(dx ? dx + m0 * in : NULL, g + m0 * r, dy + m0 * out, Bt, sA, rows, in, out, r);
-            if (Pb) SIMD(reduce_chunk)(Pb + c * r * out, t + m0 * r, dy + m0 * out, rows, out, r, pack_c);
-            if (Pa) SIMD(reduce_chunk)(Pa + c * r * in, g + m0 * r, x + m0 * in, rows, in, r, pack_c);
+                for (int64_t m0 = g0; m0 < g_end; m0 += block) {
+                    const int64_t rows = min64(block, g_end - m0), pf = m0 + rows < m_end ? block : 0;
+                    SIMD(backward_rows)(dx ? dx + m0 * in : NULL, g + m0 * r, dy + m0 * out, Bt, sA, rows, in, out,
+                                        r, pf);
+                }
+            if (Pb_c) SIMD(reduce_rows)(Pb_c, t + g0 * r, dy + g0 * out, g_end - g0, out, r, need_g ? 0 : group);
+            if (Pa_c) SIMD(reduce_rows)(Pa_c, g + g0 * r, x + g0 * in, g_end - g0, in, r, g_end < m_end ? group : 0);
         }
     }
 
@@ -93,7 +100,7 @@ int FN(lora_backward)(real *dx, real *d_lora_A, real *d_lora_B, const real *dy, 
         for (int64_t o = 0; o < out; o++)
             for (int64_t k = 0; k < r; k++) d_lora_B[o * r + k] += s * Pb[k * out + o];
     }
-    free(Bt), free(sA), free(g), free(Pa), free(Pb), free(packed);
+    free(Bt), free(sA), free(g), free(Pa), free(Pb);
     return LORA_OK;
 }
 
@@ -113,12 +120,14 @@ int FN(lora_merge)(real *weight, const real *lora_A, const real *lora_B, double 
         SIMD(pack_scaled)(D, lora_B, 1, r, s, r, out);
     else
         SIMD(pack_scaled)(D, lora_A, in, 1, s, r, in);
-    int64_t n_blocks = (rows + ROWS - 1) / ROWS;
+    const int64_t n_blocks = (rows + ROWS - 1) / ROWS, group = group_blocks(n_blocks);
 #pragma omp parallel for schedule(dynamic) num_threads(lora_get_num_threads()) if (rows * cols * r > PARALLEL_WORK)
-    for (int64_t b = 0; b < n_blocks; b++) {
-        int64_t m0 = b * ROWS, M = min64(ROWS, rows - m0);
-        SIMD(update_block)(weight + m0 * cols, C + m0 * csm, csm, csk, D, M, cols, r);
-    }
+    for (int64_t b0 = 0; b0 < n_blocks; b0 += group)
+        for (int64_t b = b0; b < min64(b0 + group, n_blocks); b++) {
+            const int64_t m0 = b * ROWS, M = min64(ROWS, rows - m0);
+            const int64_t pf = b + 1 < min64(b0 + group, n_blocks) ? ROWS : 0;
+            SIMD(update_block)(weight + m0 * cols, C + m0 * csm, csm, csk, D, M, cols, r, pf);
+        }
     free(D);
     return LORA_OK;
 }

@@ -7,19 +7,25 @@
  */
 #include "simd_vec.h"
 
+#define LINE ((int64_t)(64 / sizeof(real))) /* reals per cache line */
+
 /* ---- rows_dot: T [M, R] = X [M, K] @ W [R, K]^T ------------------------------------- */
 
-/* One tile of MB <= 2 rows of X against KB <= 4 rows of W (MB, KB compile-time constants).
- * T is [MB, KB] with row stride ldt; X is [MB, K] with row stride ldx; W is [KB, K], stride ldw. */
+/* One tile of MB <= 3 rows of X against KB <= 4 rows of W (MB, KB compile-time constants).
+ * T is [MB, KB] with row stride ldt; X is [MB, K] with row stride ldx; W is [KB, K], stride ldw.
+ * Each element is the sum of its own vector of lane partial sums, then the K % VL last terms, so
+ * the tile shape does not change any result. */
 ALWAYS_INLINE void FN(dot_tile)(real *restrict T, int64_t ldt, const real *restrict X, int64_t ldx,
-                                const real *restrict W, int64_t ldw, int64_t K, const int MB, const int KB)
+                                const real *restrict W, int64_t ldw, int64_t K, int64_t pf, const int MB, const int KB)
 {
-    vec acc[2][4];
+    vec acc[3][4];
     for (int m = 0; m < MB; m++)
         for (int k = 0; k < KB; k++) acc[m][k] = (vec){0};
     int64_t i = 0;
     for (; i + VL <= K; i += VL) {
-        vec xv[2];
+        vec xv[3];
+        if (pf && i % LINE == 0)
+            for (int m = 0; m < MB; m++) prefetch_ahead(X + m * ldx + i, pf * ldx * (int64_t)sizeof(real));
         for (int m = 0; m < MB; m++) xv[m] = FN(load)(X + m * ldx + i);
         for (int k = 0; k < KB; k++) {
             vec w = FN(load)(W + k * ldw + i);
@@ -34,21 +40,25 @@ ALWAYS_INLINE void FN(dot_tile)(real *restrict T, int64_t ldt, const real *restr
         }
 }
 
-/* T [M, R] = X [M, K] @ W [R, K]^T; all three dense. */
+/* MB rows of T [M, R] = X [M, K] @ W [R, K]^T (all dense): 3 x 4 tiles (12 accumulators, 7 loads
+ * for 12 multiply-adds), then the R % 4 last columns one at a time. */
+ALWAYS_INLINE void FN(dot_rows)(real *restrict T, const real *restrict X, const real *restrict W,
+                                int64_t K, int64_t R, int64_t pf, const int MB)
+{
+    int64_t k = 0;
+    for (; k + 4 <= R; k += 4) FN(dot_tile)(T + k, R, X, K, W + k * K, K, K, k ? 0 : pf, MB, 4);
+    for (; k < R; k++) FN(dot_tile)(T + k, R, X, K, W + k * K, K, K, k ? 0 : pf, MB, 1);
+}
+
+/* T [M, R] = X [M, K] @ W [R, K]^T; all three dense. pf > 0: prefetch the rows of X pf rows
+ * further on as these are read (the next block's, which the caller knows to exist). */
 ALWAYS_INLINE void FN(rows_dot)(real *restrict T, const real *restrict X, const real *restrict W,
-                                int64_t M, int64_t K, int64_t R)
+                                int64_t M, int64_t K, int64_t R, int64_t pf)
 {
     int64_t m = 0;
-    for (; m + 2 <= M; m += 2) {
-        int64_t k = 0;
-        for (; k + 4 <= R; k += 4) FN(dot_tile)(T + m * R + k, R, X + m * K, K, W + k * K, K, K, 2, 4);
-        for (; k < R; k++) FN(dot_tile)(T + m * R + k, R, X + m * K, K, W + k * K, K, K, 2, 1);
-    }
-    for (; m < M; m++) {
-        int64_t k = 0;
-        for (; k + 4 <= R; k += 4) FN(dot_tile)(T + m * R + k, R, X + m * K, K, W + k * K, K, K, 1, 4);
-        for (; k < R; k++) FN(dot_tile)(T + m * R + k, R, X + m * K, K, W + k * K, K, K, 1, 1);
-    }
+    for (; m + 3 <= M; m += 3) FN(dot_rows)(T + m * R, X + m * K, W, K, R, pf, 3);
+    for (; m + 2 <= M; m += 2) FN(dot_rows)(T + m * R, X + m * K, W, K, R, pf, 2);
+    for (; m < M; m++) FN(dot_rows)(T + m * R, X + m * K, W, K, R, pf, 1);
 }
 
 /* ---- rows_update: Y [M, K] += C [M, R] @ D [R, K] ----------------------------------- */
@@ -70,15 +80,20 @@ static void FN(pack_scaled)(real *restrict Dp, const real *restrict src, int64_t
     }
 }
 
-/* MB <= 4 rows of Y (row stride ldy); C[m, k] is C[m * csm + k * csk], so C may be a
- * transposed view; Dp is D [R, K] packed. Each element adds its R terms in order k = 0..R-1. */
+/* MB <= 6 rows of Y (row stride ldy); C[m, k] is C[m * csm + k * csk], so C may be a
+ * transposed view; Dp is D [R, K] packed. Each element adds its R terms in order k = 0..R-1.
+ * RC is R as a compile-time constant (0: use R), so the k loop unrolls for the common ranks. */
 ALWAYS_INLINE void FN(update_tile)(real *restrict Y, int64_t ldy, const real *restrict C, int64_t csm,
-                                   int64_t csk, const real *restrict Dp, int64_t K, int64_t R, const int MB)
+                                   int64_t csk, const real *restrict Dp, int64_t K, int64_t R, int64_t pf,
+                                   const int MB, const int RC)
 {
+    if (RC) R = RC;
     const int64_t full = K / JW * JW, tail = K - full;
     for (int64_t j = 0; j < full; j += JW) {
         const real *d = Dp + j * R;
-        vec acc[4][2];
+        vec acc[6][2];
+        if (pf)
+            for (int m = 0; m < MB; m++) prefetch_ahead(Y + m * ldy + j, pf * ldy * (int64_t)sizeof(real));
         for (int m = 0; m < MB; m++) {
             acc[m][0] = FN(load)(Y + m * ldy + j);
             acc[m][1] = FN(load)(Y + m * ldy + j + VL);
@@ -104,48 +119,72 @@ ALWAYS_INLINE void FN(update_tile)(real *restrict Y, int64_t ldy, const real *re
         }
 }
 
-ALWAYS_INLINE void FN(rows_update)(real *restrict Y, const real *restrict C, int64_t csm, int64_t csk,
-                                   const real *restrict Dp, int64_t M, int64_t K, int64_t R)
+/* Tiles of 6 rows (12 accumulators, 8 loads for 12 multiply-adds), then 3, then 1. */
+ALWAYS_INLINE void FN(update_rows)(real *restrict Y, const real *restrict C, int64_t csm, int64_t csk,
+                                   const real *restrict Dp, int64_t M, int64_t K, int64_t R, int64_t pf, const int RC)
 {
     int64_t m = 0;
-    for (; m + 4 <= M; m += 4) FN(update_tile)(Y + m * K, K, C + m * csm, csm, csk, Dp, K, R, 4);
-    for (; m < M; m++) FN(update_tile)(Y + m * K, K, C + m * csm, csm, csk, Dp, K, R, 1);
+    for (; m + 6 <= M; m += 6) FN(update_tile)(Y + m * K, K, C + m * csm, csm, csk, Dp, K, R, pf, 6, RC);
+    for (; m + 3 <= M; m += 3) FN(update_tile)(Y + m * K, K, C + m * csm, csm, csk, Dp, K, R, pf, 3, RC);
+    for (; m < M; m++) FN(update_tile)(Y + m * K, K, C + m * csm, csm, csk, Dp, K, R, pf, 1, RC);
+}
+
+/* Y [M, K] += C @ Dp, with the k loop unrolled for dense C and r = 4, 8 or 16; pf as in rows_dot. */
+ALWAYS_INLINE void FN(rows_update)(real *restrict Y, const real *restrict C, int64_t csm, int64_t csk,
+                                   const real *restrict Dp, int64_t M, int64_t K, int64_t R, int64_t pf)
+{
+    if (csk == 1 && R == 8)
+        FN(update_rows)(Y, C, csm, 1, Dp, M, K, R, pf, 8);
+    else if (csk == 1 && R == 16)
+        FN(update_rows)(Y, C, csm, 1, Dp, M, K, R, pf, 16);
+    else if (csk == 1 && R == 4)
+        FN(update_rows)(Y, C, csm, 1, Dp, M, K, R, pf, 4);
+    else
+        FN(update_rows)(Y, C, csm, csk, Dp, M, K, R, pf, 0);
 }
 
 /* ---- rows_reduce: P [R, W] += C [M, R]^T @ X [M, W] --------------------------------- */
 
-/* KB <= 8 rows of P, VL columns (P row stride ldp); C is [M, KB] (row stride ldc); X is
- * [M, VL] (row stride ldx). Each element adds its M terms in order m = 0..M-1. */
+/* KB <= 4 rows of P, JV <= 2 vectors of columns (P row stride ldp); C is [M, KB] (row stride
+ * ldc); X is [M, JV * VL] (row stride ldx). Each element adds its M terms in order m = 0..M-1. */
 ALWAYS_INLINE void FN(reduce_tile)(real *restrict P, int64_t ldp, const real *restrict C, int64_t ldc,
-                                   const real *restrict X, int64_t ldx, int64_t M, const int KB)
+                                   const real *restrict X, int64_t ldx, int64_t M, int64_t pf, const int KB,
+                                   const int JV)
 {
-    vec acc[8];
-    for (int k = 0; k < KB; k++) acc[k] = FN(load)(P + k * ldp);
+    vec acc[4][2];
+    for (int k = 0; k < KB; k++)
+        for (int v = 0; v < JV; v++) acc[k][v] = FN(load)(P + k * ldp + v * VL);
     for (int64_t m = 0; m < M; m++) {
-        vec xv = FN(load)(X + m * ldx);
-        for (int k = 0; k < KB; k++) acc[k] += C[m * ldc + k] * xv;
+        vec xv[2];
+        if (pf) prefetch_ahead(X + m * ldx, pf * ldx * (int64_t)sizeof(real));
+        for (int v = 0; v < JV; v++) xv[v] = FN(load)(X + m * ldx + v * VL);
+        for (int k = 0; k < KB; k++) {
+            real c = C[m * ldc + k];
+            for (int v = 0; v < JV; v++) acc[k][v] += c * xv[v];
+        }
     }
-    for (int k = 0; k < KB; k++) FN(store)(P + k * ldp, acc[k]);
+    for (int k = 0; k < KB; k++)
+        for (int v = 0; v < JV; v++) FN(store)(P + k * ldp + v * VL, acc[k][v]);
 }
 
-/* P [R, W] (row stride ldp) += C [M, R]^T @ X [M, W] (row stride ldx); C is dense.
- * The tiles walk X down its columns. Rows of X a power of two apart share cache sets and the
- * prefetcher does not follow that walk, so the block's full column tiles are first copied, row
- * by row, into `packed` [W / VL][M][VL] (M * W reals), which the tiles then read in order. */
-ALWAYS_INLINE void FN(rows_reduce)(real *restrict P, int64_t ldp, const real *restrict C, const real *restrict X,
-                                   int64_t ldx, int64_t M, int64_t W, int64_t R, real *restrict packed)
+/* The R rows of P for one column strip of JV vectors: 4 x JV tiles, then one row at a time. */
+ALWAYS_INLINE void FN(reduce_strip)(real *restrict P, int64_t ldp, const real *restrict C, const real *restrict X,
+                                    int64_t ldx, int64_t M, int64_t R, int64_t pf, const int JV)
 {
-    const int64_t full = W / VL * VL;
-    for (int64_t m = 0; m < M; m++)
-        for (int64_t j = 0; j < full; j += VL) FN(store)(packed + (j * M + m * VL), FN(load)(X + m * ldx + j));
-    for (int64_t j = 0; j < full; j += VL) {
-        const real *xp = packed + j * M;
-        int64_t k = 0;
-        for (; k + 8 <= R; k += 8) FN(reduce_tile)(P + k * ldp + j, ldp, C + k, R, xp, VL, M, 8);
-        for (; k + 4 <= R; k += 4) FN(reduce_tile)(P + k * ldp + j, ldp, C + k, R, xp, VL, M, 4);
-        for (; k < R; k++) FN(reduce_tile)(P + k * ldp + j, ldp, C + k, R, xp, VL, M, 1);
-    }
-    for (int64_t j = full; j < W; j++)
+    int64_t k = 0;
+    for (; k + 4 <= R; k += 4) FN(reduce_tile)(P + k * ldp, ldp, C + k, R, X, ldx, M, k ? 0 : pf, 4, JV);
+    for (; k < R; k++) FN(reduce_tile)(P + k * ldp, ldp, C + k, R, X, ldx, M, k ? 0 : pf, 1, JV);
+}
+
+/* P [R, W] (row stride ldp) += C [M, R]^T @ X [M, W] (row stride ldx), M <= ROWS; C is dense.
+ * The tiles walk column strips of two vectors (a cache line of float32) down the M rows. */
+ALWAYS_INLINE void FN(rows_reduce)(real *restrict P, int64_t ldp, const real *restrict C, const real *restrict X,
+                                   int64_t ldx, int64_t M, int64_t W, int64_t R, int64_t pf)
+{
+    int64_t j = 0;
+    for (; j + 2 * VL <= W; j += 2 * VL) FN(reduce_strip)(P + j, ldp, C, X + j, ldx, M, R, pf, 2);
+    for (; j + VL <= W; j += VL) FN(reduce_strip)(P + j, ldp, C, X + j, ldx, M, R, pf, 1);
+    for (; j < W; j++)
         for (int64_t k = 0; k < R; k++) {
             real s = P[k * ldp + j];
             for (int64_t m = 0; m < M; m++) s += C[m * R + k] * X[m * ldx + j];
@@ -154,53 +193,45 @@ ALWAYS_INLINE void FN(rows_reduce)(real *restrict P, int64_t ldp, const real *re
 }
 
 /* ---- per-block workers: the SIMD code, one clone per instruction set ------------------ */
+/* pf: the rows of x, y, dy and dx pf rows further on are the next block's, which this thread
+ * takes next: prefetch them while this block computes (0 for a thread's last block). */
 
 /* M token rows: t [M, r] = x [M, in] @ lora_A^T;  y [M, out] += t @ sBt, sBt = scaling * lora_B^T [r, out] packed. */
 static void FN(forward_block)(real *restrict y, real *restrict t, const real *restrict x,
-                                          const real *restrict lora_A, const real *restrict sBt,
-                                          int64_t M, int64_t in, int64_t out, int64_t r)
+                              const real *restrict lora_A, const real *restrict sBt, int64_t M, int64_t in,
+                              int64_t out, int64_t r, int64_t pf)
 {
-    FN(rows_dot)(t, x, lora_A, M, in, r);
-    FN(rows_update)(y, t, r, 1, sBt, M, out, r);
+    FN(rows_dot)(t, x, lora_A, M, in, r, pf);
+    FN(rows_update)(y, t, r, 1, sBt, M, out, r, pf);
 }
 
-/* Backward, first pass over M token rows: g [M, r] = dy [M, out] @ Bt^T (Bt = lora_B^T [r, out]);
+/* Backward, one block of M token rows: g [M, r] = dy [M, out] @ Bt^T (Bt = lora_B^T [r, out]);
  * dx [M, in] += g @ sA (sA = scaling * lora_A, packed), skipped when dx is NULL. */
 static void FN(backward_rows)(real *restrict dx, real *restrict g, const real *restrict dy,
-                                          const real *restrict Bt, const real *restrict sA,
-                                          int64_t M, int64_t in, int64_t out, int64_t r)
+                              const real *restrict Bt, const real *restrict sA, int64_t M, int64_t in,
+                              int64_t out, int64_t r, int64_t pf)
 {
-    FN(rows_dot)(g, dy, Bt, M, out, r);
-    if (dx) FN(rows_update)(dx, g, r, 1, sA, M, in, r);
+    FN(rows_dot)(g, dy, Bt, M, out, r, pf);
+    if (dx) FN(rows_update)(dx, g, r, 1, sA, M, in, r, pf);
 }
 
-/* Backward, second pass: P [r, W] (row stride ldp) += C [M, r]^T @ X [M, W] (row stride ldx). */
-static void FN(reduce_block)(real *restrict P, int64_t ldp, const real *restrict C,
-                                         const real *restrict X, int64_t ldx, int64_t M, int64_t W, int64_t r,
-                                         real *restrict packed)
+/* Backward, one group of M token rows' terms of a sum over tokens: P [r, W] += C [M, r]^T @ X [M, W]
+ * (rows of W), in column panels whose slice of P (about PANEL_BYTES) stays in cache while the
+ * rows go by; pf as above, for the rows of X. */
+static void FN(reduce_rows)(real *restrict P, const real *restrict C, const real *restrict X, int64_t M,
+                            int64_t W, int64_t r, int64_t pf)
 {
-    FN(rows_reduce)(P, ldp, C, X, ldx, M, W, r, packed);
-}
-
-/* P [r, K] += C [M, r]^T @ X [M, K] over one chunk of M tokens, in column panels (at most
- * PANEL_COLS wide) whose slice of P (about PANEL_BYTES) stays in cache while the chunk's
- * ROWS-row blocks stream by: P is not re-read from memory for every block however large r * K.
- * packed: ROWS * PANEL_COLS reals of scratch. */
-static void FN(reduce_chunk)(real *P, const real *C, const real *X, int64_t M, int64_t K, int64_t r, real *packed)
-{
-    int64_t width = min64(PANEL_COLS, PANEL_BYTES / (r * (int64_t)sizeof(real)) / VL * VL);
-    if (width < VL) width = VL;
-    for (int64_t j0 = 0; j0 < K; j0 += width)
-        for (int64_t m0 = 0; m0 < M; m0 += ROWS)
-            FN(reduce_block)(P + j0, K, C + m0 * r, X + m0 * K + j0, K, min64(ROWS, M - m0), min64(width, K - j0),
-                             r, packed);
+    int64_t width = PANEL_BYTES / (r * (int64_t)sizeof(real)) / (2 * VL) * (2 * VL);
+    if (width < 2 * VL) width = 2 * VL;
+    for (int64_t j0 = 0; j0 < W; j0 += width) FN(rows_reduce)(P + j0, W, C, X + j0, W, M, min64(width, W - j0), r, pf);
 }
 
 static void FN(update_block)(real *restrict Y, const real *restrict C, int64_t csm, int64_t csk,
-                                         const real *restrict Dp, int64_t M, int64_t K, int64_t R)
+                             const real *restrict Dp, int64_t M, int64_t K, int64_t R, int64_t pf)
 {
-    FN(rows_update)(Y, C, csm, csk, Dp, M, K, R);
+    FN(rows_update)(Y, C, csm, csk, Dp, M, K, R, pf);
 }
 
 #undef JW
+#undef LINE
 #include "simd_vec_end.h"

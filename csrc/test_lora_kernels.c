@@ -142,11 +142,13 @@ static void check_f32(int64_t N, int64_t in, int64_t out, int64_t r, double s)
 int main(void)
 {
     /* N, in, out, r: empty (N, r, in or out = 0), a single token, odd sizes around the SIMD
-     * width (4 / 8) and the tiles (2 and 4 rows, 4 and 8 ranks, 32 token rows, 256-token chunks). */
+     * width (4 / 8) and the tiles (3 and 6 rows, 4, 8 and 16 ranks, 32 token rows, 256-token chunks),
+     * wide rows (backward blocks of 3 rows) and rank 64 (column panels of the partial sums). */
     static const int64_t cases[][4] = {
         {0, 5, 7, 3},   {1, 1, 1, 1},     {1, 17, 9, 5},   {2, 8, 16, 4},   {3, 33, 31, 9},
         {5, 16, 17, 8}, {33, 20, 12, 12}, {65, 9, 40, 17}, {130, 24, 7, 2}, {200, 12, 33, 64},
         {600, 9, 20, 5}, {777, 3, 5, 1},   {4, 6, 5, 0},     {4, 0, 5, 3},    {4, 6, 0, 3},
+        {70, 40, 35, 16}, {40, 3000, 5000, 8}, {31, 3000, 5000, 1}, {50, 300, 700, 64},
     };
     for (size_t c = 0; c < sizeof cases / sizeof cases[0]; c++) {
         check_f64(cases[c][0], cases[c][1], cases[c][2], cases[c][3], 0.75);

@@ -221,18 +221,31 @@ def test_one_and_two_threads_give_identical_bits(N, n_in, out, r, seed, dtype):
 
 
 @needs_c
-def test_large_case_matches_numpy():
-    """One size with several tiles, chunks and SIMD blocks in every dimension."""
-    a = make_case(7, 1000, 576, 1536, 16, np.float32)
+@pytest.mark.parametrize("N, n_in, out, r, dtype", [
+    (1000, 576, 1536, 16, np.float32),  # several tiles, chunks and SIMD blocks in every dimension
+    (777, 576, 1536, 8, np.float32),    # the unrolled rank-8 update; backward blocks of 9 rows
+    (301, 576, 576, 4, np.float64),     # the unrolled rank-4 update; blocks of 15 rows
+    (97, 3000, 5000, 8, np.float32),    # wide rows: backward blocks of 3 rows, groups of 6
+    (300, 40, 70, 64, np.float32),      # rank 64: several column panels of the partial sums
+])
+def test_large_case_matches_numpy(N, n_in, out, r, dtype):
+    """Sizes that cross the backward's blocks and groups (sized from in, out and r) and the
+    forward's 32-row blocks, with the next block prefetched."""
+    a = make_case(7, N, n_in, out, r, dtype)
     for k, v in run_forward(a, "c").items():
         want, _ = reference(lambda w: run_forward(w, "numpy"), a)
         mag, _ = reference(lambda w: run_forward(w, "numpy"), a, absolute=True)
-        check(v, want[k], mag[k], np.float32, f"forward {k}")
+        check(v, want[k], mag[k], dtype, f"forward {k}")
     got = run_backward(a, {"dx", "d_lora_A", "d_lora_B"}, "c")
     want, _ = reference(lambda w: run_backward(w, {"dx", "d_lora_A", "d_lora_B"}, "numpy"), a)
     mag, _ = reference(lambda w: run_backward(w, {"dx", "d_lora_A", "d_lora_B"}, "numpy"), a, absolute=True)
     for k in got:
-        check(got[k], want[k], mag[k], np.float32, f"backward {k}")
+        check(got[k], want[k], mag[k], dtype, f"backward {k}")
+    for fan_in_fan_out in (False, True):
+        merged = run_merge(a, fan_in_fan_out, "c")
+        want, _ = reference(lambda w: run_merge(w, fan_in_fan_out, "numpy"), a)
+        mag, _ = reference(lambda w: run_merge(w, fan_in_fan_out, "numpy"), a, absolute=True)
+        check(merged, want, mag, dtype, f"merge (fan_in_fan_out={fan_in_fan_out})")
 
 
 # ---- wrong calls are refused before C ---------------------------------------------------------
