@@ -2,6 +2,8 @@
 #ifndef LORA_INTERNAL_H
 #define LORA_INTERNAL_H
 
+#include <stdint.h>
+
 #if !defined(__GNUC__)
 #error "the C core needs GCC or Clang (vector extensions); lora_np falls back to NumPy"
 #endif
@@ -20,7 +22,6 @@ int lora_np_use_v3(void);
 #define ALWAYS_INLINE static inline __attribute__((always_inline))
 /* Prefetch the cache line `bytes` past p into all levels. The address may lie past the end of
  * the array (prefetches never fault); it is computed as an integer so that no pointer does. */
-#include <stdint.h>
 ALWAYS_INLINE void prefetch_ahead(const void *p, int64_t bytes)
 {
     __builtin_prefetch((const void *)((uintptr_t)p + (uintptr_t)bytes), 0, 3);

@@ -12,11 +12,12 @@
  *   rows_dot     T [M, R]  = X [M, K] @ W [R, K]^T     (t = x A^T, g = dy B)
  *   rows_update  Y [M, K] += C [M, R] @ D [R, K]       (y, dx, merge)
  *   rows_reduce  P [R, K] += C [M, R]^T @ X [M, K]     (d_lora_A, d_lora_B: sums over tokens)
- * Forward is rows_dot then rows_update on each block of ROWS rows. Backward takes each block
- * of a chunk of tokens (BWD_BYTES of dy, x and dx) once, while it is in cache: g = dy B,
- * dx += s g A, then its terms of the chunk's two sums over tokens, which read the block in
- * place. rows_update reads D packed by column tiles (rows a power of two apart would
- * otherwise all land in the same cache sets).
+ * Forward is rows_dot then rows_update on each block of ROWS rows. Backward takes each chunk
+ * of tokens in groups of rows (bwd_group), each used while it is in cache: g = dy B and
+ * dx += s g A in blocks of about BWD_BYTES of dy and dx (bwd_rows), then the group's terms of
+ * the chunk's two sums over tokens, which read the group in place, in column panels.
+ * rows_update reads D packed by column tiles (rows a power of two apart would otherwise all
+ * land in the same cache sets).
  *
  * Determinism: OpenMP splits work by output rows, and the sums over tokens in backward go
  * through a fixed number of chunks of tokens that depends on N only, added in a fixed

@@ -63,10 +63,10 @@ int FN(lora_backward)(real *dx, real *d_lora_A, real *d_lora_B, const real *dy, 
     for (int64_t c = 0; c < n_c; c++) {
         const int64_t m_begin = c * N / n_c, m_end = (c + 1) * N / n_c;
         real *Pa_c = Pa ? Pa + c * r * in : NULL, *Pb_c = Pb ? Pb + c * r * out : NULL;
-        /* Groups of rows (at most ROWS), each used while it is in cache: dy is read from memory once. First
-         * g and dx, in smaller blocks (each prefetching the next one's dy and dx), then the group's
-         * terms of the two sums over tokens (the Pa pass prefetches the next group's x). The
-         * partial sums still add the tokens in order, as in a chunk-wide pass. */
+        /* Groups of rows (at most ROWS), each used while it is in cache: dy is read from memory
+         * once. First g and dx, in smaller blocks (each prefetching the next one's dy and dx),
+         * then the group's terms of the two sums over tokens (the Pa pass prefetches the next
+         * group's x). The partial sums still add the tokens in order, as in a chunk-wide pass. */
         for (int64_t g0 = m_begin; g0 < m_end; g0 += group) {
             const int64_t g_end = min64(g0 + group, m_end);
             if (need_g)
