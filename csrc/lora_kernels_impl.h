@@ -65,8 +65,9 @@ int FN(lora_backward)(real *dx, real *d_lora_A, real *d_lora_B, const real *dy, 
         real *Pa_c = Pa ? Pa + c * r * in : NULL, *Pb_c = Pb ? Pb + c * r * out : NULL;
         /* Groups of rows (at most ROWS), each used while it is in cache: dy is read from memory
          * once. First g and dx, in smaller blocks (each prefetching the next one's dy and dx),
-         * then the group's terms of the two sums over tokens (the Pa pass prefetches the next
-         * group's x). The partial sums still add the tokens in order, as in a chunk-wide pass. */
+         * then the group's terms of the two sums over tokens, which prefetch the next group's dy
+         * and x while they compute from cache. The partial sums still add the tokens in order,
+         * as in a chunk-wide pass. */
         for (int64_t g0 = m_begin; g0 < m_end; g0 += group) {
             const int64_t g_end = min64(g0 + group, m_end);
             if (need_g)
@@ -75,8 +76,9 @@ int FN(lora_backward)(real *dx, real *d_lora_A, real *d_lora_B, const real *dy, 
                     SIMD(backward_rows)(dx ? dx + m0 * in : NULL, g + m0 * r, dy + m0 * out, Bt, sA, rows, in, out,
                                         r, pf);
                 }
-            if (Pb_c) SIMD(reduce_rows)(Pb_c, t + g0 * r, dy + g0 * out, g_end - g0, out, r, need_g ? 0 : group);
-            if (Pa_c) SIMD(reduce_rows)(Pa_c, g + g0 * r, x + g0 * in, g_end - g0, in, r, g_end < m_end ? group : 0);
+            const int64_t pf = g_end < m_end ? group : 0; /* the next group's dy and x */
+            if (Pb_c) SIMD(reduce_rows)(Pb_c, t + g0 * r, dy + g0 * out, g_end - g0, out, r, pf);
+            if (Pa_c) SIMD(reduce_rows)(Pa_c, g + g0 * r, x + g0 * in, g_end - g0, in, r, pf);
         }
     }
 

@@ -145,18 +145,19 @@ ALWAYS_INLINE void FN(rows_update)(real *restrict Y, const real *restrict C, int
 
 /* ---- rows_reduce: P [R, W] += C [M, R]^T @ X [M, W] --------------------------------- */
 
-/* KB <= 4 rows of P, JV <= 2 vectors of columns (P row stride ldp); C is [M, KB] (row stride
+/* KB <= 4 rows of P, JV <= 3 vectors of columns (P row stride ldp); C is [M, KB] (row stride
  * ldc); X is [M, JV * VL] (row stride ldx). Each element adds its M terms in order m = 0..M-1. */
 ALWAYS_INLINE void FN(reduce_tile)(real *restrict P, int64_t ldp, const real *restrict C, int64_t ldc,
                                    const real *restrict X, int64_t ldx, int64_t M, int64_t pf, const int KB,
                                    const int JV)
 {
-    vec acc[4][2];
+    vec acc[4][3];
     for (int k = 0; k < KB; k++)
         for (int v = 0; v < JV; v++) acc[k][v] = FN(load)(P + k * ldp + v * VL);
     for (int64_t m = 0; m < M; m++) {
-        vec xv[2];
-        if (pf) prefetch_ahead(X + m * ldx, pf * ldx * (int64_t)sizeof(real));
+        vec xv[3];
+        if (pf) /* the first and the last line of a 3-vector strip (96 bytes of float32) */
+            for (int v = 0; v < JV; v += 2) prefetch_ahead(X + m * ldx + v * VL, pf * ldx * (int64_t)sizeof(real));
         for (int v = 0; v < JV; v++) xv[v] = FN(load)(X + m * ldx + v * VL);
         for (int k = 0; k < KB; k++) {
             real c = C[m * ldc + k];
@@ -177,12 +178,13 @@ ALWAYS_INLINE void FN(reduce_strip)(real *restrict P, int64_t ldp, const real *r
 }
 
 /* P [R, W] (row stride ldp) += C [M, R]^T @ X [M, W] (row stride ldx), M <= ROWS; C is dense.
- * The tiles walk column strips of two vectors (a cache line of float32) down the M rows. */
+ * The tiles walk column strips of three vectors (12 accumulators, 7 loads for 12 multiply-adds)
+ * down the M rows. */
 ALWAYS_INLINE void FN(rows_reduce)(real *restrict P, int64_t ldp, const real *restrict C, const real *restrict X,
                                    int64_t ldx, int64_t M, int64_t W, int64_t R, int64_t pf)
 {
     int64_t j = 0;
-    for (; j + 2 * VL <= W; j += 2 * VL) FN(reduce_strip)(P + j, ldp, C, X + j, ldx, M, R, pf, 2);
+    for (; j + 3 * VL <= W; j += 3 * VL) FN(reduce_strip)(P + j, ldp, C, X + j, ldx, M, R, pf, 3);
     for (; j + VL <= W; j += VL) FN(reduce_strip)(P + j, ldp, C, X + j, ldx, M, R, pf, 1);
     for (; j < W; j++)
         for (int64_t k = 0; k < R; k++) {
@@ -221,8 +223,8 @@ static void FN(backward_rows)(real *restrict dx, real *restrict g, const real *r
 static void FN(reduce_rows)(real *restrict P, const real *restrict C, const real *restrict X, int64_t M,
                             int64_t W, int64_t r, int64_t pf)
 {
-    int64_t width = PANEL_BYTES / (r * (int64_t)sizeof(real)) / (2 * VL) * (2 * VL);
-    if (width < 2 * VL) width = 2 * VL;
+    int64_t width = PANEL_BYTES / (r * (int64_t)sizeof(real)) / (3 * VL) * (3 * VL);
+    if (width < 3 * VL) width = 3 * VL;
     for (int64_t j0 = 0; j0 < W; j0 += width) FN(rows_reduce)(P + j0, W, C, X + j0, W, M, min64(width, W - j0), r, pf);
 }
 
