@@ -40,7 +40,7 @@
 #define CHUNK_ROWS 256     /* backward: at least this many tokens per chunk ... */
 #define MAX_CHUNKS 16      /* ... and at most this many chunks */
 #define BWD_BYTES (96 * 1024) /* backward: bytes of dy and dx rows per block of g and dx */
-#define GROUP_BYTES (32 * 1024) /* backward: bytes of dy and x rows per group, per unit of rank */
+#define GROUP_BYTES (16 * 1024) /* backward: bytes of dy and x rows per group, per unit of rank */
 #define PANEL_BYTES (32 * 1024) /* backward: the slice of a partial sum kept in cache */
 #define PARALLEL_WORK 200000 /* multiply-adds below which a call stays on one thread */
 
@@ -92,8 +92,9 @@ static int64_t bwd_rows(int64_t in, int64_t out, int64_t real_size)
 }
 
 /* Backward: token rows per group (the unit of the sums over tokens), a multiple of the block,
- * at most ROWS. Its dy and x rows take about r * GROUP_BYTES: small groups keep them in L2,
- * large ones load and store the partial sums [r, in] and [r, out] less often. */
+ * at most ROWS. Its dy and x rows take about r * GROUP_BYTES: small groups keep them, and the
+ * next group's being prefetched, in L2; large ones load and store the partial sums [r, in]
+ * and [r, out] less often. */
 static int64_t bwd_group(int64_t block, int64_t in, int64_t out, int64_t r, int64_t real_size)
 {
     int64_t rows = GROUP_BYTES * r / ((out + in + 1) * real_size) / block * block;
