@@ -42,6 +42,7 @@
 #define BWD_BYTES (96 * 1024) /* backward: bytes of dy and dx rows per block of g and dx */
 #define GROUP_BYTES (16 * 1024) /* backward: bytes of dy and x rows per group, per unit of rank */
 #define PANEL_BYTES (32 * 1024) /* backward: the slice of a partial sum kept in cache */
+#define SMALL_BYTES (128 * 1024) /* the slice of lora_A or lora_B kept in cache (r * width) */
 #define PARALLEL_WORK 200000 /* multiply-adds below which a call stays on one thread */
 
 static int lora_num_threads = 0;

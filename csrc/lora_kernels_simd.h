@@ -14,9 +14,10 @@
 /* One tile of MB <= 3 rows of X against KB <= 4 rows of W (MB, KB compile-time constants).
  * T is [MB, KB] with row stride ldt; X is [MB, K] with row stride ldx; W is [KB, K], stride ldw.
  * Each element is the sum of its own vector of lane partial sums, then the K % VL last terms, so
- * the tile shape does not change any result. */
+ * the tile shape does not change any result; add: T += that sum (a later panel of K). */
 ALWAYS_INLINE void FN(dot_tile)(real *restrict T, int64_t ldt, const real *restrict X, int64_t ldx,
-                                const real *restrict W, int64_t ldw, int64_t K, int64_t pf, const int MB, const int KB)
+                                const real *restrict W, int64_t ldw, int64_t K, int64_t pf, int add, const int MB,
+                                const int KB)
 {
     vec acc[3][4];
     for (int m = 0; m < MB; m++)
@@ -36,29 +37,37 @@ ALWAYS_INLINE void FN(dot_tile)(real *restrict T, int64_t ldt, const real *restr
         for (int k = 0; k < KB; k++) {
             real s = FN(hsum)(acc[m][k]);
             for (int64_t j = i; j < K; j++) s += X[m * ldx + j] * W[k * ldw + j];
-            T[m * ldt + k] = s;
+            T[m * ldt + k] = add ? T[m * ldt + k] + s : s;
         }
 }
 
-/* MB rows of T [M, R] = X [M, K] @ W [R, K]^T (all dense): 3 x 4 tiles (12 accumulators, 7 loads
- * for 12 multiply-adds), then the R % 4 last columns one at a time. */
-ALWAYS_INLINE void FN(dot_rows)(real *restrict T, const real *restrict X, const real *restrict W,
-                                int64_t K, int64_t R, int64_t pf, const int MB)
+/* MB rows of T [M, R] (+)= X [M, K] @ W [R, K]^T, X and W with row stride ld: 3 x 4 tiles (12
+ * accumulators, 7 loads for 12 multiply-adds), then the R % 4 last columns one at a time. */
+ALWAYS_INLINE void FN(dot_rows)(real *restrict T, const real *restrict X, const real *restrict W, int64_t ld,
+                                int64_t K, int64_t R, int64_t pf, int add, const int MB)
 {
     int64_t k = 0;
-    for (; k + 4 <= R; k += 4) FN(dot_tile)(T + k, R, X, K, W + k * K, K, K, k ? 0 : pf, MB, 4);
-    for (; k < R; k++) FN(dot_tile)(T + k, R, X, K, W + k * K, K, K, k ? 0 : pf, MB, 1);
+    for (; k + 4 <= R; k += 4) FN(dot_tile)(T + k, R, X, ld, W + k * ld, ld, K, k ? 0 : pf, add, MB, 4);
+    for (; k < R; k++) FN(dot_tile)(T + k, R, X, ld, W + k * ld, ld, K, k ? 0 : pf, add, MB, 1);
 }
 
-/* T [M, R] = X [M, K] @ W [R, K]^T; all three dense. pf > 0: prefetch the rows of X pf rows
- * further on as these are read (the next block's, which the caller knows to exist). */
+/* T [M, R] = X [M, K] @ W [R, K]^T; all three dense. In panels of K whose slice of W (about
+ * SMALL_BYTES) stays in cache while the M rows use it (W is re-read from L2, not L3, for each
+ * row tile when r * K is large). pf > 0: prefetch the rows of X pf rows further on as these are
+ * read (the next block's, which the caller knows to exist). */
 ALWAYS_INLINE void FN(rows_dot)(real *restrict T, const real *restrict X, const real *restrict W,
                                 int64_t M, int64_t K, int64_t R, int64_t pf)
 {
-    int64_t m = 0;
-    for (; m + 3 <= M; m += 3) FN(dot_rows)(T + m * R, X + m * K, W, K, R, pf, 3);
-    for (; m + 2 <= M; m += 2) FN(dot_rows)(T + m * R, X + m * K, W, K, R, pf, 2);
-    for (; m < M; m++) FN(dot_rows)(T + m * R, X + m * K, W, K, R, pf, 1);
+    int64_t width = SMALL_BYTES / ((R > 0 ? R : 1) * (int64_t)sizeof(real)) / LINE * LINE;
+    if (width < LINE) width = LINE;
+    for (int64_t p0 = 0; p0 == 0 || p0 < K; p0 += width) {
+        const int64_t kk = min64(width, K - p0);
+        const int add = p0 > 0;
+        int64_t m = 0;
+        for (; m + 3 <= M; m += 3) FN(dot_rows)(T + m * R, X + m * K + p0, W + p0, K, kk, R, pf, add, 3);
+        for (; m + 2 <= M; m += 2) FN(dot_rows)(T + m * R, X + m * K + p0, W + p0, K, kk, R, pf, add, 2);
+        for (; m < M; m++) FN(dot_rows)(T + m * R, X + m * K + p0, W + p0, K, kk, R, pf, add, 1);
+    }
 }
 
 /* ---- rows_update: Y [M, K] += C [M, R] @ D [R, K] ----------------------------------- */
@@ -119,14 +128,23 @@ ALWAYS_INLINE void FN(update_tile)(real *restrict Y, int64_t ldy, const real *re
         }
 }
 
-/* Tiles of 6 rows (12 accumulators, 8 loads for 12 multiply-adds), then 3, then 1. */
+/* Y [M, K] (row stride ldy) += C @ Dp: tiles of 6 rows (12 accumulators, 8 loads for 12
+ * multiply-adds), then 3, then 1; in panels of K whose slice of Dp (about SMALL_BYTES) stays in
+ * cache while the M rows use it. A panel of whole column tiles of Dp is itself a packed D. */
 ALWAYS_INLINE void FN(update_rows)(real *restrict Y, const real *restrict C, int64_t csm, int64_t csk,
                                    const real *restrict Dp, int64_t M, int64_t K, int64_t R, int64_t pf, const int RC)
 {
-    int64_t m = 0;
-    for (; m + 6 <= M; m += 6) FN(update_tile)(Y + m * K, K, C + m * csm, csm, csk, Dp, K, R, pf, 6, RC);
-    for (; m + 3 <= M; m += 3) FN(update_tile)(Y + m * K, K, C + m * csm, csm, csk, Dp, K, R, pf, 3, RC);
-    for (; m < M; m++) FN(update_tile)(Y + m * K, K, C + m * csm, csm, csk, Dp, K, R, pf, 1, RC);
+    int64_t width = SMALL_BYTES / ((R > 0 ? R : 1) * (int64_t)sizeof(real)) / JW * JW;
+    if (width < JW) width = JW;
+    for (int64_t j0 = 0; j0 == 0 || j0 < K; j0 += width) {
+        real *Yp = Y + j0;
+        const real *Dpp = Dp + j0 * R;
+        const int64_t kk = min64(width, K - j0);
+        int64_t m = 0;
+        for (; m + 6 <= M; m += 6) FN(update_tile)(Yp + m * K, K, C + m * csm, csm, csk, Dpp, kk, R, pf, 6, RC);
+        for (; m + 3 <= M; m += 3) FN(update_tile)(Yp + m * K, K, C + m * csm, csm, csk, Dpp, kk, R, pf, 3, RC);
+        for (; m < M; m++) FN(update_tile)(Yp + m * K, K, C + m * csm, csm, csk, Dpp, kk, R, pf, 1, RC);
+    }
 }
 
 /* Y [M, K] += C @ Dp, with the k loop unrolled for dense C and r = 4, 8 or 16; pf as in rows_dot. */
@@ -168,10 +186,22 @@ ALWAYS_INLINE void FN(reduce_tile)(real *restrict P, int64_t ldp, const real *re
         for (int v = 0; v < JV; v++) FN(store)(P + k * ldp + v * VL, acc[k][v]);
 }
 
-/* The R rows of P for one column strip of JV vectors: 4 x JV tiles, then one row at a time. */
+/* The R rows of P for one column strip of JV vectors: 4 x JV tiles, then one row at a time.
+ * From r = 32 on (8 tiles or more), the strip (M <= ROWS rows) is first copied into a small
+ * dense buffer that stays in L1: rows of X a power of two apart share cache sets, so each tile
+ * reading X in place would fetch the strip again from L2 or L3. */
 ALWAYS_INLINE void FN(reduce_strip)(real *restrict P, int64_t ldp, const real *restrict C, const real *restrict X,
                                     int64_t ldx, int64_t M, int64_t R, int64_t pf, const int JV)
 {
+    real buf[ROWS * 3 * VL];
+    if (R >= 32) {
+        for (int64_t m = 0; m < M; m++) {
+            if (pf)
+                for (int v = 0; v < JV; v += 2) prefetch_ahead(X + m * ldx + v * VL, pf * ldx * (int64_t)sizeof(real));
+            for (int v = 0; v < JV; v++) FN(store)(buf + (m * JV + v) * VL, FN(load)(X + m * ldx + v * VL));
+        }
+        X = buf, ldx = JV * VL, pf = 0;
+    }
     int64_t k = 0;
     for (; k + 4 <= R; k += 4) FN(reduce_tile)(P + k * ldp, ldp, C + k, R, X, ldx, M, k ? 0 : pf, 4, JV);
     for (; k < R; k++) FN(reduce_tile)(P + k * ldp, ldp, C + k, R, X, ldx, M, k ? 0 : pf, 1, JV);

@@ -227,6 +227,8 @@ def test_one_and_two_threads_give_identical_bits(N, n_in, out, r, seed, dtype):
     (301, 576, 576, 4, np.float64),     # the unrolled rank-4 update; blocks of 15 rows
     (97, 3000, 5000, 8, np.float32),    # wide rows: backward blocks of 3 rows, groups of 6
     (300, 40, 70, 64, np.float32),      # rank 64: several column panels of the partial sums
+    (60, 1100, 700, 48, np.float32),    # panels of lora_A / lora_B in the dot and the update
+    (50, 600, 700, 64, np.float64),     # the same in float64 (narrower panels)
 ])
 def test_large_case_matches_numpy(N, n_in, out, r, dtype):
     """Sizes that cross the backward's blocks and groups (sized from in, out and r) and the
