@@ -13,7 +13,7 @@ import sys
 
 import numpy as np
 import pytest
-from hypothesis import given
+from hypothesis import event, given, settings
 from hypothesis import strategies as st
 
 from conftest import IN_CI, assert_close, run_c_driver_under_sanitizers
@@ -300,6 +300,114 @@ def test_aliasing_outputs_are_refused(backend):
     w = np.zeros((4, 4), np.float32)
     with pytest.raises(ValueError, match="output weight .* overlaps lora_A"):
         kernels.lora_merge(w, w[:3], a["lora_B"], 1.0)
+
+
+KINDS = ["own"] * 9 + ["shared"] * 9 + ["fortran", "float64", "readonly", "strided", "list"]
+OP_ARGS = {"forward": (["y"], ["x", "lora_A", "lora_B"]),
+           "backward": (["dx", "d_lora_A", "d_lora_B"], ["dy", "x", "t", "lora_A", "lora_B"]),
+           "merge": (["weight"], ["lora_A", "lora_B"])}
+
+
+def build_call(op, N, n_in, out, r, kinds, offsets):
+    """The arguments of one call, each made as kinds[name] says; 'shared' ones are views of one
+    buffer at the given offsets, so they may overlap. Returns (args, every array written to)."""
+    shapes = {"y": (N, out), "x": (N, n_in), "lora_A": (r, n_in), "lora_B": (out, r), "dx": (N, n_in),
+              "d_lora_A": (r, n_in), "d_lora_B": (out, r), "dy": (N, out), "t": (N, r), "weight": (out, n_in)}
+    shared = np.arange(400, dtype=np.float32) / 97
+    args = {}
+    for i, name in enumerate(OP_ARGS[op][0] + OP_ARGS[op][1]):
+        shape, kind = shapes[name], kinds[i]
+        size = shape[0] * shape[1]
+        own = (np.arange(size, dtype=np.float32).reshape(shape) + i) / 31
+        if kind == "none" and name in OP_ARGS[op][0]:
+            args[name] = None
+        elif kind == "shared":
+            args[name] = shared[offsets[i]:offsets[i] + size].reshape(shape)
+        elif kind == "fortran":
+            args[name] = np.asfortranarray(own)
+        elif kind == "float64":
+            args[name] = own.astype(np.float64)
+        elif kind == "readonly":
+            own.flags.writeable = False
+            args[name] = own
+        elif kind == "strided":
+            args[name] = np.repeat(own, 2, axis=1)[:, ::2]
+        elif kind == "list":
+            args[name] = own.tolist()
+        else:
+            args[name] = own
+    return args, shared
+
+
+@needs_c
+@settings(max_examples=300)  # ~3 s: the accept / refuse decisions are the point, so many of them
+@given(op=st.sampled_from(sorted(OP_ARGS)), N=st.integers(0, 4), n_in=st.integers(1, 6), out=st.integers(1, 6),
+       r=st.integers(0, 3), kinds=st.lists(st.sampled_from(KINDS + ["none"]), min_size=8, max_size=8),
+       offsets=st.lists(st.integers(0, 40), min_size=8, max_size=8),
+       scaling=st.sampled_from([0.5, np.float32(0.5), 2, "2"]), fan_in_fan_out=st.booleans())
+def test_fast_path_agrees_with_the_full_checks(op, N, n_in, out, r, kinds, offsets, scaling, fan_in_fan_out):
+    """The C backend's fast path (lora_np.kernels._fast_*) accepts exactly the calls the full checks
+    accept, and computes the same bits; refused calls raise the full checks' error and write nothing."""
+    kernels.set_backend("c")
+    outcomes = []
+    for fast in (True, False):
+        with pytest.MonkeyPatch.context() as m:
+            if not fast:
+                m.setattr(kernels, "_fast_forward", lambda *a: None)
+                m.setattr(kernels, "_fast_backward", lambda *a: False)
+                m.setattr(kernels, "_fast_merge", lambda *a: False)
+            args, shared = build_call(op, N, n_in, out, r, kinds, offsets)
+            if op == "merge" and fan_in_fan_out and isinstance(args["weight"], np.ndarray):
+                args["weight"] = np.ascontiguousarray(args["weight"].reshape(n_in, out))
+            before = [np.array(a, copy=True) for a in args.values() if a is not None]
+            try:
+                if op == "forward":
+                    result = kernels.lora_forward(args["y"], args["x"], args["lora_A"], args["lora_B"], scaling)
+                elif op == "backward":
+                    result = kernels.lora_backward(*args.values(), scaling)
+                else:
+                    result = kernels.lora_merge(*args.values(), scaling, fan_in_fan_out=fan_in_fan_out)
+                outcomes.append(("ok", [np.array(a) for a in args.values() if a is not None] + [shared, result]))
+            except (TypeError, ValueError) as e:
+                after = [np.array(a, copy=True) for a in args.values() if a is not None]
+                assert all(np.array_equal(b, c) for b, c in zip(before, after)), "a refused call wrote"
+                outcomes.append((type(e).__name__, str(e)))
+    (kind_fast, fast_out), (kind_full, full_out) = outcomes
+    event(kind_fast if kind_fast != "ValueError" else "overlap" if "overlaps" in fast_out else "ValueError")
+    assert kind_fast == kind_full, (outcomes[0], outcomes[1])
+    if kind_fast == "ok":
+        for a, b in zip(fast_out, full_out):
+            assert (a is None and b is None) or np.array_equal(a, b)
+    else:
+        assert fast_out == full_out
+
+
+@needs_c
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_plain_calls_take_the_fast_path(dtype):
+    """NumPy arrays of one dtype with a float scaling never reach the full checks (the property above
+    would hold trivially if the fast path refused everything), and give the full path's bits."""
+    kernels.set_backend("c")
+
+    def no_full_checks(*args):
+        raise AssertionError("the full checks ran")
+
+    def run_all(a):
+        return ([run_merge(a, f) for f in (False, True)] + list(run_forward(a).values())
+                + [g for which in (("dx", "d_lora_A", "d_lora_B"), ("d_lora_B",)) for g in run_backward(a, which).values()])
+
+    a = make_case(1, 37, 20, 30, 4, dtype)
+    with pytest.MonkeyPatch.context() as m:
+        m.setattr(kernels, "_check_args", no_full_checks)
+        fast = run_all(a)
+    with pytest.MonkeyPatch.context() as m:
+        m.setattr(kernels, "_fast_forward", lambda *args: None)
+        m.setattr(kernels, "_fast_backward", lambda *args: False)
+        m.setattr(kernels, "_fast_merge", lambda *args: False)
+        full = run_all(a)
+    assert len(fast) == len(full) == 8
+    for f, g in zip(fast, full):
+        assert np.array_equal(f, g)
 
 
 @pytest.mark.parametrize("backend", ["numpy", pytest.param("c", marks=needs_c)])
