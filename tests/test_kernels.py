@@ -310,7 +310,7 @@ OP_ARGS = {"forward": (["y"], ["x", "lora_A", "lora_B"]),
 
 def build_call(op, N, n_in, out, r, kinds, offsets):
     """The arguments of one call, each made as kinds[name] says; 'shared' ones are views of one
-    buffer at the given offsets, so they may overlap. Returns (args, every array written to)."""
+    buffer at the given offsets, so they may overlap. Returns (args, that buffer)."""
     shapes = {"y": (N, out), "x": (N, n_in), "lora_A": (r, n_in), "lora_B": (out, r), "dx": (N, n_in),
               "d_lora_A": (r, n_in), "d_lora_B": (out, r), "dy": (N, out), "t": (N, r), "weight": (out, n_in)}
     shared = np.arange(400, dtype=np.float32) / 97
@@ -339,8 +339,15 @@ def build_call(op, N, n_in, out, r, kinds, offsets):
     return args, shared
 
 
+def without_fast_path(m):
+    """Make the ops take the full checks (m: a pytest.MonkeyPatch)."""
+    m.setattr(kernels, "_fast_forward", lambda *args: None)
+    m.setattr(kernels, "_fast_backward", lambda *args: False)
+    m.setattr(kernels, "_fast_merge", lambda *args: False)
+
+
 @needs_c
-@settings(max_examples=300)  # ~3 s: the accept / refuse decisions are the point, so many of them
+@settings(max_examples=300)  # ~2 s: the accept / refuse decisions are the point, so many of them
 @given(op=st.sampled_from(sorted(OP_ARGS)), N=st.integers(0, 4), n_in=st.integers(1, 6), out=st.integers(1, 6),
        r=st.integers(0, 3), kinds=st.lists(st.sampled_from(KINDS + ["none"]), min_size=8, max_size=8),
        offsets=st.lists(st.integers(0, 40), min_size=8, max_size=8),
@@ -353,9 +360,7 @@ def test_fast_path_agrees_with_the_full_checks(op, N, n_in, out, r, kinds, offse
     for fast in (True, False):
         with pytest.MonkeyPatch.context() as m:
             if not fast:
-                m.setattr(kernels, "_fast_forward", lambda *a: None)
-                m.setattr(kernels, "_fast_backward", lambda *a: False)
-                m.setattr(kernels, "_fast_merge", lambda *a: False)
+                without_fast_path(m)
             args, shared = build_call(op, N, n_in, out, r, kinds, offsets)
             if op == "merge" and fan_in_fan_out and isinstance(args["weight"], np.ndarray):
                 args["weight"] = np.ascontiguousarray(args["weight"].reshape(n_in, out))
@@ -401,9 +406,7 @@ def test_plain_calls_take_the_fast_path(dtype):
         m.setattr(kernels, "_check_args", no_full_checks)
         fast = run_all(a)
     with pytest.MonkeyPatch.context() as m:
-        m.setattr(kernels, "_fast_forward", lambda *args: None)
-        m.setattr(kernels, "_fast_backward", lambda *args: False)
-        m.setattr(kernels, "_fast_merge", lambda *args: False)
+        without_fast_path(m)
         full = run_all(a)
     assert len(fast) == len(full) == 8
     for f, g in zip(fast, full):
