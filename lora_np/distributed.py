@@ -20,7 +20,8 @@ than one rank (or with `--distributed`). What the ranks agree on:
 - Every wait is a non-blocking request polled against a deadline (`timeout`, default
   120 s, `--allreduce-timeout` or LORA_NP_ALLREDUCE_TIMEOUT). A peer that died or stalled
   makes the waiting rank print which rank and step it was and call MPI_Abort, which
-  ends every rank; a checkpoint is written atomically, so the last one stays intact.
+  ends every rank; a checkpoint is written atomically, and every rank waits at a
+  checkpoint step until rank 0 has written it, so the last one stays whole.
 - At start the ranks allgather a fingerprint (base weights, adapter config and weights,
   data, settings, resume state) and stop with a message naming what differs on which rank
   (`check_same`); at the end they compare a checksum of the trained adapter.

@@ -403,9 +403,10 @@ def train(args, stream=None):
         extra = {"world_size": world}
         if world > 1:
             extra["rng_ranks"] = comm.allgather_json(rng, "the checkpoint's dropout RNG gather")
-        if not writer:
-            return None
-        return save_checkpoint(args.out, step, *ckpt_args, batches.state_dict(), rng, args, extra)
+        folder = save_checkpoint(args.out, step, *ckpt_args, batches.state_dict(), rng, args, extra) if writer else None
+        if world > 1:  # no rank moves on before the checkpoint is on disk: a rank dying later can't cut the write short
+            folder = comm.allgather_json(folder, "the checkpoint write")[0]
+        return folder
 
     t_start = time.perf_counter()
     elapsed_before = rows[-1]["elapsed"] if rows else 0.0

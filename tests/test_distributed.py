@@ -35,6 +35,18 @@ distributed.Communicator.allreduce_step = allreduce_step
 sys.exit(main(sys.argv[2:]))
 """
 
+SLOW_WRITER = """
+import sys, time
+from lora_np import train
+from lora_np.cli import main
+real = train.save_checkpoint
+def save_checkpoint(*args, **kw):
+    time.sleep(1.5)  # a checkpoint that takes a while to write (a big adapter, a slow disk)
+    return real(*args, **kw)
+train.save_checkpoint = save_checkpoint
+sys.exit(main(sys.argv[1:]))
+"""
+
 
 @pytest.fixture(scope="module")
 def mpiexec():
@@ -182,8 +194,10 @@ def test_a_stalled_rank_stops_all_within_the_timeout(tiny, tmp_path, mpiexec):
 
 
 def test_a_killed_rank_stops_all(tiny, tmp_path, mpiexec):
+    """Rank 1 dies at step 3 while rank 0 is still writing the step-2 checkpoint, unless every rank
+    waits for that write: the checkpoint must be complete."""
     argv = _train_argv(tiny, tmp_path, batch_size=2, save_every=2, allreduce_timeout=3)
-    rc, err, seconds = _run([_module(argv), ["-c", FAULTY_RANK, "SIGKILL", *argv]], mpiexec, timeout=60)
+    rc, err, seconds = _run([["-c", SLOW_WRITER, *argv], ["-c", FAULTY_RANK, "SIGKILL", *argv]], mpiexec, timeout=60)
     assert rc != 0, err
     assert "signal 9" in err, err  # mpiexec sees the death and ends the job (here before our timeout)
     assert seconds < 40
