@@ -135,6 +135,16 @@ static void softmax_ref(double *out, double *lse, double *m, const double *p, do
         for (int64_t i = 0; i < n; i++) d[i] = a[i];                                                               \
         return d;                                                                                                  \
     }                                                                                                              \
+    /* a (n elements) widened, against want within tol, reported as "<name> <label>" */                            \
+    static void expect_close_##SFX(const char *name, const char *label, const real *a, const double *want,         \
+                                   const double *tol, int64_t n)                                                   \
+    {                                                                                                              \
+        char what[200];                                                                                            \
+        double *got = widen_##SFX(a, n);                                                                           \
+        snprintf(what, sizeof what, "%s %s", name, label);                                                         \
+        expect_close(what, got, want, tol, n);                                                                     \
+        free(got);                                                                                                 \
+    }                                                                                                              \
                                                                                                                    \
     /* silu_mul_forward / _backward on n elements; the sigmoid may differ by ds = RTOL * s + FLOOR. */             \
     static void check_silu_##SFX(int64_t n, double mag)                                                            \
@@ -761,14 +771,8 @@ static void check_attention_all(void)
         }                                                                                                          \
         snprintf(what, sizeof what, "%s forward status", name);                                                    \
         if (rms_norm_forward_##SFX(y, rstd, x, w, eps, rows, n) != LORA_OK) fail(what);                            \
-        double *got = widen_##SFX(y, N);                                                                           \
-        snprintf(what, sizeof what, "%s y", name);                                                                 \
-        expect_close(what, got, want, tol, N);                                                                     \
-        free(got);                                                                                                 \
-        got = widen_##SFX(rstd, rows);                                                                             \
-        snprintf(what, sizeof what, "%s rstd", name);                                                              \
-        expect_close(what, got, wr, tr, rows);                                                                     \
-        free(got);                                                                                                 \
+        expect_close_##SFX(name, "y", y, want, tol, N);                                                            \
+        expect_close_##SFX(name, "rstd", rstd, wr, tr, rows);                                                      \
         /* backward, from the kernel's rstd r: gx = r (g w - xhat c), c = mean(g w xhat), xhat = x r;              \
          * gweight += sum over rows of g xhat */                                                                   \
         for (int64_t i = 0; i < rows; i++) {                                                                       \
@@ -788,14 +792,8 @@ static void check_attention_all(void)
         }                                                                                                          \
         snprintf(what, sizeof what, "%s backward status", name);                                                   \
         if (rms_norm_backward_##SFX(gx, gw, g, x, w, rstd, rows, n) != LORA_OK) fail(what);                        \
-        got = widen_##SFX(gx, N);                                                                                  \
-        snprintf(what, sizeof what, "%s gx", name);                                                                \
-        expect_close(what, got, want, tol, N);                                                                     \
-        free(got);                                                                                                 \
-        got = widen_##SFX(gw, n);                                                                                  \
-        snprintf(what, sizeof what, "%s gweight", name);                                                           \
-        expect_close(what, got, wg, tg, n);                                                                        \
-        free(got);                                                                                                 \
+        expect_close_##SFX(name, "gx", gx, want, tol, N);                                                          \
+        expect_close_##SFX(name, "gweight", gw, wg, tg, n);                                                        \
         int st = rms_norm_backward_##SFX(gx1, NULL, g, x, w, rstd, rows, n);                                       \
         st |= rms_norm_backward_##SFX(NULL, gw1, g, x, w, rstd, rows, n);                                          \
         st |= rms_norm_backward_##SFX(NULL, NULL, g, x, w, rstd, rows, n);                                         \
