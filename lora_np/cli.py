@@ -6,6 +6,8 @@
     lora-np generate / train / eval / merge / demo   (see `lora-np COMMAND --help`)
 """
 import argparse
+import json
+import math
 import os
 import sys
 
@@ -142,6 +144,62 @@ def cmd_compare(args):
     return 0
 
 
+# -- eval / generate / merge ------------------------------------------------------------------
+def cmd_eval(ns):
+    from .data import load_examples
+    from .train import evaluate
+
+    model, tok, _ = load_for_command(ns)
+    loss = evaluate(model, load_examples(ns.data, tok, ns.seq_len), ns.batch_size)
+    print(json.dumps({"loss": loss, "perplexity": math.exp(loss)}))
+    return 0
+
+
+def cmd_generate(ns):
+    model, tok, _ = load_for_command(ns)
+    if ns.chat:
+        ids = tok.apply_chat_template([{"role": "user", "content": ns.prompt}], add_generation_prompt=True)
+    else:
+        ids = tok.encode(ns.prompt)
+    out = model.generate(np.array(ids), max_new_tokens=ns.max_new_tokens, temperature=ns.temperature,
+                         top_k=ns.top_k, top_p=ns.top_p, seed=ns.seed, eos_token_id=tok.eos_token_id)
+    new = out[0, len(ids):].tolist()
+    print(tok.decode(new, skip_special_tokens=True))
+    return 0
+
+
+def cmd_merge(ns):
+    from .merge import save_merged
+
+    model, _, path = load_for_command(ns, with_tokenizer=False)
+    save_merged(model, ns.out, tokenizer_source=path)
+    print(f"wrote merged model to {ns.out}")
+    return 0
+
+
+def _eval_args(p):
+    add_model_args(p)
+    p.add_argument("--data", required=True)
+    p.add_argument("--seq-len", type=int, default=256)
+    p.add_argument("--batch-size", type=int, default=4)
+
+
+def _generate_args(p):
+    add_model_args(p)
+    p.add_argument("--prompt", required=True)
+    p.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    p.add_argument("--top-k", type=int)
+    p.add_argument("--top-p", type=float)
+    p.add_argument("--seed", type=int)
+
+
+def _merge_args(p):
+    add_model_args(p)
+    p.add_argument("--out", required=True, help="output folder (config.json + model.safetensors)")
+
+
 # -- parser ------------------------------------------------------------------------------------
 def add_model_args(p):
     """--model, --tokenizer, --adapter and --dtype, shared by every command that loads a model."""
@@ -176,6 +234,14 @@ def build_parser():
     p.add_argument("--rtol", type=float, default=1e-5)
     p.add_argument("--atol", type=float, default=1e-6)
     p.set_defaults(func=cmd_compare)
+
+    for name, helptext, add_args, func in (
+            ("eval", "loss and perplexity on a data file", _eval_args, cmd_eval),
+            ("generate", "generate text (optionally with an adapter)", _generate_args, cmd_generate),
+            ("merge", "merge an adapter into the base model and save a Hugging Face folder", _merge_args, cmd_merge)):
+        p = sub.add_parser(name, help=helptext)
+        add_args(p)
+        p.set_defaults(func=func)
 
     for name, (helptext, add_args, func) in COMMANDS.items():
         p = sub.add_parser(name, help=helptext)

@@ -30,7 +30,6 @@ import numpy as np
 
 from . import functional as F
 from . import safetensors
-from .cli import add_model_args, load_for_command
 
 __all__ = ["TrainArgs", "train", "evaluate", "NonFiniteLoss", "register_commands", "set_threads", "keep_freed_memory", "write_loss_svg"]
 
@@ -559,66 +558,9 @@ def cmd_train(ns):
     return 0
 
 
-def cmd_eval(ns):
-    from .data import load_examples
-
-    model, tok, _ = load_for_command(ns)
-    loss = evaluate(model, load_examples(ns.data, tok, ns.seq_len), ns.batch_size)
-    print(json.dumps({"loss": loss, "perplexity": math.exp(loss)}))
-    return 0
-
-
-def cmd_generate(ns):
-    model, tok, _ = load_for_command(ns)
-    if ns.chat:
-        ids = tok.apply_chat_template([{"role": "user", "content": ns.prompt}], add_generation_prompt=True)
-    else:
-        ids = tok.encode(ns.prompt)
-    out = model.generate(np.array(ids), max_new_tokens=ns.max_new_tokens, temperature=ns.temperature,
-                         top_k=ns.top_k, top_p=ns.top_p, seed=ns.seed, eos_token_id=tok.eos_token_id)
-    new = out[0, len(ids):].tolist()
-    print(tok.decode(new, skip_special_tokens=True))
-    return 0
-
-
-def cmd_merge(ns):
-    from .merge import save_merged
-
-    model, _, path = load_for_command(ns, with_tokenizer=False)
-    save_merged(model, ns.out, tokenizer_source=path)
-    print(f"wrote merged model to {ns.out}")
-    return 0
-
-
-def _eval_args(p):
-    add_model_args(p)
-    p.add_argument("--data", required=True)
-    p.add_argument("--seq-len", type=int, default=256)
-    p.add_argument("--batch-size", type=int, default=4)
-
-
-def _generate_args(p):
-    add_model_args(p)
-    p.add_argument("--prompt", required=True)
-    p.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
-    p.add_argument("--max-new-tokens", type=int, default=64)
-    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
-    p.add_argument("--top-k", type=int)
-    p.add_argument("--top-p", type=float)
-    p.add_argument("--seed", type=int)
-
-
-def _merge_args(p):
-    add_model_args(p)
-    p.add_argument("--out", required=True, help="output folder (config.json + model.safetensors)")
-
-
 def register_commands(commands):
     from .demo import add_demo_args, cmd_demo
 
     commands["train"] = ("fine-tune a LoRA adapter", _add_train_args, cmd_train)
-    commands["eval"] = ("loss and perplexity on a data file", _eval_args, cmd_eval)
-    commands["generate"] = ("generate text (optionally with an adapter)", _generate_args, cmd_generate)
-    commands["merge"] = ("merge an adapter into the base model and save a Hugging Face folder", _merge_args, cmd_merge)
     commands["demo"] = ("the embedded demo: fine-tune SmolLM2 on date formatting, score before/after",
                         add_demo_args, cmd_demo)
