@@ -20,6 +20,9 @@ Dequantization matches gguf-py's `gguf.quants.dequantize` bit for bit: the
 same float32 operations in the same order, vectorised over many blocks at once.
 Every offset and length read from the file is checked against the file size
 before it is used; a bad file raises `GGUFError` naming the file and the problem.
+Tensor data must be laid out as llama.cpp's gguf.cpp requires: tensor i's offset is
+exactly the sum of the sizes of tensors 0..i-1, each padded to `general.alignment`
+(so no overlap, no misalignment, no gap beyond the padding, file order).
 """
 from __future__ import annotations
 
@@ -164,10 +167,17 @@ class GGUFFile:
         infos = _read_tensor_infos(cur, n_tensors)
         self.data_offset = cur.pos + (-cur.pos % self.alignment)  # may be past the end if no tensors
         self.tensors = {}
+        expected = 0  # as llama.cpp: each tensor starts where the previous one ends, padded to the alignment
         for name, dims, type_id, offset in infos:
             if name in self.tensors:
                 cur.fail(f"duplicate tensor {name!r}")
-            self.tensors[name] = _tensor_info(cur, name, dims, type_id, self.data_offset + offset)
+            if offset != expected:
+                cur.fail(f"tensor {name!r} has offset {offset}, expected {expected} (the end of the previous "
+                         f"tensor's data padded to general.alignment {self.alignment}): overlapping, misaligned "
+                         "or out-of-order data")
+            info = _tensor_info(cur, name, dims, type_id, self.data_offset + offset)
+            self.tensors[name] = info
+            expected += info.nbytes + (-info.nbytes % self.alignment)
 
     def __repr__(self):
         return f"GGUFFile({self.path!r}, version={self.version}, {len(self.tensors)} tensors)"
@@ -247,8 +257,9 @@ def _tensor_info(cur, name, dims, type_id, start):
         cur.fail(f"tensor {name!r}: dims {dims} overflow")
     if 0 in dims:
         n_elements = 0
-    if dims and dims[0] % block_size:
-        cur.fail(f"tensor {name!r}: row length {dims[0]} is not a multiple of "
+    row = dims[0] if dims else 1  # a 0-dim tensor is one element, as in ggml
+    if row % block_size:
+        cur.fail(f"tensor {name!r}: row length {row} is not a multiple of "
                  f"the {type_name} block size {block_size}")
     nbytes = n_elements // block_size * type_size
     if start + nbytes > cur.size:
