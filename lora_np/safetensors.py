@@ -36,6 +36,7 @@ MAX_HEADER_SIZE = 100_000_000  # as the reference reader: a larger header is ref
 _ALIGN = 8
 _U64_MAX = 2**64 - 1
 _MAX_BYTES = 2**63 - 1  # the largest array NumPy can describe
+_MAX_NDIM = 64  # NumPy's limit on dimensions (NPY_MAXDIMS)
 
 # safetensors dtype -> bits per element, in the reference's order (its save sorts by it).
 _DTYPE_BITS = {
@@ -114,6 +115,9 @@ def _tensors(buf, source, copy):
         dtype, shape = info["dtype"], tuple(info["shape"])
         if dtype not in _TO_NUMPY:
             raise SafetensorsError(f"{source}: tensor {name!r} has dtype {dtype}, which NumPy cannot represent")
+        if len(shape) > _MAX_NDIM:
+            raise SafetensorsError(f"{source}: tensor {name!r} has {len(shape)} dimensions, NumPy arrays have "
+                                   f"at most {_MAX_NDIM}")
         np_dtype = _TO_NUMPY[dtype]
         begin, end = info["data_offsets"]
         arr = np.frombuffer(buf, dtype=np_dtype, count=(end - begin) // np_dtype.itemsize,
