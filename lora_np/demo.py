@@ -95,7 +95,7 @@ def run_demo(out="runs/demo", steps=40, batch_size=8, lr=1e-3, n_test=60, thread
     result = train(TrainArgs(data=os.path.join(DATA_DIR, "dates_train.jsonl"), out=out, model=path, r=8, alpha=16,
                              dropout=0.0, targets="q_proj,v_proj", lr=lr, warmup=5, steps=steps,
                              batch_size=batch_size, seq_len=64, val_fraction=0.05, log_every=10, threads=threads,
-                             seed=0))
+                             seed=0, overwrite=True))  # the demo replaces its previous run
     model = result["model"].eval()
     after, replies_after = exact_match(model, tokenizer, test)
     elapsed = time.perf_counter() - t0
