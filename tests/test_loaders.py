@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 import lora_np
-from lora_np.loaders import load_model, reverse_llama_permute
+from lora_np.loaders import CheckpointError, load_model, reverse_llama_permute
 from lora_np.safetensors import SafetensorsError, load_file, save_file
 from conftest import assert_close, crosscheck
 
@@ -195,7 +195,7 @@ def test_missing_tensor_is_named(tmp_path):
     tensors = dict(load_file(folder / "model.safetensors", mmap=False))
     del tensors["model.layers.1.mlp.up_proj.weight"]
     save_file(tensors, folder / "model.safetensors")
-    with pytest.raises(KeyError, match=r"model\.layers\.1\.mlp\.up_proj\.weight"):
+    with pytest.raises(CheckpointError, match=r"model\.layers\.1\.mlp\.up_proj\.weight"):
         load_model(folder)
 
 
@@ -222,7 +222,7 @@ def test_truncated_safetensors_names_file(tmp_path):
 def test_unsupported_quantization_names_tensor(tmp_path):
     gguf = crosscheck("gguf")
     w = gguf.GGUFWriter(str(tmp_path / "bad.gguf"), "llama")
-    for k, v in [("block_count", 1), ("embedding_length", 32), ("feed_forward_length", 32),
+    for k, v in [("block_count", 1), ("embedding_length", 32), ("feed_forward_length", 256),
                  ("attention.head_count", 2), ("context_length", 16)]:
         w.add_uint32(f"llama.{k}", v)
     w.add_tensor("token_embd.weight", np.zeros((16, 32), np.float32))
