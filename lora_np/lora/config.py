@@ -5,13 +5,20 @@ raises ValueError naming it. `from_dict` reads an `adapter_config.json` written 
 keys lora_np does not know are ignored, but a PEFT feature switched on that lora_np does
 not implement (e.g. `lora_bias=true`) raises NotImplementedError naming the key.
 `to_dict` writes the keys PEFT writes, so PEFT's `PeftModel.from_pretrained` loads it.
+
+Every pattern field (target_modules / exclude_modules as a string, rank_pattern and
+alpha_pattern keys, layers_pattern, modules_to_save) is compiled here, in the form the
+matching code uses, so a bad regex is a ValueError naming the field, not a `re.error`
+at injection time. `check_adapter_name` is the one rule for adapter names.
 """
 import dataclasses
 import math
+import re
 from dataclasses import dataclass, field
 from typing import Optional, Union
 
-__all__ = ["LoraConfig", "INIT_LORA_WEIGHTS", "BIAS_MODES", "PEFT_VERSION"]
+__all__ = ["LoraConfig", "INIT_LORA_WEIGHTS", "BIAS_MODES", "PEFT_VERSION", "check_adapter_name",
+           "rank_pattern_regex", "modules_to_save_regex", "layers_pattern_regex"]
 
 PEFT_VERSION = "0.21.2"
 INIT_LORA_WEIGHTS = (True, False, "gaussian", "pissa", "olora")
@@ -74,8 +81,8 @@ class LoraConfig:
 
         if not _is_positive_int(self.r):
             bad("r", "must be a positive integer")
-        if not _is_finite_number(self.lora_alpha):
-            bad("lora_alpha", "must be a finite number")
+        if not _is_positive_number(self.lora_alpha):
+            bad("lora_alpha", "must be a finite number > 0")
         if not _is_finite_number(self.lora_dropout) or not 0 <= self.lora_dropout < 1:
             bad("lora_dropout", "must be in [0, 1)")
         if not any(self.init_lora_weights is v if isinstance(v, bool) else self.init_lora_weights == v
@@ -99,7 +106,7 @@ class LoraConfig:
                 bad("modules_to_save", "must be a list of module names")
             self.modules_to_save = list(self.modules_to_save)
         for name, check, what in (("rank_pattern", _is_positive_int, "positive integers"),
-                                  ("alpha_pattern", _is_finite_number, "finite numbers")):
+                                  ("alpha_pattern", _is_positive_number, "finite numbers > 0")):
             value = getattr(self, name)
             if not isinstance(value, dict) or not all(isinstance(k, str) and check(v) for k, v in value.items()):
                 bad(name, f"must map pattern strings to {what}")
@@ -118,6 +125,29 @@ class LoraConfig:
                 bad("layers_pattern", "cannot be used when target_modules is a regex string")
             if layers is None:
                 bad("layers_pattern", "needs layers_to_transform")
+            if not (isinstance(self.layers_pattern, str) or
+                    isinstance(self.layers_pattern, (list, tuple)) and all(isinstance(p, str) for p in self.layers_pattern)):
+                bad("layers_pattern", "must be a string or a list of strings")
+        for name in ("task_type", "base_model_name_or_path"):
+            if getattr(self, name) is not None and not isinstance(getattr(self, name), str):
+                bad(name, "must be a string or None")
+        self._check_patterns()
+
+    def _check_patterns(self):
+        """Compile every pattern as the matching code will use it; a bad one names its field."""
+        regexes = [(name, getattr(self, name)) for name in ("target_modules", "exclude_modules")
+                   if isinstance(getattr(self, name), str)]
+        regexes += [(f"{name}[{p!r}]", rank_pattern_regex(p)) for name in ("rank_pattern", "alpha_pattern")
+                    for p in getattr(self, name)]
+        regexes += [(f"modules_to_save[{m!r}]", modules_to_save_regex(m)) for m in self.modules_to_save or ()]
+        patterns = self.layers_pattern
+        for p in [patterns] if isinstance(patterns, str) else patterns or ():
+            regexes.append((f"layers_pattern[{p!r}]", layers_pattern_regex(p)))
+        for name, regex in regexes:
+            try:
+                re.compile(regex)
+            except (re.error, RecursionError, OverflowError) as e:
+                raise ValueError(f"LoraConfig.{name}: not a valid regular expression ({e}): {regex!r}") from None
 
     @property
     def peft_type(self):
@@ -158,6 +188,64 @@ class LoraConfig:
             raise ValueError(f"{source}: {e}") from None
 
 
+def rank_pattern_regex(pattern):
+    """The regex a rank_pattern / alpha_pattern key stands for (PEFT's get_pattern_key)."""
+    return rf"(.*\.)?({pattern})$"
+
+
+def modules_to_save_regex(name):
+    """The regex a modules_to_save entry stands for (PEFT's check_target_module_exists)."""
+    return rf"(^|.*\.){name}($|\..*)"
+
+
+def layers_pattern_regex(pattern):
+    """The regex that finds the layer index after a layers_pattern entry."""
+    return rf"(?:^|.*?\.){pattern}\.(?P<idx>\d+)\."
+
+
+# Characters an adapter name may not hold: it names a folder (save_pretrained writes a
+# non-default adapter into <out>/<name>/) and is a segment of dotted parameter names.
+_NAME_FORBIDDEN = re.compile(r'[./\\:*?"<>|\x00-\x1f\x7f]')
+_NAME_MAX_BYTES = 255  # the longest file name common file systems allow
+
+
+def check_adapter_name(name, where="adapter_name"):
+    """`name` if it is a usable adapter name, else ValueError naming `where` and the rule.
+
+    PEFT itself checks nothing, but torch's ModuleDict refuses '' and any '.', so no PEFT
+    adapter has such a name. lora_np's rule: a non-empty string of at most 255 UTF-8 bytes,
+    without '.', '/', '\\', control characters (NUL included) or any of `:*?"<>|`, that is not
+    the name of an attribute of the containers that hold adapters (e.g. 'keys', '_modules').
+    So a name is always one plain path component: never '..', absolute, hidden, or a file
+    of the default adapter's folder (those all hold a '.')."""
+    from ..nn import ModuleDict, ParameterDict
+
+    if not isinstance(name, str):
+        raise ValueError(f"{where}: an adapter name must be a string, got {type(name).__name__} {name!r}")
+    problem = None
+    if not name:
+        problem = "is empty"
+    elif _NAME_FORBIDDEN.search(name):
+        problem = f"holds {_NAME_FORBIDDEN.search(name).group()!r}; '.', '/', '\\', control characters and :*?\"<>| are not allowed"
+    elif not _encodes_as_utf8(name):
+        problem = "is not valid Unicode text (it holds a lone surrogate)"
+    elif len(name.encode("utf-8")) > _NAME_MAX_BYTES:
+        problem = f"is longer than {_NAME_MAX_BYTES} bytes"
+    elif any(hasattr(container(), name) for container in (ModuleDict, ParameterDict)):
+        problem = "is the name of an attribute of the adapter containers"
+    if problem:
+        raise ValueError(f"{where}: adapter name {name!r} {problem}")
+    return name
+
+
+def _encodes_as_utf8(text):
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 def _is_int(x):
     return isinstance(x, int) and not isinstance(x, bool)
 
@@ -168,6 +256,10 @@ def _is_positive_int(x):
 
 def _is_finite_number(x):
     return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+
+def _is_positive_number(x):
+    return _is_finite_number(x) and x > 0
 
 
 def _copy_value(v):

@@ -35,7 +35,7 @@ from ..nn import Linear as BaseLinear
 from ..tensor import Function, Tensor, _check_float_dtypes
 
 __all__ = ["LoraLinearFn", "LoraLayer", "Linear", "Embedding", "DoraLinearLayer", "ModulesToSaveWrapper",
-           "lora_layer_for"]
+           "lora_layer_for", "check_supported"]
 
 
 class LoraLinearFn(Function):
@@ -441,9 +441,14 @@ class ModulesToSaveWrapper(Module):
 def lora_layer_for(target, adapter_name, r, lora_alpha, config, key, init_lora_weights=None):
     """A new LoRA layer around `target` (Linear, Conv1D or Embedding); init_lora_weights
     overrides the config's."""
-    if isinstance(target, (BaseLinear, Conv1D)):
-        return Linear(target, adapter_name, r, lora_alpha, config, init_lora_weights)
+    check_supported(target, key)
     if isinstance(target, BaseEmbedding):
         return Embedding(target, adapter_name, r, lora_alpha, config, init_lora_weights)
-    raise ValueError(f"target module {key!r} is a {type(target).__name__}; LoRA supports Linear, Conv1D and "
-                     "Embedding layers")
+    return Linear(target, adapter_name, r, lora_alpha, config, init_lora_weights)
+
+
+def check_supported(target, key):
+    """ValueError unless `target` is a layer LoRA can adapt (Linear, Conv1D, Embedding)."""
+    if not isinstance(target, (BaseLinear, Conv1D, BaseEmbedding)):
+        raise ValueError(f"target module {key!r} is a {type(target).__name__}; LoRA supports Linear, Conv1D and "
+                         "Embedding layers")

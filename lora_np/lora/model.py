@@ -7,18 +7,27 @@ module name or a `.`-separated suffix, a string is a full-match regex, "all-line
 every Linear / Conv1D except the output head; `exclude_modules`, `layers_to_transform`
 (+ `layers_pattern`), `rank_pattern` / `alpha_pattern` (first `(.*\\.)?(pattern)$` match
 wins) and `modules_to_save` as there.
+
+Adapter names are checked (`check_adapter_name`) wherever one comes in. Before any LoRA
+matrix is allocated, `plan_adapter` lists the layers and ranks and `check_adapter_memory`
+refuses an adapter whose matrices would not fit in the memory available, naming r and
+the bytes it needs (a ValueError, never a MemoryError after minutes of work).
 """
 import contextlib
+import math
+import os
 import re
 import warnings
 
 import numpy as np
 
 from ..nn import Conv1D, Linear as BaseLinear, Module
-from .config import LoraConfig
-from .layer import LoraLayer, ModulesToSaveWrapper, lora_layer_for
+from ..nn import Embedding as BaseEmbedding
+from .config import LoraConfig, check_adapter_name, layers_pattern_regex, modules_to_save_regex, rank_pattern_regex
+from .layer import LoraLayer, ModulesToSaveWrapper, check_supported, lora_layer_for
 
-__all__ = ["LoraModel", "get_peft_model", "check_target_module_exists", "get_pattern_key", "embedding_is_targeted"]
+__all__ = ["LoraModel", "get_peft_model", "check_target_module_exists", "get_pattern_key", "embedding_is_targeted",
+           "resolve_config", "plan_adapter", "check_adapter_memory", "lora_shapes"]
 
 # PEFT's TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING for the architectures lora_np has
 DEFAULT_TARGET_MODULES = {"llama": ["q_proj", "v_proj"], "qwen2": ["q_proj", "v_proj"], "gpt2": ["c_attn"]}
@@ -45,6 +54,7 @@ class LoraModel(Module):
 
     def __init__(self, model, config, adapter_name="default"):
         super().__init__()
+        check_adapter_name(adapter_name, "get_peft_model: adapter_name")
         if not isinstance(config, LoraConfig):
             raise TypeError(f"get_peft_model: config must be a LoraConfig, got {type(config).__name__}")
         self.base_model = _BaseModel(model)
@@ -80,33 +90,15 @@ class LoraModel(Module):
 
     def inject_adapter(self, config, adapter_name, init_lora_weights=None):
         """Add adapter `adapter_name` to every module `config` targets (PEFT's inject_adapter)."""
+        check_adapter_name(adapter_name)
         if adapter_name in self.peft_config:
             raise ValueError(f"adapter {adapter_name!r} already exists")
-        config = config.replace()
         model = self.model
-        if config.target_modules is None:
-            model_type = getattr(getattr(model, "config", None), "model_type", None)
-            if model_type not in DEFAULT_TARGET_MODULES:
-                raise ValueError(f"LoraConfig.target_modules is None and model type {model_type!r} has no default; "
-                                 "set target_modules")
-            config.target_modules = set(DEFAULT_TARGET_MODULES[model_type])
-        elif isinstance(config.target_modules, str) and config.target_modules.lower() == "all-linear":
-            config.target_modules = _all_linear_names(model)
+        config = resolve_config(config, model)
+        plan = plan_adapter(config, model)
+        check_adapter_memory(plan, config)
         self.peft_config[adapter_name] = config
-
-        matched, nested = [], []
-        for key, module in list(model.named_modules()):
-            if not key or any(key.startswith(p + ".") for p in nested):
-                continue
-            if isinstance(module, (LoraLayer, ModulesToSaveWrapper)):
-                nested.append(key)
-            if isinstance(module, ModulesToSaveWrapper):
-                continue
-            found = check_target_module_exists(config, key)
-            if not found or found == _EXCLUDED:
-                continue
-            r = config.rank_pattern.get(get_pattern_key(config.rank_pattern, key), config.r)
-            alpha = config.alpha_pattern.get(get_pattern_key(config.alpha_pattern, key), config.lora_alpha)
+        for key, module, r, alpha in plan:
             base = module.base_layer if isinstance(module, LoraLayer) else module
             _match_fan_in_fan_out(config, base)
             try:
@@ -120,15 +112,6 @@ class LoraModel(Module):
             except Exception:
                 self._drop_adapter(adapter_name)
                 raise
-            matched.append(key)
-        if not matched:
-            del self.peft_config[adapter_name]
-            looked_for = config.target_modules if isinstance(config.target_modules, str) else sorted(config.target_modules)
-            extra = f" with layers_to_transform={config.layers_to_transform}" if config.layers_to_transform is not None else ""
-            excl = f" (excluding {config.exclude_modules})" if config.exclude_modules else ""
-            raise ValueError(f"Target modules {looked_for}{extra}{excl} not found in the base model "
-                             f"{type(model).__name__}; module names look like "
-                             f"{[k for k, _ in list(model.named_modules())[1:6]]}")
         for key in list(self._modules_to_save_keys(config)):
             parent, name = _parent(model, key)
             target = parent._modules[name]
@@ -136,7 +119,7 @@ class LoraModel(Module):
                 target.update(adapter_name)
             else:
                 _replace_child(parent, name, ModulesToSaveWrapper(target, adapter_name))
-        return matched
+        return [key for key, *_ in plan]
 
     def _modules_to_save_keys(self, config):
         if not config.modules_to_save:
@@ -177,7 +160,7 @@ class LoraModel(Module):
 
     def set_adapter(self, adapter_name):
         """Activate one adapter (a name) or several (a list of names); the others are frozen."""
-        names = [adapter_name] if isinstance(adapter_name, str) else list(adapter_name)
+        names = _adapter_names(adapter_name, "set_adapter")
         unknown = [n for n in names if n not in self.peft_config]
         if unknown:
             raise ValueError(f"set_adapter: unknown adapter(s) {unknown}; known: {list(self.peft_config)}")
@@ -185,6 +168,7 @@ class LoraModel(Module):
         self._mark_only_adapters_as_trainable()
 
     def delete_adapter(self, adapter_name):
+        check_adapter_name(adapter_name, "delete_adapter")
         if adapter_name not in self.peft_config:
             raise ValueError(f"delete_adapter: unknown adapter {adapter_name!r}; known: {list(self.peft_config)}")
         for _, module in self._tuner_modules():
@@ -248,6 +232,7 @@ class LoraModel(Module):
     def add_weighted_adapter(self, adapters, weights, adapter_name, combination_type="svd", svd_rank=None,
                              svd_clamp=None, svd_full_matrices=True):
         """A new adapter combining `adapters` with `weights` (PEFT's "linear", "cat", "svd")."""
+        check_adapter_name(adapter_name, "add_weighted_adapter")
         if adapter_name in self.peft_config:
             return
         if len(adapters) != len(weights):
@@ -345,7 +330,13 @@ class LoraModel(Module):
     def save_pretrained(self, save_directory, selected_adapters=None):
         from .peft_io import save_adapter
 
-        for name in (list(self.peft_config) if selected_adapters is None else selected_adapters):
+        names = list(self.peft_config) if selected_adapters is None else _adapter_names(
+            selected_adapters, "save_pretrained: selected_adapters", single=False)
+        unknown = [n for n in names if n not in self.peft_config]
+        if unknown:
+            raise ValueError(f"save_pretrained: unknown adapter(s) {unknown} in selected_adapters; "
+                             f"known: {list(self.peft_config)}")
+        for name in names:
             save_adapter(self, save_directory, name)
 
     def load_adapter(self, directory, adapter_name, is_trainable=False):
@@ -361,6 +352,106 @@ class LoraModel(Module):
         return from_pretrained(cls, model, directory, adapter_name, is_trainable)
 
 
+def _adapter_names(names, where, single=True):
+    """A list of checked adapter names from one name (single=True) or a list / tuple of names."""
+    if single and isinstance(names, str):
+        return [check_adapter_name(names, where)]
+    if not isinstance(names, (list, tuple)):
+        raise ValueError(f"{where}: expected {'an adapter name or ' if single else ''}a list of adapter names, "
+                         f"got {type(names).__name__} {names!r}")
+    return [check_adapter_name(n, where) for n in names]
+
+
+# -- planning an adapter before allocating it ------------------------------------------------
+def resolve_config(config, model):
+    """A copy of `config` with target_modules resolved for `model` (PEFT's default for the
+    model type when None, the Linear layers' names for "all-linear")."""
+    config = config.replace()
+    if config.target_modules is None:
+        model_type = getattr(getattr(model, "config", None), "model_type", None)
+        if model_type not in DEFAULT_TARGET_MODULES:
+            raise ValueError(f"LoraConfig.target_modules is None and model type {model_type!r} has no default; "
+                             "set target_modules")
+        config.target_modules = set(DEFAULT_TARGET_MODULES[model_type])
+    elif isinstance(config.target_modules, str) and config.target_modules.lower() == "all-linear":
+        config.target_modules = _all_linear_names(model)
+    return config
+
+
+def plan_adapter(config, model):
+    """[(module name, module, r, lora_alpha)] of every module a resolved `config` adapts in
+    `model`, allocating nothing; ValueError when it adapts none or an unsupported one."""
+    plan, nested = [], []
+    for key, module in list(model.named_modules()):
+        if not key or any(key.startswith(p + ".") for p in nested):
+            continue
+        if isinstance(module, (LoraLayer, ModulesToSaveWrapper)):
+            nested.append(key)
+        if isinstance(module, ModulesToSaveWrapper):
+            continue
+        found = check_target_module_exists(config, key)
+        if not found or found == _EXCLUDED:
+            continue
+        check_supported(module.base_layer if isinstance(module, LoraLayer) else module, key)
+        r = config.rank_pattern.get(get_pattern_key(config.rank_pattern, key), config.r)
+        alpha = config.alpha_pattern.get(get_pattern_key(config.alpha_pattern, key), config.lora_alpha)
+        plan.append((key, module, r, alpha))
+    if not plan:
+        looked_for = config.target_modules if isinstance(config.target_modules, str) else sorted(config.target_modules)
+        extra = f" with layers_to_transform={config.layers_to_transform}" if config.layers_to_transform is not None else ""
+        excl = f" (excluding {config.exclude_modules})" if config.exclude_modules else ""
+        raise ValueError(f"Target modules {looked_for}{extra}{excl} not found in the base model "
+                         f"{type(model).__name__}; module names look like "
+                         f"{[k for k, _ in list(model.named_modules())[1:6]]}")
+    return plan
+
+
+def lora_shapes(module, r):
+    """{suffix: shape} of the LoRA factors an adapter of rank r gives `module` (Linear /
+    Conv1D: lora_A.weight (r, in), lora_B.weight (out, r); Embedding: lora_embedding_A
+    (r, num_embeddings), lora_embedding_B (dim, r)), as named in adapter files."""
+    base = module.base_layer if isinstance(module, LoraLayer) else module
+    if isinstance(base, BaseEmbedding):
+        return {"lora_embedding_A": (r, base.num_embeddings), "lora_embedding_B": (base.embedding_dim, r)}
+    return {"lora_A.weight": (r, base.in_features), "lora_B.weight": (base.out_features, r)}
+
+
+def available_memory():
+    """Bytes of memory a new allocation can get: Linux's MemAvailable, else physical memory."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
+def check_adapter_memory(plan, config, limit=None):
+    """ValueError naming r and the bytes needed when the planned LoRA factors (plus DoRA's
+    magnitudes and a float64 working copy of the largest factor, which initialisation makes)
+    need more than `limit` bytes (default: the memory available now)."""
+    total = largest = 0
+    for _, module, r, _ in plan:
+        base = module.base_layer if isinstance(module, LoraLayer) else module
+        shape_A, shape_B = lora_shapes(module, r).values()
+        sizes = [math.prod(shape_A), math.prod(shape_B)]
+        magnitude = shape_B[0] if config.use_dora else 0                                  # m (out,)
+        total += (sum(sizes) + magnitude) * base.weight.dtype.itemsize
+        largest = max(largest, max(sizes) * 8)
+    needed = total + largest
+    limit = available_memory() if limit is None else limit
+    if limit is not None and needed > limit:
+        ranks = sorted({r for _, _, r, _ in plan})
+        raise ValueError(f"LoraConfig.r: an adapter of rank {ranks[0] if len(ranks) == 1 else ranks} on "
+                         f"{len(plan)} layers needs {needed:,d} bytes, more than the {limit:,d} bytes of memory "
+                         "available; choose a smaller r (or rank_pattern)")
+
+
 # -- PEFT's matching rules ------------------------------------------------------------------
 def check_target_module_exists(config, key):
     """True if module `key` (its full dotted name) is a LoRA target; _EXCLUDED if explicitly excluded."""
@@ -371,7 +462,7 @@ def check_target_module_exists(config, key):
                 return _EXCLUDED
         elif key in exclude or any(key.endswith(f".{e}") for e in exclude):
             return _EXCLUDED
-    if config.modules_to_save and any(re.match(rf"(^|.*\.){m}($|\..*)", key) for m in config.modules_to_save):
+    if config.modules_to_save and any(re.match(modules_to_save_regex(m), key) for m in config.modules_to_save):
         return _EXCLUDED
     targets = config.target_modules
     if isinstance(targets, str):
@@ -387,7 +478,7 @@ def check_target_module_exists(config, key):
         else:
             match = None
             for pattern in [patterns] if isinstance(patterns, str) else patterns:
-                match = re.match(rf"(?:^|.*?\.){pattern}\.(?P<idx>\d+)\.", key)
+                match = re.match(layers_pattern_regex(pattern), key)
                 if match:
                     break
         if match is None:
@@ -400,7 +491,7 @@ def check_target_module_exists(config, key):
 def get_pattern_key(patterns, key):
     """The first pattern p with `(.*\\.)?(p)$` matching `key` (else `key` itself, as PEFT)."""
     for p in patterns:
-        if re.match(rf"(.*\.)?({p})$", key):
+        if re.match(rank_pattern_regex(p), key):
             return p
     return key
 

@@ -8,9 +8,16 @@ File keys are the LoraModel's parameter names without the adapter name (REFERENC
     base_model.model.<path>.weight                 <- <path>.modules_to_save.<adapter>.weight
 
 plus, as PEFT, biases for bias="all" / "lora_only" and the base weights of targeted
-embedding layers. A non-default adapter is saved in a sub-folder named after it. Both
-files are written atomically (temporary file, then rename), weights first.
+embedding layers. A non-default adapter is saved in a sub-folder named after it (a
+checked name, and the folder is checked again, symbolic links resolved, to be a direct
+child of the target folder). Both files are written atomically (temporary file, then
+rename), weights first.
+
+Loading reads the config and the weights file's header first and checks every LoRA
+factor's shape there against the rank the config gives its layer, so a config whose r
+disagrees with its weights is refused before any LoRA matrix is allocated.
 """
+import contextlib
 import json
 import os
 import secrets
@@ -18,9 +25,9 @@ import secrets
 import numpy as np
 
 from .. import safetensors
-from .config import LoraConfig
+from .config import LoraConfig, check_adapter_name
 from .layer import LoraLayer, ModulesToSaveWrapper
-from .model import embedding_is_targeted
+from .model import embedding_is_targeted, lora_shapes, plan_adapter, resolve_config
 
 __all__ = ["CONFIG_NAME", "WEIGHTS_NAME", "adapter_parameters", "save_adapter", "load_adapter", "from_pretrained"]
 
@@ -86,14 +93,27 @@ def _embedding_paths(model):
 
 
 def adapter_folder(directory, adapter_name):
+    """Where adapter `adapter_name` is saved: `directory` itself for "default", else its
+    sub-folder `<directory>/<adapter_name>`."""
+    check_adapter_name(adapter_name, "save_pretrained")
     return directory if adapter_name == "default" else os.path.join(directory, adapter_name)
+
+
+def _check_inside(folder, directory):
+    """ValueError unless `folder` (links resolved) is `directory` or one of its direct children."""
+    real, top = os.path.realpath(folder), os.path.realpath(directory)
+    if real != top and os.path.dirname(real) != top:
+        raise ValueError(f"save_pretrained: {folder} resolves to {real}, outside the target folder {top}")
 
 
 def save_adapter(lora_model, directory, adapter_name):
     if adapter_name not in lora_model.peft_config:
         raise ValueError(f"save_pretrained: unknown adapter {adapter_name!r}; known: {list(lora_model.peft_config)}")
-    folder = adapter_folder(os.fspath(directory), adapter_name)
+    directory = os.fspath(directory)
+    folder = adapter_folder(directory, adapter_name)
+    _check_inside(folder, directory)
     os.makedirs(folder, exist_ok=True)
+    _check_inside(folder, directory)
     params, _ = adapter_parameters(lora_model, adapter_name)
     safetensors.save_file({k: p.data for k, p in params.items()}, os.path.join(folder, WEIGHTS_NAME),
                           metadata={"format": "pt"})
@@ -104,14 +124,15 @@ def save_adapter(lora_model, directory, adapter_name):
 
 def _write_text_atomic(path, text):
     tmp = os.path.join(os.path.dirname(os.path.abspath(path)), f".{os.path.basename(path)}.{secrets.token_hex(6)}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)  # never through a planted link
     try:
-        with open(tmp, "w", encoding="utf-8") as f:
+        with open(fd, "w", encoding="utf-8") as f:
             f.write(text)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
-        if os.path.exists(tmp):
+        with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
 
@@ -123,7 +144,9 @@ def read_config(directory):
             d = json.load(f)
     except FileNotFoundError:
         raise FileNotFoundError(f"{path}: no adapter config (expected {CONFIG_NAME} in {directory})") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+    except RecursionError:
+        raise ValueError(f"{path}: not valid JSON: nested too deeply") from None
+    except ValueError as e:  # JSONDecodeError, UnicodeDecodeError, an integer too long to convert
         raise ValueError(f"{path}: not valid JSON: {e}") from None
     if not isinstance(d, dict):
         raise ValueError(f"{path}: expected a JSON object, got {type(d).__name__}")
@@ -132,10 +155,10 @@ def read_config(directory):
 
 def load_adapter(lora_model, directory, adapter_name, is_trainable=False):
     """Add adapter `adapter_name` to `lora_model` from a PEFT folder."""
+    check_adapter_name(adapter_name, "load_adapter")
     if adapter_name in lora_model.peft_config:
         raise ValueError(f"load_adapter: adapter {adapter_name!r} already exists; pick another name")
-    config, config_path = read_config(directory)
-    config = config.replace(inference_mode=not is_trainable)
+    config, config_path = _checked_config(lora_model.model, directory, is_trainable)
     try:
         lora_model.inject_adapter(config, adapter_name)
     except ValueError as e:
@@ -149,8 +172,8 @@ def load_adapter(lora_model, directory, adapter_name, is_trainable=False):
 
 
 def from_pretrained(cls, model, directory, adapter_name="default", is_trainable=False):
-    config, config_path = read_config(directory)
-    config = config.replace(inference_mode=not is_trainable)
+    check_adapter_name(adapter_name, "from_pretrained")
+    config, config_path = _checked_config(model, directory, is_trainable)
     try:
         lora_model = cls(model, config, adapter_name)
     except ValueError as e:
@@ -159,10 +182,37 @@ def from_pretrained(cls, model, directory, adapter_name="default", is_trainable=
     return lora_model if is_trainable else lora_model.eval()  # as PEFT: inference loads in eval mode
 
 
-def _load_weights(lora_model, directory, adapter_name):
+def _checked_config(model, directory, is_trainable):
+    """(config, its path) of an adapter folder, its ranks checked against the shapes in the
+    weights file's header (nothing allocated yet; inject_adapter then checks the memory)."""
+    config, config_path = read_config(directory)
+    config = config.replace(inference_mode=not is_trainable)
+    weights_path = _weights_path(directory)
+    header, _ = safetensors.read_header(weights_path)
+    try:
+        resolved = resolve_config(config, model)
+        plan = plan_adapter(resolved, model)
+    except ValueError as e:
+        raise ValueError(f"{config_path}: adapter does not fit this model: {e}") from None
+    for key, module, r, _ in plan:
+        for suffix, shape in lora_shapes(module, r).items():
+            file_key = f"{_PREFIX}{key}.{suffix}"
+            entry = header.get(file_key)
+            if entry is not None and tuple(entry["shape"]) != shape:
+                raise ValueError(f"{weights_path}: {file_key}: file shape {tuple(entry['shape'])} != model shape "
+                                 f"{shape} (r={r} as {config_path} gives it for this layer)")
+    return config, config_path
+
+
+def _weights_path(directory):
     path = os.path.join(os.fspath(directory), WEIGHTS_NAME)
     if not os.path.exists(path):
         raise FileNotFoundError(f"{path}: no adapter weights (expected {WEIGHTS_NAME} in {directory})")
+    return path
+
+
+def _load_weights(lora_model, directory, adapter_name):
+    path = _weights_path(directory)
     tensors = safetensors.load_file(path)
     params, optional = adapter_parameters(lora_model, adapter_name)
     missing = [k for k in params if k not in tensors and k not in optional]
