@@ -305,3 +305,90 @@ def test_missing_or_mismatched_weights_name_the_file_and_keys(saved):
     with pytest.raises(FileNotFoundError, match=f"{weights}"):
         lm.load_adapter(saved, "other")
     assert list(lm.peft_config) == ["default"]
+
+
+def test_non_finite_weights_are_refused_naming_the_file_and_key(saved):
+    weights = saved / "adapter_model.safetensors"
+    tensors = {k: np.array(v) for k, v in lora_np.safetensors.load_file(weights).items()}
+    key = "base_model.model.model.layers.0.self_attn.v_proj.lora_B.weight"
+    tensors[key][1, 0] = np.nan
+    lora_np.safetensors.save_file(tensors, weights)
+    with pytest.raises(ValueError, match=rf"{weights}: {key}: holds non-finite values"):
+        LoraModel.from_pretrained(_llama(), saved)
+
+
+# -- a full disk while saving -------------------------------------------------------------------------
+@pytest.mark.parametrize("fail_on", [1, 2])  # the weights file's fsync, then the config's
+def test_a_full_disk_names_the_file_and_keeps_the_previous_adapter(tmp_path, monkeypatch, fail_on):
+    import errno
+
+    lm = get_peft_model(_llama(), LoraConfig(r=2, target_modules=["q_proj"], init_lora_weights=False))
+    lm.save_pretrained(tmp_path)
+    before = {name: (tmp_path / name).read_bytes() for name in os.listdir(tmp_path)}
+    lm.model.model.layers[0].self_attn.q_proj.lora_A["default"].weight.data += 1.0
+    lm.peft_config["default"].lora_dropout = 0.5
+    calls = []
+    real_fsync = os.fsync
+
+    def full_disk(fd):
+        calls.append(fd)
+        if len(calls) == fail_on:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", full_disk)
+    name = ["adapter_model.safetensors", "adapter_config.json"][fail_on - 1]
+    with pytest.raises(OSError, match=rf"No space left on device: '{tmp_path / name}'") as e:
+        lm.save_pretrained(tmp_path)
+    assert e.value.errno == errno.ENOSPC and e.value.filename == str(tmp_path / name)
+    monkeypatch.undo()
+    assert sorted(os.listdir(tmp_path)) == sorted(before)  # no temporary file left behind
+    assert (tmp_path / name).read_bytes() == before[name]  # the file being written is the previous one
+
+
+# -- other entry points taking names and numbers ------------------------------------------------------
+def _two_adapters():
+    lm = get_peft_model(_llama(), LoraConfig(r=2, target_modules=["q_proj"], init_lora_weights=False))
+    lm.add_adapter("other", LoraConfig(r=2, target_modules=["q_proj"], init_lora_weights=False))
+    return lm
+
+
+@pytest.mark.parametrize("kw,match", [
+    (dict(adapters="default", weights=[1.0]), r"adapters: expected a list of adapter names, got str"),
+    (dict(adapters=["default", "nope"], weights=[1.0, 1.0]), r"unknown adapter\(s\) \['nope'\]"),
+    (dict(adapters=["default"], weights=1.0), "need a list of as many weights"),
+    (dict(adapters=["default", "other"], weights=[1.0]), "need a list of as many weights"),
+    (dict(adapters=["default"], weights=[float("nan")]), r"weights\[0\] must be a finite number"),
+    (dict(adapters=["default"], weights=["1"]), r"weights\[0\] must be a finite number"),
+    (dict(adapters=["default", "other"], weights=[1, 1], svd_rank=0), "svd_rank must be an integer >= 1"),
+    (dict(adapters=["default", "other"], weights=[1, 1], svd_clamp=2), "svd_clamp must be a finite number"),
+])
+def test_add_weighted_adapter_refuses_nonsense_naming_the_argument(kw, match):
+    lm = _two_adapters()
+    with pytest.raises(ValueError, match=match):
+        lm.add_weighted_adapter(adapter_name="mix", **kw)
+    assert list(lm.peft_config) == ["default", "other"]
+    assert "mix" not in lm.model.model.layers[0].self_attn.q_proj.r
+
+
+def test_merge_adapter_refuses_a_string_or_an_unknown_name():
+    """A string used to be iterated letter by letter: nothing merged, no error."""
+    lm = _two_adapters()
+    w = lm.model.model.layers[0].self_attn.q_proj.weight.data.copy()
+    with pytest.raises(ValueError, match="merge_adapter: adapter_names: expected a list of adapter names"):
+        lm.merge_adapter(adapter_names="other")
+    with pytest.raises(ValueError, match=r"merge_adapter: unknown adapter\(s\) \['nope'\]"):
+        lm.merge_adapter(adapter_names=["other", "nope"])
+    assert np.array_equal(lm.model.model.layers[0].self_attn.q_proj.weight.data, w)
+    lm.merge_adapter(adapter_names=["other"])
+    assert lm.model.model.layers[0].self_attn.q_proj.merged_adapters == ["other"]
+
+
+@pytest.mark.parametrize("init", ["pissa", "olora"])
+def test_pissa_and_olora_refuse_a_rank_beyond_the_decomposition(init):
+    """SVD / QR of a 16x16 weight has 16 components; r=17 would give factors of 16, not 17, rows."""
+    with pytest.raises(ValueError, match=rf"init_lora_weights='{init}' needs r <= min\(in_features, out_features\) "
+                                         r"= 16, got r=17"):
+        get_peft_model(_llama(), LoraConfig(r=17, target_modules=["q_proj"], init_lora_weights=init))
+    lm = get_peft_model(_llama(), LoraConfig(r=16, target_modules=["q_proj"], init_lora_weights=init))
+    assert lm.model.model.layers[0].self_attn.q_proj.lora_A["default"].weight.shape == (16, HIDDEN)

@@ -278,6 +278,10 @@ class Linear(LoraLayer):
     def update_layer(self, adapter_name, r, lora_alpha, config, init_lora_weights=None):
         self._check_r(r)
         init = config.init_lora_weights if init_lora_weights is None else init_lora_weights
+        if init in ("pissa", "olora") and r > min(self.in_features, self.out_features):
+            # the decomposition has only min(in, out) components: A, B would not have r rows / columns
+            raise ValueError(f"LoraConfig.init_lora_weights={init!r} needs r <= min(in_features, out_features) = "
+                             f"{min(self.in_features, self.out_features)}, got r={r}")
         dtype = self.base_layer.weight.dtype
         self.r[adapter_name], self.lora_alpha[adapter_name] = r, lora_alpha
         self.scaling[adapter_name] = config.scaling_for(r, lora_alpha)

@@ -23,6 +23,7 @@ import numpy as np
 
 from ..nn import Conv1D, Linear as BaseLinear, Module
 from ..nn import Embedding as BaseEmbedding
+from ..options import Float, Int
 from .config import LoraConfig, check_adapter_name, layers_pattern_regex, modules_to_save_regex, rank_pattern_regex
 from .layer import LoraLayer, ModulesToSaveWrapper, check_supported, lora_layer_for
 
@@ -34,6 +35,10 @@ DEFAULT_TARGET_MODULES = {"llama": ["q_proj", "v_proj"], "qwen2": ["q_proj", "v_
 # modules PEFT treats as embeddings when deciding to save base embedding weights
 EMBEDDING_LAYER_NAMES = ("embed_tokens", "lm_head")
 _EXCLUDED = "excluded"
+# add_weighted_adapter's numbers: a weight may be any finite number, svd_clamp is a quantile
+_WEIGHT = Float()
+_SVD_RANK = Int(min=1, none_ok=True)
+_SVD_CLAMP = Float(min=0, max=1, none_ok=True)
 
 
 def get_peft_model(model, config, adapter_name="default"):
@@ -160,12 +165,15 @@ class LoraModel(Module):
 
     def set_adapter(self, adapter_name):
         """Activate one adapter (a name) or several (a list of names); the others are frozen."""
-        names = _adapter_names(adapter_name, "set_adapter")
+        self.active_adapters = self._known(_adapter_names(adapter_name, "set_adapter"), "set_adapter")
+        self._mark_only_adapters_as_trainable()
+
+    def _known(self, names, where):
+        """`names` if every one is an adapter of this model, else ValueError listing the unknown ones."""
         unknown = [n for n in names if n not in self.peft_config]
         if unknown:
-            raise ValueError(f"set_adapter: unknown adapter(s) {unknown}; known: {list(self.peft_config)}")
-        self.active_adapters = names
-        self._mark_only_adapters_as_trainable()
+            raise ValueError(f"{where}: unknown adapter(s) {unknown}; known: {list(self.peft_config)}")
+        return names
 
     def delete_adapter(self, adapter_name):
         check_adapter_name(adapter_name, "delete_adapter")
@@ -198,6 +206,9 @@ class LoraModel(Module):
     # -- merging --------------------------------------------------------------------------
     def merge_adapter(self, adapter_names=None, safe_merge=False):
         """Merge adapters (default: the active ones) into the base weights. Explicit only."""
+        if adapter_names is not None:
+            adapter_names = self._known(_adapter_names(adapter_names, "merge_adapter: adapter_names", single=False),
+                                        "merge_adapter")
         for _, module in self._tuner_modules():
             if isinstance(module, LoraLayer):
                 module.merge(safe_merge=safe_merge, adapter_names=adapter_names)
@@ -235,11 +246,15 @@ class LoraModel(Module):
         check_adapter_name(adapter_name, "add_weighted_adapter")
         if adapter_name in self.peft_config:
             return
-        if len(adapters) != len(weights):
-            raise ValueError(f"add_weighted_adapter: {len(adapters)} adapters but {len(weights)} weights")
+        adapters = self._known(_adapter_names(adapters, "add_weighted_adapter: adapters", single=False),
+                               "add_weighted_adapter")
+        if not isinstance(weights, (list, tuple)) or len(adapters) != len(weights):
+            raise ValueError(f"add_weighted_adapter: {len(adapters)} adapters need a list of as many weights, "
+                             f"got {weights!r}")
+        weights = [_WEIGHT.check(f"add_weighted_adapter: weights[{i}]", w) for i, w in enumerate(weights)]
+        svd_rank = _SVD_RANK.check("add_weighted_adapter: svd_rank", svd_rank)
+        svd_clamp = _SVD_CLAMP.check("add_weighted_adapter: svd_clamp", svd_clamp)
         for a in adapters:
-            if a not in self.peft_config:
-                raise ValueError(f"add_weighted_adapter: adapter {a!r} does not exist")
             if self.peft_config[a].use_dora:
                 raise NotImplementedError(f"add_weighted_adapter: adapter {a!r} uses DoRA, which lora_np cannot combine")
         wrappers = [m for _, m in self._tuner_modules() if isinstance(m, ModulesToSaveWrapper)]
@@ -330,12 +345,8 @@ class LoraModel(Module):
     def save_pretrained(self, save_directory, selected_adapters=None):
         from .peft_io import save_adapter
 
-        names = list(self.peft_config) if selected_adapters is None else _adapter_names(
-            selected_adapters, "save_pretrained: selected_adapters", single=False)
-        unknown = [n for n in names if n not in self.peft_config]
-        if unknown:
-            raise ValueError(f"save_pretrained: unknown adapter(s) {unknown} in selected_adapters; "
-                             f"known: {list(self.peft_config)}")
+        names = list(self.peft_config) if selected_adapters is None else self._known(
+            _adapter_names(selected_adapters, "save_pretrained: selected_adapters", single=False), "save_pretrained")
         for name in names:
             save_adapter(self, save_directory, name)
 

@@ -15,7 +15,9 @@ rename), weights first.
 
 Loading reads the config and the weights file's header first and checks every LoRA
 factor's shape there against the rank the config gives its layer, so a config whose r
-disagrees with its weights is refused before any LoRA matrix is allocated.
+disagrees with its weights is refused before any LoRA matrix is allocated; a tensor that
+is not floating-point or holds NaN / infinity is refused naming the file and key. A write
+error that names no file (a full disk) is re-raised naming the file being written.
 """
 import contextlib
 import json
@@ -115,11 +117,25 @@ def save_adapter(lora_model, directory, adapter_name):
     os.makedirs(folder, exist_ok=True)
     _check_inside(folder, directory)
     params, _ = adapter_parameters(lora_model, adapter_name)
-    safetensors.save_file({k: p.data for k, p in params.items()}, os.path.join(folder, WEIGHTS_NAME),
-                          metadata={"format": "pt"})
+    weights_path = os.path.join(folder, WEIGHTS_NAME)
+    with _naming(weights_path):
+        safetensors.save_file({k: p.data for k, p in params.items()}, weights_path, metadata={"format": "pt"})
     config = lora_model.peft_config[adapter_name].to_dict()
     config["inference_mode"] = True
-    _write_text_atomic(os.path.join(folder, CONFIG_NAME), json.dumps(config, indent=2, sort_keys=True) + "\n")
+    config_path = os.path.join(folder, CONFIG_NAME)
+    with _naming(config_path):
+        _write_text_atomic(config_path, json.dumps(config, indent=2, sort_keys=True) + "\n")
+
+
+@contextlib.contextmanager
+def _naming(path):
+    """An OSError that names no file (a write on a full disk, a failed fsync) re-raised naming `path`."""
+    try:
+        yield
+    except OSError as e:
+        if e.filename is not None or e.errno is None:
+            raise
+        raise type(e)(e.errno, e.strerror, path) from e
 
 
 def _write_text_atomic(path, text):
@@ -225,5 +241,7 @@ def _load_weights(lora_model, directory, adapter_name):
             raise ValueError(f"{path}: {key}: file shape {tuple(array.shape)} != model shape {tuple(p.shape)}")
         if array.dtype.kind != "f":
             raise ValueError(f"{path}: {key}: dtype {array.dtype} is not a floating-point type")
+        if not np.isfinite(array).all():
+            raise ValueError(f"{path}: {key}: holds non-finite values (NaN or infinity); the adapter is broken")
     for key, array in tensors.items():
         params[key].data = np.array(array, dtype=params[key].dtype, order="C", copy=True)
