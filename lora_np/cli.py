@@ -10,14 +10,37 @@ import json
 import math
 import os
 import sys
+import traceback
 
 import numpy as np
 
-__all__ = ["main"]
+from .generation import MAX_NEW_TOKENS, SEED, TEMPERATURE, TOP_K, TOP_P
+from .options import Float, OptionError
+
+__all__ = ["main", "CLIError"]
+
+# compare's numeric option rule (lora_np.options); generate's are generation.py's, eval's train.py's
+TOLERANCE = Float(min=0)  # --rtol / --atol
 
 
 class CLIError(Exception):
     """A user-facing error: printed as one line, exit status 2."""
+
+
+class _UsageError(Exception):
+    """argparse's complaint about the command line, carried to main() (exit 2)."""
+
+    def __init__(self, prog, message):
+        super().__init__(message)
+        self.prog = prog
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse with its usage errors as one line `PROG: error: MESSAGE` (no usage text);
+    subparsers are of this class too. --help prints the full help as usual."""
+
+    def error(self, message):
+        raise _UsageError(self.prog, message)
 
 
 def load_for_command(args, trainable=False, with_tokenizer=True):
@@ -43,10 +66,37 @@ def load_for_command(args, trainable=False, with_tokenizer=True):
 
 
 def _parse_ids(text):
-    rows = [[int(t) for t in row.split(",") if t.strip()] for row in text.split(";") if row.strip()]
-    if not rows or any(len(r) != len(rows[0]) for r in rows) or not rows[0]:
-        raise CLIError(f"--ids {text!r}: give comma-separated ids, rows separated by ';', all rows of one length")
-    return np.array(rows, dtype=np.int64)
+    try:
+        rows = [[int(t) for t in row.split(",") if t.strip()] for row in text.split(";") if row.strip()]
+        ids = np.array(rows, dtype=np.int64)
+    except (ValueError, OverflowError):
+        ids = None
+    if ids is None or ids.ndim != 2 or ids.shape[1] == 0:
+        raise CLIError(f"--ids {text!r}: give comma-separated integer ids, rows separated by ';', "
+                       f"all rows of one length")
+    return ids
+
+
+def _check_ids(ids, model, option):
+    """CLIError naming `option` for an id outside the model's vocabulary, or rows longer than its context."""
+    from .generation import context_length
+
+    vocab = model.config.vocab_size
+    bad = np.argwhere((ids < 0) | (ids >= vocab))
+    if len(bad):
+        raise CLIError(f"{option}: id {ids[tuple(bad[0])]} is outside the model's vocabulary [0, {vocab})")
+    n_ctx, field = context_length(model.config)
+    if n_ctx is not None and ids.shape[1] > n_ctx:
+        raise CLIError(f"{option}: {ids.shape[1]} tokens exceed the model's context of {n_ctx} positions ({field})")
+
+
+def _check_out_file(path, option):
+    """CLIError naming `option` when `path` cannot be a new or replaced file: a folder, or in a missing folder."""
+    if os.path.isdir(path):
+        raise CLIError(f"{option} {path} is a folder; give a file name")
+    parent = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(parent):
+        raise CLIError(f"{option} {path}: the folder {parent} does not exist")
 
 
 # -- info --------------------------------------------------------------------------------------
@@ -81,22 +131,25 @@ def lora_gradients(model, adapter_name="default"):
 
 def cmd_dump(args):
     from . import safetensors
+    from .merge import oserror_names
 
     if (args.text is None) == (args.ids is None):
-        raise CLIError("dump: give exactly one of --text and --ids")
+        raise CLIError("give exactly one of --text and --ids")
+    ids = _parse_ids(args.ids) if args.ids is not None else None
+    _check_out_file(args.out, "--out")
     model, tokenizer, _ = load_for_command(args, trainable=True, with_tokenizer=args.text is not None)
     if args.text is not None:
         ids = np.array([tokenizer.encode(args.text)], dtype=np.int64)
         if ids.shape[1] == 0:
-            raise CLIError(f"dump: --text {args.text!r} tokenizes to no tokens")
-    else:
-        ids = _parse_ids(args.ids)
+            raise CLIError(f"--text {args.text!r} tokenizes to no tokens")
+    _check_ids(ids, model, "--ids" if args.ids is not None else "--text")
     out = model(ids, labels=ids)
     tensors = {"input_ids": ids, "logits": out.logits.data, "loss": np.asarray(out.loss.data).reshape(1)}
     if args.adapter:
         out.loss.backward()
         tensors.update(lora_gradients(model))
-    safetensors.save_file(tensors, args.out, metadata={"format": "pt", "producer": "lora_np"})
+    with oserror_names(args.out):
+        safetensors.save_file(tensors, args.out, metadata={"format": "pt", "producer": "lora_np"})
     print(f"wrote {args.out}: {len(tensors)} tensors, loss {float(out.loss.data):.6f}")
     return 0
 
@@ -147,21 +200,36 @@ def cmd_compare(args):
 # -- eval / generate / merge ------------------------------------------------------------------
 def cmd_eval(ns):
     from .data import load_examples
+    from .generation import context_length
     from .train import evaluate
 
     model, tok, _ = load_for_command(ns)
-    loss = evaluate(model, load_examples(ns.data, tok, ns.seq_len), ns.batch_size)
+    n_ctx, field = context_length(model.config)
+    if n_ctx is not None and ns.seq_len > n_ctx:
+        raise CLIError(f"--seq-len {ns.seq_len} exceeds the model's context of {n_ctx} positions ({field})")
+    examples = load_examples(ns.data, tok, ns.seq_len)
+    if not examples:
+        raise ValueError(f"{ns.data}: no examples to evaluate")
+    loss = evaluate(model, examples, ns.batch_size)
+    if not math.isfinite(loss):
+        raise ValueError(f"{ns.data}: the loss is {loss} (no labelled tokens, or the model's output is not finite)")
     print(json.dumps({"loss": loss, "perplexity": math.exp(loss)}))
     return 0
 
 
 def cmd_generate(ns):
+    if not ns.prompt:
+        raise CLIError("--prompt is empty")
     model, tok, _ = load_for_command(ns)
     if ns.chat:
         ids = tok.apply_chat_template([{"role": "user", "content": ns.prompt}], add_generation_prompt=True)
     else:
         ids = tok.encode(ns.prompt)
-    out = model.generate(np.array(ids), max_new_tokens=ns.max_new_tokens, temperature=ns.temperature,
+    if not ids:
+        raise CLIError(f"--prompt {ns.prompt!r} tokenizes to no tokens")
+    ids = np.array(ids, dtype=np.int64)
+    _check_ids(ids[None], model, "--prompt")
+    out = model.generate(ids, max_new_tokens=ns.max_new_tokens, temperature=ns.temperature,
                          top_k=ns.top_k, top_p=ns.top_p, seed=ns.seed, eos_token_id=tok.eos_token_id)
     new = out[0, len(ids):].tolist()
     print(tok.decode(new, skip_special_tokens=True))
@@ -171,6 +239,8 @@ def cmd_generate(ns):
 def cmd_merge(ns):
     from .merge import save_merged
 
+    if os.path.exists(ns.out) and not (os.path.isdir(ns.out) and not os.listdir(ns.out)):
+        raise CLIError(f"--out {ns.out} exists and is not an empty folder")
     model, _, path = load_for_command(ns, with_tokenizer=False)
     save_merged(model, ns.out, tokenizer_source=path)
     print(f"wrote merged model to {ns.out}")
@@ -178,21 +248,24 @@ def cmd_merge(ns):
 
 
 def _eval_args(p):
+    from .train import OPTION_RULES  # the rules of train's options of the same names
+
     add_model_args(p)
     p.add_argument("--data", required=True)
-    p.add_argument("--seq-len", type=int, default=256)
-    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--seq-len", type=OPTION_RULES["seq_len"].argtype("--seq-len"), default=256,
+                   help="tokens per example (at most the model's context)")
+    p.add_argument("--batch-size", type=OPTION_RULES["batch_size"].argtype("--batch-size"), default=4)
 
 
 def _generate_args(p):
     add_model_args(p)
     p.add_argument("--prompt", required=True)
     p.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
-    p.add_argument("--max-new-tokens", type=int, default=64)
-    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
-    p.add_argument("--top-k", type=int)
-    p.add_argument("--top-p", type=float)
-    p.add_argument("--seed", type=int)
+    p.add_argument("--max-new-tokens", type=MAX_NEW_TOKENS.argtype("--max-new-tokens"), default=64)
+    p.add_argument("--temperature", type=TEMPERATURE.argtype("--temperature"), default=0.0, help="0 = greedy")
+    p.add_argument("--top-k", type=TOP_K.argtype("--top-k"), help="sample from the k most likely tokens (0: all)")
+    p.add_argument("--top-p", type=TOP_P.argtype("--top-p"), help="nucleus sampling, in (0, 1]")
+    p.add_argument("--seed", type=SEED.argtype("--seed"))
 
 
 def _merge_args(p):
@@ -214,7 +287,7 @@ COMMANDS = {}
 
 
 def build_parser():
-    parser = argparse.ArgumentParser(prog="lora-np", description="LoRA fine-tuning with NumPy")
+    parser = ArgumentParser(prog="lora-np", description="LoRA fine-tuning with NumPy")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("info", help="architecture, sizes, parameter and trainable counts")
@@ -231,8 +304,8 @@ def build_parser():
     p = sub.add_parser("compare", help="max abs / rel difference per tensor of two safetensors files")
     p.add_argument("a", help="candidate file")
     p.add_argument("b", help="reference file")
-    p.add_argument("--rtol", type=float, default=1e-5)
-    p.add_argument("--atol", type=float, default=1e-6)
+    p.add_argument("--rtol", type=TOLERANCE.argtype("--rtol"), default=1e-5)
+    p.add_argument("--atol", type=TOLERANCE.argtype("--atol"), default=1e-6)
     p.set_defaults(func=cmd_compare)
 
     for name, helptext, add_args, func in (
@@ -250,15 +323,65 @@ def build_parser():
     return parser
 
 
+def _one_line(text):
+    return " ".join(part.strip() for part in str(text).splitlines() if part.strip())
+
+
+_MESSAGE_ERRORS = (CLIError, ValueError, OSError, NotImplementedError, RuntimeError)  # their message says it all
+
+
+def error_message(e):
+    """One line telling a user what went wrong: `FILE: problem` for an OSError with a file name,
+    the message for the library's own errors, and the type as well for anything unexpected."""
+    if isinstance(e, OSError) and e.filename is not None and e.strerror:
+        names = f"{e.filename} -> {e.filename2}" if e.filename2 is not None else f"{e.filename}"
+        return _one_line(f"{names}: {e.strerror}")
+    if isinstance(e, OSError) and e.strerror:
+        return _one_line(e.strerror)  # "[Errno 28] No space left on device" without the number
+    if isinstance(e, MemoryError):
+        return _one_line(f"out of memory{': ' + str(e) if str(e) else ''}")
+    if isinstance(e, KeyError) and len(e.args) == 1 and isinstance(e.args[0], str) and " " in e.args[0]:
+        return _one_line(e.args[0])  # a sentence, not a bare missing key
+    if isinstance(e, _MESSAGE_ERRORS) and not isinstance(e, RecursionError) and str(e):
+        return _one_line(e)
+    return _one_line(f"{type(e).__name__}: {e} (an internal error; LORA_NP_DEBUG=1 prints where)")
+
+
 def main(argv=None):
+    """Run one command; returns the exit status. Every failure is one line on stderr,
+    `lora-np CMD: error: MESSAGE`: status 2 for usage errors (argparse, CLIError,
+    OptionError), 1 for anything that fails at run time, 130 for Ctrl-C. With the
+    environment variable LORA_NP_DEBUG=1 the traceback is printed as well."""
     _register_training_commands()
-    args = build_parser().parse_args(argv)
+    prog = "lora-np"
     try:
+        args, extra = build_parser().parse_known_args(argv)
+        prog = f"lora-np {args.command}"
+        if extra:
+            raise _UsageError(prog, f"unrecognized arguments: {' '.join(extra)}")
         return args.func(args)
-    except (CLIError, FileNotFoundError, KeyError, ValueError, TypeError, NotImplementedError) as e:
-        msg = e.args[0] if isinstance(e, KeyError) and e.args else e
-        print(f"lora-np {args.command}: error: {msg}", file=sys.stderr)
+    except _UsageError as e:
+        print(f"{e.prog}: error: {_one_line(e)}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        _debug_traceback()
+        print(f"{prog}: interrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:  # stdout closed by its reader (`lora-np info | head -1`): nothing to report
+        try:  # and nothing for Python to fail flushing at exit
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        except (OSError, ValueError):
+            pass
+        return 1
+    except Exception as e:
+        _debug_traceback()
+        print(f"{prog}: error: {error_message(e)}", file=sys.stderr)
+        return 2 if isinstance(e, (CLIError, OptionError)) else 1
+
+
+def _debug_traceback():
+    if os.environ.get("LORA_NP_DEBUG", "") not in ("", "0"):
+        traceback.print_exc()
 
 
 def _register_training_commands():

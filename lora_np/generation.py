@@ -1,21 +1,53 @@
-"""Text generation with a KV cache: the prompt is run once, then one token per step."""
+"""Text generation with a KV cache: the prompt is run once, then one token per step.
+
+The option rules below are the ones `lora-np generate` checks at parse time: a value outside
+them raises OptionError naming the parameter, in the API as on the command line."""
 import numpy as np
 
 from .nn import KVCache
+from .options import Float, Int, OptionError
 from .tensor import Tensor, no_grad
 
-__all__ = ["generate", "sample_next"]
+__all__ = ["generate", "sample_next", "context_length",
+           "MAX_NEW_TOKENS", "TEMPERATURE", "TOP_K", "TOP_P", "SEED"]
+
+MAX_NEW_TOKENS = Int(min=1)                               # transformers refuses max_new_tokens <= 0
+TEMPERATURE = Float(min=0, none_ok=True)                  # 0 or None: greedy
+TOP_K = Int(min=0, none_ok=True)                          # 0 or None: no top-k filter (transformers' 0)
+TOP_P = Float(min=0, min_open=True, max=1, none_ok=True)  # None or 1: no top-p filter
+SEED = Int(min=0, none_ok=True)                           # numpy.random.default_rng refuses negative seeds
+
+
+def context_length(config):
+    """(positions, config field) the model was built for: GPT-2's n_positions (a learned
+    table: positions past it do not exist) or Llama's max_position_embeddings."""
+    for name in ("n_positions", "max_position_embeddings"):
+        if getattr(config, name, None) is not None:
+            return int(getattr(config, name)), name
+    return None, None
 
 
 def sample_next(logits, rng, temperature=0.0, top_k=None, top_p=None):
     """Next token ids (B,) from last-position logits (B, V): greedy when temperature is 0
     or None, else softmax(logits / temperature) restricted to the top_k most likely
     tokens and to the smallest set whose probability reaches top_p (transformers' order:
-    temperature, then top-k, then top-p)."""
+    temperature, then top-k, then top-p). Option values outside TEMPERATURE, TOP_K and
+    TOP_P raise OptionError; logits with NaN or +inf, or a row with no finite value, raise
+    ValueError (they would pick an arbitrary token)."""
+    temperature = TEMPERATURE.check("temperature", temperature)
+    top_k = TOP_K.check("top_k", top_k)
+    top_p = TOP_P.check("top_p", top_p)
     logits = np.asarray(logits, dtype=np.float64)
+    if logits.ndim != 2 or logits.shape[-1] == 0:
+        raise ValueError(f"sample_next: logits must be (B, V) with V >= 1, got shape {logits.shape}")
+    top = logits.max(-1, keepdims=True)                                   # (B, 1)
+    if np.isnan(logits).any() or not np.isfinite(top).all():
+        raise ValueError("sample_next: the logits contain NaN or +inf, or a row has no finite value "
+                         "(are the model's weights finite?)")
     if not temperature:
         return logits.argmax(-1)
-    logits = logits / temperature
+    with np.errstate(over="ignore"):
+        logits = (logits - top) / temperature  # <= 0 with the top at 0: no inf - inf for tiny temperatures
     if top_k:
         kth = np.sort(logits, axis=-1)[:, -min(top_k, logits.shape[-1])][:, None]
         logits = np.where(logits < kth, -np.inf, logits)
@@ -40,12 +72,32 @@ def generate(model, input_ids, max_new_tokens=32, temperature=0.0, top_k=None, t
     """Continue `input_ids` ((T,) or (B, T), rows of equal length) by up to `max_new_tokens`
     tokens. Returns the ids with the continuation appended ((B, T + n)). Greedy by default;
     `temperature` > 0 samples with a generator seeded by `seed`. Generation stops when
-    every row has produced `eos_token_id` (rows that finished are padded with it)."""
-    ids = np.asarray(input_ids.data if isinstance(input_ids, Tensor) else input_ids, dtype=np.int64)
+    every row has produced `eos_token_id` (rows that finished are padded with it).
+    Options outside MAX_NEW_TOKENS, TEMPERATURE, TOP_K, TOP_P, SEED raise OptionError, as
+    does a prompt + max_new_tokens longer than the model's context; ids that are not
+    integers within the model's vocabulary raise ValueError."""
+    max_new_tokens = MAX_NEW_TOKENS.check("max_new_tokens", max_new_tokens)
+    for name, rule, value in (("temperature", TEMPERATURE, temperature), ("top_k", TOP_K, top_k),
+                              ("top_p", TOP_P, top_p)):
+        rule.check(name, value)
+    seed = SEED.check("seed", seed)
+    ids = np.asarray(input_ids.data if isinstance(input_ids, Tensor) else input_ids)
     if ids.ndim == 1:
         ids = ids[None]
     if ids.ndim != 2 or ids.shape[1] == 0:
         raise ValueError(f"generate: input_ids must be a non-empty (T,) or (B, T) array, got shape {ids.shape}")
+    if ids.dtype.kind not in "iu":
+        raise ValueError(f"generate: input_ids must be integers, got dtype {ids.dtype}")
+    vocab = model.config.vocab_size
+    bad = np.argwhere((ids < 0) | (ids >= vocab))
+    if len(bad):
+        where = tuple(int(i) for i in bad[0])
+        raise ValueError(f"generate: input_ids{list(where)} = {ids[where]} is outside the vocabulary [0, {vocab})")
+    ids = ids.astype(np.int64)
+    n_ctx, field = context_length(model.config)
+    if n_ctx is not None and ids.shape[1] + max_new_tokens > n_ctx:
+        raise OptionError(f"max_new_tokens {max_new_tokens} after a prompt of {ids.shape[1]} tokens exceeds "
+                          f"the model's context of {n_ctx} positions ({field})")
     eos = set() if eos_token_id is None else set(np.atleast_1d(eos_token_id).tolist())
     rng = np.random.default_rng(seed)
     cache = KVCache()

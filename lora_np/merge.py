@@ -1,7 +1,10 @@
 """Merge an adapter into its base model and save a Hugging Face folder
 (config.json + model.safetensors) that transformers loads as it is."""
+import contextlib
+import errno
 import json
 import os
+import secrets
 import shutil
 
 import numpy as np
@@ -9,7 +12,7 @@ import numpy as np
 from . import safetensors
 from .models import GPT2Config
 
-__all__ = ["save_merged", "hf_config_dict"]
+__all__ = ["save_merged", "hf_config_dict", "oserror_names"]
 
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json")
 
@@ -31,33 +34,75 @@ def hf_config_dict(config):
     return d
 
 
-def save_merged(model, out, tokenizer_source=None):
-    """Merge every adapter of a LoraModel (or take a plain model) and write `out/` atomically
-    (a temporary folder renamed into place). Tokenizer files beside a Hugging Face base model
-    are copied; a GGUF base model's tokenizer stays in its GGUF file."""
-    base = model.merge_and_unload() if hasattr(model, "merge_and_unload") else model
-    if os.path.exists(out) and os.listdir(out):
-        raise FileExistsError(f"merge: {out} exists and is not empty")
-    parent = os.path.dirname(os.path.abspath(out))
-    tmp = os.path.join(parent, f".tmp-merge-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    os.makedirs(tmp)
+@contextlib.contextmanager
+def oserror_names(path):
+    """Re-raise an OSError that names no file (a write() failing with ENOSPC or EIO) as the
+    same error naming `path`, so that the user learns which output failed."""
     try:
-        tensors = {name: np.ascontiguousarray(p.data, dtype=np.float32)
-                   for name, p in base.named_parameters()}  # tied head: saved once, under the embedding
-        for name, array in tensors.items():
-            if not np.isfinite(array).all():
-                raise ValueError(f"merge: merged tensor {name!r} is not finite")
-        safetensors.save_file(tensors, os.path.join(tmp, "model.safetensors"), metadata={"format": "pt"})
-        with open(os.path.join(tmp, "config.json"), "w") as fh:
-            json.dump(hf_config_dict(base.config), fh, indent=2)
-        if tokenizer_source and os.path.isdir(tokenizer_source):
-            for name in _TOKENIZER_FILES:
-                if os.path.exists(os.path.join(tokenizer_source, name)):
-                    shutil.copy(os.path.join(tokenizer_source, name), tmp)
-        if os.path.exists(out):
-            os.rmdir(out)
-        os.replace(tmp, out)
+        yield
+    except OSError as e:
+        if e.filename is not None or e.errno is None:
+            raise
+        raise type(e)(e.errno, e.strerror, os.fspath(path)) from e
+
+
+def _remove_orphans(parent, prefix):
+    """Remove temporary folders `prefix<pid>-*` in `parent` left by killed writers (their pid is gone)."""
+    for name in os.listdir(parent):
+        if not name.startswith(prefix):
+            continue
+        try:
+            os.kill(int(name[len(prefix):].split("-")[0]), 0)
+        except ProcessLookupError:
+            shutil.rmtree(os.path.join(parent, name), ignore_errors=True)
+        except (ValueError, OSError):  # not our pattern, or a live process of another user
+            pass
+
+
+def _write_json(obj, path):
+    with open(path, "w") as fh:
+        json.dump(obj, fh, indent=2)
+        fh.flush()
+        os.fsync(fh.fileno())
+
+
+def save_merged(model, out, tokenizer_source=None):
+    """Merge every adapter of a LoraModel (or take a plain model) and write `out/` atomically:
+    the files go to a temporary folder beside it (fsynced), which is renamed into place, so
+    `out` is either absent / empty or complete. `out` must not exist or be an empty folder
+    (FileExistsError otherwise, before anything is merged); temporary folders of killed merges
+    into the same parent are removed. Tokenizer files beside a Hugging Face base model are
+    copied; a GGUF base model's tokenizer stays in its GGUF file."""
+    out = os.fspath(out)
+    if os.path.exists(out) and not (os.path.isdir(out) and not os.listdir(out)):
+        raise FileExistsError(errno.EEXIST, "exists and is not an empty folder", out)
+    parent = os.path.dirname(os.path.abspath(out))
+    os.makedirs(parent, exist_ok=True)
+    prefix = f".{os.path.basename(os.path.abspath(out))}.merge-"
+    _remove_orphans(parent, prefix)
+    base = model.merge_and_unload() if hasattr(model, "merge_and_unload") else model
+    tensors = {name: np.ascontiguousarray(p.data, dtype=np.float32)
+               for name, p in base.named_parameters()}  # tied head: saved once, under the embedding
+    for name, array in tensors.items():
+        if not np.isfinite(array).all():
+            raise ValueError(f"merged tensor {name!r} is not finite (NaN or inf in the base model or the adapter)")
+    tmp = os.path.join(parent, f"{prefix}{os.getpid()}-{secrets.token_hex(4)}")
+    os.mkdir(tmp)
+    try:
+        with oserror_names(out):
+            safetensors.save_file(tensors, os.path.join(tmp, "model.safetensors"), metadata={"format": "pt"})
+            _write_json(hf_config_dict(base.config), os.path.join(tmp, "config.json"))
+            if tokenizer_source and os.path.isdir(tokenizer_source):
+                for name in _TOKENIZER_FILES:
+                    if os.path.exists(os.path.join(tokenizer_source, name)):
+                        shutil.copy(os.path.join(tokenizer_source, name), tmp)
+            os.replace(tmp, out)  # onto an empty folder too (rename(2)); refused if `out` filled up meanwhile
+        with contextlib.suppress(OSError):  # the rename itself, durable
+            fd = os.open(parent, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return out

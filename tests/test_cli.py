@@ -91,5 +91,5 @@ def test_info_counts_trainable_parameters(model_and_adapter, capsys):
 def test_bad_arguments_give_one_line_errors(capsys):
     assert cli_main(["dump", "--ids", "1,2;3", "--out", "/tmp/never.safetensors"]) == 2
     assert "rows of one length" in capsys.readouterr().err
-    assert cli_main(["info", "--model", "/nonexistent/model"]) == 2
-    assert "does not exist" in capsys.readouterr().err
+    assert cli_main(["info", "--model", "/nonexistent/model"]) == 1  # a missing file: a run-time failure
+    assert "/nonexistent/model does not exist" in capsys.readouterr().err
