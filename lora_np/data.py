@@ -100,6 +100,8 @@ def _load_jsonl(path, tokenizer, seq_len, pad_id):
                 row = json.loads(line)
             except json.JSONDecodeError as e:
                 raise ValueError(f"{where}: invalid JSON: {e.msg} at column {e.colno}") from None
+            except RecursionError:
+                raise ValueError(f"{where}: JSON nested too deeply to read") from None
             row_kind = _row_kind(row, where)
             if kind is None:
                 kind, first = row_kind, lineno

@@ -34,7 +34,21 @@ import re
 import unicodedata
 from functools import lru_cache
 
-__all__ = ["Tokenizer", "load_tokenizer", "bytes_to_unicode", "PRE_TOKENIZERS", "GGUF_PRE_TOKENIZERS"]
+import numpy as np
+
+__all__ = ["Tokenizer", "TokenizerError", "load_tokenizer", "bytes_to_unicode", "PRE_TOKENIZERS",
+           "GGUF_PRE_TOKENIZERS"]
+
+MAX_ID = 2**24 - 1  # no real vocabulary comes near; a larger id is a broken file
+
+
+class TokenizerError(ValueError):
+    """A tokenizer file that is malformed, or ids that are not in the vocabulary: the message names the file
+    and the key, token or id."""
+
+
+def _is_id(i):
+    return isinstance(i, int) and not isinstance(i, bool) and 0 <= i <= MAX_ID
 
 # -- Unicode classes for Oniguruma patterns ----------------------------------------------
 
@@ -296,6 +310,48 @@ def _pre_tokenizer_steps(spec, where):
 
 # -- the tokenizer -----------------------------------------------------------------------
 
+def _check_vocab(vocab, merges, added_tokens, source):
+    """TokenizerError naming the key unless: vocab maps str to distinct ids in [0, MAX_ID]; merges are pairs
+    of str; added tokens are objects with such an id, non-empty str content, and an id that the vocabulary
+    gives to no other string."""
+    def fail(problem):
+        raise TokenizerError(f"{source}: {problem}")
+
+    if not isinstance(vocab, dict):
+        fail(f"model.vocab must be an object of token: id, got a {type(vocab).__name__}")
+    owner = {}
+    for token, i in vocab.items():
+        if not isinstance(token, str):
+            fail(f"model.vocab: token {token!r} is not a string")
+        if not _is_id(i):
+            fail(f"model.vocab[{token!r}] = {i!r} is not an id (an integer in [0, {MAX_ID}])")
+        if i in owner:
+            fail(f"model.vocab: id {i} is given to both {owner[i]!r} and {token!r}")
+        owner[i] = token
+    if not isinstance(merges, (list, tuple)):
+        fail(f"model.merges must be a list, got a {type(merges).__name__}")
+    for rank, m in enumerate(merges):
+        if not (isinstance(m, (list, tuple)) and len(m) == 2 and all(isinstance(x, str) for x in m)):
+            fail(f"model.merges[{rank}] = {m!r} is not a pair of tokens")
+    if not isinstance(added_tokens, (list, tuple)):
+        fail(f"added_tokens must be a list, got a {type(added_tokens).__name__}")
+    added = {}
+    for k, t in enumerate(added_tokens):
+        if not isinstance(t, dict) or "id" not in t or "content" not in t:
+            fail(f"added_tokens[{k}] must be an object with 'id' and 'content', got {t!r:.80}")
+        i, content = t["id"], t["content"]
+        if not _is_id(i):
+            fail(f"added_tokens[{k}]: id {i!r} is not an id (an integer in [0, {MAX_ID}])")
+        if not isinstance(content, str) or not content:
+            fail(f"added token id {i}: content {content!r} must be a non-empty string")
+        if owner.get(i, content) != content or added.get(i, content) != content:
+            fail(f"added token id {i} ({content!r}) is also the id of {owner.get(i, added.get(i))!r}")
+        if vocab.get(content, i) != i:
+            fail(f"added token {content!r} has id {i}, but model.vocab gives it {vocab[content]}")
+        added[i] = content
+
+
+
 class Tokenizer:
     """Byte-level BPE. Build it with `load_tokenizer`.
 
@@ -311,6 +367,7 @@ class Tokenizer:
                  bos_token=None, eos_token=None, pad_token=None, unk_token=None, model_unk_token=None,
                  ignore_merges=False, chat_template=None, source="tokenizer"):
         self.source = source
+        _check_vocab(vocab, merges, added_tokens, source)
         self._vocab = dict(vocab)
         for t in added_tokens:
             if t.get("single_word") or t.get("lstrip") or t.get("rstrip"):
@@ -343,7 +400,7 @@ class Tokenizer:
             ids = (self._vocab.get(a), self._vocab.get(b), self._vocab.get(a + b))
             if None in ids:
                 missing = [s for s, i in zip((a, b, a + b), ids) if i is None]
-                raise ValueError(f"{source}: merge {rank} ({a!r} {b!r}) uses {missing!r}, not in the vocabulary")
+                raise TokenizerError(f"{source}: merge {rank} ({a!r} {b!r}) uses {missing!r}, not in the vocabulary")
             self._merges.setdefault(ids[0] << 32 | ids[1], (rank, ids[2]))
         self._cache = {}
 
@@ -366,7 +423,7 @@ class Tokenizer:
 
     def _require(self, token, what):
         if token not in self._vocab:
-            raise ValueError(f"{self.source}: {what} {token!r} is not in the vocabulary")
+            raise TokenizerError(f"{self.source}: {what} {token!r} is not in the vocabulary")
         return self._vocab[token]
 
     def __repr__(self):
@@ -481,12 +538,14 @@ class Tokenizer:
                 for i, s in self._id_to_token.items()
             }
         out = bytearray()
-        for i in ids:
+        for k, i in enumerate(ids):
+            if isinstance(i, (bool, np.bool_)) or not isinstance(i, (int, np.integer)):
+                raise TypeError(f"{self.source}: decode: ids[{k}] = {i!r} is not an integer id")
             i = int(i)
             if skip_special_tokens and i in self._special_ids:
                 continue
             if i not in self._token_bytes:
-                raise ValueError(f"{self.source}: id {i} is not in the vocabulary (size {self.vocab_size})")
+                raise TokenizerError(f"{self.source}: id {i} is not in the vocabulary (size {self.vocab_size})")
             out += self._token_bytes[i]
         return out.decode("utf-8", errors="replace")
 
@@ -571,11 +630,14 @@ def _from_folder(folder, override):
     for name in ("special_tokens_map.json", "tokenizer_config.json"):  # the latter wins
         file = os.path.join(folder, name)
         if os.path.isfile(file):
-            with open(file, encoding="utf-8") as fh:
-                config.update(json.load(fh))
+            config.update(_read_json(file))
     chat_template = config.get("chat_template")
     if isinstance(chat_template, list):  # [{"name": ..., "template": ...}]
-        chat_template = {t["name"]: t["template"] for t in chat_template}.get("default")
+        if not all(isinstance(t, dict) and isinstance(t.get("name"), str) for t in chat_template):
+            raise TokenizerError(f"{folder}: chat_template must be a string or a list of {{name, template}}")
+        chat_template = {t["name"]: t.get("template") for t in chat_template}.get("default")
+    if chat_template is not None and not isinstance(chat_template, str):
+        raise TokenizerError(f"{folder}: chat_template must be a string, got {type(chat_template).__name__}")
     jinja = os.path.join(folder, "chat_template.jinja")
     if os.path.isfile(jinja):
         with open(jinja, encoding="utf-8") as fh:
@@ -606,10 +668,38 @@ def _post_processor_ids(spec, where):
     raise NotImplementedError(f"{where}: post_processor {kind!r} is not supported")
 
 
+def _read_json(file):
+    """The JSON object in `file`; TokenizerError naming the file when it is not one."""
+    try:
+        with open(file, encoding="utf-8") as fh:
+            data = json.load(fh)
+    except (ValueError, RecursionError) as e:  # JSONDecodeError, bad UTF-8, nesting too deep
+        raise TokenizerError(f"{file}: not valid JSON ({type(e).__name__}: {e})") from None
+    if not isinstance(data, dict):
+        raise TokenizerError(f"{file}: expected a JSON object, got a JSON {type(data).__name__}")
+    return data
+
+
+def _structured(file, section, fn, *args, **kwargs):
+    """fn(*args, **kwargs) for a section of tokenizer.json, a missing or mistyped part named as a TokenizerError."""
+    try:
+        return fn(*args, **kwargs)
+    except (KeyError, TypeError, AttributeError, IndexError) as e:
+        raise TokenizerError(f"{file}: {section} is malformed ({type(e).__name__}: {e})") from None
+    except re.error as e:
+        raise TokenizerError(f"{file}: {section} has an invalid regex ({e})") from None
+
+
 def _from_tokenizer_json(file, config, chat_template, override):
-    with open(file, encoding="utf-8") as fh:
-        data = json.load(fh)
+    data = _read_json(file)
     model = data.get("model") or {}
+    if not isinstance(model, dict):
+        raise TokenizerError(f"{file}: 'model' must be an object, got a {type(model).__name__}")
+    for key, kind in (("decoder", dict), ("normalizer", dict), ("pre_tokenizer", dict), ("post_processor", dict),
+                      ("added_tokens", list)):
+        if data.get(key) is not None and not isinstance(data[key], kind):
+            raise TokenizerError(f"{file}: {key!r} must be a JSON {kind.__name__.replace('dict', 'object')}, "
+                                 f"got {data[key]!r:.80}")
     if model.get("type") != "BPE":
         raise NotImplementedError(f"{file}: model type {model.get('type')!r} (only byte-level BPE)")
     for key, ok in (("dropout", None), ("continuing_subword_prefix", ""), ("end_of_word_suffix", ""),
@@ -620,17 +710,22 @@ def _from_tokenizer_json(file, config, chat_template, override):
         raise NotImplementedError(f"{file}: decoder {data.get('decoder')} is not supported (only ByteLevel)")
     if data.get("normalizer") is not None:
         raise NotImplementedError(f"{file}: normalizer {data['normalizer'].get('type')!r} is not supported")
-    merges = [tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in model["merges"]]
-    if any(len(m) != 2 for m in merges):
-        raise ValueError(f"{file}: model.merges has an entry that is not a pair")
-    prefix, suffix = _post_processor_ids(data.get("post_processor"), file)
+    if not isinstance(model.get("merges"), list) or not isinstance(model.get("vocab"), dict):
+        raise TokenizerError(f"{file}: model.vocab must be an object and model.merges a list")
+    merges = [tuple(m.split(" ")) if isinstance(m, str) else m for m in model["merges"]]
+    prefix, suffix = _structured(file, "post_processor", _post_processor_ids, data.get("post_processor"), file)
+    if not all(_is_id(i) for i in prefix + suffix):
+        raise TokenizerError(f"{file}: post_processor ids {prefix + suffix} are not all ids")
     special = {k: _special_content(config.get(k)) for k in ("bos_token", "eos_token", "pad_token", "unk_token")}
     # BOS/EOS come from the post-processor only: transformers 5 ignores add_bos_token / add_eos_token in
     # tokenizer_config.json when a tokenizer.json is there.
-    return Tokenizer(model["vocab"], merges, data.get("added_tokens", []), override or data.get("pre_tokenizer"),
-                     prefix_ids=prefix, suffix_ids=suffix, model_unk_token=model.get("unk_token"),
-                     ignore_merges=model.get("ignore_merges", False), chat_template=chat_template,
-                     source=file, **special)
+    for name, value in [*special.items(), ("model.unk_token", model.get("unk_token"))]:
+        if value is not None and not isinstance(value, str):
+            raise TokenizerError(f"{file}: {name} must be a string, got {value!r:.80}")
+    return _structured(file, "pre_tokenizer", Tokenizer, model["vocab"], merges, data.get("added_tokens") or [],
+                       override or data.get("pre_tokenizer"), prefix_ids=prefix, suffix_ids=suffix,
+                       model_unk_token=model.get("unk_token"), ignore_merges=model.get("ignore_merges", False) is True,
+                       chat_template=chat_template, source=file, **special)
 
 
 def _from_gguf(path, override):
@@ -641,7 +736,7 @@ def _from_gguf(path, override):
     def get(key, default=KeyError):
         if key not in meta:
             if default is KeyError:
-                raise KeyError(f"{path}: metadata key {key!r} is missing")
+                raise TokenizerError(f"{path}: metadata key {key!r} is missing")
             return default
         return meta[key]
 
@@ -656,6 +751,12 @@ def _from_gguf(path, override):
     layout, ignore_merges, add_bos = GGUF_PRE_TOKENIZERS.get(pre, (None, False, False))
     tokens = get("tokenizer.ggml.tokens")
     token_types = get("tokenizer.ggml.token_type", [])
+    for key, value, kind in (("tokenizer.ggml.tokens", tokens, str), ("tokenizer.ggml.token_type", token_types, int),
+                             ("tokenizer.ggml.merges", get("tokenizer.ggml.merges"), str)):
+        if not isinstance(value, list) or not all(isinstance(v, kind) for v in value):
+            raise TokenizerError(f"{path}: {key} must be an array of {kind.__name__}")
+    if not tokens or len(tokens) > MAX_ID + 1:
+        raise TokenizerError(f"{path}: tokenizer.ggml.tokens has {len(tokens)} tokens")
     # As transformers' byte_level_tokenizer: a token outside the byte alphabet is respelled from its bytes.
     byte_char = bytes_to_unicode()
     alphabet = set(byte_char.values())
@@ -663,7 +764,7 @@ def _from_gguf(path, override):
     vocab = {t: i for i, t in enumerate(spelled)}
     merges = [tuple(m.split(" ")) for m in get("tokenizer.ggml.merges")]
     if any(len(m) != 2 for m in merges):
-        raise ValueError(f"{path}: tokenizer.ggml.merges has an entry that is not two tokens")
+        raise TokenizerError(f"{path}: tokenizer.ggml.merges has an entry that is not two tokens")
     # Control tokens (type 3) spelled in the byte alphabet are special; user-defined ones (4) are plain.
     added = [{"id": i, "content": t, "special": True, "normalized": False}
              for i, (t, kind) in enumerate(zip(tokens, token_types)) if kind == 3 and set(t) <= alphabet]
@@ -672,8 +773,8 @@ def _from_gguf(path, override):
 
     def token_id(key):
         i = get(key, None)
-        if i is not None and not 0 <= i < len(tokens):
-            raise ValueError(f"{path}: {key} = {i} is outside the vocabulary of {len(tokens)}")
+        if i is not None and not (_is_id(i) and i < len(tokens)):
+            raise TokenizerError(f"{path}: {key} = {i!r} is outside the vocabulary of {len(tokens)}")
         return i
 
     bos, eos = token_id("tokenizer.ggml.bos_token_id"), token_id("tokenizer.ggml.eos_token_id")
