@@ -14,10 +14,11 @@ at injection time. `check_adapter_name` is the one rule for adapter names.
 import dataclasses
 import math
 import re
+import reprlib
 from dataclasses import dataclass, field
 from typing import Optional, Union
 
-__all__ = ["LoraConfig", "INIT_LORA_WEIGHTS", "BIAS_MODES", "PEFT_VERSION", "check_adapter_name",
+__all__ = ["LoraConfig", "INIT_LORA_WEIGHTS", "BIAS_MODES", "PEFT_VERSION", "check_adapter_name", "short_repr",
            "rank_pattern_regex", "modules_to_save_regex", "layers_pattern_regex"]
 
 PEFT_VERSION = "0.21.2"
@@ -77,7 +78,7 @@ class LoraConfig:
 
     def _validate(self):
         def bad(name, why):
-            raise ValueError(f"LoraConfig.{name}: {why}, got {getattr(self, name)!r}")
+            raise ValueError(f"LoraConfig.{name}: {why}, got {short_repr(getattr(self, name))}")
 
         if not _is_positive_int(self.r):
             bad("r", "must be a positive integer")
@@ -137,17 +138,17 @@ class LoraConfig:
         """Compile every pattern as the matching code will use it; a bad one names its field."""
         regexes = [(name, getattr(self, name)) for name in ("target_modules", "exclude_modules")
                    if isinstance(getattr(self, name), str)]
-        regexes += [(f"{name}[{p!r}]", rank_pattern_regex(p)) for name in ("rank_pattern", "alpha_pattern")
+        regexes += [(f"{name}[{short_repr(p)}]", rank_pattern_regex(p)) for name in ("rank_pattern", "alpha_pattern")
                     for p in getattr(self, name)]
-        regexes += [(f"modules_to_save[{m!r}]", modules_to_save_regex(m)) for m in self.modules_to_save or ()]
+        regexes += [(f"modules_to_save[{short_repr(m)}]", modules_to_save_regex(m)) for m in self.modules_to_save or ()]
         patterns = self.layers_pattern
         for p in [patterns] if isinstance(patterns, str) else patterns or ():
-            regexes.append((f"layers_pattern[{p!r}]", layers_pattern_regex(p)))
+            regexes.append((f"layers_pattern[{short_repr(p)}]", layers_pattern_regex(p)))
         for name, regex in regexes:
             try:
                 re.compile(regex)
             except (re.error, RecursionError, OverflowError) as e:
-                raise ValueError(f"LoraConfig.{name}: not a valid regular expression ({e}): {regex!r}") from None
+                raise ValueError(f"LoraConfig.{name}: not a valid regular expression ({e}): {short_repr(regex)}") from None
 
     @property
     def peft_type(self):
@@ -177,15 +178,28 @@ class LoraConfig:
         """A config from a PEFT adapter_config.json dict; unknown keys are ignored."""
         peft_type = d.get("peft_type", "LORA")
         if peft_type != "LORA":
-            raise ValueError(f"{source}: peft_type is {peft_type!r}, lora_np reads only LORA adapters")
+            raise ValueError(f"{source}: peft_type is {short_repr(peft_type)}, lora_np reads only LORA adapters")
         for key, unused in _PEFT_UNUSED.items():
             if key in d and key not in _PEFT_INFO and d[key] != unused and not (unused == {} and d[key] is None):
-                raise NotImplementedError(f"{source}: {key}={d[key]!r} asks for a PEFT feature lora_np does not implement")
+                raise NotImplementedError(f"{source}: {key}={short_repr(d[key])} asks for a PEFT feature lora_np does not implement")
         names = {f.name for f in dataclasses.fields(cls)}
         try:
             return cls(**{k: v for k, v in d.items() if k in names})
         except ValueError as e:
             raise ValueError(f"{source}: {e}") from None
+
+
+_REPR = reprlib.Repr()
+_REPR.maxlevel, _REPR.maxstring, _REPR.maxother = 3, 120, 120
+_REPR.maxlist = _REPR.maxtuple = _REPR.maxset = _REPR.maxdict = 8
+
+
+def short_repr(value):
+    """repr(value) cut to a readable size, however long or deeply nested `value` is (from a file)."""
+    try:
+        return _REPR.repr(value)
+    except ValueError:  # an int beyond Python's digit limit for str()
+        return f"<an integer of {value.bit_length()} bits>"
 
 
 def rank_pattern_regex(pattern):
@@ -221,7 +235,7 @@ def check_adapter_name(name, where="adapter_name"):
     from ..nn import ModuleDict, ParameterDict
 
     if not isinstance(name, str):
-        raise ValueError(f"{where}: an adapter name must be a string, got {type(name).__name__} {name!r}")
+        raise ValueError(f"{where}: an adapter name must be a string, got {type(name).__name__} {short_repr(name)}")
     problem = None
     if not name:
         problem = "is empty"
@@ -234,7 +248,7 @@ def check_adapter_name(name, where="adapter_name"):
     elif any(hasattr(container(), name) for container in (ModuleDict, ParameterDict)):
         problem = "is the name of an attribute of the adapter containers"
     if problem:
-        raise ValueError(f"{where}: adapter name {name!r} {problem}")
+        raise ValueError(f"{where}: adapter name {short_repr(name)} {problem}")
     return name
 
 
