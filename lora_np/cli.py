@@ -218,7 +218,7 @@ def cmd_eval(ns):
 
 
 def cmd_generate(ns):
-    if not ns.prompt:
+    if not ns.prompt and not ns.chat:  # in a chat template an empty message is still a conversation
         raise CLIError("--prompt is empty")
     model, tok, _ = load_for_command(ns)
     if ns.chat:
@@ -327,7 +327,8 @@ def _one_line(text):
     return " ".join(part.strip() for part in str(text).splitlines() if part.strip())
 
 
-_MESSAGE_ERRORS = (CLIError, ValueError, OSError, NotImplementedError, RuntimeError)  # their message says it all
+# the library raises these with a message that says it all (file, tensor, key, option)
+_MESSAGE_ERRORS = (CLIError, ValueError, OSError, NotImplementedError, RuntimeError)
 
 
 def error_message(e):
@@ -380,12 +381,12 @@ def main(argv=None):
 
 
 def _debug_traceback():
-    if os.environ.get("LORA_NP_DEBUG", "") not in ("", "0"):
+    if os.environ.get("LORA_NP_DEBUG") == "1":
         traceback.print_exc()
 
 
 def _register_training_commands():
-    """train / eval / generate / merge / demo live in lora_np.train."""
+    """train and demo are lora_np.train's (its register_commands adds them to COMMANDS)."""
     from .train import register_commands
 
     register_commands(COMMANDS)
