@@ -399,3 +399,16 @@ def test_pissa_and_olora_refuse_a_rank_beyond_the_decomposition(init):
         get_peft_model(_llama(), LoraConfig(r=17, target_modules=["q_proj"], init_lora_weights=init))
     lm = get_peft_model(_llama(), LoraConfig(r=16, target_modules=["q_proj"], init_lora_weights=init))
     assert lm.model.model.layers[0].self_attn.q_proj.lora_A["default"].weight.shape == (16, HIDDEN)
+
+
+def test_available_memory_is_capped_by_a_container_limit(monkeypatch):
+    from lora_np.lora import model as lora_model
+
+    files = {"/sys/fs/cgroup/memory.max": 10 << 30, "/sys/fs/cgroup/memory.current": 9 << 30}
+    monkeypatch.setattr(lora_model, "_meminfo_available", lambda: 20 << 30)
+    monkeypatch.setattr(lora_model, "_read_int", files.get)
+    assert lora_model.available_memory() == 1 << 30
+    files["/sys/fs/cgroup/memory.current"] = 11 << 30  # over the limit already: nothing left
+    assert lora_model.available_memory() == 0
+    files.clear()  # no cgroup limit ("max" reads as None)
+    assert lora_model.available_memory() == 20 << 30

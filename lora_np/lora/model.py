@@ -428,7 +428,19 @@ def lora_shapes(module, r):
 
 
 def available_memory():
-    """Bytes of memory a new allocation can get: Linux's MemAvailable, else physical memory."""
+    """Bytes a new allocation can get: Linux's MemAvailable (else physical memory), capped by
+    the cgroup limit a container may set (v2 memory.max, v1 memory.limit_in_bytes, less usage)."""
+    free = _meminfo_available()
+    for limit_file, usage_file in (("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory.current"),
+                                   ("/sys/fs/cgroup/memory/memory.limit_in_bytes",
+                                    "/sys/fs/cgroup/memory/memory.usage_in_bytes")):
+        limit, usage = _read_int(limit_file), _read_int(usage_file)
+        if limit is not None and usage is not None:
+            free = max(limit - usage, 0) if free is None else min(free, max(limit - usage, 0))
+    return free
+
+
+def _meminfo_available():
     try:
         with open("/proc/meminfo") as f:
             for line in f:
@@ -439,6 +451,15 @@ def available_memory():
     try:
         return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
     except (OSError, ValueError, AttributeError):
+        return None
+
+
+def _read_int(path):
+    """The integer in a one-line file; None when absent, unreadable or not a number ("max")."""
+    try:
+        with open(path) as f:
+            return int(f.read().strip())
+    except (OSError, ValueError):
         return None
 
 
