@@ -227,8 +227,8 @@ def test_an_invalid_regex_names_its_field_in_the_api_and_in_a_file(kw, field, sa
 
 
 @pytest.mark.parametrize("kw,field", [
-    (dict(lora_alpha=0), "lora_alpha"), (dict(lora_alpha=-8), "lora_alpha"), (dict(lora_alpha=float("inf")), "lora_alpha"),
-    (dict(alpha_pattern={"q_proj": -1}), "alpha_pattern"), (dict(r=True), "r"), (dict(r="8"), "r"),
+    (dict(lora_alpha=0), "lora_alpha"), (dict(lora_alpha=-0.0), "lora_alpha"), (dict(lora_alpha=float("inf")), "lora_alpha"),
+    (dict(alpha_pattern={"q_proj": 0}), "alpha_pattern"), (dict(alpha_pattern={"q_proj": float("nan")}), "alpha_pattern"), (dict(r=True), "r"), (dict(r="8"), "r"),
     (dict(lora_dropout=float("nan")), "lora_dropout"), (dict(task_type=5), "task_type"),
     (dict(target_modules=["q_proj"], layers_to_transform=[0], layers_pattern=3), "layers_pattern"),
 ])
@@ -247,7 +247,7 @@ def test_numeric_fields_either_refused_naming_the_field_or_used(r, alpha, dropou
         config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=["q_proj"])
     except ValueError as e:
         ok_r = isinstance(r, int) and not isinstance(r, bool) and r > 0
-        ok_alpha = not isinstance(alpha, bool) and math.isfinite(alpha) and alpha > 0
+        ok_alpha = not isinstance(alpha, bool) and math.isfinite(alpha) and alpha != 0
         ok_dropout = 0 <= dropout < 1
         assert not (ok_r and ok_alpha and ok_dropout)
         field = "r" if not ok_r else "lora_alpha" if not ok_alpha else "lora_dropout"

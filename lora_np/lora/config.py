@@ -46,6 +46,10 @@ class LoraConfig:
     target_modules: list of module-name suffixes, a full-match regex string, or "all-linear"
     (None: PEFT's default for the model type). rank_pattern / alpha_pattern: {pattern: value},
     a module whose full name matches `(.*\\.)?(pattern)$` gets that r / lora_alpha.
+    r: a positive int; lora_alpha (and alpha_pattern values): finite and not 0 (PEFT takes any
+    number; 0 would make an adapter whose output and gradients are always zero: it never trains;
+    a negative one is kept, as in PEFT: with B = 0 at the start it trains as well as its
+    absolute value); lora_dropout in [0, 1). Whether r fits in memory is checked at injection.
     """
 
     r: int = 8
@@ -82,8 +86,8 @@ class LoraConfig:
 
         if not _is_positive_int(self.r):
             bad("r", "must be a positive integer")
-        if not _is_positive_number(self.lora_alpha):
-            bad("lora_alpha", "must be a finite number > 0")
+        if not _is_nonzero_number(self.lora_alpha):
+            bad("lora_alpha", "must be a finite number other than 0")
         if not _is_finite_number(self.lora_dropout) or not 0 <= self.lora_dropout < 1:
             bad("lora_dropout", "must be in [0, 1)")
         if not any(self.init_lora_weights is v if isinstance(v, bool) else self.init_lora_weights == v
@@ -107,7 +111,7 @@ class LoraConfig:
                 bad("modules_to_save", "must be a list of module names")
             self.modules_to_save = list(self.modules_to_save)
         for name, check, what in (("rank_pattern", _is_positive_int, "positive integers"),
-                                  ("alpha_pattern", _is_positive_number, "finite numbers > 0")):
+                                  ("alpha_pattern", _is_nonzero_number, "finite numbers other than 0")):
             value = getattr(self, name)
             if not isinstance(value, dict) or not all(isinstance(k, str) and check(v) for k, v in value.items()):
                 bad(name, f"must map pattern strings to {what}")
@@ -272,8 +276,8 @@ def _is_finite_number(x):
     return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
 
 
-def _is_positive_number(x):
-    return _is_finite_number(x) and x > 0
+def _is_nonzero_number(x):
+    return _is_finite_number(x) and x != 0
 
 
 def _copy_value(v):
