@@ -59,8 +59,8 @@ class RunFolderBusy(RuntimeError):
     """Another `lora-np train` holds the run folder's lock; the message names the holder."""
 
 
-class RunExists(ValueError):
-    """--out already holds a run and neither --resume nor --overwrite was given."""
+class RunExists(OptionError):
+    """--out already holds a run and neither --resume nor --overwrite was given (a usage error)."""
 
 
 class RunFileError(ValueError):
@@ -580,9 +580,9 @@ def _train(args, comm, writer, stream):
         saved = ckpt_state["args"]
         for key in _RESUME_MUST_MATCH:
             if saved.get(key) != getattr(args, key):
-                raise ValueError(f"--resume: {key} was {saved.get(key)!r} in the checkpoint, now {getattr(args, key)!r}")
+                raise OptionError(f"--resume: {key} was {saved.get(key)!r} in the checkpoint, now {getattr(args, key)!r}")
         if ckpt_state.get("world_size", 1) != world:
-            raise ValueError(f"--resume: the checkpoint was written by {ckpt_state.get('world_size', 1)} ranks, "
+            raise OptionError(f"--resume: the checkpoint was written by {ckpt_state.get('world_size', 1)} ranks, "
                              f"now {world}; resume with the same number (the global batch depends on it)")
     elif writer and not args.overwrite and _earlier_run(args.out):
         raise RunExists(f"--out {args.out} already holds a run ({', '.join(_earlier_run(args.out))}): continue it "
@@ -635,9 +635,6 @@ def _train(args, comm, writer, stream):
         except (ValueError, KeyError, TypeError, IndexError, OSError) as e:
             raise RunFileError(f"{ckpt_folder}: the checkpoint's optimizer, scheduler, data or RNG state does not "
                                f"load: {e}") from e
-        bad = _first_nonfinite(named)
-        if bad:
-            raise RunFileError(f"{ckpt_folder}: parameter {bad} is not finite; not a checkpoint to resume from")
         start = ckpt_state["step"]
     if comm:
         from .distributed import fingerprint
@@ -855,19 +852,15 @@ def cmd_train(ns):
 
     try:
         train(_args_from_namespace(ns))
-    except (NonFiniteLoss, distributed.DistributedMismatch) as e:  # raised on every rank alike
-        comm = distributed.current()
-        if comm is None or comm.rank == 0:
-            print(f"lora-np train: error: {e}", file=sys.stderr)
-        return 1 if isinstance(e, NonFiniteLoss) else 2
     except (Exception, KeyboardInterrupt) as e:
         comm = distributed.current()
         if comm is None or comm.size == 1:
-            if isinstance(e, (RunFolderBusy, RunFileError)):  # runtime failures of this command: exit 1
+            raise  # lora_np.cli.main prints it as one line
+        if isinstance(e, (NonFiniteLoss, distributed.DistributedMismatch)):  # raised on every rank alike
+            if comm.rank == 0:
                 print(f"lora-np train: error: {e}", file=sys.stderr)
-                return 1
-            raise
-        if os.environ.get("LORA_NP_DEBUG") == "1":
+            return 1 if isinstance(e, NonFiniteLoss) else 2
+        if os.environ.get("LORA_NP_DEBUG", "") not in ("", "0"):
             traceback.print_exc()
         comm.abort(f"{type(e).__name__}: {e}")  # one rank failing alone must not leave the others waiting
     return 0
