@@ -203,6 +203,40 @@ def test_merge_is_atomic_and_removes_orphans(files, tmp_path, capsys, monkeypatc
         save_merged(lora_np.load_model(files["model"]), tmp_path / "m")
 
 
+# (command line before the option, option, (type, lowest value, lowest allowed?, highest or None))
+OPTIONS = [("compare a b", "--rtol", (float, 0, True, None)), ("compare a b", "--atol", (float, 0, True, None)),
+           ("eval --data d", "--batch-size", (int, 1, True, None)), ("eval --data d", "--seq-len", (int, 2, True, None)),
+           ("generate --prompt p", "--max-new-tokens", (int, 1, True, None)),
+           ("generate --prompt p", "--temperature", (float, 0, True, None)),
+           ("generate --prompt p", "--top-k", (int, 0, True, None)),
+           ("generate --prompt p", "--top-p", (float, 0, False, 1)), ("generate --prompt p", "--seed", (int, 0, True, None))]
+
+
+@settings(max_examples=100)
+@given(case=st.sampled_from(OPTIONS), data=st.data())
+def test_numeric_options_are_refused_naming_them_or_parsed_as_given(case, data):
+    """At parse time, before any file is read: a value outside the option's rule is a usage error naming
+    the option; any other is parsed to the number the text says."""
+    command, option, (kind, low, low_ok, high) = case
+    near = [low - 1, low, low + 1] + ([high, high + 1e-9] if high is not None else [])  # the bounds
+    text = data.draw(st.one_of(
+        st.sampled_from(near).map(lambda v: repr(float(v)) if kind is float else str(int(v))),
+        st.integers(-5, 5).map(str), st.floats(-3, 3).map(repr),
+        st.sampled_from(["nan", "inf", "-inf", "1e400", "0.0", "1.0", "2", "x", "", "1_0", " 3"])))
+    try:
+        value = kind(text)
+        ok = np.isfinite(value) and (value > low or (low_ok and value == low)) and (high is None or value <= high)
+    except ValueError:
+        ok = False
+    parser = cli.build_parser()
+    if not ok:
+        with pytest.raises(cli._UsageError, match=f"^argument {option}: must be "):
+            parser.parse_args([*command.split(), f"{option}={text}"])
+        return
+    parsed = getattr(parser.parse_args([*command.split(), f"{option}={text}"]), option[2:].replace("-", "_"))
+    assert parsed == value and type(parsed) is kind
+
+
 # -- the generation options: one rule in the API and the CLI -------------------------------------
 VOCAB, N_POSITIONS = 37, 12
 
