@@ -67,11 +67,21 @@ class RunFileError(ValueError):
     """A run file (metrics.jsonl, a checkpoint) is damaged; the message names the file."""
 
 
+class _NonZero(Float):
+    """A finite number other than 0."""
+    kind = "a finite non-zero number"
+
+    def _convert(self, value):
+        if super()._convert(value) == 0:
+            raise ValueError
+        return float(value)
+
+
 # Every numeric option's rule, for argparse (a parse-time error naming --opt) and TrainArgs
 # (OptionError naming the field). Bounds are what PyTorch / transformers accept, or what makes sense.
 OPTION_RULES = {
     "r": Int(min=1),
-    "alpha": Float(),  # PEFT takes any scaling, negative included
+    "alpha": _NonZero(),  # as LoraConfig: a negative scaling is PEFT's too; 0 would make an adapter that never trains
     "dropout": Float(min=0, max=1, max_open=True),  # torch.nn.Dropout: p in [0, 1); 1 would zero every input
     "lr": Float(min=0),  # torch.optim.AdamW refuses lr < 0
     "weight_decay": Float(min=0),
