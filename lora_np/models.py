@@ -92,14 +92,16 @@ class LlamaConfig:
                       "rms_norm_eps": _EPS, "rope_theta": _THETA, "max_position_embeddings": _POSITIONS,
                       "tie_word_embeddings": _BOOL, "attention_bias": _BOOL, "qkv_bias": _BOOL, "mlp_bias": _BOOL,
                       "use_sliding_window": _BOOL})
+        derived = ""
         if self.head_dim is None:
             if self.hidden_size % self.num_attention_heads:
                 raise ValueError(f"hidden_size {self.hidden_size} is not a multiple of num_attention_heads "
                                  f"{self.num_attention_heads} (and no head_dim is given)")
             self.head_dim = self.hidden_size // self.num_attention_heads
+            derived = f" (hidden_size {self.hidden_size} / num_attention_heads {self.num_attention_heads})"
         self.head_dim = _SIZE.check("head_dim", self.head_dim)
         if self.head_dim % 2:
-            raise ValueError(f"head_dim {self.head_dim} must be even (RoPE rotates pairs)")
+            raise ValueError(f"head_dim {self.head_dim}{derived} must be even (RoPE rotates pairs)")
         if self.num_attention_heads % self.num_key_value_heads:
             raise ValueError(f"num_attention_heads {self.num_attention_heads} is not a multiple of "
                              f"num_key_value_heads {self.num_key_value_heads}")

@@ -132,6 +132,7 @@ def test_qwen2_sliding_window_that_covers_no_layer_loads(tmp_path):
     ("rms_norm_eps", 0, "rms_norm_eps must be a finite number > 0"),
     ("rope_theta", "big", "rope_theta must be a finite number"),
     ("head_dim", 7, "head_dim 7 must be even"),
+    ("num_attention_heads", 32, r"head_dim 1 \(hidden_size 32 / num_attention_heads 32\) must be even"),
     ("tie_word_embeddings", "yes", "tie_word_embeddings must be true or false"),
 ])
 def test_config_fields_of_the_wrong_type_or_value_are_named(field, value, problem):
