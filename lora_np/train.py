@@ -331,6 +331,7 @@ def evaluate(model, examples, batch_size, comm=None):
 
     if not examples:
         raise ValueError("evaluate: no examples")
+    batch_size = OPTION_RULES["batch_size"].check("batch_size", batch_size)
     keep_freed_memory()
     if comm is not None:
         examples = examples[comm.rank::comm.size]
@@ -567,6 +568,7 @@ def train(args, stream=None):
 
 def _train(args, comm, writer, stream):
     from .data import Batches, load_examples, train_val_split
+    from .generation import context_length
     from .loaders import default_model_path, load_model
     from .lora import LoraModel, get_peft_model
     from .optim import AdamW, clip_grad_norm_, get_cosine_schedule_with_warmup, \
@@ -611,11 +613,10 @@ def _train(args, comm, writer, stream):
     total = args.steps if args.steps else max(1, math.ceil((args.epochs or 1) * steps_per_epoch))
 
     model = load_model(model_path, dtype=args.dtype)
-    context = [(k, getattr(model.config, k, None)) for k in ("max_position_embeddings", "n_positions")]
-    context = [(k, v) for k, v in context if isinstance(v, int)]
-    if context and args.seq_len > context[0][1]:
-        raise OptionError(f"--seq-len {args.seq_len} is longer than the model's context "
-                          f"({context[0][0]} = {context[0][1]} in {model_path})")
+    n_ctx, field = context_length(model.config)
+    if n_ctx is not None and args.seq_len > n_ctx:
+        raise OptionError(f"--seq-len {args.seq_len} is longer than the model's context ({field} = {n_ctx} in "
+                          f"{model_path})")
     config = _lora_config(args, model_path)
     if ckpt_folder:
         try:
