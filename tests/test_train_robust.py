@@ -509,3 +509,14 @@ def test_bad_command_lines_get_one_error_line_and_the_right_status(tiny, tmp_pat
         assert rc == status and "Traceback" not in err, (extra, rc, err)
         assert last.startswith("lora-np train: error: ") and message in last, (extra, err)
         assert sum("error:" in line for line in err.splitlines()) == 1, err
+
+
+@pytest.mark.parametrize("batch_size", [0, -2, 2.5, True])
+def test_evaluate_checks_batch_size_like_the_option(tiny, batch_size):
+    from lora_np.data import load_examples
+    from lora_np.train import evaluate
+
+    model, tok, data = tiny
+    examples = load_examples(data, lora_np.load_tokenizer(tok), 16)
+    with pytest.raises(OptionError, match=r"^batch_size must be an integer >= 1, got "):
+        evaluate(lora_np.load_model(model), examples, batch_size)
