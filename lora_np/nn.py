@@ -456,8 +456,9 @@ class KVCache:
         return next(iter(self.keys.values())).shape[2] if self.keys else 0
 
 
-def _attend(q, k, v, cache, layer_idx, cos, sin, attn_mask, scale=None):
-    """Shared tail of both attention kinds: RoPE, cache, causal SDPA (scale None: 1/sqrt(D)).
+def _attend(q, k, v, cache, layer_idx, cos, sin, attn_mask, scale=None, dropout=0.0):
+    """Shared tail of both attention kinds: RoPE, cache, causal SDPA (scale None: 1/sqrt(D)); with
+    dropout > 0 (training) the attention weights are dropped out, on the unfused path.
     q (B,Hq,T,D), k/v (B,Hkv,T,D)."""
     if cos is not None:
         q = F.rotary_embedding(q, cos, sin)
@@ -465,7 +466,27 @@ def _attend(q, k, v, cache, layer_idx, cos, sin, attn_mask, scale=None):
     if cache is not None:
         kd, vd = cache.update(layer_idx, k.data, v.data)
         k, v = Tensor(kd), Tensor(vd)
+    if dropout:
+        return _attention_with_dropout(q, k, v, attn_mask, scale, dropout)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=True, scale=scale)
+
+
+def _attention_with_dropout(q, k, v, attn_mask, scale, p):
+    """Causal attention, dropout(p) on the weights, as transformers' eager attention in training.
+    q (B,Hq,T,D), k/v (B,Hkv,S,D); the causal mask is aligned to the bottom right, as in SDPA."""
+    B, Hq, T, D = q.shape
+    Hkv, S = k.shape[1], k.shape[2]
+    if Hkv != Hq:  # each key/value head serves Hq // Hkv consecutive query heads
+        k = F.reshape(F.stack([k] * (Hq // Hkv), dim=2), (B, Hq, S, D))
+        v = F.reshape(F.stack([v] * (Hq // Hkv), dim=2), (B, Hq, S, D))
+    scores = F.mul(F.matmul(q, F.transpose(k, 2, 3)), 1.0 / math.sqrt(D) if scale is None else scale)  # (B,Hq,T,S)
+    causal = np.arange(S)[None, :] <= np.arange(T)[:, None] + (S - T)                                 # (T, S)
+    bias = np.where(causal, 0.0, -np.inf).astype(q.dtype)
+    if attn_mask is not None:
+        m = attn_mask.data if isinstance(attn_mask, Tensor) else np.asarray(attn_mask)
+        bias = bias + (np.where(m, 0.0, -np.inf).astype(q.dtype) if m.dtype == np.bool_ else m.astype(q.dtype))
+    weights = F.dropout(F.softmax(F.add(scores, bias), dim=-1), p, training=True)                     # (B,Hq,T,S)
+    return F.matmul(weights, v)                                                                       # (B,Hq,T,D)
 
 
 class Attention(Module):
@@ -473,8 +494,9 @@ class Attention(Module):
     heads and optional RoPE; `bias` adds q/k/v biases (Qwen2), `o_bias` an o_proj bias."""
 
     def __init__(self, hidden_size, num_heads, num_kv_heads=None, head_dim=None, bias=False, o_bias=False,
-                 layer_idx=0, dtype=DEFAULT_DTYPE):
+                 layer_idx=0, dropout=0.0, dtype=DEFAULT_DTYPE):
         super().__init__()
+        self.attention_dropout = Dropout(dropout).p
         self.num_heads = num_heads
         self.num_kv_heads = num_kv_heads or num_heads
         self.head_dim = head_dim or hidden_size // num_heads
@@ -492,7 +514,8 @@ class Attention(Module):
         q = F.transpose(F.reshape(self.q_proj(x), (B, T, self.num_heads, hd)), 1, 2)     # (B, Hq, T, D)
         k = F.transpose(F.reshape(self.k_proj(x), (B, T, self.num_kv_heads, hd)), 1, 2)  # (B, Hkv, T, D)
         v = F.transpose(F.reshape(self.v_proj(x), (B, T, self.num_kv_heads, hd)), 1, 2)  # (B, Hkv, T, D)
-        y = _attend(q, k, v, cache, self.layer_idx, cos, sin, attn_mask)                 # (B, Hq, T, D)
+        p = self.attention_dropout if self.training else 0.0
+        y = _attend(q, k, v, cache, self.layer_idx, cos, sin, attn_mask, dropout=p)      # (B, Hq, T, D)
         return self.o_proj(F.reshape(F.transpose(y, 1, 2), (B, T, self.num_heads * hd)))
 
 
@@ -501,8 +524,9 @@ class GPT2Attention(Module):
     1/sqrt(head_dim) (1 without scale_weights), then by 1/(layer_idx + 1) with scale_by_inverse_layer_idx."""
 
     def __init__(self, hidden_size, num_heads, layer_idx=0, dropout=0.0, scale_weights=True,
-                 scale_by_inverse_layer_idx=False, dtype=DEFAULT_DTYPE):
+                 scale_by_inverse_layer_idx=False, attn_dropout=0.0, dtype=DEFAULT_DTYPE):
         super().__init__()
+        self.attn_dropout = Dropout(attn_dropout).p
         self.num_heads, self.head_dim, self.layer_idx = num_heads, hidden_size // num_heads, layer_idx
         self.scale = (self.head_dim ** -0.5 if scale_weights else 1.0) / (layer_idx + 1 if scale_by_inverse_layer_idx else 1)
         self.c_attn = Conv1D(3 * hidden_size, hidden_size, dtype=dtype)
@@ -514,7 +538,8 @@ class GPT2Attention(Module):
         qkv = F.reshape(self.c_attn(x), (B, T, 3, self.num_heads, self.head_dim))
         qkv = F.permute(qkv, (2, 0, 3, 1, 4))                                            # (3, B, H, T, D)
         q, k, v = qkv[0], qkv[1], qkv[2]
-        y = _attend(q, k, v, cache, self.layer_idx, cos, sin, attn_mask, self.scale)     # (B, H, T, D)
+        p = self.attn_dropout if self.training else 0.0
+        y = _attend(q, k, v, cache, self.layer_idx, cos, sin, attn_mask, self.scale, p)  # (B, H, T, D)
         return self.resid_dropout(self.c_proj(F.reshape(F.transpose(y, 1, 2), (B, T, C))))
 
 
@@ -522,11 +547,12 @@ class DecoderBlock(Module):
     """Pre-norm Llama decoder layer: x + attn(norm(x)), then x + mlp(norm(x))."""
 
     def __init__(self, hidden_size, num_heads, num_kv_heads, intermediate_size, head_dim=None, eps=1e-6,
-                 attention_bias=False, o_bias=False, mlp_bias=False, act="silu", layer_idx=0, dtype=DEFAULT_DTYPE):
+                 attention_bias=False, o_bias=False, mlp_bias=False, act="silu", layer_idx=0, attention_dropout=0.0,
+                 dtype=DEFAULT_DTYPE):
         super().__init__()
         self.input_layernorm = RMSNorm(hidden_size, eps, dtype=dtype)
         self.self_attn = Attention(hidden_size, num_heads, num_kv_heads, head_dim, bias=attention_bias,
-                                   o_bias=o_bias, layer_idx=layer_idx, dtype=dtype)
+                                   o_bias=o_bias, layer_idx=layer_idx, dropout=attention_dropout, dtype=dtype)
         self.post_attention_layernorm = RMSNorm(hidden_size, eps, dtype=dtype)
         self.mlp = GatedMLP(hidden_size, intermediate_size, bias=mlp_bias, act=act, dtype=dtype)
 
@@ -539,13 +565,15 @@ class GPT2Block(Module):
     """Pre-norm GPT-2 block: x + attn(ln_1(x)), then x + mlp(ln_2(x))."""
 
     def __init__(self, hidden_size, num_heads, intermediate_size=None, eps=1e-5, act="gelu_new",
-                 layer_idx=0, scale_attn_weights=True, scale_attn_by_inverse_layer_idx=False, dtype=DEFAULT_DTYPE):
+                 layer_idx=0, scale_attn_weights=True, scale_attn_by_inverse_layer_idx=False, resid_dropout=0.0,
+                 attn_dropout=0.0, dtype=DEFAULT_DTYPE):
         super().__init__()
         self.ln_1 = LayerNorm(hidden_size, eps, dtype=dtype)
-        self.attn = GPT2Attention(hidden_size, num_heads, layer_idx=layer_idx, scale_weights=scale_attn_weights,
+        self.attn = GPT2Attention(hidden_size, num_heads, layer_idx=layer_idx, dropout=resid_dropout,
+                                  scale_weights=scale_attn_weights, attn_dropout=attn_dropout,
                                   scale_by_inverse_layer_idx=scale_attn_by_inverse_layer_idx, dtype=dtype)
         self.ln_2 = LayerNorm(hidden_size, eps, dtype=dtype)
-        self.mlp = GELUMLP(hidden_size, intermediate_size or 4 * hidden_size, act, dtype=dtype)
+        self.mlp = GELUMLP(hidden_size, intermediate_size or 4 * hidden_size, act, dropout=resid_dropout, dtype=dtype)
 
     def forward(self, x, cos=None, sin=None, cache=None, attn_mask=None):
         x = x + self.attn(self.ln_1(x), cos, sin, cache, attn_mask)

@@ -49,7 +49,7 @@ def _expect_same_logits(tmp_path, ref, llama):
     dict(hidden_act="gelu"), dict(hidden_act="gelu_pytorch_tanh"), dict(hidden_act="gelu_new"),
     dict(hidden_act="relu"), dict(hidden_act="tanh"), dict(hidden_act="sigmoid"), dict(hidden_act="swish"),
     dict(head_dim=12), dict(mlp_bias=True), dict(attention_bias=True), dict(pretraining_tp=2),
-    dict(tie_word_embeddings=True), dict(rms_norm_eps=0.25),
+    dict(tie_word_embeddings=True), dict(rms_norm_eps=0.25), dict(attention_dropout=0.3),
 ], ids=lambda kw: "-".join(f"{k}={v}" for k, v in kw.items()))
 def test_llama_fields_match_transformers(tmp_path, kw):
     ref = _saved(tmp_path, "LlamaConfig", **LLAMA, **kw)
@@ -61,10 +61,10 @@ def test_llama_fields_match_transformers(tmp_path, kw):
     dict(scale_attn_weights=False, scale_attn_by_inverse_layer_idx=True), dict(reorder_and_upcast_attn=True),
     dict(tie_word_embeddings=False), dict(activation_function="relu"), dict(activation_function="gelu"),
     dict(activation_function="gelu_pytorch_tanh"), dict(activation_function="silu"), dict(n_inner=40),
-    dict(layer_norm_epsilon=0.5),
+    dict(layer_norm_epsilon=0.5), dict(resid_pdrop=0.1, embd_pdrop=0.2, attn_pdrop=0.3),
 ], ids=lambda kw: "-".join(f"{k}={v}" for k, v in kw.items()))
 def test_gpt2_fields_match_transformers(tmp_path, kw):
-    ref = _saved(tmp_path, "GPT2Config", **GPT2, **kw)
+    ref = _saved(tmp_path, "GPT2Config", **{**GPT2, **kw})
     model = _expect_same_logits(tmp_path, ref, llama=False)
     tied = model.lm_head.weight is model.transformer.wte.weight
     assert tied == kw.get("tie_word_embeddings", True)
@@ -101,11 +101,9 @@ def test_a_tied_alias_that_differs_is_refused(tmp_path, arch):
 @pytest.mark.parametrize("cls_name, kw, field", [
     ("LlamaConfig", dict(rope_parameters={"rope_type": "linear", "factor": 2.0, "rope_theta": 10000.0}),
      "rope_scaling"),
-    ("LlamaConfig", dict(attention_dropout=0.1), "attention_dropout"),
     ("LlamaConfig", dict(hidden_act="gelu_fast"), "hidden_act"),
     ("LlamaConfig", dict(hidden_act="quick_gelu"), "hidden_act"),
     ("Qwen2Config", dict(use_sliding_window=True, sliding_window=4, max_window_layers=1), "use_sliding_window"),
-    ("Qwen2Config", dict(attention_dropout=0.5), "attention_dropout"),
     ("GPT2Config", dict(activation_function="gelu_fast"), "activation_function"),
     ("GPT2Config", dict(add_cross_attention=True), "add_cross_attention"),
 ])
@@ -134,6 +132,7 @@ def test_qwen2_sliding_window_that_covers_no_layer_loads(tmp_path):
     ("head_dim", 7, "head_dim 7 must be even"),
     ("num_attention_heads", 32, r"head_dim 1 \(hidden_size 32 / num_attention_heads 32\) must be even"),
     ("tie_word_embeddings", "yes", "tie_word_embeddings must be true or false"),
+    ("attention_dropout", 1.0, "attention_dropout must be a finite number >= 0 and < 1"),
 ])
 def test_config_fields_of_the_wrong_type_or_value_are_named(field, value, problem):
     with pytest.raises(ValueError, match=problem):
@@ -150,3 +149,38 @@ def test_gpt2_fields_of_the_wrong_type_or_value_are_named(field, value):
 def test_configs_round_trip_through_to_dict():
     for cfg in (LlamaConfig(**LLAMA, hidden_act="relu", head_dim=12), GPT2Config(scale_attn_weights=False)):
         assert type(cfg).from_dict(json.loads(json.dumps(cfg.to_dict()))) == cfg
+
+
+@pytest.mark.parametrize("cls_name, kw", [
+    ("LlamaConfig", dict(attention_dropout=0.3)),
+    ("GPT2Config", dict(resid_pdrop=0.1, embd_pdrop=0.2, attn_pdrop=0.3)),
+])
+def test_dropout_fields_act_in_training_only(tmp_path, monkeypatch, cls_name, kw):
+    """Dropout (transformers applies it in training) is applied where transformers applies it: with dropout
+    made the identity, training mode computes eval mode's logits, through the unfused attention path; with
+    real dropout it computes something else, and gradients flow."""
+    from lora_np import functional as F
+    from lora_np import nn
+
+    _saved(tmp_path, cls_name, **{**(GPT2 if cls_name == "GPT2Config" else LLAMA), **kw})
+    model = load_model(tmp_path, dtype="float64")
+    assert not model.training, "load_model gives a model in eval mode, as from_pretrained does"
+    expected = model(IDS).logits.data
+    model.train()
+    unfused = []
+    real_attention_dropout = nn._attention_with_dropout
+    monkeypatch.setattr(nn, "_attention_with_dropout", lambda *a: unfused.append(a[-1]) or real_attention_dropout(*a))
+    monkeypatch.setattr(F, "dropout", lambda x, p=0.5, training=True, generator=None: x)
+    assert_close(model(IDS).logits.data, expected, rtol=1e-12, atol=1e-13, name="logits, dropout as identity")
+    assert unfused and set(unfused) == {kw.get("attention_dropout", kw.get("attn_pdrop"))}
+    monkeypatch.undo()
+    model.requires_grad_(True)
+    out = model(IDS, labels=IDS)
+    assert not np.allclose(out.logits.data, expected)
+    out.loss.backward()
+    assert all(p.grad is not None and np.isfinite(p.grad).all() for p in model.parameters())
+
+
+def test_a_gpt2_config_without_dropout_keys_gets_transformers_defaults():
+    cfg = config_from_dict({"model_type": "gpt2", "n_layer": 1})
+    assert (cfg.resid_pdrop, cfg.embd_pdrop, cfg.attn_pdrop) == (0.1, 0.1, 0.1)
