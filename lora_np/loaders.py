@@ -280,6 +280,14 @@ def gguf_config(metadata, tensors, source):
             message = re.sub(rf"\b{field}\b", key, message)
         raise _gguf.GGUFError(f"{source}: {message}") from None
     _check_layer_count(config.num_hidden_layers, tensors, source, "llama.block_count")
+    # Keys that ask for another computation than this model's (llama.cpp's names).
+    for key, ok in (("llama.rope.dimension_count", (None, config.head_dim)),
+                    ("llama.attention.value_length", (None, config.head_dim)),
+                    ("llama.rope.scaling.type", (None, "none")), ("llama.rope.scaling.factor", (None, 0.0, 1.0)),
+                    ("llama.expert_count", (None, 0)), ("llama.attention.sliding_window", (None, 0))):
+        if metadata.get(key) not in ok:
+            raise NotImplementedError(f"{source}: {key} = {metadata[key]!r} is not supported "
+                                      f"(supported: {', '.join(map(repr, ok[1:]))} or absent)")
     return config
 
 

@@ -115,6 +115,15 @@ def test_gguf_metadata_disagreeing_with_the_tensors_is_named_before_allocating(t
     assert peak < PEAK_LIMIT, f"{peak} bytes allocated before the error"
 
 
+@pytest.mark.parametrize("key, value", [("rope.dimension_count", 2), ("attention.value_length", 8),
+                                        ("expert_count", 8), ("attention.sliding_window", 16)])
+def test_gguf_keys_asking_for_another_computation_are_refused(tmp_path, key, value):
+    path = write_tiny_gguf(tmp_path / "t.gguf", **{key: value})
+    with pytest.raises(NotImplementedError, match=rf"t\.gguf: llama\.{key} = {value} is not supported"):
+        load_model(path)
+    load_model(write_tiny_gguf(tmp_path / "ok.gguf", **({key: 4} if "dimension" in key or "value" in key else {})))
+
+
 @given(key=st.sampled_from(sorted(GGUF_KEYS)),
        value=st.one_of(st.sampled_from([0, 1, 2, 3, 4, 8, 10**9, 2**32 - 1]), st.integers(0, 2**32 - 1)))
 def test_any_gguf_size_value_loads_or_is_refused_cheaply(tmp_path_factory, key, value):
