@@ -471,6 +471,12 @@ def _attend(q, k, v, cache, layer_idx, cos, sin, attn_mask, scale=None, dropout=
     return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=True, scale=scale)
 
 
+def _dropout_p(where, p):
+    if not 0 <= p < 1:
+        raise ValueError(f"{where}: dropout must be in [0, 1), got {p}")
+    return p
+
+
 def _attention_with_dropout(q, k, v, attn_mask, scale, p):
     """Causal attention, dropout(p) on the weights, as transformers' eager attention in training.
     q (B,Hq,T,D), k/v (B,Hkv,S,D); the causal mask is aligned to the bottom right, as in SDPA."""
@@ -496,7 +502,7 @@ class Attention(Module):
     def __init__(self, hidden_size, num_heads, num_kv_heads=None, head_dim=None, bias=False, o_bias=False,
                  layer_idx=0, dropout=0.0, dtype=DEFAULT_DTYPE):
         super().__init__()
-        self.attention_dropout = Dropout(dropout).p
+        self.attention_dropout = _dropout_p("Attention", dropout)
         self.num_heads = num_heads
         self.num_kv_heads = num_kv_heads or num_heads
         self.head_dim = head_dim or hidden_size // num_heads
@@ -526,7 +532,7 @@ class GPT2Attention(Module):
     def __init__(self, hidden_size, num_heads, layer_idx=0, dropout=0.0, scale_weights=True,
                  scale_by_inverse_layer_idx=False, attn_dropout=0.0, dtype=DEFAULT_DTYPE):
         super().__init__()
-        self.attn_dropout = Dropout(attn_dropout).p
+        self.attn_dropout = _dropout_p("GPT2Attention", attn_dropout)
         self.num_heads, self.head_dim, self.layer_idx = num_heads, hidden_size // num_heads, layer_idx
         self.scale = (self.head_dim ** -0.5 if scale_weights else 1.0) / (layer_idx + 1 if scale_by_inverse_layer_idx else 1)
         self.c_attn = Conv1D(3 * hidden_size, hidden_size, dtype=dtype)
