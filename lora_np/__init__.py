@@ -37,6 +37,16 @@ _LAZY = {
     "load_model": ("loaders", "load_model"),
     "default_model_path": ("loaders", "default_model_path"),
     "load_tokenizer": ("tokenizer", "load_tokenizer"),
+    # the library's own errors (all but RunFolderBusy and NonFiniteLoss are ValueErrors)
+    "OptionError": ("options", "OptionError"),
+    "GGUFError": ("gguf", "GGUFError"),
+    "SafetensorsError": ("safetensors", "SafetensorsError"),
+    "TokenizerError": ("tokenizer", "TokenizerError"),
+    "CheckpointError": ("loaders", "CheckpointError"),
+    "RunFileError": ("train", "RunFileError"),
+    "RunExists": ("train", "RunExists"),
+    "RunFolderBusy": ("train", "RunFolderBusy"),
+    "NonFiniteLoss": ("train", "NonFiniteLoss"),
 }
 
 __all__ = ["Tensor", "tensor", "no_grad", "enable_grad", "is_grad_enabled", "functional", "nn",

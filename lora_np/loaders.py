@@ -5,7 +5,6 @@ GGUF files (llama.cpp), into lora_np's models.
     model = lora_np.load_model(lora_np.default_model_path())   # SmolLM2-135M-Instruct
 """
 import importlib.util
-import json
 import os
 import re
 
@@ -13,6 +12,7 @@ import numpy as np
 
 from . import gguf as _gguf
 from . import safetensors as _st
+from .fileio import read_json_object
 from .models import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, config_from_dict
 from .gguf import reverse_llama_permute
 from .nn import skip_init
@@ -127,24 +127,12 @@ def _finish(model, source):
 
 
 # -- Hugging Face folders ------------------------------------------------------------------
-def _read_json(path, what):
-    """The JSON object in `path`; ValueError naming the file when it is not one."""
-    try:
-        with open(path, encoding="utf-8") as fh:
-            data = json.load(fh)
-    except (ValueError, RecursionError) as e:  # JSONDecodeError, bad UTF-8, nesting too deep
-        raise CheckpointError(f"{path}: not valid JSON ({type(e).__name__}: {e})") from None
-    if not isinstance(data, dict):
-        raise CheckpointError(f"{path}: {what} must be a JSON object, got a JSON {type(data).__name__}")
-    return data
-
-
 def _load_hf_folder(folder, dtype):
     cfg_path = os.path.join(folder, "config.json")
     if not os.path.isfile(cfg_path):
         raise FileNotFoundError(f"load_model: {folder} has no config.json")
     try:
-        config = config_from_dict(_read_json(cfg_path, "a config"))
+        config = config_from_dict(read_json_object(cfg_path, CheckpointError, "a config"))
     except CheckpointError:
         raise
     except ValueError as e:  # the config's checks name the key
@@ -153,7 +141,7 @@ def _load_hf_folder(folder, dtype):
         raise NotImplementedError(f"{cfg_path}: {e}") from None
     index = os.path.join(folder, "model.safetensors.index.json")
     if os.path.exists(index):
-        weight_map = _read_json(index, "a shard index").get("weight_map")
+        weight_map = read_json_object(index, CheckpointError, "a shard index").get("weight_map")
         if not isinstance(weight_map, dict) or not all(isinstance(v, str) and os.path.basename(v) == v
                                                        for v in weight_map.values()):
             raise CheckpointError(f"{index}: 'weight_map' must map tensor names to file names in the folder")

@@ -10,9 +10,10 @@ import shutil
 import numpy as np
 
 from . import safetensors
+from .fileio import fsync_dir, named, write_atomic
 from .models import GPT2Config
 
-__all__ = ["save_merged", "hf_config_dict", "oserror_names"]
+__all__ = ["save_merged", "hf_config_dict"]
 
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json")
 
@@ -34,18 +35,6 @@ def hf_config_dict(config):
     return d
 
 
-@contextlib.contextmanager
-def oserror_names(path):
-    """Re-raise an OSError that names no file (a write() failing with ENOSPC or EIO) as the
-    same error naming `path`, so that the user learns which output failed."""
-    try:
-        yield
-    except OSError as e:
-        if e.filename is not None or e.errno is None:
-            raise
-        raise type(e)(e.errno, e.strerror, os.fspath(path)) from e
-
-
 def _remove_orphans(parent, prefix):
     """Remove temporary folders `prefix<pid>-*` in `parent` left by killed writers (their pid is gone)."""
     for name in os.listdir(parent):
@@ -59,11 +48,15 @@ def _remove_orphans(parent, prefix):
             pass
 
 
-def _write_json(obj, path):
-    with open(path, "w") as fh:
-        json.dump(obj, fh, indent=2)
-        fh.flush()
-        os.fsync(fh.fileno())
+@contextlib.contextmanager
+def _as_written_to(tmp, out):
+    """An OSError naming a file in the temporary folder `tmp` re-raised naming it as in `out`."""
+    try:
+        yield
+    except OSError as e:
+        if not isinstance(e.filename, str) or not e.filename.startswith(tmp + os.sep):
+            raise
+        raise type(e)(e.errno, e.strerror, out + e.filename[len(tmp):]) from e
 
 
 def save_merged(model, out, tokenizer_source=None):
@@ -89,20 +82,15 @@ def save_merged(model, out, tokenizer_source=None):
     tmp = os.path.join(parent, f"{prefix}{os.getpid()}-{secrets.token_hex(4)}")
     os.mkdir(tmp)
     try:
-        with oserror_names(out):
+        with named(out), _as_written_to(tmp, out):
             safetensors.save_file(tensors, os.path.join(tmp, "model.safetensors"), metadata={"format": "pt"})
-            _write_json(hf_config_dict(base.config), os.path.join(tmp, "config.json"))
+            write_atomic(os.path.join(tmp, "config.json"), json.dumps(hf_config_dict(base.config), indent=2))
             if tokenizer_source and os.path.isdir(tokenizer_source):
                 for name in _TOKENIZER_FILES:
                     if os.path.exists(os.path.join(tokenizer_source, name)):
                         shutil.copy(os.path.join(tokenizer_source, name), tmp)
             os.replace(tmp, out)  # onto an empty folder too (rename(2)); refused if `out` filled up meanwhile
-        with contextlib.suppress(OSError):  # the rename itself, durable
-            fd = os.open(parent, os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
+        fsync_dir(parent)  # the rename itself, durable
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return out

@@ -23,14 +23,14 @@ header but not loaded.
 """
 from __future__ import annotations
 
-import contextlib
 import json
 import mmap
 import os
-import secrets
 import struct
 
 import numpy as np
+
+from .fileio import atomic_file
 
 MAX_HEADER_SIZE = 100_000_000  # as the reference reader: a larger header is refused
 _ALIGN = 8
@@ -256,22 +256,10 @@ def save_file(tensors: dict[str, np.ndarray], path, metadata: dict[str, str] | N
     over `path`; on any error `path` is untouched and the temporary file removed.
     """
     header, arrays = _prepare(tensors, metadata, dtype)
-    path = os.fspath(path)
-    tmp = os.path.join(os.path.dirname(os.path.abspath(path)),
-                       f".{os.path.basename(path)}.{secrets.token_hex(6)}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)  # mode as the umask allows
-    try:
-        with open(fd, "wb") as f:
-            f.write(header)
-            for a in arrays:
-                f.write(a.data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
+    with atomic_file(path) as f:  # a failed write names `path`
+        f.write(header)
+        for a in arrays:
+            f.write(a.data)
 
 
 def _prepare(tensors, metadata, dtype):

@@ -28,13 +28,14 @@ own tokenizer.json. transformers (5.x) builds a plain GPT-2 ByteLevel pre-tokeni
 from __future__ import annotations
 
 import heapq
-import json
 import os
 import re
 import unicodedata
 from functools import lru_cache
 
 import numpy as np
+
+from .fileio import read_json_object
 
 __all__ = ["Tokenizer", "TokenizerError", "load_tokenizer", "bytes_to_unicode", "PRE_TOKENIZERS",
            "GGUF_PRE_TOKENIZERS"]
@@ -630,7 +631,7 @@ def _from_folder(folder, override):
     for name in ("special_tokens_map.json", "tokenizer_config.json"):  # the latter wins
         file = os.path.join(folder, name)
         if os.path.isfile(file):
-            config.update(_read_json(file))
+            config.update(read_json_object(file, TokenizerError))
     chat_template = config.get("chat_template")
     if isinstance(chat_template, list):  # [{"name": ..., "template": ...}]
         if not all(isinstance(t, dict) and isinstance(t.get("name"), str) for t in chat_template):
@@ -668,18 +669,6 @@ def _post_processor_ids(spec, where):
     raise NotImplementedError(f"{where}: post_processor {kind!r} is not supported")
 
 
-def _read_json(file):
-    """The JSON object in `file`; TokenizerError naming the file when it is not one."""
-    try:
-        with open(file, encoding="utf-8") as fh:
-            data = json.load(fh)
-    except (ValueError, RecursionError) as e:  # JSONDecodeError, bad UTF-8, nesting too deep
-        raise TokenizerError(f"{file}: not valid JSON ({type(e).__name__}: {e})") from None
-    if not isinstance(data, dict):
-        raise TokenizerError(f"{file}: expected a JSON object, got a JSON {type(data).__name__}")
-    return data
-
-
 def _structured(file, section, fn, *args, **kwargs):
     """fn(*args, **kwargs) for a section of tokenizer.json, a missing or mistyped part named as a TokenizerError."""
     try:
@@ -691,7 +680,7 @@ def _structured(file, section, fn, *args, **kwargs):
 
 
 def _from_tokenizer_json(file, config, chat_template, override):
-    data = _read_json(file)
+    data = read_json_object(file, TokenizerError)
     model = data.get("model") or {}
     if not isinstance(model, dict):
         raise TokenizerError(f"{file}: 'model' must be an object, got a {type(model).__name__}")

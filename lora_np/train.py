@@ -45,6 +45,7 @@ import numpy as np
 
 from . import functional as F
 from . import safetensors
+from .fileio import TEMP_NAME, fsync_dir, named, read_json_object, write_atomic
 from .options import Float, Int, OptionError
 
 __all__ = ["TrainArgs", "train", "evaluate", "NonFiniteLoss", "RunFolderBusy", "RunExists", "RunFileError",
@@ -238,50 +239,7 @@ def write_loss_svg(rows, path, width=640, height=320):
 {dots}
 </svg>
 """
-    _write_atomic(path, svg.encode())
-
-
-def _write_atomic(path, data):
-    """Write bytes to `path` through a temporary file in its folder (fsynced, then renamed)."""
-    tmp = os.path.join(os.path.dirname(os.path.abspath(path)), f".{os.path.basename(path)}.{secrets.token_hex(6)}.tmp")
-    try:
-        with _naming(path), open(tmp, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-
-
-class _naming:
-    """Give an OSError without a file name (a failed write or fsync: disk full, I/O error) `path`."""
-
-    def __init__(self, path):
-        self.path = os.fspath(path)
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, kind, e, tb):
-        if isinstance(e, OSError) and e.filename is None:
-            raise type(e)(e.errno, e.strerror or str(e), self.path) from e
-        return False
-
-
-def _fsync_dir(path):
-    """Make renames in folder `path` durable (where the OS lets a folder be opened)."""
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
+    write_atomic(path, svg.encode())
 
 
 def _try_write_loss_svg(rows, out, progress):
@@ -355,8 +313,8 @@ def evaluate(model, examples, batch_size, comm=None):
 # -- the run folder: lock, earlier runs, leftovers of killed writes ------------------------------
 LOCK_NAME = ".lora-np.lock"
 RUN_FILES = ("adapter_config.json", "adapter_model.safetensors", "metrics.jsonl", "loss.svg", "checkpoints")
-# Temporary names of lora_np's writes: `.NAME.<hex>.tmp` files (here, safetensors, peft_io), `.tmp-*` folders.
-_TEMP = re.compile(r"^\..+\.[0-9a-f]{12}\.tmp$|^\.tmp-")
+# Temporary folders of checkpoint and adapter writes (temporary files: fileio.TEMP_NAME).
+_TEMP_FOLDER = re.compile(r"^\.tmp-")
 
 
 def _lock_run_folder(out):
@@ -376,7 +334,7 @@ def _lock_run_folder(out):
     except BaseException:
         os.close(fd)
         raise
-    with _naming(path):
+    with named(path):
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()}, started "
                       f"{time.strftime('%Y-%m-%d %H:%M:%S')}".encode(), 0)
@@ -396,7 +354,7 @@ def _remove_leftovers(out):
     for folder in (out, _checkpoint_dir(out)):
         if os.path.isdir(folder):
             for name in os.listdir(folder):
-                if _TEMP.match(name):
+                if TEMP_NAME.match(name) or _TEMP_FOLDER.match(name):
                     _remove(os.path.join(folder, name))
 
 
@@ -436,15 +394,15 @@ def save_checkpoint(out, step, peft_model, optimizer, scheduler, batches_state, 
         safetensors.save_file(arrays, os.path.join(tmp, "optimizer.safetensors"))
         state = {"step": step, "optimizer": meta, "scheduler": scheduler.state_dict(), "batches": batches_state,
                  "rng": rng_state, "args": dataclasses.asdict(args), **(extra or {})}
-        _write_atomic(os.path.join(tmp, "trainer_state.json"), json.dumps(state, indent=1).encode())
-        _fsync_dir(tmp)
+        write_atomic(os.path.join(tmp, "trainer_state.json"), json.dumps(state, indent=1).encode())
+        fsync_dir(tmp)
         os.replace(tmp, os.path.join(root, name))
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    _fsync_dir(root)
-    _write_atomic(os.path.join(root, "latest.json"), json.dumps({"checkpoint": name, "step": step}).encode())
-    _fsync_dir(root)
+    fsync_dir(root)
+    write_atomic(os.path.join(root, "latest.json"), json.dumps({"checkpoint": name, "step": step}).encode())
+    fsync_dir(root)
     for old in os.listdir(root):
         if old.startswith("step-") and old != name:
             shutil.rmtree(os.path.join(root, old), ignore_errors=True)
@@ -452,17 +410,11 @@ def save_checkpoint(out, step, peft_model, optimizer, scheduler, batches_state, 
 
 
 def _read_json(path, what):
-    """The JSON object in `path`; RunFileError naming it when it is not one."""
+    """The JSON object in `path`; RunFileError naming it when it is missing or not one."""
     try:
-        with open(path, "rb") as fh:
-            value = json.loads(fh.read())
+        return read_json_object(path, RunFileError, what)
     except FileNotFoundError:
         raise RunFileError(f"{path}: missing ({what})") from None
-    except (ValueError, RecursionError) as e:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
-        raise RunFileError(f"{path}: not valid JSON ({what}): {e}") from None
-    if not isinstance(value, dict):
-        raise RunFileError(f"{path}: expected a JSON object ({what}), got {type(value).__name__}")
-    return value
 
 
 def load_checkpoint(out):
@@ -629,8 +581,8 @@ def _train(args, comm, writer, stream):
         if world > 1:
             F.manual_seed([args.seed, comm.rank])  # same LoRA init everywhere, each rank its own dropout masks
     peft.train()
-    named = [(name, p) for name, p in peft.named_parameters() if p.requires_grad]
-    params = [p for _, p in named]
+    trainable_named = [(name, p) for name, p in peft.named_parameters() if p.requires_grad]
+    params = [p for _, p in trainable_named]
     optimizer = AdamW(params, lr=args.lr, weight_decay=args.weight_decay)
     make_schedule = {"linear": get_linear_schedule_with_warmup, "cosine": get_cosine_schedule_with_warmup}
     scheduler = make_schedule[args.schedule](optimizer, args.warmup, total)
@@ -662,7 +614,7 @@ def _train(args, comm, writer, stream):
         elif args.overwrite:  # every check has passed: now the earlier run goes
             for name in RUN_FILES:
                 _remove(os.path.join(args.out, name))
-        _write_atomic(metrics_path, "".join(json.dumps(r) + "\n" for r in rows).encode())
+        write_atomic(metrics_path, "".join(json.dumps(r) + "\n" for r in rows).encode())
 
     trainable = sum(p.numel() for p in params)
     progress.message(f"lora_np: {len(train_ex)} train / {len(val_ex)} val examples of {args.seq_len} tokens; "
@@ -725,7 +677,7 @@ def _train(args, comm, writer, stream):
                     clip_grad_norm_(params, args.max_grad_norm)
                 lr = optimizer.param_groups[0]["lr"]
                 optimizer.step()
-                bad = _first_nonfinite(named)  # the same on every rank: their parameters are identical
+                bad = _first_nonfinite(trainable_named)  # the same on every rank: their parameters are identical
                 if bad:
                     raise non_finite(f"parameter {bad} is not finite after the update (lr {lr:g})")
                 scheduler.step()
@@ -739,7 +691,7 @@ def _train(args, comm, writer, stream):
                 if val_ex and ((args.eval_every and step % args.eval_every == 0) or step == total):
                     row["val_loss"] = evaluate(peft, val_ex, args.batch_size, comm)
                 rows.append(row)
-                with _naming(metrics_path):
+                with named(metrics_path):
                     metrics.write(json.dumps(row) + "\n")
                     metrics.flush()
                 done_steps = step - start
@@ -777,9 +729,9 @@ def _train(args, comm, writer, stream):
             "val_loss": rows[-1].get("val_loss") if rows else None}
 
 
-def _first_nonfinite(named):
+def _first_nonfinite(named_params):
     """The name of the first parameter with a NaN or infinite element, else None."""
-    return next((name for name, p in named if not np.isfinite(p.data).all()), None)
+    return next((name for name, p in named_params if not np.isfinite(p.data).all()), None)
 
 
 def _save_adapter(peft, out):
@@ -792,7 +744,7 @@ def _save_adapter(peft, out):
         peft.save_pretrained(tmp)
         for name in (WEIGHTS_NAME, CONFIG_NAME):
             os.replace(os.path.join(tmp, name), os.path.join(out, name))
-        _fsync_dir(out)
+        fsync_dir(out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 

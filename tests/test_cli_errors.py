@@ -190,7 +190,7 @@ def test_merge_is_atomic_and_removes_orphans(files, tmp_path, capsys, monkeypatc
     with monkeypatch.context() as patch:
         patch.setattr(os, "fsync", _no_space)
         assert cli.main(["merge", "--model", files["model"], "--out", str(tmp_path / "m")]) == 1
-    assert _one_error_line(capsys.readouterr().err) == f"lora-np merge: error: {tmp_path / 'm'}: No space left on device"
+    assert _one_error_line(capsys.readouterr().err) == f"lora-np merge: error: {tmp_path / 'm' / 'model.safetensors'}: No space left on device"
     assert os.listdir(tmp_path) == []  # no output, no temporary folder, the orphan gone
 
     (tmp_path / "m").mkdir()  # an empty folder is filled

@@ -269,7 +269,7 @@ def _nested(depth):
 
 
 @pytest.mark.parametrize("text,match", [
-    ("[1, 2]", "expected a JSON object, got list"),
+    ("[1, 2]", "expected a JSON object, got a JSON list"),
     ('{"r": ' + _nested(100_000) + "}", "not valid JSON"),
     ('{"r": ' + "9" * 5000 + "}", "not valid JSON"),
     ('{"peft_type": "IA3"}', "peft_type is 'IA3'"),

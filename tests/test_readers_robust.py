@@ -170,7 +170,7 @@ def test_giant_config_numbers_are_refused_naming_the_key(tmp_path):
 
 
 @pytest.mark.parametrize("text, problem", [
-    ("[1, 2]", "must be a JSON object, got a JSON list"),
+    ("[1, 2]", "expected a JSON object \\(a config\\), got a JSON list"),
     ("{", "not valid JSON"),
     ("[" * 100000 + "]" * 100000, "not valid JSON"),
     ('{"model_type": "llama", "rope_parameters": 5}', "rope_parameters"),

@@ -19,14 +19,13 @@ disagrees with its weights is refused before any LoRA matrix is allocated; a ten
 is not floating-point or holds NaN / infinity is refused naming the file and key. A write
 error that names no file (a full disk) is re-raised naming the file being written.
 """
-import contextlib
 import json
 import os
-import secrets
 
 import numpy as np
 
 from .. import safetensors
+from ..fileio import read_json_object, write_atomic
 from .config import LoraConfig, check_adapter_name
 from .layer import LoraLayer, ModulesToSaveWrapper
 from .model import embedding_is_targeted, lora_shapes, plan_adapter, resolve_config
@@ -118,54 +117,19 @@ def save_adapter(lora_model, directory, adapter_name):
     _check_inside(folder, directory)
     params, _ = adapter_parameters(lora_model, adapter_name)
     weights_path = os.path.join(folder, WEIGHTS_NAME)
-    with _naming(weights_path):
-        safetensors.save_file({k: p.data for k, p in params.items()}, weights_path, metadata={"format": "pt"})
+    safetensors.save_file({k: p.data for k, p in params.items()}, weights_path, metadata={"format": "pt"})
     config = lora_model.peft_config[adapter_name].to_dict()
     config["inference_mode"] = True
     config_path = os.path.join(folder, CONFIG_NAME)
-    with _naming(config_path):
-        _write_text_atomic(config_path, json.dumps(config, indent=2, sort_keys=True) + "\n")
-
-
-@contextlib.contextmanager
-def _naming(path):
-    """An OSError that names no file (a write on a full disk, a failed fsync) re-raised naming `path`."""
-    try:
-        yield
-    except OSError as e:
-        if e.filename is not None or e.errno is None:
-            raise
-        raise type(e)(e.errno, e.strerror, path) from e
-
-
-def _write_text_atomic(path, text):
-    tmp = os.path.join(os.path.dirname(os.path.abspath(path)), f".{os.path.basename(path)}.{secrets.token_hex(6)}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)  # never through a planted link
-    try:
-        with open(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
+    write_atomic(config_path, json.dumps(config, indent=2, sort_keys=True) + "\n")
 
 
 def read_config(directory):
     path = os.path.join(os.fspath(directory), CONFIG_NAME)
     try:
-        with open(path, encoding="utf-8") as f:
-            d = json.load(f)
+        d = read_json_object(path)
     except FileNotFoundError:
         raise FileNotFoundError(f"{path}: no adapter config (expected {CONFIG_NAME} in {directory})") from None
-    except RecursionError:
-        raise ValueError(f"{path}: not valid JSON: nested too deeply") from None
-    except ValueError as e:  # JSONDecodeError, UnicodeDecodeError, an integer too long to convert
-        raise ValueError(f"{path}: not valid JSON: {e}") from None
-    if not isinstance(d, dict):
-        raise ValueError(f"{path}: expected a JSON object, got {type(d).__name__}")
     return LoraConfig.from_dict(d, source=path), path
 
 
