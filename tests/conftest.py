@@ -47,6 +47,20 @@ def crosscheck(name):
         pytest.skip(f"optional package {name!r} not installed")
 
 
+def saved_transformers_model(folder, config):
+    """A random transformers model of `config` (biases drawn nonzero, seed 0), saved in `folder`."""
+    torch = crosscheck("torch")
+    transformers = crosscheck("transformers")
+    torch.manual_seed(0)
+    ref = transformers.AutoModelForCausalLM.from_config(config).eval()
+    with torch.no_grad():
+        for name, p in ref.named_parameters():
+            if name.endswith(".bias"):
+                p.normal_()
+    ref.save_pretrained(folder)
+    return ref
+
+
 def assert_close(actual, expected, rtol, atol=0.0, name="value"):
     """assert_allclose that prints the worst element and the max difference."""
     actual = np.asarray(actual)

@@ -9,7 +9,7 @@ import pytest
 from lora_np.loaders import CheckpointError, load_model
 from lora_np.models import GPT2Config, LlamaConfig, config_from_dict
 from lora_np.safetensors import load_file, save_file
-from conftest import assert_close, crosscheck
+from conftest import assert_close, crosscheck, saved_transformers_model
 from test_loaders import IDS, patch_float64
 
 LLAMA = dict(vocab_size=101, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
@@ -20,17 +20,7 @@ GPT2 = dict(vocab_size=101, n_embd=32, n_layer=3, n_head=4, n_positions=64, resi
 
 def _saved(tmp_path, cls_name, **kw):
     """A random transformers model of config class `cls_name` saved in tmp_path (biases drawn nonzero)."""
-    torch = crosscheck("torch")
-    transformers = crosscheck("transformers")
-    torch.manual_seed(0)
-    cfg = getattr(transformers, cls_name)(**kw)
-    ref = transformers.AutoModelForCausalLM.from_config(cfg).eval()
-    with torch.no_grad():
-        for name, p in ref.named_parameters():
-            if name.endswith(".bias"):
-                p.normal_()
-    ref.save_pretrained(tmp_path)
-    return ref
+    return saved_transformers_model(tmp_path, getattr(crosscheck("transformers"), cls_name)(**kw))
 
 
 def _expect_same_logits(tmp_path, ref, llama):

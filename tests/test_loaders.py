@@ -11,7 +11,7 @@ import pytest
 import lora_np
 from lora_np.loaders import CheckpointError, load_model, reverse_llama_permute
 from lora_np.safetensors import SafetensorsError, load_file, save_file
-from conftest import assert_close, crosscheck
+from conftest import assert_close, crosscheck, saved_transformers_model
 
 
 def patch_float64(torch, transformers_model):
@@ -276,13 +276,7 @@ def test_attention_biases_load_and_match_transformers(tmp_path, arch):
     kw = dict(vocab_size=101, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
               num_key_value_heads=2)
     cfg = transformers.Qwen2Config(**kw) if arch == "qwen2" else transformers.LlamaConfig(attention_bias=True, **kw)
-    torch.manual_seed(0)
-    ref = transformers.AutoModelForCausalLM.from_config(cfg).eval()
-    with torch.no_grad():
-        for name, p in ref.named_parameters():
-            if name.endswith(".bias"):
-                p.normal_()
-    ref.save_pretrained(tmp_path)
+    ref = saved_transformers_model(tmp_path, cfg)
     model = load_model(tmp_path)
     biases = {n.split(".")[-2] for n, _ in model.named_parameters() if n.endswith(".bias")}
     assert biases == ({"q_proj", "k_proj", "v_proj"} | (set() if arch == "qwen2" else {"o_proj"}))
