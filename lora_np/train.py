@@ -676,7 +676,8 @@ def _train(args, comm, writer, stream):
                 if args.max_grad_norm:
                     clip_grad_norm_(params, args.max_grad_norm)
                 lr = optimizer.param_groups[0]["lr"]
-                optimizer.step()
+                with np.errstate(over="ignore", invalid="ignore"):  # checked on the next line, named there
+                    optimizer.step()
                 bad = _first_nonfinite(trainable_named)  # the same on every rank: their parameters are identical
                 if bad:
                     raise non_finite(f"parameter {bad} is not finite after the update (lr {lr:g})")
