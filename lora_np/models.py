@@ -12,13 +12,11 @@ from typing import Optional
 import numpy as np
 
 from . import functional as F
-from . import kernels
 from .nn import DecoderBlock, Dropout, Embedding, GPT2Block, LayerNorm, Linear, Module, ModuleList, RMSNorm, activation
 from .options import Float, Int
-from .tensor import DEFAULT_DTYPE, Function, Tensor
+from .tensor import DEFAULT_DTYPE, Tensor
 
-__all__ = ["LlamaConfig", "GPT2Config", "LlamaForCausalLM", "GPT2LMHeadModel", "CausalLMOutput",
-           "causal_lm_loss", "causal_lm_head_loss", "LinearCrossEntropy", "config_from_dict"]
+__all__ = ["LlamaConfig", "GPT2Config", "LlamaForCausalLM", "GPT2LMHeadModel", "CausalLMOutput", "config_from_dict"]
 
 
 def _from_dict(cls, d):
@@ -211,65 +209,6 @@ class CausalLMOutput:
     loss: Optional[Tensor] = None
 
 
-def causal_lm_loss(logits, labels, ignore_index=-100):
-    """Mean next-token cross-entropy as transformers computes it: predict labels[:, 1:]
-    from logits[:, :-1]; positions labelled -100 are ignored. logits (B, T, V), labels (B, T)."""
-    labels = np.asarray(labels.data if isinstance(labels, Tensor) else labels)
-    B, T, V = logits.shape
-    shift_logits = F.reshape(logits[:, :-1], (B * (T - 1), V))                   # (B·(T-1), V)
-    return F.cross_entropy(shift_logits, labels[:, 1:].reshape(-1).astype(np.int64), ignore_index=ignore_index)
-
-
-class LinearCrossEntropy(Function):
-    """mean over rows with a target of cross_entropy(h Wᵀ, target), never holding all the
-    logits: rows go through the head in chunks. When a gradient is wanted, forward computes it
-    too, chunk by chunk, while softmax − one-hot is at hand, and backward only scales it: two
-    head matmuls per step instead of three, and what is kept is the gradient (N, C) (plus (V, C)
-    when the head trains) instead of the rows of h. Rows whose target is ignore_index cost
-    nothing. h (N, C), weight (V, C), target (N,)."""
-
-    def forward(self, h, weight, target, ignore_index=-100, chunk=512):
-        rows = np.nonzero(target != ignore_index)[0]
-        hr, t, count = h[rows], target[rows].astype(np.int64), len(rows)                 # (M, C), (M,)
-        if t.size and (t.min() < 0 or t.max() >= weight.shape[0]):
-            raise IndexError(f"cross_entropy: target out of range [0, {weight.shape[0]})")
-        need_h, need_w = self.needs_input_grad[:2]
-        self.gh = np.zeros((h.shape[0], weight.shape[1]), h.dtype) if need_h else None
-        self.gw = np.zeros_like(weight) if need_w else None
-        inv = 1.0 / count if count else 0.0
-        total = 0.0
-        for s in range(0, count, chunk):
-            hc, tc = hr[s:s + chunk], t[s:s + chunk]
-            logits = hc @ weight.T                                                       # (c, V)
-            picked = logits[np.arange(len(tc)), tc]                                      # a copy
-            lse = kernels.softmax_rows(logits, scale=inv)                                # logits -> softmax / M
-            total += float((lse - picked).sum())
-            if need_h or need_w:
-                logits[np.arange(len(tc)), tc] -= h.dtype.type(inv)                      # d loss / d logits
-                if need_h:
-                    self.gh[rows[s:s + chunk]] = logits @ weight                         # (c, C)
-                if need_w:
-                    self.gw += logits.T @ hc                                             # (V, C)
-        return np.asarray(total / count if count else np.nan, h.dtype)
-
-    def backward(self, g):
-        scale = self.gh.dtype.type(g) if self.gh is not None else self.gw.dtype.type(g)
-        if scale != 1:
-            for a in (self.gh, self.gw):
-                if a is not None:
-                    a *= scale
-        return self.gh, self.gw, None
-
-
-def causal_lm_head_loss(h, weight, labels, ignore_index=-100):
-    """causal_lm_loss(h Wᵀ, labels) without the (B, T, V) logits: h (B, T, C), weight (V, C)."""
-    labels = np.asarray(labels.data if isinstance(labels, Tensor) else labels)
-    B, T, C = h.shape
-    target = np.concatenate([labels[:, 1:], np.full((B, 1), ignore_index, labels.dtype)], 1)  # (B, T)
-    return LinearCrossEntropy.apply(F.reshape(h, (B * T, C)), weight, Tensor(target.reshape(-1)),
-                                    ignore_index=ignore_index)
-
-
 class _RopeTables:
     """cos/sin for positions [0, n), grown on demand, one copy per dtype."""
 
@@ -310,11 +249,11 @@ class _CausalLM(Module):
             h = block(h, cos, sin, cache, attn_mask)
         if labels is not None and not return_logits and type(self.lm_head) is Linear:  # a plain (un-adapted) head
             h = self._final_norm(h)
-            return CausalLMOutput(None, causal_lm_head_loss(h, self.lm_head.weight, labels))
+            return CausalLMOutput(None, F.causal_lm_head_loss(h, self.lm_head.weight, labels))
         if logits_to_keep:
             h = h[:, -logits_to_keep:]
         logits = self.lm_head(self._final_norm(h))                                   # (B, T', V)
-        loss = causal_lm_loss(logits, labels) if labels is not None else None
+        loss = F.causal_lm_loss(logits, labels) if labels is not None else None
         return CausalLMOutput(logits, loss)
 
     @property

@@ -4,7 +4,8 @@ from hypothesis import given, strategies as st
 
 import lora_np
 from lora_np import functional as F
-from lora_np.models import LinearCrossEntropy, LlamaConfig, LlamaForCausalLM, causal_lm_loss
+from lora_np.functional import LinearCrossEntropy, causal_lm_loss
+from lora_np.models import LlamaConfig, LlamaForCausalLM
 from lora_np.tensor import Tensor
 from conftest import assert_close
 
