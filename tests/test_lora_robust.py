@@ -20,7 +20,8 @@ from lora_np import functional as F
 from lora_np import nn
 from lora_np.lora import LoraConfig, LoraModel, get_peft_model
 from lora_np.lora.config import check_adapter_name
-from lora_np.lora.model import check_adapter_memory, plan_adapter, resolve_config
+from lora_np.lora.model import check_adapter_memory
+from lora_np.lora.targets import plan_adapter, resolve_config
 from lora_np.models import LlamaConfig, LlamaForCausalLM
 
 HIDDEN, VOCAB = 16, 37

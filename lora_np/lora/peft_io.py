@@ -28,7 +28,7 @@ from .. import safetensors
 from ..fileio import read_json_object, write_atomic
 from .config import LoraConfig, check_adapter_name
 from .layer import LoraLayer, ModulesToSaveWrapper
-from .model import embedding_is_targeted, lora_shapes, plan_adapter, resolve_config
+from .targets import embedding_is_targeted, lora_shapes, plan_adapter, resolve_config
 
 __all__ = ["CONFIG_NAME", "WEIGHTS_NAME", "adapter_parameters", "save_adapter", "load_adapter", "from_pretrained"]
 
