@@ -235,7 +235,7 @@ def cmd_generate(ns):
 
 
 def cmd_merge(ns):
-    from .merge import save_merged
+    from .export import save_merged
 
     if os.path.exists(ns.out) and not (os.path.isdir(ns.out) and not os.listdir(ns.out)):
         raise CLIError(f"--out {ns.out} exists and is not an empty folder")

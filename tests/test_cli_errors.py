@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 import lora_np
 from lora_np import cli
 from lora_np.generation import generate, sample_next
-from lora_np.merge import save_merged
+from lora_np.export import save_merged
 from lora_np.models import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 from lora_np.options import OptionError
 from lora_np.safetensors import load_file, save_file

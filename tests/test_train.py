@@ -13,7 +13,7 @@ import pytest
 
 import lora_np
 from lora_np.cli import main as cli_main
-from lora_np.merge import save_merged
+from lora_np.export import save_merged
 from lora_np.models import LlamaConfig, LlamaForCausalLM
 from lora_np.train import NonFiniteLoss, TrainArgs, train
 from conftest import assert_close, crosscheck

@@ -1,5 +1,6 @@
-"""Merge an adapter into its base model and save a Hugging Face folder
-(config.json + model.safetensors) that transformers loads as it is."""
+"""Export a model as a Hugging Face folder (config.json + model.safetensors) that
+transformers loads as it is; an adapter is merged into its base weights first
+(`lora-np merge`)."""
 import contextlib
 import errno
 import json
