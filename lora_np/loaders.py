@@ -13,7 +13,7 @@ import numpy as np
 from . import gguf as _gguf
 from . import safetensors as _st
 from .fileio import read_json_object
-from .models import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, config_from_dict
+from .models import LlamaConfig, config_from_dict, model_class
 from .gguf import reverse_llama_permute
 from .nn import skip_init
 
@@ -109,7 +109,7 @@ def _ranges(indices):
 
 
 def _build(config, dtype):
-    cls = GPT2LMHeadModel if isinstance(config, GPT2Config) else LlamaForCausalLM
+    cls = model_class(config)
     with skip_init():  # placeholders that take no memory: every parameter is replaced by a tensor of the file
         model = cls(config, dtype=dtype)
     model._load_targets = dict(model.named_parameters())  # tied weights: one entry, first name
@@ -151,15 +151,15 @@ def _load_hf_folder(folder, dtype):
     else:
         raise FileNotFoundError(f"load_model: {folder} has neither model.safetensors nor model.safetensors.index.json")
     headers = {file: _st.read_header(os.path.join(folder, file))[0] for file in files}
-    n_layers, layers_key = (config.n_layer, "n_layer") if isinstance(config, GPT2Config) else \
-        (config.num_hidden_layers, "num_hidden_layers")
-    _check_layer_count(n_layers, [_hf_name(config, n) or "" for h in headers.values() for n in h],
-                       cfg_path, f"config.json's {layers_key}")
+    checkpoint_name = model_class(config).checkpoint_name
+    _check_layer_count(getattr(config, config.layers_field),
+                       [checkpoint_name(n) or "" for h in headers.values() for n in h],
+                       cfg_path, f"config.json's {config.layers_field}")
     model = _build(config, dtype)
     aliases = _tied_names(model)
     for file, header in headers.items():  # every shape is checked before any tensor is read
         for key, info in header.items():
-            name = _hf_name(config, key) if key != "__metadata__" else None
+            name = checkpoint_name(key) if key != "__metadata__" else None
             if name is not None:
                 _check_shape(model, aliases.get(name, name), info["shape"], os.path.join(folder, file),
                              "config.json")
@@ -167,7 +167,7 @@ def _load_hf_folder(folder, dtype):
     for file in files:
         source = os.path.join(folder, file)
         for name, array in _st.load_file(source).items():
-            name = _hf_name(config, name)
+            name = checkpoint_name(name)
             if name is None:
                 continue
             if name in aliases:  # a tied copy: checked against what it aliases once that is loaded
@@ -190,15 +190,6 @@ def _tied_names(model):
     for name, p in model.named_parameters(remove_duplicate=False):
         first.setdefault(id(p), name)
     return {n: first[id(p)] for n, p in model.named_parameters(remove_duplicate=False) if first[id(p)] != n}
-
-
-def _hf_name(config, name):
-    """Checkpoint key -> parameter name; None for buffers we do not keep (rotary inv_freq, GPT-2 masks)."""
-    if name.endswith((".attn.bias", ".attn.masked_bias", "rotary_emb.inv_freq")):
-        return None
-    if isinstance(config, GPT2Config) and not name.startswith(("transformer.", "lm_head.")):
-        return "transformer." + name  # GPT2Model checkpoints (e.g. "gpt2") omit the prefix
-    return name
 
 
 # -- GGUF ----------------------------------------------------------------------------------

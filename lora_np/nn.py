@@ -3,7 +3,8 @@
 A `Module` registers the `Parameter`s and child `Module`s assigned to it as
 attributes, so `named_parameters()` yields dotted names such as
 `model.layers.0.self_attn.q_proj.weight` that line up with checkpoints and with
-PEFT's adapter keys.
+PEFT's adapter keys. The layers here are the generic ones; each model family's attention,
+MLP and block live with its config in lora_np/models/.
 """
 import math
 from collections import OrderedDict
@@ -16,8 +17,7 @@ from .tensor import DEFAULT_DTYPE, Tensor
 
 __all__ = [
     "Parameter", "Module", "ModuleList", "ModuleDict", "ParameterDict", "Linear", "Conv1D", "Embedding", "LayerNorm", "RMSNorm",
-    "Dropout", "skip_init", "GELUMLP", "GatedMLP", "Attention", "GPT2Attention", "DecoderBlock", "GPT2Block",
-    "KVCache", "ACTIVATIONS", "activation",
+    "Dropout", "skip_init", "KVCache", "ACTIVATIONS", "activation", "attend", "check_dropout_p",
 ]
 
 
@@ -408,36 +408,6 @@ def activation(name, where="activation"):
     return ACTIVATIONS[name]
 
 
-class GELUMLP(Module):
-    """GPT-2's MLP: c_proj(act(c_fc(x))), act gelu_new unless told otherwise."""
-
-    def __init__(self, hidden_size, intermediate_size, act="gelu_new", dropout=0.0, dtype=DEFAULT_DTYPE):
-        super().__init__()
-        self.c_fc = Conv1D(intermediate_size, hidden_size, dtype=dtype)
-        self.c_proj = Conv1D(hidden_size, intermediate_size, dtype=dtype)
-        self.dropout = Dropout(dropout)
-        self.act, self.act_fn = act, activation(act)
-
-    def forward(self, x):
-        return self.dropout(self.c_proj(self.act_fn(self.c_fc(x))))
-
-
-class GatedMLP(Module):
-    """Llama's gated MLP: down_proj(act(gate_proj(x)) * up_proj(x)); act silu (SwiGLU) unless told otherwise."""
-
-    def __init__(self, hidden_size, intermediate_size, bias=False, act="silu", dtype=DEFAULT_DTYPE):
-        super().__init__()
-        self.gate_proj = Linear(hidden_size, intermediate_size, bias=bias, dtype=dtype)
-        self.up_proj = Linear(hidden_size, intermediate_size, bias=bias, dtype=dtype)
-        self.down_proj = Linear(intermediate_size, hidden_size, bias=bias, dtype=dtype)
-        self.act, self.act_fn = act, activation(act)
-
-    def forward(self, x):
-        if self.act_fn is F.silu:  # the fused op
-            return self.down_proj(F.silu_mul(self.gate_proj(x), self.up_proj(x)))
-        return self.down_proj(F.mul(self.act_fn(self.gate_proj(x)), self.up_proj(x)))
-
-
 class KVCache:
     """Keys and values of earlier positions, per layer, for incremental decoding (no graph)."""
 
@@ -456,8 +426,8 @@ class KVCache:
         return next(iter(self.keys.values())).shape[2] if self.keys else 0
 
 
-def _attend(q, k, v, cache, layer_idx, cos, sin, attn_mask, scale=None, dropout=0.0):
-    """Shared tail of both attention kinds: RoPE, cache, causal SDPA (scale None: 1/sqrt(D)); with
+def attend(q, k, v, cache, layer_idx, cos, sin, attn_mask, scale=None, dropout=0.0):
+    """The tail every family's attention layer shares: RoPE, cache, causal SDPA (scale None: 1/sqrt(D)); with
     dropout > 0 (training) the attention weights are dropped out, on the unfused path.
     q (B,Hq,T,D), k/v (B,Hkv,T,D)."""
     if cos is not None:
@@ -471,7 +441,8 @@ def _attend(q, k, v, cache, layer_idx, cos, sin, attn_mask, scale=None, dropout=
     return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=True, scale=scale)
 
 
-def _dropout_p(where, p):
+def check_dropout_p(where, p):
+    """p, after checking that it is a dropout probability: ValueError naming `where` if not."""
     if not 0 <= p < 1:
         raise ValueError(f"{where}: dropout must be in [0, 1), got {p}")
     return p
@@ -493,94 +464,3 @@ def _attention_with_dropout(q, k, v, attn_mask, scale, p):
         bias = bias + (np.where(m, 0.0, -np.inf).astype(q.dtype) if m.dtype == np.bool_ else m.astype(q.dtype))
     weights = F.dropout(F.softmax(F.add(scores, bias), dim=-1), p, training=True)                     # (B,Hq,T,S)
     return F.matmul(weights, v)                                                                       # (B,Hq,T,D)
-
-
-class Attention(Module):
-    """Causal self-attention with separate q/k/v projections (Llama names), grouped-query
-    heads and optional RoPE; `bias` adds q/k/v biases (Qwen2), `o_bias` an o_proj bias."""
-
-    def __init__(self, hidden_size, num_heads, num_kv_heads=None, head_dim=None, bias=False, o_bias=False,
-                 layer_idx=0, dropout=0.0, dtype=DEFAULT_DTYPE):
-        super().__init__()
-        self.attention_dropout = _dropout_p("Attention", dropout)
-        self.num_heads = num_heads
-        self.num_kv_heads = num_kv_heads or num_heads
-        self.head_dim = head_dim or hidden_size // num_heads
-        if self.num_heads % self.num_kv_heads:
-            raise ValueError(f"Attention: {num_heads} heads is not a multiple of {self.num_kv_heads} kv heads")
-        self.layer_idx = layer_idx
-        self.q_proj = Linear(hidden_size, self.num_heads * self.head_dim, bias=bias, dtype=dtype)
-        self.k_proj = Linear(hidden_size, self.num_kv_heads * self.head_dim, bias=bias, dtype=dtype)
-        self.v_proj = Linear(hidden_size, self.num_kv_heads * self.head_dim, bias=bias, dtype=dtype)
-        self.o_proj = Linear(self.num_heads * self.head_dim, hidden_size, bias=o_bias, dtype=dtype)
-
-    def forward(self, x, cos=None, sin=None, cache=None, attn_mask=None):
-        B, T, _ = x.shape
-        hd = self.head_dim
-        q = F.transpose(F.reshape(self.q_proj(x), (B, T, self.num_heads, hd)), 1, 2)     # (B, Hq, T, D)
-        k = F.transpose(F.reshape(self.k_proj(x), (B, T, self.num_kv_heads, hd)), 1, 2)  # (B, Hkv, T, D)
-        v = F.transpose(F.reshape(self.v_proj(x), (B, T, self.num_kv_heads, hd)), 1, 2)  # (B, Hkv, T, D)
-        p = self.attention_dropout if self.training else 0.0
-        y = _attend(q, k, v, cache, self.layer_idx, cos, sin, attn_mask, dropout=p)      # (B, Hq, T, D)
-        return self.o_proj(F.reshape(F.transpose(y, 1, 2), (B, T, self.num_heads * hd)))
-
-
-class GPT2Attention(Module):
-    """GPT-2's attention: fused c_attn (Conv1D, [in, 3·hidden]) then c_proj. Scores are scaled by
-    1/sqrt(head_dim) (1 without scale_weights), then by 1/(layer_idx + 1) with scale_by_inverse_layer_idx."""
-
-    def __init__(self, hidden_size, num_heads, layer_idx=0, dropout=0.0, scale_weights=True,
-                 scale_by_inverse_layer_idx=False, attn_dropout=0.0, dtype=DEFAULT_DTYPE):
-        super().__init__()
-        self.attn_dropout = _dropout_p("GPT2Attention", attn_dropout)
-        self.num_heads, self.head_dim, self.layer_idx = num_heads, hidden_size // num_heads, layer_idx
-        self.scale = (self.head_dim ** -0.5 if scale_weights else 1.0) / (layer_idx + 1 if scale_by_inverse_layer_idx else 1)
-        self.c_attn = Conv1D(3 * hidden_size, hidden_size, dtype=dtype)
-        self.c_proj = Conv1D(hidden_size, hidden_size, dtype=dtype)
-        self.resid_dropout = Dropout(dropout)
-
-    def forward(self, x, cos=None, sin=None, cache=None, attn_mask=None):
-        B, T, C = x.shape
-        qkv = F.reshape(self.c_attn(x), (B, T, 3, self.num_heads, self.head_dim))
-        qkv = F.permute(qkv, (2, 0, 3, 1, 4))                                            # (3, B, H, T, D)
-        q, k, v = qkv[0], qkv[1], qkv[2]
-        p = self.attn_dropout if self.training else 0.0
-        y = _attend(q, k, v, cache, self.layer_idx, cos, sin, attn_mask, self.scale, p)  # (B, H, T, D)
-        return self.resid_dropout(self.c_proj(F.reshape(F.transpose(y, 1, 2), (B, T, C))))
-
-
-class DecoderBlock(Module):
-    """Pre-norm Llama decoder layer: x + attn(norm(x)), then x + mlp(norm(x))."""
-
-    def __init__(self, hidden_size, num_heads, num_kv_heads, intermediate_size, head_dim=None, eps=1e-6,
-                 attention_bias=False, o_bias=False, mlp_bias=False, act="silu", layer_idx=0, attention_dropout=0.0,
-                 dtype=DEFAULT_DTYPE):
-        super().__init__()
-        self.input_layernorm = RMSNorm(hidden_size, eps, dtype=dtype)
-        self.self_attn = Attention(hidden_size, num_heads, num_kv_heads, head_dim, bias=attention_bias,
-                                   o_bias=o_bias, layer_idx=layer_idx, dropout=attention_dropout, dtype=dtype)
-        self.post_attention_layernorm = RMSNorm(hidden_size, eps, dtype=dtype)
-        self.mlp = GatedMLP(hidden_size, intermediate_size, bias=mlp_bias, act=act, dtype=dtype)
-
-    def forward(self, x, cos=None, sin=None, cache=None, attn_mask=None):
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, cache, attn_mask)
-        return x + self.mlp(self.post_attention_layernorm(x))
-
-
-class GPT2Block(Module):
-    """Pre-norm GPT-2 block: x + attn(ln_1(x)), then x + mlp(ln_2(x))."""
-
-    def __init__(self, hidden_size, num_heads, intermediate_size=None, eps=1e-5, act="gelu_new",
-                 layer_idx=0, scale_attn_weights=True, scale_attn_by_inverse_layer_idx=False, resid_dropout=0.0,
-                 attn_dropout=0.0, dtype=DEFAULT_DTYPE):
-        super().__init__()
-        self.ln_1 = LayerNorm(hidden_size, eps, dtype=dtype)
-        self.attn = GPT2Attention(hidden_size, num_heads, layer_idx=layer_idx, dropout=resid_dropout,
-                                  scale_weights=scale_attn_weights, attn_dropout=attn_dropout,
-                                  scale_by_inverse_layer_idx=scale_attn_by_inverse_layer_idx, dtype=dtype)
-        self.ln_2 = LayerNorm(hidden_size, eps, dtype=dtype)
-        self.mlp = GELUMLP(hidden_size, intermediate_size or 4 * hidden_size, act, dropout=resid_dropout, dtype=dtype)
-
-    def forward(self, x, cos=None, sin=None, cache=None, attn_mask=None):
-        x = x + self.attn(self.ln_1(x), cos, sin, cache, attn_mask)
-        return x + self.mlp(self.ln_2(x))

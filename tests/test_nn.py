@@ -18,6 +18,7 @@ from conftest import assert_close
 from lora_np import Tensor, no_grad
 from lora_np import functional as F
 from lora_np import nn
+from lora_np.models import gpt2, llama
 from test_functional import (FD_ATOL_PER_S, FD_RTOL, spread_rows, central_difference, check_grad, f32_tolerance,
                              np_attention)
 
@@ -140,13 +141,13 @@ def _rmsnorm(data, rng):
 
 def _gelu_mlp(data, rng):
     c, f = data.draw(st.integers(1, 4)), data.draw(st.integers(1, 6))
-    m = _randomize(nn.GELUMLP(c, f, dtype=F64), rng)
+    m = _randomize(gpt2.GELUMLP(c, f, dtype=F64), rng)
     return m, rng.standard_normal((2, 3, c)), lambda m, x: m(x), np_gelu_mlp
 
 
 def _gated_mlp(data, rng):
     c, f = data.draw(st.integers(1, 4)), data.draw(st.integers(1, 6))
-    m = _randomize(nn.GatedMLP(c, f, bias=data.draw(st.booleans(), label="bias"), dtype=F64), rng)
+    m = _randomize(llama.GatedMLP(c, f, bias=data.draw(st.booleans(), label="bias"), dtype=F64), rng)
     return m, rng.standard_normal((2, 3, c)), lambda m, x: m(x), np_gated_mlp
 
 
@@ -162,7 +163,7 @@ def _attention(data, rng):
     c = data.draw(st.integers(2, 6), label="hidden")
     T = data.draw(st.integers(1, 4), label="T")
     bias = data.draw(st.booleans(), label="qkv_bias")
-    m = _randomize(nn.Attention(c, nh, nkv, hd, bias=bias, o_bias=bias, dtype=F64), rng)
+    m = _randomize(llama.Attention(c, nh, nkv, hd, bias=bias, o_bias=bias, dtype=F64), rng)
     cos, sin = F.rope_cos_sin(np.arange(T), hd, 100.0, F64)
     if data.draw(st.booleans(), label="rope"):
         return (m, rng.standard_normal((2, T, c)), lambda m, x: m(x, cos, sin),
@@ -173,7 +174,7 @@ def _attention(data, rng):
 def _gpt2_attention(data, rng):
     nh = data.draw(st.integers(1, 3), label="heads")
     c = nh * data.draw(st.integers(1, 2), label="head_dim")
-    m = _randomize(nn.GPT2Attention(c, nh, dtype=F64), rng)
+    m = _randomize(gpt2.GPT2Attention(c, nh, dtype=F64), rng)
     T = data.draw(st.integers(1, 4), label="T")
     return m, rng.standard_normal((2, T, c)), lambda m, x: m(x), lambda p, x: np_gpt2_attention(p, x, nh)
 
@@ -182,7 +183,7 @@ def _decoder_block(data, rng):
     nh, nkv, hd = _heads(data)
     c, f = data.draw(st.integers(2, 6), label="hidden"), data.draw(st.integers(1, 6), label="ffn")
     T = data.draw(st.integers(1, 4), label="T")
-    m = _randomize(nn.DecoderBlock(c, nh, nkv, f, head_dim=hd, eps=1e-5, dtype=F64), rng)
+    m = _randomize(llama.DecoderBlock(c, nh, nkv, f, head_dim=hd, eps=1e-5, dtype=F64), rng)
     cos, sin = F.rope_cos_sin(np.arange(T), hd, 100.0, F64)
     return (m, rng.standard_normal((2, T, c)), lambda m, x: m(x, cos, sin),
             lambda p, x: np_decoder_block(p, x, nh, nkv, hd, 1e-5, cos, sin))
@@ -194,7 +195,7 @@ def _gpt2_block(data, rng):
     # elements is often near-degenerate (condition ~1/sqrt(eps)), beyond float32's agreement
     c = nh * data.draw(st.integers(-(-4 // nh), -(-4 // nh) + 1), label="head_dim")
     f = data.draw(st.integers(1, 6), label="ffn")
-    m = _randomize(nn.GPT2Block(c, nh, f, eps=1e-5, dtype=F64), rng)
+    m = _randomize(gpt2.GPT2Block(c, nh, f, eps=1e-5, dtype=F64), rng)
     T = data.draw(st.integers(1, 4), label="T")
     return m, rng.standard_normal((2, T, c)), lambda m, x: m(x), lambda p, x: np_gpt2_block(p, x, nh, 1e-5)
 
@@ -421,7 +422,7 @@ def test_dropout_module_follows_train_and_eval():
 
 def test_attention_rejects_heads_not_a_multiple_of_kv_heads():
     with pytest.raises(ValueError, match="4 heads.*3 kv heads"):
-        nn.Attention(8, 4, 3)
+        llama.Attention(8, 4, 3)
 
 
 # -- incremental decoding -----------------------------------------------------------------------------
@@ -430,10 +431,10 @@ def test_kv_cache_decoding_equals_the_full_forward(kind):
     rng = np.random.default_rng(0)
     T, c = 6, 8
     if kind == "DecoderBlock":
-        block = _randomize(nn.DecoderBlock(c, 4, 2, 12, head_dim=4, eps=1e-5, dtype=F64), rng)
+        block = _randomize(llama.DecoderBlock(c, 4, 2, 12, head_dim=4, eps=1e-5, dtype=F64), rng)
         cos, sin = F.rope_cos_sin(np.arange(T), 4, 100.0, F64)
     else:
-        block = _randomize(nn.GPT2Block(c, 2, 12, dtype=F64), rng)
+        block = _randomize(gpt2.GPT2Block(c, 2, 12, dtype=F64), rng)
         cos = sin = None
     x = rng.standard_normal((2, T, c))
     full = block(Tensor(x), cos, sin).data
@@ -450,7 +451,7 @@ def test_kv_cache_decoding_equals_the_full_forward(kind):
 def test_attention_mask_hides_padding():
     """A key masked out for every query changes nothing when its value changes."""
     rng = np.random.default_rng(0)
-    attn = _randomize(nn.Attention(8, 2, 1, 4, dtype=F64), rng)
+    attn = _randomize(llama.Attention(8, 2, 1, 4, dtype=F64), rng)
     x = rng.standard_normal((1, 4, 8))
     mask = np.ones((1, 1, 4, 4), bool)
     mask[..., 1] = False

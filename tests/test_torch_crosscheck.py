@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 from conftest import assert_close, crosscheck
 from lora_np import Tensor
 from lora_np import functional as F
-from lora_np import nn
+from lora_np.models import gpt2, llama
 from test_functional import CASES
 
 RTOL = 1e-10
@@ -110,7 +110,7 @@ def test_llama_decoder_block_matches_transformers(data):
                                    num_key_value_heads=nkv, head_dim=hd, rms_norm_eps=1e-5, rope_theta=theta,
                                    mlp_bias=mlp_bias, num_hidden_layers=1, attn_implementation=impl)
     theirs = modeling_llama.LlamaDecoderLayer(cfg, layer_idx=0).double().eval()
-    ours = nn.DecoderBlock(hidden, nh, nkv, ffn, head_dim=hd, eps=1e-5, mlp_bias=mlp_bias, dtype=np.float64)
+    ours = llama.DecoderBlock(hidden, nh, nkv, ffn, head_dim=hd, eps=1e-5, mlp_bias=mlp_bias, dtype=np.float64)
     rng = np.random.default_rng(data.draw(st.integers(0, 2**32 - 1), label="seed"))
     _copy_weights(ours, theirs, torch, rng)
     cos, sin = F.rope_cos_sin(np.arange(T), hd, theta, np.float64)                  # (T, D)
@@ -150,7 +150,7 @@ def test_gpt2_block_matches_transformers(data):
     cfg = transformers.GPT2Config(n_embd=hidden, n_head=nh, n_inner=ffn, n_positions=16, resid_pdrop=0.0,
                                   embd_pdrop=0.0, attn_pdrop=0.0, layer_norm_epsilon=1e-5, attn_implementation=impl)
     theirs = GPT2Block(cfg, layer_idx=0).double().eval()
-    ours = nn.GPT2Block(hidden, nh, ffn, eps=1e-5, dtype=np.float64)
+    ours = gpt2.GPT2Block(hidden, nh, ffn, eps=1e-5, dtype=np.float64)
     rng = np.random.default_rng(data.draw(st.integers(0, 2**32 - 1), label="seed"))
     _copy_weights(ours, theirs, torch, rng, skip=(".attn.bias", ".masked_bias"))
     mask = None if impl == "sdpa" else _causal_mask(torch, T)

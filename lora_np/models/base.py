@@ -1,0 +1,131 @@
+"""What every causal-LM family shares: the config base and its field checks, the output type, the
+forward pass (input ids -> logits and loss) and the RoPE tables."""
+import dataclasses
+from dataclasses import dataclass
+from typing import Optional
+
+import numpy as np
+
+from .. import functional as F
+from ..nn import Linear, Module
+from ..options import Float, Int
+from ..tensor import Tensor
+
+# Sane bounds for what a config may say; the loaders also check every size against the tensors present.
+SIZE = Int(min=1, max=2**24)
+LAYERS = Int(min=1, max=2**14)
+POSITIONS = Int(min=1, max=2**26)
+EPS = Float(min=0, min_open=True, max=1)
+THETA = Float(min=0, min_open=True)
+DROPOUT = Float(min=0, max=1, max_open=True)
+BOOL = (True, False)
+
+
+def check_fields(config, rules):
+    """Check and convert the fields named in `rules` {field: Int/Float rule or BOOL}: ValueError naming one."""
+    for name, rule in rules.items():
+        value = getattr(config, name)
+        if rule is BOOL:
+            if not isinstance(value, bool):
+                raise ValueError(f"{name} must be true or false, got {value!r}")
+        else:
+            setattr(config, name, rule.check(name, value))
+
+
+def refuse(where, field, value, why=""):
+    raise NotImplementedError(f"{where}: {field} = {value!r} is not supported{why}")
+
+
+class Config:
+    """Base of the family config dataclasses: dict round trip, and the config.json reading that a family
+    overrides where transformers' file says more than the dataclass (defaults, renamed keys)."""
+
+    layers_field = "num_hidden_layers"  # the field that counts decoder layers (named in the loaders' errors)
+
+    @classmethod
+    def from_dict(cls, d):
+        """The config from a dict, keys that are not fields ignored."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in names})
+
+    @classmethod
+    def from_config_json(cls, d):
+        """The config from a Hugging Face config.json dict."""
+        return cls.from_dict(d)
+
+    def to_dict(self):
+        return dataclasses.asdict(self)
+
+
+@dataclass
+class CausalLMOutput:
+    logits: Tensor
+    loss: Optional[Tensor] = None
+
+
+class RopeTables:
+    """cos/sin for positions [0, n), grown on demand, one copy per dtype."""
+
+    def __init__(self, head_dim, base):
+        self.head_dim, self.base, self.tables = head_dim, base, {}
+
+    def get(self, start, length, dtype):
+        cos, sin = self.tables.get(np.dtype(dtype), (None, None))
+        if cos is None or cos.shape[0] < start + length:
+            n = max(start + length, 2 * (cos.shape[0] if cos is not None else 0), 256)
+            cos, sin = F.rope_cos_sin(np.arange(n), self.head_dim, self.base, dtype)
+            self.tables[np.dtype(dtype)] = cos, sin
+        return cos[start:start + length], sin[start:start + length]                  # (T, D)
+
+
+class CausalLM(Module):
+    """What every family shares: input ids -> logits (and the loss when labels are given). A family
+    supplies its blocks, its embedding (with the RoPE tables, if any) and its final norm."""
+
+    @classmethod
+    def checkpoint_name(cls, key):
+        """Checkpoint key -> parameter name; None for buffers we do not keep (rotary inv_freq, GPT-2 masks)."""
+        if key.endswith((".attn.bias", ".attn.masked_bias", "rotary_emb.inv_freq")):
+            return None
+        return key
+
+    def _blocks(self):
+        raise NotImplementedError  # pragma: no cover
+
+    def _embed(self, ids, past):
+        raise NotImplementedError  # pragma: no cover
+
+    def _final_norm(self, h):
+        raise NotImplementedError  # pragma: no cover
+
+    def forward(self, input_ids, labels=None, cache=None, attn_mask=None, logits_to_keep=0, return_logits=True):
+        """logits (B, T, V) for input_ids (B, T), and the causal-LM loss when labels (B, T)
+        are given. With labels and return_logits=False the loss is computed chunk by chunk
+        without the (B, T, V) logits (training). `cache` (nn.KVCache) holds earlier positions; `logits_to_keep` > 0
+        computes logits for the last that many positions only (generation)."""
+        ids = np.asarray(input_ids.data if isinstance(input_ids, Tensor) else input_ids)
+        if ids.ndim == 1:
+            ids = ids[None]
+        if ids.ndim != 2:
+            raise ValueError(f"input_ids must be (B, T), got shape {ids.shape}")
+        past = cache.seq_len() if cache is not None else 0
+        h, cos, sin = self._embed(ids, past)                                          # (B, T, C)
+        for block in self._blocks():
+            h = block(h, cos, sin, cache, attn_mask)
+        if labels is not None and not return_logits and type(self.lm_head) is Linear:  # a plain (un-adapted) head
+            h = self._final_norm(h)
+            return CausalLMOutput(None, F.causal_lm_head_loss(h, self.lm_head.weight, labels))
+        if logits_to_keep:
+            h = h[:, -logits_to_keep:]
+        logits = self.lm_head(self._final_norm(h))                                   # (B, T', V)
+        loss = F.causal_lm_loss(logits, labels) if labels is not None else None
+        return CausalLMOutput(logits, loss)
+
+    @property
+    def dtype(self):
+        return next(iter(self.parameters())).dtype
+
+    def generate(self, *args, **kwargs):
+        from ..generation import generate
+
+        return generate(self, *args, **kwargs)
