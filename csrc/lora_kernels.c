@@ -24,7 +24,7 @@
  * order, so results are bit-identical for any number of threads. No atomics, no fast-math.
  *
  * SIMD: GCC/Clang vector extensions (lora_kernels_simd.h), built for AVX2 + FMA and for the
- * baseline on x86-64 and picked at run time (LORA_V3 and SIMD() in lora_internal.h).
+ * baseline on x86-64 and picked at run time (instantiate.h; LORA_V3 and SIMD() in lora_internal.h).
  */
 #include <stdlib.h>
 #include <string.h>
@@ -125,49 +125,7 @@ int lora_np_use_v3(void)
 #endif
 }
 
-#ifdef LORA_V3
-#pragma GCC push_options
-#pragma GCC target("avx2,fma")
-#define VBYTES 32
-#define ISA v3
-#define real float
-#define SFX f32
-#include "lora_kernels_simd.h"
-#undef real
-#undef SFX
-#define real double
-#define SFX f64
-#include "lora_kernels_simd.h"
-#undef real
-#undef SFX
-#undef ISA
-#undef VBYTES
-#pragma GCC pop_options
-#endif
-
-#define VBYTES 16
-#define ISA base
-#define real float
-#define SFX f32
-#include "lora_kernels_simd.h"
-#undef real
-#undef SFX
-#define real double
-#define SFX f64
-#include "lora_kernels_simd.h"
-#undef real
-#undef SFX
-#undef ISA
-#undef VBYTES
-
-#define real float
-#define SFX f32
-#include "lora_kernels_impl.h"
-#undef real
-#undef SFX
-
-#define real double
-#define SFX f64
-#include "lora_kernels_impl.h"
-#undef real
-#undef SFX
+#define SIMD_TEMPLATE "lora_kernels_simd.h" /* name_f32_v3, name_f64_v3, name_f32_base, name_f64_base */
+#include "instantiate.h"
+#define TEMPLATE "lora_kernels_impl.h" /* the public name_f32, name_f64 */
+#include "instantiate.h"

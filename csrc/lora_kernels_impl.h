@@ -1,9 +1,8 @@
 /* lora_kernels_impl.h: the public functions of lora_kernels.c for one element type.
- * lora_kernels.c includes it twice, with `real` = float, SFX = f32 and `real` = double,
+ * lora_kernels.c instantiates it (instantiate.h) with `real` = float, SFX = f32 and `real` = double,
  * SFX = f64, so each function below exists as name_f32 and name_f64. SIMD(name) is the
  * per-block worker of lora_kernels_simd.h for the instruction set this CPU has.
  */
-#define FN(name) CAT(name, SFX)
 
 /* dst [r, n] = src^T, src [n, r]: the dense transposed copy of lora_B that rows_dot reads. */
 static void FN(transpose)(real *restrict dst, const real *restrict src, int64_t n, int64_t r)
@@ -201,4 +200,3 @@ int FN(lora_merge_ref)(real *weight, const real *lora_A, const real *lora_B, dou
     return LORA_OK;
 }
 
-#undef FN

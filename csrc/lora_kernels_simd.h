@@ -1,5 +1,5 @@
 /* lora_kernels_simd.h: the SIMD building blocks and per-block workers of lora_kernels.c.
- * lora_kernels.c includes it once per element type (`real`, SFX = f32 / f64) and instruction
+ * lora_kernels.c instantiates it (instantiate.h) once per element type (`real`, SFX = f32 / f64) and instruction
  * set (ISA = v3: AVX2 + FMA with VBYTES = 32, under #pragma GCC target; ISA = base: the
  * compiler's baseline with VBYTES = 16), so each function below exists as name_f32_v3,
  * name_f32_base, ... and the public functions pick the set the CPU has at run time.

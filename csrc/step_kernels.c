@@ -41,50 +41,8 @@ typedef struct {
 
 #define ATTN_ROWS 48 /* query rows (positions x heads per key/value head) per block: a multiple of 6 */
 
-#ifdef LORA_V3
-#pragma GCC push_options
-#pragma GCC target("avx2,fma")
-#define VBYTES 32
-#define ISA v3
-#define real float
-#define SFX f32
-#define IS_F32 1
-#include "step_kernels_simd.h"
-#undef real
-#undef SFX
-#undef IS_F32
-#define real double
-#define SFX f64
-#define IS_F32 0
-#include "step_kernels_simd.h"
-#undef real
-#undef SFX
-#undef IS_F32
-#undef ISA
-#undef VBYTES
-#pragma GCC pop_options
-#endif
-
-#define VBYTES 16
-#define ISA base
-#define real float
-#define SFX f32
-#define IS_F32 1
-#include "step_kernels_simd.h"
-#undef real
-#undef SFX
-#undef IS_F32
-#define real double
-#define SFX f64
-#define IS_F32 0
-#include "step_kernels_simd.h"
-#undef real
-#undef SFX
-#undef IS_F32
-#undef ISA
-#undef VBYTES
-
-#define FN(name) CAT(name, SFX)
+#define SIMD_TEMPLATE "step_kernels_simd.h" /* name_f32_v3, name_f64_v3, name_f32_base, name_f64_base */
+#include "instantiate.h"
 
 static int64_t row_vis(int64_t i, int64_t n, int64_t period, int64_t count0, int64_t group)
 {
@@ -97,13 +55,5 @@ static int bad_rows(int64_t rows, int64_t n, int64_t period, int64_t group)
     return rows < 0 || n < 0 || period < 1 || group < 1;
 }
 
-#define real float
-#define SFX f32
-#include "step_kernels_impl.h"
-#undef real
-#undef SFX
-#define real double
-#define SFX f64
-#include "step_kernels_impl.h"
-#undef real
-#undef SFX
+#define TEMPLATE "step_kernels_impl.h" /* the public name_f32, name_f64 */
+#include "instantiate.h"

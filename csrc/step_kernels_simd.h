@@ -1,5 +1,5 @@
 /* step_kernels_simd.h: the SIMD workers of step_kernels.c for one element type and instruction set.
- * step_kernels.c includes it once per (`real`, SFX, IS_F32) and ISA (v3: AVX2 + FMA with
+ * step_kernels.c instantiates it (instantiate.h) once per (`real`, SFX, IS_F32) and ISA (v3: AVX2 + FMA with
  * VBYTES = 32, under #pragma GCC target; base: the compiler's baseline with VBYTES = 16), so each
  * function exists as name_f32_v3, name_f32_base, ...
  *

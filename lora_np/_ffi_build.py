@@ -1,8 +1,9 @@
-"""cffi build script (API mode) for the C core in csrc/: `cffi_modules` in setup.py points here.
+"""cffi build script (API mode) for the C core in csrc/: `cffi_modules` in setup.py points at make_ffibuilder.
 
 Compiles csrc/lora_kernels.c and csrc/step_kernels.c into the extension module `lora_np._lora_np_c` with -O3 and,
 when the compiler accepts it, OpenMP. No -ffast-math: the kernels are compared with the
 NumPy reference element by element. Run this file directly to build the module in place.
+Importing it does no work: lora_np/_cuda.py takes cdef_from_header from here for the CUDA header.
 """
 import os
 import subprocess
@@ -15,7 +16,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 HEADER = os.path.join("csrc", "lora_np.h")
 SOURCES = [os.path.join("csrc", f) for f in ("lora_kernels.c", "step_kernels.c")]
 DEPENDS = [HEADER] + [os.path.join("csrc", f) for f in (
-    "lora_internal.h", "lora_kernels_impl.h", "lora_kernels_simd.h", "step_kernels_impl.h", "step_kernels_simd.h",
+    "lora_internal.h", "instantiate.h", "instantiate_types.h", "lora_kernels_impl.h", "lora_kernels_simd.h", "step_kernels_impl.h", "step_kernels_simd.h",
     "simd_vec.h", "simd_vec_end.h")]
 
 
@@ -40,6 +41,7 @@ def openmp_flags():
 
 
 def make_ffibuilder():
+    """The FFI of lora_np._lora_np_c, its cdef read from csrc/lora_np.h."""
     omp = openmp_flags()
     builder = FFI()
     builder.cdef(cdef_from_header(os.path.join(ROOT, HEADER)))
@@ -55,8 +57,6 @@ def make_ffibuilder():
     return builder
 
 
-ffibuilder = make_ffibuilder()
-
 if __name__ == "__main__":
     os.chdir(ROOT)
-    ffibuilder.compile(tmpdir=ROOT, verbose=False)
+    make_ffibuilder().compile(tmpdir=ROOT, verbose=False)
