@@ -3,7 +3,8 @@
 - The C core (csrc/, OpenMP) through cffi in API mode: lora_np/_ffi_build.py. If it cannot be
   compiled (no C compiler, say) the install still succeeds with a one-line warning and
   lora_np runs on NumPy.
-- The CUDA library (csrc/cuda/) through nvcc, only when LORA_NP_CUDA=1: lora_np/_cuda_build.py.
+- The CUDA library (csrc/cuda/) through nvcc, only when LORA_NP_CUDA=1: lora_np/_cuda_build.py,
+  which installs csrc/cuda/lora_cuda.h beside it (lora_np/_cuda.py reads its cdef from there).
   Asked for and failing, it stops the install.
 """
 import importlib.util
@@ -51,6 +52,6 @@ class optional_build_ext(build_ext):
 
 
 setup(
-    cffi_modules=["lora_np/_ffi_build.py:ffibuilder"],
+    cffi_modules=["lora_np/_ffi_build.py:make_ffibuilder"],
     cmdclass={"build_ext": optional_build_ext},
 )

@@ -2,7 +2,8 @@
 
 csrc/cuda/lora_cuda.cu is built by nvcc only when asked (``LORA_NP_CUDA=1 pip install .`` or
 ``python lora_np/_cuda_build.py``) into lora_np/_lora_np_cuda.so, which this module opens with
-cffi in ABI mode (``ffi.dlopen``) the first time it is needed; importing it loads nothing.
+cffi in ABI mode (``ffi.dlopen``) the first time it is needed, declared by the header
+csrc/cuda/lora_cuda.h that the build copies beside it; importing this module loads nothing.
 
     d = to_device(np_array)      # upload: a DeviceArray (2-D, float32 or float64, dense)
     d.to_numpy()                 # download
@@ -17,30 +18,8 @@ import numpy as np
 
 LIBRARY = os.path.join(os.path.dirname(os.path.abspath(__file__)), "_lora_np_cuda.so")
 
-# The declarations of csrc/cuda/lora_cuda.h (tests/test_kernels_cuda.py checks they agree).
-CDEF = """
-int lora_cuda_device_count(int *count);
-const char *lora_cuda_error_string(int status);
-int lora_cuda_malloc(void **ptr, size_t bytes);
-int lora_cuda_free(void *ptr);
-int lora_cuda_upload(void *dst, const void *src, size_t bytes);
-int lora_cuda_download(void *dst, const void *src, size_t bytes);
-int lora_cuda_synchronize(void);
-int lora_cuda_forward_f32(float *y, float *t, const float *x, const float *lora_A, const float *lora_B,
-                          double scaling, int64_t N, int64_t in, int64_t out, int64_t r);
-int lora_cuda_forward_f64(double *y, double *t, const double *x, const double *lora_A,
-                          const double *lora_B, double scaling, int64_t N, int64_t in, int64_t out, int64_t r);
-int lora_cuda_backward_f32(float *dx, float *d_lora_A, float *d_lora_B, const float *dy, const float *x,
-                           const float *t, const float *lora_A, const float *lora_B, double scaling,
-                           int64_t N, int64_t in, int64_t out, int64_t r);
-int lora_cuda_backward_f64(double *dx, double *d_lora_A, double *d_lora_B, const double *dy,
-                           const double *x, const double *t, const double *lora_A, const double *lora_B,
-                           double scaling, int64_t N, int64_t in, int64_t out, int64_t r);
-int lora_cuda_merge_f32(float *weight, const float *lora_A, const float *lora_B, double scaling,
-                        int fan_in_fan_out, int64_t in, int64_t out, int64_t r);
-int lora_cuda_merge_f64(double *weight, const double *lora_A, const double *lora_B, double scaling,
-                        int fan_in_fan_out, int64_t in, int64_t out, int64_t r);
-"""
+# csrc/cuda/lora_cuda.h, installed beside the library by _cuda_build.py: the cffi declarations.
+HEADER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "_lora_np_cuda.h")
 
 ffi = None  # made in _load: cffi's C parser costs ~50 ms, too much for `import lora_np`
 _lib = None
@@ -57,13 +36,16 @@ def _load():
     global _lib, _why, ffi
     if _lib is not None or _why is not None:
         return _lib
-    if not os.path.exists(LIBRARY):
-        _why = f"{LIBRARY} is not built (install with LORA_NP_CUDA=1, or run lora_np/_cuda_build.py)"
+    missing = [path for path in (LIBRARY, HEADER) if not os.path.exists(path)]
+    if missing:
+        _why = f"{missing[0]} is not built (install with LORA_NP_CUDA=1, or run lora_np/_cuda_build.py)"
         return None
     from cffi import FFI
 
+    from ._ffi_build import cdef_from_header
+
     ffi = FFI()
-    ffi.cdef(CDEF)
+    ffi.cdef(cdef_from_header(HEADER))
     try:
         lib = ffi.dlopen(LIBRARY)
     except OSError as e:

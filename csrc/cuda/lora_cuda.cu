@@ -12,8 +12,12 @@
 #include <cuda_runtime.h>
 
 #include <algorithm>
+#include <cstddef>
+#include <cstdint>
 
+extern "C" {
 #include "lora_cuda.h"
+}
 
 namespace {
 

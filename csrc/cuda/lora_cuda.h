@@ -5,18 +5,15 @@
  * stream (stream-ordered memory), so nothing waits for the GPU except the copies to the host
  * and lora_cuda_synchronize. Every function returns 0 or a CUDA error code, whose text
  * lora_cuda_error_string gives; none exits.
- * The same declarations are the cffi cdef in lora_np/_cuda.py (tests/test_kernels_cuda.py
- * checks that the two agree).
+ * This header is also the cffi cdef: lora_np/_cuda_build.py installs it beside the library and
+ * lora_np/_cuda.py reads it from there. Keep it to C declarations without macros (lora_cuda.cu
+ * wraps it in extern "C").
  */
 #ifndef LORA_CUDA_H
 #define LORA_CUDA_H
 
 #include <stddef.h>
 #include <stdint.h>
-
-#ifdef __cplusplus
-extern "C" {
-#endif
 
 int lora_cuda_device_count(int *count);
 const char *lora_cuda_error_string(int status);
@@ -46,9 +43,5 @@ int lora_cuda_merge_f32(float *weight, const float *lora_A, const float *lora_B,
                         int fan_in_fan_out, int64_t in, int64_t out, int64_t r);
 int lora_cuda_merge_f64(double *weight, const double *lora_A, const double *lora_B, double scaling,
                         int fan_in_fan_out, int64_t in, int64_t out, int64_t r);
-
-#ifdef __cplusplus
-}
-#endif
 
 #endif
