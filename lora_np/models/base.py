@@ -56,6 +56,10 @@ class Config:
     def to_dict(self):
         return dataclasses.asdict(self)
 
+    def to_config_json(self):
+        """The config.json dict transformers reads for this config (the inverse of from_config_json)."""
+        return {k: v for k, v in self.to_dict().items() if v is not None}
+
 
 @dataclass
 class CausalLMOutput:

@@ -59,6 +59,10 @@ class GPT2Config(Config):
         """transformers' dropout defaults, for a config.json that leaves them out."""
         return cls.from_dict({"resid_pdrop": 0.1, "embd_pdrop": 0.1, "attn_pdrop": 0.1, **d})
 
+    def to_config_json(self):
+        return {**super().to_config_json(), "architectures": ["GPT2LMHeadModel"], "model_type": "gpt2",
+                "n_ctx": self.n_positions, "resid_pdrop": 0.0, "embd_pdrop": 0.0, "attn_pdrop": 0.0}
+
 
 class GPT2Attention(Module):
     """GPT-2's attention: fused c_attn (Conv1D, [in, 3·hidden]) then c_proj. Scores are scaled by

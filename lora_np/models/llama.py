@@ -107,6 +107,17 @@ class LlamaConfig(Config):
                 d.pop(key, None)
         return cls.from_dict(d)
 
+    def to_config_json(self):
+        """model_type qwen2 for q/k/v biases without an o_proj bias, else llama; RoPE in rope_parameters."""
+        qwen2 = self.qkv_bias and not self.attention_bias
+        d = super().to_config_json()
+        d.update(architectures=["Qwen2ForCausalLM" if qwen2 else "LlamaForCausalLM"],
+                 model_type="qwen2" if qwen2 else "llama", hidden_act="silu")
+        d.pop("qkv_bias")
+        d.pop("rope_scaling", None)
+        d["rope_parameters"] = {"rope_theta": self.rope_theta, "rope_type": "default"}
+        return d
+
 
 class Attention(Module):
     """Causal self-attention with separate q/k/v projections (Llama names), grouped-query
