@@ -10,7 +10,7 @@ Linear (W [out, in]) and GPT-2's Conv1D (W [in, out], `fan_in_fan_out`) share on
 
     y = base_layer(x) + s · (dropout(x) Aᵀ) Bᵀ            s = lora_alpha / r  (or / √r: rsLoRA)
 
-The LoRA branch is one autograd Function (`LoraLinearFn`) that calls the C core
+The LoRA branch is one autograd Function (`LoraLinear`) that calls the C core
 (`kernels.lora_forward` / `lora_backward`) on 2-D views; the base path is the base
 layer's own forward, so a frozen base weight costs no weight-gradient work.
 DoRA (Liu et al. 2024, as PEFT computes it): with n = ‖W + s·BA‖ per output row, treated
@@ -34,11 +34,11 @@ from ..nn import Embedding as BaseEmbedding
 from ..nn import Linear as BaseLinear
 from ..tensor import Function, Tensor, _check_float_dtypes
 
-__all__ = ["LoraLinearFn", "LoraLayer", "Linear", "Embedding", "DoraLinearLayer", "ModulesToSaveWrapper",
+__all__ = ["LoraLinear", "LoraLayer", "Linear", "Embedding", "DoraLinearLayer", "ModulesToSaveWrapper",
            "lora_layer_for", "check_supported"]
 
 
-class LoraLinearFn(Function):
+class LoraLinear(Function):
     """y + s · (x Aᵀ) Bᵀ for x (..., in), A (r, in), B (out, r); y (..., out), or None for zeros.
 
     Forward and backward run in the C core on 2-D C-contiguous views, N = all leading dims."""
@@ -72,9 +72,9 @@ class LoraLinearFn(Function):
 
 
 def lora_linear(y, x, lora_A, lora_B, scaling, inplace=False):
-    """Tensor-level entry to LoraLinearFn: y + s·(x Aᵀ) Bᵀ (y may be None)."""
+    """Tensor-level entry to LoraLinear: y + s·(x Aᵀ) Bᵀ (y may be None)."""
     _check_float_dtypes("lora", [t.data for t in (y, x, lora_A, lora_B) if t is not None])
-    return LoraLinearFn.apply(y, x, lora_A, lora_B, scaling=scaling, inplace=inplace)
+    return LoraLinear.apply(y, x, lora_A, lora_B, scaling=scaling, inplace=inplace)
 
 
 class DoraLinearLayer(Module):
