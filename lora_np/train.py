@@ -50,7 +50,6 @@ __all__ = ["TrainArgs", "train", "train_step", "evaluate", "NonFiniteLoss", "Run
            "RunFolderBusy", "RunFileError", "write_loss_svg"]  # these three: lora_np.checkpoints' and .progress'
 
 
-
 class NonFiniteLoss(RuntimeError):
     """The loss, a gradient or a parameter became non-finite; nothing of that step was written."""
 
