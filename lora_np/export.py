@@ -12,7 +12,6 @@ import numpy as np
 
 from . import safetensors
 from .fileio import fsync_dir, named, write_atomic
-from .models import GPT2Config
 
 __all__ = ["save_merged", "hf_config_dict"]
 
@@ -20,20 +19,8 @@ _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_m
 
 
 def hf_config_dict(config):
-    """config.json contents transformers reads for this lora_np config."""
-    d = {k: v for k, v in config.to_dict().items() if v is not None}
-    if isinstance(config, GPT2Config):
-        d.update(architectures=["GPT2LMHeadModel"], model_type="gpt2", n_ctx=config.n_positions,
-                 resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
-    else:
-        qwen2 = config.qkv_bias and not config.attention_bias
-        d.update(architectures=["Qwen2ForCausalLM" if qwen2 else "LlamaForCausalLM"],
-                 model_type="qwen2" if qwen2 else "llama", hidden_act="silu")
-        d.pop("qkv_bias")
-        d.pop("rope_scaling", None)
-        d["rope_parameters"] = {"rope_theta": config.rope_theta, "rope_type": "default"}
-    d["torch_dtype"] = "float32"
-    return d
+    """config.json contents transformers reads for this lora_np config (each family writes its own)."""
+    return {**config.to_config_json(), "torch_dtype": "float32"}
 
 
 def _remove_orphans(parent, prefix):
