@@ -4,19 +4,12 @@ Light names are imported eagerly; heavier parts (models, LoRA, loaders, training
 load on first use so that `import lora_np` stays fast.
 """
 import importlib
-import os
-import sys
 
-# The `lora-np` command only (not a library import): NumPy's OpenBLAS threads stop spinning
-# right after each call, instead of for ~0.1 s, so that the C core's threads get the cores
-# between GEMMs (a training step ~6% faster here). OpenBLAS reads the variable when NumPy
-# loads, so it is set before NumPy is imported, and never over the user's own value.
-if os.path.basename(sys.argv[0] if sys.argv else "") == "lora-np" and "numpy" not in sys.modules:
-    os.environ.setdefault("OPENBLAS_THREAD_TIMEOUT", "4")
-
-from . import functional, nn  # noqa: E402
-from .functional import manual_seed  # noqa: E402
-from .tensor import Tensor, enable_grad, is_grad_enabled, no_grad, tensor  # noqa: E402
+# kernels first: its backend module sets the `lora-np` command's OpenBLAS policy before NumPy loads
+from . import kernels
+from . import functional, nn
+from .functional import manual_seed
+from .tensor import Tensor, enable_grad, is_grad_enabled, no_grad, tensor
 
 __version__ = "0.1.0"
 

@@ -283,86 +283,13 @@ class Tensor:
         return self.data if dtype is None else self.data.astype(dtype)
 
     def to(self, dtype):
-        from . import functional as F
-
-        return F.cast(self, dtype)
+        return _ops.cast(self, dtype)
 
     def float(self):
         return self.to(np.float32)
 
     def double(self):
         return self.to(np.float64)
-
-    # -- operators (implemented in functional) -----------------------------------------
-    def __add__(self, other):
-        from .functional import add
-
-        return add(self, other)
-
-    def __radd__(self, other):
-        from .functional import add
-
-        return add(other, self)
-
-    def __sub__(self, other):
-        from .functional import sub
-
-        return sub(self, other)
-
-    def __rsub__(self, other):
-        from .functional import sub
-
-        return sub(other, self)
-
-    def __mul__(self, other):
-        from .functional import mul
-
-        return mul(self, other)
-
-    def __rmul__(self, other):
-        from .functional import mul
-
-        return mul(other, self)
-
-    def __truediv__(self, other):
-        from .functional import div
-
-        return div(self, other)
-
-    def __rtruediv__(self, other):
-        from .functional import div
-
-        return div(other, self)
-
-    def __pow__(self, other):
-        from .functional import pow
-
-        return pow(self, other)
-
-    def __rpow__(self, other):
-        from .functional import pow
-
-        return pow(other, self)
-
-    def __neg__(self):
-        from .functional import neg
-
-        return neg(self)
-
-    def __matmul__(self, other):
-        from .functional import matmul
-
-        return matmul(self, other)
-
-    def __rmatmul__(self, other):
-        from .functional import matmul
-
-        return matmul(other, self)
-
-    def __getitem__(self, index):
-        from .functional import getitem
-
-        return getitem(self, index)
 
     # comparisons give bool tensors without a graph
     def __lt__(self, other):
@@ -379,51 +306,54 @@ class Tensor:
 
     __hash__ = object.__hash__
 
-    # -- methods as in torch ------------------------------------------------------------
-    def _f(name):  # noqa: N805 - builds the method forwarding to functional.<name>
-        def method(self, *args, **kwargs):
-            from . import functional
-
-            return getattr(functional, name)(self, *args, **kwargs)
-
-        method.__name__ = name
-        return method
-
-    exp = _f("exp")
-    log = _f("log")
-    sqrt = _f("sqrt")
-    tanh = _f("tanh")
-    sigmoid = _f("sigmoid")
-    relu = _f("relu")
-    sum = _f("sum")
-    mean = _f("mean")
-    max = _f("max")
-    pow = _f("pow")
-    matmul = _f("matmul")
-    transpose = _f("transpose")
-    permute = _f("permute")
-    softmax = _f("softmax")
-    log_softmax = _f("log_softmax")
-    split = _f("split")
-    masked_fill = _f("masked_fill")
-    unsqueeze = _f("unsqueeze")
-    squeeze = _f("squeeze")
-    del _f
-
     def reshape(self, *shape):
-        from .functional import reshape
-
         if len(shape) == 1 and isinstance(shape[0], (tuple, list)):
             shape = tuple(shape[0])
-        return reshape(self, shape)
+        return _ops.reshape(self, shape)
 
     view = reshape
 
     @property
     def T(self):
-        from .functional import permute
+        return _ops.permute(self, tuple(reversed(range(self.ndim))))
 
-        return permute(self, tuple(reversed(range(self.ndim))))
+
+# -- operators and torch-style methods: the ops of lora_np.functional ------------------------------
+# lora_np.functional imports this module, so this module does not import it back: functional
+# calls attach_ops(itself) once when it loads, and the methods below look the ops up there.
+_ops = None
+
+_OPERATORS = {  # Tensor method: (op, whether the operands are swapped)
+    "__add__": ("add", False), "__radd__": ("add", True), "__sub__": ("sub", False), "__rsub__": ("sub", True),
+    "__mul__": ("mul", False), "__rmul__": ("mul", True), "__truediv__": ("div", False),
+    "__rtruediv__": ("div", True), "__pow__": ("pow", False), "__rpow__": ("pow", True),
+    "__matmul__": ("matmul", False), "__rmatmul__": ("matmul", True), "__neg__": ("neg", False),
+    "__getitem__": ("getitem", False),
+}
+_METHODS = ("exp", "log", "sqrt", "tanh", "sigmoid", "relu", "sum", "mean", "max", "pow", "matmul", "transpose",
+            "permute", "softmax", "log_softmax", "split", "masked_fill", "unsqueeze", "squeeze")
+
+
+def _method(name, swapped=False):
+    """The Tensor method that calls op `name` with the tensor first (or, swapped, second)."""
+    if swapped:
+        def method(self, other):
+            return getattr(_ops, name)(other, self)
+    else:
+        def method(self, *args, **kwargs):
+            return getattr(_ops, name)(self, *args, **kwargs)
+    method.__name__ = name
+    return method
+
+
+def attach_ops(functional):
+    """Give Tensor its operators and torch-style methods, calling the ops of `functional`."""
+    global _ops
+    _ops = functional
+    for attr, (name, swapped) in _OPERATORS.items():
+        setattr(Tensor, attr, _method(name, swapped))
+    for name in _METHODS:
+        setattr(Tensor, name, _method(name))
 
 
 def tensor(data, requires_grad=False, dtype=None):

@@ -1,5 +1,5 @@
-"""lora_np.kernels.attention_forward / attention_backward (the fused C attention of csrc/step_kernels.c)
-against the NumPy blocks of functional.SDPA (kernels.set_backend("numpy")), the reference.
+"""lora_np.kernels.attention: the fused C attention (_attention_forward_c / _attention_backward_c of csrc/step_kernels.c)
+against the NumPy blocks of lora_np.kernels.attention (kernels.set_backend("numpy")), the reference.
 
 Grouped-query heads (query head h·g + j uses key/value head h) over awkward sizes: B 1..3, Hkv 1..3,
 g 1..5, T and S 1..70 either way round (block edges of the C kernel at 48 // g positions), D not a
@@ -31,6 +31,8 @@ from hypothesis import strategies as st
 
 from conftest import IN_CI
 from lora_np import Tensor, kernels
+from lora_np.kernels import attention as kattention
+from lora_np.kernels.backend import lib
 from lora_np import functional as F
 
 HAS_C = "c" in kernels.available_backends()
@@ -69,14 +71,19 @@ def visible_keys(T, S, causal):
 # ---- the two backends -----------------------------------------------------------------------------------
 
 
+def _not_in_c(*args):
+    raise AssertionError("the C attention ran on the NumPy backend")
+
+
 def numpy_reference(q, k, v, g_out, scale, causal, need=(True, True, True)):
-    """The NumPy blocks of functional.SDPA: out (B, Hq, T, D), lse (B, Hkv, T, g), dq, dk, dv."""
+    """The NumPy blocks of lora_np.kernels.attention (through functional.SDPA): out (B, Hq, T, D), lse (B, Hkv, T, g), dq, dk, dv."""
     kernels.set_backend("numpy")
     tq, tk, tv = (Tensor(x, requires_grad=n) for x, n in zip((q, k, v), need))
-    with np.errstate(all="ignore"):
+    with np.errstate(all="ignore"), pytest.MonkeyPatch.context() as m:
+        for name in ("_attention_forward_c", "_attention_backward_c"):
+            m.setattr(kattention, name, _not_in_c)
         out = F.scaled_dot_product_attention(tq, tk, tv, is_causal=causal, scale=scale)
         ctx = out._ctx
-        assert not ctx.fused
         lse = ctx.lse.copy()
         dq, dk, dv, _ = ctx.backward(g_out)
     return out.data.copy(), lse, dq, dk, dv
@@ -86,9 +93,9 @@ def in_c(q, k, v, g_out, scale, causal, need=(True, True, True)):
     """kernels.attention_forward + attention_backward: out (B, Hq, T, D) (a view of the (B, T, Hkv, g, D)
     array), lse, dq, dk, dv, and the raw (B, T, Hkv, g, D) out."""
     kernels.set_backend("c")
-    out, lse = kernels.attention_forward(q, k, v, scale, causal)
+    out, lse = kattention._attention_forward_c(q, k, v, scale, causal)
     B, T, Hkv, g, D = out.shape
-    dq, dk, dv = kernels.attention_backward(g_out, q, k, v, out, lse, scale, causal, *need)
+    dq, dk, dv = kattention._attention_backward_c(g_out, q, k, v, out, lse, scale, causal, *need)
     return out.transpose(0, 2, 3, 1, 4).reshape(B, Hkv * g, T, D), lse, dq, dk, dv, out
 
 
@@ -229,9 +236,13 @@ def test_attention_matches_numpy(case, dtype, seed):
     # SDPA under the C backend runs exactly these kernels (no mask: fused), with q and g_out as given.
     kernels.set_backend("c")
     tq, tk, tv = (Tensor(x, requires_grad=True) for x in (q, k, v))
-    sd = F.scaled_dot_product_attention(tq, tk, tv, is_causal=causal, scale=scale)
-    assert sd._ctx.fused, f"{what}: SDPA did not take the C kernel"
-    grads = sd._ctx.backward(g_out)[:3]
+    ran = []
+    with pytest.MonkeyPatch.context() as m:
+        for name in ("_attention_forward_c", "_attention_backward_c"):
+            m.setattr(kattention, name, lambda *args, _c=getattr(kattention, name): ran.append(_c) or _c(*args))
+        sd = F.scaled_dot_product_attention(tq, tk, tv, is_causal=causal, scale=scale)
+        grads = sd._ctx.backward(g_out)[:3]
+    assert len(ran) == 2, f"{what}: SDPA did not take the C kernels"
     for name, a, b in zip(["out", "dq", "dk", "dv"], (sd.data, *grads), (out, dq, dk, dv)):
         assert np.array_equal(a, b), f"{what}: SDPA under C differs from the kernels in {name}"
 
@@ -267,7 +278,7 @@ def test_one_and_two_threads_give_identical_bits(dtype, causal):
     for threads in (1, 2):
         kernels.set_num_threads(threads)
         results.append(in_c(q, k, v, g_out, scale, causal))
-    if kernels._lib.lora_has_openmp():
+    if lib.lora_has_openmp():
         assert kernels.get_num_threads() == 2
     for name, a, b in zip(["out", "lse", "dq", "dk", "dv"], results[0], results[1]):
         assert np.array_equal(a, b), f"{name} differs between 1 and 2 threads"
@@ -326,7 +337,7 @@ def _every_other(a, axis=-1):
 def _forward(q=None, k=None, v=None):
     """attention_forward with the arrays of _arrays() but those given."""
     q0, k0, v0 = _arrays()
-    return kernels.attention_forward(q0 if q is None else q, k0 if k is None else k, v0 if v is None else v, 0.5,
+    return kattention._attention_forward_c(q0 if q is None else q, k0 if k is None else k, v0 if v is None else v, 0.5,
                                      True)
 
 
@@ -334,10 +345,10 @@ def _backward(g_out=None, **kwargs):
     """attention_backward of a good forward call, with g_out (ones by default) and any of q, k, v, out, lse
     replaced."""
     q, k, v = _arrays()
-    out, lse = kernels.attention_forward(q, k, v, 0.5, True)
+    out, lse = kattention._attention_forward_c(q, k, v, 0.5, True)
     args = {"g_out": np.ones_like(q) if g_out is None else g_out, "q": q, "k": k, "v": v, "out": out, "lse": lse}
     args.update(kwargs)
-    return kernels.attention_backward(args["g_out"], args["q"], args["k"], args["v"], args["out"], args["lse"],
+    return kattention._attention_backward_c(args["g_out"], args["q"], args["k"], args["v"], args["out"], args["lse"],
                                       0.5, True)
 
 
@@ -401,14 +412,14 @@ def _reinterpretable(a, dtype):
 def test_backward_rejects_g_out_of_another_dtype():
     q, k, v = _arrays()
     g_out = _reinterpretable(np.ones_like(q), np.float32)
-    out, lse = kernels.attention_forward(q, k, v, 0.5, True)
+    out, lse = kattention._attention_forward_c(q, k, v, 0.5, True)
     try:
-        dq, dk, dv = kernels.attention_backward(g_out, q, k, v, out, lse, 0.5, True)
+        dq, dk, dv = kattention._attention_backward_c(g_out, q, k, v, out, lse, 0.5, True)
     except TypeError as e:
         assert "g_out" in str(e) and "float32" in str(e)
         return
     raise AssertionError(f"no TypeError; dv[0, 0, :2] = {dv[0, 0, :2]} (float64 g_out of ones would give "
-                         f"{kernels.attention_backward(np.ones_like(q), q, k, v, out, lse, 0.5, True)[2][0, 0, :2]})")
+                         f"{kattention._attention_backward_c(np.ones_like(q), q, k, v, out, lse, 0.5, True)[2][0, 0, :2]})")
 
 
 @needs_c
@@ -417,9 +428,9 @@ def test_backward_takes_or_refuses_unusual_out_and_lse(bad):
     """Refused with the argument named, or (a strided view holding the right values) the same gradients as
     with attention_forward's own arrays. The reproducers stay inside their buffers."""
     q, k, v = _arrays()
-    out, lse = kernels.attention_forward(q, k, v, 0.5, False)
+    out, lse = kattention._attention_forward_c(q, k, v, 0.5, False)
     g_out = np.ones_like(q)
-    want = kernels.attention_backward(g_out, q, k, v, out, lse, 0.5, False)
+    want = kattention._attention_backward_c(g_out, q, k, v, out, lse, 0.5, False)
     B, T, Hkv, g, D = out.shape
     if bad == "lse float32":
         lse = _reinterpretable(lse, np.float32)
@@ -432,7 +443,7 @@ def test_backward_takes_or_refuses_unusual_out_and_lse(bad):
         wide[:, :, :, :g] = out
         out = wide[:, :, :, :g]
     try:
-        got = kernels.attention_backward(g_out, q, k, v, out, lse, 0.5, False)
+        got = kattention._attention_backward_c(g_out, q, k, v, out, lse, 0.5, False)
     except (TypeError, ValueError) as e:
         assert bad.split()[0] in str(e), f"{bad}: refused without naming it: {e}"
         return

@@ -17,7 +17,9 @@ from hypothesis import event, given, settings
 from hypothesis import strategies as st
 
 from conftest import IN_CI, assert_close, run_c_driver_under_sanitizers
+import lora_np.kernels.lora as klora
 from lora_np import kernels
+from lora_np.kernels.backend import C_MISSING, call_c
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 HAS_C = "c" in kernels.available_backends()
@@ -29,7 +31,7 @@ def test_c_core_is_built_in_ci():
     """CI installs with a compiler: the C backend must be there and be the default."""
     if not IN_CI:
         pytest.skip("only CI promises a compiler")
-    assert "c" in kernels.available_backends(), kernels._C_MISSING
+    assert "c" in kernels.available_backends(), C_MISSING
     assert kernels.backend() == "c"
 
 
@@ -71,8 +73,8 @@ def run_forward(a, backend=None, ref_c=False):
     if ref_c:
         t = np.empty_like(a["t"])
         N, n_in = a["x"].shape
-        kernels._call_c("lora_forward", y, t, a["x"], a["lora_A"], a["lora_B"], a["scaling"], N, n_in,
-                        a["lora_B"].shape[0], a["lora_A"].shape[0], ref=True)
+        call_c("lora_forward", y, t, a["x"], a["lora_A"], a["lora_B"], a["scaling"], N, n_in,
+               a["lora_B"].shape[0], a["lora_A"].shape[0], ref=True)
     else:
         if backend:
             kernels.set_backend(backend)
@@ -86,7 +88,7 @@ def run_backward(a, which, backend=None, ref_c=False):
             a["lora_B"], a["scaling"])
     if ref_c:
         N, n_in = a["x"].shape
-        kernels._call_c("lora_backward", *args, N, n_in, a["lora_B"].shape[0], a["lora_A"].shape[0], ref=True)
+        call_c("lora_backward", *args, N, n_in, a["lora_B"].shape[0], a["lora_A"].shape[0], ref=True)
     else:
         if backend:
             kernels.set_backend(backend)
@@ -98,8 +100,8 @@ def run_merge(a, fan_in_fan_out, backend=None, ref_c=False):
     w = (a["weight_t"] if fan_in_fan_out else a["weight"]).copy()
     if ref_c:
         r, n_in = a["lora_A"].shape
-        kernels._call_c("lora_merge", w, a["lora_A"], a["lora_B"], a["scaling"], int(fan_in_fan_out), n_in,
-                        a["lora_B"].shape[0], r, ref=True)
+        call_c("lora_merge", w, a["lora_A"], a["lora_B"], a["scaling"], int(fan_in_fan_out), n_in,
+               a["lora_B"].shape[0], r, ref=True)
     else:
         if backend:
             kernels.set_backend(backend)
@@ -341,9 +343,9 @@ def build_call(op, N, n_in, out, r, kinds, offsets):
 
 def without_fast_path(m):
     """Make the ops take the full checks (m: a pytest.MonkeyPatch)."""
-    m.setattr(kernels, "_fast_forward", lambda *args: None)
-    m.setattr(kernels, "_fast_backward", lambda *args: False)
-    m.setattr(kernels, "_fast_merge", lambda *args: False)
+    m.setattr(klora, "_fast_forward", lambda *args: None)
+    m.setattr(klora, "_fast_backward", lambda *args: False)
+    m.setattr(klora, "_fast_merge", lambda *args: False)
 
 
 @needs_c
@@ -353,7 +355,7 @@ def without_fast_path(m):
        offsets=st.lists(st.integers(0, 20), min_size=8, max_size=8),
        scaling=st.sampled_from([0.5] * 4 + [np.float32(0.5), 2, "2"]), fan_in_fan_out=st.booleans())
 def test_fast_path_agrees_with_the_full_checks(op, N, n_in, out, r, kinds, offsets, scaling, fan_in_fan_out):
-    """The C backend's fast path (lora_np.kernels._fast_*) accepts exactly the calls the full checks
+    """The C backend's fast path (lora_np.kernels.lora._fast_*) accepts exactly the calls the full checks
     accept, and computes the same bits; refused calls raise the full checks' error and write nothing."""
     kernels.set_backend("c")
     outcomes = []
@@ -403,7 +405,7 @@ def test_plain_calls_take_the_fast_path(dtype):
 
     a = make_case(1, 37, 20, 30, 4, dtype)
     with pytest.MonkeyPatch.context() as m:
-        m.setattr(kernels, "_check_args", no_full_checks)
+        m.setattr(klora, "check_arrays", no_full_checks)
         fast = run_all(a)
     with pytest.MonkeyPatch.context() as m:
         without_fast_path(m)
@@ -500,3 +502,60 @@ def test_thread_settings_stay_out_of_a_library_import():
     assert _environment_after_import("/usr/local/bin/lora-np", {}) == ["None", "4"]
     assert _environment_after_import("/usr/local/bin/lora-np", {"OPENBLAS_THREAD_TIMEOUT": "20",
                                                                  "OMP_WAIT_POLICY": "active"}) == ["active", "20"]
+
+
+# ---- a missing compiled module, or a function missing from it ----------------------------------------
+
+
+def _every_op(dtype=np.float64):
+    """One call of each kernel on small arrays: {op: its results as arrays}."""
+    rng = np.random.default_rng(3)
+    a = make_case(3, 6, 5, 4, 3, dtype)
+    x = rng.standard_normal((2, 3, 4, 8)).astype(dtype)
+    cos, sin = (rng.standard_normal((4, 8)).astype(dtype) for _ in range(2))
+    k, v = (rng.standard_normal((2, 1, 5, 8)).astype(dtype) for _ in range(2))
+    p = rng.standard_normal((6, 7)).astype(dtype)
+    out, lse = kernels.attention_forward(x, k, v, 0.5, True)
+    rms, rstd = kernels.rms_norm_forward(x, None, 1e-6)
+    return {"lora_forward": list(run_forward(a).values()), "lora_backward": list(run_backward(a, ("dx",)).values()),
+            "lora_merge": [run_merge(a, False)], "silu_mul_forward": [kernels.silu_mul_forward(p, p + 1)],
+            "softmax_rows": [kernels.softmax_rows(p), p], "rms_norm_forward": [rms, rstd],
+            "rms_norm_backward": list(kernels.rms_norm_backward(x, x, None, rstd)[:1]),
+            "rotary": [kernels.rotary(x, cos, sin)], "attention_forward": [out, lse],
+            "attention_backward": list(kernels.attention_backward(x, x, k, v, out, lse, 0.5, True))}
+
+
+def test_without_the_compiled_module_every_op_runs_numpy(monkeypatch):
+    """No lora_np._lora_np_c (installed without a compiler): "c" is unavailable, and every op, those
+    once only called in C included, runs its NumPy reference instead of failing on a missing library."""
+    kernels.set_backend("numpy")
+    want = _every_op()
+    monkeypatch.setattr(sys.modules["lora_np.kernels.backend"], "lib", None)
+    monkeypatch.setattr(sys.modules["lora_np.kernels.backend"], "C_MISSING", "no compiler at install time")
+    assert "c" not in kernels.available_backends()
+    with pytest.raises(RuntimeError, match="'c' is unavailable: no compiler at install time"):
+        kernels.set_backend("c")
+    got = _every_op()
+    for op in want:
+        for w, g in zip(want[op], got[op]):
+            assert np.array_equal(w, g, equal_nan=True), op
+
+
+@needs_c
+@pytest.mark.parametrize("op", ["lora_forward", "lora_backward", "lora_merge", "silu_mul_forward", "softmax_rows",
+                                "rms_norm_forward", "rotary", "attention_forward"])
+def test_a_function_missing_from_the_build_is_named(op, monkeypatch):
+    """A compiled module older than the Python code (a function missing from it) on the C backend: a
+    RuntimeError naming the function and what to do, not an AttributeError from deep inside."""
+    kernels.set_backend("c")
+    real = sys.modules["lora_np.kernels.backend"].lib
+
+    class OlderBuild:
+        def __getattr__(self, name):
+            if name.startswith(op + "_"):
+                raise AttributeError(name)
+            return getattr(real, name)
+
+    monkeypatch.setattr(sys.modules["lora_np.kernels.backend"], "lib", OlderBuild())
+    with pytest.raises(RuntimeError, match=rf"{op}: .*has no function {op}_f64.*rebuild lora_np"):
+        _every_op()

@@ -1,5 +1,5 @@
 """RMSNorm and rotary embedding in the C core (kernels.rms_norm_forward / rms_norm_backward / rotary,
-csrc/step_kernels_simd.h) against their NumPy code in lora_np.functional (kernels.set_backend("numpy")),
+csrc/step_kernels_simd.h) against their NumPy references (lora_np.kernels.norm_rotary) (kernels.set_backend("numpy")),
 the reference.
 
 functional.rms_norm (with and without weight, the weight trainable or frozen, the input requiring
@@ -44,6 +44,8 @@ from hypothesis import strategies as st
 
 from conftest import IN_CI, assert_close
 from lora_np import Tensor, kernels
+from lora_np.kernels import norm_rotary as nr
+from lora_np.kernels.backend import lib
 from lora_np import functional as F
 
 HAS_C = "c" in kernels.available_backends()
@@ -53,7 +55,7 @@ RTOL = {np.float32: 1e-5, np.float64: 1e-12}
 MAGNITUDES = {np.float32: [1e-12, 1e-3, 1.0, 1e3, 1e12], np.float64: [1e-140, 1e-3, 1.0, 1e3, 1e140]}
 EPS = [None, 0.0, 1e-30, 1e-12, 1e-6, 0.25]          # None: the dtype's epsilon (functional's default)
 LAYOUTS = ["dense", "bthd", "padded", "reversed"]
-SPIED = ("rms_norm_forward", "rms_norm_backward", "rotary")
+SPIED = {"rms_norm_forward": "_rms_norm_forward_c", "rms_norm_backward": "_rms_norm_backward_c", "rotary": "_rotary_c"}
 
 
 # ---- helpers ------------------------------------------------------------------------------------------
@@ -61,10 +63,10 @@ SPIED = ("rms_norm_forward", "rms_norm_backward", "rotary")
 
 @contextlib.contextmanager
 def spy():
-    """Counts the calls of kernels.rms_norm_forward / rms_norm_backward / rotary made inside (the
-    functional ops look them up on the module at each call); {name: count}."""
+    """Counts the calls of the C core's rms_norm_forward / rms_norm_backward / rotary made inside (the
+    kernels' dispatch looks them up on lora_np.kernels.norm_rotary at each call); {name: count}."""
     calls = {name: 0 for name in SPIED}
-    originals = {name: getattr(kernels, name) for name in SPIED}
+    originals = {name: getattr(nr, c_name) for name, c_name in SPIED.items()}
 
     def counting(name):
         def call(*args, **kwargs):
@@ -73,12 +75,12 @@ def spy():
         return call
 
     try:
-        for name in SPIED:
-            setattr(kernels, name, counting(name))
+        for name, c_name in SPIED.items():
+            setattr(nr, c_name, counting(name))
         yield calls
     finally:
         for name, fn in originals.items():
-            setattr(kernels, name, fn)
+            setattr(nr, SPIED[name], fn)
 
 
 def check(got, want, tol, name):
@@ -336,7 +338,7 @@ def test_rotary_embedding_falls_back_to_numpy(dtype, what, shape, cos_shape, lay
     g = rng.standard_normal(shape).astype(dtype)
     y_c, gx_c, calls = run_rotary("c", x, cos, sin, g)
     y_n, gx_n, _ = run_rotary("numpy", x, cos, sin, g)
-    assert calls["rotary"] == c_calls, f"{what}: {calls['rotary']} calls of kernels.rotary"
+    assert calls["rotary"] == c_calls, f"{what}: {calls['rotary']} calls of the C rotary"
     X, G, C, S = (np.asarray(a, np.float64) for a in (values, g, cos, sin))
     h = D // 2
     want_y = X * C + np.concatenate([-X[..., h:], X[..., :h]], -1) * S
@@ -426,8 +428,8 @@ def test_rotary_kernel_with_arbitrary_tables(B, H, T, D, dtype, layout, seed):
     tol_y, tol_t = rotary_tolerances(values, values, cos, sin, dtype)
     name = f"rotary kernel {dtype.__name__} {shape} {layout}"
     kernels.set_backend("c")
-    check(kernels.rotary(x, cos, sin), F._rotary(values, cos, sin), tol_y, name)
-    check(kernels.rotary(x, cos, sin, transpose=True), F._rotary_transpose(values, cos, sin), tol_t,
+    check(kernels.rotary(x, cos, sin), nr._rotary_numpy(values, cos, sin), tol_y, name)
+    check(kernels.rotary(x, cos, sin, transpose=True), nr._rotary_transpose_numpy(values, cos, sin), tol_t,
           name + " transpose")
 
 
@@ -500,7 +502,7 @@ def test_one_and_two_threads_give_identical_bits(dtype):
         gx0, _ = kernels.rms_norm_backward(g, x, None, rstd0, True, False)
         results.append({"y": y, "rstd": rstd, "gx": gx, "gweight": gw, "y no weight": y0, "gx no weight": gx0,
                         "rotary": kernels.rotary(q, cos, sin), "rotary transpose": kernels.rotary(q, cos, sin, True)})
-    if kernels._lib.lora_has_openmp():
+    if lib.lora_has_openmp():
         assert kernels.get_num_threads() == 2
     for k in results[0]:
         assert np.array_equal(results[0][k], results[1][k]), f"{k} differs between 1 and 2 threads"
@@ -520,28 +522,28 @@ def _noncontiguous(shape, dtype=np.float32):
 
 def _backward(g=None, x=None, w=None, rstd=None, **kw):
     x = _x() if x is None else x
-    return kernels.rms_norm_backward(_x() if g is None else g, x, w, np.ones(x.shape[:-1], x.dtype) if rstd is None
+    return nr._rms_norm_backward_c(_x() if g is None else g, x, w, np.ones(x.shape[:-1], x.dtype) if rstd is None
                                      else rstd, **kw)
 
 
 def _rotary(x=None, cos=None, sin=None):
     x = _x(shape=(1, 2, 3, 4)) if x is None else x
     T, D = x.shape[-2:]
-    return kernels.rotary(x, _x(x.dtype, (T, D)) if cos is None else cos, _x(x.dtype, (T, D)) if sin is None else sin)
+    return nr._rotary_c(x, _x(x.dtype, (T, D)) if cos is None else cos, _x(x.dtype, (T, D)) if sin is None else sin)
 
 
 REFUSALS = [
     # (description, call, error, words in the message)
-    ("int x", lambda: kernels.rms_norm_forward(np.ones((3, 4), np.int64), None, 1e-6), TypeError, ["x", "int64"]),
-    ("float16 x", lambda: kernels.rms_norm_forward(_x(np.float16), None, 1e-6), TypeError, ["x", "float16"]),
-    ("mixed weight", lambda: kernels.rms_norm_forward(_x(), np.ones(4), 1e-6), TypeError, ["weight", "float64"]),
-    ("weight shape", lambda: kernels.rms_norm_forward(_x(), np.ones(5, np.float32), 1e-6), ValueError,
+    ("int x", lambda: nr._rms_norm_forward_c(np.ones((3, 4), np.int64), None, 1e-6), TypeError, ["x", "int64"]),
+    ("float16 x", lambda: nr._rms_norm_forward_c(_x(np.float16), None, 1e-6), TypeError, ["x", "float16"]),
+    ("mixed weight", lambda: nr._rms_norm_forward_c(_x(), np.ones(4), 1e-6), TypeError, ["weight", "float64"]),
+    ("weight shape", lambda: nr._rms_norm_forward_c(_x(), np.ones(5, np.float32), 1e-6), ValueError,
      ["weight shape (5,)", "4"]),
-    ("2-D weight", lambda: kernels.rms_norm_forward(_x(), np.ones((1, 4), np.float32), 1e-6), ValueError,
+    ("2-D weight", lambda: nr._rms_norm_forward_c(_x(), np.ones((1, 4), np.float32), 1e-6), ValueError,
      ["weight shape (1, 4)"]),
-    ("strided x", lambda: kernels.rms_norm_forward(_noncontiguous((3, 4)), None, 1e-6), ValueError,
+    ("strided x", lambda: nr._rms_norm_forward_c(_noncontiguous((3, 4)), None, 1e-6), ValueError,
      ["x", "C-contiguous"]),
-    ("strided weight", lambda: kernels.rms_norm_forward(_x(), _noncontiguous((4,)), 1e-6), ValueError,
+    ("strided weight", lambda: nr._rms_norm_forward_c(_x(), _noncontiguous((4,)), 1e-6), ValueError,
      ["weight", "C-contiguous"]),
     ("backward mixed g", lambda: _backward(g=_x(np.float64)), TypeError, ["x", "float32", "all alike"]),
     ("backward int g", lambda: _backward(g=np.ones((3, 4), np.int32)), TypeError, ["g", "int32"]),
@@ -606,14 +608,14 @@ def test_rotary_refuses_x_of_another_dtype_than_cos():
     x = _x(np.float32, (1, 2, 3, 4))
     cos, sin = F.rope_cos_sin(np.arange(3), 4, dtype=np.float64)
     with pytest.raises(TypeError, match="float64"):
-        kernels.rotary(x, cos, sin)
+        nr._rotary_c(x, cos, sin)
 
 
 @needs_c
 def test_rotary_refuses_an_int_x():
     cos, sin = F.rope_cos_sin(np.arange(3), 4, dtype=np.float64)
     with pytest.raises(TypeError, match="int64"):
-        kernels.rotary(np.ones((1, 2, 3, 4), np.int64), cos, sin)
+        nr._rotary_c(np.ones((1, 2, 3, 4), np.int64), cos, sin)
 
 
 @needs_c
@@ -625,7 +627,7 @@ def test_rotary_names_the_wrong_sin_shape():
 @needs_c
 def test_rotary_names_a_3d_x():
     with pytest.raises(ValueError, match=r"\bx\b"):
-        kernels.rotary(_x(shape=(2, 3, 4)), _x(shape=(3, 4)), _x(shape=(3, 4)))
+        nr._rotary_c(_x(shape=(2, 3, 4)), _x(shape=(3, 4)), _x(shape=(3, 4)))
 
 
 @needs_c
@@ -644,7 +646,7 @@ def test_rms_norm_backward_checks_weight_shape():
 def test_rms_norm_kernels_take_an_empty_last_axis():
     x = np.ones((3, 0), np.float32)
     try:
-        y, rstd = kernels.rms_norm_forward(x, None, 1e-6)
+        y, rstd = nr._rms_norm_forward_c(x, None, 1e-6)
     except ValueError:
         return  # a refusal naming the problem would do too
     assert y.shape == (3, 0) and rstd.shape == (3,)
@@ -655,9 +657,9 @@ def test_rms_norm_kernels_take_an_empty_last_axis():
 def test_kernels_refuse_a_list_x(op):
     with pytest.raises(TypeError, match="x"):
         if op == "rms_norm_forward":
-            kernels.rms_norm_forward(_x().tolist(), None, 1e-6)
+            nr._rms_norm_forward_c(_x().tolist(), None, 1e-6)
         else:
-            kernels.rotary(_x(shape=(1, 2, 3, 4)).tolist(), _x(shape=(3, 4)), _x(shape=(3, 4)))
+            nr._rotary_c(_x(shape=(1, 2, 3, 4)).tolist(), _x(shape=(3, 4)), _x(shape=(3, 4)))
 
 
 @pytest.mark.parametrize("backend", [

@@ -36,6 +36,7 @@ from hypothesis import strategies as st
 from conftest import IN_CI, assert_close, run_c_driver_under_sanitizers
 from lora_np import Tensor, kernels
 from lora_np import functional as F
+from lora_np.kernels.backend import lib
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 HAS_C = "c" in kernels.available_backends()
@@ -402,7 +403,7 @@ def test_one_and_two_threads_give_identical_bits(dtype):
         _, (_, gb_only) = run("c", kernels.silu_mul_backward, g, a, None, False, True)
         results.append({"softmax_rows": sm, "lse": lse, "exp_rows": ex, "silu_mul_forward": fwd, "ga": ga, "gb": gb,
                         "gb alone": gb_only})
-    if kernels._lib.lora_has_openmp():
+    if lib.lora_has_openmp():
         assert kernels.get_num_threads() == 2
     for k in results[0]:
         assert np.array_equal(results[0][k], results[1][k], equal_nan=True), f"{k} differs between 1 and 2 threads"

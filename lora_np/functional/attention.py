@@ -1,0 +1,117 @@
+"""Differentiable rotary position embedding and scaled dot-product attention, named as in
+transformers and `torch.nn.functional`; the computation is lora_np.kernels' (norm_rotary,
+attention), which picks the backend.
+"""
+import math
+
+import numpy as np
+
+from .. import kernels
+from ..tensor import Function, Tensor, _check_float_dtypes, _to_array
+from .primitives import _check_float, _tensors, cat, neg
+
+
+# -- rotary position embedding ---------------------------------------------------------
+def rope_cos_sin(positions, head_dim, base=10000.0, dtype=np.float32):
+    """cos, sin tables (T, head_dim), rotate-half layout: angles computed in float64, then cast.
+
+    (transformers computes these angles in float32 even for a float64 model; lora_np's
+    float64 mode keeps them exact.)"""
+    inv_freq = 1.0 / (base ** (np.arange(0, head_dim, 2, dtype=np.float64) / head_dim))   # (D/2,)
+    freqs = np.outer(np.asarray(positions, np.float64), inv_freq)                         # (T, D/2)
+    emb = np.concatenate([freqs, freqs], axis=-1)                                          # (T, D)
+    return np.cos(emb).astype(dtype), np.sin(emb).astype(dtype)
+
+
+class Rotary(Function):
+    """x·cos + rotate_half(x)·sin; x (B, H, T, D), cos/sin (T, D) or broadcastable (kernels.rotary)."""
+
+    def forward(self, x, cos, sin):
+        if x.shape[-1] % 2 or np.broadcast_shapes(x.shape, cos.shape) != x.shape:
+            raise ValueError(f"rotary_embedding: x shape {x.shape} needs an even last dim and cos/sin "
+                             f"shape {cos.shape} broadcastable to it")
+        self.cos, self.sin = cos, sin
+        return kernels.rotary(x, cos, sin)
+
+    def backward(self, g):
+        return kernels.rotary(g, self.cos, self.sin, transpose=True), None, None
+
+
+def rotary_embedding(x, cos, sin):
+    """Apply rotary position embedding, rotate-half convention of transformers' Llama."""
+    (x,) = _tensors("rotary_embedding", x)
+    _check_float("rotary_embedding", x)
+    cos = Tensor(_to_array(cos, x.dtype))
+    sin = Tensor(_to_array(sin, x.dtype))
+    return Rotary.apply(x, cos, sin)
+
+
+def rotate_half(x):
+    h = x.shape[-1] // 2
+    return cat([neg(x[..., h:]), x[..., :h]], dim=-1)
+
+
+# -- attention -------------------------------------------------------------------------
+class SDPA(Function):
+    """softmax(q kᵀ · scale + bias) v with grouped-query heads: q (B, Hq, T, D), k and v
+    (B, Hkv, S, D), Hq = Hkv·g. Blocked as flash attention keeps memory (kernels.attention_forward
+    / _backward): nothing of size T × S is kept, only the output and each row's log-sum-exp. The
+    output is laid out in memory as (B, T, Hq, D), so the caller's transpose to (B, T, Hq·D) is free.
+    """
+
+    def forward(self, q, k, v, bias, is_causal=False, scale=None):
+        B, Hq, T, D = q.shape
+        self.scale = q.dtype.type(scale if scale is not None else 1.0 / math.sqrt(D))
+        k, v = np.ascontiguousarray(k), np.ascontiguousarray(v)           # strided batched GEMMs are slower
+        out, lse = kernels.attention_forward(q, k, v, self.scale, is_causal, bias)   # (B, T, Hkv, g, D)
+        if any(self.needs_input_grad[:3]):
+            self.q, self.k, self.v, self.out, self.lse = q, k, v, out, lse
+            self.bias, self.causal = bias, is_causal
+        return out.transpose(0, 2, 3, 1, 4).reshape(B, Hq, T, D)          # a view
+
+    def backward(self, g_out):
+        gq, gk, gv = kernels.attention_backward(g_out, self.q, self.k, self.v, self.out, self.lse, self.scale,
+                                                self.causal, *self.needs_input_grad[:3], bias=self.bias)
+        return gq, gk, gv, None
+
+
+def _attention_bias(mask, B, Hq, Hkv, T, S, dtype):
+    """The additive bias (B or 1, Hkv or 1, g or 1, T, S) of a bool (True = attend) or float mask."""
+    m = mask.data if isinstance(mask, Tensor) else np.asarray(mask)
+    try:
+        m = np.broadcast_to(m, np.broadcast_shapes(m.shape, (1, 1, T, S)))
+    except ValueError:
+        raise ValueError(f"scaled_dot_product_attention: attn_mask shape {m.shape} does not broadcast "
+                         f"to {(B, Hq, T, S)}") from None
+    if m.ndim != 4 or m.shape[0] not in (1, B) or m.shape[1] not in (1, Hq):
+        raise ValueError(f"scaled_dot_product_attention: attn_mask shape {m.shape} does not broadcast "
+                         f"to {(B, Hq, T, S)}")
+    if m.dtype == np.bool_:
+        m = np.where(m, dtype.type(0), dtype.type(-np.inf))
+    elif m.dtype.kind == "f":
+        _check_float_dtypes("scaled_dot_product_attention", [np.empty(0, dtype), m])
+    else:
+        raise TypeError(f"scaled_dot_product_attention: attn_mask must be bool or float, got dtype {m.dtype}")
+    return np.ascontiguousarray(m).reshape(
+        (m.shape[0], 1, 1, T, S) if m.shape[1] == 1 else (m.shape[0], Hkv, Hq // Hkv, T, S))
+
+
+def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False,
+                                 scale=None, enable_gqa=False):
+    """torch's scaled_dot_product_attention. `attn_mask`: bool (True = attend) or additive float,
+    broadcastable to (B, Hq, T, S). Key/value heads may be fewer than query heads
+    (grouped-query attention; always allowed). `is_causal` aligns the causal mask to the
+    bottom right (query t sees keys up to t + S - T), the same as torch when T == S."""
+    if dropout_p:
+        raise NotImplementedError("scaled_dot_product_attention: attention dropout is not supported")
+    q, k, v = _tensors("scaled_dot_product_attention", query, key, value)
+    _check_float("scaled_dot_product_attention", q)
+    if q.ndim != 4 or k.ndim != 4 or v.shape != k.shape or q.shape[0] != k.shape[0] or q.shape[3] != k.shape[3]:
+        raise ValueError(f"scaled_dot_product_attention: query {q.shape}, key {k.shape}, value {v.shape} "
+                         "must be (B, Hq, T, D), (B, Hkv, S, D), (B, Hkv, S, D)")
+    if k.shape[1] < 1 or q.shape[1] % k.shape[1]:
+        raise ValueError(f"scaled_dot_product_attention: {q.shape[1]} query heads are not a multiple of "
+                         f"{k.shape[1]} key/value heads")
+    B, Hq, T, _ = q.shape
+    bias = None if attn_mask is None else _attention_bias(attn_mask, B, Hq, k.shape[1], T, k.shape[2], q.dtype)
+    return SDPA.apply(q, k, v, bias, is_causal=is_causal, scale=scale)

@@ -1,0 +1,205 @@
+"""Scaled dot-product attention with grouped-query heads, the way flash attention keeps memory:
+its NumPy reference, its C call (csrc/step_kernels.c) and its one dispatch point.
+
+q (B, Hq, T, D), k and v (B, Hkv, S, D), Hq = Hkv·g. The g query heads that share a key/value
+head are stacked as rows, (B, Hkv, T·g, D) position-major, so K and V are never repeated. Scores
+are built for one block of query positions at a time (all batch elements and heads together); a
+causal block only sees its first n = t1 + S − T keys, so the hidden upper triangle is (mostly)
+never computed, and inside the block the causal limit of each row is applied by the row softmax
+(rows.softmax_rows), not by a mask array. Nothing of size T × S is kept: forward returns the
+output and each row's log-sum-exp, and backward recomputes the probabilities block by block
+(rows.exp_rows). A row whose keys are all masked gives 0 (torch's safe softmax), not NaN.
+
+The output is laid out in memory as (B, T, Hq, D), so the caller's transpose to (B, T, Hq·D) is
+free, and the query gradient is returned in the query's own layout.
+
+With the C backend and no bias (attention mask), forward and backward run whole in the C core
+(the same blocks, register-tiled products, one (batch, key/value head) per thread, no NumPy calls
+per block); the NumPy blocks are the reference and the path for masks.
+"""
+import numpy as np
+
+from .backend import backend, c_int64s, call_c
+from .checks import FLOAT_DTYPES, check_arrays
+from .rows import exp_rows, softmax_rows
+
+_BLOCK = 64  # query positions per block: bounds the scores' memory, and causal blocks skip hidden keys
+
+
+def _in_c(q, bias):
+    """The C core runs the op: the C backend, no bias, and q with a unit stride along D."""
+    return bias is None and backend() == "c" and q.strides[-1] == q.itemsize
+
+
+def attention_forward(q, k, v, scale, is_causal, bias=None):
+    """softmax(scale·q kᵀ + bias [+ causal mask]) v: out (B, T, Hkv, g, D), dense (= (B, T, Hq·D)),
+    and lse (B, Hkv, T, g). q (B, Hq, T, D) with any strides, k, v dense (B, Hkv, S, D); bias None or
+    (B or 1, Hkv or 1, g or 1, T, S). `is_causal` aligns the causal mask to the bottom right (query t
+    sees keys up to t + S − T)."""
+    if _in_c(q, bias):
+        return _attention_forward_c(q, k, v, scale, is_causal)
+    return _attention_forward_numpy(q, k, v, scale, is_causal, bias)
+
+
+def attention_backward(g_out, q, k, v, out, lse, scale, is_causal, need_q=True, need_k=True, need_v=True,
+                       bias=None):
+    """Gradients (dq in q's memory layout, dk, dv dense), None where not needed, of attention_forward's
+    output given g_out (B, Hq, T, D); out and lse are attention_forward's."""
+    if _in_c(q, bias):
+        if g_out.strides[-1] != g_out.itemsize:
+            g_out = np.ascontiguousarray(g_out)
+        return _attention_backward_c(g_out, q, k, v, out, lse, scale, is_causal, need_q, need_k, need_v)
+    return _attention_backward_numpy(g_out, q, k, v, out, lse, scale, is_causal, need_q, need_k, need_v, bias)
+
+
+# ---- NumPy reference -----------------------------------------------------------------------------
+
+
+def _blocks(T, S, is_causal):
+    """(t0, t1, keys computed, visible keys of the block's first row) of each block of query positions
+    that sees a key (the others' output is 0)."""
+    blocks = []
+    for t0 in range(0, T, _BLOCK):
+        t1 = min(t0 + _BLOCK, T)
+        n = min(S, t1 + S - T) if is_causal else S
+        if n > 0:
+            blocks.append((t0, t1, n, t0 + 1 + S - T if is_causal else S))
+    return blocks
+
+
+def _scaled_rows(q, Hkv, scale):
+    """scale·q as (B, Hkv, T, g, D): the g query heads of each key/value head, position-major."""
+    B, Hq, T, D = q.shape
+    g = Hq // Hkv
+    return np.multiply(q.reshape(B, Hkv, g, T, D).transpose(0, 1, 3, 2, 4), scale,
+                       out=np.empty((B, Hkv, T, g, D), q.dtype))
+
+
+def _scores(qs, k, bias, t0, t1, n):
+    """Scaled scores plus the bias for query positions [t0, t1), keys [0, n): (B·Hkv, tc·g, n)."""
+    B, Hkv, _, g, D = qs.shape
+    tc = t1 - t0
+    s = qs[:, :, t0:t1].reshape(B * Hkv, tc * g, D) @ np.swapaxes(k[:, :, :n].reshape(B * Hkv, n, D), -1, -2)
+    if bias is not None:  # bias (B or 1, Hkv or 1, g or 1, T, S)
+        s.reshape(B, Hkv, tc, g, n)[...] += bias[:, :, :, t0:t1, :n].transpose(0, 1, 3, 2, 4)
+    return s
+
+
+def _attention_forward_numpy(q, k, v, scale, is_causal, bias):
+    B, Hq, T, D = q.shape
+    Hkv, S = k.shape[1], k.shape[2]
+    g = Hq // Hkv
+    qs = _scaled_rows(q, Hkv, scale)                                  # (B, Hkv, T, g, D) scaled
+    out = np.zeros((B, T, Hkv, g, D), q.dtype)                        # = (B, T, Hq·D) in memory
+    lse = np.full((B, Hkv, T, g), np.inf, q.dtype)                    # log-sum-exp per row
+    for t0, t1, n, count0 in _blocks(T, S, is_causal):
+        p = _scores(qs, k, bias, t0, t1, n)                           # (B·Hkv, tc·g, n)
+        lse[:, :, t0:t1] = softmax_rows(p, count0=count0, group=g, period=p.shape[1]).reshape(B, Hkv, t1 - t0, g)
+        o = p @ v[:, :, :n].reshape(B * Hkv, n, D)                    # (B·Hkv, tc·g, D)
+        out[:, t0:t1] = o.reshape(B, Hkv, t1 - t0, g, D).transpose(0, 2, 1, 3, 4)
+    return out, lse
+
+
+def _attention_backward_numpy(g_out, q, k, v, out, lse, scale, is_causal, need_q, need_k, need_v, bias):
+    Hkv, S = k.shape[1], k.shape[2]
+    qs = _scaled_rows(q, Hkv, scale)                                  # recomputed, not saved
+    B, Hkv, T, g, D = qs.shape
+    go = g_out.reshape(B, Hkv, g, T, D).transpose(0, 1, 3, 2, 4)     # (B, Hkv, T, g, D), qs' layout
+    delta = np.einsum("bhtgd,bthgd->bhtg", go, out)                   # (B, Hkv, T, g) = rowsum(dP·P)
+    gq = np.zeros((B, T, Hkv, g, D), qs.dtype) if need_q else None
+    gk = np.zeros_like(k) if need_k else None
+    gv = np.zeros_like(v) if need_v else None
+    for t0, t1, n, count0 in _blocks(T, S, is_causal):
+        tc = t1 - t0
+        p = _scores(qs, k, bias, t0, t1, n)                           # (B·Hkv, tc·g, n)
+        exp_rows(p, np.ascontiguousarray(lse[:, :, t0:t1]).reshape(B * Hkv, tc * g),
+                 count0=count0, group=g, period=tc * g)               # probabilities
+        gor = go[:, :, t0:t1].reshape(B * Hkv, tc * g, D)             # a copy
+        if need_v:
+            gv[:, :, :n] += (np.swapaxes(p, -1, -2) @ gor).reshape(B, Hkv, n, D)
+        if need_q or need_k:
+            ds = gor @ np.swapaxes(v[:, :, :n].reshape(B * Hkv, n, D), -1, -2)   # (B·Hkv, tc·g, n) = dP
+            ds -= delta[:, :, t0:t1].reshape(B * Hkv, tc * g, 1)
+            ds *= p                                                   # dS / scale
+            if need_q:
+                gqr = ds @ k[:, :, :n].reshape(B * Hkv, n, D)         # (B·Hkv, tc·g, D)
+                gqr *= scale
+                gq[:, t0:t1] = gqr.reshape(B, Hkv, tc, g, D).transpose(0, 2, 1, 3, 4)
+            if need_k:
+                gk[:, :, :n] += (np.swapaxes(ds, -1, -2) @ qs[:, :, t0:t1].reshape(B * Hkv, tc * g, D)).reshape(
+                    B, Hkv, n, D)
+    gq = gq.transpose(0, 2, 3, 1, 4).reshape(g_out.shape) if need_q else None
+    return gq, gk, gv
+
+
+# ---- the C calls ---------------------------------------------------------------------------------
+
+
+def _head_strides(a, g):
+    """Strides in elements of a (B, Hkv·g, T, D)-like array, as (batch, kv head, position, query head in group)."""
+    sb, sh, st, sd = (x // a.itemsize for x in a.strides)
+    if (sd != 1 and a.shape[-1] > 1 and a.size) or any(x % a.itemsize for x in a.strides):
+        raise ValueError(f"attention: an array of shape {a.shape} needs a unit stride along its last axis, "
+                         f"got strides {a.strides}")
+    return c_int64s([sb, g * sh, st, sh])
+
+
+def _attention_dims(q, k, v):
+    for name, a in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(a, np.ndarray):
+            raise TypeError(f"attention: {name} must be a numpy.ndarray, got {type(a).__name__}")
+        if a.dtype not in FLOAT_DTYPES:
+            raise TypeError(f"attention: {name} ({dict(q='query', k='key', v='value')[name]}) has dtype {a.dtype}; "
+                            "expected float32 or float64")
+        if a.dtype != q.dtype:
+            raise TypeError(f"attention: {name} ({dict(q='query', k='key', v='value')[name]}) has dtype {a.dtype}, "
+                            f"but q (query) has {q.dtype}")
+    if q.ndim != 4 or k.ndim != 4 or v.shape != k.shape or q.shape[0] != k.shape[0] or q.shape[3] != k.shape[3] \
+            or k.shape[1] < 1 or q.shape[1] % k.shape[1]:
+        raise ValueError(f"attention: query {q.shape}, key {k.shape}, value {v.shape} must be (B, Hq, T, D), "
+                         "(B, Hkv, S, D), (B, Hkv, S, D) with Hq a multiple of Hkv >= 1")
+    check_arrays("attention", {}, {"k": k, "v": v})
+    B, Hq, T, D = q.shape
+    Hkv, S = k.shape[1], k.shape[2]
+    return B, Hkv, Hq // Hkv, T, S, D
+
+
+def _attention_forward_c(q, k, v, scale, is_causal):
+    """softmax(scale·q kᵀ [+ causal mask]) v in the C core, grouped-query heads (query head h·g + j
+    uses key/value head h). q (B, Hq, T, D) with any strides but a unit one along D; k, v dense
+    (B, Hkv, S, D). Returns out (B, T, Hkv, g, D), dense (= (B, T, Hq·D)), and lse (B, Hkv, T, g)."""
+    B, Hkv, g, T, S, D = _attention_dims(q, k, v)
+    out = np.empty((B, T, Hkv, g, D), q.dtype)
+    lse = np.empty((B, Hkv, T, g), q.dtype)
+    out_view = out.transpose(0, 2, 3, 1, 4).reshape(B, Hkv * g, T, D)
+    call_c("attention_forward", out, lse, q, k, v, float(scale), int(bool(is_causal)), B, Hkv, g, T, S, D,
+            _head_strides(q, g), _head_strides(out_view, g))
+    return out, lse
+
+
+def _attention_backward_c(g_out, q, k, v, out, lse, scale, is_causal, need_q=True, need_k=True, need_v=True):
+    """Gradients (dq in q's memory layout, dk, dv dense), None where not needed, of _attention_forward_c's
+    output given g_out (B, Hq, T, D) (any strides but a unit one along D)."""
+    B, Hkv, g, T, S, D = _attention_dims(q, k, v)
+    if not isinstance(g_out, np.ndarray) or g_out.dtype != q.dtype:
+        raise TypeError(f"attention_backward: g_out must be a {q.dtype} numpy.ndarray, got "
+                        f"{getattr(g_out, 'dtype', type(g_out).__name__)}")
+    if g_out.shape != q.shape:
+        raise ValueError(f"attention_backward: g_out has shape {g_out.shape}, expected {q.shape}")
+    for name, a, shape in (("out", out, (B, T, Hkv, g, D)), ("lse", lse, (B, Hkv, T, g))):
+        if not isinstance(a, np.ndarray) or a.dtype != q.dtype:
+            raise TypeError(f"attention_backward: {name} must be a {q.dtype} numpy.ndarray (attention_forward's), "
+                            f"got {getattr(a, 'dtype', type(a).__name__)}")
+        if a.shape != shape or not a.flags.c_contiguous:
+            raise ValueError(f"attention_backward: {name} must be attention_forward's dense {shape} array, got "
+                             f"shape {a.shape}, strides {a.strides}")
+    dq = np.empty_like(q) if need_q else None                  # q's layout: its transposes stay free
+    dk = np.empty_like(k) if need_k else None
+    dv = np.empty_like(v) if need_v else None
+    if not (need_q or need_k or need_v):
+        return None, None, None
+    out_view = out.transpose(0, 2, 3, 1, 4).reshape(B, Hkv * g, T, D)
+    dq_strides = _head_strides(dq, g) if need_q else c_int64s([0, 0, 0, 0])
+    call_c("attention_backward", dq, dk, dv, g_out, q, k, v, out, lse, float(scale), int(bool(is_causal)),
+            B, Hkv, g, T, S, D, dq_strides, _head_strides(g_out, g), _head_strides(q, g), _head_strides(out_view, g))
+    return dq, dk, dv
