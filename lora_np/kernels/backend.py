@@ -100,7 +100,7 @@ def _select_initial_backend():
 def c_function(op, dtype, ref=False):
     """lib.<op>[_ref]_{f32,f64} for a float32 / float64 dtype; RuntimeError, naming what to do,
     when the compiled module or the function is missing (a build older than this Python code)."""
-    name = f"{op}{'_ref' if ref else ''}_{'f32' if dtype == 'float32' else 'f64'}"
+    name = f"{op}{'_ref' if ref else ''}_{'f32' if dtype.itemsize == 4 else 'f64'}"
     fn = getattr(lib, name, None)
     if fn is None:
         why = C_MISSING or f"the compiled module lora_np._lora_np_c has no function {name} (an older build)"
@@ -129,7 +129,7 @@ def call_c(op, *args, ref=False):
     (None -> NULL) and the other arguments as they are; arguments are the caller's to check."""
     dtype = next(a.dtype for a in args if hasattr(a, "__array_interface__"))
     fn = c_function(op, dtype, ref)
-    ctype = "float[]" if dtype == "float32" else "double[]"
+    ctype = "float[]" if dtype.itemsize == 4 else "double[]"
     c_args = [ffi.NULL if a is None else _pointer(a, ctype) if hasattr(a, "__array_interface__") else a
               for a in args]
     c_status(op, fn(*c_args))
