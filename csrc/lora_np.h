@@ -3,11 +3,16 @@
  * All matrices are row-major and dense (C-contiguous). Names follow PEFT:
  * lora_A is [r, in], lora_B is [out, r], scaling = lora_alpha / r.
  * Arguments come in a fixed order: outputs, inputs, scalars, sizes.
- * Backward functions accumulate (+=) into their outputs; a NULL output skips its work.
- * Every function returns LORA_OK or an error code; none exits or aborts.
+ * Outputs are written (=) unless the function's comment says "+=": the LoRA functions
+ * accumulate (the branch adds to what the frozen layer computed, gradients add up across
+ * uses), the fused step ops write (rms_norm_backward's gweight is their one accumulation).
+ * A pointer may be NULL only where its comment says so (an optional output: its work is
+ * skipped); any other NULL pointer returns LORA_EINVAL. Every function returns LORA_OK or an
+ * error code, having written nothing when the code is LORA_EINVAL; none exits or aborts.
  * Outputs must not overlap inputs (the Python wrapper checks this).
- * The _ref functions are plain single-threaded loops: the C reference the tiled,
- * OpenMP-parallel functions are tested against.
+ * The _ref functions are plain single-threaded loops with the same arguments and outputs:
+ * the C reference the tiled, OpenMP-parallel functions are tested against
+ * (csrc/test_lora_kernels.c, csrc/test_step_kernels.c).
  * This header is also the cffi cdef: keep it to declarations without macros.
  */
 #ifndef LORA_NP_H
@@ -17,7 +22,7 @@
 
 enum lora_status { LORA_OK = 0, LORA_EINVAL = 1, LORA_ENOMEM = 2 };
 
-/* y [N, out] += scaling * t @ lora_B^T, with t [N, r] = x [N, in] @ lora_A^T also written out. */
+/* y [N, out] += scaling * t @ lora_B^T, with t [N, r] = x [N, in] @ lora_A^T also written out (=). */
 int lora_forward_f32(float *y, float *t, const float *x, const float *lora_A, const float *lora_B,
                      double scaling, int64_t N, int64_t in, int64_t out, int64_t r);
 int lora_forward_f64(double *y, double *t, const double *x, const double *lora_A, const double *lora_B,
@@ -27,7 +32,7 @@ int lora_forward_ref_f32(float *y, float *t, const float *x, const float *lora_A
 int lora_forward_ref_f64(double *y, double *t, const double *x, const double *lora_A, const double *lora_B,
                          double scaling, int64_t N, int64_t in, int64_t out, int64_t r);
 
-/* With g = dy [N, out] @ lora_B [out, r]:
+/* With g = dy [N, out] @ lora_B [out, r], each output optional:
  *   dx [N, in] += scaling * g @ lora_A;   d_lora_A [r, in] += scaling * g^T @ x;
  *   d_lora_B [out, r] += scaling * dy^T @ t   (t [N, r] as returned by the forward). */
 int lora_backward_f32(float *dx, float *d_lora_A, float *d_lora_B, const float *dy, const float *x,
@@ -63,10 +68,15 @@ int lora_merge_ref_f64(double *weight, const double *lora_A, const double *lora_
 /* out [n] = silu(a) * b = a * sigmoid(a) * b. */
 int silu_mul_forward_f32(float *out, const float *a, const float *b, int64_t n);
 int silu_mul_forward_f64(double *out, const double *a, const double *b, int64_t n);
-/* With s = sigmoid(a): ga [n] = g * b * s * (1 + a * (1 - s)), gb [n] = g * a * s (written, not
- * accumulated; a NULL output is skipped; b may be NULL when ga is). */
+int silu_mul_forward_ref_f32(float *out, const float *a, const float *b, int64_t n);
+int silu_mul_forward_ref_f64(double *out, const double *a, const double *b, int64_t n);
+/* With s = sigmoid(a): ga [n] = g * b * s * (1 + a * (1 - s)), gb [n] = g * a * s, both optional
+ * (written, not accumulated); b may be NULL when ga is. */
 int silu_mul_backward_f32(float *ga, float *gb, const float *g, const float *a, const float *b, int64_t n);
 int silu_mul_backward_f64(double *ga, double *gb, const double *g, const double *a, const double *b, int64_t n);
+int silu_mul_backward_ref_f32(float *ga, float *gb, const float *g, const float *a, const float *b, int64_t n);
+int silu_mul_backward_ref_f64(double *ga, double *gb, const double *g, const double *a, const double *b,
+                              int64_t n);
 /* p [rows, n] <- scale * softmax over each row's visible columns (0 elsewhere), in place;
  * lse [rows] = log-sum-exp of the visible columns (+inf, with a row of 0, when all are -inf;
  * NaN, with NaN visible columns, when one is NaN or +inf). */
@@ -74,11 +84,19 @@ int softmax_rows_f32(float *p, float *lse, double scale, int64_t rows, int64_t n
                      int64_t count0, int64_t group);
 int softmax_rows_f64(double *p, double *lse, double scale, int64_t rows, int64_t n, int64_t period,
                      int64_t count0, int64_t group);
+int softmax_rows_ref_f32(float *p, float *lse, double scale, int64_t rows, int64_t n, int64_t period,
+                         int64_t count0, int64_t group);
+int softmax_rows_ref_f64(double *p, double *lse, double scale, int64_t rows, int64_t n, int64_t period,
+                         int64_t count0, int64_t group);
 /* p [rows, n] <- exp(p - lse [rows]) on each row's visible columns, 0 elsewhere, in place. */
 int exp_rows_f32(float *p, const float *lse, int64_t rows, int64_t n, int64_t period, int64_t count0,
                  int64_t group);
 int exp_rows_f64(double *p, const double *lse, int64_t rows, int64_t n, int64_t period, int64_t count0,
                  int64_t group);
+int exp_rows_ref_f32(float *p, const float *lse, int64_t rows, int64_t n, int64_t period, int64_t count0,
+                     int64_t group);
+int exp_rows_ref_f64(double *p, const double *lse, int64_t rows, int64_t n, int64_t period, int64_t count0,
+                     int64_t group);
 
 /* Scaled-dot-product attention, softmax(scale * q k^T [+ causal mask]) v, with g query heads per
  * key/value head. k, v, dk, dv are dense [B, Hkv, S, D]; lse is dense [B, Hkv, T, g] (the
@@ -86,7 +104,8 @@ int exp_rows_f64(double *p, const double *lse, int64_t rows, int64_t n, int64_t 
  * any strides except a unit stride along D: element (b, head h * g + j, position t, e) sits at
  * base + b * s[0] + h * s[1] + t * s[2] + j * s[3] + e, s = the array's four strides in elements.
  * causal: query t sees keys up to t + S - T (bottom-right aligned). A query row that sees no key
- * gives 0 (lse = +inf). Backward overwrites dq, dk, dv (NULL skips one). */
+ * gives 0 (lse = +inf). Forward writes out and lse. Backward writes dq, dk, dv (=, not +=: dk and
+ * dv are set to their sums over the query rows), each optional. */
 int attention_forward_f32(float *out, float *lse, const float *q, const float *k, const float *v, double scale,
                           int causal, int64_t B, int64_t Hkv, int64_t g, int64_t T, int64_t S, int64_t D,
                           const int64_t *q_strides, const int64_t *out_strides);
@@ -102,10 +121,27 @@ int attention_backward_f64(double *dq, double *dk, double *dv, const double *dou
                            int causal, int64_t B, int64_t Hkv, int64_t g, int64_t T, int64_t S, int64_t D,
                            const int64_t *dq_strides, const int64_t *dout_strides, const int64_t *q_strides,
                            const int64_t *out_strides);
+int attention_forward_ref_f32(float *out, float *lse, const float *q, const float *k, const float *v, double scale,
+                              int causal, int64_t B, int64_t Hkv, int64_t g, int64_t T, int64_t S, int64_t D,
+                              const int64_t *q_strides, const int64_t *out_strides);
+int attention_forward_ref_f64(double *out, double *lse, const double *q, const double *k, const double *v,
+                              double scale, int causal, int64_t B, int64_t Hkv, int64_t g, int64_t T, int64_t S,
+                              int64_t D, const int64_t *q_strides, const int64_t *out_strides);
+int attention_backward_ref_f32(float *dq, float *dk, float *dv, const float *dout, const float *q, const float *k,
+                               const float *v, const float *out, const float *lse, double scale, int causal,
+                               int64_t B, int64_t Hkv, int64_t g, int64_t T, int64_t S, int64_t D,
+                               const int64_t *dq_strides, const int64_t *dout_strides, const int64_t *q_strides,
+                               const int64_t *out_strides);
+int attention_backward_ref_f64(double *dq, double *dk, double *dv, const double *dout, const double *q,
+                               const double *k, const double *v, const double *out, const double *lse, double scale,
+                               int causal, int64_t B, int64_t Hkv, int64_t g, int64_t T, int64_t S, int64_t D,
+                               const int64_t *dq_strides, const int64_t *dout_strides, const int64_t *q_strides,
+                               const int64_t *out_strides);
 
 /* RMSNorm over rows of n: y [rows, n] = x * rstd * weight (weight [n], NULL: none), rstd [rows] =
- * 1 / sqrt(mean(x^2) + eps). Backward: gx = rstd * (g w - xhat * mean(g w xhat)) with xhat = x * rstd
- * (written; NULL skips), gweight [n] += sum over rows of g * xhat (NULL skips). */
+ * 1 / sqrt(mean(x^2) + eps), both written. Backward, each output optional: gx = rstd * (g w - xhat *
+ * mean(g w xhat)) with xhat = x * rstd (written), gweight [n] += sum over rows of g * xhat (accumulated:
+ * the one exception among the step ops). */
 int rms_norm_forward_f32(float *y, float *rstd, const float *x, const float *weight, double eps, int64_t rows,
                          int64_t n);
 int rms_norm_forward_f64(double *y, double *rstd, const double *x, const double *weight, double eps, int64_t rows,
@@ -114,13 +150,25 @@ int rms_norm_backward_f32(float *gx, float *gweight, const float *g, const float
                           const float *rstd, int64_t rows, int64_t n);
 int rms_norm_backward_f64(double *gx, double *gweight, const double *g, const double *x, const double *weight,
                           const double *rstd, int64_t rows, int64_t n);
+int rms_norm_forward_ref_f32(float *y, float *rstd, const float *x, const float *weight, double eps, int64_t rows,
+                             int64_t n);
+int rms_norm_forward_ref_f64(double *y, double *rstd, const double *x, const double *weight, double eps,
+                             int64_t rows, int64_t n);
+int rms_norm_backward_ref_f32(float *gx, float *gweight, const float *g, const float *x, const float *weight,
+                              const float *rstd, int64_t rows, int64_t n);
+int rms_norm_backward_ref_f64(double *gx, double *gweight, const double *g, const double *x,
+                              const double *weight, const double *rstd, int64_t rows, int64_t n);
 /* Rotary embedding, transformers' rotate-half form, of x [B, H, T, D] (strides x_strides[0..2] in
  * elements for b, h, t; unit along D) into out (strides out_strides); cos, sin dense [T, D]:
- * out = x cos + rotate_half(x) sin, or with transpose != 0 its transpose (the backward). */
+ * out = x cos + rotate_half(x) sin, or with transpose != 0 its transpose (the backward); out is written. */
 int rotary_f32(float *out, const float *x, const float *cos, const float *sin, int transpose, int64_t B, int64_t H,
                int64_t T, int64_t D, const int64_t *x_strides, const int64_t *out_strides);
 int rotary_f64(double *out, const double *x, const double *cos, const double *sin, int transpose, int64_t B,
                int64_t H, int64_t T, int64_t D, const int64_t *x_strides, const int64_t *out_strides);
+int rotary_ref_f32(float *out, const float *x, const float *cos, const float *sin, int transpose, int64_t B,
+                   int64_t H, int64_t T, int64_t D, const int64_t *x_strides, const int64_t *out_strides);
+int rotary_ref_f64(double *out, const double *x, const double *cos, const double *sin, int transpose, int64_t B,
+                   int64_t H, int64_t T, int64_t D, const int64_t *x_strides, const int64_t *out_strides);
 
 /* Threads used by the parallel functions; n <= 0 restores the OpenMP default. */
 void lora_set_num_threads(int n);

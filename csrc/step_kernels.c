@@ -11,6 +11,10 @@
  *   attention_forward / attention_backward scaled-dot-product attention with grouped-query heads and
  *                                          a causal mask, one (batch, key/value head) per task: small
  *                                          register-tiled products, the scores never leave a block of rows
+ *   rms_norm_forward / rms_norm_backward   RMSNorm over rows, and its gradients
+ *   rotary                                 rotary embedding (rotate-half form) and its transpose
+ * Each has a plain single-threaded loop beside it, name_ref (the end of step_kernels_impl.h): the C
+ * reference csrc/test_step_kernels.c checks the same way.
  *
  * Rows and the causal limit: p is [rows, n]; row i sees its first
  *   vis(i) = clamp(count0 + (i % period) / group, 0, n)

@@ -161,3 +161,221 @@ int FN(rotary)(real *out, const real *x, const real *cos, const real *sin, int t
     }
     return LORA_OK;
 }
+
+/* ---- public, plain reference loops ---------------------------------------------------------
+ * One thread, the definitions of lora_np.h written out element by element, libm's exp in double:
+ * the C reference that test_step_kernels.c checks beside the functions above. Same arguments, same
+ * checks, same outputs written or accumulated; no scratch memory. */
+
+int FN(silu_mul_forward_ref)(real *out, const real *a, const real *b, int64_t n)
+{
+    if (n < 0 || !out || !a || !b) return LORA_EINVAL;
+    for (int64_t i = 0; i < n; i++) {
+        const real s = (real)(1 / (1 + exp(-(double)a[i])));
+        out[i] = a[i] * s * b[i];
+    }
+    return LORA_OK;
+}
+
+int FN(silu_mul_backward_ref)(real *ga, real *gb, const real *g, const real *a, const real *b, int64_t n)
+{
+    if (n < 0 || !g || !a || (ga && !b)) return LORA_EINVAL;
+    for (int64_t i = 0; i < n; i++) {
+        const real s = (real)(1 / (1 + exp(-(double)a[i])));
+        if (ga) ga[i] = g[i] * b[i] * s * (1 + a[i] * (1 - s));
+        if (gb) gb[i] = g[i] * a[i] * s;
+    }
+    return LORA_OK;
+}
+
+/* The largest of p [vis], NaN when one is NaN, -inf when vis == 0. */
+static real FN(max_ref)(const real *p, int64_t vis)
+{
+    real m = -INFINITY;
+    for (int64_t j = 0; j < vis; j++) {
+        if (p[j] != p[j]) return p[j];
+        if (p[j] > m) m = p[j];
+    }
+    return m;
+}
+
+int FN(softmax_rows_ref)(real *p, real *lse, double scale, int64_t rows, int64_t n, int64_t period,
+                         int64_t count0, int64_t group)
+{
+    if (bad_rows(rows, n, period, group) || !p || !lse) return LORA_EINVAL;
+    for (int64_t i = 0; i < rows; i++) {
+        real *row = p + i * n;
+        const int64_t vis = row_vis(i, n, period, count0, group);
+        const real m = FN(max_ref)(row, vis);
+        double sum = 0;
+        if (m == -INFINITY) /* no column, or all -inf: a row of 0 */
+            lse[i] = INFINITY;
+        else {
+            for (int64_t j = 0; j < vis; j++) sum += exp((double)(row[j] - m));
+            for (int64_t j = 0; j < vis; j++) row[j] = (real)(scale * exp((double)(row[j] - m)) / sum);
+            lse[i] = m + (real)log(sum);
+        }
+        for (int64_t j = m == -INFINITY ? 0 : vis; j < n; j++) row[j] = 0;
+    }
+    return LORA_OK;
+}
+
+int FN(exp_rows_ref)(real *p, const real *lse, int64_t rows, int64_t n, int64_t period, int64_t count0,
+                     int64_t group)
+{
+    if (bad_rows(rows, n, period, group) || !p || !lse) return LORA_EINVAL;
+    for (int64_t i = 0; i < rows; i++) {
+        real *row = p + i * n;
+        const int64_t vis = lse[i] == INFINITY ? 0 : row_vis(i, n, period, count0, group);
+        for (int64_t j = 0; j < n; j++) row[j] = j < vis ? (real)exp((double)(row[j] - lse[i])) : 0;
+    }
+    return LORA_OK;
+}
+
+/* scale * q . k over D */
+static real FN(score_ref)(const real *q, const real *k, double scale, int64_t D)
+{
+    real acc = 0;
+    for (int64_t e = 0; e < D; e++) acc += q[e] * k[e];
+    return (real)scale * acc;
+}
+
+int FN(attention_forward_ref)(real *out, real *lse, const real *q, const real *k, const real *v, double scale,
+                              int causal, int64_t B, int64_t Hkv, int64_t g, int64_t T, int64_t S, int64_t D,
+                              const int64_t *q_strides, const int64_t *out_strides)
+{
+    if (FN(bad_attention)(B, Hkv, g, T, S, D) || !out || !lse || !q || !k || !v || !q_strides || !out_strides)
+        return LORA_EINVAL;
+    const int64_t *qs = q_strides, *os = out_strides;
+    for (int64_t b = 0; b < B; b++)
+        for (int64_t h = 0; h < Hkv; h++)
+            for (int64_t t = 0; t < T; t++)
+                for (int64_t j = 0; j < g; j++) {
+                    const real *qr = q + b * qs[0] + h * qs[1] + t * qs[2] + j * qs[3];
+                    const real *kh = k + (b * Hkv + h) * S * D, *vh = v + (b * Hkv + h) * S * D;
+                    real *o = out + b * os[0] + h * os[1] + t * os[2] + j * os[3];
+                    real *l = lse + ((b * Hkv + h) * T + t) * g + j;
+                    const int64_t vis = row_vis(t, S, T, causal ? 1 + S - T : S, 1); /* keys s <= t + S - T */
+                    real m = -INFINITY;
+                    for (int64_t s = 0; s < vis; s++) {
+                        const real sc = FN(score_ref)(qr, kh + s * D, scale, D);
+                        if (sc != sc || m != m) m = NAN;
+                        else if (sc > m) m = sc;
+                    }
+                    for (int64_t e = 0; e < D; e++) o[e] = 0;
+                    if (m == -INFINITY) { /* no key, or all scores -inf: out = 0 */
+                        *l = INFINITY;
+                        continue;
+                    }
+                    double sum = 0;
+                    for (int64_t s = 0; s < vis; s++) {
+                        const real p = (real)exp((double)(FN(score_ref)(qr, kh + s * D, scale, D) - m));
+                        sum += p;
+                        for (int64_t e = 0; e < D; e++) o[e] += p * vh[s * D + e];
+                    }
+                    for (int64_t e = 0; e < D; e++) o[e] = (real)(o[e] / sum);
+                    *l = m + (real)log(sum);
+                }
+    return LORA_OK;
+}
+
+int FN(attention_backward_ref)(real *dq, real *dk, real *dv, const real *dout, const real *q, const real *k,
+                               const real *v, const real *out, const real *lse, double scale, int causal,
+                               int64_t B, int64_t Hkv, int64_t g, int64_t T, int64_t S, int64_t D,
+                               const int64_t *dq_strides, const int64_t *dout_strides, const int64_t *q_strides,
+                               const int64_t *out_strides)
+{
+    if (FN(bad_attention)(B, Hkv, g, T, S, D) || !dout || !q || !k || !v || !out || !lse || !dq_strides ||
+        !dout_strides || !q_strides || !out_strides)
+        return LORA_EINVAL;
+    if (!dq && !dk && !dv) return LORA_OK;
+    const int64_t *qs = q_strides, *os = out_strides, *dqs = dq_strides, *dos = dout_strides;
+    for (int64_t i = 0; i < B * Hkv * S * D; i++) {
+        if (dk) dk[i] = 0;
+        if (dv) dv[i] = 0;
+    }
+    for (int64_t b = 0; b < B; b++)
+        for (int64_t h = 0; h < Hkv; h++)
+            for (int64_t t = 0; t < T; t++)
+                for (int64_t j = 0; j < g; j++) {
+                    const real *qr = q + b * qs[0] + h * qs[1] + t * qs[2] + j * qs[3];
+                    const real *o = out + b * os[0] + h * os[1] + t * os[2] + j * os[3];
+                    const real *dor = dout + b * dos[0] + h * dos[1] + t * dos[2] + j * dos[3];
+                    const real *kh = k + (b * Hkv + h) * S * D, *vh = v + (b * Hkv + h) * S * D;
+                    real *dqr = dq ? dq + b * dqs[0] + h * dqs[1] + t * dqs[2] + j * dqs[3] : NULL;
+                    real *dkh = dk ? dk + (b * Hkv + h) * S * D : NULL, *dvh = dv ? dv + (b * Hkv + h) * S * D : NULL;
+                    const real l = lse[((b * Hkv + h) * T + t) * g + j];
+                    const int64_t vis = l == INFINITY ? 0 : row_vis(t, S, T, causal ? 1 + S - T : S, 1);
+                    real delta = 0; /* dout . out */
+                    for (int64_t e = 0; e < D; e++) delta += dor[e] * o[e];
+                    if (dqr)
+                        for (int64_t e = 0; e < D; e++) dqr[e] = 0;
+                    for (int64_t s = 0; s < vis; s++) {
+                        const real p = (real)exp((double)(FN(score_ref)(qr, kh + s * D, scale, D) - l));
+                        real dp = 0; /* dout . v_s */
+                        for (int64_t e = 0; e < D; e++) dp += dor[e] * vh[s * D + e];
+                        const real ds = p * (dp - delta);
+                        for (int64_t e = 0; e < D; e++) {
+                            if (dqr) dqr[e] += (real)scale * ds * kh[s * D + e];
+                            if (dkh) dkh[s * D + e] += (real)scale * ds * qr[e];
+                            if (dvh) dvh[s * D + e] += p * dor[e];
+                        }
+                    }
+                }
+    return LORA_OK;
+}
+
+int FN(rms_norm_forward_ref)(real *y, real *rstd, const real *x, const real *weight, double eps, int64_t rows,
+                             int64_t n)
+{
+    if (rows < 0 || n < 1 || !y || !rstd || !x) return LORA_EINVAL;
+    for (int64_t i = 0; i < rows; i++) {
+        const real *xr = x + i * n;
+        real ss = 0;
+        for (int64_t j = 0; j < n; j++) ss += xr[j] * xr[j];
+        const real r = (real)(1 / sqrt((double)(ss / (real)n + (real)eps)));
+        rstd[i] = r;
+        for (int64_t j = 0; j < n; j++) y[i * n + j] = xr[j] * r * (weight ? weight[j] : 1);
+    }
+    return LORA_OK;
+}
+
+int FN(rms_norm_backward_ref)(real *gx, real *gweight, const real *g, const real *x, const real *weight,
+                              const real *rstd, int64_t rows, int64_t n)
+{
+    if (rows < 0 || n < 1 || !g || !x || !rstd) return LORA_EINVAL;
+    for (int64_t i = 0; i < rows; i++) {
+        const real *gr = g + i * n, *xr = x + i * n, r = rstd[i];
+        real c = 0; /* mean(g w xhat) */
+        for (int64_t j = 0; j < n; j++) c += gr[j] * (weight ? weight[j] : 1) * xr[j] * r;
+        c /= (real)n;
+        for (int64_t j = 0; j < n; j++) {
+            if (gx) gx[i * n + j] = r * (gr[j] * (weight ? weight[j] : 1) - xr[j] * r * c);
+            if (gweight) gweight[j] += gr[j] * (xr[j] * r);
+        }
+    }
+    return LORA_OK;
+}
+
+int FN(rotary_ref)(real *out, const real *x, const real *cos, const real *sin, int transpose, int64_t B, int64_t H,
+                   int64_t T, int64_t D, const int64_t *x_strides, const int64_t *out_strides)
+{
+    if (B < 0 || H < 0 || T < 0 || D < 0 || D % 2 || !out || !x || !cos || !sin || !x_strides || !out_strides)
+        return LORA_EINVAL;
+    const int64_t *xs = x_strides, *os = out_strides, half = D / 2;
+    for (int64_t b = 0; b < B; b++)
+        for (int64_t h = 0; h < H; h++)
+            for (int64_t t = 0; t < T; t++) {
+                const real *xr = x + b * xs[0] + h * xs[1] + t * xs[2], *c = cos + t * D, *s = sin + t * D;
+                real *o = out + b * os[0] + h * os[1] + t * os[2];
+                /* rotate_half(x) [e] = sign * x[partner]: -x2 in the first half, x1 in the second;
+                 * its transpose moves sin to the partner: out = x cos - sign * x[partner] sin[partner]. */
+                for (int64_t e = 0; e < D; e++) {
+                    const int64_t partner = e < half ? e + half : e - half;
+                    const real sign = e < half ? -1 : 1;
+                    o[e] = transpose ? xr[e] * c[e] - sign * xr[partner] * s[partner]
+                                     : xr[e] * c[e] + sign * xr[partner] * s[e];
+                }
+            }
+    return LORA_OK;
+}

@@ -6,7 +6,8 @@
  * (step_kernels.c calls lora_np_use_v3 and lora_get_num_threads from lora_kernels.c.)
  * The checks are written once over `real` in test_step_kernels_impl.h, instantiated below for float
  * and double (instantiate.h, as the library does), so reports and debuggers point at real lines;
- * the references and helpers they share are here, in double.
+ * the references and helpers they share are here, in double. main runs every check twice: on the
+ * tiled, parallel functions, then on the plain _ref loops of lora_np.h (reports prefixed "ref ").
  * Every buffer is malloc'ed with exactly the bytes it holds (one byte for an empty one), so ASan
  * sees any read or write past an end: sizes n = 0, 1, 7, 9, 33, 257, ... around the SIMD widths
  * (4 and 8 floats, 2 and 4 doubles) and the padded tails. The references below use libm's exp
@@ -37,6 +38,7 @@
 #include "lora_np.h"
 
 static int failures = 0;
+static const char *variant = ""; /* "ref " while main checks the _ref loops: a prefix to every report */
 static unsigned long long rng_state = 88172645463325252ULL;
 
 static double uniform(void) /* xorshift64, in [-1, 1) */
@@ -59,7 +61,7 @@ static void *alloc(size_t bytes)
 static void fail(const char *what)
 {
     failures++;
-    printf("%s FAIL\n", what);
+    printf("%s%s FAIL\n", variant, what);
 }
 
 /* got vs want element by element: non-finite values must match exactly (NaN where NaN), finite
@@ -78,9 +80,10 @@ static void expect_close(const char *what, const double *got, const double *want
     }
     if (bad >= 0) {
         failures++;
-        printf("%-44s FAIL at %lld: got %.9g want %.9g tol %.3g\n", what, (long long)bad, got[bad], want[bad], tol[bad]);
+        printf("%s%-44s FAIL at %lld: got %.9g want %.9g tol %.3g\n", variant, what, (long long)bad, got[bad], want[bad],
+               tol[bad]);
     } else if (getenv("LORA_TEST_VERBOSE")) {
-        printf("%-44s ok (worst %.2f of the tolerance)\n", what, worst);
+        printf("%s%-44s ok (worst %.2f of the tolerance)\n", variant, what, worst);
     }
 }
 
@@ -88,7 +91,7 @@ static void expect_equal(const char *what, const void *a, const void *b, size_t 
 {
     if (memcmp(a, b, bytes) != 0) {
         failures++;
-        printf("%-44s differs between 1 and 2 threads FAIL\n", what);
+        printf("%s%-44s differs between 1 and 2 threads FAIL\n", variant, what);
     }
 }
 
@@ -290,7 +293,7 @@ static void check_f32_exp_edges(void)
         tol[i] = 2 * (double)nextafterf((float)want[i], INFINITY) - 2 * (double)(float)want[i]; /* ~2 ulp */
         if (i >= N - 2) want[i] = 0, tol[i] = 2 * (double)FLT_MIN;                    /* below FLT_MIN: 0 */
     }
-    if (exp_rows_f32(x, lse, 1, N, 1, N, 1) != LORA_OK) fail("f32 exp edges status");
+    if (impl_f32->exp_rows(x, lse, 1, N, 1, N, 1) != LORA_OK) fail("f32 exp edges status");
     double *got = widen_f32(x, N);
     expect_close("f32 vector exp edges (2 ulp)", got, want, tol, N);
     free(got), free(x), free(lse), free(want), free(tol);
@@ -369,7 +372,8 @@ static void check_norm_rotary_all(void)
     check_norm_rotary_errors_f32();
 }
 
-int main(void)
+/* Every check, on the functions impl_f32 and impl_f64 point at. */
+static void check_all(void)
 {
     static const int64_t sizes[] = {0, 1, 2, 3, 4, 5, 7, 8, 9, 15, 16, 17, 33, 63, 65, 257, 1000};
     for (size_t c = 0; c < sizeof sizes / sizeof sizes[0]; c++) {
@@ -399,6 +403,14 @@ int main(void)
     check_errors_f32();
     check_attention_all();
     check_norm_rotary_all();
+}
+
+int main(void)
+{
+    check_all(); /* the tiled, parallel functions */
+    variant = "ref ";
+    impl_f32 = &plain_f32, impl_f64 = &plain_f64;
+    check_all(); /* the _ref loops, against the same references and tolerances */
     printf("%s (%d failures)\n", failures ? "FAILED" : "all step kernel checks passed", failures);
     return failures != 0;
 }

@@ -10,6 +10,29 @@
 #define FLOOR (4 * DBL_MIN)
 #endif
 
+/* The functions under test: the tiled, parallel ones (FN(tiled)) or the plain _ref loops (FN(plain)).
+ * main runs every check with FN(impl) at each, against the same double references. */
+#define KERNEL(name) __typeof__(FN(name)) *name
+typedef struct {
+    KERNEL(silu_mul_forward);
+    KERNEL(silu_mul_backward);
+    KERNEL(softmax_rows);
+    KERNEL(exp_rows);
+    KERNEL(attention_forward);
+    KERNEL(attention_backward);
+    KERNEL(rms_norm_forward);
+    KERNEL(rms_norm_backward);
+    KERNEL(rotary);
+} FN(kernels);
+#undef KERNEL
+static const FN(kernels) FN(tiled) = {FN(silu_mul_forward), FN(silu_mul_backward), FN(softmax_rows),
+                                      FN(exp_rows), FN(attention_forward), FN(attention_backward),
+                                      FN(rms_norm_forward), FN(rms_norm_backward), FN(rotary)};
+static const FN(kernels) FN(plain) = {FN(silu_mul_forward_ref), FN(silu_mul_backward_ref), FN(softmax_rows_ref),
+                                      FN(exp_rows_ref), FN(attention_forward_ref), FN(attention_backward_ref),
+                                      FN(rms_norm_forward_ref), FN(rms_norm_backward_ref), FN(rotary_ref)};
+static const FN(kernels) *FN(impl) = &FN(tiled);
+
 /* ---- silu_mul, softmax_rows, exp_rows --------------------------------------------------------------- */
 
 static real *FN(random)(int64_t n, double mag)
@@ -53,10 +76,10 @@ static void FN(check_silu)(int64_t n, double mag)
         want[2 * n + i] = s * A * G;
         tol[2 * n + i] = RTOL * fabs(want[2 * n + i]) + fabs(A * G) * ds;
     }
-    int st = FN(silu_mul_forward)(out, a, b, n);
-    st |= FN(silu_mul_backward)(ga, gb, g, a, b, n);
-    st |= FN(silu_mul_backward)(NULL, gb_only, g, a, NULL, n); /* b may be NULL without ga */
-    st |= FN(silu_mul_backward)(NULL, NULL, g, a, NULL, n);    /* nothing asked: nothing done */
+    int st = FN(impl)->silu_mul_forward(out, a, b, n);
+    st |= FN(impl)->silu_mul_backward(ga, gb, g, a, b, n);
+    st |= FN(impl)->silu_mul_backward(NULL, gb_only, g, a, NULL, n); /* b may be NULL without ga */
+    st |= FN(impl)->silu_mul_backward(NULL, NULL, g, a, NULL, n);    /* nothing asked: nothing done */
     snprintf(what, sizeof what, STR(SFX) " silu_mul n=%lld status", (long long)n);
     if (st != LORA_OK) fail(what);
     double *got[] = {FN(widen)(out, n), FN(widen)(ga, n), FN(widen)(gb, n)};
@@ -94,7 +117,7 @@ static void FN(check_rows)(int64_t rows, int64_t n, int64_t period, int64_t coun
     }
     snprintf(what, sizeof what, STR(SFX) " softmax_rows %lldx%lld period=%lld count0=%lld group=%lld",
              (long long)rows, (long long)n, (long long)period, (long long)count0, (long long)group);
-    if (FN(softmax_rows)(p, lse, scale, rows, n, period, count0, group) != LORA_OK) fail(what);
+    if (FN(impl)->softmax_rows(p, lse, scale, rows, n, period, count0, group) != LORA_OK) fail(what);
     double *got = FN(widen)(p, N), *glse = FN(widen)(lse, rows);
     expect_close(what, got, want, tol, N);
     strcat(what, " lse");
@@ -114,7 +137,7 @@ static void FN(check_rows)(int64_t rows, int64_t n, int64_t period, int64_t coun
     }
     snprintf(what, sizeof what, STR(SFX) " exp_rows %lldx%lld period=%lld count0=%lld group=%lld",
              (long long)rows, (long long)n, (long long)period, (long long)count0, (long long)group);
-    if (FN(exp_rows)(q, lse, rows, n, period, count0, group) != LORA_OK) fail(what);
+    if (FN(impl)->exp_rows(q, lse, rows, n, period, count0, group) != LORA_OK) fail(what);
     got = FN(widen)(q, N);
     expect_close(what, got, want, tol, N);
     free(got), free(q), free(p), free(lse), free(p0), free(want), free(tol), free(wlse), free(tlse);
@@ -133,10 +156,10 @@ static void FN(check_threads)(int64_t rows, int64_t n)
         real *lse = alloc(sizeof(real) * (size_t)rows);
         memcpy(r[t][0], p0, sizeof(real) * (size_t)N);
         memcpy(r[t][1], p0, sizeof(real) * (size_t)N);
-        int st = FN(softmax_rows)(r[t][0], lse, 0.5, rows, n, 7, n / 2, 2);
-        st |= FN(exp_rows)(r[t][1], lse, rows, n, 7, n / 2, 2);
-        st |= FN(silu_mul_forward)(r[t][2], p0, b, N);
-        st |= FN(silu_mul_backward)(r[t][3], r[t][4], g, p0, b, N);
+        int st = FN(impl)->softmax_rows(r[t][0], lse, 0.5, rows, n, 7, n / 2, 2);
+        st |= FN(impl)->exp_rows(r[t][1], lse, rows, n, 7, n / 2, 2);
+        st |= FN(impl)->silu_mul_forward(r[t][2], p0, b, N);
+        st |= FN(impl)->silu_mul_backward(r[t][3], r[t][4], g, p0, b, N);
         if (st != LORA_OK) fail(STR(SFX) " threads: status");
         free(lse);
     }
@@ -160,25 +183,25 @@ static void FN(check_errors)(void)
         const char *what;
         int status;
     } calls[] = {
-        {"silu_mul_forward out=NULL", FN(silu_mul_forward)(NULL, x, y, 3)},
-        {"silu_mul_forward a=NULL", FN(silu_mul_forward)(o, NULL, y, 3)},
-        {"silu_mul_forward b=NULL", FN(silu_mul_forward)(o, x, NULL, 3)},
-        {"silu_mul_forward n<0", FN(silu_mul_forward)(o, x, y, -1)},
-        {"silu_mul_backward g=NULL", FN(silu_mul_backward)(o, NULL, NULL, x, y, 3)},
-        {"silu_mul_backward a=NULL", FN(silu_mul_backward)(o, NULL, x, NULL, y, 3)},
-        {"silu_mul_backward ga without b", FN(silu_mul_backward)(o, NULL, x, y, NULL, 3)},
-        {"silu_mul_backward n<0", FN(silu_mul_backward)(NULL, o, x, y, y, -3)},
-        {"softmax_rows p=NULL", FN(softmax_rows)(NULL, l, 1.0, 1, 3, 1, 3, 1)},
-        {"softmax_rows lse=NULL", FN(softmax_rows)(o, NULL, 1.0, 1, 3, 1, 3, 1)},
-        {"softmax_rows period=0", FN(softmax_rows)(o, l, 1.0, 1, 3, 0, 3, 1)},
-        {"softmax_rows group=0", FN(softmax_rows)(o, l, 1.0, 1, 3, 1, 3, 0)},
-        {"softmax_rows rows<0", FN(softmax_rows)(o, l, 1.0, -1, 3, 1, 3, 1)},
-        {"softmax_rows n<0", FN(softmax_rows)(o, l, 1.0, 1, -3, 1, 3, 1)},
-        {"exp_rows p=NULL", FN(exp_rows)(NULL, l, 1, 3, 1, 3, 1)},
-        {"exp_rows lse=NULL", FN(exp_rows)(o, NULL, 1, 3, 1, 3, 1)},
-        {"exp_rows period=0", FN(exp_rows)(o, l, 1, 3, 0, 3, 1)},
-        {"exp_rows group=-1", FN(exp_rows)(o, l, 1, 3, 1, 3, -1)},
-        {"exp_rows rows<0", FN(exp_rows)(o, l, -2, 3, 1, 3, 1)},
+        {"silu_mul_forward out=NULL", FN(impl)->silu_mul_forward(NULL, x, y, 3)},
+        {"silu_mul_forward a=NULL", FN(impl)->silu_mul_forward(o, NULL, y, 3)},
+        {"silu_mul_forward b=NULL", FN(impl)->silu_mul_forward(o, x, NULL, 3)},
+        {"silu_mul_forward n<0", FN(impl)->silu_mul_forward(o, x, y, -1)},
+        {"silu_mul_backward g=NULL", FN(impl)->silu_mul_backward(o, NULL, NULL, x, y, 3)},
+        {"silu_mul_backward a=NULL", FN(impl)->silu_mul_backward(o, NULL, x, NULL, y, 3)},
+        {"silu_mul_backward ga without b", FN(impl)->silu_mul_backward(o, NULL, x, y, NULL, 3)},
+        {"silu_mul_backward n<0", FN(impl)->silu_mul_backward(NULL, o, x, y, y, -3)},
+        {"softmax_rows p=NULL", FN(impl)->softmax_rows(NULL, l, 1.0, 1, 3, 1, 3, 1)},
+        {"softmax_rows lse=NULL", FN(impl)->softmax_rows(o, NULL, 1.0, 1, 3, 1, 3, 1)},
+        {"softmax_rows period=0", FN(impl)->softmax_rows(o, l, 1.0, 1, 3, 0, 3, 1)},
+        {"softmax_rows group=0", FN(impl)->softmax_rows(o, l, 1.0, 1, 3, 1, 3, 0)},
+        {"softmax_rows rows<0", FN(impl)->softmax_rows(o, l, 1.0, -1, 3, 1, 3, 1)},
+        {"softmax_rows n<0", FN(impl)->softmax_rows(o, l, 1.0, 1, -3, 1, 3, 1)},
+        {"exp_rows p=NULL", FN(impl)->exp_rows(NULL, l, 1, 3, 1, 3, 1)},
+        {"exp_rows lse=NULL", FN(impl)->exp_rows(o, NULL, 1, 3, 1, 3, 1)},
+        {"exp_rows period=0", FN(impl)->exp_rows(o, l, 1, 3, 0, 3, 1)},
+        {"exp_rows group=-1", FN(impl)->exp_rows(o, l, 1, 3, 1, 3, -1)},
+        {"exp_rows rows<0", FN(impl)->exp_rows(o, l, -2, 3, 1, 3, 1)},
     };
     for (size_t c = 0; c < sizeof calls / sizeof calls[0]; c++) {
         char what[96];
@@ -186,7 +209,7 @@ static void FN(check_errors)(void)
         if (calls[c].status != LORA_EINVAL) fail(what);
     }
     if (memcmp(o, o0, sizeof o) != 0 || l[0] != 10) fail(STR(SFX) " a refused call wrote its output");
-    if (FN(silu_mul_backward)(NULL, NULL, x, y, NULL, 3) != LORA_OK) fail(STR(SFX) " no output asked: LORA_OK");
+    if (FN(impl)->silu_mul_backward(NULL, NULL, x, y, NULL, 3) != LORA_OK) fail(STR(SFX) " no output asked: LORA_OK");
 }
 
 /* ---- attention_forward / attention_backward (the reference and its tolerance: test_step_kernels.c) ---- */
@@ -252,7 +275,7 @@ static void FN(check_attention)(attn_case c, int layouts, double mag)
     attention_ref(want, tol, &c, q64, k64, v64, g64, (double)(real)c.scale, RTOL, FLOOR);
 
     real *out = FN(attn_nans)(lo.n), *lse = FN(attn_nans)(NL);
-    int st = FN(attention_forward)(out + lo.base, lse, q + lq.base, k, v, c.scale, c.causal, c.B, c.Hkv,
+    int st = FN(impl)->attention_forward(out + lo.base, lse, q + lq.base, k, v, c.scale, c.causal, c.B, c.Hkv,
                                      c.g, c.T, c.S, c.D, lq.s, lo.s);
     snprintf(what, sizeof what, "%s forward status", name);
     if (st != LORA_OK) fail(what);
@@ -271,7 +294,7 @@ static void FN(check_attention)(attn_case c, int layouts, double mag)
     for (int need = 7; need >= 0; need--) { /* bit 4: dq, 2: dk, 1: dv; 7 first, the others against it */
         real *gr[3];
         for (int w = 0; w < 3; w++) gr[w] = need & (4 >> w) ? FN(attn_nans)(glen[w]) : NULL;
-        st = FN(attention_backward)(gr[0] ? gr[0] + ld.base : NULL, gr[1], gr[2], dout + lg.base,
+        st = FN(impl)->attention_backward(gr[0] ? gr[0] + ld.base : NULL, gr[1], gr[2], dout + lg.base,
                                       q + lq.base, k, v, out + lo.base, lse, c.scale, c.causal, c.B, c.Hkv,
                                       c.g, c.T, c.S, c.D, ld.s, lg.s, lq.s, lo.s);
         snprintf(what, sizeof what, "%s backward need=%d status", name, need);
@@ -320,9 +343,9 @@ static void FN(check_attention_threads)(int causal)
     for (int t = 0; t < 2; t++) {
         lora_set_num_threads(t + 1);
         for (int w = 0; w < 5; w++) r[t][w] = alloc(sizeof(real) * (size_t)n[w]);
-        int st = FN(attention_forward)(r[t][0], r[t][1], q, k, v, c.scale, causal, c.B, c.Hkv, c.g, c.T,
+        int st = FN(impl)->attention_forward(r[t][0], r[t][1], q, k, v, c.scale, causal, c.B, c.Hkv, c.g, c.T,
                                          c.S, c.D, l.s, l.s);
-        st |= FN(attention_backward)(r[t][2], r[t][3], r[t][4], dout, q, k, v, r[t][0], r[t][1], c.scale,
+        st |= FN(impl)->attention_backward(r[t][2], r[t][3], r[t][4], dout, q, k, v, r[t][0], r[t][1], c.scale,
                                        causal, c.B, c.Hkv, c.g, c.T, c.S, c.D, l.s, l.s, l.s, l.s);
         if (st != LORA_OK) fail(STR(SFX) " attention threads: status");
     }
@@ -348,50 +371,50 @@ static void FN(check_attention_errors)(void)
         const char *what;
         int status;
     } calls[] = {
-        {"forward B<0", FN(attention_forward)(o, l, q, k, v, 1, 1, -1, 1, 2, 1, 1, 3, s, s)},
-        {"forward Hkv<0", FN(attention_forward)(o, l, q, k, v, 1, 1, 1, -1, 2, 1, 1, 3, s, s)},
-        {"forward g=0", FN(attention_forward)(o, l, q, k, v, 1, 1, 1, 1, 0, 1, 1, 3, s, s)},
-        {"forward T<0", FN(attention_forward)(o, l, q, k, v, 1, 1, 1, 1, 2, -1, 1, 3, s, s)},
-        {"forward S<0", FN(attention_forward)(o, l, q, k, v, 1, 1, 1, 1, 2, 1, -1, 3, s, s)},
-        {"forward D=0", FN(attention_forward)(o, l, q, k, v, 1, 1, 1, 1, 2, 1, 1, 0, s, s)},
-        {"forward out=NULL", FN(attention_forward)(NULL, l, q, k, v, 1, 1, 1, 1, 2, 1, 1, 3, s, s)},
-        {"forward lse=NULL", FN(attention_forward)(o, NULL, q, k, v, 1, 1, 1, 1, 2, 1, 1, 3, s, s)},
-        {"forward q=NULL", FN(attention_forward)(o, l, NULL, k, v, 1, 1, 1, 1, 2, 1, 1, 3, s, s)},
-        {"forward k=NULL", FN(attention_forward)(o, l, q, NULL, v, 1, 1, 1, 1, 2, 1, 1, 3, s, s)},
-        {"forward v=NULL", FN(attention_forward)(o, l, q, k, NULL, 1, 1, 1, 1, 2, 1, 1, 3, s, s)},
-        {"forward q_strides=NULL", FN(attention_forward)(o, l, q, k, v, 1, 1, 1, 1, 2, 1, 1, 3, NULL, s)},
-        {"forward out_strides=NULL", FN(attention_forward)(o, l, q, k, v, 1, 1, 1, 1, 2, 1, 1, 3, s, NULL)},
-        {"backward B<0", FN(attention_backward)(dq, dk, dv, q, q, k, v, q, l, 1, 1, -1, 1, 2, 1, 1, 3, s, s,
+        {"forward B<0", FN(impl)->attention_forward(o, l, q, k, v, 1, 1, -1, 1, 2, 1, 1, 3, s, s)},
+        {"forward Hkv<0", FN(impl)->attention_forward(o, l, q, k, v, 1, 1, 1, -1, 2, 1, 1, 3, s, s)},
+        {"forward g=0", FN(impl)->attention_forward(o, l, q, k, v, 1, 1, 1, 1, 0, 1, 1, 3, s, s)},
+        {"forward T<0", FN(impl)->attention_forward(o, l, q, k, v, 1, 1, 1, 1, 2, -1, 1, 3, s, s)},
+        {"forward S<0", FN(impl)->attention_forward(o, l, q, k, v, 1, 1, 1, 1, 2, 1, -1, 3, s, s)},
+        {"forward D=0", FN(impl)->attention_forward(o, l, q, k, v, 1, 1, 1, 1, 2, 1, 1, 0, s, s)},
+        {"forward out=NULL", FN(impl)->attention_forward(NULL, l, q, k, v, 1, 1, 1, 1, 2, 1, 1, 3, s, s)},
+        {"forward lse=NULL", FN(impl)->attention_forward(o, NULL, q, k, v, 1, 1, 1, 1, 2, 1, 1, 3, s, s)},
+        {"forward q=NULL", FN(impl)->attention_forward(o, l, NULL, k, v, 1, 1, 1, 1, 2, 1, 1, 3, s, s)},
+        {"forward k=NULL", FN(impl)->attention_forward(o, l, q, NULL, v, 1, 1, 1, 1, 2, 1, 1, 3, s, s)},
+        {"forward v=NULL", FN(impl)->attention_forward(o, l, q, k, NULL, 1, 1, 1, 1, 2, 1, 1, 3, s, s)},
+        {"forward q_strides=NULL", FN(impl)->attention_forward(o, l, q, k, v, 1, 1, 1, 1, 2, 1, 1, 3, NULL, s)},
+        {"forward out_strides=NULL", FN(impl)->attention_forward(o, l, q, k, v, 1, 1, 1, 1, 2, 1, 1, 3, s, NULL)},
+        {"backward B<0", FN(impl)->attention_backward(dq, dk, dv, q, q, k, v, q, l, 1, 1, -1, 1, 2, 1, 1, 3, s, s,
                                                   s, s)},
-        {"backward g=0", FN(attention_backward)(dq, dk, dv, q, q, k, v, q, l, 1, 1, 1, 1, 0, 1, 1, 3, s, s,
+        {"backward g=0", FN(impl)->attention_backward(dq, dk, dv, q, q, k, v, q, l, 1, 1, 1, 1, 0, 1, 1, 3, s, s,
                                                   s, s)},
-        {"backward S<0", FN(attention_backward)(dq, dk, dv, q, q, k, v, q, l, 1, 1, 1, 1, 2, 1, -1, 3, s, s,
+        {"backward S<0", FN(impl)->attention_backward(dq, dk, dv, q, q, k, v, q, l, 1, 1, 1, 1, 2, 1, -1, 3, s, s,
                                                   s, s)},
-        {"backward D=0", FN(attention_backward)(dq, dk, dv, q, q, k, v, q, l, 1, 1, 1, 1, 2, 1, 1, 0, s, s,
+        {"backward D=0", FN(impl)->attention_backward(dq, dk, dv, q, q, k, v, q, l, 1, 1, 1, 1, 2, 1, 1, 0, s, s,
                                                   s, s)},
-        {"backward T<0", FN(attention_backward)(NULL, NULL, dv, q, q, k, v, q, l, 1, 1, 1, 1, 2, -1, 1, 3, s,
+        {"backward T<0", FN(impl)->attention_backward(NULL, NULL, dv, q, q, k, v, q, l, 1, 1, 1, 1, 2, -1, 1, 3, s,
                                                   s, s, s)},
-        {"backward dout=NULL", FN(attention_backward)(dq, dk, dv, NULL, q, k, v, q, l, 1, 1, 1, 1, 2, 1, 1,
+        {"backward dout=NULL", FN(impl)->attention_backward(dq, dk, dv, NULL, q, k, v, q, l, 1, 1, 1, 1, 2, 1, 1,
                                                         3, s, s, s, s)},
-        {"backward q=NULL", FN(attention_backward)(dq, dk, dv, q, NULL, k, v, q, l, 1, 1, 1, 1, 2, 1, 1, 3,
+        {"backward q=NULL", FN(impl)->attention_backward(dq, dk, dv, q, NULL, k, v, q, l, 1, 1, 1, 1, 2, 1, 1, 3,
                                                      s, s, s, s)},
-        {"backward k=NULL", FN(attention_backward)(dq, dk, dv, q, q, NULL, v, q, l, 1, 1, 1, 1, 2, 1, 1, 3,
+        {"backward k=NULL", FN(impl)->attention_backward(dq, dk, dv, q, q, NULL, v, q, l, 1, 1, 1, 1, 2, 1, 1, 3,
                                                      s, s, s, s)},
-        {"backward v=NULL", FN(attention_backward)(dq, dk, dv, q, q, k, NULL, q, l, 1, 1, 1, 1, 2, 1, 1, 3,
+        {"backward v=NULL", FN(impl)->attention_backward(dq, dk, dv, q, q, k, NULL, q, l, 1, 1, 1, 1, 2, 1, 1, 3,
                                                      s, s, s, s)},
-        {"backward out=NULL", FN(attention_backward)(dq, dk, dv, q, q, k, v, NULL, l, 1, 1, 1, 1, 2, 1, 1, 3,
+        {"backward out=NULL", FN(impl)->attention_backward(dq, dk, dv, q, q, k, v, NULL, l, 1, 1, 1, 1, 2, 1, 1, 3,
                                                        s, s, s, s)},
-        {"backward lse=NULL", FN(attention_backward)(dq, dk, dv, q, q, k, v, q, NULL, 1, 1, 1, 1, 2, 1, 1, 3,
+        {"backward lse=NULL", FN(impl)->attention_backward(dq, dk, dv, q, q, k, v, q, NULL, 1, 1, 1, 1, 2, 1, 1, 3,
                                                        s, s, s, s)},
-        {"backward dq_strides=NULL", FN(attention_backward)(dq, dk, dv, q, q, k, v, q, l, 1, 1, 1, 1, 2, 1,
+        {"backward dq_strides=NULL", FN(impl)->attention_backward(dq, dk, dv, q, q, k, v, q, l, 1, 1, 1, 1, 2, 1,
                                                               1, 3, NULL, s, s, s)},
-        {"backward dout_strides=NULL", FN(attention_backward)(dq, dk, dv, q, q, k, v, q, l, 1, 1, 1, 1, 2, 1,
+        {"backward dout_strides=NULL", FN(impl)->attention_backward(dq, dk, dv, q, q, k, v, q, l, 1, 1, 1, 1, 2, 1,
                                                                 1, 3, s, NULL, s, s)},
-        {"backward q_strides=NULL", FN(attention_backward)(dq, dk, dv, q, q, k, v, q, l, 1, 1, 1, 1, 2, 1, 1,
+        {"backward q_strides=NULL", FN(impl)->attention_backward(dq, dk, dv, q, q, k, v, q, l, 1, 1, 1, 1, 2, 1, 1,
                                                              3, s, s, NULL, s)},
-        {"backward out_strides=NULL", FN(attention_backward)(dq, dk, dv, q, q, k, v, q, l, 1, 1, 1, 1, 2, 1,
+        {"backward out_strides=NULL", FN(impl)->attention_backward(dq, dk, dv, q, q, k, v, q, l, 1, 1, 1, 1, 2, 1,
                                                                1, 3, s, s, s, NULL)},
-        {"backward no output, q=NULL", FN(attention_backward)(NULL, NULL, NULL, q, NULL, k, v, q, l, 1, 1, 1,
+        {"backward no output, q=NULL", FN(impl)->attention_backward(NULL, NULL, NULL, q, NULL, k, v, q, l, 1, 1, 1,
                                                                 1, 2, 1, 1, 3, s, s, s, s)},
     };
     for (size_t i = 0; i < sizeof calls / sizeof calls[0]; i++) {
@@ -403,7 +426,7 @@ static void FN(check_attention_errors)(void)
     for (int i = 0; i < 6; i++) touched |= o[i] != 7 || dq[i] != 7;
     for (int i = 0; i < 3; i++) touched |= dk[i] != 7 || dv[i] != 7;
     if (touched) fail(STR(SFX) " attention: a refused call wrote an output");
-    if (FN(attention_backward)(NULL, NULL, NULL, q, q, k, v, q, l, 1, 1, 1, 1, 2, 1, 1, 3, s, s, s, s) !=
+    if (FN(impl)->attention_backward(NULL, NULL, NULL, q, q, k, v, q, l, 1, 1, 1, 1, 2, 1, 1, 3, s, s, s, s) !=
         LORA_OK)
         fail(STR(SFX) " attention_backward with no output: LORA_OK");
 }
@@ -448,7 +471,7 @@ static void FN(check_rms_norm)(int64_t rows, int64_t n, int weighted, double mag
         }
     }
     snprintf(what, sizeof what, "%s forward status", name);
-    if (FN(rms_norm_forward)(y, rstd, x, w, eps, rows, n) != LORA_OK) fail(what);
+    if (FN(impl)->rms_norm_forward(y, rstd, x, w, eps, rows, n) != LORA_OK) fail(what);
     FN(expect_close)(name, "y", y, want, tol, N);
     FN(expect_close)(name, "rstd", rstd, wr, tr, rows);
     /* backward, from the kernel's rstd r: gx = r (g w - xhat c), c = mean(g w xhat), xhat = x r;
@@ -469,12 +492,12 @@ static void FN(check_rms_norm)(int64_t rows, int64_t n, int weighted, double mag
         }
     }
     snprintf(what, sizeof what, "%s backward status", name);
-    if (FN(rms_norm_backward)(gx, gw, g, x, w, rstd, rows, n) != LORA_OK) fail(what);
+    if (FN(impl)->rms_norm_backward(gx, gw, g, x, w, rstd, rows, n) != LORA_OK) fail(what);
     FN(expect_close)(name, "gx", gx, want, tol, N);
     FN(expect_close)(name, "gweight", gw, wg, tg, n);
-    int st = FN(rms_norm_backward)(gx1, NULL, g, x, w, rstd, rows, n);
-    st |= FN(rms_norm_backward)(NULL, gw1, g, x, w, rstd, rows, n);
-    st |= FN(rms_norm_backward)(NULL, NULL, g, x, w, rstd, rows, n);
+    int st = FN(impl)->rms_norm_backward(gx1, NULL, g, x, w, rstd, rows, n);
+    st |= FN(impl)->rms_norm_backward(NULL, gw1, g, x, w, rstd, rows, n);
+    st |= FN(impl)->rms_norm_backward(NULL, NULL, g, x, w, rstd, rows, n);
     snprintf(what, sizeof what, "%s backward NULL outputs status", name);
     if (st != LORA_OK) fail(what);
     snprintf(what, sizeof what, "%s gx alone (gweight NULL)", name);
@@ -520,7 +543,7 @@ static void FN(check_rotary)(int64_t B, int64_t H, int64_t T, int64_t D, int lx,
         }
         real *out = FN(attn_nans)(Lo.n);
         snprintf(what, sizeof what, "%s status", name);
-        if (FN(rotary)(out + Lo.base, x + Lx.base, cs, sn, transpose, B, H, T, D, Lx.s, Lo.s) != LORA_OK)
+        if (FN(impl)->rotary(out + Lo.base, x + Lx.base, cs, sn, transpose, B, H, T, D, Lx.s, Lo.s) != LORA_OK)
             fail(what);
         int pads_ok = 1;
         double *got = FN(attn_gather)(out, &Lo, &c, &pads_ok);
@@ -530,7 +553,7 @@ static void FN(check_rotary)(int64_t B, int64_t H, int64_t T, int64_t D, int lx,
         if (!pads_ok) fail(what);
         if (transpose) { /* any non-zero transpose is the transpose */
             real *out2 = FN(attn_nans)(Lo.n);
-            int st = FN(rotary)(out2 + Lo.base, x + Lx.base, cs, sn, -7, B, H, T, D, Lx.s, Lo.s);
+            int st = FN(impl)->rotary(out2 + Lo.base, x + Lx.base, cs, sn, -7, B, H, T, D, Lx.s, Lo.s);
             snprintf(what, sizeof what, "%s: transpose=-7 differs from transpose=1", name);
             int same = st == LORA_OK;
             for (int64_t i = 0; i < Lo.n; i++) same &= memcmp(out2 + i, out + i, sizeof(real)) == 0;
@@ -557,10 +580,10 @@ static void FN(check_norm_rotary_threads)(void)
         lora_set_num_threads(t + 1);
         for (int k = 0; k < 6; k++) r[t][k] = alloc(sizeof(real) * (size_t)len[k]);
         memset(r[t][3], 0, sizeof(real) * (size_t)n);
-        int st = FN(rms_norm_forward)(r[t][0], r[t][1], x, w, 1e-6, rows, n);
-        st |= FN(rms_norm_backward)(r[t][2], r[t][3], g, x, w, r[t][1], rows, n);
-        st |= FN(rotary)(r[t][4], q, cs, sn, 0, c.B, c.Hkv, c.T, c.D, L.s, L.s);
-        st |= FN(rotary)(r[t][5], q, cs, sn, 1, c.B, c.Hkv, c.T, c.D, L.s, L.s);
+        int st = FN(impl)->rms_norm_forward(r[t][0], r[t][1], x, w, 1e-6, rows, n);
+        st |= FN(impl)->rms_norm_backward(r[t][2], r[t][3], g, x, w, r[t][1], rows, n);
+        st |= FN(impl)->rotary(r[t][4], q, cs, sn, 0, c.B, c.Hkv, c.T, c.D, L.s, L.s);
+        st |= FN(impl)->rotary(r[t][5], q, cs, sn, 1, c.B, c.Hkv, c.T, c.D, L.s, L.s);
         if (st != LORA_OK) fail(STR(SFX) " rms_norm / rotary threads: status");
     }
     const char *names[6] = {"rms_norm y", "rms_norm rstd", "rms_norm gx", "rms_norm gweight", "rotary",
@@ -587,31 +610,31 @@ static void FN(check_norm_rotary_errors)(void)
         const char *what;
         int status;
     } calls[] = {
-        {"rms_norm_forward rows<0", FN(rms_norm_forward)(y, rs, x, w, 1e-6, -1, 4)},
-        {"rms_norm_forward n=0", FN(rms_norm_forward)(y, rs, x, w, 1e-6, 1, 0)},
-        {"rms_norm_forward n<0", FN(rms_norm_forward)(y, rs, x, w, 1e-6, 1, -4)},
-        {"rms_norm_forward y=NULL", FN(rms_norm_forward)(NULL, rs, x, w, 1e-6, 1, 4)},
-        {"rms_norm_forward rstd=NULL", FN(rms_norm_forward)(y, NULL, x, w, 1e-6, 1, 4)},
-        {"rms_norm_forward x=NULL", FN(rms_norm_forward)(y, rs, NULL, w, 1e-6, 1, 4)},
-        {"rms_norm_backward rows<0", FN(rms_norm_backward)(gx, gw, x, x, w, r1, -1, 4)},
-        {"rms_norm_backward n=0", FN(rms_norm_backward)(gx, gw, x, x, w, r1, 1, 0)},
-        {"rms_norm_backward n<0", FN(rms_norm_backward)(gx, gw, x, x, w, r1, 1, -2)},
-        {"rms_norm_backward g=NULL", FN(rms_norm_backward)(gx, gw, NULL, x, w, r1, 1, 4)},
-        {"rms_norm_backward x=NULL", FN(rms_norm_backward)(gx, gw, x, NULL, w, r1, 1, 4)},
-        {"rms_norm_backward rstd=NULL", FN(rms_norm_backward)(gx, gw, x, x, w, NULL, 1, 4)},
-        {"rms_norm_backward gweight only, x=NULL", FN(rms_norm_backward)(NULL, gw, x, NULL, w, r1, 1, 4)},
-        {"rotary B<0", FN(rotary)(o, x, cs, sn, 0, -1, 1, 1, 4, s, s)},
-        {"rotary H<0", FN(rotary)(o, x, cs, sn, 0, 1, -1, 1, 4, s, s)},
-        {"rotary T<0", FN(rotary)(o, x, cs, sn, 1, 1, 1, -1, 4, s, s)},
-        {"rotary D<0", FN(rotary)(o, x, cs, sn, 0, 1, 1, 1, -4, s, s)},
-        {"rotary D=3", FN(rotary)(o, x, cs, sn, 0, 1, 1, 1, 3, s, s)},
-        {"rotary D=1", FN(rotary)(o, x, cs, sn, 1, 1, 1, 1, 1, s, s)},
-        {"rotary out=NULL", FN(rotary)(NULL, x, cs, sn, 0, 1, 1, 1, 4, s, s)},
-        {"rotary x=NULL", FN(rotary)(o, NULL, cs, sn, 0, 1, 1, 1, 4, s, s)},
-        {"rotary cos=NULL", FN(rotary)(o, x, NULL, sn, 0, 1, 1, 1, 4, s, s)},
-        {"rotary sin=NULL", FN(rotary)(o, x, cs, NULL, 0, 1, 1, 1, 4, s, s)},
-        {"rotary x_strides=NULL", FN(rotary)(o, x, cs, sn, 0, 1, 1, 1, 4, NULL, s)},
-        {"rotary out_strides=NULL", FN(rotary)(o, x, cs, sn, 1, 1, 1, 1, 4, s, NULL)},
+        {"rms_norm_forward rows<0", FN(impl)->rms_norm_forward(y, rs, x, w, 1e-6, -1, 4)},
+        {"rms_norm_forward n=0", FN(impl)->rms_norm_forward(y, rs, x, w, 1e-6, 1, 0)},
+        {"rms_norm_forward n<0", FN(impl)->rms_norm_forward(y, rs, x, w, 1e-6, 1, -4)},
+        {"rms_norm_forward y=NULL", FN(impl)->rms_norm_forward(NULL, rs, x, w, 1e-6, 1, 4)},
+        {"rms_norm_forward rstd=NULL", FN(impl)->rms_norm_forward(y, NULL, x, w, 1e-6, 1, 4)},
+        {"rms_norm_forward x=NULL", FN(impl)->rms_norm_forward(y, rs, NULL, w, 1e-6, 1, 4)},
+        {"rms_norm_backward rows<0", FN(impl)->rms_norm_backward(gx, gw, x, x, w, r1, -1, 4)},
+        {"rms_norm_backward n=0", FN(impl)->rms_norm_backward(gx, gw, x, x, w, r1, 1, 0)},
+        {"rms_norm_backward n<0", FN(impl)->rms_norm_backward(gx, gw, x, x, w, r1, 1, -2)},
+        {"rms_norm_backward g=NULL", FN(impl)->rms_norm_backward(gx, gw, NULL, x, w, r1, 1, 4)},
+        {"rms_norm_backward x=NULL", FN(impl)->rms_norm_backward(gx, gw, x, NULL, w, r1, 1, 4)},
+        {"rms_norm_backward rstd=NULL", FN(impl)->rms_norm_backward(gx, gw, x, x, w, NULL, 1, 4)},
+        {"rms_norm_backward gweight only, x=NULL", FN(impl)->rms_norm_backward(NULL, gw, x, NULL, w, r1, 1, 4)},
+        {"rotary B<0", FN(impl)->rotary(o, x, cs, sn, 0, -1, 1, 1, 4, s, s)},
+        {"rotary H<0", FN(impl)->rotary(o, x, cs, sn, 0, 1, -1, 1, 4, s, s)},
+        {"rotary T<0", FN(impl)->rotary(o, x, cs, sn, 1, 1, 1, -1, 4, s, s)},
+        {"rotary D<0", FN(impl)->rotary(o, x, cs, sn, 0, 1, 1, 1, -4, s, s)},
+        {"rotary D=3", FN(impl)->rotary(o, x, cs, sn, 0, 1, 1, 1, 3, s, s)},
+        {"rotary D=1", FN(impl)->rotary(o, x, cs, sn, 1, 1, 1, 1, 1, s, s)},
+        {"rotary out=NULL", FN(impl)->rotary(NULL, x, cs, sn, 0, 1, 1, 1, 4, s, s)},
+        {"rotary x=NULL", FN(impl)->rotary(o, NULL, cs, sn, 0, 1, 1, 1, 4, s, s)},
+        {"rotary cos=NULL", FN(impl)->rotary(o, x, NULL, sn, 0, 1, 1, 1, 4, s, s)},
+        {"rotary sin=NULL", FN(impl)->rotary(o, x, cs, NULL, 0, 1, 1, 1, 4, s, s)},
+        {"rotary x_strides=NULL", FN(impl)->rotary(o, x, cs, sn, 0, 1, 1, 1, 4, NULL, s)},
+        {"rotary out_strides=NULL", FN(impl)->rotary(o, x, cs, sn, 1, 1, 1, 1, 4, s, NULL)},
     };
     for (size_t i = 0; i < sizeof calls / sizeof calls[0]; i++) {
         char what[96];
@@ -622,9 +645,9 @@ static void FN(check_norm_rotary_errors)(void)
     for (int i = 0; i < 4; i++) touched |= y[i] != 7 || gx[i] != 7 || gw[i] != 7 || o[i] != 7;
     if (touched) fail(STR(SFX) " rms_norm / rotary: a refused call wrote an output");
     /* weight NULL is no weight, not an error; nothing asked of the backward: LORA_OK */
-    if (FN(rms_norm_forward)(y, rs, x, NULL, 1e-6, 1, 4) != LORA_OK)
+    if (FN(impl)->rms_norm_forward(y, rs, x, NULL, 1e-6, 1, 4) != LORA_OK)
         fail(STR(SFX) " rms_norm_forward with weight=NULL: LORA_OK");
-    if (FN(rms_norm_backward)(NULL, NULL, x, x, NULL, r1, 1, 4) != LORA_OK)
+    if (FN(impl)->rms_norm_backward(NULL, NULL, x, x, NULL, r1, 1, 4) != LORA_OK)
         fail(STR(SFX) " rms_norm_backward with no output: LORA_OK");
 }
 
