@@ -41,13 +41,14 @@ from . import functional as F
 from . import safetensors
 from .checkpoints import (RunFileError, RunFolderBusy, earlier_run, load_checkpoint, lock_run_folder,
                           remove_leftovers, remove_run, save_adapter, save_checkpoint)
+from .kernels.backend import keep_freed_memory, set_threads
 from .optim import clip_grad_norm_
 from .options import Float, Int, OptionError
 from .progress import MetricsLog, Progress, read_metrics, try_write_loss_svg, write_loss_svg
 
 __all__ = ["TrainArgs", "train", "train_step", "evaluate", "NonFiniteLoss", "RunExists", "OPTION_RULES", "CHOICES",
-           "set_threads", "keep_freed_memory",
-           "RunFolderBusy", "RunFileError", "write_loss_svg"]  # these three: lora_np.checkpoints' and .progress'
+           # where they were: lora_np.kernels.backend's, lora_np.checkpoints' and lora_np.progress'
+           "set_threads", "keep_freed_memory", "RunFolderBusy", "RunFileError", "write_loss_svg"]
 
 
 class NonFiniteLoss(RuntimeError):
@@ -151,49 +152,6 @@ class TrainArgs:
         for name in ("data", "out"):
             if not isinstance(getattr(self, name), (str, os.PathLike)) or not os.fspath(getattr(self, name)):
                 raise OptionError(f"{name} must be a path, got {getattr(self, name)!r}")
-
-
-# -- threads -----------------------------------------------------------------------------------
-def set_threads(n):
-    """Use n threads in the C core and in NumPy's OpenBLAS (found in the loaded libraries)."""
-    from . import kernels
-
-    kernels.set_num_threads(n)
-    import ctypes
-
-    with open("/proc/self/maps") as fh:
-        libs = {path for path in (line.split()[-1] for line in fh) if "openblas" in path.lower() and ".so" in path}
-    for lib in libs:
-        try:
-            handle = ctypes.CDLL(lib)
-        except OSError:
-            continue
-        for sym in ("scipy_openblas_set_num_threads64_", "openblas_set_num_threads64_", "openblas_set_num_threads"):
-            fn = getattr(handle, sym, None)
-            if fn is not None:
-                fn(ctypes.c_int(n))
-                break
-
-
-def keep_freed_memory():
-    """Ask glibc's malloc to keep freed memory for reuse instead of handing it back to the OS.
-
-    A training step allocates and frees about 1 GB of activations and gradients (SmolLM2,
-    4 x 256 tokens); with glibc's defaults most of it goes back to the OS and page-faults in
-    again on the next step: 270,000 faults and 1.5 s of system time per step here, against
-    2,000 with this setting. Peak memory is unchanged (the same blocks are reused). Called by
-    `train` and `evaluate`; a no-op where the C library has no mallopt (not glibc).
-    Returns True when the setting was applied."""
-    import ctypes
-    import ctypes.util
-
-    try:
-        mallopt = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").mallopt
-    except (OSError, AttributeError):
-        return False
-    M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
-    # Blocks up to 32 MiB (glibc's ceiling) come from the heap, and its top is never trimmed.
-    return bool(mallopt(M_MMAP_THRESHOLD, 32 << 20)) and bool(mallopt(M_TRIM_THRESHOLD, 1 << 30))
 
 
 # -- evaluation -----------------------------------------------------------------------------
