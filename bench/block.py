@@ -75,7 +75,7 @@ def lora_np_step_fn(weights, x, r):
 
     import lora_np
     from lora_np import functional as F
-    from lora_np.nn import DecoderBlock
+    from lora_np.models.llama import DecoderBlock
 
     block = DecoderBlock(HIDDEN, HEADS, KV_HEADS, FFN, head_dim=HEAD_DIM, eps=EPS, dtype=np.float32)
     block.load_state_dict(weights)

@@ -36,9 +36,9 @@ _LAZY = {
     "SafetensorsError": ("safetensors", "SafetensorsError"),
     "TokenizerError": ("tokenizer", "TokenizerError"),
     "CheckpointError": ("loaders", "CheckpointError"),
-    "RunFileError": ("train", "RunFileError"),
+    "RunFileError": ("checkpoints", "RunFileError"),
     "RunExists": ("train", "RunExists"),
-    "RunFolderBusy": ("train", "RunFolderBusy"),
+    "RunFolderBusy": ("checkpoints", "RunFolderBusy"),
     "NonFiniteLoss": ("train", "NonFiniteLoss"),
 }
 

@@ -82,7 +82,7 @@ def run_c_driver_under_sanitizers(tmp_path, driver, sources, passed_line):
     """Build csrc/<driver>.c with the given C sources of csrc/ under AddressSanitizer + UBSan (and
     OpenMP when the extension has it), run it with the AVX2 build and then the baseline SIMD build,
     and check it exits 0 printing `passed_line`. A missing compiler fails: the extension was built."""
-    from lora_np import kernels
+    from lora_np.kernels.backend import lib as backend_lib
 
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     cc = (os.environ.get("CC") or sysconfig.get_config_var("CC") or "cc").split()
@@ -92,7 +92,7 @@ def run_c_driver_under_sanitizers(tmp_path, driver, sources, passed_line):
     paths = [os.path.join(root, "csrc", f) for f in [f"{driver}.c", *sources]]
     flags = ["-O0", "-g", "-fsanitize=address,undefined", "-fno-omit-frame-pointer", "-fno-sanitize-recover=all",
              "-Wno-psabi", "-I" + os.path.join(root, "csrc")]
-    omp = ["-fopenmp"] if kernels._lib.lora_has_openmp() else []
+    omp = ["-fopenmp"] if backend_lib.lora_has_openmp() else []
     build = subprocess.run(cc + flags + omp + paths + ["-o", str(exe), "-lm"], capture_output=True, text=True)
     assert build.returncode == 0, build.stderr
     for simd in ("", "baseline"):  # the AVX2 build where the CPU has it, then the baseline build
