@@ -17,9 +17,9 @@ nvcc --version | tail -1
 python3 --version
 echo "== build: CUDA library (sm_80, sm_90) and C core"
 time python3 lora_np/_cuda_build.py
-echo "== tests/test_kernels_cuda.py"
-python3 -m pytest -q -p no:cacheprovider tests/test_kernels_cuda.py || echo "== CUDA TESTS FAILED"
+echo "== tests/kernels/test_kernels_cuda.py"
+python3 -m pytest -q -p no:cacheprovider tests/kernels/test_kernels_cuda.py || echo "== CUDA TESTS FAILED"
 echo "== benchmark vs PyTorch eager CUDA"
 python3 bench/lora_kernels.py --cuda
-echo "== C core on this machine: build and tests/test_kernels.py"
-python3 lora_np/_ffi_build.py && timeout 150 python3 -m pytest -q -p no:cacheprovider tests/test_kernels.py
+echo "== C core on this machine: build and tests/kernels/test_kernels.py"
+python3 lora_np/_ffi_build.py && timeout 150 python3 -m pytest -q -p no:cacheprovider tests/kernels/test_kernels.py

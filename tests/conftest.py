@@ -6,6 +6,8 @@ CI (CI=true) it is a failure, because a cross-check that silently skips hides a 
 Every module runs under `restore_backend`, which puts lora_np's kernel backend and threads back.
 """
 import importlib
+import json
+import math
 import os
 import shutil
 import subprocess
@@ -15,6 +17,13 @@ import numpy as np
 import pytest
 from hypothesis import HealthCheck, settings
 
+import lora_np
+from lora_np import Tensor, no_grad
+from lora_np.export import save_merged
+from lora_np.models import LlamaConfig, LlamaForCausalLM
+from lora_np.train import TrainArgs
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the repository
 IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
 
 settings.register_profile(
@@ -102,3 +111,143 @@ def run_c_driver_under_sanitizers(tmp_path, driver, sources, passed_line):
         done = subprocess.run([str(exe)], capture_output=True, text=True, env=env, timeout=120)
         assert done.returncode == 0, f"LORA_NP_SIMD={simd!r}\n" + done.stdout[-3000:] + done.stderr[-3000:]
         assert passed_line in done.stdout
+
+
+# -- finite differences and references, shared by tests/functional and tests/models ------------------
+# (the bound is derived in tests/functional/test_functional.py's module docstring)
+EPS = 1e-6
+FD_RTOL = 1e-6
+FD_ATOL_PER_S = 2e-8
+F32_RTOL = 2e-5  # float32 vs float64: ~100 float32 ulps relative to the output's scale
+
+
+def check_grad(fn, arrays, grad_of, rng, name="op"):
+    """Compare the autograd gradient of L = Σ fn(*arrays)·R with central finite differences
+    for every element of every input in `grad_of` (float64; the bound is in the module doc)."""
+    tensors = [Tensor(a, requires_grad=(i in grad_of)) if isinstance(a, np.ndarray) else a
+               for i, a in enumerate(arrays)]
+    out = fn(*tensors)
+    r = rng.standard_normal(out.shape)
+    out.backward(r)
+    scale = float(np.abs(out.data * r).sum())
+
+    def loss(arrs):
+        with no_grad():
+            return float(np.sum(fn(*[Tensor(a) if isinstance(a, np.ndarray) else a for a in arrs]).data * r))
+
+    for i in grad_of:
+        a = arrays[i]
+        num = np.zeros_like(a)
+        for idx in np.ndindex(a.shape):
+            def at(step):
+                moved = list(arrays)
+                moved[i] = a.copy()
+                moved[i][idx] += step
+                return loss(moved)
+            num[idx] = central_difference(at)
+        assert tensors[i].grad is not None, f"{name}: input {i} got no gradient"
+        assert tensors[i].grad.dtype == a.dtype, f"{name}: input {i} gradient dtype {tensors[i].grad.dtype}"
+        assert_close(tensors[i].grad, num, FD_RTOL, FD_ATOL_PER_S * (1 + scale), name=f"{name} d/dinput{i}")
+
+
+def central_difference(at):
+    """d/dt of at(t) at t = 0 by the fourth-order stencil of the module doc (step EPS)."""
+    return (8 * (at(EPS) - at(-EPS)) - (at(2 * EPS) - at(-2 * EPS))) / (12 * EPS)
+
+
+def f32_tolerance(expected):
+    return F32_RTOL, F32_RTOL * (1 + float(np.abs(expected).max(initial=0)))
+
+
+def spread_rows(rng, shape, norm_dims=1):
+    """Values whose groups over the last `norm_dims` dims are spread out (a linear ramp from
+    −1.5 to 1.5 plus noise of std 0.3) and far from 0: a norm over a near-constant or
+    near-zero group has a condition number up to 1/√eps ≈ 300, where float32 cannot agree
+    with float64 in any library."""
+    group = shape[len(shape) - norm_dims:]
+    n = int(np.prod(group))
+    ramp = (np.linspace(-1.5, 1.5, n) if n > 1 else np.array([1.5])).reshape(group)
+    return rng.standard_normal(shape) * 0.3 + ramp
+
+
+def np_softmax(x, axis):
+    e = np.exp(x - x.max(axis=axis, keepdims=True))
+    return e / e.sum(axis=axis, keepdims=True)
+
+
+def np_attention(q, k, v, mask=None, is_causal=False, scale=None):
+    """Reference attention: K/V heads repeated for grouped-query attention, bottom-right causal mask."""
+    B, Hq, T, D = q.shape
+    S = k.shape[2]
+    g = Hq // k.shape[1]
+    k, v = np.repeat(k, g, axis=1), np.repeat(v, g, axis=1)
+    s = q @ np.swapaxes(k, -1, -2) * (scale if scale is not None else 1 / math.sqrt(D))
+    if mask is not None:
+        s = np.where(mask, s, -np.inf) if mask.dtype == bool else s + mask
+    if is_causal:
+        s = np.where(np.tri(T, S, S - T, dtype=bool), s, -np.inf)
+    return np_softmax(s, -1) @ v
+
+
+# -- tiny models shared by the loader, CLI and training tests -----------------------------------
+def patch_float64(torch, transformers_model):
+    """transformers computes LlamaRMSNorm and the RoPE cos/sin in float32 even in a float64
+    model; give it float64 versions so a float64 comparison tests the model, not that rounding."""
+    from transformers.models.llama import modeling_llama as ml
+
+    def rms_forward(self, h):
+        return self.weight * (h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.variance_epsilon))
+
+    for mod in transformers_model.modules():
+        if isinstance(mod, ml.LlamaRMSNorm):
+            mod.forward = rms_forward.__get__(mod)
+    rot = transformers_model.model.rotary_emb
+    cfg = transformers_model.config
+    dim = cfg.head_dim
+    inv = 1.0 / (cfg.rope_parameters["rope_theta"] ** (torch.arange(0, dim, 2, dtype=torch.float64) / dim))
+
+    def rope_forward(x, position_ids):
+        f = position_ids[..., None].double() * inv
+        emb = torch.cat([f, f], -1)
+        return emb.cos().to(x.dtype), emb.sin().to(x.dtype)
+
+    rot.forward = rope_forward
+
+
+def tiny_llama(transformers, tie=False, seed=0):
+    import torch
+
+    torch.manual_seed(seed)
+    cfg = transformers.LlamaConfig(vocab_size=101, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2, rms_norm_eps=2.0**-17,  # exact in GGUF float32
+                                   rope_theta=500.0, tie_word_embeddings=tie, max_position_embeddings=64)
+    return transformers.LlamaForCausalLM(cfg).eval()
+
+
+IDS = np.array([[3, 17, 99, 42, 5, 5, 61, 0, 8, 23, 77], [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11]])
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """(model folder, tokenizer path, data file): a tiny random Llama saved as a HF folder."""
+    folder = tmp_path_factory.mktemp("tiny")
+    lora_np.manual_seed(0)
+    config = LlamaConfig(vocab_size=49152, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, rms_norm_eps=1e-5, rope_theta=10000.0,
+                         tie_word_embeddings=True, max_position_embeddings=128)
+    model = LlamaForCausalLM(config)
+    for p in model.parameters():  # small weights so the tiny model's loss is moderate
+        p.data *= 0.05
+    save_merged(model, str(folder / "model"))
+    data = folder / "train.jsonl"
+    rows = [{"prompt": f"Add {a} and {b}:", "completion": f" {a + b}"} for a in range(12) for b in range(4)]
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return str(folder / "model"), lora_np.default_model_path(), str(data)
+
+
+def tiny_train_args(tiny, out, **kw):
+    model, tok, data = tiny
+    base = dict(data=data, out=str(out), model=model, tokenizer=tok, r=4, alpha=8, dropout=0.1, lr=5e-3,
+                steps=6, batch_size=4, seq_len=16, val_fraction=0.1, seed=3, log_every=1)
+    base.update(kw)
+    return TrainArgs(**base)

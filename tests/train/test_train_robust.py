@@ -27,7 +27,7 @@ from lora_np.checkpoints import RunFileError, RunFolderBusy, load_checkpoint, sa
 from lora_np.cli import main as cli_main
 from lora_np.options import OptionError
 from lora_np.train import NonFiniteLoss, OPTION_RULES, RunExists, TrainArgs, train
-from test_train import ROOT, _args, tiny  # noqa: F401  (the tiny Llama fixture, shared)
+from conftest import ROOT, tiny_train_args
 
 QUIET = io.StringIO()
 N_EXAMPLES = 48  # rows of the tiny fixture's train.jsonl
@@ -143,7 +143,7 @@ def test_a_run_does_what_its_numbers_say(tiny, tmp_path_factory, steps, epochs, 
     out = tmp_path_factory.mktemp("run")
     log = out / "log.txt"
     with open(log, "w") as stream:
-        train(_args(tiny, out, steps=steps, epochs=None if steps else epochs, batch_size=batch_size,
+        train(tiny_train_args(tiny, out, steps=steps, epochs=None if steps else epochs, batch_size=batch_size,
                     grad_accum=grad_accum, save_every=save_every, eval_every=eval_every, log_every=log_every,
                     warmup=warmup, val_fraction=0.25, lr=1e-3), stream=stream)
     n_train = N_EXAMPLES - N_EXAMPLES // 4
@@ -164,7 +164,7 @@ def test_a_run_does_what_its_numbers_say(tiny, tmp_path_factory, steps, epochs, 
 def test_seq_len_beyond_the_models_context_is_refused_before_any_write(tiny, tmp_path):
     with pytest.raises(OptionError, match=r"--seq-len 129 is longer than the model's context "
                                           r"\(max_position_embeddings = 128"):
-        train(_args(tiny, tmp_path, seq_len=129), stream=QUIET)
+        train(tiny_train_args(tiny, tmp_path, seq_len=129), stream=QUIET)
     assert not os.path.exists(tmp_path / "metrics.jsonl")
 
 
@@ -184,12 +184,12 @@ def test_a_nonfinite_parameter_after_the_update_reaches_no_file(tiny, tmp_path, 
     with pytest.raises(NonFiniteLoss, match=r"parameter base_model\.model\.model\.layers\.0\.self_attn\.q_proj\."
                                             r"lora_B\.default\.weight is not finite after the update .* at step 3; "
                                             r".*The last good checkpoint is .*step-000002"):
-        train(_args(tiny, tmp_path, save_every=2, steps=4), stream=QUIET)
+        train(tiny_train_args(tiny, tmp_path, save_every=2, steps=4), stream=QUIET)
     assert _checkpoint_is_whole(tmp_path) == 2
     assert [r["step"] for r in _rows(tmp_path)] == [1, 2]
     assert not os.path.exists(tmp_path / "adapter_model.safetensors")
     monkeypatch.setattr(AdamW, "step", real_step)  # the named checkpoint really is good: the run continues from it
-    assert train(_args(tiny, tmp_path, save_every=2, steps=4, resume=True), stream=QUIET)["steps"] == 4
+    assert train(tiny_train_args(tiny, tmp_path, save_every=2, steps=4, resume=True), stream=QUIET)["steps"] == 4
 
 
 @pytest.mark.filterwarnings("ignore:(overflow|invalid value) encountered:RuntimeWarning")  # the update that is stopped
@@ -238,7 +238,7 @@ def saved_run(tiny, tmp_path_factory):
     from lora_np.optim import AdamW, get_linear_schedule_with_warmup
 
     out = tmp_path_factory.mktemp("saved")
-    result = train(_args(tiny, out, steps=2, save_every=2), stream=QUIET)
+    result = train(tiny_train_args(tiny, out, steps=2, save_every=2), stream=QUIET)
     peft = result["model"]
     optimizer = AdamW([p for p in peft.parameters() if p.requires_grad], lr=1e-3)
     return out, (peft, optimizer, get_linear_schedule_with_warmup(optimizer, 0, 10))
@@ -271,23 +271,23 @@ def test_a_checkpoint_save_killed_at_any_point_leaves_a_whole_one(saved_run, tmp
 
 
 def test_the_next_run_removes_leftovers_of_killed_writes_and_nothing_else(tiny, tmp_path):
-    train(_args(tiny, tmp_path, steps=4, stop_at=2), stream=QUIET)
+    train(tiny_train_args(tiny, tmp_path, steps=4, stop_at=2), stream=QUIET)
     leftovers = [tmp_path / ".metrics.jsonl.0123456789ab.tmp", tmp_path / "checkpoints" / ".tmp-step-000004-abc",
                  tmp_path / ".tmp-adapter-0123456789ab"]
     leftovers[0].write_text("{")
     for folder in leftovers[1:]:
         os.makedirs(folder / "adapter")
     (tmp_path / "notes.tmp").write_text("mine")  # not a name lora_np writes
-    train(_args(tiny, tmp_path, steps=4, resume=True), stream=QUIET)
+    train(tiny_train_args(tiny, tmp_path, steps=4, resume=True), stream=QUIET)
     assert not any(os.path.exists(p) for p in leftovers)
     assert (tmp_path / "notes.tmp").read_text() == "mine"
     assert [r["step"] for r in _rows(tmp_path)] == [1, 2, 3, 4]
 
 
 def test_resuming_a_finished_run_keeps_its_checkpoint(tiny, tmp_path):
-    train(_args(tiny, tmp_path, steps=4, save_every=2), stream=QUIET)
+    train(tiny_train_args(tiny, tmp_path, steps=4, save_every=2), stream=QUIET)
     before = load_checkpoint(tmp_path)
-    assert train(_args(tiny, tmp_path, steps=4, save_every=2, resume=True), stream=QUIET)["steps"] == 4
+    assert train(tiny_train_args(tiny, tmp_path, steps=4, save_every=2, resume=True), stream=QUIET)["steps"] == 4
     assert load_checkpoint(tmp_path) == before and _checkpoint_is_whole(tmp_path) == 4
 
 
@@ -330,7 +330,7 @@ def test_a_full_disk_names_the_path_and_keeps_what_was_written(tiny, tmp_path, m
     out = tmp_path / "run"
     monkeypatch.setattr(builtins, "open", _Budget(out, budget))
     try:
-        train(_args(tiny, out, steps=4, save_every=2, val_fraction=0), stream=QUIET)
+        train(tiny_train_args(tiny, out, steps=4, save_every=2, val_fraction=0), stream=QUIET)
         finished = True
     except OSError as e:
         assert e.errno == errno.ENOSPC and str(e.filename).startswith(str(out)), e
@@ -338,7 +338,7 @@ def test_a_full_disk_names_the_path_and_keeps_what_was_written(tiny, tmp_path, m
     monkeypatch.undo()
     if os.path.exists(out / "checkpoints" / "latest.json"):
         step = _checkpoint_is_whole(out)
-        assert train(_args(tiny, out, steps=4, save_every=2, val_fraction=0, resume=True), stream=QUIET)["steps"] == 4
+        assert train(tiny_train_args(tiny, out, steps=4, save_every=2, val_fraction=0, resume=True), stream=QUIET)["steps"] == 4
         assert [r["step"] for r in _rows(out)] == [1, 2, 3, 4] and step in (2, 4)
     if finished or os.path.exists(out / "adapter_config.json"):
         weights = lora_np.safetensors.load_file(out / "adapter_model.safetensors")
@@ -353,7 +353,7 @@ def test_a_loss_svg_that_cannot_be_written_is_a_warning_after_the_adapter(tiny, 
     monkeypatch.setattr(progress, "write_loss_svg", no_space)
     log = tmp_path / "log.txt"
     with open(log, "w") as stream:
-        train(_args(tiny, tmp_path / "run", steps=2), stream=stream)
+        train(tiny_train_args(tiny, tmp_path / "run", steps=2), stream=stream)
     assert f"warning: could not write {tmp_path / 'run' / 'loss.svg'}: No space left on device" in log.read_text()
     assert lora_np.safetensors.load_file(tmp_path / "run" / "adapter_model.safetensors")
 
@@ -361,7 +361,7 @@ def test_a_loss_svg_that_cannot_be_written_is_a_warning_after_the_adapter(tiny, 
 def test_out_that_is_a_file_is_an_oserror_naming_it(tiny, tmp_path):
     (tmp_path / "f").write_text("x")
     with pytest.raises(NotADirectoryError) as e:
-        train(_args(tiny, tmp_path / "f"), stream=QUIET)
+        train(tiny_train_args(tiny, tmp_path / "f"), stream=QUIET)
     assert e.value.filename == str(tmp_path / "f") and "--out must be a folder" in str(e.value)
 
 
@@ -369,7 +369,7 @@ def test_out_that_is_a_file_is_an_oserror_naming_it(tiny, tmp_path):
 @pytest.fixture(scope="module")
 def stopped_run(tiny, tmp_path_factory):
     out = tmp_path_factory.mktemp("stopped") / "run"
-    train(_args(tiny, out, steps=5, stop_at=3), stream=QUIET)
+    train(tiny_train_args(tiny, out, steps=5, stop_at=3), stream=QUIET)
     return out
 
 
@@ -380,7 +380,7 @@ def test_a_torn_last_metrics_row_is_dropped_with_a_warning(tiny, stopped_run, tm
         fh.write('{"step": 4, "loss": 3.2')  # a kill while step 4's row was written
     log = tmp_path / "log.txt"
     with open(log, "w") as stream:
-        train(_args(tiny, out, steps=5, resume=True), stream=stream)
+        train(tiny_train_args(tiny, out, steps=5, resume=True), stream=stream)
     assert f"warning: {out / 'metrics.jsonl'}:4: dropped a torn last line" in log.read_text()
     assert [r["step"] for r in _rows(out)] == [1, 2, 3, 4, 5]
 
@@ -420,7 +420,7 @@ def test_other_damage_to_run_files_names_the_file(tiny, stopped_run, tmp_path, d
     shutil.copytree(stopped_run, out)
     damage(out)
     with pytest.raises(RunFileError, match=match):
-        train(_args(tiny, out, steps=5, resume=True), stream=QUIET)
+        train(tiny_train_args(tiny, out, steps=5, resume=True), stream=QUIET)
 
 
 def test_a_checkpoint_with_nonfinite_weights_is_not_resumed(tiny, stopped_run, tmp_path):
@@ -432,18 +432,18 @@ def test_a_checkpoint_with_nonfinite_weights_is_not_resumed(tiny, stopped_run, t
     weights[key][0, 0] = np.nan
     lora_np.safetensors.save_file(weights, path)
     with pytest.raises(RunFileError, match=r"step-000003: the checkpoint's adapter does not load: .*holds non-finite values"):
-        train(_args(tiny, out, steps=5, resume=True), stream=QUIET)
+        train(tiny_train_args(tiny, out, steps=5, resume=True), stream=QUIET)
 
 
 # -- 9. one run per folder ----------------------------------------------------------------------
 def test_a_folder_holding_a_run_needs_resume_or_overwrite(tiny, tmp_path):
-    train(_args(tiny, tmp_path, steps=2), stream=QUIET)
+    train(tiny_train_args(tiny, tmp_path, steps=2), stream=QUIET)
     (tmp_path / "notes.txt").write_text("mine")
     with pytest.raises(RunExists, match=r"already holds a run \(adapter_config.json, adapter_model.safetensors, "
                                         r"metrics.jsonl, loss.svg, checkpoints\).*--resume.*--overwrite"):
-        train(_args(tiny, tmp_path, steps=3), stream=QUIET)
+        train(tiny_train_args(tiny, tmp_path, steps=3), stream=QUIET)
     assert [r["step"] for r in _rows(tmp_path)] == [1, 2]
-    train(_args(tiny, tmp_path, steps=3, overwrite=True), stream=QUIET)
+    train(tiny_train_args(tiny, tmp_path, steps=3, overwrite=True), stream=QUIET)
     assert [r["step"] for r in _rows(tmp_path)] == [1, 2, 3] and _checkpoint_is_whole(tmp_path) == 3
     assert (tmp_path / "notes.txt").read_text() == "mine"
 
@@ -452,10 +452,10 @@ def test_a_held_lock_refuses_a_second_run_naming_the_holder(tiny, tmp_path):
     fd = checkpoints.lock_run_folder(str(tmp_path))
     try:
         with pytest.raises(RunFolderBusy, match=rf"in use by another lora-np train \(pid {os.getpid()} on "):
-            train(_args(tiny, tmp_path), stream=QUIET)
+            train(tiny_train_args(tiny, tmp_path), stream=QUIET)
     finally:
         os.close(fd)
-    train(_args(tiny, tmp_path, steps=1), stream=QUIET)  # released: the next run goes ahead
+    train(tiny_train_args(tiny, tmp_path, steps=1), stream=QUIET)  # released: the next run goes ahead
 
 
 def test_two_concurrent_runs_in_one_folder(tiny, tmp_path, capsys):

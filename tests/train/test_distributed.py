@@ -15,10 +15,8 @@ from hypothesis import given, strategies as st
 
 import lora_np
 from lora_np.distributed import shard
-from conftest import IN_CI, assert_close, crosscheck
-from test_train import tiny  # noqa: F401  (the tiny Llama fixture, shared)
+from conftest import IN_CI, ROOT, assert_close, crosscheck
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ENV = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
 
 # Rank 1 of a fault test: sends itself a signal (argv[1]) when it reaches the allreduce of step 3.

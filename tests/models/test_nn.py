@@ -14,13 +14,12 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from conftest import assert_close
 from lora_np import Tensor, no_grad
 from lora_np import functional as F
 from lora_np import nn
 from lora_np.models import gpt2, llama
-from test_functional import (FD_ATOL_PER_S, FD_RTOL, spread_rows, central_difference, check_grad, f32_tolerance,
-                             np_attention)
+from conftest import (FD_ATOL_PER_S, FD_RTOL, assert_close, central_difference, check_grad, f32_tolerance,
+                      np_attention, spread_rows)
 
 F64 = np.float64
 

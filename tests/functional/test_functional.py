@@ -32,53 +32,10 @@ from hypothesis import given
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
-from conftest import assert_close
+from conftest import assert_close, check_grad, f32_tolerance, np_attention, np_softmax as _np_softmax, spread_rows
 from lora_np import Tensor, no_grad
 from lora_np import functional as F
 
-EPS = 1e-6
-FD_RTOL = 1e-6
-FD_ATOL_PER_S = 2e-8
-F32_RTOL = 2e-5  # float32 vs float64: ~100 float32 ulps relative to the output's scale
-
-
-# -- helpers shared with test_nn.py ------------------------------------------------------------
-def check_grad(fn, arrays, grad_of, rng, name="op"):
-    """Compare the autograd gradient of L = Σ fn(*arrays)·R with central finite differences
-    for every element of every input in `grad_of` (float64; the bound is in the module doc)."""
-    tensors = [Tensor(a, requires_grad=(i in grad_of)) if isinstance(a, np.ndarray) else a
-               for i, a in enumerate(arrays)]
-    out = fn(*tensors)
-    r = rng.standard_normal(out.shape)
-    out.backward(r)
-    scale = float(np.abs(out.data * r).sum())
-
-    def loss(arrs):
-        with no_grad():
-            return float(np.sum(fn(*[Tensor(a) if isinstance(a, np.ndarray) else a for a in arrs]).data * r))
-
-    for i in grad_of:
-        a = arrays[i]
-        num = np.zeros_like(a)
-        for idx in np.ndindex(a.shape):
-            def at(step):
-                moved = list(arrays)
-                moved[i] = a.copy()
-                moved[i][idx] += step
-                return loss(moved)
-            num[idx] = central_difference(at)
-        assert tensors[i].grad is not None, f"{name}: input {i} got no gradient"
-        assert tensors[i].grad.dtype == a.dtype, f"{name}: input {i} gradient dtype {tensors[i].grad.dtype}"
-        assert_close(tensors[i].grad, num, FD_RTOL, FD_ATOL_PER_S * (1 + scale), name=f"{name} d/dinput{i}")
-
-
-def central_difference(at):
-    """d/dt of at(t) at t = 0 by the fourth-order stencil of the module doc (step EPS)."""
-    return (8 * (at(EPS) - at(-EPS)) - (at(2 * EPS) - at(-2 * EPS))) / (12 * EPS)
-
-
-def f32_tolerance(expected):
-    return F32_RTOL, F32_RTOL * (1 + float(np.abs(expected).max(initial=0)))
 
 
 @dataclass
@@ -105,17 +62,6 @@ def _away_from_zero(rng, shape, lo=0.5, hi=2.0):
     return rng.uniform(lo, hi, shape) * rng.choice([-1.0, 1.0], shape)
 
 
-def spread_rows(rng, shape, norm_dims=1):
-    """Values whose groups over the last `norm_dims` dims are spread out (a linear ramp from
-    −1.5 to 1.5 plus noise of std 0.3) and far from 0: a norm over a near-constant or
-    near-zero group has a condition number up to 1/√eps ≈ 300, where float32 cannot agree
-    with float64 in any library."""
-    group = shape[len(shape) - norm_dims:]
-    n = int(np.prod(group))
-    ramp = (np.linspace(-1.5, 1.5, n) if n > 1 else np.array([1.5])).reshape(group)
-    return rng.standard_normal(shape) * 0.3 + ramp
-
-
 def _shape(data, min_dims=0, max_dims=3, min_side=1, max_side=4):
     return data.draw(hnp.array_shapes(min_dims=min_dims, max_dims=max_dims, min_side=min_side, max_side=max_side),
                      label="shape")
@@ -124,10 +70,6 @@ def _shape(data, min_dims=0, max_dims=3, min_side=1, max_side=4):
 def _dim(data, ndim):
     return data.draw(st.integers(-ndim, ndim - 1), label="dim")
 
-
-def _np_softmax(x, axis):
-    e = np.exp(x - x.max(axis=axis, keepdims=True))
-    return e / e.sum(axis=axis, keepdims=True)
 
 
 def _np_rotate_half(x):
@@ -461,20 +403,6 @@ def _rotate_half(data):
     rng = _rng(data)
     shape = _shape(data, 0, 2) + (2 * data.draw(st.integers(1, 3)),)
     return Case(F.rotate_half, [_normal(rng, shape)], (0,), _np_rotate_half)
-
-
-def np_attention(q, k, v, mask=None, is_causal=False, scale=None):
-    """Reference attention: K/V heads repeated for grouped-query attention, bottom-right causal mask."""
-    B, Hq, T, D = q.shape
-    S = k.shape[2]
-    g = Hq // k.shape[1]
-    k, v = np.repeat(k, g, axis=1), np.repeat(v, g, axis=1)
-    s = q @ np.swapaxes(k, -1, -2) * (scale if scale is not None else 1 / math.sqrt(D))
-    if mask is not None:
-        s = np.where(mask, s, -np.inf) if mask.dtype == bool else s + mask
-    if is_causal:
-        s = np.where(np.tri(T, S, S - T, dtype=bool), s, -np.inf)
-    return _np_softmax(s, -1) @ v
 
 
 def _sdpa(data):

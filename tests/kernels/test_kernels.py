@@ -16,12 +16,11 @@ import pytest
 from hypothesis import event, given, settings
 from hypothesis import strategies as st
 
-from conftest import IN_CI, assert_close, run_c_driver_under_sanitizers
+from conftest import IN_CI, ROOT, assert_close, run_c_driver_under_sanitizers
 import lora_np.kernels.lora as klora
 from lora_np import kernels
 from lora_np.kernels.backend import C_MISSING, call_c
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 HAS_C = "c" in kernels.available_backends()
 needs_c = pytest.mark.skipif(not HAS_C and not IN_CI, reason="C core not built")
 RTOL = {np.float32: 1e-5, np.float64: 1e-12}

@@ -17,7 +17,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from conftest import crosscheck
+from conftest import ROOT, crosscheck
 from lora_np import tokenizer
 from lora_np.tokenizer import LLAMA3_PATTERN, PRE_TOKENIZERS, bytes_to_unicode, load_tokenizer
 
@@ -227,7 +227,7 @@ def trained(tmp_path_factory):
     base.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(vocab_size=700, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
                                   special_tokens=["<|endoftext|>", "<s>", "</s>"])
-    corpus = open(os.path.join(os.path.dirname(__file__), "..", "lora_np", "tokenizer.py"), encoding="utf-8").read()
+    corpus = open(os.path.join(ROOT, "lora_np", "tokenizer.py"), encoding="utf-8").read()
     base.train_from_iterator([corpus, " ".join(PIECES) * 3, "0123456789 " * 5], trainer)
     bos, eos = base.token_to_id("<s>"), base.token_to_id("</s>")
     variants = {

@@ -7,8 +7,7 @@ import pytest
 
 from lora_np.cli import compare_tensors, main as cli_main
 from lora_np.safetensors import load_file, save_file
-from test_loaders import patch_float64, tiny_llama
-from conftest import crosscheck
+from conftest import crosscheck, patch_float64, tiny_llama
 
 IDS = "5,17,99,42,3,3,61,0,8;1,2,3,4,5,6,7,8,9"
 

@@ -5,7 +5,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 import xml.etree.ElementTree as ET
 
 import numpy as np
@@ -13,39 +12,8 @@ import pytest
 
 import lora_np
 from lora_np.cli import main as cli_main
-from lora_np.export import save_merged
-from lora_np.models import LlamaConfig, LlamaForCausalLM
-from lora_np.train import NonFiniteLoss, TrainArgs, train
-from conftest import assert_close, crosscheck
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    """(model folder, tokenizer path, data file): a tiny random Llama saved as a HF folder."""
-    folder = tmp_path_factory.mktemp("tiny")
-    lora_np.manual_seed(0)
-    config = LlamaConfig(vocab_size=49152, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, rms_norm_eps=1e-5, rope_theta=10000.0,
-                         tie_word_embeddings=True, max_position_embeddings=128)
-    model = LlamaForCausalLM(config)
-    for p in model.parameters():  # small weights so the tiny model's loss is moderate
-        p.data *= 0.05
-    save_merged(model, str(folder / "model"))
-    data = folder / "train.jsonl"
-    rows = [{"prompt": f"Add {a} and {b}:", "completion": f" {a + b}"} for a in range(12) for b in range(4)]
-    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return str(folder / "model"), lora_np.default_model_path(), str(data)
-
-
-def _args(tiny, out, **kw):
-    model, tok, data = tiny
-    base = dict(data=data, out=str(out), model=model, tokenizer=tok, r=4, alpha=8, dropout=0.1, lr=5e-3,
-                steps=6, batch_size=4, seq_len=16, val_fraction=0.1, seed=3, log_every=1)
-    base.update(kw)
-    return TrainArgs(**base)
-
+from lora_np.train import NonFiniteLoss, train
+from conftest import ROOT, assert_close, crosscheck, tiny_train_args
 
 def _losses(out):
     with open(os.path.join(out, "metrics.jsonl")) as fh:
@@ -53,10 +21,10 @@ def _losses(out):
 
 
 def test_resume_continues_exactly(tiny, tmp_path):
-    train(_args(tiny, tmp_path / "a", grad_accum=2), stream=open(os.devnull, "w"))
-    first = train(_args(tiny, tmp_path / "b", grad_accum=2, stop_at=3), stream=open(os.devnull, "w"))
+    train(tiny_train_args(tiny, tmp_path / "a", grad_accum=2), stream=open(os.devnull, "w"))
+    first = train(tiny_train_args(tiny, tmp_path / "b", grad_accum=2, stop_at=3), stream=open(os.devnull, "w"))
     assert first["interrupted"] and first["steps"] == 3
-    second = train(_args(tiny, tmp_path / "b", grad_accum=2, resume=True), stream=open(os.devnull, "w"))
+    second = train(tiny_train_args(tiny, tmp_path / "b", grad_accum=2, resume=True), stream=open(os.devnull, "w"))
     assert second["steps"] == 6
     assert _losses(tmp_path / "b") == _losses(tmp_path / "a")  # dropout on: RNG, data position, moments restored
     a = lora_np.safetensors.load_file(tmp_path / "a" / "adapter_model.safetensors")
@@ -65,9 +33,9 @@ def test_resume_continues_exactly(tiny, tmp_path):
 
 
 def test_resume_refuses_changed_settings(tiny, tmp_path):
-    train(_args(tiny, tmp_path, stop_at=2), stream=open(os.devnull, "w"))
+    train(tiny_train_args(tiny, tmp_path, stop_at=2), stream=open(os.devnull, "w"))
     with pytest.raises(ValueError, match="r was 4 in the checkpoint, now 8"):
-        train(_args(tiny, tmp_path, r=8, resume=True), stream=open(os.devnull, "w"))
+        train(tiny_train_args(tiny, tmp_path, r=8, resume=True), stream=open(os.devnull, "w"))
 
 
 def test_metrics_svg_and_plain_log_lines(tiny, tmp_path, capsys):
@@ -101,7 +69,7 @@ def test_nan_loss_stops_and_keeps_last_checkpoint(tiny, tmp_path, monkeypatch):
 
     monkeypatch.setattr(LoraModel, "forward", forward)
     with pytest.raises(NonFiniteLoss, match=r"loss is nan at step 3.*step-000002"):
-        train(_args(tiny, tmp_path, save_every=2, val_fraction=0), stream=open(os.devnull, "w"))
+        train(tiny_train_args(tiny, tmp_path, save_every=2, val_fraction=0), stream=open(os.devnull, "w"))
     latest = json.load(open(tmp_path / "checkpoints" / "latest.json"))
     assert latest == {"checkpoint": "step-000002", "step": 2}
     assert os.path.exists(tmp_path / "checkpoints" / "step-000002" / "adapter" / "adapter_model.safetensors")
@@ -151,7 +119,7 @@ def test_final_adapter_and_merged_model_match_in_peft_and_transformers(tiny, tmp
     transformers = crosscheck("transformers")
     peft = crosscheck("peft")
     model, tok, data = tiny
-    train(_args(tiny, tmp_path / "run", steps=3, lr=0.05), stream=open(os.devnull, "w"))
+    train(tiny_train_args(tiny, tmp_path / "run", steps=3, lr=0.05), stream=open(os.devnull, "w"))
     ours = lora_np.LoraModel.from_pretrained(lora_np.load_model(model), str(tmp_path / "run")).eval()
     ids = np.array([[5, 900, 17, 42, 3000, 7, 7, 1]])
     with lora_np.no_grad():

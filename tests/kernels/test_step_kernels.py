@@ -26,7 +26,6 @@ FLT_MIN = e^-87.34, where NumPy gives a denormal (in a sigmoid that is s = 0 ins
 s < 1e-38). Non-finite results must
 match exactly: NaN where NaN, inf of the same sign.
 """
-import os
 
 import numpy as np
 import pytest
@@ -38,7 +37,6 @@ from lora_np import Tensor, kernels
 from lora_np import functional as F
 from lora_np.kernels.backend import lib
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 HAS_C = "c" in kernels.available_backends()
 needs_c = pytest.mark.skipif(not HAS_C and not IN_CI, reason="C core not built")
 DTYPES = [np.float32, np.float64]

@@ -13,9 +13,9 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from lora_np import _cuda, kernels
+from conftest import ROOT
 from test_kernels import check, make_case, reference, run_backward, run_forward, run_merge
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 needs_gpu = pytest.mark.skipif(_cuda.why_unavailable() is not None, reason=f"CUDA: {_cuda.why_unavailable()}")
 
 

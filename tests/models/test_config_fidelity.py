@@ -9,8 +9,7 @@ import pytest
 from lora_np.loaders import CheckpointError, load_model
 from lora_np.models import GPT2Config, LlamaConfig, config_from_dict
 from lora_np.safetensors import load_file, save_file
-from conftest import assert_close, crosscheck, saved_transformers_model
-from test_loaders import IDS, patch_float64
+from conftest import IDS, assert_close, crosscheck, patch_float64, saved_transformers_model
 
 LLAMA = dict(vocab_size=101, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
              num_key_value_heads=2, max_position_embeddings=64)

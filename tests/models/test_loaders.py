@@ -11,41 +11,7 @@ import pytest
 import lora_np
 from lora_np.loaders import CheckpointError, load_model, reverse_llama_permute
 from lora_np.safetensors import SafetensorsError, load_file, save_file
-from conftest import assert_close, crosscheck, saved_transformers_model
-
-
-def patch_float64(torch, transformers_model):
-    """transformers computes LlamaRMSNorm and the RoPE cos/sin in float32 even in a float64
-    model; give it float64 versions so a float64 comparison tests the model, not that rounding."""
-    from transformers.models.llama import modeling_llama as ml
-
-    def rms_forward(self, h):
-        return self.weight * (h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.variance_epsilon))
-
-    for mod in transformers_model.modules():
-        if isinstance(mod, ml.LlamaRMSNorm):
-            mod.forward = rms_forward.__get__(mod)
-    rot = transformers_model.model.rotary_emb
-    cfg = transformers_model.config
-    dim = cfg.head_dim
-    inv = 1.0 / (cfg.rope_parameters["rope_theta"] ** (torch.arange(0, dim, 2, dtype=torch.float64) / dim))
-
-    def rope_forward(x, position_ids):
-        f = position_ids[..., None].double() * inv
-        emb = torch.cat([f, f], -1)
-        return emb.cos().to(x.dtype), emb.sin().to(x.dtype)
-
-    rot.forward = rope_forward
-
-
-def tiny_llama(transformers, tie=False, seed=0):
-    import torch
-
-    torch.manual_seed(seed)
-    cfg = transformers.LlamaConfig(vocab_size=101, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
-                                   num_attention_heads=4, num_key_value_heads=2, rms_norm_eps=2.0**-17,  # exact in GGUF float32
-                                   rope_theta=500.0, tie_word_embeddings=tie, max_position_embeddings=64)
-    return transformers.LlamaForCausalLM(cfg).eval()
+from conftest import IDS, assert_close, crosscheck, patch_float64, saved_transformers_model, tiny_llama
 
 
 def tiny_gpt2(transformers, seed=0):
@@ -57,7 +23,7 @@ def tiny_gpt2(transformers, seed=0):
     return transformers.GPT2LMHeadModel(cfg).eval()
 
 
-IDS = np.array([[3, 17, 99, 42, 5, 5, 61, 0, 8, 23, 77], [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11]])
+
 
 
 @pytest.mark.parametrize("arch", ["llama", "llama-tied", "gpt2"])

@@ -20,8 +20,8 @@ from lora_np.export import save_merged
 from lora_np.models import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 from lora_np.options import OptionError
 from lora_np.safetensors import load_file, save_file
+from conftest import ROOT
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONTEXT = 32  # the tiny model's max_position_embeddings
 
 
