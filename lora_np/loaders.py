@@ -13,12 +13,13 @@ import numpy as np
 from . import gguf as _gguf
 from . import safetensors as _st
 from .fileio import read_json_object
-from .models import LlamaConfig, config_from_dict, model_class
 from .gguf import reverse_llama_permute
+from .models import GGUF_ARCHITECTURES, LlamaForCausalLM, config_from_dict, family, model_class
+from .models.base import GGUFConfigReader
 from .nn import skip_init
 
 __all__ = ["load_model", "default_model_path", "DEFAULT_MODEL_PACKAGE", "DEFAULT_MODEL_FILE",
-           "gguf_config", "GGUF_TENSOR_NAMES", "CheckpointError"]
+           "gguf_config", "GGUF_TENSOR_NAMES", "CheckpointError", "reverse_llama_permute"]
 
 
 class CheckpointError(ValueError):
@@ -193,101 +194,35 @@ def _tied_names(model):
 
 
 # -- GGUF ----------------------------------------------------------------------------------
-GGUF_TENSOR_NAMES = {
-    "token_embd.weight": "model.embed_tokens.weight",
-    "output_norm.weight": "model.norm.weight",
-    "output.weight": "lm_head.weight",
-    "attn_norm.weight": "input_layernorm.weight",
-    "attn_q.weight": "self_attn.q_proj.weight",
-    "attn_k.weight": "self_attn.k_proj.weight",
-    "attn_v.weight": "self_attn.v_proj.weight",
-    "attn_output.weight": "self_attn.o_proj.weight",
-    "attn_q.bias": "self_attn.q_proj.bias",
-    "attn_k.bias": "self_attn.k_proj.bias",
-    "attn_v.bias": "self_attn.v_proj.bias",
-    "ffn_norm.weight": "post_attention_layernorm.weight",
-    "ffn_gate.weight": "mlp.gate_proj.weight",
-    "ffn_up.weight": "mlp.up_proj.weight",
-    "ffn_down.weight": "mlp.down_proj.weight",
-}
-
-
-# LlamaConfig field -> the GGUF key it comes from (for error messages).
-_GGUF_KEYS = {"vocab_size": "llama.vocab_size", "hidden_size": "llama.embedding_length",
-              "intermediate_size": "llama.feed_forward_length", "num_hidden_layers": "llama.block_count",
-              "num_attention_heads": "llama.attention.head_count",
-              "num_key_value_heads": "llama.attention.head_count_kv", "head_dim": "llama.attention.key_length",
-              "rms_norm_eps": "llama.attention.layer_norm_rms_epsilon", "rope_theta": "llama.rope.freq_base",
-              "max_position_embeddings": "llama.context_length"}
+# GGUF tensor name -> parameter name of the llama architecture (per-block names after "blk.N.")
+GGUF_TENSOR_NAMES = {**LlamaForCausalLM.gguf_names, **LlamaForCausalLM.gguf_block_names}
 
 
 def gguf_config(metadata, tensors, source):
-    """LlamaConfig from GGUF metadata (llama.cpp's `llama.*` keys), every value checked: GGUFError naming the key."""
+    """The config of a GGUF file: its general.architecture picks the family (models.GGUF_ARCHITECTURES), whose
+    config reads llama.cpp's `{arch}.*` keys, every value checked (GGUFError naming the key)."""
     arch = metadata.get("general.architecture")
-    if arch != "llama":
-        raise _gguf.GGUFError(f"{source}: unknown architecture {arch!r} (supported in GGUF: 'llama')")
-
-    def get(field, default=KeyError):
-        key = _GGUF_KEYS[field]
-        value = metadata.get(key, default)
-        if value is KeyError:
-            raise _gguf.GGUFError(f"{source}: metadata key {key!r} is missing")
-        if isinstance(value, (list, str)):  # per-layer arrays (llama.cpp allows some) and strings
-            raise _gguf.GGUFError(f"{source}: metadata key {key!r} is {value!r:.80}, expected a number")
-        return value
-
-    fields = {f: get(f) for f in ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")}
-    fields.update((f, get(f, None)) for f in ("num_key_value_heads", "head_dim", "vocab_size"))
-    fields.update(rms_norm_eps=get("rms_norm_eps", 1e-5), rope_theta=get("rope_theta", 10000.0),
-                  max_position_embeddings=get("max_position_embeddings", 2048))
-    if not fields["vocab_size"]:
-        tokens = metadata.get("tokenizer.ggml.tokens")
-        embd = tensors.get("token_embd.weight")
-        fields["vocab_size"] = len(tokens) if isinstance(tokens, list) and tokens else \
-            (embd.shape[0] if embd is not None and embd.shape else None)
-        if fields["vocab_size"] is None:
-            raise _gguf.GGUFError(f"{source}: no vocabulary size: no llama.vocab_size, tokenizer.ggml.tokens "
-                                  "or token_embd.weight")
-    try:
-        config = LlamaConfig(**fields, tie_word_embeddings="output.weight" not in tensors,
-                             qkv_bias="blk.0.attn_q.bias" in tensors,
-                             bos_token_id=metadata.get("tokenizer.ggml.bos_token_id"),
-                             eos_token_id=metadata.get("tokenizer.ggml.eos_token_id"))
-    except ValueError as e:  # the message starts with the field's name: say which key it came from
-        message = str(e)
-        for field, key in _GGUF_KEYS.items():
-            message = re.sub(rf"\b{field}\b", key, message)
-        raise _gguf.GGUFError(f"{source}: {message}") from None
-    _check_layer_count(config.num_hidden_layers, tensors, source, "llama.block_count")
-    # Keys that ask for another computation than this model's (llama.cpp's names).
-    for key, ok in (("llama.rope.dimension_count", (None, config.head_dim)),
-                    ("llama.attention.value_length", (None, config.head_dim)),
-                    ("llama.rope.scaling.type", (None, "none")), ("llama.rope.scaling.factor", (None, 0.0, 1.0)),
-                    ("llama.expert_count", (None, 0)), ("llama.attention.sliding_window", (None, 0))):
-        if metadata.get(key) not in ok:
-            raise NotImplementedError(f"{source}: {key} = {metadata[key]!r} is not supported "
-                                      f"(supported: {', '.join(map(repr, ok[1:]))} or absent)")
+    if arch not in GGUF_ARCHITECTURES:
+        raise _gguf.GGUFError(f"{source}: unknown architecture {arch!r} (supported in GGUF: "
+                              f"{', '.join(map(repr, GGUF_ARCHITECTURES))})")
+    config_cls, _ = family(GGUF_ARCHITECTURES[arch])
+    config = config_cls.from_gguf(GGUFConfigReader(metadata, tensors, source))
+    _check_layer_count(getattr(config, config.layers_field), tensors, source, f"{arch}.block_count")
     return config
-
-
-def _gguf_to_hf_name(gname, path):
-    if gname.startswith("blk."):
-        _, idx, rest = gname.split(".", 2)
-        if rest not in GGUF_TENSOR_NAMES:
-            raise CheckpointError(f"{path}: unexpected tensor {gname!r}")
-        return f"model.layers.{idx}.{GGUF_TENSOR_NAMES[rest]}"
-    if gname in GGUF_TENSOR_NAMES:
-        return GGUF_TENSOR_NAMES[gname]
-    if gname == "rope_freqs.weight":
-        raise NotImplementedError(f"{path}: tensor 'rope_freqs.weight' (scaled RoPE) is not supported")
-    raise CheckpointError(f"{path}: unexpected tensor {gname!r}")
 
 
 def _load_gguf(path, dtype):
     f = _gguf.GGUFFile(path)
     config = gguf_config(f.metadata, f.tensors, path)
     model = _build(config, dtype)
-    names = {gname: _gguf_to_hf_name(gname, path) for gname in f.tensors}
+    cls = type(model)
+    names = {}
+    for gname in f.tensors:
+        names[gname] = cls.gguf_parameter_name(gname)
+        if names[gname] is None:
+            if gname == "rope_freqs.weight":
+                raise NotImplementedError(f"{path}: tensor 'rope_freqs.weight' (scaled RoPE) is not supported")
+            raise CheckpointError(f"{path}: unexpected tensor {gname!r}")
     for gname, info in f.tensors.items():  # every shape is checked before any tensor is read
         _check_shape(model, names[gname], info.shape, path, "the GGUF metadata")
     for gname, name in names.items():
@@ -295,9 +230,6 @@ def _load_gguf(path, dtype):
             array = f.load(gname, dtype=dtype)
         except _gguf.GGUFError as e:
             raise _gguf.GGUFError(f"{e} (parameter {name!r})") from None
-        if gname.endswith(("attn_q.weight", "attn_q.bias")):
-            array = reverse_llama_permute(array, config.num_attention_heads)
-        elif gname.endswith(("attn_k.weight", "attn_k.bias")):
-            array = reverse_llama_permute(array, config.num_key_value_heads)
+        array = cls.from_gguf_tensor(gname, array, config)
         _assign(model, name, np.ascontiguousarray(array), path, dtype, "the GGUF metadata")
     return _finish(model, path)

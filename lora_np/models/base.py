@@ -1,12 +1,14 @@
 """What every causal-LM family shares: the config base and its field checks, the output type, the
 forward pass (input ids -> logits and loss) and the RoPE tables."""
 import dataclasses
+import re
 from dataclasses import dataclass
 from typing import Optional
 
 import numpy as np
 
 from .. import functional as F
+from ..gguf import GGUFError
 from ..nn import Linear, Module
 from ..options import Float, Int
 from ..tensor import Tensor
@@ -61,6 +63,63 @@ class Config:
         return {k: v for k, v in self.to_dict().items() if v is not None}
 
 
+class GGUFConfigReader:
+    """Reads a family's config from GGUF metadata (llama.cpp's `{arch}.*` keys), every value checked: GGUFError
+    naming the key. A family's `Config.from_gguf(reader)` calls `number` / `build` / `refuse_unless`."""
+
+    def __init__(self, metadata, tensors, source):
+        self.metadata, self.tensors, self.source = metadata, tensors, source
+        self.arch = metadata.get("general.architecture")
+        self.keys = {}  # config field -> the GGUF key it came from (for error messages)
+
+    def key(self, name):
+        """'{arch}.name' (llama.cpp's per-architecture key)."""
+        return f"{self.arch}.{name}"
+
+    def number(self, field, name, default=KeyError):
+        """The number under '{arch}.name' for config `field`; `default` when absent (GGUFError if none)."""
+        key = self.key(name)
+        self.keys[field] = key
+        value = self.metadata.get(key, default)
+        if value is KeyError:
+            raise GGUFError(f"{self.source}: metadata key {key!r} is missing")
+        if value is not None and (isinstance(value, (list, str, bool)) or not isinstance(value, (int, float))):
+            raise GGUFError(f"{self.source}: metadata key {key!r} is {value!r:.80}, expected a number")
+        return value
+
+    def vocab_size(self):
+        """'{arch}.vocab_size', else the tokenizer's token count, else token_embd's rows."""
+        n = self.number("vocab_size", "vocab_size", None)
+        if n:
+            return n
+        tokens = self.metadata.get("tokenizer.ggml.tokens")
+        embd = self.tensors.get("token_embd.weight")
+        n = len(tokens) if isinstance(tokens, list) and tokens else (embd.shape[0] if embd is not None and embd.shape
+                                                                      else None)
+        if n is None:
+            raise GGUFError(f"{self.source}: no vocabulary size: no {self.key('vocab_size')}, tokenizer.ggml.tokens "
+                            "or token_embd.weight")
+        return n
+
+    def build(self, config_cls, **fields):
+        """config_cls(**fields), its errors saying which GGUF key the field came from."""
+        try:
+            return config_cls(**fields)
+        except ValueError as e:  # the message names the field: say which key it came from
+            message = str(e)
+            for field, key in self.keys.items():
+                message = re.sub(rf"\b{field}\b", key, message)
+            raise GGUFError(f"{self.source}: {message}") from None
+
+    def refuse_unless(self, name, ok):
+        """NotImplementedError when '{arch}.name' is present with a value not in `ok` (None: absent is fine)."""
+        key = self.key(name)
+        if self.metadata.get(key) not in ok:
+            raise NotImplementedError(f"{self.source}: {key} = {self.metadata[key]!r} is not supported "
+                                      f"(supported: {', '.join(map(repr, [v for v in ok if v is not None]))} or "
+                                      "absent)")
+
+
 @dataclass
 class CausalLMOutput:
     logits: Tensor
@@ -92,6 +151,27 @@ class CausalLM(Module):
         if key.endswith((".attn.bias", ".attn.masked_bias", "rotary_emb.inv_freq")):
             return None
         return key
+
+    # GGUF tensor name -> parameter name: whole names ("token_embd.weight") and per-block suffixes
+    # ("attn_q.weight", after "blk.N."); a family with a GGUF architecture fills both
+    gguf_names = {}
+    gguf_block_names = {}
+    gguf_block_prefix = "model.layers"
+
+    @classmethod
+    def gguf_parameter_name(cls, gname):
+        """The parameter a GGUF tensor holds, None for one the family does not know."""
+        if gname.startswith("blk."):
+            parts = gname.split(".", 2)
+            if len(parts) == 3 and parts[1].isdigit() and parts[2] in cls.gguf_block_names:
+                return f"{cls.gguf_block_prefix}.{parts[1]}.{cls.gguf_block_names[parts[2]]}"
+            return None
+        return cls.gguf_names.get(gname)
+
+    @classmethod
+    def from_gguf_tensor(cls, gname, array, config):
+        """Undo what llama.cpp's converter did to a tensor beyond renaming it (nothing, unless a family says)."""
+        return array
 
     def _blocks(self):
         raise NotImplementedError  # pragma: no cover

@@ -7,6 +7,7 @@ from .. import functional as F
 from ..nn import Embedding, Linear, Module, ModuleList, RMSNorm, activation, attend, check_dropout_p
 from ..options import Int
 from ..tensor import DEFAULT_DTYPE
+from ..gguf import reverse_llama_permute
 from .base import (BOOL, DROPOUT, EPS, LAYERS, POSITIONS, SIZE, THETA, CausalLM, Config, RopeTables, check_fields,
                    refuse)
 
@@ -107,6 +108,30 @@ class LlamaConfig(Config):
                 d.pop(key, None)
         return cls.from_dict(d)
 
+    @classmethod
+    def from_gguf(cls, gguf):
+        """The config of a GGUF file of llama.cpp's 'llama' architecture (a base.GGUFConfigReader)."""
+        fields = {f: gguf.number(f, key) for f, key in (
+            ("hidden_size", "embedding_length"), ("intermediate_size", "feed_forward_length"),
+            ("num_hidden_layers", "block_count"), ("num_attention_heads", "attention.head_count"))}
+        fields.update((f, gguf.number(f, key, None)) for f, key in (
+            ("num_key_value_heads", "attention.head_count_kv"), ("head_dim", "attention.key_length")))
+        fields.update(vocab_size=gguf.vocab_size(),
+                      rms_norm_eps=gguf.number("rms_norm_eps", "attention.layer_norm_rms_epsilon", 1e-5),
+                      rope_theta=gguf.number("rope_theta", "rope.freq_base", 10000.0),
+                      max_position_embeddings=gguf.number("max_position_embeddings", "context_length", 2048))
+        config = gguf.build(cls, **fields, tie_word_embeddings="output.weight" not in gguf.tensors,
+                            qkv_bias="blk.0.attn_q.bias" in gguf.tensors,
+                            bos_token_id=gguf.metadata.get("tokenizer.ggml.bos_token_id"),
+                            eos_token_id=gguf.metadata.get("tokenizer.ggml.eos_token_id"))
+        # keys that ask for another computation than this model's (llama.cpp's names)
+        for name, ok in (("rope.dimension_count", (None, config.head_dim)),
+                         ("attention.value_length", (None, config.head_dim)),
+                         ("rope.scaling.type", (None, "none")), ("rope.scaling.factor", (None, 0.0, 1.0)),
+                         ("expert_count", (None, 0)), ("attention.sliding_window", (None, 0))):
+            gguf.refuse_unless(name, ok)
+        return config
+
     def to_config_json(self):
         """model_type qwen2 for q/k/v biases without an o_proj bias, else llama; RoPE in rope_parameters."""
         qwen2 = self.qkv_bias and not self.attention_bias
@@ -198,6 +223,28 @@ class LlamaModel(Module):
 
 
 class LlamaForCausalLM(CausalLM):
+    gguf_names = {"token_embd.weight": "model.embed_tokens.weight", "output_norm.weight": "model.norm.weight",
+                  "output.weight": "lm_head.weight"}
+    gguf_block_names = {
+        "attn_norm.weight": "input_layernorm.weight",
+        "attn_q.weight": "self_attn.q_proj.weight", "attn_k.weight": "self_attn.k_proj.weight",
+        "attn_v.weight": "self_attn.v_proj.weight", "attn_output.weight": "self_attn.o_proj.weight",
+        "attn_q.bias": "self_attn.q_proj.bias", "attn_k.bias": "self_attn.k_proj.bias",
+        "attn_v.bias": "self_attn.v_proj.bias",
+        "ffn_norm.weight": "post_attention_layernorm.weight",
+        "ffn_gate.weight": "mlp.gate_proj.weight", "ffn_up.weight": "mlp.up_proj.weight",
+        "ffn_down.weight": "mlp.down_proj.weight",
+    }
+
+    @classmethod
+    def from_gguf_tensor(cls, gname, array, config):
+        """llama.cpp's converter permutes the rows of the llama architecture's q and k: undone here."""
+        if gname.endswith(("attn_q.weight", "attn_q.bias")):
+            return reverse_llama_permute(array, config.num_attention_heads)
+        if gname.endswith(("attn_k.weight", "attn_k.bias")):
+            return reverse_llama_permute(array, config.num_key_value_heads)
+        return array
+
     def __init__(self, config, dtype=DEFAULT_DTYPE):
         super().__init__()
         self.config = config
