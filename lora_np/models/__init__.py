@@ -23,11 +23,15 @@ FAMILIES = {
     "llama": ("llama", "LlamaConfig", "LlamaForCausalLM"),
     "qwen2": ("llama", "LlamaConfig", "LlamaForCausalLM"),  # Llama with q/k/v biases (and sliding windows)
     "gpt2": ("gpt2", "GPT2Config", "GPT2LMHeadModel"),
+    "olmo2": ("olmo2", "Olmo2Config", "Olmo2ForCausalLM"),
+    "granite": ("granite", "GraniteConfig", "GraniteForCausalLM"),
 }
 
 # GGUF's general.architecture (llama.cpp's LLM_ARCH names) -> the config.json model_type that computes it
 GGUF_ARCHITECTURES = {
     "llama": "llama",
+    "olmo2": "olmo2",
+    "granite": "granite",
 }
 
 
