@@ -1,19 +1,34 @@
-"""Export a model as a Hugging Face folder (config.json + model.safetensors) that
-transformers loads as it is; an adapter is merged into its base weights first
-(`lora-np merge`)."""
+"""Export a merged model: a Hugging Face folder (config.json + model.safetensors) that transformers
+loads as it is (`lora-np merge`), or a GGUF file that llama.cpp and transformers (gguf_file=) load
+(`lora-np export --format gguf`); an adapter is merged into its base weights first.
+
+The GGUF side needs no per-family writer: a family's GGUF tables (`gguf_names`, `gguf_block_names`,
+`from_gguf_tensor`, `Config.from_gguf`), which the loader reads GGUF files with, are inverted here.
+`gguf_tensor_names` inverts the names; `gguf_row_map` finds what `from_gguf_tensor` does by probing
+it (a row permutation, as llama's q/k interleave, plus a constant), so its inverse is exact;
+`gguf_config_keys` runs `Config.from_gguf` against a recorder that answers each key with the config's
+own value, which gives the `{arch}.*` keys, then reads them back with the real reader and refuses a
+config that does not come back (a field GGUF has no key for) naming the field.
+"""
 import contextlib
+import dataclasses
 import errno
 import json
 import os
 import secrets
 import shutil
+from types import SimpleNamespace
 
 import numpy as np
 
+from . import gguf as _gguf
 from . import safetensors
 from .fileio import fsync_dir, named, write_atomic
+from .models import GGUF_ARCHITECTURES
+from .models.base import GGUFConfigReader
 
-__all__ = ["save_merged", "hf_config_dict"]
+__all__ = ["save_merged", "hf_config_dict", "save_merged_gguf", "OUTTYPES", "gguf_architecture",
+           "gguf_tensor_names", "gguf_row_map", "to_gguf_rows", "gguf_config_keys"]
 
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json")
 
@@ -81,4 +96,178 @@ def save_merged(model, out, tokenizer_source=None):
         fsync_dir(parent)  # the rename itself, durable
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+    return out
+
+
+# -- GGUF ------------------------------------------------------------------------------------
+# --outtype -> (ggml type of the weight matrices, general.file_type: llama.cpp's llama_ftype)
+OUTTYPES = {"f32": ("F32", 0), "f16": ("F16", 1), "q8_0": ("Q8_0", 7), "q4_0": ("Q4_0", 2)}
+_QUANTIZATION_VERSION = 2  # GGML_QNT_VERSION, written beside quantized tensors as the converter does
+_TOKEN_ID_FIELDS = ("bos_token_id", "eos_token_id", "pad_token_id")  # tokenizer keys, not the computation's
+
+
+def gguf_architecture(config):
+    """llama.cpp's general.architecture for a config: the inverse of models.GGUF_ARCHITECTURES."""
+    for arch, model_type in GGUF_ARCHITECTURES.items():
+        if model_type == config.model_type:
+            return arch
+    raise NotImplementedError(f"GGUF export: model_type {config.model_type!r} has no GGUF architecture in lora_np "
+                              f"(GGUF architectures: {', '.join(GGUF_ARCHITECTURES)}); export a Hugging Face "
+                              "folder with `lora-np merge` instead")
+
+
+def gguf_tensor_names(model_cls, config):
+    """{parameter name: GGUF tensor name}: the inverse of the family's gguf_names and gguf_block_names."""
+    names = {param: gname for gname, param in model_cls.gguf_names.items()}
+    for i in range(getattr(config, config.layers_field)):
+        names.update((f"{model_cls.gguf_block_prefix}.{i}.{param}", f"blk.{i}.{suffix}")
+                     for suffix, param in model_cls.gguf_block_names.items())
+    return names
+
+
+def gguf_row_map(model_cls, gname, shape, config):
+    """(perm, offset) such that the family's from_gguf_tensor(gname, x) == x[perm] + offset for x of `shape`
+    (offset one value per row), found by probing it with zeros and with the row indices; None when it
+    returns its input unchanged. NotImplementedError when it is not a row permutation plus a constant."""
+    probe_shape = (shape[0],) + (1,) * (len(shape) - 1)
+    zeros = np.zeros(probe_shape)
+    index = np.arange(shape[0], dtype=np.float64).reshape(probe_shape)
+    offset = model_cls.from_gguf_tensor(gname, zeros, config)
+    moved = model_cls.from_gguf_tensor(gname, index, config)
+    if offset is zeros and moved is index:
+        return None
+    perm = np.asarray(moved - offset).reshape(-1)
+    if perm.shape != (shape[0],) or not np.array_equal(np.sort(perm), np.arange(shape[0])):
+        raise NotImplementedError(f"GGUF export: {model_cls.__name__}.from_gguf_tensor({gname!r}) is not a row "
+                                  "permutation plus a constant, so lora_np cannot invert it")
+    return perm.astype(np.intp), np.asarray(offset)
+
+
+def to_gguf_rows(row_map, array, constant=True):
+    """`array` (rows first, as the model holds it) as the GGUF file holds it: the inverse of a gguf_row_map
+    (constant=False: its permutation only, for a LoRA B factor, which the constant does not touch)."""
+    if row_map is None:
+        return array
+    perm, offset = row_map
+    out = np.empty_like(array)
+    out[perm] = array - offset.reshape(offset.shape[:1] + (1,) * (array.ndim - 1)) if constant else array
+    return out
+
+
+class _KeyRecorder:
+    """Stands in for models.base.GGUFConfigReader in a family's Config.from_gguf: each key it is asked
+    for is answered with the config's own value and recorded, which gives the `{arch}.*` keys."""
+
+    def __init__(self, config, arch, tensors, metadata):
+        self.config, self.arch, self.tensors, self.metadata = config, arch, tensors, metadata
+        self.keys = {}  # GGUF key -> (value, GGUF type)
+        self.types = {f.name: f.type for f in dataclasses.fields(config)}
+
+    def key(self, name):
+        return f"{self.arch}.{name}"
+
+    def number(self, field, name, default=KeyError):
+        value = getattr(self.config, field)
+        if value is not None:
+            is_float = "float" in str(self.types.get(field))
+            self.keys[self.key(name)] = (float(value), "FLOAT32") if is_float else (int(value), "UINT32")
+        return value
+
+    def vocab_size(self):
+        return self.number("vocab_size", "vocab_size")
+
+    def build(self, config_cls, **fields):
+        return self.config
+
+    def refuse_unless(self, name, ok):
+        pass
+
+
+def _same_value(a, b):
+    if isinstance(a, float) or isinstance(b, float):  # GGUF stores FLOAT32
+        return a is not None and b is not None and np.float32(a) == np.float32(b)
+    return a == b
+
+
+def gguf_config_keys(config, arch, tensors, metadata=None):
+    """({key: value}, {key: GGUF type}) of the `{arch}.*` keys that give `config` back through the family's
+    Config.from_gguf (`tensors` {GGUF name: shape} of the file, `metadata` its other keys);
+    NotImplementedError naming a field that does not come back (GGUF has no key for its value)."""
+    metadata = metadata or {}
+    infos = {name: SimpleNamespace(shape=shape) for name, shape in tensors.items()}
+    recorder = _KeyRecorder(config, arch, infos, metadata)
+    type(config).from_gguf(recorder)
+    keys = {k: v for k, (v, _) in recorder.keys.items()}
+    types = {k: t for k, (_, t) in recorder.keys.items()}
+    try:
+        back = type(config).from_gguf(GGUFConfigReader({**metadata, "general.architecture": arch, **keys}, infos,
+                                                       "the GGUF export")).to_dict()
+    except (ValueError, NotImplementedError) as e:
+        raise NotImplementedError(f"GGUF export: the {arch} keys lora_np writes do not read back: {e}") from None
+    for field, value in config.to_dict().items():
+        if field not in _TOKEN_ID_FIELDS and not _same_value(value, back.get(field)):
+            raise NotImplementedError(f"GGUF export: {type(config).__name__}.{field} = {value!r} has no GGUF key in "
+                                      f"llama.cpp's {arch!r} architecture (it would read back as "
+                                      f"{back.get(field)!r}); export a Hugging Face folder with `lora-np merge`")
+    return keys, types
+
+
+def _tensor_type(gname, shape, outtype):
+    """convert_hf_to_gguf.py's choice: 1-D tensors and norms F32; the rest `outtype`, F16 where a
+    quantized type's blocks do not divide the rows."""
+    ggml_type = OUTTYPES[outtype][0]
+    if len(shape) <= 1 or gname.endswith("_norm.weight"):
+        return "F32"
+    if ggml_type in ("Q8_0", "Q4_0") and shape[-1] % 32:
+        return "F16"
+    return ggml_type
+
+
+def _source_metadata(source):
+    """(metadata, value types) a merged GGUF carries over from a GGUF base model: general.* (but the file
+    type and alignment) and tokenizer.* keys; a base without a GGUF tokenizer gets llama.cpp's "none"."""
+    if source and os.fspath(source).endswith(".gguf"):
+        f = _gguf.GGUFFile(source)
+        keep = [k for k in f.metadata if k.startswith("tokenizer.") or k.startswith("general.") and k not in (
+            "general.architecture", "general.file_type", "general.quantization_version", "general.alignment")]
+        return {k: f.metadata[k] for k in keep}, {k: f.value_types[k] for k in keep}
+    return {"tokenizer.ggml.model": "none"}, {}
+
+
+def save_merged_gguf(model, out, source=None, outtype="f32"):
+    """Merge every adapter of a LoraModel (or take a plain model) and write it to the GGUF file `out` as
+    llama.cpp's convert_hf_to_gguf.py writes it: llama.cpp's tensor names, the family's converter
+    transform (llama's q/k row interleave) redone, the `{arch}.*` keys, tensors in `outtype` (f32, f16,
+    q8_0, q4_0; norms and 1-D tensors F32). The general.* and tokenizer.* keys of a GGUF `source` (the
+    base model's file: vocabulary, merges, special tokens, chat template) are carried over."""
+    if outtype not in OUTTYPES:
+        raise ValueError(f"GGUF export: outtype {outtype!r} is not one of {', '.join(OUTTYPES)}")
+    base = model.merge_and_unload() if hasattr(model, "merge_and_unload") else model
+    config, cls = base.config, type(base)
+    arch = gguf_architecture(config)
+    names = gguf_tensor_names(cls, config)
+    params = dict(base.named_parameters())  # a tied head once, under the embedding: no output.weight
+    unnamed = [p for p in params if p not in names]
+    if unnamed:
+        raise NotImplementedError(f"GGUF export: parameters {unnamed[:5]} have no tensor name in llama.cpp's "
+                                  f"{arch!r} architecture")
+    shapes = {names[p]: tuple(param.shape) for p, param in params.items()}
+    metadata, types = _source_metadata(source)
+    keys, key_types = gguf_config_keys(config, arch, shapes, metadata)
+    ftype, file_type = OUTTYPES[outtype]
+    tensors = {}
+    for p, param in params.items():
+        gname = names[p]
+        array = np.asarray(param.data, dtype=np.float32)
+        if not np.isfinite(array).all():
+            raise ValueError(f"merged tensor {p!r} is not finite (NaN or inf in the base model or the adapter)")
+        array = to_gguf_rows(gguf_row_map(cls, gname, array.shape, config), array)
+        tensors[gname] = (array, _tensor_type(gname, array.shape, outtype))
+    quantized = any(t not in ("F32", "F16") for _, t in tensors.values())
+    header = {"general.architecture": arch, **{k: v for k, v in metadata.items() if k.startswith("general.")},
+              "general.file_type": file_type, **({"general.quantization_version": _QUANTIZATION_VERSION}
+                                                 if quantized else {}),
+              **keys, **{k: v for k, v in metadata.items() if not k.startswith("general.")}}
+    _gguf.write_gguf(out, header, tensors, value_types={**types, **key_types, "general.file_type": "UINT32",
+                                                         "general.quantization_version": "UINT32"})
     return out

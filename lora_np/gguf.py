@@ -1,9 +1,13 @@
-"""A small, dependency-free reader for llama.cpp's GGUF files (NumPy only).
+"""A small, dependency-free reader and writer for llama.cpp's GGUF files (NumPy only).
 
     f = GGUFFile("model.gguf")
     f.metadata["llama.block_count"]          # 30
+    f.value_types["llama.block_count"]       # ("UINT32", None): the key's GGUF type (and element type)
     f.tensors["blk.0.attn_q.weight"].shape   # (576, 576), NumPy (row-major) order
     w = f.load("blk.0.attn_q.weight")        # dequantized float32 ndarray
+
+    write_gguf("out.gguf", {"general.architecture": "llama", ...},
+               {"blk.0.attn_q.weight": (w, "Q8_0"), ...}, value_types={"llama.rope.freq_base": "FLOAT32"})
 
 Layout (versions 2 and 3, little-endian): magic "GGUF", u32 version, u64 tensor
 count, u64 key/value count, the key/value pairs, the tensor infos, padding to
@@ -20,6 +24,11 @@ Dequantization matches gguf-py's `gguf.quants.dequantize` bit for bit: the
 same float32 operations in the same order, vectorised over many blocks at once.
 Every offset and length read from the file is checked against the file size
 before it is used; a bad file raises `GGUFError` naming the file and the problem.
+
+The writer writes version 3 as gguf-py's GGUFWriter does (the same header, key/value and tensor-info
+encoding, each tensor's data padded to the alignment), quantizing float arrays to F32, F16, Q8_0 or Q4_0
+bit for bit as `gguf.quants.quantize` does. A value's type is the one given in `value_types`, else the one
+llama.cpp's converter gives such a Python value (int: UINT32, float: FLOAT32, list of int: ARRAY of INT32).
 Tensor data must be laid out as llama.cpp's gguf.cpp requires: tensor i's offset is
 exactly the sum of the sizes of tensors 0..i-1, each padded to `general.alignment`
 (so no overlap, no misalignment, no gap beyond the padding, file order).
@@ -160,7 +169,7 @@ class GGUFFile:
             cur.fail(f"unsupported GGUF version {self.version} (supported: 2, 3)")
         n_tensors = cur.unpack("<Q", "tensor count")
         n_kv = cur.unpack("<Q", "key/value count")
-        self.metadata = _read_metadata(cur, n_kv)
+        self.metadata, self.value_types = _read_metadata(cur, n_kv)
         self.alignment = self.metadata.get("general.alignment", DEFAULT_ALIGNMENT)
         if self.alignment == 0 or self.alignment & (self.alignment - 1):
             cur.fail(f"general.alignment {self.alignment} is not a power of two")
@@ -214,7 +223,8 @@ class GGUFFile:
 
 
 def _read_metadata(cur, n_kv):
-    metadata = {}
+    """({key: value}, {key: (type name, element type name or None)})."""
+    metadata, types = {}, {}
     cur.need(n_kv * 12, f"{n_kv} key/value pairs")  # each is at least 12 bytes
     for i in range(n_kv):
         key = cur.string(f"key {i}")
@@ -225,8 +235,14 @@ def _read_metadata(cur, n_kv):
             cur.fail(f"key {key!r} has unknown value type {vtype}")
         if key == "general.alignment" and vtype != _UINT32:
             cur.fail(f"general.alignment has type {_VALUE_TYPES[vtype][0]}, expected UINT32")
+        if vtype == _ARRAY:
+            cur.need(4, f"element type of {key!r}")
+            itype = struct.unpack_from("<I", cur.buf, cur.pos)[0]
+            types[key] = ("ARRAY", _VALUE_TYPES[itype][0] if itype in _VALUE_TYPES else None)
+        else:
+            types[key] = (_VALUE_TYPES[vtype][0], None)
         metadata[key] = cur.value(vtype, repr(key))
-    return metadata
+    return metadata, types
 
 
 def _read_tensor_infos(cur, n_tensors):
@@ -412,3 +428,142 @@ _DEQUANTIZE = {
 _SIZES = {name: (block, size) for name, block, size in GGML_TYPES.values()}
 assert all(_BLOCKS[t].itemsize == _SIZES[t][1] for t in _BLOCKS)
 SUPPORTED_TYPES = tuple(sorted(_NATIVE)) + tuple(sorted(_DEQUANTIZE))
+
+
+# -- writing ---------------------------------------------------------------------------------
+GGUF_VERSION = 3
+_TYPE_IDS = {name: i for i, (name, _) in _VALUE_TYPES.items()}
+_GGML_TYPE_IDS = {name: i for i, (name, _, _) in GGML_TYPES.items()}
+WRITABLE_TYPES = ("F32", "F16", "Q8_0", "Q4_0")
+
+
+def np_roundf(x):
+    """C's roundf (half away from zero) in float32, as ggml's quantizers round."""
+    a = np.abs(x)
+    floored = np.floor(a)
+    return np.sign(x) * (floored + np.floor(2 * (a - floored)))
+
+
+def _q8_0(blocks):  # (n, 32) float32 -> (n, 34) bytes: d = max|x| / 127 (f16), q = roundf(x / d) int8
+    d = np.abs(blocks).max(axis=1, keepdims=True) / np.float32(127)
+    with np.errstate(divide="ignore"):
+        inv = np.where(d == 0, np.float32(0), np.float32(1) / d)
+    qs = np_roundf(blocks * inv).astype(np.int8)
+    return np.concatenate([d.astype("<f2").view(np.uint8), qs.view(np.uint8)], axis=1)
+
+
+def _q4_0(blocks):  # (n, 32) float32 -> (n, 18) bytes: d = -(signed max|x|) / 8 (f16), q = trunc(x / d + 8.5)
+    n = len(blocks)
+    signed_max = np.take_along_axis(blocks, np.abs(blocks).argmax(axis=1)[:, None], axis=1)
+    d = signed_max / np.float32(-8)
+    with np.errstate(divide="ignore"):
+        inv = np.where(d == 0, np.float32(0), np.float32(1) / d)
+    q = np.trunc(blocks * inv + np.float32(8.5)).astype(np.uint8).clip(0, 15).reshape(n, 2, 16)
+    qs = q[:, 0] | (q[:, 1] << np.uint8(4))  # elements 0-15 in the low nibbles, 16-31 in the high
+    return np.concatenate([d.astype("<f2").view(np.uint8), qs], axis=1)
+
+
+_QUANTIZE = {"Q8_0": _q8_0, "Q4_0": _q4_0}
+
+
+def quantize(array, ggml_type) -> np.ndarray:
+    """A float array as the bytes (flat uint8) of `ggml_type` (F32, F16, Q8_0 or Q4_0), bit for bit as
+    gguf-py's gguf.quants.quantize; a quantized type needs rows that are whole blocks."""
+    if ggml_type in ("F32", "F16"):
+        return np.ascontiguousarray(array, dtype=_NATIVE[ggml_type]).reshape(-1).view(np.uint8)
+    if ggml_type not in _QUANTIZE:
+        raise GGUFError(f"cannot write tensors of type {ggml_type!r} (writable: {', '.join(WRITABLE_TYPES)})")
+    block_size, type_size = _SIZES[ggml_type]
+    array = np.asarray(array, dtype=np.float32)
+    if not array.ndim or array.shape[-1] % block_size:
+        raise GGUFError(f"cannot quantize shape {array.shape} to {ggml_type}: the row length is not a multiple "
+                        f"of the block size {block_size}")
+    blocks = array.reshape(-1, block_size)
+    out = np.empty((len(blocks), type_size), dtype=np.uint8)
+    for i in range(0, len(blocks), _BLOCK_CHUNK):
+        out[i:i + _BLOCK_CHUNK] = _QUANTIZE[ggml_type](blocks[i:i + _BLOCK_CHUNK])
+    return out.reshape(-1)
+
+
+def value_type(value):
+    """(type name, element type name or None) that llama.cpp's converter gives a Python value."""
+    def scalar(v, int_type):
+        if isinstance(v, bool):
+            return "BOOL"
+        if isinstance(v, (int, np.integer)):
+            lo, hi = (0, 2**32) if int_type == "UINT32" else (-2**31, 2**31)
+            return int_type if lo <= v < hi else "INT64"
+        if isinstance(v, (float, np.floating)):
+            return "FLOAT32"
+        if isinstance(v, str):
+            return "STRING"
+        raise GGUFError(f"no GGUF type for a {type(v).__name__} value {v!r:.60}")
+
+    if isinstance(value, (list, tuple)):
+        kinds = {scalar(v, "INT32") for v in value} or {"INT32"}
+        if len(kinds) != 1:
+            raise GGUFError(f"a GGUF array holds one type, got {sorted(kinds)}")
+        return "ARRAY", kinds.pop()
+    return scalar(value, "UINT32"), None
+
+
+def _encode_value(type_name, value, where):
+    if type_name == "STRING":
+        raw = value.encode("utf-8")
+        return struct.pack("<Q", len(raw)) + raw
+    fmt = _VALUE_TYPES[_TYPE_IDS[type_name]][1]
+    try:
+        return struct.pack(fmt, value)
+    except struct.error as e:
+        raise GGUFError(f"{where}: {value!r:.60} does not fit GGUF type {type_name} ({e})") from None
+
+
+def _encode_kv(key, value, types):
+    type_name, item_type = types if isinstance(types, tuple) else (types, None)
+    if type_name not in _TYPE_IDS:
+        raise GGUFError(f"{key!r}: unknown GGUF value type {type_name!r}")
+    out = _encode_value("STRING", key, key) + struct.pack("<I", _TYPE_IDS[type_name])
+    if type_name != "ARRAY":
+        return out + _encode_value(type_name, value, repr(key))
+    if item_type not in _TYPE_IDS or item_type == "ARRAY":
+        raise GGUFError(f"{key!r}: unknown GGUF array element type {item_type!r}")
+    out += struct.pack("<IQ", _TYPE_IDS[item_type], len(value))
+    if item_type == "STRING":
+        return out + b"".join(_encode_value("STRING", v, repr(key)) for v in value)
+    return out + np.asarray(value, dtype=np.dtype(_VALUE_TYPES[_TYPE_IDS[item_type]][1])).tobytes()
+
+
+def write_gguf(path, metadata, tensors, value_types=None, alignment=DEFAULT_ALIGNMENT):
+    """Write a GGUF v3 file atomically: `metadata` {key: Python value} (types from `value_types` {key: type
+    name or (\"ARRAY\", element type)}, else value_type's), `tensors` {name: (float array in NumPy order,
+    ggml type)} quantized while written, in order, each padded to `alignment`."""
+    from .fileio import atomic_file
+
+    value_types = value_types or {}
+    if alignment != DEFAULT_ALIGNMENT:
+        metadata = {**metadata, "general.alignment": alignment}
+        value_types = {**value_types, "general.alignment": "UINT32"}
+    header = [GGUF_MAGIC, struct.pack("<IQQ", GGUF_VERSION, len(tensors), len(metadata))]
+    header += [_encode_kv(k, v, value_types.get(k) or value_type(v)) for k, v in metadata.items()]
+    offset = 0
+    for name, (array, ggml_type) in tensors.items():
+        if ggml_type not in WRITABLE_TYPES:
+            raise GGUFError(f"tensor {name!r}: cannot write type {ggml_type!r} (writable: {', '.join(WRITABLE_TYPES)})")
+        shape = np.shape(array)
+        if not 1 <= len(shape) <= MAX_DIMS:
+            raise GGUFError(f"tensor {name!r}: {len(shape)} dims, GGUF takes 1 to {MAX_DIMS}")
+        block_size, type_size = _SIZES[ggml_type]
+        header.append(_encode_value("STRING", name, name) + struct.pack(f"<I{len(shape)}QIQ", len(shape),
+                      *reversed(shape), _GGML_TYPE_IDS[ggml_type], offset))
+        nbytes = int(np.prod(shape)) // block_size * type_size
+        offset += nbytes + (-nbytes % alignment)
+    with atomic_file(path) as fh:
+        head = b"".join(header)
+        fh.write(head + bytes(-len(head) % alignment))
+        for name, (array, ggml_type) in tensors.items():
+            try:
+                data = quantize(array, ggml_type)
+            except GGUFError as e:
+                raise GGUFError(f"tensor {name!r}: {e}") from None
+            fh.write(data.tobytes() + bytes(-data.nbytes % alignment))
+    return path
