@@ -13,6 +13,9 @@ checked name, and the folder is checked again, symbolic links resolved, to be a 
 child of the target folder). Both files are written atomically (temporary file, then
 rename), weights first.
 
+Wherever a folder is read, a llama.cpp LoRA adapter file (`a.gguf`, lora.gguf_io) is read as well:
+its config and weights are converted to PEFT's on the way in.
+
 Loading reads the config and the weights file's header first and checks every LoRA
 factor's shape there against the rank the config gives its layer, so a config whose r
 disagrees with its weights is refused before any LoRA matrix is allocated; a tensor that
@@ -138,13 +141,13 @@ def load_adapter(lora_model, directory, adapter_name, is_trainable=False):
     check_adapter_name(adapter_name, "load_adapter")
     if adapter_name in lora_model.peft_config:
         raise ValueError(f"load_adapter: adapter {adapter_name!r} already exists; pick another name")
-    config, config_path = _checked_config(lora_model.model, directory, is_trainable)
+    config, config_path, weights = _checked_config(lora_model.model, directory, is_trainable)
     try:
         lora_model.inject_adapter(config, adapter_name)
     except ValueError as e:
         raise ValueError(f"{config_path}: adapter does not fit this model: {e}") from None
     try:
-        _load_weights(lora_model, directory, adapter_name)
+        _load_weights(lora_model, weights, adapter_name)
     except Exception:
         lora_model._drop_adapter(adapter_name)
         raise
@@ -153,22 +156,32 @@ def load_adapter(lora_model, directory, adapter_name, is_trainable=False):
 
 def from_pretrained(cls, model, directory, adapter_name="default", is_trainable=False):
     check_adapter_name(adapter_name, "from_pretrained")
-    config, config_path = _checked_config(model, directory, is_trainable)
+    config, config_path, weights = _checked_config(model, directory, is_trainable)
     try:
         lora_model = cls(model, config, adapter_name)
     except ValueError as e:
         raise ValueError(f"{config_path}: adapter does not fit this model: {e}") from None
-    _load_weights(lora_model, directory, adapter_name)
+    _load_weights(lora_model, weights, adapter_name)
     return lora_model if is_trainable else lora_model.eval()  # as PEFT: inference loads in eval mode
 
 
 def _checked_config(model, directory, is_trainable):
-    """(config, its path) of an adapter folder, its ranks checked against the shapes in the
-    weights file's header (nothing allocated yet; inject_adapter then checks the memory)."""
-    config, config_path = read_config(directory)
+    """(config, its path, (weights path, a function giving {file key: array})) of an adapter folder or
+    a llama.cpp LoRA .gguf file, its ranks checked against the weights' shapes (for a folder from the
+    weights file's header: nothing allocated yet; inject_adapter then checks the memory)."""
+    if os.fspath(directory).endswith(".gguf"):
+        from .gguf_io import read_gguf_adapter
+
+        config, tensors = read_gguf_adapter(directory, model)
+        config_path = weights_path = os.fspath(directory)
+        header = {k: {"shape": list(v.shape)} for k, v in tensors.items()}
+        weights = (weights_path, lambda: tensors)
+    else:
+        config, config_path = read_config(directory)
+        weights_path = _weights_path(directory)
+        header, _ = safetensors.read_header(weights_path)
+        weights = (weights_path, lambda: safetensors.load_file(weights_path))
     config = config.replace(inference_mode=not is_trainable)
-    weights_path = _weights_path(directory)
-    header, _ = safetensors.read_header(weights_path)
     try:
         resolved = resolve_config(config, model)
         plan = plan_adapter(resolved, model)
@@ -181,7 +194,7 @@ def _checked_config(model, directory, is_trainable):
             if entry is not None and tuple(entry["shape"]) != shape:
                 raise ValueError(f"{weights_path}: {file_key}: file shape {tuple(entry['shape'])} != model shape "
                                  f"{shape} (r={r} as {config_path} gives it for this layer)")
-    return config, config_path
+    return config, config_path, weights
 
 
 def _weights_path(directory):
@@ -191,9 +204,9 @@ def _weights_path(directory):
     return path
 
 
-def _load_weights(lora_model, directory, adapter_name):
-    path = _weights_path(directory)
-    tensors = safetensors.load_file(path)
+def _load_weights(lora_model, weights, adapter_name):
+    path, load = weights
+    tensors = load()
     params, optional = adapter_parameters(lora_model, adapter_name)
     missing = [k for k in params if k not in tensors and k not in optional]
     unexpected = [k for k in tensors if k not in params]
