@@ -388,14 +388,27 @@ def _k_scale_min(scales):
     return sc, mn
 
 
-def _deq_q4_k(out, b):  # 8 sub-blocks of 32: x = d*sc * q - dmin*mn
+def _deq_k(out, b, q):  # Q4_K and Q5_K: 8 sub-blocks of 32, x = d*sc * q - dmin*mn, q (n, 8, 32)
     n = len(b)
     sc, mn = _k_scale_min(b["scales"])
     d = (_f32(b["d"]) * sc.astype(np.float32))[:, :, None]  # (n, 8, 1)
     dm = (_f32(b["dmin"]) * mn.astype(np.float32))[:, :, None]
-    qs = b["qs"].reshape(n, 4, 1, 32) >> np.array([0, 4], dtype=np.uint8).reshape(1, 1, 2, 1)
-    q = (qs & np.uint8(0x0F)).reshape(n, 8, 32).astype(np.float32)
-    out.reshape(n, 8, 32)[:] = d * q - dm
+    out.reshape(n, 8, 32)[:] = d * q.astype(np.float32) - dm
+
+
+def _k_nibbles(qs):
+    """(n, 128) bytes -> (n, 8, 32): sub-block 2i is the low nibbles of bytes 32i..32i+31, 2i+1 the high."""
+    q = qs.reshape(-1, 4, 1, 32) >> np.array([0, 4], dtype=np.uint8).reshape(1, 1, 2, 1)
+    return (q & np.uint8(0x0F)).reshape(-1, 8, 32)
+
+
+def _deq_q4_k(out, b):
+    _deq_k(out, b, _k_nibbles(b["qs"]))
+
+
+def _deq_q5_k(out, b):  # as Q4_K, q's fifth bit for sub-block j is bit j of qh[l]
+    qh = (b["qh"].reshape(-1, 1, 32) >> np.arange(8, dtype=np.uint8).reshape(1, 8, 1)) & np.uint8(1)
+    _deq_k(out, b, _k_nibbles(b["qs"]) | (qh << np.uint8(4)))
 
 
 def _deq_q6_k(out, b):  # 16 sub-blocks of 16: x = d*scale * (q - 32), q 6 bits from ql, qh
@@ -419,11 +432,14 @@ _BLOCKS = {
     "Q8_0": _block_dtype(("d", "<f2"), ("qs", ("i1", 32))),
     "Q8_1": _block_dtype(("d", "<f2"), ("s", "<f2"), ("qs", ("i1", 32))),
     "Q4_K": _block_dtype(("d", "<f2"), ("dmin", "<f2"), ("scales", ("u1", 12)), ("qs", ("u1", 128))),
+    "Q5_K": _block_dtype(("d", "<f2"), ("dmin", "<f2"), ("scales", ("u1", 12)), ("qh", ("u1", 32)),
+                         ("qs", ("u1", 128))),
     "Q6_K": _block_dtype(("ql", ("u1", 128)), ("qh", ("u1", 64)), ("scales", ("i1", 16)), ("d", "<f2")),
 }
 _DEQUANTIZE = {
     "BF16": _deq_bf16, "Q4_0": _deq_q4_0, "Q4_1": _deq_q4_1, "Q5_0": _deq_q5_0,
-    "Q5_1": _deq_q5_1, "Q8_0": _deq_q8_0, "Q8_1": _deq_q8_1, "Q4_K": _deq_q4_k, "Q6_K": _deq_q6_k,
+    "Q5_1": _deq_q5_1, "Q8_0": _deq_q8_0, "Q8_1": _deq_q8_1, "Q4_K": _deq_q4_k, "Q5_K": _deq_q5_k,
+    "Q6_K": _deq_q6_k,
 }
 _SIZES = {name: (block, size) for name, block, size in GGML_TYPES.values()}
 assert all(_BLOCKS[t].itemsize == _SIZES[t][1] for t in _BLOCKS)

@@ -1,0 +1,248 @@
+/* quant_kernels_simd.h: dequantization, the micro-kernel and the per-tile workers of quant_kernels.c.
+ * quant_kernels.c instantiates it (instantiate.h) once per element type (`real`, SFX = f32 / f64) and
+ * instruction set (ISA = v3: AVX2 + FMA, VBYTES = 32; ISA = base: the compiler's baseline, VBYTES = 16),
+ * so each function below exists as name_f32_v3, name_f32_base, ... Matrices are row-major.
+ */
+#include "simd_vec.h"
+
+#define MR 6 /* rows of the micro-kernel's register tile (x 2 vectors of columns: 12 accumulators) */
+
+/* Stops the compiler from fusing the products stored at p with the additions that follow, so
+ * that each value is rounded twice, as ggml and gguf-py compute it. */
+#define SEPARATE_ROUNDING(p) __asm__ volatile("" : : "r"(p) : "memory")
+
+/* y [n] -= mins [n / 32]: the second pass of Q4_1, Q5_1 (with -m), Q4_K and Q5_K. */
+static void FN(sub_mins)(real *restrict y, const float *mins, int64_t n)
+{
+    SEPARATE_ROUNDING(y);
+    for (int64_t j = 0; j < n; j++) y[j] = (float)y[j] - mins[j / 32];
+}
+
+/* One block of `type` at b -> its elements y [block size], as ggml's dequantize_row_*. */
+static void FN(dequant_block)(real *restrict y, const uint8_t *restrict b, int type)
+{
+    const float d = half_to_float(b);
+    float mins[8];
+    switch (type) {
+    case QUANT_Q8_0:
+        for (int j = 0; j < 32; j++) y[j] = d * (float)(int8_t)b[2 + j];
+        return;
+    case QUANT_Q4_0:
+        for (int j = 0; j < 16; j++) {
+            y[j] = d * (float)((b[2 + j] & 0xF) - 8);
+            y[j + 16] = d * (float)((b[2 + j] >> 4) - 8);
+        }
+        return;
+    case QUANT_Q4_1:
+        for (int j = 0; j < 16; j++) {
+            y[j] = d * (float)(b[4 + j] & 0xF);
+            y[j + 16] = d * (float)(b[4 + j] >> 4);
+        }
+        mins[0] = -half_to_float(b + 2); /* y = d q + m */
+        FN(sub_mins)(y, mins, 32);
+        return;
+    case QUANT_Q5_0:
+    case QUANT_Q5_1: {
+        const int q5_1 = type == QUANT_Q5_1, offset = q5_1 ? 0 : 16;
+        const uint32_t qh = load_u32(b + 2 + 2 * q5_1);
+        const uint8_t *qs = b + 6 + 2 * q5_1;
+        for (int j = 0; j < 16; j++) {
+            const int h0 = (int)((qh >> j) << 4 & 0x10), h1 = (int)(qh >> (j + 12) & 0x10);
+            y[j] = d * (float)(((qs[j] & 0xF) | h0) - offset);
+            y[j + 16] = d * (float)(((qs[j] >> 4) | h1) - offset);
+        }
+        if (q5_1) {
+            mins[0] = -half_to_float(b + 2);
+            FN(sub_mins)(y, mins, 32);
+        }
+        return;
+    }
+    case QUANT_Q4_K:
+    case QUANT_Q5_K: { /* 8 sub-blocks of 32: y = d sc q - dmin m, q 4 bits (+ a fifth from qh) */
+        const int q5 = type == QUANT_Q5_K;
+        const float dmin = half_to_float(b + 2);
+        const uint8_t *scales = b + 4, *qh = b + 16, *qs = b + 16 + 32 * q5;
+        for (int j = 0; j < 8; j += 2) {
+            uint8_t sc1, m1, sc2, m2;
+            scale_min_k4(j, scales, &sc1, &m1);
+            scale_min_k4(j + 1, scales, &sc2, &m2);
+            const float d1 = d * (float)sc1, d2 = d * (float)sc2;
+            mins[j] = dmin * (float)m1;
+            mins[j + 1] = dmin * (float)m2;
+            const uint8_t *q = qs + 16 * j, u1 = (uint8_t)(1u << j), u2 = (uint8_t)(2u << j);
+            for (int l = 0; l < 32; l++) {
+                const int h1 = q5 && (qh[l] & u1) ? 16 : 0, h2 = q5 && (qh[l] & u2) ? 16 : 0;
+                y[32 * j + l] = d1 * (float)((q[l] & 0xF) + h1);
+                y[32 * j + 32 + l] = d2 * (float)((q[l] >> 4) + h2);
+            }
+        }
+        FN(sub_mins)(y, mins, 256);
+        return;
+    }
+    case QUANT_Q6_K: { /* 16 sub-blocks of 16: y = d scale (q - 32), q 6 bits from ql and qh */
+        const float d6 = half_to_float(b + 208);
+        for (int h = 0; h < 2; h++) {
+            const uint8_t *ql = b + 64 * h, *qh = b + 128 + 32 * h;
+            const int8_t *sc = (const int8_t *)(b + 192) + 8 * h;
+            real *yh = y + 128 * h;
+            for (int l = 0; l < 32; l++) {
+                const int is = l / 16;
+                const int q1 = ((ql[l] & 0xF) | ((qh[l] >> 0) & 3) << 4) - 32;
+                const int q2 = ((ql[l + 32] & 0xF) | ((qh[l] >> 2) & 3) << 4) - 32;
+                const int q3 = ((ql[l] >> 4) | ((qh[l] >> 4) & 3) << 4) - 32;
+                const int q4 = ((ql[l + 32] >> 4) | ((qh[l] >> 6) & 3) << 4) - 32;
+                yh[l] = d6 * (float)sc[is] * (float)q1;
+                yh[l + 32] = d6 * (float)sc[is + 2] * (float)q2;
+                yh[l + 64] = d6 * (float)sc[is + 4] * (float)q3;
+                yh[l + 96] = d6 * (float)sc[is + 6] * (float)q4;
+            }
+        }
+        return;
+    }
+    }
+}
+
+/* out [n] = elements k0 .. k0 + n of a row of W (k0 and n whole blocks). */
+static void FN(dequant)(real *restrict out, const uint8_t *restrict row, int type, int64_t k0, int64_t n)
+{
+    const int64_t bs = quant_block_size(type), bb = block_bytes(type);
+    const uint8_t *b = row + k0 / bs * bb;
+    switch (type) {
+    case QUANT_F32:
+        for (int64_t i = 0; i < n; i++) {
+            float f;
+            memcpy(&f, b + 4 * i, sizeof f);
+            out[i] = f;
+        }
+        return;
+    case QUANT_F16:
+        for (int64_t i = 0; i < n; i++) out[i] = half_to_float(b + 2 * i);
+        return;
+    case QUANT_BF16: /* the top half of a float32 */
+        for (int64_t i = 0; i < n; i++) {
+            const uint32_t bits = ((uint32_t)b[2 * i] | (uint32_t)b[2 * i + 1] << 8) << 16;
+            float f;
+            memcpy(&f, &bits, sizeof f);
+            out[i] = f;
+        }
+        return;
+    }
+    for (int64_t e = 0; e < n; e += bs, b += bb) FN(dequant_block)(out + e, b, type);
+}
+
+/* The micro-kernel: C [mr, nc] += A [mr, L] @ B [L, 2 VL]; A's rows lda apart, B's ldb apart, C's
+ * ldc apart; mr <= MR rows and nc <= 2 VL columns are stored (B is read in full, A's last row
+ * stands in for the missing ones). Each element is summed over l in order. */
+static void FN(kernel)(real *restrict C, int64_t ldc, const real *restrict A, int64_t lda, const real *restrict B,
+                       int64_t ldb, int64_t L, int mr, int64_t nc)
+{
+    const real *a[MR];
+    vec acc[MR][2];
+    for (int i = 0; i < MR; i++) {
+        a[i] = A + (i < mr ? i : mr - 1) * lda;
+        acc[i][0] = acc[i][1] = (vec){0};
+    }
+    for (int64_t l = 0; l < L; l++) {
+        const vec b0 = FN(load)(B + l * ldb), b1 = FN(load)(B + l * ldb + VL);
+        for (int i = 0; i < MR; i++) {
+            const vec ai = FN(splat)(a[i][l]);
+            acc[i][0] += ai * b0;
+            acc[i][1] += ai * b1;
+        }
+    }
+    for (int i = 0; i < mr; i++) {
+        real *c = C + i * ldc;
+        if (nc == 2 * VL) {
+            FN(store)(c, FN(load)(c) + acc[i][0]);
+            FN(store)(c + VL, FN(load)(c + VL) + acc[i][1]);
+        } else {
+            for (int64_t j = 0; j < nc; j++) c[j] += j < VL ? acc[i][0][j] : acc[i][1][j - VL];
+        }
+    }
+}
+
+/* Forward, one task: y [m0:m1, n0:n0+nn] = x [m0:m1, :] @ W [n0:n0+nn, :]^T + bias. W's rows are
+ * rb bytes; panel [KT, NT] and buf [KT] are this thread's scratch (panel's columns past nn are
+ * read but not stored). */
+static void FN(forward_tile)(real *y, const real *x, const uint8_t *w, const real *bias, int type, int64_t rb,
+                             int64_t m0, int64_t m1, int64_t n0, int64_t nn, int64_t N, int64_t K, real *panel,
+                             real *buf)
+{
+    for (int64_t m = m0; m < m1; m++)
+        for (int64_t j = 0; j < nn; j++) y[m * N + n0 + j] = bias ? bias[n0 + j] : 0;
+    for (int64_t k0 = 0; k0 < K; k0 += KT) {
+        const int64_t kk = min64(KT, K - k0);
+        for (int64_t r = 0; r < nn; r++) {
+            FN(dequant)(buf, w + (n0 + r) * rb, type, k0, kk);
+            for (int64_t l = 0; l < kk; l++) panel[l * NT + r] = buf[l]; /* [kk, NT] */
+        }
+        for (int64_t j = 0; j < nn; j += 2 * VL)
+            for (int64_t m = m0; m < m1; m += MR)
+                FN(kernel)(y + m * N + n0 + j, N, x + m * K + k0, K, panel + j, NT, kk, (int)min64(MR, m1 - m),
+                           min64(2 * VL, nn - j));
+    }
+}
+
+/* Backward, one task: dx [m0:m1, k0:k0+kk] = dy [m0:m1, :] @ W [:, k0:k0+kk]; panel [NT, KT]. */
+static void FN(backward_tile)(real *dx, const real *dy, const uint8_t *w, int type, int64_t rb, int64_t m0,
+                              int64_t m1, int64_t k0, int64_t kk, int64_t N, int64_t K, real *panel)
+{
+    for (int64_t m = m0; m < m1; m++)
+        for (int64_t j = 0; j < kk; j++) dx[m * K + k0 + j] = 0;
+    for (int64_t n0 = 0; n0 < N; n0 += NT) {
+        const int64_t nn = min64(NT, N - n0);
+        for (int64_t r = 0; r < nn; r++) FN(dequant)(panel + r * KT, w + (n0 + r) * rb, type, k0, kk);
+        for (int64_t j = 0; j < kk; j += 2 * VL)
+            for (int64_t m = m0; m < m1; m += MR)
+                FN(kernel)(dx + m * K + k0 + j, K, dy + m * N + n0, N, panel + j, KT, nn, (int)min64(MR, m1 - m),
+                           min64(2 * VL, kk - j));
+    }
+}
+
+/* Decode: y [0:ROWS, n0:n1] = x [ROWS, K] @ W [n0:n1, :]^T + bias, ROWS <= DECODE_ROWS a constant.
+ * Each weight row is dequantized a superblock at a time into buf [KT] and dotted with every row of
+ * x while it is in L1: W is read once. */
+ALWAYS_INLINE void FN(decode_rows)(real *y, const real *x, const uint8_t *w, const real *bias, int type, int64_t rb,
+                                   int64_t n0, int64_t n1, int64_t N, int64_t K, real *buf, const int ROWS)
+{
+    for (int64_t n = n0; n < n1; n++) {
+        vec acc[DECODE_ROWS][2];
+        real tail[DECODE_ROWS];
+        for (int m = 0; m < ROWS; m++) acc[m][0] = acc[m][1] = (vec){0}, tail[m] = 0;
+        for (int64_t k0 = 0; k0 < K; k0 += KT) {
+            const int64_t kk = min64(KT, K - k0);
+            FN(dequant)(buf, w + n * rb, type, k0, kk);
+            int64_t l = 0;
+            for (; l + 2 * VL <= kk; l += 2 * VL) {
+                const vec w0 = FN(load)(buf + l), w1 = FN(load)(buf + l + VL);
+                for (int m = 0; m < ROWS; m++) {
+                    acc[m][0] += FN(load)(x + m * K + k0 + l) * w0;
+                    acc[m][1] += FN(load)(x + m * K + k0 + l + VL) * w1;
+                }
+            }
+            for (; l < kk; l++)
+                for (int m = 0; m < ROWS; m++) tail[m] += x[m * K + k0 + l] * buf[l];
+        }
+        for (int m = 0; m < ROWS; m++) y[m * N + n] = FN(hsum)(acc[m][0] + acc[m][1]) + tail[m] + (bias ? bias[n] : 0);
+    }
+}
+
+/* decode_rows with its row count made a constant (1 .. DECODE_ROWS), so the accumulators live in registers. */
+static void FN(decode)(real *y, const real *x, const uint8_t *w, const real *bias, int type, int64_t rb, int64_t M,
+                       int64_t n0, int64_t n1, int64_t N, int64_t K, real *buf)
+{
+    switch (M) {
+    case 1: FN(decode_rows)(y, x, w, bias, type, rb, n0, n1, N, K, buf, 1); return;
+    case 2: FN(decode_rows)(y, x, w, bias, type, rb, n0, n1, N, K, buf, 2); return;
+    case 3: FN(decode_rows)(y, x, w, bias, type, rb, n0, n1, N, K, buf, 3); return;
+    case 4: FN(decode_rows)(y, x, w, bias, type, rb, n0, n1, N, K, buf, 4); return;
+    case 5: FN(decode_rows)(y, x, w, bias, type, rb, n0, n1, N, K, buf, 5); return;
+    case 6: FN(decode_rows)(y, x, w, bias, type, rb, n0, n1, N, K, buf, 6); return;
+    case 7: FN(decode_rows)(y, x, w, bias, type, rb, n0, n1, N, K, buf, 7); return;
+    default: FN(decode_rows)(y, x, w, bias, type, rb, n0, n1, N, K, buf, 8); return;
+    }
+}
+
+#undef MR
+#undef SEPARATE_ROUNDING
+#include "simd_vec_end.h"

@@ -1,0 +1,140 @@
+"""GEMMs over a frozen weight kept in GGUF's quantized blocks (csrc/quant_kernels.c).
+
+A weight W [N, K] (out_features x in_features) is ``blocks``, a C-contiguous uint8 array
+[N, row_bytes(ggml_type, K)]: each row is the K / block_size blocks of its ggml type, exactly as a
+GGUF file stores the tensor. Types: QUANT_TYPES.
+
+- ``quant_linear_forward(x, blocks, ggml_type, bias=None) -> y``: y [M, N] = x [M, K] Wᵀ + bias;
+- ``quant_linear_backward(dy, blocks, ggml_type) -> dx``: dx [M, K] = dy [M, N] W (the frozen
+  weight gets no gradient);
+- ``dequantize_rows(blocks, ggml_type, dtype=float32) -> W`` [N, K].
+
+x, dy and bias are float32 or float64 (all alike); float64 accumulates in float64 against the
+same (float32) dequantized weights. The NumPy reference dequantizes as gguf-py does
+(lora_np.gguf.dequantize), a slice of rows at a time, then multiplies; the C kernels dequantize
+tiles bit-identically and differ from it by the order of summation only.
+"""
+import numpy as np
+
+from lora_np.gguf import GGML_TYPES, dequantize
+
+from .backend import backend, c_function, c_status, ffi
+from .checks import CTYPES, check_arrays
+
+QUANT_TYPES = ("F32", "F16", "BF16", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q4_K", "Q5_K", "Q6_K")
+TYPE_IDS = {name: type_id for type_id, (name, _, _) in GGML_TYPES.items() if name in QUANT_TYPES}
+_SIZES = {name: (block, size) for name, block, size in GGML_TYPES.values() if name in QUANT_TYPES}
+_NUMPY_ROWS = 256  # rows of W the NumPy reference dequantizes at a time: no W-sized float copy
+
+
+def block_size(ggml_type):
+    """Elements per block of ggml_type; ValueError naming the supported types for any other."""
+    if ggml_type not in _SIZES:
+        raise ValueError(f"quantized weights: type {ggml_type!r} is not supported; supported: "
+                         f"{', '.join(QUANT_TYPES)}")
+    return _SIZES[ggml_type][0]
+
+
+def row_bytes(ggml_type, K):
+    """Bytes of one row of K elements of ggml_type; ValueError when K is not whole blocks."""
+    block = block_size(ggml_type)
+    if K % block:
+        raise ValueError(f"quantized weights: {K} columns is not a whole number of {ggml_type} blocks of {block}")
+    return K // block * _SIZES[ggml_type][1]
+
+
+def in_features(blocks, ggml_type):
+    """K of a weight stored as blocks [N, row_bytes]."""
+    block, size = block_size(ggml_type), _SIZES[ggml_type][1]
+    if blocks.shape[-1] % size:
+        raise ValueError(f"quantized weights: rows of {blocks.shape[-1]} bytes are not whole {ggml_type} blocks "
+                         f"of {size} bytes")
+    return blocks.shape[-1] // size * block
+
+
+def check_blocks(op, blocks, ggml_type):
+    """blocks is a 2-D C-contiguous uint8 ndarray of whole ggml_type blocks; returns (N, K)."""
+    if not isinstance(blocks, np.ndarray) or blocks.dtype != np.uint8 or blocks.ndim != 2:
+        raise TypeError(f"{op}: blocks must be a 2-D numpy.ndarray of uint8 [out_features, row bytes], got "
+                        f"{type(blocks).__name__} {getattr(blocks, 'dtype', '')} {getattr(blocks, 'shape', '')}")
+    if not blocks.flags.c_contiguous:
+        raise ValueError(f"{op}: blocks (shape {blocks.shape}) must be C-contiguous")
+    return blocks.shape[0], in_features(blocks, ggml_type)
+
+
+# ---- the three ops -------------------------------------------------------------------------
+
+
+def dequantize_rows(blocks, ggml_type, dtype=np.float32):
+    """W [N, K] as a new dtype array (float32 or float64) from blocks [N, row_bytes]."""
+    N, K = check_blocks("dequantize_rows", blocks, ggml_type)
+    dtype = np.dtype(dtype)
+    if dtype not in CTYPES:
+        raise TypeError(f"dequantize_rows: dtype {dtype}; expected float32 or float64")
+    if backend() == "c":
+        out = np.empty((N, K), dtype)
+        fn = c_function("quant_dequantize", dtype)
+        c_status("quant_dequantize", fn(ffi.from_buffer(CTYPES[dtype], out, require_writable=True),
+                                        ffi.from_buffer("uint8_t[]", blocks), TYPE_IDS[ggml_type], N, K))
+        return out
+    return _dequantize_numpy(blocks, ggml_type).astype(dtype, copy=False)
+
+
+def quant_linear_forward(x, blocks, ggml_type, bias=None):
+    """y [M, N] = x [M, K] @ Wᵀ + bias [N] (bias may be None), W given as blocks [N, row_bytes]."""
+    N, K = check_blocks("quant_linear_forward", blocks, ggml_type)
+    M = x.shape[0] if getattr(x, "ndim", 0) == 2 else 0
+    check_arrays("quant_linear_forward", {}, {"x": x}, {"x": (M, K)})
+    if bias is not None:
+        check_arrays("quant_linear_forward", {}, {"x": x, "bias": bias})
+        if bias.shape != (N,):
+            raise ValueError(f"quant_linear_forward: bias has shape {bias.shape}, expected {(N,)}")
+    y = np.empty((M, N), x.dtype)
+    if backend() == "c":
+        _call("quant_linear_forward", y, x, blocks, bias, ggml_type, M, N, K)
+        return y
+    for n0 in range(0, N, _NUMPY_ROWS):
+        w = _dequantize_numpy(blocks[n0:n0 + _NUMPY_ROWS], ggml_type).astype(x.dtype, copy=False)  # [rows, K]
+        np.matmul(x, w.T, out=y[:, n0:n0 + _NUMPY_ROWS])
+    if bias is not None:
+        y += bias
+    return y
+
+
+def quant_linear_backward(dy, blocks, ggml_type):
+    """dx [M, K] = dy [M, N] @ W, W given as blocks [N, row_bytes]."""
+    N, K = check_blocks("quant_linear_backward", blocks, ggml_type)
+    M = dy.shape[0] if getattr(dy, "ndim", 0) == 2 else 0
+    check_arrays("quant_linear_backward", {}, {"dy": dy}, {"dy": (M, N)})
+    dx = np.zeros((M, K), dy.dtype)
+    if backend() == "c":
+        _call("quant_linear_backward", dx, dy, blocks, None, ggml_type, M, N, K)
+        return dx
+    for n0 in range(0, N, _NUMPY_ROWS):
+        w = _dequantize_numpy(blocks[n0:n0 + _NUMPY_ROWS], ggml_type).astype(dy.dtype, copy=False)  # [rows, K]
+        dx += dy[:, n0:n0 + _NUMPY_ROWS] @ w
+    return dx
+
+
+def _call(op, out, a, blocks, bias, ggml_type, M, N, K):
+    """lib.<op>_{f32,f64}: out and a (x or dy) and bias as the dtype's pointers, blocks as bytes."""
+    ctype = CTYPES[a.dtype]
+    pointers = [ffi.from_buffer(ctype, out, require_writable=True), ffi.from_buffer(ctype, a),
+                ffi.from_buffer("uint8_t[]", blocks)]
+    if op == "quant_linear_forward":
+        pointers.append(ffi.NULL if bias is None else ffi.from_buffer(ctype, bias))
+    c_status(op, c_function(op, a.dtype)(*pointers, TYPE_IDS[ggml_type], M, N, K))
+
+
+# ---- NumPy reference ----------------------------------------------------------------------
+
+
+def _dequantize_numpy(blocks, ggml_type):
+    """float32 [rows, K] from blocks [rows, row_bytes], as gguf-py dequantizes."""
+    rows, K = blocks.shape[0], in_features(blocks, ggml_type)
+    flat = blocks.reshape(-1)
+    if ggml_type == "F32":
+        return flat.view("<f4").reshape(rows, K).copy()
+    if ggml_type == "F16":
+        return flat.view("<f2").astype(np.float32).reshape(rows, K)
+    return dequantize(flat, ggml_type).reshape(rows, K)
