@@ -98,45 +98,49 @@ int exp_rows_ref_f32(float *p, const float *lse, int64_t rows, int64_t n, int64_
 int exp_rows_ref_f64(double *p, const double *lse, int64_t rows, int64_t n, int64_t period, int64_t count0,
                      int64_t group);
 
-/* Scaled-dot-product attention, softmax(scale * q k^T [+ causal mask]) v, with g query heads per
- * key/value head. k, v, dk, dv are dense [B, Hkv, S, D]; lse is dense [B, Hkv, T, g] (the
- * log-sum-exp of each query row's scaled scores). q, out, dq, dout are [B, Hkv * g, T, D]-like with
+/* Scaled-dot-product attention, softmax(cap(scale * q k^T) [+ causal mask] [+ window]) v, with g query heads
+ * per key/value head. k, v, dk, dv are dense [B, Hkv, S, D]; lse is dense [B, Hkv, T, g] (the
+ * log-sum-exp of each query row's capped scores). q, out, dq, dout are [B, Hkv * g, T, D]-like with
  * any strides except a unit stride along D: element (b, head h * g + j, position t, e) sits at
  * base + b * s[0] + h * s[1] + t * s[2] + j * s[3] + e, s = the array's four strides in elements.
- * causal: query t sees keys up to t + S - T (bottom-right aligned). A query row that sees no key
- * gives 0 (lse = +inf). Forward writes out and lse. Backward writes dq, dk, dv (=, not +=: dk and
- * dv are set to their sums over the query rows), each optional. */
+ * Query t sits at position p = t + S - T (bottom-right aligned). causal: it sees keys s <= p;
+ * window > 0 (a sliding window; 0: none): only keys s > p - window; softcap > 0 (0: none): the scores
+ * are softcap * tanh(score / softcap). A query row that sees no key gives 0 (lse = +inf). Forward
+ * writes out and lse. Backward writes dq, dk, dv (=, not +=: dk and dv are set to their sums over the
+ * query rows), each optional. */
 int attention_forward_f32(float *out, float *lse, const float *q, const float *k, const float *v, double scale,
-                          int causal, int64_t B, int64_t Hkv, int64_t g, int64_t T, int64_t S, int64_t D,
-                          const int64_t *q_strides, const int64_t *out_strides);
-int attention_forward_f64(double *out, double *lse, const double *q, const double *k, const double *v,
-                          double scale, int causal, int64_t B, int64_t Hkv, int64_t g, int64_t T, int64_t S,
-                          int64_t D, const int64_t *q_strides, const int64_t *out_strides);
+                          int causal, double softcap, int64_t window, int64_t B, int64_t Hkv, int64_t g, int64_t T,
+                          int64_t S, int64_t D, const int64_t *q_strides, const int64_t *out_strides);
+int attention_forward_f64(double *out, double *lse, const double *q, const double *k, const double *v, double scale,
+                          int causal, double softcap, int64_t window, int64_t B, int64_t Hkv, int64_t g, int64_t T,
+                          int64_t S, int64_t D, const int64_t *q_strides, const int64_t *out_strides);
 int attention_backward_f32(float *dq, float *dk, float *dv, const float *dout, const float *q, const float *k,
-                           const float *v, const float *out, const float *lse, double scale, int causal, int64_t B,
-                           int64_t Hkv, int64_t g, int64_t T, int64_t S, int64_t D, const int64_t *dq_strides,
-                           const int64_t *dout_strides, const int64_t *q_strides, const int64_t *out_strides);
-int attention_backward_f64(double *dq, double *dk, double *dv, const double *dout, const double *q,
-                           const double *k, const double *v, const double *out, const double *lse, double scale,
-                           int causal, int64_t B, int64_t Hkv, int64_t g, int64_t T, int64_t S, int64_t D,
-                           const int64_t *dq_strides, const int64_t *dout_strides, const int64_t *q_strides,
-                           const int64_t *out_strides);
+                           const float *v, const float *out, const float *lse, double scale, int causal,
+                           double softcap, int64_t window, int64_t B, int64_t Hkv, int64_t g, int64_t T, int64_t S,
+                           int64_t D, const int64_t *dq_strides, const int64_t *dout_strides,
+                           const int64_t *q_strides, const int64_t *out_strides);
+int attention_backward_f64(double *dq, double *dk, double *dv, const double *dout, const double *q, const double *k,
+                           const double *v, const double *out, const double *lse, double scale, int causal,
+                           double softcap, int64_t window, int64_t B, int64_t Hkv, int64_t g, int64_t T, int64_t S,
+                           int64_t D, const int64_t *dq_strides, const int64_t *dout_strides,
+                           const int64_t *q_strides, const int64_t *out_strides);
 int attention_forward_ref_f32(float *out, float *lse, const float *q, const float *k, const float *v, double scale,
-                              int causal, int64_t B, int64_t Hkv, int64_t g, int64_t T, int64_t S, int64_t D,
-                              const int64_t *q_strides, const int64_t *out_strides);
+                              int causal, double softcap, int64_t window, int64_t B, int64_t Hkv, int64_t g,
+                              int64_t T, int64_t S, int64_t D, const int64_t *q_strides, const int64_t *out_strides);
 int attention_forward_ref_f64(double *out, double *lse, const double *q, const double *k, const double *v,
-                              double scale, int causal, int64_t B, int64_t Hkv, int64_t g, int64_t T, int64_t S,
-                              int64_t D, const int64_t *q_strides, const int64_t *out_strides);
+                              double scale, int causal, double softcap, int64_t window, int64_t B, int64_t Hkv,
+                              int64_t g, int64_t T, int64_t S, int64_t D, const int64_t *q_strides,
+                              const int64_t *out_strides);
 int attention_backward_ref_f32(float *dq, float *dk, float *dv, const float *dout, const float *q, const float *k,
                                const float *v, const float *out, const float *lse, double scale, int causal,
-                               int64_t B, int64_t Hkv, int64_t g, int64_t T, int64_t S, int64_t D,
-                               const int64_t *dq_strides, const int64_t *dout_strides, const int64_t *q_strides,
-                               const int64_t *out_strides);
+                               double softcap, int64_t window, int64_t B, int64_t Hkv, int64_t g, int64_t T,
+                               int64_t S, int64_t D, const int64_t *dq_strides, const int64_t *dout_strides,
+                               const int64_t *q_strides, const int64_t *out_strides);
 int attention_backward_ref_f64(double *dq, double *dk, double *dv, const double *dout, const double *q,
                                const double *k, const double *v, const double *out, const double *lse, double scale,
-                               int causal, int64_t B, int64_t Hkv, int64_t g, int64_t T, int64_t S, int64_t D,
-                               const int64_t *dq_strides, const int64_t *dout_strides, const int64_t *q_strides,
-                               const int64_t *out_strides);
+                               int causal, double softcap, int64_t window, int64_t B, int64_t Hkv, int64_t g,
+                               int64_t T, int64_t S, int64_t D, const int64_t *dq_strides,
+                               const int64_t *dout_strides, const int64_t *q_strides, const int64_t *out_strides);
 
 /* RMSNorm over rows of n: y [rows, n] = x * rstd * weight (weight [n], NULL: none), rstd [rows] =
  * 1 / sqrt(mean(x^2) + eps), both written. Backward, each output optional: gx = rstd * (g w - xhat *
@@ -159,16 +163,18 @@ int rms_norm_backward_ref_f32(float *gx, float *gweight, const float *g, const f
 int rms_norm_backward_ref_f64(double *gx, double *gweight, const double *g, const double *x,
                               const double *weight, const double *rstd, int64_t rows, int64_t n);
 /* Rotary embedding, transformers' rotate-half form, of x [B, H, T, D] (strides x_strides[0..2] in
- * elements for b, h, t; unit along D) into out (strides out_strides); cos, sin dense [T, D]:
- * out = x cos + rotate_half(x) sin, or with transpose != 0 its transpose (the backward); out is written. */
+ * elements for b, h, t; unit along D) into out (strides out_strides); cos, sin dense [T, rd], rd even
+ * and <= D: the first rd dims of each row are rotated, out = x cos + rotate_half(x) sin within them,
+ * or with transpose != 0 its transpose (the backward); dims rd..D are copied (partial rotary,
+ * transformers' Phi-3 / GPT-NeoX: rd = D * partial_rotary_factor). out is written. */
 int rotary_f32(float *out, const float *x, const float *cos, const float *sin, int transpose, int64_t B, int64_t H,
-               int64_t T, int64_t D, const int64_t *x_strides, const int64_t *out_strides);
+               int64_t T, int64_t D, int64_t rd, const int64_t *x_strides, const int64_t *out_strides);
 int rotary_f64(double *out, const double *x, const double *cos, const double *sin, int transpose, int64_t B,
-               int64_t H, int64_t T, int64_t D, const int64_t *x_strides, const int64_t *out_strides);
+               int64_t H, int64_t T, int64_t D, int64_t rd, const int64_t *x_strides, const int64_t *out_strides);
 int rotary_ref_f32(float *out, const float *x, const float *cos, const float *sin, int transpose, int64_t B,
-                   int64_t H, int64_t T, int64_t D, const int64_t *x_strides, const int64_t *out_strides);
+                   int64_t H, int64_t T, int64_t D, int64_t rd, const int64_t *x_strides, const int64_t *out_strides);
 int rotary_ref_f64(double *out, const double *x, const double *cos, const double *sin, int transpose, int64_t B,
-                   int64_t H, int64_t T, int64_t D, const int64_t *x_strides, const int64_t *out_strides);
+                   int64_t H, int64_t T, int64_t D, int64_t rd, const int64_t *x_strides, const int64_t *out_strides);
 
 /* Threads used by the parallel functions; n <= 0 restores the OpenMP default. */
 void lora_set_num_threads(int n);

@@ -8,11 +8,13 @@
  *   silu_mul_forward / silu_mul_backward   the SwiGLU gate and its gradients
  *   softmax_rows                           scale * softmax of each row's visible prefix, and its log-sum-exp
  *   exp_rows                               exp(p - lse) of each row's visible prefix (backward's probabilities)
- *   attention_forward / attention_backward scaled-dot-product attention with grouped-query heads and
- *                                          a causal mask, one (batch, key/value head) per task: small
- *                                          register-tiled products, the scores never leave a block of rows
+ *   attention_forward / attention_backward scaled-dot-product attention with grouped-query heads, a
+ *                                          causal mask, a sliding window and a soft cap, one (batch,
+ *                                          key/value head) per task: small register-tiled products, the
+ *                                          scores never leave a block of rows
  *   rms_norm_forward / rms_norm_backward   RMSNorm over rows, and its gradients
- *   rotary                                 rotary embedding (rotate-half form) and its transpose
+ *   rotary                                 rotary embedding (rotate-half form, over the first rd of D
+ *                                          dims) and its transpose
  * Each has a plain single-threaded loop beside it, name_ref (the end of step_kernels_impl.h): the C
  * reference csrc/test_step_kernels.c checks the same way.
  *
@@ -38,9 +40,9 @@
 
 /* The sizes of one attention call (see step_kernels_simd.h); tb query positions per block. */
 typedef struct {
-    int64_t T, S, D, g, tb;
+    int64_t T, S, D, g, tb, window; /* window 0: none */
     int causal;
-    double scale;
+    double scale, softcap;          /* softcap 0: none */
 } attn_dims;
 
 #define ATTN_ROWS 48 /* query rows (positions x heads per key/value head) per block: a multiple of 6 */
@@ -52,6 +54,19 @@ static int64_t row_vis(int64_t i, int64_t n, int64_t period, int64_t count0, int
 {
     int64_t v = count0 + (i % period) / group;
     return v < 0 ? 0 : v > n ? n : v;
+}
+
+/* The keys [*lo, return) query position t sees: s > t + S - T - window (window > 0), s <= t + S - T (causal). */
+static int64_t keys_seen(int64_t t, int64_t T, int64_t S, int causal, int64_t window, int64_t *lo)
+{
+    const int64_t hi = row_vis(t, S, T, causal ? 1 + S - T : S, 1), l = window ? t + S - T - window + 1 : 0;
+    *lo = l < 0 ? 0 : l > hi ? hi : l;
+    return hi;
+}
+
+static int bad_rotary(int64_t B, int64_t H, int64_t T, int64_t D, int64_t rd)
+{
+    return B < 0 || H < 0 || T < 0 || rd < 0 || rd % 2 || rd > D;
 }
 
 static int bad_rows(int64_t rows, int64_t n, int64_t period, int64_t group)

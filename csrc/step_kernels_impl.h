@@ -44,19 +44,21 @@ int FN(exp_rows)(real *p, const real *lse, int64_t rows, int64_t n, int64_t peri
     return LORA_OK;
 }
 
-static int FN(bad_attention)(int64_t B, int64_t Hkv, int64_t g, int64_t T, int64_t S, int64_t D)
+static int FN(bad_attention)(double softcap, int64_t window, int64_t B, int64_t Hkv, int64_t g, int64_t T,
+                             int64_t S, int64_t D)
 {
-    return B < 0 || Hkv < 0 || g < 1 || T < 0 || S < 0 || D < 1;
+    return !(softcap >= 0) || window < 0 || B < 0 || Hkv < 0 || g < 1 || T < 0 || S < 0 || D < 1;
 }
 
 int FN(attention_forward)(real *out, real *lse, const real *q, const real *k, const real *v, double scale,
-                          int causal, int64_t B, int64_t Hkv, int64_t g, int64_t T, int64_t S, int64_t D,
-                          const int64_t *q_strides, const int64_t *out_strides)
+                          int causal, double softcap, int64_t window, int64_t B, int64_t Hkv, int64_t g, int64_t T,
+                          int64_t S, int64_t D, const int64_t *q_strides, const int64_t *out_strides)
 {
-    if (FN(bad_attention)(B, Hkv, g, T, S, D) || !out || !lse || !q || !k || !v || !q_strides || !out_strides)
+    if (FN(bad_attention)(softcap, window, B, Hkv, g, T, S, D) || !out || !lse || !q || !k || !v || !q_strides ||
+        !out_strides)
         return LORA_EINVAL;
     const int64_t tb = ATTN_ROWS / g > 0 ? ATTN_ROWS / g : 1, tasks = B * Hkv;
-    const attn_dims d = {T, S, D, g, tb, causal != 0, scale};
+    const attn_dims d = {T, S, D, g, tb, window, causal != 0, scale, softcap};
     const int64_t *qs = q_strides, *os = out_strides;
     int status = LORA_OK;
 #pragma omp parallel num_threads(lora_get_num_threads()) if (tasks > 1 && tasks * T * S * D > PARALLEL_WORK)
@@ -80,21 +82,22 @@ int FN(attention_forward)(real *out, real *lse, const real *q, const real *k, co
 }
 
 int FN(attention_backward)(real *dq, real *dk, real *dv, const real *dout, const real *q, const real *k,
-                           const real *v, const real *out, const real *lse, double scale, int causal, int64_t B,
-                           int64_t Hkv, int64_t g, int64_t T, int64_t S, int64_t D, const int64_t *dq_strides,
-                           const int64_t *dout_strides, const int64_t *q_strides, const int64_t *out_strides)
+                           const real *v, const real *out, const real *lse, double scale, int causal, double softcap,
+                           int64_t window, int64_t B, int64_t Hkv, int64_t g, int64_t T, int64_t S, int64_t D,
+                           const int64_t *dq_strides, const int64_t *dout_strides, const int64_t *q_strides,
+                           const int64_t *out_strides)
 {
-    if (FN(bad_attention)(B, Hkv, g, T, S, D) || !dout || !q || !k || !v || !out || !lse || !dq_strides ||
-        !dout_strides || !q_strides || !out_strides)
+    if (FN(bad_attention)(softcap, window, B, Hkv, g, T, S, D) || !dout || !q || !k || !v || !out || !lse ||
+        !dq_strides || !dout_strides || !q_strides || !out_strides)
         return LORA_EINVAL;
     if (!dq && !dk && !dv) return LORA_OK;
     const int64_t tb = ATTN_ROWS / g > 0 ? ATTN_ROWS / g : 1, tasks = B * Hkv, R = tb * g;
-    const attn_dims d = {T, S, D, g, tb, causal != 0, scale};
+    const attn_dims d = {T, S, D, g, tb, window, causal != 0, scale, softcap};
     const int64_t *qs = q_strides, *os = out_strides, *dqs = dq_strides, *dos = dout_strides;
     int status = LORA_OK;
 #pragma omp parallel num_threads(lora_get_num_threads()) if (tasks > 1 && tasks * T * S * D > PARALLEL_WORK)
     {
-        real *scratch = malloc(sizeof(real) * (size_t)(R * (3 * D + 2 * S + 1) + 2 * D * S + 1));
+        real *scratch = malloc(sizeof(real) * (size_t)(R * (3 * D + 3 * S + 1) + 2 * D * S + 1));
         if (!scratch) {
 #pragma omp atomic write
             status = LORA_ENOMEM;
@@ -148,16 +151,15 @@ int FN(rms_norm_backward)(real *gx, real *gweight, const real *g, const real *x,
 }
 
 int FN(rotary)(real *out, const real *x, const real *cos, const real *sin, int transpose, int64_t B, int64_t H,
-               int64_t T, int64_t D, const int64_t *x_strides, const int64_t *out_strides)
+               int64_t T, int64_t D, int64_t rd, const int64_t *x_strides, const int64_t *out_strides)
 {
-    if (B < 0 || H < 0 || T < 0 || D < 0 || D % 2 || !out || !x || !cos || !sin || !x_strides || !out_strides)
-        return LORA_EINVAL;
+    if (bad_rotary(B, H, T, D, rd) || !out || !x || !cos || !sin || !x_strides || !out_strides) return LORA_EINVAL;
     const int64_t *xs = x_strides, *os = out_strides, rows = B * H * T;
 #pragma omp parallel for schedule(static) num_threads(lora_get_num_threads()) if (rows * D > PARALLEL_WORK)
     for (int64_t i = 0; i < rows; i++) {
         const int64_t b = i / (H * T), h = i / T % H, t = i % T;
         SIMD(rotary_row)(out + b * os[0] + h * os[1] + t * os[2], x + b * xs[0] + h * xs[1] + t * xs[2],
-                         cos + t * D, sin + t * D, transpose, D);
+                         cos + t * rd, sin + t * rd, transpose, D, rd);
     }
     return LORA_OK;
 }
@@ -232,21 +234,29 @@ int FN(exp_rows_ref)(real *p, const real *lse, int64_t rows, int64_t n, int64_t 
     return LORA_OK;
 }
 
-/* scale * q . k over D */
-static real FN(score_ref)(const real *q, const real *k, double scale, int64_t D)
+/* The score of a query row and a key: scale * q . k over D, then with softcap > 0 its cap
+ * softcap * tanh(score / softcap); *dcap = the cap's derivative 1 - tanh^2 (1 without a cap). */
+static real FN(score_ref)(const real *q, const real *k, double scale, double softcap, int64_t D, real *dcap)
 {
     real acc = 0;
     for (int64_t e = 0; e < D; e++) acc += q[e] * k[e];
-    return (real)scale * acc;
+    acc = (real)scale * acc;
+    *dcap = 1;
+    if (softcap == 0) return acc;
+    const real t = (real)tanh((double)(acc / (real)softcap));
+    *dcap = 1 - t * t;
+    return (real)softcap * t;
 }
 
 int FN(attention_forward_ref)(real *out, real *lse, const real *q, const real *k, const real *v, double scale,
-                              int causal, int64_t B, int64_t Hkv, int64_t g, int64_t T, int64_t S, int64_t D,
-                              const int64_t *q_strides, const int64_t *out_strides)
+                              int causal, double softcap, int64_t window, int64_t B, int64_t Hkv, int64_t g,
+                              int64_t T, int64_t S, int64_t D, const int64_t *q_strides, const int64_t *out_strides)
 {
-    if (FN(bad_attention)(B, Hkv, g, T, S, D) || !out || !lse || !q || !k || !v || !q_strides || !out_strides)
+    if (FN(bad_attention)(softcap, window, B, Hkv, g, T, S, D) || !out || !lse || !q || !k || !v || !q_strides ||
+        !out_strides)
         return LORA_EINVAL;
     const int64_t *qs = q_strides, *os = out_strides;
+    real dcap;
     for (int64_t b = 0; b < B; b++)
         for (int64_t h = 0; h < Hkv; h++)
             for (int64_t t = 0; t < T; t++)
@@ -255,10 +265,11 @@ int FN(attention_forward_ref)(real *out, real *lse, const real *q, const real *k
                     const real *kh = k + (b * Hkv + h) * S * D, *vh = v + (b * Hkv + h) * S * D;
                     real *o = out + b * os[0] + h * os[1] + t * os[2] + j * os[3];
                     real *l = lse + ((b * Hkv + h) * T + t) * g + j;
-                    const int64_t vis = row_vis(t, S, T, causal ? 1 + S - T : S, 1); /* keys s <= t + S - T */
+                    int64_t lo;
+                    const int64_t hi = keys_seen(t, T, S, causal, window, &lo);
                     real m = -INFINITY;
-                    for (int64_t s = 0; s < vis; s++) {
-                        const real sc = FN(score_ref)(qr, kh + s * D, scale, D);
+                    for (int64_t s = lo; s < hi; s++) {
+                        const real sc = FN(score_ref)(qr, kh + s * D, scale, softcap, D, &dcap);
                         if (sc != sc || m != m) m = NAN;
                         else if (sc > m) m = sc;
                     }
@@ -268,8 +279,8 @@ int FN(attention_forward_ref)(real *out, real *lse, const real *q, const real *k
                         continue;
                     }
                     double sum = 0;
-                    for (int64_t s = 0; s < vis; s++) {
-                        const real p = (real)exp((double)(FN(score_ref)(qr, kh + s * D, scale, D) - m));
+                    for (int64_t s = lo; s < hi; s++) {
+                        const real p = (real)exp((double)(FN(score_ref)(qr, kh + s * D, scale, softcap, D, &dcap) - m));
                         sum += p;
                         for (int64_t e = 0; e < D; e++) o[e] += p * vh[s * D + e];
                     }
@@ -281,12 +292,12 @@ int FN(attention_forward_ref)(real *out, real *lse, const real *q, const real *k
 
 int FN(attention_backward_ref)(real *dq, real *dk, real *dv, const real *dout, const real *q, const real *k,
                                const real *v, const real *out, const real *lse, double scale, int causal,
-                               int64_t B, int64_t Hkv, int64_t g, int64_t T, int64_t S, int64_t D,
-                               const int64_t *dq_strides, const int64_t *dout_strides, const int64_t *q_strides,
-                               const int64_t *out_strides)
+                               double softcap, int64_t window, int64_t B, int64_t Hkv, int64_t g, int64_t T,
+                               int64_t S, int64_t D, const int64_t *dq_strides, const int64_t *dout_strides,
+                               const int64_t *q_strides, const int64_t *out_strides)
 {
-    if (FN(bad_attention)(B, Hkv, g, T, S, D) || !dout || !q || !k || !v || !out || !lse || !dq_strides ||
-        !dout_strides || !q_strides || !out_strides)
+    if (FN(bad_attention)(softcap, window, B, Hkv, g, T, S, D) || !dout || !q || !k || !v || !out || !lse ||
+        !dq_strides || !dout_strides || !q_strides || !out_strides)
         return LORA_EINVAL;
     if (!dq && !dk && !dv) return LORA_OK;
     const int64_t *qs = q_strides, *os = out_strides, *dqs = dq_strides, *dos = dout_strides;
@@ -305,16 +316,18 @@ int FN(attention_backward_ref)(real *dq, real *dk, real *dv, const real *dout, c
                     real *dqr = dq ? dq + b * dqs[0] + h * dqs[1] + t * dqs[2] + j * dqs[3] : NULL;
                     real *dkh = dk ? dk + (b * Hkv + h) * S * D : NULL, *dvh = dv ? dv + (b * Hkv + h) * S * D : NULL;
                     const real l = lse[((b * Hkv + h) * T + t) * g + j];
-                    const int64_t vis = l == INFINITY ? 0 : row_vis(t, S, T, causal ? 1 + S - T : S, 1);
+                    int64_t lo;
+                    const int64_t hi = l == INFINITY ? 0 : keys_seen(t, T, S, causal, window, &lo);
                     real delta = 0; /* dout . out */
                     for (int64_t e = 0; e < D; e++) delta += dor[e] * o[e];
                     if (dqr)
                         for (int64_t e = 0; e < D; e++) dqr[e] = 0;
-                    for (int64_t s = 0; s < vis; s++) {
-                        const real p = (real)exp((double)(FN(score_ref)(qr, kh + s * D, scale, D) - l));
+                    for (int64_t s = hi ? lo : 0; s < hi; s++) {
+                        real dcap;
+                        const real p = (real)exp((double)(FN(score_ref)(qr, kh + s * D, scale, softcap, D, &dcap) - l));
                         real dp = 0; /* dout . v_s */
                         for (int64_t e = 0; e < D; e++) dp += dor[e] * vh[s * D + e];
-                        const real ds = p * (dp - delta);
+                        const real ds = p * (dp - delta) * dcap;
                         for (int64_t e = 0; e < D; e++) {
                             if (dqr) dqr[e] += (real)scale * ds * kh[s * D + e];
                             if (dkh) dkh[s * D + e] += (real)scale * ds * qr[e];
@@ -358,19 +371,20 @@ int FN(rms_norm_backward_ref)(real *gx, real *gweight, const real *g, const real
 }
 
 int FN(rotary_ref)(real *out, const real *x, const real *cos, const real *sin, int transpose, int64_t B, int64_t H,
-                   int64_t T, int64_t D, const int64_t *x_strides, const int64_t *out_strides)
+                   int64_t T, int64_t D, int64_t rd, const int64_t *x_strides, const int64_t *out_strides)
 {
-    if (B < 0 || H < 0 || T < 0 || D < 0 || D % 2 || !out || !x || !cos || !sin || !x_strides || !out_strides)
-        return LORA_EINVAL;
-    const int64_t *xs = x_strides, *os = out_strides, half = D / 2;
+    if (bad_rotary(B, H, T, D, rd) || !out || !x || !cos || !sin || !x_strides || !out_strides) return LORA_EINVAL;
+    const int64_t *xs = x_strides, *os = out_strides, half = rd / 2;
     for (int64_t b = 0; b < B; b++)
         for (int64_t h = 0; h < H; h++)
             for (int64_t t = 0; t < T; t++) {
-                const real *xr = x + b * xs[0] + h * xs[1] + t * xs[2], *c = cos + t * D, *s = sin + t * D;
+                const real *xr = x + b * xs[0] + h * xs[1] + t * xs[2], *c = cos + t * rd, *s = sin + t * rd;
                 real *o = out + b * os[0] + h * os[1] + t * os[2];
                 /* rotate_half(x) [e] = sign * x[partner]: -x2 in the first half, x1 in the second;
-                 * its transpose moves sin to the partner: out = x cos - sign * x[partner] sin[partner]. */
-                for (int64_t e = 0; e < D; e++) {
+                 * its transpose moves sin to the partner: out = x cos - sign * x[partner] sin[partner];
+                 * dims rd.. pass through. */
+                for (int64_t e = rd; e < D; e++) o[e] = xr[e];
+                for (int64_t e = 0; e < rd; e++) {
                     const int64_t partner = e < half ? e + half : e - half;
                     const real sign = e < half ? -1 : 1;
                     o[e] = transpose ? xr[e] * c[e] - sign * xr[partner] * s[partner]

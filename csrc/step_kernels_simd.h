@@ -257,14 +257,44 @@ static void FN(gemm)(real *restrict C, int64_t ldc, const real *restrict A, int6
  * (T * g, D) matrix; row i of q, out, dq and dout sits at base + t * st + j * sj (the caller
  * has added the batch and head offsets). k, v, dk, dv are this head's dense (S, D) matrices,
  * lse its dense (T * g) log-sum-exps. Queries go in blocks of tb positions (rows = tb * g);
- * a causal block computes only the keys its last row sees, and the row softmax hides the rest. */
+ * a block computes only the keys [k0, n) its rows see: from the window's lower edge of its first
+ * row to the causal limit of its last (keys outside are never computed: a window makes a long
+ * sequence cost T (W + tb) products, not T S); each row's softmax is taken over its own span. */
 
-/* Keys computed for the block of positions [t0, t1), and visible to its first row. */
-static int64_t FN(block_keys)(const attn_dims *d, int64_t t1)
+/* Keys [*k0, n) computed for the block of positions [t0, t1); n == *k0 when it sees none. */
+static int64_t FN(block_keys)(const attn_dims *d, int64_t t0, int64_t t1, int64_t *k0)
 {
-    if (!d->causal) return d->S;
-    int64_t n = t1 + d->S - d->T;
-    return n < 0 ? 0 : n > d->S ? d->S : n;
+    int64_t lo = d->window ? t0 + d->S - d->T - d->window + 1 : 0, n = d->causal ? t1 + d->S - d->T : d->S;
+    lo = lo < 0 ? 0 : lo > d->S ? d->S : lo;
+    n = n < lo ? lo : n > d->S ? d->S : n;
+    *k0 = lo;
+    return n;
+}
+
+/* The columns [*a, return) of a block's row i (keys [k0, k0 + nk), block from position t0) that the
+ * row sees: keys s with s > t + S - T - window and (causal) s <= t + S - T; *a == return when none. */
+static int64_t FN(row_span)(const attn_dims *d, int64_t t0, int64_t k0, int64_t nk, int64_t i, int64_t *a)
+{
+    const int64_t p = t0 + i / d->g + d->S - d->T; /* the row's absolute position */
+    int64_t lo = d->window ? p - d->window + 1 - k0 : 0, hi = d->causal ? p + 1 - k0 : nk;
+    lo = lo < 0 ? 0 : lo > nk ? nk : lo;
+    hi = hi < lo ? lo : hi > nk ? nk : hi;
+    *a = lo;
+    return hi;
+}
+
+/* p [n] <- c tanh(p / c) (the soft cap); dcap [n] = 1 - tanh^2 unless NULL. */
+static void FN(cap_row)(real *p, real *dcap, real c, int64_t n)
+{
+    for (int64_t j = 0; j < n; j++) {
+#if IS_F32
+        const real t = tanhf(p[j] / c);
+#else
+        const real t = tanh(p[j] / c);
+#endif
+        p[j] = c * t;
+        if (dcap) dcap[j] = 1 - t * t;
+    }
 }
 
 /* dst [D, n] = src [n, D]^T, the dense transposes that the products read as B. */
@@ -292,22 +322,24 @@ static void FN(attn_fwd_head)(real *out, int64_t ost, int64_t osj, real *lse, co
     real *Qb = scratch, *Ob = Qb + tb * g * D, *P = Ob + tb * g * D, *KT = P + tb * g * S;
     FN(transpose_keys)(KT, k, S, D);                                     /* KT [D, S] */
     for (int64_t t0 = 0; t0 < T; t0 += tb) {
-        const int64_t t1 = t0 + tb < T ? t0 + tb : T, rows = (t1 - t0) * g, n = FN(block_keys)(d, t1);
-        const int64_t count0 = d->causal ? t0 + 1 + S - T : n;
+        int64_t k0;
+        const int64_t t1 = t0 + tb < T ? t0 + tb : T, rows = (t1 - t0) * g, nk = FN(block_keys)(d, t0, t1, &k0) - k0;
         FN(gather_rows)(Qb, q, qst, qsj, t0, rows, g, D, (real)d->scale);       /* Qb [rows, D] = scale q */
-        FN(gemm)(P, n, Qb, D, 1, KT, S, rows, n, D, 1, 0);                /* P [rows, n] = Qb K^T */
+        FN(gemm)(P, nk, Qb, D, 1, KT + k0, S, rows, nk, D, 1, 0);          /* P [rows, nk] = Qb K[k0:]^T */
         for (int64_t i = 0; i < rows; i++) {
-            int64_t vis = count0 + i / g;
-            FN(softmax_row)(P + i * n, lse + t0 * g + i, 1, vis < 0 ? 0 : vis > n ? n : vis, n);
+            int64_t a, b = FN(row_span)(d, t0, k0, nk, i, &a);
+            if (d->softcap) FN(cap_row)(P + i * nk + a, NULL, (real)d->softcap, b - a);
+            memset(P + i * nk, 0, sizeof(real) * (size_t)a);
+            FN(softmax_row)(P + i * nk + a, lse + t0 * g + i, 1, b - a, nk - a);
         }
-        FN(gemm)(Ob, D, P, n, 1, v, D, rows, D, n, 1, 0);                 /* Ob [rows, D] = P V */
+        FN(gemm)(Ob, D, P, nk, 1, v + k0 * D, D, rows, D, nk, 1, 0);      /* Ob [rows, D] = P V[k0:] */
         for (int64_t i = 0; i < rows; i++)
             memcpy(out + (t0 + i / g) * ost + (i % g) * osj, Ob + i * D, sizeof(real) * (size_t)D);
     }
 }
 
 /* dk, dv (S, D) are overwritten; dq rows written; any of the three may be NULL.
- * scratch: (tb * g) * (3 D + 2 S + 1) + 2 D * S reals. */
+ * scratch: (tb * g) * (3 D + 3 S + 1) + 2 D * S reals. */
 static void FN(attn_bwd_head)(real *dq, int64_t dqst, int64_t dqsj, real *dk, real *dv, const real *dout,
                               int64_t dost, int64_t dosj, const real *q, int64_t qst, int64_t qsj, const real *k,
                               const real *v, const real *out, int64_t ost, int64_t osj, const real *lse,
@@ -315,14 +347,14 @@ static void FN(attn_bwd_head)(real *dq, int64_t dqst, int64_t dqsj, real *dk, re
 {
     const int64_t T = d->T, S = d->S, D = d->D, g = d->g, tb = d->tb, R = tb * g;
     real *Qb = scratch, *dOb = Qb + R * D, *dQb = dOb + R * D, *P = dQb + R * D, *dP = P + R * S;
-    real *delta = dP + R * S, *KT = delta + R, *VT = KT + D * S;
+    real *dcap = dP + R * S, *delta = dcap + R * S, *KT = delta + R, *VT = KT + D * S;
     FN(transpose_keys)(KT, k, S, D);
     FN(transpose_keys)(VT, v, S, D);
     if (dk) memset(dk, 0, sizeof(real) * (size_t)(S * D));
     if (dv) memset(dv, 0, sizeof(real) * (size_t)(S * D));
     for (int64_t t0 = 0; t0 < T; t0 += tb) {
-        const int64_t t1 = t0 + tb < T ? t0 + tb : T, rows = (t1 - t0) * g, n = FN(block_keys)(d, t1);
-        const int64_t count0 = d->causal ? t0 + 1 + S - T : n;
+        int64_t k0;
+        const int64_t t1 = t0 + tb < T ? t0 + tb : T, rows = (t1 - t0) * g, nk = FN(block_keys)(d, t0, t1, &k0) - k0;
         FN(gather_rows)(dOb, dout, dost, dosj, t0, rows, g, D, 1);         /* dOb [rows, D] */
         for (int64_t i = 0; i < rows; i++) {                              /* delta = rowsum(dO * O) */
             const real *o = out + (t0 + i / g) * ost + (i % g) * osj;
@@ -330,28 +362,35 @@ static void FN(attn_bwd_head)(real *dq, int64_t dqst, int64_t dqsj, real *dk, re
             for (int64_t e = 0; e < D; e++) acc += dOb[i * D + e] * o[e];
             delta[i] = acc;
         }
-        if (n == 0) {
+        if (nk == 0) {
             if (dq)
                 for (int64_t i = 0; i < rows; i++) memset(dq + (t0 + i / g) * dqst + (i % g) * dqsj, 0, sizeof(real) * (size_t)D);
             continue;
         }
         FN(gather_rows)(Qb, q, qst, qsj, t0, rows, g, D, (real)d->scale);        /* Qb = scale q */
-        FN(gemm)(P, n, Qb, D, 1, KT, S, rows, n, D, 1, 0);                 /* scores */
-        for (int64_t i = 0; i < rows; i++) {
-            int64_t vis = count0 + i / g;
-            FN(exp_row)(P + i * n, lse[t0 * g + i], vis < 0 ? 0 : vis > n ? n : vis, n);   /* probabilities */
+        FN(gemm)(P, nk, Qb, D, 1, KT + k0, S, rows, nk, D, 1, 0);          /* scores */
+        for (int64_t i = 0; i < rows; i++) {                              /* probabilities */
+            int64_t a, b = FN(row_span)(d, t0, k0, nk, i, &a);
+            if (d->softcap) FN(cap_row)(P + i * nk + a, dcap + i * nk + a, (real)d->softcap, b - a);
+            memset(P + i * nk, 0, sizeof(real) * (size_t)a);
+            FN(exp_row)(P + i * nk + a, lse[t0 * g + i], b - a, nk - a);
         }
-        if (dv) FN(gemm)(dv, D, P, 1, n, dOb, D, n, D, rows, 1, 1);        /* dV [n, D] += P^T dO */
+        if (dv) FN(gemm)(dv + k0 * D, D, P, 1, nk, dOb, D, nk, D, rows, 1, 1);   /* dV [k0:] += P^T dO */
         if (!dq && !dk) continue;
-        FN(gemm)(dP, n, dOb, D, 1, VT, S, rows, n, D, 1, 0);               /* dP [rows, n] = dO V^T */
-        for (int64_t i = 0; i < rows; i++)                                 /* dS = P * (dP - delta) */
-            for (int64_t s = 0; s < n; s++) dP[i * n + s] = (dP[i * n + s] - delta[i]) * P[i * n + s];
+        FN(gemm)(dP, nk, dOb, D, 1, VT + k0, S, rows, nk, D, 1, 0);        /* dP [rows, nk] = dO V[k0:]^T */
+        for (int64_t i = 0; i < rows; i++) {                               /* dS = P * (dP - delta) */
+            for (int64_t s = 0; s < nk; s++) dP[i * nk + s] = (dP[i * nk + s] - delta[i]) * P[i * nk + s];
+            if (d->softcap) {                                              /* through the cap: * (1 - tanh^2) */
+                int64_t a, b = FN(row_span)(d, t0, k0, nk, i, &a);
+                for (int64_t s = a; s < b; s++) dP[i * nk + s] *= dcap[i * nk + s];
+            }
+        }
         if (dq) {
-            FN(gemm)(dQb, D, dP, n, 1, k, D, rows, D, n, (real)d->scale, 0);     /* dQ = scale dS K */
+            FN(gemm)(dQb, D, dP, nk, 1, k + k0 * D, D, rows, D, nk, (real)d->scale, 0);   /* dQ = scale dS K[k0:] */
             for (int64_t i = 0; i < rows; i++)
                 memcpy(dq + (t0 + i / g) * dqst + (i % g) * dqsj, dQb + i * D, sizeof(real) * (size_t)D);
         }
-        if (dk) FN(gemm)(dk, D, dP, 1, n, Qb, D, n, D, rows, 1, 1);        /* dK [n, D] += dS^T Qb */
+        if (dk) FN(gemm)(dk + k0 * D, D, dP, 1, nk, Qb, D, nk, D, rows, 1, 1);   /* dK [k0:] += dS^T Qb */
     }
 }
 
@@ -392,12 +431,12 @@ static void FN(rms_norm_grad_row)(real *gx, const real *g, const real *x, const 
     for (int64_t j = 0; j < n; j++) gx[j] = (gh[j] - x[j] * rstd * c) * rstd;
 }
 
-/* One row of D = 2h: forward y1 = x1 c1 - x2 s1, y2 = x2 c2 + x1 s2; transpose (its backward)
- * y1 = x1 c1 + x2 s2, y2 = x2 c2 - x1 s1. */
+/* One row: its first rd = 2h dims rotated, forward y1 = x1 c1 - x2 s1, y2 = x2 c2 + x1 s2; transpose (its
+ * backward) y1 = x1 c1 + x2 s2, y2 = x2 c2 - x1 s1; dims rd..D copied (partial rotary). */
 static void FN(rotary_row)(real *restrict y, const real *restrict x, const real *restrict c, const real *restrict s,
-                           int transpose, int64_t D)
+                           int transpose, int64_t D, int64_t rd)
 {
-    const int64_t h = D / 2;
+    const int64_t h = rd / 2;
     if (!transpose)
         for (int64_t j = 0; j < h; j++) {
             y[j] = x[j] * c[j] - x[j + h] * s[j];
@@ -408,6 +447,7 @@ static void FN(rotary_row)(real *restrict y, const real *restrict x, const real 
             y[j] = x[j] * c[j] + x[j + h] * s[j + h];
             y[j + h] = x[j + h] * c[j + h] - x[j] * s[j];
         }
+    if (rd < D) memcpy(y + rd, x + rd, sizeof(real) * (size_t)(D - rd));
 }
 
 #undef ivec

@@ -16,7 +16,8 @@
  * denormal. Also: 1 and 2 threads give identical bits on sizes that go parallel, and NULL
  * pointers or bad sizes return LORA_EINVAL without touching anything. Exits non-zero on a failure.
  * attention_forward / attention_backward: against a scalar reference of the definition (grouped-query
- * heads, bottom-right causal mask, rows that see no key), with q, out, dq, dout in four layouts
+ * heads, bottom-right causal mask, sliding windows, soft caps, rows that see no key), with q, out, dq, dout
+ * in four layouts
  * (dense, the (B, T, Hq, D) transpose, padded rows, a negative position stride), every subset of
  * NULL gradient outputs (bit for bit the values of the full call), outputs that start as NaN (so that
  * one not written shows), T = 1, S = 1, T != S both ways, S, T or B = 0, D = 1, 17, 65; 1 and 2
@@ -24,7 +25,8 @@
  * rms_norm_forward / rms_norm_backward: rows 0, 1, 37 of n = 1, 7, 9, 33, 577, with and without weight,
  * eps 0 to 0.25, magnitudes 1e+-12 (float) and 1e+-140 (double); gx alone and gweight alone (NULL for
  * the other) bit for bit the full call's, gweight accumulated onto its start. rotary, forward and
- * transpose: D = 2, 6, 64, 130 (and 0), B, H, T = 0 to 37, random tables whose halves differ, x and out in
+ * transpose: D = 2, 6, 64, 130 (and 0), rotated dims rd = D or fewer (partial rotary: 48 or 16 of 64, 4 of 7,
+ * 0 of 6), B, H, T = 0 to 37, random tables whose halves differ, x and out in
  * the layouts above (dense, the (B, T, H, D) transpose, padded rows, reversed positions) passed with their
  * strides. Both: 1 and 2 threads bit for bit, LORA_EINVAL for bad sizes, odd D, NULL inputs.
  */
@@ -130,18 +132,24 @@ static void softmax_ref(double *out, double *lse, double *m, const double *p, do
  * Grouped-query attention with q head hq = h * g + j on key/value head h. The reference works on dense
  * (B, Hq, T, D) copies of q, dout (and gives out, dq in that order), dense (B, Hkv, S, D) k, v, dk, dv
  * and (B, Hkv, T, g) lse, in double, from the definition: scores s = scale q.k (scale rounded to the
- * element type, as the kernel does), causal: query t sees keys s <= t + S - T, P = softmax over those,
+ * element type, as the kernel does; with a soft cap c, c tanh(s / c)), causal: query t sees keys
+ * s <= t + S - T, with a window W only keys s > t + S - T - W, P = softmax over those,
  * out = P v, lse = log-sum-exp of the visible scores (+inf, with out = 0 and dq = 0, when none is),
- * delta = dout.out, dS = P (dout.v - delta), dq = scale dS k, dk = scale dS^T q, dv = P^T dout.
+ * delta = dout.out, dS = P (dout.v - delta) (times 1 - tanh^2 with a cap), dq = scale dS k,
+ * dk = scale dS^T q, dv = P^T dout.
  * Tolerance, first order in RTOL (the differences of rounding, relative to the magnitude of the terms):
  * a score may be off by RTOL * A with A = |scale| |q|.|k|; so P by P * rP, rP = RTOL (3 + A + max A +
  * |lse|), giving Pt = P (RTOL + rP) + FLOOR; out by Pt.|v|; delta, dS, dq, dk, dv likewise (the same
- * propagation as tests/test_attention_kernel.py). */
+ * propagation as tests/test_attention_kernel.py). A cap c turns A into (1 - t^2) (A + |s|) + 2 |c t| (the
+ * raw score's error through tanh, plus the division's and tanh's own), and dS's factor 1 - t^2 is off by
+ * 2 |t| RTOL A / |c| + 2 RTOL. */
 
 typedef struct {
     int64_t B, Hkv, g, T, S, D;
     int causal;
     double scale;
+    int64_t window; /* 0: none */
+    double softcap; /* 0: none */
 } attn_case;
 
 /* Where q, out, dq, dout live: kind 0 dense (B, Hq, T, D); 1 (B, T, Hq, D), the transpose a model
@@ -189,11 +197,13 @@ static char *attn_mask(const attn_layout *l, const attn_case *c)
     return m;
 }
 
-static int64_t attn_visible(const attn_case *c, int64_t t)
+/* The keys [*lo, return) query t sees: s <= t + S - T when causal, s > t + S - T - window with a window. */
+static int64_t attn_visible(const attn_case *c, int64_t t, int64_t *lo)
 {
-    if (!c->causal) return c->S;
-    int64_t n = t + 1 + c->S - c->T;
-    return n < 0 ? 0 : n > c->S ? c->S : n;
+    int64_t n = c->causal ? t + 1 + c->S - c->T : c->S, l = c->window ? t + 1 + c->S - c->T - c->window : 0;
+    n = n < 0 ? 0 : n > c->S ? c->S : n;
+    *lo = l < 0 ? 0 : l > n ? n : l;
+    return n;
 }
 
 /* want / tol: out [B, Hq, T, D], lse [B, Hkv, T, g], dq [B, Hq, T, D], dk, dv [B, Hkv, S, D], each a
@@ -205,6 +215,7 @@ static void attention_ref(double *want[5], double *tol[5], const attn_case *c, c
     double *sc = alloc(sizeof(double) * (size_t)S), *A = alloc(sizeof(double) * (size_t)S);
     double *P = alloc(sizeof(double) * (size_t)S), *Pt = alloc(sizeof(double) * (size_t)S);
     double *dP = alloc(sizeof(double) * (size_t)S), *G = alloc(sizeof(double) * (size_t)S);
+    double *dcap = alloc(sizeof(double) * (size_t)S), *dcapt = alloc(sizeof(double) * (size_t)S);
     for (int w = 0; w < 5; w++) {
         int64_t n = w == 1 ? B * Hkv * T * g : w >= 3 ? B * Hkv * S * D : B * Hq * T * D;
         for (int64_t i = 0; i < n; i++) want[w][i] = 0, tol[w][i] = 0;
@@ -213,45 +224,53 @@ static void attention_ref(double *want[5], double *tol[5], const attn_case *c, c
         for (int64_t hq = 0; hq < Hq; hq++)
             for (int64_t t = 0; t < T; t++) {
                 const int64_t h = hq / g, row = ((b * Hq + hq) * T + t) * D, kv = (b * Hkv + h) * S * D;
-                const int64_t li = ((b * Hkv + h) * T + t) * g + hq % g, vis = attn_visible(c, t);
+                int64_t lo;
+                const int64_t li = ((b * Hkv + h) * T + t) * g + hq % g, vis = attn_visible(c, t, &lo);
                 const double *qr = q + row, *dor = dout + row;
                 double *o = want[0] + row, *ot = tol[0] + row, *dq = want[2] + row, *dqt = tol[2] + row;
-                if (vis == 0) { /* no key: out = 0, dq = 0, lse = +inf */
+                if (vis == lo) { /* no key: out = 0, dq = 0, lse = +inf */
                     want[1][li] = INFINITY;
                     for (int64_t e = 0; e < D; e++) ot[e] = dqt[e] = floor_;
                     continue;
                 }
                 double m = -INFINITY, Amax = 0, sum = 0;
-                for (int64_t s = 0; s < vis; s++) {
+                for (int64_t s = lo; s < vis; s++) {
                     double acc = 0, mag = 0;
                     for (int64_t e = 0; e < D; e++) acc += qr[e] * k[kv + s * D + e], mag += fabs(qr[e] * k[kv + s * D + e]);
-                    sc[s] = scale * acc, A[s] = fabs(scale) * mag;
+                    sc[s] = scale * acc, A[s] = fabs(scale) * mag, dcap[s] = 1, dcapt[s] = 0;
+                    if (c->softcap) { /* sc = cap tanh(raw / cap): raw's error through 1 - t^2, the division, tanh */
+                        const double t = tanh(sc[s] / c->softcap);
+                        A[s] = (1 - t * t) * (A[s] + fabs(sc[s])) + 2 * fabs(c->softcap * t);
+                        sc[s] = c->softcap * t, dcap[s] = 1 - t * t;
+                        dcapt[s] = 2 * fabs(t) * rtol * A[s] / c->softcap + 2 * rtol;
+                    }
                     m = fmax(m, sc[s]), Amax = fmax(Amax, A[s]);
                 }
-                for (int64_t s = 0; s < vis; s++) sum += exp(sc[s] - m);
+                for (int64_t s = lo; s < vis; s++) sum += exp(sc[s] - m);
                 const double lse = m + log(sum);
                 want[1][li] = lse;
                 tol[1][li] = rtol * (fabs(m) + fabs(lse - m) + Amax) + floor_;
-                for (int64_t s = 0; s < vis; s++) {
+                for (int64_t s = lo; s < vis; s++) {
                     P[s] = exp(sc[s] - lse);
                     Pt[s] = P[s] * (rtol + rtol * (3 + A[s] + Amax + fabs(lse))) + floor_;
                 }
                 double delta = 0, dmag = 0, dtol = 0;
                 for (int64_t e = 0; e < D; e++) {
                     double acc = 0, at = 0;
-                    for (int64_t s = 0; s < vis; s++) acc += P[s] * v[kv + s * D + e], at += Pt[s] * fabs(v[kv + s * D + e]);
+                    for (int64_t s = lo; s < vis; s++) acc += P[s] * v[kv + s * D + e], at += Pt[s] * fabs(v[kv + s * D + e]);
                     o[e] = acc, ot[e] = at;
                 }
                 for (int64_t e = 0; e < D; e++) delta += dor[e] * o[e], dmag += fabs(dor[e] * o[e]), dtol += fabs(dor[e]) * ot[e];
                 dtol += rtol * dmag;
-                for (int64_t s = 0; s < vis; s++) {
+                for (int64_t s = lo; s < vis; s++) {
                     double acc = 0, mag = 0;
                     for (int64_t e = 0; e < D; e++) acc += dor[e] * v[kv + s * D + e], mag += fabs(dor[e] * v[kv + s * D + e]);
                     dP[s] = acc, G[s] = mag;
                 }
-                for (int64_t s = 0; s < vis; s++) {
-                    const double dS = P[s] * (dP[s] - delta);
-                    const double dSt = Pt[s] * fabs(dP[s] - delta) + P[s] * (rtol * G[s] + dtol) + rtol * fabs(dS);
+                for (int64_t s = lo; s < vis; s++) { /* dS through the cap: * (1 - t^2) */
+                    const double dS0 = P[s] * (dP[s] - delta), dS = dS0 * dcap[s];
+                    const double dSt = (Pt[s] * fabs(dP[s] - delta) + P[s] * (rtol * G[s] + dtol) + rtol * fabs(dS0)) *
+                                       dcap[s] + fabs(dS0) * dcapt[s];
                     for (int64_t e = 0; e < D; e++) {
                         const double kk = k[kv + s * D + e];
                         dq[e] += scale * dS * kk, dqt[e] += fabs(scale) * dSt * fabs(kk);
@@ -265,7 +284,7 @@ static void attention_ref(double *want[5], double *tol[5], const attn_case *c, c
             }
     for (int w = 3; w < 5; w++)
         for (int64_t i = 0; i < B * Hkv * S * D; i++) tol[w][i] += floor_;
-    free(sc), free(A), free(P), free(Pt), free(dP), free(G);
+    free(sc), free(A), free(P), free(Pt), free(dP), free(G), free(dcap), free(dcapt);
 }
 
 #define STR_(x) #x
@@ -324,6 +343,19 @@ static const struct {
     {{1, 1, 2, 3, 0, 4, 0, 0.5}, 2222, 1},
     {{1, 2, 2, 0, 5, 4, 1, 0.5}, 1111, 1},     /* T = 0 */
     {{0, 2, 2, 3, 5, 4, 1, 0.5}, 1111, 1},     /* B = 0 */
+    /* sliding windows (keys s > t + S - T - window) and soft caps (scores cap tanh(s / cap)) */
+    {{1, 1, 1, 9, 9, 4, 1, 0.5, 1}, 1111, 1},             /* window 1: each row sees itself only */
+    {{2, 2, 3, 70, 70, 17, 1, 0.3, 5}, 1021, 2},          /* window 5 in blocks of 16: edge blocks masked */
+    {{1, 1, 1, 130, 130, 16, 1, 0.25, 20}, 3012, 2},      /* windows skip whole key blocks */
+    {{1, 2, 2, 20, 45, 8, 1, 0.4, 7}, 2301, 2},           /* T < S with the cache's alignment */
+    {{1, 1, 2, 9, 4, 8, 1, 0.4, 3}, 1212, 2},             /* T > S: blind rows and a window */
+    {{1, 1, 2, 12, 30, 8, 0, 0.4, 6}, 1100, 2},           /* non-causal: only the lower edge */
+    {{1, 1, 1, 60, 10, 8, 0, 0.4, 3}, 2222, 2},           /* non-causal T > S: late rows see no key */
+    {{1, 1, 2, 12, 12, 8, 1, 0.4, 100}, 1111, 2},         /* a window wider than the sequence */
+    {{1, 2, 3, 50, 61, 16, 0, 0.7, 0, 2.5}, 1230, 2},     /* soft cap */
+    {{2, 1, 2, 33, 33, 17, 1, 0.5, 0, 0.5}, 3333, 30},    /* a tight cap on scores in the hundreds */
+    {{1, 2, 2, 70, 70, 16, 1, 0.3, 9, 4.0}, 1021, 2},     /* window and cap together */
+    {{1, 1, 2, 9, 6, 8, 1, 0.25, 2, 1.0}, 2130, 30},
 };
 
 static void check_attention_all(void)
@@ -352,19 +384,21 @@ static void check_norm_rotary_all(void)
     check_rms_norm_f64(37, 33, 1, 1e-140, 1e-6), check_rms_norm_f32(37, 33, 1, 1e-12, 1e-6);
     check_rms_norm_f64(5, 9, 0, 1e-140, 0), check_rms_norm_f32(5, 9, 0, 1e-12, 0);
 
-    static const int64_t Ds[] = {2, 6, 64, 130}, bht[][3] = {{1, 1, 1}, {2, 3, 5}, {1, 2, 37}};
+    /* D and the rotated dims rd: full (rd = D), partial (Phi-3's 3/4, GPT-NeoX's 1/4), none (rd = 0) */
+    static const int64_t Ds[][2] = {{2, 2}, {6, 6}, {64, 64}, {130, 130}, {64, 48}, {64, 16}, {7, 4}, {6, 0}};
+    static const int64_t bht[][3] = {{1, 1, 1}, {2, 3, 5}, {1, 2, 37}};
     static const int layouts[][2] = {{0, 0}, {1, 1}, {1, 0}, {0, 1}, {2, 3}, {3, 2}};
     for (size_t d = 0; d < sizeof Ds / sizeof Ds[0]; d++)
         for (size_t s = 0; s < sizeof bht / sizeof bht[0]; s++)
             for (size_t l = 0; l < sizeof layouts / sizeof layouts[0]; l++) {
-                check_rotary_f64(bht[s][0], bht[s][1], bht[s][2], Ds[d], layouts[l][0], layouts[l][1]);
-                check_rotary_f32(bht[s][0], bht[s][1], bht[s][2], Ds[d], layouts[l][0], layouts[l][1]);
+                check_rotary_f64(bht[s][0], bht[s][1], bht[s][2], Ds[d][0], Ds[d][1], layouts[l][0], layouts[l][1]);
+                check_rotary_f32(bht[s][0], bht[s][1], bht[s][2], Ds[d][0], Ds[d][1], layouts[l][0], layouts[l][1]);
             }
     static const int64_t empty[][4] = {{0, 2, 3, 4}, {1, 0, 3, 4}, {2, 2, 0, 4}, {1, 2, 3, 0}};
     for (size_t e = 0; e < sizeof empty / sizeof empty[0]; e++)
         for (int l = 0; l < 4; l++) {
-            check_rotary_f64(empty[e][0], empty[e][1], empty[e][2], empty[e][3], l, 3 - l);
-            check_rotary_f32(empty[e][0], empty[e][1], empty[e][2], empty[e][3], l, 3 - l);
+            check_rotary_f64(empty[e][0], empty[e][1], empty[e][2], empty[e][3], empty[e][3], l, 3 - l);
+            check_rotary_f32(empty[e][0], empty[e][1], empty[e][2], empty[e][3], empty[e][3], l, 3 - l);
         }
     check_norm_rotary_threads_f64();
     check_norm_rotary_threads_f32();

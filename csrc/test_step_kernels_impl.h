@@ -259,9 +259,9 @@ static void FN(check_attention)(attn_case c, int layouts, double mag)
     const attn_layout lq = attn_layout_of(layouts / 1000 % 10, &c), lo = attn_layout_of(layouts / 100 % 10, &c);
     const attn_layout ld = attn_layout_of(layouts / 10 % 10, &c), lg = attn_layout_of(layouts % 10, &c);
     snprintf(name, sizeof name, STR(SFX) " attention B=%lld Hkv=%lld g=%lld T=%lld S=%lld D=%lld causal=%d "
-             "layouts=%04d",
+             "window=%lld softcap=%g layouts=%04d",
              (long long)c.B, (long long)c.Hkv, (long long)c.g, (long long)c.T, (long long)c.S, (long long)c.D,
-             c.causal, layouts);
+             c.causal, (long long)c.window, c.softcap, layouts);
     /* Inputs, rounded to real, then widened for the reference. */
     real *qd = FN(random)(NQ, mag), *gd = FN(random)(NQ, 1);
     real *k = FN(random)(NK, mag), *v = FN(random)(NK, 1);
@@ -275,8 +275,8 @@ static void FN(check_attention)(attn_case c, int layouts, double mag)
     attention_ref(want, tol, &c, q64, k64, v64, g64, (double)(real)c.scale, RTOL, FLOOR);
 
     real *out = FN(attn_nans)(lo.n), *lse = FN(attn_nans)(NL);
-    int st = FN(impl)->attention_forward(out + lo.base, lse, q + lq.base, k, v, c.scale, c.causal, c.B, c.Hkv,
-                                     c.g, c.T, c.S, c.D, lq.s, lo.s);
+    int st = FN(impl)->attention_forward(out + lo.base, lse, q + lq.base, k, v, c.scale, c.causal, c.softcap,
+                                         c.window, c.B, c.Hkv, c.g, c.T, c.S, c.D, lq.s, lo.s);
     snprintf(what, sizeof what, "%s forward status", name);
     if (st != LORA_OK) fail(what);
     int pads_ok = 1;
@@ -295,8 +295,8 @@ static void FN(check_attention)(attn_case c, int layouts, double mag)
         real *gr[3];
         for (int w = 0; w < 3; w++) gr[w] = need & (4 >> w) ? FN(attn_nans)(glen[w]) : NULL;
         st = FN(impl)->attention_backward(gr[0] ? gr[0] + ld.base : NULL, gr[1], gr[2], dout + lg.base,
-                                      q + lq.base, k, v, out + lo.base, lse, c.scale, c.causal, c.B, c.Hkv,
-                                      c.g, c.T, c.S, c.D, ld.s, lg.s, lq.s, lo.s);
+                                          q + lq.base, k, v, out + lo.base, lse, c.scale, c.causal, c.softcap,
+                                          c.window, c.B, c.Hkv, c.g, c.T, c.S, c.D, ld.s, lg.s, lq.s, lo.s);
         snprintf(what, sizeof what, "%s backward need=%d status", name, need);
         if (st != LORA_OK) fail(what);
         if (need == 7) {
@@ -331,10 +331,11 @@ static void FN(check_attention)(attn_case c, int layouts, double mag)
     free(out), free(lse);
 }
 
-/* 1 and 2 threads: identical bits (B * Hkv = 6 tasks, far above the parallel threshold). */
+/* 1 and 2 threads: identical bits (B * Hkv = 6 tasks, far above the parallel threshold); the causal
+ * case with a sliding window and a soft cap. */
 static void FN(check_attention_threads)(int causal)
 {
-    const attn_case c = {2, 3, 3, 70, 70, 33, causal, 0.3};
+    const attn_case c = {2, 3, 3, 70, 70, 33, causal, 0.3, causal ? 11 : 0, causal ? 3.0 : 0};
     const attn_layout l = attn_layout_of(1, &c);
     const int64_t NQ = l.n, NK = c.B * c.Hkv * c.S * c.D, NL = c.B * c.Hkv * c.T * c.g;
     real *q = FN(random)(NQ, 2), *dout = FN(random)(NQ, 1), *k = FN(random)(NK, 2);
@@ -343,10 +344,11 @@ static void FN(check_attention_threads)(int causal)
     for (int t = 0; t < 2; t++) {
         lora_set_num_threads(t + 1);
         for (int w = 0; w < 5; w++) r[t][w] = alloc(sizeof(real) * (size_t)n[w]);
-        int st = FN(impl)->attention_forward(r[t][0], r[t][1], q, k, v, c.scale, causal, c.B, c.Hkv, c.g, c.T,
-                                         c.S, c.D, l.s, l.s);
+        int st = FN(impl)->attention_forward(r[t][0], r[t][1], q, k, v, c.scale, causal, c.softcap, c.window, c.B,
+                                             c.Hkv, c.g, c.T, c.S, c.D, l.s, l.s);
         st |= FN(impl)->attention_backward(r[t][2], r[t][3], r[t][4], dout, q, k, v, r[t][0], r[t][1], c.scale,
-                                       causal, c.B, c.Hkv, c.g, c.T, c.S, c.D, l.s, l.s, l.s, l.s);
+                                           causal, c.softcap, c.window, c.B, c.Hkv, c.g, c.T, c.S, c.D, l.s, l.s,
+                                           l.s, l.s);
         if (st != LORA_OK) fail(STR(SFX) " attention threads: status");
     }
     const char *names[5] = {"out", "lse", "dq", "dk", "dv"};
@@ -371,51 +373,58 @@ static void FN(check_attention_errors)(void)
         const char *what;
         int status;
     } calls[] = {
-        {"forward B<0", FN(impl)->attention_forward(o, l, q, k, v, 1, 1, -1, 1, 2, 1, 1, 3, s, s)},
-        {"forward Hkv<0", FN(impl)->attention_forward(o, l, q, k, v, 1, 1, 1, -1, 2, 1, 1, 3, s, s)},
-        {"forward g=0", FN(impl)->attention_forward(o, l, q, k, v, 1, 1, 1, 1, 0, 1, 1, 3, s, s)},
-        {"forward T<0", FN(impl)->attention_forward(o, l, q, k, v, 1, 1, 1, 1, 2, -1, 1, 3, s, s)},
-        {"forward S<0", FN(impl)->attention_forward(o, l, q, k, v, 1, 1, 1, 1, 2, 1, -1, 3, s, s)},
-        {"forward D=0", FN(impl)->attention_forward(o, l, q, k, v, 1, 1, 1, 1, 2, 1, 1, 0, s, s)},
-        {"forward out=NULL", FN(impl)->attention_forward(NULL, l, q, k, v, 1, 1, 1, 1, 2, 1, 1, 3, s, s)},
-        {"forward lse=NULL", FN(impl)->attention_forward(o, NULL, q, k, v, 1, 1, 1, 1, 2, 1, 1, 3, s, s)},
-        {"forward q=NULL", FN(impl)->attention_forward(o, l, NULL, k, v, 1, 1, 1, 1, 2, 1, 1, 3, s, s)},
-        {"forward k=NULL", FN(impl)->attention_forward(o, l, q, NULL, v, 1, 1, 1, 1, 2, 1, 1, 3, s, s)},
-        {"forward v=NULL", FN(impl)->attention_forward(o, l, q, k, NULL, 1, 1, 1, 1, 2, 1, 1, 3, s, s)},
-        {"forward q_strides=NULL", FN(impl)->attention_forward(o, l, q, k, v, 1, 1, 1, 1, 2, 1, 1, 3, NULL, s)},
-        {"forward out_strides=NULL", FN(impl)->attention_forward(o, l, q, k, v, 1, 1, 1, 1, 2, 1, 1, 3, s, NULL)},
-        {"backward B<0", FN(impl)->attention_backward(dq, dk, dv, q, q, k, v, q, l, 1, 1, -1, 1, 2, 1, 1, 3, s, s,
-                                                  s, s)},
-        {"backward g=0", FN(impl)->attention_backward(dq, dk, dv, q, q, k, v, q, l, 1, 1, 1, 1, 0, 1, 1, 3, s, s,
-                                                  s, s)},
-        {"backward S<0", FN(impl)->attention_backward(dq, dk, dv, q, q, k, v, q, l, 1, 1, 1, 1, 2, 1, -1, 3, s, s,
-                                                  s, s)},
-        {"backward D=0", FN(impl)->attention_backward(dq, dk, dv, q, q, k, v, q, l, 1, 1, 1, 1, 2, 1, 1, 0, s, s,
-                                                  s, s)},
-        {"backward T<0", FN(impl)->attention_backward(NULL, NULL, dv, q, q, k, v, q, l, 1, 1, 1, 1, 2, -1, 1, 3, s,
-                                                  s, s, s)},
-        {"backward dout=NULL", FN(impl)->attention_backward(dq, dk, dv, NULL, q, k, v, q, l, 1, 1, 1, 1, 2, 1, 1,
-                                                        3, s, s, s, s)},
-        {"backward q=NULL", FN(impl)->attention_backward(dq, dk, dv, q, NULL, k, v, q, l, 1, 1, 1, 1, 2, 1, 1, 3,
-                                                     s, s, s, s)},
-        {"backward k=NULL", FN(impl)->attention_backward(dq, dk, dv, q, q, NULL, v, q, l, 1, 1, 1, 1, 2, 1, 1, 3,
-                                                     s, s, s, s)},
-        {"backward v=NULL", FN(impl)->attention_backward(dq, dk, dv, q, q, k, NULL, q, l, 1, 1, 1, 1, 2, 1, 1, 3,
-                                                     s, s, s, s)},
-        {"backward out=NULL", FN(impl)->attention_backward(dq, dk, dv, q, q, k, v, NULL, l, 1, 1, 1, 1, 2, 1, 1, 3,
-                                                       s, s, s, s)},
-        {"backward lse=NULL", FN(impl)->attention_backward(dq, dk, dv, q, q, k, v, q, NULL, 1, 1, 1, 1, 2, 1, 1, 3,
-                                                       s, s, s, s)},
-        {"backward dq_strides=NULL", FN(impl)->attention_backward(dq, dk, dv, q, q, k, v, q, l, 1, 1, 1, 1, 2, 1,
-                                                              1, 3, NULL, s, s, s)},
-        {"backward dout_strides=NULL", FN(impl)->attention_backward(dq, dk, dv, q, q, k, v, q, l, 1, 1, 1, 1, 2, 1,
-                                                                1, 3, s, NULL, s, s)},
-        {"backward q_strides=NULL", FN(impl)->attention_backward(dq, dk, dv, q, q, k, v, q, l, 1, 1, 1, 1, 2, 1, 1,
-                                                             3, s, s, NULL, s)},
-        {"backward out_strides=NULL", FN(impl)->attention_backward(dq, dk, dv, q, q, k, v, q, l, 1, 1, 1, 1, 2, 1,
-                                                               1, 3, s, s, s, NULL)},
-        {"backward no output, q=NULL", FN(impl)->attention_backward(NULL, NULL, NULL, q, NULL, k, v, q, l, 1, 1, 1,
-                                                                1, 2, 1, 1, 3, s, s, s, s)},
+        {"forward B<0", FN(impl)->attention_forward(o, l, q, k, v, 1, 1, 0, 0, -1, 1, 2, 1, 1, 3, s, s)},
+        {"forward Hkv<0", FN(impl)->attention_forward(o, l, q, k, v, 1, 1, 0, 0, 1, -1, 2, 1, 1, 3, s, s)},
+        {"forward g=0", FN(impl)->attention_forward(o, l, q, k, v, 1, 1, 0, 0, 1, 1, 0, 1, 1, 3, s, s)},
+        {"forward T<0", FN(impl)->attention_forward(o, l, q, k, v, 1, 1, 0, 0, 1, 1, 2, -1, 1, 3, s, s)},
+        {"forward S<0", FN(impl)->attention_forward(o, l, q, k, v, 1, 1, 0, 0, 1, 1, 2, 1, -1, 3, s, s)},
+        {"forward D=0", FN(impl)->attention_forward(o, l, q, k, v, 1, 1, 0, 0, 1, 1, 2, 1, 1, 0, s, s)},
+        {"forward out=NULL", FN(impl)->attention_forward(NULL, l, q, k, v, 1, 1, 0, 0, 1, 1, 2, 1, 1, 3, s, s)},
+        {"forward lse=NULL", FN(impl)->attention_forward(o, NULL, q, k, v, 1, 1, 0, 0, 1, 1, 2, 1, 1, 3, s, s)},
+        {"forward q=NULL", FN(impl)->attention_forward(o, l, NULL, k, v, 1, 1, 0, 0, 1, 1, 2, 1, 1, 3, s, s)},
+        {"forward k=NULL", FN(impl)->attention_forward(o, l, q, NULL, v, 1, 1, 0, 0, 1, 1, 2, 1, 1, 3, s, s)},
+        {"forward v=NULL", FN(impl)->attention_forward(o, l, q, k, NULL, 1, 1, 0, 0, 1, 1, 2, 1, 1, 3, s, s)},
+        {"forward q_strides=NULL", FN(impl)->attention_forward(o, l, q, k, v, 1, 1, 0, 0, 1, 1, 2, 1, 1, 3, NULL, s)},
+        {"forward out_strides=NULL", FN(impl)->attention_forward(o, l, q, k, v, 1, 1, 0, 0, 1, 1, 2, 1, 1, 3, s, NULL)},
+        {"forward window<0", FN(impl)->attention_forward(o, l, q, k, v, 1, 1, 0, -1, 1, 1, 2, 1, 1, 3, s, s)},
+        {"forward softcap<0", FN(impl)->attention_forward(o, l, q, k, v, 1, 1, -1, 0, 1, 1, 2, 1, 1, 3, s, s)},
+        {"forward softcap=NaN", FN(impl)->attention_forward(o, l, q, k, v, 1, 1, NAN, 0, 1, 1, 2, 1, 1, 3, s, s)},
+        {"backward window<0", FN(impl)->attention_backward(dq, dk, dv, q, q, k, v, q, l, 1, 1, 0, -2, 1, 1, 2, 1, 1,
+            3, s, s, s, s)},
+        {"backward softcap<0", FN(impl)->attention_backward(dq, dk, dv, q, q, k, v, q, l, 1, 1, -0.5, 0, 1, 1, 2, 1,
+            1, 3, s, s, s, s)},
+        {"backward B<0", FN(impl)->attention_backward(dq, dk, dv, q, q, k, v, q, l, 1, 1, 0, 0, -1, 1, 2, 1, 1, 3,
+            s, s, s, s)},
+        {"backward g=0", FN(impl)->attention_backward(dq, dk, dv, q, q, k, v, q, l, 1, 1, 0, 0, 1, 1, 0, 1, 1, 3,
+            s, s, s, s)},
+        {"backward S<0", FN(impl)->attention_backward(dq, dk, dv, q, q, k, v, q, l, 1, 1, 0, 0, 1, 1, 2, 1, -1, 3,
+            s, s, s, s)},
+        {"backward D=0", FN(impl)->attention_backward(dq, dk, dv, q, q, k, v, q, l, 1, 1, 0, 0, 1, 1, 2, 1, 1, 0,
+            s, s, s, s)},
+        {"backward T<0", FN(impl)->attention_backward(NULL, NULL, dv, q, q, k, v, q, l, 1, 1, 0, 0, 1, 1, 2, -1, 1,
+            3, s, s, s, s)},
+        {"backward dout=NULL", FN(impl)->attention_backward(dq, dk, dv, NULL, q, k, v, q, l, 1, 1, 0, 0, 1, 1, 2,
+            1, 1, 3, s, s, s, s)},
+        {"backward q=NULL", FN(impl)->attention_backward(dq, dk, dv, q, NULL, k, v, q, l, 1, 1, 0, 0, 1, 1, 2, 1,
+            1, 3, s, s, s, s)},
+        {"backward k=NULL", FN(impl)->attention_backward(dq, dk, dv, q, q, NULL, v, q, l, 1, 1, 0, 0, 1, 1, 2, 1,
+            1, 3, s, s, s, s)},
+        {"backward v=NULL", FN(impl)->attention_backward(dq, dk, dv, q, q, k, NULL, q, l, 1, 1, 0, 0, 1, 1, 2, 1,
+            1, 3, s, s, s, s)},
+        {"backward out=NULL", FN(impl)->attention_backward(dq, dk, dv, q, q, k, v, NULL, l, 1, 1, 0, 0, 1, 1, 2, 1,
+            1, 3, s, s, s, s)},
+        {"backward lse=NULL", FN(impl)->attention_backward(dq, dk, dv, q, q, k, v, q, NULL, 1, 1, 0, 0, 1, 1, 2, 1,
+            1, 3, s, s, s, s)},
+        {"backward dq_strides=NULL", FN(impl)->attention_backward(dq, dk, dv, q, q, k, v, q, l, 1, 1, 0, 0, 1, 1,
+            2, 1, 1, 3, NULL, s, s, s)},
+        {"backward dout_strides=NULL", FN(impl)->attention_backward(dq, dk, dv, q, q, k, v, q, l, 1, 1, 0, 0, 1, 1,
+            2, 1, 1, 3, s, NULL, s, s)},
+        {"backward q_strides=NULL", FN(impl)->attention_backward(dq, dk, dv, q, q, k, v, q, l, 1, 1, 0, 0, 1, 1, 2,
+            1, 1, 3, s, s, NULL, s)},
+        {"backward out_strides=NULL", FN(impl)->attention_backward(dq, dk, dv, q, q, k, v, q, l, 1, 1, 0, 0, 1, 1,
+            2, 1, 1, 3, s, s, s, NULL)},
+        {"backward no output, q=NULL", FN(impl)->attention_backward(NULL, NULL, NULL, q, NULL, k, v, q, l, 1, 1, 0,
+            0, 1, 1, 2, 1, 1, 3, s, s, s, s)},
     };
     for (size_t i = 0; i < sizeof calls / sizeof calls[0]; i++) {
         char what[96];
@@ -426,7 +435,7 @@ static void FN(check_attention_errors)(void)
     for (int i = 0; i < 6; i++) touched |= o[i] != 7 || dq[i] != 7;
     for (int i = 0; i < 3; i++) touched |= dk[i] != 7 || dv[i] != 7;
     if (touched) fail(STR(SFX) " attention: a refused call wrote an output");
-    if (FN(impl)->attention_backward(NULL, NULL, NULL, q, q, k, v, q, l, 1, 1, 1, 1, 2, 1, 1, 3, s, s, s, s) !=
+    if (FN(impl)->attention_backward(NULL, NULL, NULL, q, q, k, v, q, l, 1, 1, 0, 0, 1, 1, 2, 1, 1, 3, s, s, s, s) !=
         LORA_OK)
         fail(STR(SFX) " attention_backward with no output: LORA_OK");
 }
@@ -510,28 +519,30 @@ static void FN(check_rms_norm)(int64_t rows, int64_t n, int weighted, double mag
 
 /* rotary of x [B, H, T, D] in layout lx (attn_layout_of's kinds with g = 1: dense, the (B, T, H, D)
  * transpose, padded rows, reversed positions) into out in layout lo, forward and transpose, with
- * random cos / sin tables (their halves differ, unlike a rope table's). Pads of x are NaN (reading one
- * shows), out starts as NaN and its pads must stay NaN. */
-static void FN(check_rotary)(int64_t B, int64_t H, int64_t T, int64_t D, int lx, int lo)
+ * random cos / sin tables [T, rd] (their halves differ, unlike a rope table's): the first rd dims
+ * rotated, the others copied (exactly). Pads of x are NaN (reading one shows), out starts as NaN and
+ * its pads must stay NaN. */
+static void FN(check_rotary)(int64_t B, int64_t H, int64_t T, int64_t D, int64_t rd, int lx, int lo)
 {
-    char name[128], what[192];
+    char name[160], what[224];
     const attn_case c = {B, H, 1, T, T, D, 0, 0};
     const attn_layout Lx = attn_layout_of(lx, &c), Lo = attn_layout_of(lo, &c);
-    const int64_t N = B * H * T * D, h = D / 2;
-    real *xd = FN(random)(N, 2), *cs = FN(random)(T * D, 1), *sn = FN(random)(T * D, 1);
+    const int64_t N = B * H * T * D, h = rd / 2;
+    real *xd = FN(random)(N, 2), *cs = FN(random)(T * rd, 1), *sn = FN(random)(T * rd, 1);
     double *x64 = FN(widen)(xd, N), *want = alloc(sizeof(double) * (size_t)N);
     double *tol = alloc(sizeof(double) * (size_t)N);
     real *x = FN(attn_scatter)(x64, &Lx, &c, (real)NAN);
     for (int transpose = 0; transpose < 2; transpose++) {
-        snprintf(name, sizeof name, STR(SFX) " rotary B=%lld H=%lld T=%lld D=%lld layouts=%d%d transpose=%d",
-                 (long long)B, (long long)H, (long long)T, (long long)D, lx, lo, transpose);
+        snprintf(name, sizeof name, STR(SFX) " rotary B=%lld H=%lld T=%lld D=%lld rd=%lld layouts=%d%d transpose=%d",
+                 (long long)B, (long long)H, (long long)T, (long long)D, (long long)rd, lx, lo, transpose);
         for (int64_t r = 0; r < B * H * T; r++) {
             const double *xr = x64 + r * D;
             const int64_t t = r % T; /* rows in (B, H, T) order */
             double cc[2], ss[2];
+            for (int64_t j = rd; j < D; j++) want[r * D + j] = xr[j], tol[r * D + j] = 0; /* passed through */
             for (int64_t j = 0; j < h; j++) {
-                cc[0] = cs[t * D + j], cc[1] = cs[t * D + j + h];
-                ss[0] = sn[t * D + j], ss[1] = sn[t * D + j + h];
+                cc[0] = cs[t * rd + j], cc[1] = cs[t * rd + j + h];
+                ss[0] = sn[t * rd + j], ss[1] = sn[t * rd + j + h];
                 double a1, b1, a2, b2; /* y1 = a1 + b1, y2 = a2 + b2 */
                 if (!transpose)
                     a1 = xr[j] * cc[0], b1 = -xr[j + h] * ss[0], a2 = xr[j + h] * cc[1], b2 = xr[j] * ss[1];
@@ -543,7 +554,7 @@ static void FN(check_rotary)(int64_t B, int64_t H, int64_t T, int64_t D, int lx,
         }
         real *out = FN(attn_nans)(Lo.n);
         snprintf(what, sizeof what, "%s status", name);
-        if (FN(impl)->rotary(out + Lo.base, x + Lx.base, cs, sn, transpose, B, H, T, D, Lx.s, Lo.s) != LORA_OK)
+        if (FN(impl)->rotary(out + Lo.base, x + Lx.base, cs, sn, transpose, B, H, T, D, rd, Lx.s, Lo.s) != LORA_OK)
             fail(what);
         int pads_ok = 1;
         double *got = FN(attn_gather)(out, &Lo, &c, &pads_ok);
@@ -553,7 +564,7 @@ static void FN(check_rotary)(int64_t B, int64_t H, int64_t T, int64_t D, int lx,
         if (!pads_ok) fail(what);
         if (transpose) { /* any non-zero transpose is the transpose */
             real *out2 = FN(attn_nans)(Lo.n);
-            int st = FN(impl)->rotary(out2 + Lo.base, x + Lx.base, cs, sn, -7, B, H, T, D, Lx.s, Lo.s);
+            int st = FN(impl)->rotary(out2 + Lo.base, x + Lx.base, cs, sn, -7, B, H, T, D, rd, Lx.s, Lo.s);
             snprintf(what, sizeof what, "%s: transpose=-7 differs from transpose=1", name);
             int same = st == LORA_OK;
             for (int64_t i = 0; i < Lo.n; i++) same &= memcmp(out2 + i, out + i, sizeof(real)) == 0;
@@ -582,8 +593,8 @@ static void FN(check_norm_rotary_threads)(void)
         memset(r[t][3], 0, sizeof(real) * (size_t)n);
         int st = FN(impl)->rms_norm_forward(r[t][0], r[t][1], x, w, 1e-6, rows, n);
         st |= FN(impl)->rms_norm_backward(r[t][2], r[t][3], g, x, w, r[t][1], rows, n);
-        st |= FN(impl)->rotary(r[t][4], q, cs, sn, 0, c.B, c.Hkv, c.T, c.D, L.s, L.s);
-        st |= FN(impl)->rotary(r[t][5], q, cs, sn, 1, c.B, c.Hkv, c.T, c.D, L.s, L.s);
+        st |= FN(impl)->rotary(r[t][4], q, cs, sn, 0, c.B, c.Hkv, c.T, c.D, c.D, L.s, L.s);
+        st |= FN(impl)->rotary(r[t][5], q, cs, sn, 1, c.B, c.Hkv, c.T, c.D, c.D, L.s, L.s);
         if (st != LORA_OK) fail(STR(SFX) " rms_norm / rotary threads: status");
     }
     const char *names[6] = {"rms_norm y", "rms_norm rstd", "rms_norm gx", "rms_norm gweight", "rotary",
@@ -623,18 +634,21 @@ static void FN(check_norm_rotary_errors)(void)
         {"rms_norm_backward x=NULL", FN(impl)->rms_norm_backward(gx, gw, x, NULL, w, r1, 1, 4)},
         {"rms_norm_backward rstd=NULL", FN(impl)->rms_norm_backward(gx, gw, x, x, w, NULL, 1, 4)},
         {"rms_norm_backward gweight only, x=NULL", FN(impl)->rms_norm_backward(NULL, gw, x, NULL, w, r1, 1, 4)},
-        {"rotary B<0", FN(impl)->rotary(o, x, cs, sn, 0, -1, 1, 1, 4, s, s)},
-        {"rotary H<0", FN(impl)->rotary(o, x, cs, sn, 0, 1, -1, 1, 4, s, s)},
-        {"rotary T<0", FN(impl)->rotary(o, x, cs, sn, 1, 1, 1, -1, 4, s, s)},
-        {"rotary D<0", FN(impl)->rotary(o, x, cs, sn, 0, 1, 1, 1, -4, s, s)},
-        {"rotary D=3", FN(impl)->rotary(o, x, cs, sn, 0, 1, 1, 1, 3, s, s)},
-        {"rotary D=1", FN(impl)->rotary(o, x, cs, sn, 1, 1, 1, 1, 1, s, s)},
-        {"rotary out=NULL", FN(impl)->rotary(NULL, x, cs, sn, 0, 1, 1, 1, 4, s, s)},
-        {"rotary x=NULL", FN(impl)->rotary(o, NULL, cs, sn, 0, 1, 1, 1, 4, s, s)},
-        {"rotary cos=NULL", FN(impl)->rotary(o, x, NULL, sn, 0, 1, 1, 1, 4, s, s)},
-        {"rotary sin=NULL", FN(impl)->rotary(o, x, cs, NULL, 0, 1, 1, 1, 4, s, s)},
-        {"rotary x_strides=NULL", FN(impl)->rotary(o, x, cs, sn, 0, 1, 1, 1, 4, NULL, s)},
-        {"rotary out_strides=NULL", FN(impl)->rotary(o, x, cs, sn, 1, 1, 1, 1, 4, s, NULL)},
+        {"rotary B<0", FN(impl)->rotary(o, x, cs, sn, 0, -1, 1, 1, 4, 4, s, s)},
+        {"rotary H<0", FN(impl)->rotary(o, x, cs, sn, 0, 1, -1, 1, 4, 4, s, s)},
+        {"rotary T<0", FN(impl)->rotary(o, x, cs, sn, 1, 1, 1, -1, 4, 4, s, s)},
+        {"rotary D<0", FN(impl)->rotary(o, x, cs, sn, 0, 1, 1, 1, -4, -4, s, s)},
+        {"rotary D=3", FN(impl)->rotary(o, x, cs, sn, 0, 1, 1, 1, 3, 3, s, s)},
+        {"rotary D=1", FN(impl)->rotary(o, x, cs, sn, 1, 1, 1, 1, 1, 1, s, s)},
+        {"rotary rd=3", FN(impl)->rotary(o, x, cs, sn, 0, 1, 1, 1, 4, 3, s, s)},
+        {"rotary rd=6 > D", FN(impl)->rotary(o, x, cs, sn, 0, 1, 1, 1, 4, 6, s, s)},
+        {"rotary rd<0", FN(impl)->rotary(o, x, cs, sn, 1, 1, 1, 1, 4, -2, s, s)},
+        {"rotary out=NULL", FN(impl)->rotary(NULL, x, cs, sn, 0, 1, 1, 1, 4, 4, s, s)},
+        {"rotary x=NULL", FN(impl)->rotary(o, NULL, cs, sn, 0, 1, 1, 1, 4, 4, s, s)},
+        {"rotary cos=NULL", FN(impl)->rotary(o, x, NULL, sn, 0, 1, 1, 1, 4, 4, s, s)},
+        {"rotary sin=NULL", FN(impl)->rotary(o, x, cs, NULL, 0, 1, 1, 1, 4, 4, s, s)},
+        {"rotary x_strides=NULL", FN(impl)->rotary(o, x, cs, sn, 0, 1, 1, 1, 4, 4, NULL, s)},
+        {"rotary out_strides=NULL", FN(impl)->rotary(o, x, cs, sn, 1, 1, 1, 1, 4, 4, s, NULL)},
     };
     for (size_t i = 0; i < sizeof calls / sizeof calls[0]; i++) {
         char what[96];

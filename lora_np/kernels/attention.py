@@ -10,12 +10,20 @@ never computed, and inside the block the causal limit of each row is applied by 
 output and each row's log-sum-exp, and backward recomputes the probabilities block by block
 (rows.exp_rows). A row whose keys are all masked gives 0 (torch's safe softmax), not NaN.
 
+Two options of the newer families: a sliding window W (Mistral, Qwen2, Gemma 2/3's local layers): query
+row t, at absolute position p = t + S − T, sees key s only when s > p − W (transformers 5's
+`sliding_window_overlay`, kv_idx > q_idx − W: W keys counting itself when causal), so a block of query
+positions computes only the keys from its first row's lower edge to its last row's upper one (those
+outside are never computed) and hides the rest of its edge inside the block; and a soft cap c (Gemma 2's
+attn_logit_softcapping): scores c·tanh(s/c) of the scaled scores s, before the mask and the bias, whose
+backward multiplies dS by 1 − tanh², recomputed from the block's scores.
+
 The output is laid out in memory as (B, T, Hq, D), so the caller's transpose to (B, T, Hq·D) is
 free, and the query gradient is returned in the query's own layout.
 
 With the C backend and no bias (attention mask), forward and backward run whole in the C core
 (the same blocks, register-tiled products, one (batch, key/value head) per thread, no NumPy calls
-per block); the NumPy blocks are the reference and the path for masks.
+per block), window and soft cap included; the NumPy blocks are the reference and the path for masks.
 """
 import numpy as np
 
@@ -31,39 +39,44 @@ def _in_c(q, bias):
     return bias is None and backend() == "c" and q.strides[-1] == q.itemsize
 
 
-def attention_forward(q, k, v, scale, is_causal, bias=None):
-    """softmax(scale·q kᵀ + bias [+ causal mask]) v: out (B, T, Hkv, g, D), dense (= (B, T, Hq·D)),
-    and lse (B, Hkv, T, g). q (B, Hq, T, D) with any strides, k, v dense (B, Hkv, S, D); bias None or
-    (B or 1, Hkv or 1, g or 1, T, S). `is_causal` aligns the causal mask to the bottom right (query t
-    sees keys up to t + S − T)."""
+def attention_forward(q, k, v, scale, is_causal, bias=None, sliding_window=None, softcap=None):
+    """softmax(cap(scale·q kᵀ) + bias [+ causal mask] [+ window]) v: out (B, T, Hkv, g, D), dense
+    (= (B, T, Hq·D)), and lse (B, Hkv, T, g). q (B, Hq, T, D) with any strides, k, v dense (B, Hkv, S, D);
+    bias None or (B or 1, Hkv or 1, g or 1, T, S). `is_causal` aligns the causal mask to the bottom right
+    (query t sees keys up to t + S − T); `sliding_window` W (None: none) hides keys s <= t + S − T − W;
+    `softcap` c (None: none) makes the scores c·tanh(s/c)."""
     if _in_c(q, bias):
-        return _attention_forward_c(q, k, v, scale, is_causal)
-    return _attention_forward_numpy(q, k, v, scale, is_causal, bias)
+        return _attention_forward_c(q, k, v, scale, is_causal, sliding_window, softcap)
+    return _attention_forward_numpy(q, k, v, scale, is_causal, bias, sliding_window, softcap)
 
 
 def attention_backward(g_out, q, k, v, out, lse, scale, is_causal, need_q=True, need_k=True, need_v=True,
-                       bias=None):
+                       bias=None, sliding_window=None, softcap=None):
     """Gradients (dq in q's memory layout, dk, dv dense), None where not needed, of attention_forward's
-    output given g_out (B, Hq, T, D); out and lse are attention_forward's."""
+    output given g_out (B, Hq, T, D); out and lse are attention_forward's (same options)."""
     if _in_c(q, bias):
         if g_out.strides[-1] != g_out.itemsize:
             g_out = np.ascontiguousarray(g_out)
-        return _attention_backward_c(g_out, q, k, v, out, lse, scale, is_causal, need_q, need_k, need_v)
-    return _attention_backward_numpy(g_out, q, k, v, out, lse, scale, is_causal, need_q, need_k, need_v, bias)
+        return _attention_backward_c(g_out, q, k, v, out, lse, scale, is_causal, need_q, need_k, need_v,
+                                     sliding_window, softcap)
+    return _attention_backward_numpy(g_out, q, k, v, out, lse, scale, is_causal, need_q, need_k, need_v, bias,
+                                     sliding_window, softcap)
 
 
 # ---- NumPy reference -----------------------------------------------------------------------------
 
 
-def _blocks(T, S, is_causal):
-    """(t0, t1, keys computed, visible keys of the block's first row) of each block of query positions
-    that sees a key (the others' output is 0)."""
+def _blocks(T, S, is_causal, window):
+    """(t0, t1, k0, n, count0) of each block of query positions [t0, t1) that sees a key (the others'
+    output is 0): it computes keys [k0, n) (k0 the window's lower edge for its first row, n the causal
+    limit of its last), and its first row sees the first count0 of them before the window."""
     blocks = []
     for t0 in range(0, T, _BLOCK):
         t1 = min(t0 + _BLOCK, T)
         n = min(S, t1 + S - T) if is_causal else S
-        if n > 0:
-            blocks.append((t0, t1, n, t0 + 1 + S - T if is_causal else S))
+        k0 = max(0, t0 + S - T - window + 1) if window else 0
+        if n > k0:
+            blocks.append((t0, t1, k0, n, (t0 + 1 + S - T if is_causal else S) - k0))
     return blocks
 
 
@@ -75,32 +88,45 @@ def _scaled_rows(q, Hkv, scale):
                        out=np.empty((B, Hkv, T, g, D), q.dtype))
 
 
-def _scores(qs, k, bias, t0, t1, n):
-    """Scaled scores plus the bias for query positions [t0, t1), keys [0, n): (B·Hkv, tc·g, n)."""
-    B, Hkv, _, g, D = qs.shape
-    tc = t1 - t0
-    s = qs[:, :, t0:t1].reshape(B * Hkv, tc * g, D) @ np.swapaxes(k[:, :, :n].reshape(B * Hkv, n, D), -1, -2)
+def _scores(qs, k, bias, t0, t1, k0, n, S, window, softcap, keep_tanh=False):
+    """The scores of query positions [t0, t1) and keys [k0, n), (B·Hkv, tc·g, n − k0): scaled, capped
+    (c·tanh(s/c)), plus the bias, -inf where the window hides a key (the causal limit is the row
+    softmax's). With keep_tanh, also tanh(s/c) (same shape; None without a cap) for the backward."""
+    B, Hkv, T, g, D = qs.shape
+    tc, nk = t1 - t0, n - k0
+    s = qs[:, :, t0:t1].reshape(B * Hkv, tc * g, D) @ np.swapaxes(k[:, :, k0:n].reshape(B * Hkv, nk, D), -1, -2)
+    th = None
+    if softcap:
+        s /= s.dtype.type(softcap)
+        np.tanh(s, out=s)
+        th = s.copy() if keep_tanh else None
+        s *= s.dtype.type(softcap)
     if bias is not None:  # bias (B or 1, Hkv or 1, g or 1, T, S)
-        s.reshape(B, Hkv, tc, g, n)[...] += bias[:, :, :, t0:t1, :n].transpose(0, 1, 3, 2, 4)
-    return s
+        s.reshape(B, Hkv, tc, g, nk)[...] += bias[:, :, :, t0:t1, k0:n].transpose(0, 1, 3, 2, 4)
+    if window:  # row t sees keys k0 + j > t + S − T − W
+        hidden = np.arange(k0, n)[None, :] <= np.arange(t0, t1)[:, None] + S - T - window       # (tc, nk)
+        if hidden.any():
+            s.reshape(B * Hkv, tc, g, nk).transpose(0, 2, 1, 3)[:, :, hidden] = -np.inf
+    return s, th
 
 
-def _attention_forward_numpy(q, k, v, scale, is_causal, bias):
+def _attention_forward_numpy(q, k, v, scale, is_causal, bias, window=None, softcap=None):
     B, Hq, T, D = q.shape
     Hkv, S = k.shape[1], k.shape[2]
     g = Hq // Hkv
     qs = _scaled_rows(q, Hkv, scale)                                  # (B, Hkv, T, g, D) scaled
     out = np.zeros((B, T, Hkv, g, D), q.dtype)                        # = (B, T, Hq·D) in memory
     lse = np.full((B, Hkv, T, g), np.inf, q.dtype)                    # log-sum-exp per row
-    for t0, t1, n, count0 in _blocks(T, S, is_causal):
-        p = _scores(qs, k, bias, t0, t1, n)                           # (B·Hkv, tc·g, n)
+    for t0, t1, k0, n, count0 in _blocks(T, S, is_causal, window):
+        p, _ = _scores(qs, k, bias, t0, t1, k0, n, S, window, softcap)  # (B·Hkv, tc·g, n − k0)
         lse[:, :, t0:t1] = softmax_rows(p, count0=count0, group=g, period=p.shape[1]).reshape(B, Hkv, t1 - t0, g)
-        o = p @ v[:, :, :n].reshape(B * Hkv, n, D)                    # (B·Hkv, tc·g, D)
+        o = p @ v[:, :, k0:n].reshape(B * Hkv, n - k0, D)             # (B·Hkv, tc·g, D)
         out[:, t0:t1] = o.reshape(B, Hkv, t1 - t0, g, D).transpose(0, 2, 1, 3, 4)
     return out, lse
 
 
-def _attention_backward_numpy(g_out, q, k, v, out, lse, scale, is_causal, need_q, need_k, need_v, bias):
+def _attention_backward_numpy(g_out, q, k, v, out, lse, scale, is_causal, need_q, need_k, need_v, bias,
+                              window=None, softcap=None):
     Hkv, S = k.shape[1], k.shape[2]
     qs = _scaled_rows(q, Hkv, scale)                                  # recomputed, not saved
     B, Hkv, T, g, D = qs.shape
@@ -109,25 +135,29 @@ def _attention_backward_numpy(g_out, q, k, v, out, lse, scale, is_causal, need_q
     gq = np.zeros((B, T, Hkv, g, D), qs.dtype) if need_q else None
     gk = np.zeros_like(k) if need_k else None
     gv = np.zeros_like(v) if need_v else None
-    for t0, t1, n, count0 in _blocks(T, S, is_causal):
-        tc = t1 - t0
-        p = _scores(qs, k, bias, t0, t1, n)                           # (B·Hkv, tc·g, n)
+    for t0, t1, k0, n, count0 in _blocks(T, S, is_causal, window):
+        tc, nk = t1 - t0, n - k0
+        p, th = _scores(qs, k, bias, t0, t1, k0, n, S, window, softcap, keep_tanh=True)   # (B·Hkv, tc·g, nk)
         exp_rows(p, np.ascontiguousarray(lse[:, :, t0:t1]).reshape(B * Hkv, tc * g),
                  count0=count0, group=g, period=tc * g)               # probabilities
         gor = go[:, :, t0:t1].reshape(B * Hkv, tc * g, D)             # a copy
         if need_v:
-            gv[:, :, :n] += (np.swapaxes(p, -1, -2) @ gor).reshape(B, Hkv, n, D)
+            gv[:, :, k0:n] += (np.swapaxes(p, -1, -2) @ gor).reshape(B, Hkv, nk, D)
         if need_q or need_k:
-            ds = gor @ np.swapaxes(v[:, :, :n].reshape(B * Hkv, n, D), -1, -2)   # (B·Hkv, tc·g, n) = dP
+            ds = gor @ np.swapaxes(v[:, :, k0:n].reshape(B * Hkv, nk, D), -1, -2)   # (B·Hkv, tc·g, nk) = dP
             ds -= delta[:, :, t0:t1].reshape(B * Hkv, tc * g, 1)
-            ds *= p                                                   # dS / scale
+            ds *= p                                                   # dS / scale (of the capped scores)
+            if th is not None:                                        # through the cap: · (1 − tanh²)
+                th *= th
+                np.subtract(1, th, out=th)
+                ds *= th
             if need_q:
-                gqr = ds @ k[:, :, :n].reshape(B * Hkv, n, D)         # (B·Hkv, tc·g, D)
+                gqr = ds @ k[:, :, k0:n].reshape(B * Hkv, nk, D)      # (B·Hkv, tc·g, D)
                 gqr *= scale
                 gq[:, t0:t1] = gqr.reshape(B, Hkv, tc, g, D).transpose(0, 2, 1, 3, 4)
             if need_k:
-                gk[:, :, :n] += (np.swapaxes(ds, -1, -2) @ qs[:, :, t0:t1].reshape(B * Hkv, tc * g, D)).reshape(
-                    B, Hkv, n, D)
+                gk[:, :, k0:n] += (np.swapaxes(ds, -1, -2) @ qs[:, :, t0:t1].reshape(B * Hkv, tc * g, D)).reshape(
+                    B, Hkv, nk, D)
     gq = gq.transpose(0, 2, 3, 1, 4).reshape(g_out.shape) if need_q else None
     return gq, gk, gv
 
@@ -164,22 +194,35 @@ def _attention_dims(q, k, v):
     return B, Hkv, Hq // Hkv, T, S, D
 
 
-def _attention_forward_c(q, k, v, scale, is_causal):
-    """softmax(scale·q kᵀ [+ causal mask]) v in the C core, grouped-query heads (query head h·g + j
-    uses key/value head h). q (B, Hq, T, D) with any strides but a unit one along D; k, v dense
+def _window_softcap(sliding_window, softcap):
+    """The C core's window and cap: 0 for none; ValueError for a window < 1 or a cap that is not > 0."""
+    if sliding_window is not None and (isinstance(sliding_window, bool) or int(sliding_window) != sliding_window
+                                       or sliding_window < 1):
+        raise ValueError(f"attention: sliding_window must be an integer >= 1 or None, got {sliding_window!r}")
+    if softcap is not None and not (np.isfinite(softcap) and softcap > 0):
+        raise ValueError(f"attention: softcap must be a finite number > 0 or None, got {softcap!r}")
+    return float(softcap or 0.0), int(sliding_window or 0)
+
+
+def _attention_forward_c(q, k, v, scale, is_causal, sliding_window=None, softcap=None):
+    """softmax(cap(scale·q kᵀ) [+ causal mask] [+ window]) v in the C core, grouped-query heads (query head
+    h·g + j uses key/value head h). q (B, Hq, T, D) with any strides but a unit one along D; k, v dense
     (B, Hkv, S, D). Returns out (B, T, Hkv, g, D), dense (= (B, T, Hq·D)), and lse (B, Hkv, T, g)."""
+    cap, window = _window_softcap(sliding_window, softcap)
     B, Hkv, g, T, S, D = _attention_dims(q, k, v)
     out = np.empty((B, T, Hkv, g, D), q.dtype)
     lse = np.empty((B, Hkv, T, g), q.dtype)
     out_view = out.transpose(0, 2, 3, 1, 4).reshape(B, Hkv * g, T, D)
-    call_c("attention_forward", out, lse, q, k, v, float(scale), int(bool(is_causal)), B, Hkv, g, T, S, D,
-            _head_strides(q, g), _head_strides(out_view, g))
+    call_c("attention_forward", out, lse, q, k, v, float(scale), int(bool(is_causal)), cap, window, B, Hkv, g, T, S,
+           D, _head_strides(q, g), _head_strides(out_view, g))
     return out, lse
 
 
-def _attention_backward_c(g_out, q, k, v, out, lse, scale, is_causal, need_q=True, need_k=True, need_v=True):
+def _attention_backward_c(g_out, q, k, v, out, lse, scale, is_causal, need_q=True, need_k=True, need_v=True,
+                          sliding_window=None, softcap=None):
     """Gradients (dq in q's memory layout, dk, dv dense), None where not needed, of _attention_forward_c's
     output given g_out (B, Hq, T, D) (any strides but a unit one along D)."""
+    cap, window = _window_softcap(sliding_window, softcap)
     B, Hkv, g, T, S, D = _attention_dims(q, k, v)
     if not isinstance(g_out, np.ndarray) or g_out.dtype != q.dtype:
         raise TypeError(f"attention_backward: g_out must be a {q.dtype} numpy.ndarray, got "
@@ -200,6 +243,7 @@ def _attention_backward_c(g_out, q, k, v, out, lse, scale, is_causal, need_q=Tru
         return None, None, None
     out_view = out.transpose(0, 2, 3, 1, 4).reshape(B, Hkv * g, T, D)
     dq_strides = _head_strides(dq, g) if need_q else c_int64s([0, 0, 0, 0])
-    call_c("attention_backward", dq, dk, dv, g_out, q, k, v, out, lse, float(scale), int(bool(is_causal)),
-            B, Hkv, g, T, S, D, dq_strides, _head_strides(g_out, g), _head_strides(q, g), _head_strides(out_view, g))
+    call_c("attention_backward", dq, dk, dv, g_out, q, k, v, out, lse, float(scale), int(bool(is_causal)), cap,
+           window, B, Hkv, g, T, S, D, dq_strides, _head_strides(g_out, g), _head_strides(q, g),
+           _head_strides(out_view, g))
     return dq, dk, dv

@@ -58,35 +58,44 @@ def _rms_norm_backward_numpy(g, x, weight, rstd, need_x, need_weight):
 
 def rotary(x, cos, sin, transpose=False):
     """x·cos + rotate_half(x)·sin (or its transpose, the gradient) into a new array laid out as x;
-    x (..., D), cos and sin broadcastable to x, all of x's dtype."""
-    if (backend() == "c" and x.ndim == 4 and cos.shape == sin.shape == x.shape[2:] and cos.flags.c_contiguous
-            and sin.flags.c_contiguous and x.strides[-1] == x.itemsize):
+    x (..., D), cos and sin (..., rd) broadcastable to x's first rd dims, rd even and <= D, all of x's
+    dtype. With rd < D (partial rotary: transformers' Phi-3 / GPT-NeoX `q_rot, q_pass = q[..., :rd],
+    q[..., rd:]`) the first rd dims are rotated, rotate-half within them, and the others pass through."""
+    if (backend() == "c" and x.ndim == 4 and cos.shape == sin.shape == (x.shape[2], cos.shape[-1])
+            and cos.flags.c_contiguous and sin.flags.c_contiguous and x.strides[-1] == x.itemsize):
         return _rotary_c(x, cos, sin, transpose)                     # one pass, in x's layout
     return (_rotary_transpose_numpy if transpose else _rotary_numpy)(x, cos, sin)
 
 
 def _rotary_numpy(x, cos, sin):
-    """x·cos + rotate_half(x)·sin into a new array laid out in memory as x is.
+    """x·cos + rotate_half(x)·sin over the first rd = cos.shape[-1] dims, the rest copied, into a new
+    array laid out in memory as x is.
 
-    With x = cat(x₁, x₂) along the last dim, rotate_half(x) = cat(−x₂, x₁), so
-    y₁ = x₁·cos₁ − x₂·sin₁ and y₂ = x₂·cos₂ + x₁·sin₂."""
-    h = x.shape[-1] // 2
-    out = np.multiply(x, cos, out=np.empty_like(x))  # x's memory layout: (B, T, H, D) under a transpose
-    t = np.multiply(x[..., h:], sin[..., :h])
+    With x = cat(x₁, x₂, x_pass) along the last dim (x₁, x₂ of rd/2 dims), rotate_half acts on
+    cat(x₁, x₂) as cat(−x₂, x₁), so y₁ = x₁·cos₁ − x₂·sin₁, y₂ = x₂·cos₂ + x₁·sin₂, y_pass = x_pass."""
+    rd = cos.shape[-1]
+    h = rd // 2
+    out = np.empty_like(x)                           # x's memory layout: (B, T, H, D) under a transpose
+    np.multiply(x[..., :rd], cos, out=out[..., :rd])
+    t = np.multiply(x[..., h:rd], sin[..., :h])
     out[..., :h] -= t
     np.multiply(x[..., :h], sin[..., h:], out=t)
-    out[..., h:] += t
+    out[..., h:rd] += t
+    out[..., rd:] = x[..., rd:]
     return out
 
 
 def _rotary_transpose_numpy(g, cos, sin):
-    """The transpose of `_rotary_numpy`: gx₁ = g₁·cos₁ + g₂·sin₂, gx₂ = g₂·cos₂ − g₁·sin₁."""
-    h = g.shape[-1] // 2
-    out = np.multiply(g, cos, out=np.empty_like(g))
-    t = np.multiply(g[..., h:], sin[..., h:])
+    """The transpose of `_rotary_numpy`: gx₁ = g₁·cos₁ + g₂·sin₂, gx₂ = g₂·cos₂ − g₁·sin₁, gx_pass = g_pass."""
+    rd = cos.shape[-1]
+    h = rd // 2
+    out = np.empty_like(g)
+    np.multiply(g[..., :rd], cos, out=out[..., :rd])
+    t = np.multiply(g[..., h:rd], sin[..., h:])
     out[..., :h] += t
     np.multiply(g[..., :h], sin[..., :h], out=t)
-    out[..., h:] -= t
+    out[..., h:rd] -= t
+    out[..., rd:] = g[..., rd:]
     return out
 
 
@@ -138,8 +147,9 @@ def _rms_norm_backward_c(g, x, weight, rstd, need_x=True, need_weight=False):
 
 
 def _rotary_c(x, cos, sin, transpose=False):
-    """x·cos + rotate_half(x)·sin (or its transpose) in the C core, into a new array laid out as x;
-    x (B, H, T, D) with a unit stride along D, cos and sin dense (T, D), all of one float dtype."""
+    """x·cos + rotate_half(x)·sin (or its transpose) over the first rd dims, the rest copied, in the C core,
+    into a new array laid out as x; x (B, H, T, D) with a unit stride along D, cos and sin dense (T, rd),
+    rd even and <= D, all of one float dtype."""
     if not isinstance(x, np.ndarray):
         raise TypeError(f"rotary: x must be a numpy.ndarray, got {type(x).__name__}")
     if x.ndim != 4:
@@ -148,11 +158,14 @@ def _rotary_c(x, cos, sin, transpose=False):
     check_arrays("rotary", {}, {"cos": cos, "sin": sin})
     if x.dtype != cos.dtype:
         raise TypeError(f"rotary: x has dtype {x.dtype}, cos and sin {cos.dtype}; they must be alike")
+    rd = cos.shape[-1] if cos.ndim == 2 else -1
     for name, a in (("cos", cos), ("sin", sin)):
-        if a.shape != (T, D):
-            raise ValueError(f"rotary: {name} has shape {a.shape}, expected {(T, D)} for x of shape {x.shape}")
-    if D % 2:
-        raise ValueError(f"rotary: x's last axis must be even, got shape {x.shape}")
+        if a.shape != (T, rd) or rd > D:
+            raise ValueError(f"rotary: {name} has shape {a.shape}, expected {(T, D)} (or ({T}, rd), rd < {D}, the "
+                             f"shape of cos and sin both) for x of shape {x.shape}")
+    if rd % 2:
+        raise ValueError(f"rotary: the rotated dims must be even, got cos and sin of shape {cos.shape} for x of "
+                         f"shape {x.shape}")
     out = np.empty_like(x)
-    call_c("rotary", out, x, cos, sin, int(bool(transpose)), B, H, T, D, _strides3(x), _strides3(out))
+    call_c("rotary", out, x, cos, sin, int(bool(transpose)), B, H, T, D, rd, _strides3(x), _strides3(out))
     return out
