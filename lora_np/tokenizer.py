@@ -35,6 +35,7 @@ from functools import lru_cache
 
 import numpy as np
 
+from .chat_template import render_chat
 from .fileio import read_json_object
 
 __all__ = ["Tokenizer", "TokenizerError", "load_tokenizer", "bytes_to_unicode", "PRE_TOKENIZERS",
@@ -551,50 +552,27 @@ class Tokenizer:
         return out.decode("utf-8", errors="replace")
 
     # -- chat --------------------------------------------------------------------------
-    def apply_chat_template(self, messages, add_generation_prompt=False, tokenize=True):
-        """ChatML, as SmolLM2-Instruct's Jinja template renders it (default system prompt included).
+    def apply_chat_template(self, messages, add_generation_prompt=False, tokenize=True, tools=None,
+                            documents=None, **kwargs):
+        """The model's chat template rendered as transformers' apply_chat_template renders it.
 
-        Returns the ids (encoded without BOS/EOS, as transformers does) or, with
-        tokenize=False, the text.
+        kwargs reach the template (e.g. enable_thinking=False for Qwen3 and SmolLM3), after the
+        special tokens (bos_token, eos_token, pad_token, unk_token: those that are set), as in
+        transformers. Returns the ids (the text encoded without BOS/EOS, as transformers does) or,
+        with tokenize=False, the text. The renderer is lora_np.chat_template (no jinja2): a
+        construct it does not know raises NotImplementedError, an error the template raises
+        (raise_exception) is a ValueError.
         """
-        system = _chatml_default_system(self.chat_template, self.source)
-        if not messages:
+        if self.chat_template is None:
+            raise NotImplementedError(f"{self.source}: has no chat template")
+        if isinstance(messages, (list, tuple)) and not messages:
             raise ValueError(f"{self.source}: cannot apply the chat template to an empty conversation")
-        parts = []
-        for k, message in enumerate(messages):
-            role, content = message["role"], message["content"]
-            if not isinstance(content, str):
-                raise TypeError(f"{self.source}: message {k} content must be a str, got {type(content).__name__}")
-            if k == 0 and role != "system" and system is not None:
-                parts.append(f"<|im_start|>system\n{system}<|im_end|>\n")
-            parts.append(f"<|im_start|>{role}\n{content}<|im_end|>\n")
-        if add_generation_prompt:
-            parts.append("<|im_start|>assistant\n")
-        text = "".join(parts)
+        special = {name: token for name, token in (("bos_token", self.bos_token), ("eos_token", self.eos_token),
+                                                   ("unk_token", self.unk_token), ("pad_token", self.pad_token))
+                   if token is not None}
+        text = render_chat(self.chat_template, messages, add_generation_prompt=add_generation_prompt, tools=tools,
+                           documents=documents, special_tokens=special, **kwargs)
         return self.encode(text, add_special_tokens=False) if tokenize else text
-
-
-_CHATML_BODY = ("{% for message in messages %}SYSTEM{{'<|im_start|>' + message['role'] + '\n' + message['content'] "
-                "+ '<|im_end|>' + '\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}"
-                "{% endif %}")
-_CHATML_SYSTEM = re.compile(r"\{% if loop\.first and messages\[0\]\['role'\] != 'system' %\}"
-                            r"\{\{ '<\|im_start\|>system\n([^'\\]*)<\|im_end\|>\n' \}\}\{% endif %\}")
-
-
-def _chatml_default_system(template, where):
-    """The default system prompt of a ChatML template (None if it has none); raises for other templates.
-
-    Jinja (trim_blocks, as transformers renders) drops one newline after the final block tag.
-    """
-    if template is None:
-        raise NotImplementedError(f"{where}: has no chat template")
-    text = template[:-1] if template.endswith("\n") else template
-    head, tail = _CHATML_BODY.split("SYSTEM")
-    m = _CHATML_SYSTEM.match(text, len(head))
-    if text != head + (m.group() if m else "") + tail:
-        raise NotImplementedError(f"{where}: chat template is not the ChatML template this module renders "
-                                  f"without jinja: {template!r}")
-    return m.group(1) if m else None
 
 
 # -- loaders -----------------------------------------------------------------------------
