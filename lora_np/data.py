@@ -22,11 +22,13 @@ File formats (chosen by the extension):
   - `{"prompt": str, "completion": str}`: `prefix + encode(prompt)` then
     `encode(completion) + eos`, encoded separately so the boundary is exact; loss on the
     completion and its eos (the model learns to stop). One example a row.
-  - `{"messages": [{"role": str, "content": str}, ...]}`: `apply_chat_template(messages)`;
-    loss on each assistant turn's content and its closing `<|im_end|>`, nothing else. The
-    spans come from rendering the conversation up to each assistant turn (with and without
-    it), which must give prefixes of the whole text; a row where they do not is an error.
-    One example a row.
+  - `{"messages": [{"role": str, "content": str}, ...]}`: `apply_chat_template(messages)`
+    with the model's own chat template; loss on each assistant turn's content and the special
+    token closing it (`<|im_end|>`, `<|eot_id|>`, `<end_of_turn>`, `</s>`...), nothing else.
+    The spans come from rendering the conversation up to each assistant turn's generation
+    prompt (a prefix of the whole text) and through the turn; a row where a turn cannot be
+    located this way (e.g. Qwen3's template, which renders earlier turns without their
+    reasoning) is an error. One example a row.
   Extra keys are ignored. A bad line raises ValueError naming `file:line` and the problem.
 
 Packing concatenates the documents (eos between them) and cuts blocks of seq_len tokens,
@@ -43,10 +45,11 @@ from typing import NamedTuple
 
 import numpy as np
 
+from .chat_template import ChatTemplateError
+
 __all__ = ["IGNORE_INDEX", "Example", "load_examples", "pack", "train_val_split", "Batches"]
 
 IGNORE_INDEX = -100
-_END_OF_TURN = "<|im_end|>"  # ChatML, the template Tokenizer.apply_chat_template renders
 
 
 class Example(NamedTuple):
@@ -178,34 +181,45 @@ def _row_kind(row, where):
 
 
 def _chat_example(tokenizer, messages, where):
-    """(ids, labels) of a conversation: labels on assistant content and its closing <|im_end|>.
+    """(ids, labels) of a conversation: labels on each assistant turn, through the special token closing it.
 
-    For assistant turn k, the conversation is rendered up to the turn's generation prompt
-    and through the turn; both texts must be prefixes of the whole. The labels start where
-    the first rendering's tokens stop matching the whole's (so a token that straddles the
-    boundary, e.g. "\n\n" when the content begins with "\n", is learned) and end after the
-    turn's last <|im_end|>.
+    For assistant turn k the conversation is rendered up to the turn's generation prompt, which
+    must be a prefix of the whole, and through the turn. The labels start where the first
+    rendering's tokens stop matching the whole's (so a token that straddles the boundary, e.g.
+    "\n\n" when the content begins with "\n", is learned) and run while the second rendering's
+    tokens still match (a template may close the conversation differently from a turn, e.g.
+    Phi-3's eos_token), less trailing whitespace (ChatML's "\n" after <|im_end|>); what is left
+    must end with a special token, the end-of-turn marker the model learns to stop on.
     """
-    end_of_turn = tokenizer.token_to_id(_END_OF_TURN)
-    if end_of_turn is None:
-        raise ValueError(f"{where}: the tokenizer has no {_END_OF_TURN} token to end assistant turns")
-    text = tokenizer.apply_chat_template(messages, tokenize=False)
-    ids = tokenizer.encode(text, add_special_tokens=False)  # what apply_chat_template(messages) returns
+    def render(conversation, add_generation_prompt=False):
+        try:
+            return tokenizer.apply_chat_template(conversation, add_generation_prompt=add_generation_prompt,
+                                                 tokenize=False)
+        except ChatTemplateError as e:
+            raise ValueError(f"{where}: the chat template refuses this conversation: {e}") from None
+
+    def encode(text):
+        return tokenizer.encode(text, add_special_tokens=False)  # as apply_chat_template(messages) encodes
+
+    text = render(messages)
+    ids = encode(text)
     labels = [IGNORE_INDEX] * len(ids)
     for k, message in enumerate(messages):
         if message["role"] != "assistant":
             continue
-        before = tokenizer.apply_chat_template(messages[:k], add_generation_prompt=True, tokenize=False)
-        through = tokenizer.apply_chat_template(messages[:k + 1], tokenize=False)
-        if not (text.startswith(before) and text.startswith(through)):
-            raise ValueError(f"{where}: messages[{k}]: the conversation rendered up to this assistant turn is not "
-                             "a prefix of the whole, so the turn cannot be located")
-        start = _common_prefix_length(ids, tokenizer.encode(before, add_special_tokens=False))
-        stop = _common_prefix_length(ids, tokenizer.encode(through, add_special_tokens=False))
-        turn = ids[start:stop]
-        if end_of_turn not in turn:
-            raise ValueError(f"{where}: messages[{k}]: no {_END_OF_TURN} closes the assistant turn")
-        end = stop - turn[::-1].index(end_of_turn)
+        before = render(messages[:k], add_generation_prompt=True)
+        if not text.startswith(before):
+            raise ValueError(f"{where}: messages[{k}]: the conversation rendered up to this assistant turn's "
+                             "generation prompt is not a prefix of the whole, so the turn cannot be located")
+        start = _common_prefix_length(ids, encode(before))
+        end = _common_prefix_length(ids, encode(render(messages[:k + 1])))
+        while end > start and tokenizer.decode([ids[end - 1]]).isspace():
+            end -= 1
+        closing = ids[end - 1] if end > start else None
+        if closing is None or tokenizer.decode([closing], skip_special_tokens=True) != "":
+            raise ValueError(f"{where}: messages[{k}]: the chat template renders this assistant turn differently "
+                             "at the end of the conversation and within it, or closes it with no special token, "
+                             "so there is no end-of-turn marker to learn")
         labels[start:end] = ids[start:end]
     return ids, labels
 
