@@ -32,6 +32,7 @@ import re
 from datetime import datetime
 from functools import lru_cache
 from numbers import Number
+from types import GeneratorType
 
 __all__ = ["ChatTemplateError", "ChatTemplate", "render_chat"]
 
@@ -180,7 +181,8 @@ def _call(fn, args, kwargs, line):
 
 
 def _to_str(value, line):
-    if isinstance(value, (_Namespace, _Loop, _Method)) or callable(value) and not isinstance(value, Undefined):
+    if isinstance(value, (_Namespace, _Loop, _Method, GeneratorType)) \
+            or callable(value) and not isinstance(value, Undefined):  # jinja2 prints their repr, an address
         raise _unsupported(f"printing a {type(value).__name__.strip('_')}", line)
     return str(value)
 
@@ -236,12 +238,12 @@ def _last(seq):
     return Undefined("No last item, sequence was empty.")
 
 
-def _items(value):
+def _items(value):  # a generator, as jinja2's: a non-mapping fails when iterated
     if isinstance(value, Undefined):
-        return iter(())
+        return
     if not isinstance(value, dict):
         raise TypeError("Can only get item pairs from a mapping.")
-    return iter(value.items())
+    yield from value.items()
 
 
 def _replace(s, old, new, count=None):
@@ -507,11 +509,11 @@ class _Parser:
 
     # statements
     def parse(self):
-        body, end = self.subparse(())
-        return body
+        return self.subparse(())[0]
 
-    def subparse(self, end_names):
-        """Statements up to one of the block tags end_names; returns (body, that tag's name)."""
+    def subparse(self, end_names, opener=None):
+        """Statements up to one of the block tags end_names (closing opener, a (tag, line)); returns
+        (body, that tag's name)."""
         body = []
         while self.i < len(self.tokens):
             line, kind, value = self.next()
@@ -528,7 +530,7 @@ class _Parser:
                     return body, name
                 body.append(self.parse_statement(name, name_line))
         if end_names:
-            raise ValueError(f"chat template: unexpected end of template, expected "
+            raise ValueError(f"chat template line {opener[1]}: '{{% {opener[0]} %}}' is never closed: expected "
                              f"{' or '.join(repr('{% ' + n + ' %}') for n in end_names)}")
         return body, None
 
@@ -537,7 +539,7 @@ class _Parser:
             branches, test = [], self.parse_or()
             while True:
                 self.expect("end_block")
-                body, end = self.subparse(("elif", "else", "endif"))
+                body, end = self.subparse(("elif", "else", "endif"), (name, line))
                 branches.append((test, body))
                 if end == "elif":
                     test = self.parse_or()
@@ -545,7 +547,7 @@ class _Parser:
                 else_body = []
                 if end == "else":
                     self.expect("end_block")
-                    else_body, _ = self.subparse(("endif",))
+                    else_body, _ = self.subparse(("endif",), (name, line))
                 self.expect("end_block")
                 return ("if", line, branches, else_body)
         if name == "for":
@@ -556,11 +558,11 @@ class _Parser:
             if self.at("name", "recursive"):
                 raise _unsupported("a recursive for loop", line)
             self.expect("end_block")
-            body, end = self.subparse(("else", "endfor"))
+            body, end = self.subparse(("else", "endfor"), (name, line))
             else_body = []
             if end == "else":
                 self.expect("end_block")
-                else_body, _ = self.subparse(("endfor",))
+                else_body, _ = self.subparse(("endfor",), (name, line))
             self.expect("end_block")
             return ("for", line, target, iterable, cond, body, else_body)
         if name == "set":
@@ -572,7 +574,7 @@ class _Parser:
             return ("set", line, target, expr)
         if name == "generation":
             self.expect("end_block")
-            body, _ = self.subparse(("endgeneration",))
+            body, _ = self.subparse(("endgeneration",), (name, line))
             self.expect("end_block")
             return ("scope", line, body)
         if name in ("break", "continue"):
