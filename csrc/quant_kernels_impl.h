@@ -23,6 +23,7 @@ int FN(quant_linear_forward)(real *y, const real *x, const uint8_t *w, const rea
                              int64_t N, int64_t K)
 {
     if (bad_call(type, M, N, K) || !y || !x || !w) return LORA_EINVAL;
+    if (M == 0) return LORA_OK;
     const int64_t rb = quant_row_bytes(type, K);
     const int threads = lora_get_num_threads();
     if (M <= DECODE_ROWS) {
