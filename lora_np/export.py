@@ -247,13 +247,13 @@ def save_merged_gguf(model, out, source=None, outtype="f32"):
     arch = gguf_architecture(config)
     names = gguf_tensor_names(cls, config)
     params = dict(base.named_parameters())  # a tied head once, under the embedding: no output.weight
+    shapes = {names[p]: tuple(param.shape) for p, param in params.items() if p in names}
+    metadata, types = _source_metadata(source)
+    keys, key_types = gguf_config_keys(config, arch, shapes, metadata)  # first: it names a config field
     unnamed = [p for p in params if p not in names]
     if unnamed:
         raise NotImplementedError(f"GGUF export: parameters {unnamed[:5]} have no tensor name in llama.cpp's "
                                   f"{arch!r} architecture")
-    shapes = {names[p]: tuple(param.shape) for p, param in params.items()}
-    metadata, types = _source_metadata(source)
-    keys, key_types = gguf_config_keys(config, arch, shapes, metadata)
     ftype, file_type = OUTTYPES[outtype]
     tensors = {}
     for p, param in params.items():

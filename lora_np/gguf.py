@@ -28,7 +28,8 @@ before it is used; a bad file raises `GGUFError` naming the file and the problem
 The writer writes version 3 as gguf-py's GGUFWriter does (the same header, key/value and tensor-info
 encoding, each tensor's data padded to the alignment), quantizing float arrays to F32, F16, Q8_0 or Q4_0
 bit for bit as `gguf.quants.quantize` does. A value's type is the one given in `value_types`, else the one
-llama.cpp's converter gives such a Python value (int: UINT32, float: FLOAT32, list of int: ARRAY of INT32).
+llama.cpp's converter gives such a Python value (int: UINT32, a negative one INT32, float: FLOAT32, list of
+int: ARRAY of INT32).
 Tensor data must be laid out as llama.cpp's gguf.cpp requires: tensor i's offset is
 exactly the sum of the sizes of tensors 0..i-1, each padded to `general.alignment`
 (so no overlap, no misalignment, no gap beyond the padding, file order).
@@ -507,8 +508,9 @@ def value_type(value):
         if isinstance(v, bool):
             return "BOOL"
         if isinstance(v, (int, np.integer)):
-            lo, hi = (0, 2**32) if int_type == "UINT32" else (-2**31, 2**31)
-            return int_type if lo <= v < hi else "INT64"
+            if int_type == "UINT32" and 0 <= v < 2**32:
+                return "UINT32"
+            return "INT32" if -2**31 <= v < 2**31 else "INT64"
         if isinstance(v, (float, np.floating)):
             return "FLOAT32"
         if isinstance(v, str):

@@ -43,12 +43,12 @@ def _refuse_unsupported(config, adapter_name):
                                       f"LoRA adapter format cannot hold{_SUGGEST}")
 
 
-def _first_names(model):
-    """{id(parameter): its first name}: a later name of the same parameter is a tied copy."""
-    first = {}
+def _all_names(model):
+    """{id(parameter): [its names]}: more than one for tied weights."""
+    names = collections.defaultdict(list)
     for name, p in model.named_parameters(remove_duplicate=False):
-        first.setdefault(id(p), name)
-    return first
+        names[id(p)].append(name)
+    return names
 
 
 def save_gguf_adapter(lora_model, out, adapter_name="default", outtype="f32"):
@@ -62,7 +62,7 @@ def save_gguf_adapter(lora_model, out, adapter_name="default", outtype="f32"):
     base = lora_model.model
     arch = gguf_architecture(base.config)
     names = gguf_tensor_names(type(base), base.config)
-    first = _first_names(base)
+    all_names = _all_names(base)
     alpha = float(config.lora_alpha)
     ggml_type = GGUF_ADAPTER_OUTTYPES[outtype]
     tensors = {}
@@ -73,10 +73,10 @@ def save_gguf_adapter(lora_model, out, adapter_name="default", outtype="f32"):
         if gname is None:
             raise NotImplementedError(f"GGUF adapter export: {path} has no tensor in llama.cpp's {arch!r} "
                                       f"architecture{_SUGGEST}")
-        if first[id(module.base_layer.weight)] != f"{path}.base_layer.weight":
-            raise NotImplementedError(f"GGUF adapter export: {path} shares its weight with "
-                                      f"{first[id(module.base_layer.weight)]} (tied embeddings), which a GGUF base "
-                                      f"model stores once{_SUGGEST}")
+        tied = [n for n in all_names[id(module.base_layer.weight)] if n != f"{path}.base_layer.weight"]
+        if tied:  # one GGUF tensor: llama.cpp would apply the adapter to both uses (or fail on the shapes)
+            raise NotImplementedError(f"GGUF adapter export: {path} shares its weight with {tied[0]} (tied "
+                                      f"embeddings), which a GGUF model stores as one tensor{_SUGGEST}")
         lora_A, lora_B = module.lora_factors(adapter_name)
         r, layer_alpha = module.r[adapter_name], module.lora_alpha[adapter_name]
         if config.use_rslora or layer_alpha != alpha:  # llama.cpp scales by alpha / r: fold the rest into B
