@@ -142,7 +142,8 @@ static void softmax_ref(double *out, double *lse, double *m, const double *p, do
  * |lse|), giving Pt = P (RTOL + rP) + FLOOR; out by Pt.|v|; delta, dS, dq, dk, dv likewise (the same
  * propagation as tests/test_attention_kernel.py). A cap c turns A into (1 - t^2) (A + |s|) + 2 |c t| (the
  * raw score's error through tanh, plus the division's and tanh's own), and dS's factor 1 - t^2 is off by
- * 2 |t| RTOL A / |c| + 2 RTOL. */
+ * 2 |t| RTOL A / |c| + 2 RTOL (kept beside the error of P (dP - delta): a saturated cap's 1 - t^2 is about
+ * its own error). */
 
 typedef struct {
     int64_t B, Hkv, g, T, S, D;
@@ -270,7 +271,7 @@ static void attention_ref(double *want[5], double *tol[5], const attn_case *c, c
                 for (int64_t s = lo; s < vis; s++) { /* dS through the cap: * (1 - t^2) */
                     const double dS0 = P[s] * (dP[s] - delta), dS = dS0 * dcap[s];
                     const double dSt = (Pt[s] * fabs(dP[s] - delta) + P[s] * (rtol * G[s] + dtol) + rtol * fabs(dS0)) *
-                                       dcap[s] + fabs(dS0) * dcapt[s];
+                                       (dcap[s] + dcapt[s]) + fabs(dS0) * dcapt[s];
                     for (int64_t e = 0; e < D; e++) {
                         const double kk = k[kv + s * D + e];
                         dq[e] += scale * dS * kk, dqt[e] += fabs(scale) * dSt * fabs(kk);

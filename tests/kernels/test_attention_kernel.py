@@ -23,6 +23,7 @@ dq = dk = 0 up to rounding). FLOOR (4·tiny) covers the float32 vector exp that 
 returns a denormal. The NumPy reference is itself checked against the same formulas in float64.
 """
 import re
+import time
 
 import numpy as np
 import pytest
@@ -61,11 +62,12 @@ def strided(rng, shape, layout, dtype, magnitude=1.0):
     return a
 
 
-def visible_keys(T, S, causal):
-    """(T, S) bool: query t sees key s (bottom-right aligned causal mask)."""
-    if not causal:
-        return np.ones((T, S), bool)
-    return np.arange(S)[None, :] <= np.arange(T)[:, None] + S - T
+def visible_keys(T, S, causal, window=None):
+    """(T, S) bool: query t, at position p = t + S - T, sees key s: s <= p when causal (bottom-right aligned),
+    s > p - window with a sliding window (transformers' sliding_window_overlay: kv_idx > q_idx - window)."""
+    p = np.arange(T)[:, None] + S - T
+    seen = np.arange(S)[None, :] <= p if causal else np.ones((T, S), bool)
+    return seen & (np.arange(S)[None, :] > p - window) if window else seen
 
 
 # ---- the two backends -----------------------------------------------------------------------------------
@@ -75,32 +77,37 @@ def _not_in_c(*args):
     raise AssertionError("the C attention ran on the NumPy backend")
 
 
-def numpy_reference(q, k, v, g_out, scale, causal, need=(True, True, True)):
+def numpy_reference(q, k, v, g_out, scale, causal, need=(True, True, True), window=None, softcap=None):
     """The NumPy blocks of lora_np.kernels.attention (through functional.SDPA): out (B, Hq, T, D), lse (B, Hkv, T, g), dq, dk, dv."""
     kernels.set_backend("numpy")
     tq, tk, tv = (Tensor(x, requires_grad=n) for x, n in zip((q, k, v), need))
     with np.errstate(all="ignore"), pytest.MonkeyPatch.context() as m:
         for name in ("_attention_forward_c", "_attention_backward_c"):
             m.setattr(kattention, name, _not_in_c)
-        out = F.scaled_dot_product_attention(tq, tk, tv, is_causal=causal, scale=scale)
+        out = F.scaled_dot_product_attention(tq, tk, tv, is_causal=causal, scale=scale, sliding_window=window,
+                                             softcap=softcap)
         ctx = out._ctx
         lse = ctx.lse.copy()
         dq, dk, dv, _ = ctx.backward(g_out)
     return out.data.copy(), lse, dq, dk, dv
 
 
-def in_c(q, k, v, g_out, scale, causal, need=(True, True, True)):
+def in_c(q, k, v, g_out, scale, causal, need=(True, True, True), window=None, softcap=None):
     """kernels.attention_forward + attention_backward: out (B, Hq, T, D) (a view of the (B, T, Hkv, g, D)
     array), lse, dq, dk, dv, and the raw (B, T, Hkv, g, D) out."""
     kernels.set_backend("c")
-    out, lse = kattention._attention_forward_c(q, k, v, scale, causal)
+    out, lse = kattention._attention_forward_c(q, k, v, scale, causal, window, softcap)
     B, T, Hkv, g, D = out.shape
-    dq, dk, dv = kattention._attention_backward_c(g_out, q, k, v, out, lse, scale, causal, *need)
+    dq, dk, dv = kattention._attention_backward_c(g_out, q, k, v, out, lse, scale, causal, *need, window, softcap)
     return out.transpose(0, 2, 3, 1, 4).reshape(B, Hkv * g, T, D), lse, dq, dk, dv, out
 
 
-def formula(q, k, v, g_out, scale, causal, dtype):
-    """The exact values in float64 (dense, from the definition) and the allowed differences, as dicts."""
+def formula(q, k, v, g_out, scale, causal, dtype, window=None, softcap=None):
+    """The exact values in float64 (dense, from the definition) and the allowed differences, as dicts.
+    A soft cap c makes the scores c·t, t = tanh(s/c): a score's error becomes (1 − t²)(A + |s|) + 2|c·t| times
+    RTOL (the raw score's through tanh, the division's and tanh's own), and dS = P·(dP − delta)·(1 − t²),
+    whose factor is off by 2|t|·RTOL·A/|c| + 2·RTOL (kept beside P·(dP − delta)'s own error: where the cap
+    saturates, 1 − t² is about its error)."""
     rtol, floor = RTOL[dtype], FLOOR[dtype]
     B, Hq, T, D = q.shape
     Hkv, S = k.shape[1], k.shape[2]
@@ -112,9 +119,17 @@ def formula(q, k, v, g_out, scale, causal, dtype):
     G = g_out.astype(np.float64).reshape(B, Hkv, g, T, D)
     aQ, aK, aV, aG = np.abs(Q), np.abs(K), np.abs(V), np.abs(G)
     kT = lambda x: np.swapaxes(x, -1, -2)                                    # noqa: E731
-    vis = visible_keys(T, S, causal)
-    s = np.where(vis, scale * (Q @ kT(K)), -np.inf)                         # (B, Hkv, g, T, S)
-    A = np.where(vis, abs(scale) * (aQ @ kT(aK)), 0.0)                       # magnitude of the score terms
+    vis = visible_keys(T, S, causal, window)
+    raw = scale * (Q @ kT(K))                                                # (B, Hkv, g, T, S)
+    A = abs(scale) * (aQ @ kT(aK))                                           # magnitude of the score terms
+    dcap, dcap_tol = 1.0, 0.0
+    if softcap:
+        t = np.tanh(raw / softcap)
+        A = (1 - t * t) * (A + np.abs(raw)) + 2 * np.abs(softcap * t)
+        raw, dcap = softcap * t, 1 - t * t
+        dcap_tol = 2 * np.abs(t) * rtol * A / softcap + 2 * rtol
+    s = np.where(vis, raw, -np.inf)
+    A = np.where(vis, A, 0.0)
     seen = vis.any(-1)[:, None]                                              # (T, 1): rows with a key
     m = np.where(seen, s.max(-1, keepdims=True, initial=-np.inf), 0.0)
     e = np.exp(s - m)
@@ -123,7 +138,8 @@ def formula(q, k, v, g_out, scale, causal, dtype):
     out = P @ V
     dP = G @ kT(V)
     delta = (G * out).sum(-1, keepdims=True)
-    dS = P * (dP - delta)
+    dS0 = P * (dP - delta)
+    dS = dS0 * dcap
     want = {"out": out, "lse": lse[..., 0], "dq": scale * dS @ K,
             "dk": (scale * kT(dS) @ Q).sum(2), "dv": (kT(P) @ G).sum(2)}
 
@@ -132,7 +148,8 @@ def formula(q, k, v, g_out, scale, causal, dtype):
     Pt = P * (rtol + rP) + floor * vis                                       # absolute error of P
     out_tol = Pt @ aV
     delta_tol = rtol * (aG * np.abs(out)).sum(-1, keepdims=True) + (aG * out_tol).sum(-1, keepdims=True)
-    dS_tol = Pt * np.abs(dP - delta) + P * (rtol * (aG @ kT(aV)) + delta_tol)
+    dS_tol = (Pt * np.abs(dP - delta) + P * (rtol * (aG @ kT(aV)) + delta_tol)) * (dcap + dcap_tol) \
+        + np.abs(dS0) * dcap_tol                                             # a cap near ±1: 1 − t² ~ its error
     aS = np.abs(dS)
     tol = {"out": out_tol,
            "lse": np.where(seen, rtol * (np.abs(m) + np.abs(lse - m) + A.max(-1, keepdims=True)) + floor,
@@ -193,11 +210,18 @@ def attention_cases(draw):
     scale = draw(st.one_of(st.none(), st.sampled_from([0.0, -0.5, 1.0]), st.floats(-1.5, 1.5)), label="scale")
     q_layout, go_layout = draw(st.sampled_from(LAYOUTS), label="q layout"), draw(st.sampled_from(LAYOUTS),
                                                                                label="g_out layout")
-    return (B, Hkv, g, T, S, D), causal, scale, q_layout, go_layout
+    window = draw(st.one_of(st.none(), st.integers(1, 80)), label="sliding_window")
+    softcap = draw(st.one_of(st.none(), st.sampled_from([0.05, 1.0]), st.floats(0.1, 50.0)), label="softcap")
+    return (B, Hkv, g, T, S, D), causal, scale, q_layout, go_layout, window, softcap
+
+
+def options(case):
+    """The sliding window and soft cap of a case (None, None when it has none)."""
+    return dict(window=case[5], softcap=case[6]) if len(case) > 5 else dict(window=None, softcap=None)
 
 
 def make(case, dtype, seed, magnitude=1.0):
-    (B, Hkv, g, T, S, D), causal, scale, q_layout, go_layout = case
+    (B, Hkv, g, T, S, D), causal, scale, q_layout, go_layout = case[:5]
     rng = np.random.default_rng(seed)
     q = strided(rng, (B, Hkv * g, T, D), q_layout, dtype, magnitude)
     k, v = ((magnitude if i == 0 else 1.0) * rng.standard_normal((B, Hkv, S, D)) for i in range(2))
@@ -212,13 +236,13 @@ def make(case, dtype, seed, magnitude=1.0):
 @given(case=attention_cases(), dtype=st.sampled_from(DTYPES), seed=st.integers(0, 2**32 - 1))
 def test_attention_matches_numpy(case, dtype, seed):
     q, k, v, g_out, scale, causal = make(case, dtype, seed)
-    (B, Hkv, g, T, S, D), _, _, q_layout, go_layout = case
+    (B, Hkv, g, T, S, D), _, _, q_layout, go_layout, window, softcap = case
     what = (f"attention {dtype.__name__} B={B} Hkv={Hkv} g={g} T={T} S={S} D={D} causal={causal} "
-            f"scale={scale} q {q_layout} g_out {go_layout}")
+            f"scale={scale} window={window} softcap={softcap} q {q_layout} g_out {go_layout}")
     q0, k0, v0, go0 = (x.copy() for x in (q, k, v, g_out))
-    c = in_c(q, k, v, g_out, scale, causal)
-    ref = numpy_reference(q, k, v, g_out, scale, causal)
-    want, tol = formula(q, k, v, g_out, scale, causal, dtype)
+    c = in_c(q, k, v, g_out, scale, causal, **options(case))
+    ref = numpy_reference(q, k, v, g_out, scale, causal, **options(case))
+    want, tol = formula(q, k, v, g_out, scale, causal, dtype, **options(case))
     compare(c[:5], ref, want, tol, dtype, what)
     for x, x0 in zip((q, k, v, g_out), (q0, k0, v0, go0)):
         assert np.array_equal(x, x0), f"{what}: an input changed"
@@ -229,7 +253,7 @@ def test_attention_matches_numpy(case, dtype, seed):
     assert dq.shape == q.shape and dk.shape == k.shape and dv.shape == v.shape
     if q_layout == "bthd":  # q's own layout, so that the model's transpose back to (B, T, Hq·D) is free
         assert dq.transpose(0, 2, 1, 3).flags.c_contiguous, f"{what}: dq strides {dq.strides}, q {q.strides}"
-    blind = ~visible_keys(T, S, causal).any(-1)                              # query rows that see no key
+    blind = ~visible_keys(T, S, causal, window).any(-1)                      # query rows that see no key
     assert np.all(out[:, :, blind] == 0) and np.all(dq[:, :, blind] == 0), f"{what}: a blind row is not 0"
     assert np.all(lse[:, :, blind] == np.inf), f"{what}: a blind row's lse is not +inf"
 
@@ -240,7 +264,8 @@ def test_attention_matches_numpy(case, dtype, seed):
     with pytest.MonkeyPatch.context() as m:
         for name in ("_attention_forward_c", "_attention_backward_c"):
             m.setattr(kattention, name, lambda *args, _c=getattr(kattention, name): ran.append(_c) or _c(*args))
-        sd = F.scaled_dot_product_attention(tq, tk, tv, is_causal=causal, scale=scale)
+        sd = F.scaled_dot_product_attention(tq, tk, tv, is_causal=causal, scale=scale, sliding_window=window,
+                                            softcap=softcap)
         grads = sd._ctx.backward(g_out)[:3]
     assert len(ran) == 2, f"{what}: SDPA did not take the C kernels"
     for name, a, b in zip(["out", "dq", "dk", "dv"], (sd.data, *grads), (out, dq, dk, dv)):
@@ -269,15 +294,16 @@ def test_only_the_gradients_asked_for(need, dtype):
 
 @needs_c
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("causal", [False, True])
-def test_one_and_two_threads_give_identical_bits(dtype, causal):
+@pytest.mark.parametrize("causal, window, softcap", [(False, None, None), (True, None, None), (True, 37, 5.0),
+                                                     (False, 50, None)])
+def test_one_and_two_threads_give_identical_bits(dtype, causal, window, softcap):
     """B · Hkv = 6 tasks of 200 x 200 x 64: far above the parallel threshold (1e5)."""
-    case = ((2, 3, 3, 200, 200, 64), causal, None, "bthd", "bthd")
+    case = ((2, 3, 3, 200, 200, 64), causal, None, "bthd", "bthd", window, softcap)
     q, k, v, g_out, scale, causal = make(case, dtype, 11)
     results = []
     for threads in (1, 2):
         kernels.set_num_threads(threads)
-        results.append(in_c(q, k, v, g_out, scale, causal))
+        results.append(in_c(q, k, v, g_out, scale, causal, **options(case)))
     if lib.lora_has_openmp():
         assert kernels.get_num_threads() == 2
     for name, a, b in zip(["out", "lse", "dq", "dk", "dv"], results[0], results[1]):
@@ -313,6 +339,48 @@ def test_head_dim_1_and_empty_arrays(B, Hkv, g, T, S, D):
     want, tol = formula(q, k, v, g_out, scale, causal, np.float64)
     ref = numpy_reference(q, k, v, g_out, scale, causal)
     compare(in_c(q, k, v, g_out, scale, causal)[:5], ref, want, tol, np.float64, f"B={B} T={T} D={D}")
+
+
+# ---- the sliding window skips the keys outside it -----------------------------------------------------------
+
+
+@pytest.mark.parametrize("causal", [True, False])
+def test_numpy_blocks_compute_only_the_keys_in_the_window(causal):
+    """Each block [t0, t1) of the NumPy reference starts at the window's lower edge for its first row,
+    k0 = t0 + S - T - W + 1 (the keys below are never computed); causal, it computes at most W + block - 1
+    keys (not S). The result equals the dense definition (formula)."""
+    T, S, W = 300, 340, 20
+    case = ((1, 1, 2, T, S, 8), causal, 0.4, "dense", "dense", W, None)
+    q, k, v, g_out, scale, causal = make(case, np.float64, 2)
+    spans = []
+    with pytest.MonkeyPatch.context() as m:
+        m.setattr(kattention, "_scores", lambda qs, k_, bias, t0, t1, k0, n, *rest, _f=kattention._scores, **kw:
+                  spans.append((t0, k0, n)) or _f(qs, k_, bias, t0, t1, k0, n, *rest, **kw))
+        ref = numpy_reference(q, k, v, g_out, scale, causal, **options(case))
+    assert spans and all(k0 == t0 + S - T - W + 1 for t0, k0, n in spans), f"(t0, k0, n) per block: {spans}"
+    if causal:
+        assert max(n - k0 for _, k0, n in spans) <= W + kattention._BLOCK - 1, f"(t0, k0, n) per block: {spans}"
+    want, tol = formula(q, k, v, g_out, scale, causal, np.float64, **options(case))
+    for name, got in zip(["out", "lse", "dq", "dk", "dv"], ref):
+        check(got, want[name], tol[name], f"window {W} causal={causal} {name}: NumPy vs the formula")
+
+
+@needs_c
+def test_c_window_makes_long_sequences_cheaper():
+    """T = S = 2048, a window of 128: forward + backward in the C core take well under the time of the full
+    causal attention (the keys outside the window are never computed; ~3x faster measured, 6.5x ideal)."""
+    case = ((1, 1, 2, 2048, 2048, 64), True, None, "bthd", "bthd")
+    q, k, v, g_out, scale, causal = make(case, np.float32, 4)
+    kernels.set_num_threads(1)
+    times = {}
+    for window in (None, 128):
+        runs = []
+        for _ in range(3):
+            start = time.perf_counter()
+            in_c(q, k, v, g_out, scale, causal, window=window)
+            runs.append(time.perf_counter() - start)
+        times[window] = min(runs)
+    assert times[128] < 0.6 * times[None], f"window 128: {times[128]:.3f} s, full causal: {times[None]:.3f} s"
 
 
 # ---- wrong calls are refused --------------------------------------------------------------------------------
@@ -381,6 +449,30 @@ REFUSALS = [
     ("backward v float32", lambda: _backward(v=_arrays()[2].astype(np.float32)), TypeError, ["v", "float32"]),
     ("backward q stride 2", lambda: _backward(q=_every_other(_arrays()[0])), ValueError, ["unit stride"]),
 ]
+
+
+BAD_OPTIONS = [({"sliding_window": 0}, "sliding_window"), ({"sliding_window": -3}, "sliding_window"),
+               ({"sliding_window": 2.5}, "sliding_window"), ({"sliding_window": True}, "sliding_window"),
+               ({"softcap": 0.0}, "softcap"), ({"softcap": -1.0}, "softcap"), ({"softcap": float("nan")}, "softcap"),
+               ({"softcap": float("inf")}, "softcap"), ({"softcap": "30"}, "softcap")]
+
+
+@pytest.mark.parametrize("backend", ["numpy", pytest.param("c", marks=needs_c)])
+@pytest.mark.parametrize("bad, name", BAD_OPTIONS, ids=[f"{k}={v}" for (d, _) in BAD_OPTIONS for k, v in d.items()])
+def test_sdpa_refuses_a_bad_window_or_cap(backend, bad, name):
+    kernels.set_backend(backend)
+    q, k, v = (Tensor(a) for a in _arrays())
+    with pytest.raises(ValueError, match=name):
+        F.scaled_dot_product_attention(q, k, v, is_causal=True, **bad)
+
+
+@needs_c
+@pytest.mark.parametrize("bad, name", BAD_OPTIONS[:3] + BAD_OPTIONS[4:8],
+                         ids=[f"{k}={v}" for (d, _) in BAD_OPTIONS[:3] + BAD_OPTIONS[4:8] for k, v in d.items()])
+def test_c_kernels_refuse_a_bad_window_or_cap(bad, name):
+    q, k, v = _arrays()
+    with pytest.raises(ValueError, match=name):
+        kattention._attention_forward_c(q, k, v, 0.5, True, bad.get("sliding_window"), bad.get("softcap"))
 
 
 @needs_c
