@@ -558,21 +558,32 @@ class Tokenizer:
 
         kwargs reach the template (e.g. enable_thinking=False for Qwen3 and SmolLM3), after the
         special tokens (bos_token, eos_token, pad_token, unk_token: those that are set), as in
-        transformers. Returns the ids (the text encoded without BOS/EOS, as transformers does) or,
-        with tokenize=False, the text. The renderer is lora_np.chat_template (no jinja2): a
-        construct it does not know raises NotImplementedError, an error the template raises
-        (raise_exception) is a ValueError.
+        transformers; chat_template= renders another template. Returns the ids (the text encoded
+        without BOS/EOS, as transformers does) or, with tokenize=False, the text. The renderer is
+        lora_np.chat_template (no jinja2): a construct it does not know raises NotImplementedError,
+        an error the template raises (raise_exception) is a ValueError.
         """
-        if self.chat_template is None:
+        for option in sorted(_HF_CHAT_OPTIONS.intersection(kwargs)):
+            if kwargs.pop(option) not in (None, False):
+                raise NotImplementedError(f"{self.source}: apply_chat_template: transformers' option "
+                                          f"{option} is not supported")
+        template = kwargs.pop("chat_template", None) or self.chat_template
+        if template is None:
             raise NotImplementedError(f"{self.source}: has no chat template")
         if isinstance(messages, (list, tuple)) and not messages:
             raise ValueError(f"{self.source}: cannot apply the chat template to an empty conversation")
         special = {name: token for name, token in (("bos_token", self.bos_token), ("eos_token", self.eos_token),
                                                    ("unk_token", self.unk_token), ("pad_token", self.pad_token))
                    if token is not None}
-        text = render_chat(self.chat_template, messages, add_generation_prompt=add_generation_prompt, tools=tools,
+        text = render_chat(template, messages, add_generation_prompt=add_generation_prompt, tools=tools,
                            documents=documents, special_tokens=special, **kwargs)
         return self.encode(text, add_special_tokens=False) if tokenize else text
+
+
+# apply_chat_template options of transformers that are not template variables and that lora_np does not have
+_HF_CHAT_OPTIONS = frozenset(("continue_final_message", "return_assistant_tokens_mask", "return_dict",
+                              "return_tensors", "padding", "truncation", "max_length", "tokenizer_kwargs",
+                              "sanitize_control_tokens"))
 
 
 # -- loaders -----------------------------------------------------------------------------
