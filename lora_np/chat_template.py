@@ -146,10 +146,14 @@ def _getattr(obj, name, line):
         return obj.attrs[name] if name in obj.attrs else Undefined(f"'Namespace' has no attribute {name!r}")
     if isinstance(obj, _Loop):
         return obj.attribute(name, line)
+    if isinstance(obj, _TemplateDict) and name == "fromkeys":
+        return obj.fromkeys
     if isinstance(obj, (str, dict, list, tuple)) and hasattr(obj, name):
         return _Method(obj, name)
     if isinstance(obj, dict) and name in obj:
         return obj[name]
+    if hasattr(obj, name):  # e.g. an int's .real: jinja2 would return the Python attribute
+        raise _unsupported(f"the attribute {type(obj).__name__}.{name}", line)
     return Undefined(f"{_type_name(obj)!r} has no attribute {name!r}")
 
 
@@ -211,6 +215,8 @@ def _range(*args):
 class _TemplateDict:  # transformers' TemplateDict: dict(...) and dict.fromkeys(...) only
     def __call__(self, *args, **kwargs):
         return dict(*args, **kwargs)
+
+    fromkeys = staticmethod(dict.fromkeys)
 
 
 GLOBALS = {"raise_exception": _raise_exception, "strftime_now": _strftime_now, "namespace": _namespace,

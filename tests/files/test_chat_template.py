@@ -205,7 +205,7 @@ SNIPPETS = [
     "{{ {} is mapping }}{{ 'a' is iterable }}{{ 1 is iterable }}{{ [1] is sequence }}{{ true is boolean }}"
     "{{ true is sameas true }}{{ 1 is sameas true }}{{ 6 is divisibleby 3 }}{{ 6 is divisibleby(4) }}"
     "{{ 2 is even }}{{ 'a' is in 'abc' }}{{ 'A' is upper }}{{ 2 is gt 1 }}{{ none is none }}{{ 1 is not none }}",
-    "{{ dict(a=1, b='x') }} {{ range(3)|list }} {{ range(1, 7, 2)|list }}",
+    "{{ dict(a=1, b='x') }} {{ dict.fromkeys(['a', 'b'], 0) }} {{ range(3)|list }} {{ range(1, 7, 2)|list }}",
     "{% set a, b = [1, 2] %}{{ b }}{{ a }}{% set t = 1, 2 %}{{ t }}",
     "{% generation %}{% set g = 1 %}gen{% endgeneration %}{{ g is defined }}",
 ]
@@ -258,6 +258,7 @@ REFUSED = [
     ("{{ namespace() }}", "printing a Namespace"),
     ("{{ [1]|select }}", "printing a generator"),
     ("{{ f(*args) }}", r"\*args"),
+    ("{{ (1).real }}", "the attribute int.real"),
 ]
 
 
@@ -336,6 +337,19 @@ def test_tokenizer_apply_chat_template_matches_transformers(folders, family):
                 assert tok.apply_chat_template(messages, add_generation_prompt=generation_prompt, tokenize=False,
                                                **kwargs) == text
                 assert tok.apply_chat_template(messages, add_generation_prompt=generation_prompt, **kwargs) == ids
+
+
+def test_tokenizer_apply_chat_template_options(folders):
+    transformers = crosscheck("transformers")
+    hf = transformers.PreTrainedTokenizerFast.from_pretrained(str(folders["smollm2"]))
+    tok = load_tokenizer(folders["smollm2"])
+    other = template("olmo2")
+    assert tok.apply_chat_template([U1, A1], chat_template=other, tokenize=False, return_dict=False) == \
+        hf.apply_chat_template([U1, A1], chat_template=other, tokenize=False)
+    with pytest.raises(NotImplementedError, match="option continue_final_message"):
+        tok.apply_chat_template([U1, A1], continue_final_message=True)
+    with pytest.raises(ValueError, match="empty conversation"):
+        tok.apply_chat_template([])
 
 
 def labelled_runs(tok, example):
