@@ -35,6 +35,7 @@ from functools import lru_cache
 
 import numpy as np
 
+from . import tokenizer_spm
 from .chat_template import render_chat
 from .fileio import read_json_object
 
@@ -235,6 +236,19 @@ def bytes_to_unicode():
 
 # -- pre-tokenizers ----------------------------------------------------------------------
 
+QWEN2_PATTERN = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}"
+    r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+
+
+def _split_then_byte_level(pattern):
+    return {"type": "Sequence", "pretokenizers": [
+        {"type": "Split", "pattern": {"Regex": pattern}, "behavior": "Isolated", "invert": False},
+        {"type": "ByteLevel", "add_prefix_space": False, "use_regex": False},
+    ]}
+
+
 # Named pre-tokenizers, written as tokenizer.json writes them.
 PRE_TOKENIZERS = {
     "gpt2": {"type": "ByteLevel", "add_prefix_space": False, "use_regex": True},
@@ -242,10 +256,8 @@ PRE_TOKENIZERS = {
         {"type": "Digits", "individual_digits": True},
         {"type": "ByteLevel", "add_prefix_space": False, "use_regex": True},
     ]},
-    "llama3": {"type": "Sequence", "pretokenizers": [
-        {"type": "Split", "pattern": {"Regex": LLAMA3_PATTERN}, "behavior": "Isolated", "invert": False},
-        {"type": "ByteLevel", "add_prefix_space": False, "use_regex": False},
-    ]},
+    "llama3": _split_then_byte_level(LLAMA3_PATTERN),
+    "qwen2": _split_then_byte_level(QWEN2_PATTERN),
 }
 
 # `tokenizer.ggml.pre` -> (named pre-tokenizer, ignore_merges, add BOS when the file has no
@@ -257,7 +269,44 @@ GGUF_PRE_TOKENIZERS = {
     **dict.fromkeys(("llama3", "llama-v3", "llama-bpe", "falcon3", "falcon-h1", "pixtral", "midm-2.0", "lfm2"),
                     ("llama3", True, True)),
     **dict.fromkeys(("dbrx", "smaug-bpe"), ("llama3", False, False)),
+    **dict.fromkeys(("qwen2", "deepseek-r1-qwen", "kormo", "f2llmv2", "megrez", "stablelm2"), ("qwen2", False, False)),
 }
+
+_SPLIT_BEHAVIORS = ("Removed", "Isolated", "MergedWithPrevious", "MergedWithNext", "Contiguous")
+
+
+def _regex_split(regex, behavior="Isolated", invert=False):
+    """tokenizers' NormalizedString::split by a pattern: the text cut into the regex's matches and the gaps
+    between them, the matches then removed, kept alone, glued to the piece before or after, or runs of them
+    kept together (`behavior`); with `invert` the gaps play the matches' part."""
+    if behavior == "Isolated":
+        return _isolated_split(regex)
+
+    def split(text):
+        parts, pos = [], 0  # (start, end, is a match)
+        for m in regex.finditer(text):
+            if m.start() > pos:
+                parts.append([pos, m.start(), invert])
+            parts.append([m.start(), m.end(), not invert])
+            pos = m.end()
+        if pos < len(text):
+            parts.append([pos, len(text), invert])
+        if behavior == "Removed":
+            return [text[a:b] for a, b, match in parts if not match and b > a]
+        if behavior == "MergedWithNext":
+            parts = [[len(text) - b, len(text) - a, match] for a, b, match in reversed(parts)]
+        kept, previous = [], False
+        for part in parts:
+            merge = part[2] == previous if behavior == "Contiguous" else part[2] and not previous
+            if merge and kept:
+                kept[-1][1] = part[1]
+            else:
+                kept.append(part)
+            previous = part[2]
+        if behavior == "MergedWithNext":
+            kept = [[len(text) - b, len(text) - a, match] for a, b, match in reversed(kept)]
+        return [text[a:b] for a, b, _ in kept if b > a]
+    return split
 
 
 def _isolated_split(regex):
@@ -285,29 +334,65 @@ def _prefix_space(text):
 
 
 def _pre_tokenizer_steps(spec, where):
-    """A tokenizer.json pre_tokenizer as a list of `str -> list[str]` steps; ByteLevel must end it."""
+    """A tokenizer.json pre_tokenizer as a list of steps, each a pair of `str -> list[str]` functions: the one
+    for the piece at the start of the text, and the one for every other piece (they differ only for
+    Metaspace's prepend_scheme "first"). A ByteLevel step is the pair (None, None); it must come last."""
     kind = spec.get("type") if spec else None
+    if kind is None:
+        return []
     if kind == "Sequence":
-        steps = [s for sub in spec["pretokenizers"] for s in _pre_tokenizer_steps(sub, where)]
-    elif kind == "ByteLevel":
+        return [s for sub in spec["pretokenizers"] for s in _pre_tokenizer_steps(sub, where)]
+    if kind == "Metaspace":
+        return [tokenizer_spm.metaspace(spec, where)]
+    if kind == "ByteLevel":
         steps = [_prefix_space] if spec.get("add_prefix_space", True) else []
         if spec.get("use_regex", True):
             steps.append(_isolated_split(_compile(GPT2_PATTERN)))
-        steps.append(None)  # marks the byte-level step; removed by the caller
+        steps.append(None)  # the byte-level step
     elif kind == "Digits":
         numeric = _class(_merged([*_category_ranges("N"), *_RUST_NUMERIC_ADDITIONS]))
         steps = [_isolated_split(re.compile(numeric if spec.get("individual_digits", False) else numeric + "+"))]
     elif kind == "Split":
-        pattern = spec["pattern"]
+        pattern, behavior, invert = spec["pattern"], spec.get("behavior"), spec.get("invert", False)
         regex = _compile(pattern["Regex"]) if "Regex" in pattern else re.compile(re.escape(pattern["String"]))
-        if spec.get("behavior") != "Isolated" or spec.get("invert", False):
-            raise NotImplementedError(f"{where}: Split pre-tokenizer with behavior {spec.get('behavior')!r}, "
-                                      f"invert {spec.get('invert')!r} (only Isolated, not inverted)")
-        steps = [_isolated_split(regex)]
+        if behavior not in _SPLIT_BEHAVIORS or not isinstance(invert, bool):
+            raise NotImplementedError(f"{where}: Split pre-tokenizer with behavior {behavior!r}, invert {invert!r} "
+                                      f"(behavior one of {_SPLIT_BEHAVIORS}, invert true or false)")
+        steps = [_regex_split(regex, behavior, invert)]
     else:
-        raise NotImplementedError(f"{where}: pre_tokenizer {kind!r} is not supported (byte-level BPE needs "
-                                  "ByteLevel, optionally after Digits / Split in a Sequence)")
-    return steps
+        raise NotImplementedError(f"{where}: pre_tokenizer {kind!r} is not supported (ByteLevel, Digits, Split, "
+                                  "Metaspace, or a Sequence of them)")
+    return [(s, s) for s in steps]
+
+
+def _byte_level_decoder(tokens):
+    """tokenizers' ByteLevel decoder: every token's bytes (a token outside the byte alphabet, an added token,
+    gives its UTF-8), decoded as one string, U+FFFD for what is not UTF-8."""
+    char_byte = _char_byte()
+    out = bytearray()
+    for s in tokens:
+        out += bytes(char_byte[c] for c in s) if all(c in char_byte for c in s) else s.encode("utf-8")
+    return [out.decode("utf-8", errors="replace")]
+
+
+@lru_cache(maxsize=None)
+def _char_byte():
+    return {c: b for b, c in bytes_to_unicode().items()}
+
+
+def _decoder_steps(spec, where):
+    """A tokenizer.json decoder as a list of `list[str] -> list[str]` steps (None: tokens joined by spaces)."""
+    kind = spec.get("type") if spec else None
+    if kind is None:
+        return None
+    if kind == "Sequence":
+        return [s for sub in spec["decoders"] for s in _decoder_steps(sub, where)]
+    if kind == "ByteLevel":
+        return [_byte_level_decoder]
+    if kind in tokenizer_spm.DECODERS:
+        return [tokenizer_spm.DECODERS[kind](spec, where)]
+    raise NotImplementedError(f"{where}: decoder {kind!r} is not supported (ByteLevel, "
+                              f"{', '.join(tokenizer_spm.DECODERS)}, or a Sequence of them)")
 
 
 # -- the tokenizer -----------------------------------------------------------------------
@@ -353,53 +438,79 @@ def _check_vocab(vocab, merges, added_tokens, source):
         added[i] = content
 
 
+@lru_cache(maxsize=None)
+def _white_space():
+    """Every Unicode White_Space character (Rust's char::is_whitespace, the regex crate's \\s)."""
+    return "".join(chr(c) for a, b in _WHITE_SPACE for c in range(a, b + 1))
+
 
 class Tokenizer:
-    """Byte-level BPE. Build it with `load_tokenizer`.
+    """A BPE tokenizer, as Hugging Face `tokenizers` runs one, or llama.cpp's SentencePiece tokenizer.
+    Build it with `load_tokenizer`.
 
-    vocab: token string (byte-level spelling) -> id. merges: (left, right) pairs, best first.
-    added_tokens: dicts as in tokenizer.json's "added_tokens" (id, content, special, normalized).
-    pre_tokenizer: a tokenizer.json pre_tokenizer dict. prefix_ids / suffix_ids: what
-    `encode(..., add_special_tokens=True)` puts around the text.
+    vocab: token string -> id (byte-level BPE spells tokens in GPT-2's byte alphabet). merges: (left, right)
+    pairs, best first. added_tokens: dicts as in tokenizer.json's "added_tokens" (id, content, special,
+    normalized, lstrip, rstrip). normalizer, pre_tokenizer, decoder: tokenizer.json's dicts (a ByteLevel
+    pre-tokenizer makes the BPE byte-level). byte_fallback, fuse_unk, ignore_merges, model_unk_token: the
+    BPE model's options. scores: a score per id, for llama.cpp's SentencePiece merges instead of BPE merges
+    (`merges` then empty). prefix_ids / suffix_ids: what `encode(..., add_special_tokens=True)` puts around
+    the text.
     """
 
     _CACHE_SIZE = 100_000
 
-    def __init__(self, vocab, merges, added_tokens, pre_tokenizer, *, prefix_ids=(), suffix_ids=(),
-                 bos_token=None, eos_token=None, pad_token=None, unk_token=None, model_unk_token=None,
-                 ignore_merges=False, chat_template=None, source="tokenizer"):
+    def __init__(self, vocab, merges, added_tokens, pre_tokenizer, *, normalizer=None, decoder=None,
+                 prefix_ids=(), suffix_ids=(), bos_token=None, eos_token=None, pad_token=None, unk_token=None,
+                 model_unk_token=None, byte_fallback=False, fuse_unk=False, ignore_merges=False, scores=None,
+                 chat_template=None, source="tokenizer"):
         self.source = source
         _check_vocab(vocab, merges, added_tokens, source)
+        self._model_vocab = dict(vocab)
         self._vocab = dict(vocab)
         for t in added_tokens:
-            if t.get("single_word") or t.get("lstrip") or t.get("rstrip"):
-                raise NotImplementedError(f"{source}: added token {t['content']!r} uses single_word/lstrip/rstrip")
+            if t.get("single_word"):
+                raise NotImplementedError(f"{source}: added token {t['content']!r} uses single_word")
             self._vocab.setdefault(t["content"], t["id"])
+        self._normalize = _structured(source, "normalizer", tokenizer_spm.normalizer, normalizer, source)
         self._id_to_token = {i: s for s, i in self._vocab.items()}
         for t in added_tokens:
             self._id_to_token[t["id"]] = t["content"]
-        self._added = {t["content"]: t["id"] for t in added_tokens}
+        self._special_contents = frozenset(t["content"] for t in added_tokens if t.get("special"))
         self._special_ids = frozenset(t["id"] for t in added_tokens if t.get("special"))
-        # Non-normalized added tokens are cut out first, then normalized ones (no normalizer here).
-        self._added_regexes = [r for r in (self._alternation([t["content"] for t in added_tokens
-                                                              if t.get("normalized", True) == normalized])
-                                           for normalized in (False, True)) if r is not None]
+        # What decode shows for an added token: its normalized form if it is matched normalized.
+        self._decode_token = dict(self._id_to_token)
+        # Non-normalized added tokens are cut out of the text first, normalized ones from the normalized text.
+        self._added_matchers = []
+        for normalized in (False, True):
+            group = {}
+            for t in added_tokens:
+                if bool(t.get("normalized", True)) == normalized:
+                    key = self._normalize(t["content"]) if normalized and self._normalize else t["content"]
+                    self._decode_token[t["id"]] = key
+                    if key:
+                        group[key] = (t["id"], bool(t.get("lstrip")), bool(t.get("rstrip")))
+            self._added_matchers.append((self._alternation(group), group))
 
-        steps = _pre_tokenizer_steps(pre_tokenizer, f"{source}: pre_tokenizer")
-        if steps.count(None) != 1 or steps[-1] is not None:
-            raise NotImplementedError(f"{source}: pre_tokenizer must end with exactly one ByteLevel, "
-                                      f"got {pre_tokenizer}")
-        self._steps = steps[:-1]
+        steps = _structured(source, "pre_tokenizer", _pre_tokenizer_steps, pre_tokenizer, f"{source}: pre_tokenizer")
+        self._byte_level = (None, None) in steps
+        if self._byte_level and steps.index((None, None)) != len(steps) - 1:
+            raise NotImplementedError(f"{source}: pre_tokenizer must end with its ByteLevel, got {pre_tokenizer}")
+        self._steps = [s for s in steps if s != (None, None)]
+        self._decoders = _structured(source, "decoder", _decoder_steps, decoder, source)
+        self._byte_table = str.maketrans({chr(b): c for b, c in bytes_to_unicode().items()})
 
-        # A byte missing from the vocabulary becomes the BPE model's unk token, or is dropped without one.
-        model_unk_id = None if model_unk_token is None else self._require(model_unk_token, "model.unk_token")
-        byte_char = bytes_to_unicode()
-        self._byte_ids = [self._vocab.get(byte_char[b], model_unk_id) for b in range(256)]
+        self._unk_id = None if model_unk_token is None else self._require(model_unk_token, "model.unk_token")
+        self._byte_fallback = [self._model_vocab.get(tokenizer_spm.byte_token(b)) for b in range(256)] \
+            if byte_fallback else None
+        self._fuse_unk = fuse_unk
         self._ignore_merges = ignore_merges
-        self._byte_table = str.maketrans({chr(b): c for b, c in byte_char.items()})
+        if scores is not None and (merges or len(scores) != len(vocab)):
+            raise TokenizerError(f"{source}: scores ({len(scores)}) must come with no merges and one per token "
+                                 f"({len(vocab)})")
+        self._scores = scores
         self._merges = {}  # left id << 32 | right id -> (rank, merged id)
         for rank, (a, b) in enumerate(merges):
-            ids = (self._vocab.get(a), self._vocab.get(b), self._vocab.get(a + b))
+            ids = (self._model_vocab.get(a), self._model_vocab.get(b), self._model_vocab.get(a + b))
             if None in ids:
                 missing = [s for s, i in zip((a, b, a + b), ids) if i is None]
                 raise TokenizerError(f"{source}: merge {rank} ({a!r} {b!r}) uses {missing!r}, not in the vocabulary")
@@ -414,7 +525,6 @@ class Tokenizer:
         self.pad_token_id = None if pad_token is None else self._require(pad_token, "pad_token")
         self.unk_token_id = None if unk_token is None else self._require(unk_token, "unk_token")
         self.chat_template = chat_template
-        self._token_bytes = None
         self._vocab_size = max(self._id_to_token) + 1
 
     @staticmethod
@@ -454,44 +564,92 @@ class Tokenizer:
         if not isinstance(text, str):
             raise TypeError(f"{self.source}: encode() takes a str, got {type(text).__name__}")
         ids = []
-        for segment, added_id in self._split_added(text, 0):
+        for segment, at_start, added_id in self._segments(text):
             if added_id is not None:
                 ids.append(added_id)
                 continue
             pieces = [segment]
-            for step in self._steps:
-                pieces = [p for piece in pieces for p in step(piece)]
+            for lead, step in self._steps:
+                rest = [p for piece in pieces[at_start:] for p in step(piece)]
+                pieces = lead(pieces[0]) + rest if at_start and pieces else rest
             for piece in pieces:
-                ids.extend(self._bpe(piece))
+                ids.extend(self._tokenize(piece))
         return self.prefix_ids + ids + self.suffix_ids if add_special_tokens else ids
 
-    def _split_added(self, text, level):
-        """(segment, None) for plain text and ("", id) for added tokens, in order."""
-        if not text:
-            return
-        if level == len(self._added_regexes):
-            yield text, None
-            return
-        pos = 0
-        for m in self._added_regexes[level].finditer(text):
-            yield from self._split_added(text[pos:m.start()], level + 1)
-            yield "", self._added[m.group()]
-            pos = m.end()
-        yield from self._split_added(text[pos:], level + 1)
+    def _segments(self, text):
+        """(text, at the start of the input, None) for the text to tokenize, normalized, and (None, False, id)
+        for each added token, in order: tokenizers' AddedVocabulary::extract_and_normalize."""
+        regex, group = self._added_matchers[0]
+        for raw, start, added_id in self._find_added(text, regex, group):
+            if added_id is not None:
+                yield None, False, added_id
+                continue
+            normalized = self._normalize(raw) if self._normalize else raw
+            for piece, offset, added in self._find_added(normalized, *self._added_matchers[1]):
+                yield piece, start == 0 and offset == 0, added
 
-    def _bpe(self, piece):
+    @staticmethod
+    def _find_added(text, regex, group):
+        """(piece, offset, None) and (None, offset, id) covering `text`, as tokenizers' find_matches: a token
+        with lstrip / rstrip takes the white space before / after it."""
+        pos = 0
+        if regex is not None:
+            for m in regex.finditer(text):
+                start, stop = m.span()
+                i, lstrip, rstrip = group[m.group()]
+                if lstrip:
+                    start = max(len(text[:start].rstrip(_white_space())), pos)
+                if rstrip:
+                    stop = len(text) - len(text[stop:].lstrip(_white_space()))
+                if pos < start:
+                    yield text[pos:start], pos, None
+                yield None, start, i
+                pos = stop
+        if pos < len(text):
+            yield text[pos:], pos, None
+
+    def _tokenize(self, piece):
+        """The model's ids for one pre-tokenized piece."""
         ids = self._cache.get(piece)
         if ids is not None:
             return ids
-        if self._ignore_merges and (whole := self._vocab.get(piece.encode("utf-8").decode("latin-1")
-                                                             .translate(self._byte_table))) is not None:
-            ids = [whole]
+        if self._scores is not None:
+            try:
+                ids = tokenizer_spm.spm_tokenize(piece, self._model_vocab, self._scores)
+            except KeyError as e:
+                raise TokenizerError(f"{self.source}: no token for {piece!r}: the vocabulary has no byte token "
+                                     f"{e.args[0]}") from None
         else:
-            ids = self._merge([i for i in map(self._byte_ids.__getitem__, piece.encode("utf-8")) if i is not None])
+            word = piece.encode("utf-8").decode("latin-1").translate(self._byte_table) if self._byte_level else piece
+            whole = self._model_vocab.get(word) if self._ignore_merges else None
+            ids = [whole] if whole is not None else self._merge(self._symbols(word))
         if len(self._cache) >= self._CACHE_SIZE:
             self._cache.clear()
         self._cache[piece] = ids
         return ids
+
+    def _symbols(self, word):
+        """One id per character, as tokenizers' BPE::merge_word: a character missing from the vocabulary becomes
+        its <0xNN> byte tokens (byte_fallback, when all exist), else the unk token (runs fused into one with
+        fuse_unk), else nothing."""
+        symbols, unk = [], False
+        vocab = self._model_vocab
+        for c in word:
+            i = vocab.get(c)
+            if i is not None:
+                symbols.append(i)
+                unk = False
+                continue
+            if self._byte_fallback is not None:
+                fallback = [self._byte_fallback[b] for b in c.encode("utf-8")]
+                if None not in fallback:
+                    symbols.extend(fallback)
+                    unk = False
+                    continue
+            if self._unk_id is not None and not (unk and self._fuse_unk):
+                symbols.append(self._unk_id)
+                unk = True
+        return symbols
 
     def _merge(self, symbols):
         """Apply merges lowest rank first, leftmost first (tokenizers' `Word::merge_all`)."""
@@ -532,24 +690,22 @@ class Tokenizer:
 
     # -- decode ------------------------------------------------------------------------
     def decode(self, ids, skip_special_tokens: bool = False) -> str:
-        """Text of `ids`; bytes that are not valid UTF-8 become U+FFFD (as tokenizers does)."""
-        if self._token_bytes is None:
-            char_byte = {c: b for b, c in bytes_to_unicode().items()}
-            self._token_bytes = {
-                i: bytes(char_byte[c] for c in s) if all(c in char_byte for c in s) else s.encode("utf-8")
-                for i, s in self._id_to_token.items()
-            }
-        out = bytearray()
+        """Text of `ids`, through the decoder as tokenizers runs it (byte-level: bytes that are not valid UTF-8
+        become U+FFFD; byte fallback: one U+FFFD per byte of a <0xNN> run that is not UTF-8)."""
+        tokens = []
         for k, i in enumerate(ids):
             if isinstance(i, (bool, np.bool_)) or not isinstance(i, (int, np.integer)):
                 raise TypeError(f"{self.source}: decode: ids[{k}] = {i!r} is not an integer id")
-            i = int(i)
-            if skip_special_tokens and i in self._special_ids:
-                continue
-            if i not in self._token_bytes:
+            token = self._decode_token.get(int(i))
+            if token is None:
                 raise TokenizerError(f"{self.source}: id {i} is not in the vocabulary (size {self.vocab_size})")
-            out += self._token_bytes[i]
-        return out.decode("utf-8", errors="replace")
+            if not (skip_special_tokens and token in self._special_contents):
+                tokens.append(token)
+        if self._decoders is None:
+            return " ".join(tokens)
+        for step in self._decoders:
+            tokens = step(tokens)
+        return "".join(tokens)
 
     # -- chat --------------------------------------------------------------------------
     def apply_chat_template(self, messages, add_generation_prompt=False, tokenize=True, tools=None,
@@ -679,15 +835,13 @@ def _from_tokenizer_json(file, config, chat_template, override):
             raise TokenizerError(f"{file}: {key!r} must be a JSON {kind.__name__.replace('dict', 'object')}, "
                                  f"got {data[key]!r:.80}")
     if model.get("type") != "BPE":
-        raise NotImplementedError(f"{file}: model type {model.get('type')!r} (only byte-level BPE)")
-    for key, ok in (("dropout", None), ("continuing_subword_prefix", ""), ("end_of_word_suffix", ""),
-                    ("byte_fallback", False), ("fuse_unk", False)):
+        raise NotImplementedError(f"{file}: model type {model.get('type')!r} (only BPE)")
+    for key, ok in (("dropout", None), ("continuing_subword_prefix", ""), ("end_of_word_suffix", "")):
         if model.get(key) not in (ok, None):
             raise NotImplementedError(f"{file}: model.{key} = {model[key]!r} is not supported")
-    if (data.get("decoder") or {}).get("type") != "ByteLevel":
-        raise NotImplementedError(f"{file}: decoder {data.get('decoder')} is not supported (only ByteLevel)")
-    if data.get("normalizer") is not None:
-        raise NotImplementedError(f"{file}: normalizer {data['normalizer'].get('type')!r} is not supported")
+    for key in ("byte_fallback", "fuse_unk", "ignore_merges"):
+        if not isinstance(model.get(key, False), bool):
+            raise TokenizerError(f"{file}: model.{key} must be true or false, got {model[key]!r:.80}")
     if not isinstance(model.get("merges"), list) or not isinstance(model.get("vocab"), dict):
         raise TokenizerError(f"{file}: model.vocab must be an object and model.merges a list")
     merges = [tuple(m.split(" ")) if isinstance(m, str) else m for m in model["merges"]]
@@ -700,13 +854,21 @@ def _from_tokenizer_json(file, config, chat_template, override):
     for name, value in [*special.items(), ("model.unk_token", model.get("unk_token"))]:
         if value is not None and not isinstance(value, str):
             raise TokenizerError(f"{file}: {name} must be a string, got {value!r:.80}")
-    return _structured(file, "pre_tokenizer", Tokenizer, model["vocab"], merges, data.get("added_tokens") or [],
-                       override or data.get("pre_tokenizer"), prefix_ids=prefix, suffix_ids=suffix,
-                       model_unk_token=model.get("unk_token"), ignore_merges=model.get("ignore_merges", False) is True,
-                       chat_template=chat_template, source=file, **special)
+    return Tokenizer(model["vocab"], merges, data.get("added_tokens") or [], override or data.get("pre_tokenizer"),
+                     normalizer=data.get("normalizer"), decoder=data.get("decoder"), prefix_ids=prefix,
+                     suffix_ids=suffix, model_unk_token=model.get("unk_token"),
+                     byte_fallback=model.get("byte_fallback", False), fuse_unk=model.get("fuse_unk", False),
+                     ignore_merges=model.get("ignore_merges", False), chat_template=chat_template, source=file,
+                     **special)
+
+
+# llama.cpp's token types (tokenizer.ggml.token_type)
+_UNKNOWN, _CONTROL, _USER_DEFINED = 2, 3, 4
 
 
 def _from_gguf(path, override):
+    """A GGUF's tokenizer: tokenizer.ggml.model "gpt2" (byte-level BPE) or "llama" (SentencePiece with scores),
+    as llama.cpp (src/llama-vocab.cpp) reads it."""
     from .gguf import GGUFFile
 
     meta = GGUFFile(path).metadata
@@ -718,23 +880,52 @@ def _from_gguf(path, override):
             return default
         return meta[key]
 
-    if get("tokenizer.ggml.model") != "gpt2":
-        raise NotImplementedError(f"{path}: tokenizer.ggml.model {meta['tokenizer.ggml.model']!r} "
-                                  "(only 'gpt2', byte-level BPE)")
+    kind = get("tokenizer.ggml.model")
+    if kind not in ("gpt2", "llama"):
+        raise NotImplementedError(f"{path}: tokenizer.ggml.model {kind!r} is not supported (only 'gpt2', "
+                                  "byte-level BPE, and 'llama', SentencePiece)")
+    tokens = get("tokenizer.ggml.tokens")
+    token_types = get("tokenizer.ggml.token_type", [])
+    arrays = [("tokenizer.ggml.tokens", tokens, str), ("tokenizer.ggml.token_type", token_types, int)]
+    if kind == "gpt2":
+        arrays.append(("tokenizer.ggml.merges", get("tokenizer.ggml.merges"), str))
+    else:
+        arrays.append(("tokenizer.ggml.scores", get("tokenizer.ggml.scores", []), (int, float)))
+    for key, value, types in arrays:
+        if not isinstance(value, list) or not all(isinstance(v, types) and not isinstance(v, bool) for v in value):
+            raise TokenizerError(f"{path}: {key} must be an array of {getattr(types, '__name__', 'number')}")
+    if not tokens or len(tokens) > MAX_ID + 1:
+        raise TokenizerError(f"{path}: tokenizer.ggml.tokens has {len(tokens)} tokens")
+
+    def token_id(key, default=None):
+        i = get(key, None)
+        if i is None:
+            return default if default is not None and default < len(tokens) else None
+        if not (_is_id(i) and i < len(tokens)):
+            raise TokenizerError(f"{path}: {key} = {i!r} is outside the vocabulary of {len(tokens)}")
+        return i
+
+    # llama.cpp's defaults for a SentencePiece vocabulary: <unk> 0, <s> 1, </s> 2, BOS added.
+    spm = kind == "llama"
+    bos, eos = token_id("tokenizer.ggml.bos_token_id", 1 if spm else None), \
+        token_id("tokenizer.ggml.eos_token_id", 2 if spm else None)
+    pad, unk = token_id("tokenizer.ggml.padding_token_id"), token_id("tokenizer.ggml.unknown_token_id", 0 if spm else None)
+    kwargs, spelled, add_bos = (_gguf_spm if spm else _gguf_byte_level)(path, tokens, token_types, get, override)
+    prefix = [bos] if get("tokenizer.ggml.add_bos_token", add_bos) and bos is not None else []
+    suffix = [eos] if get("tokenizer.ggml.add_eos_token", False) and eos is not None else []
+    return Tokenizer(**kwargs, prefix_ids=prefix, suffix_ids=suffix,
+                     **{name: None if i is None else spelled[i] for name, i in
+                        (("bos_token", bos), ("eos_token", eos), ("pad_token", pad), ("unk_token", unk))},
+                     chat_template=get("tokenizer.chat_template", None), source=path)
+
+
+def _gguf_byte_level(path, tokens, token_types, get, override):
     pre = get("tokenizer.ggml.pre", None)
     if pre not in GGUF_PRE_TOKENIZERS and override is None:
         raise NotImplementedError(f"{path}: tokenizer.ggml.pre {pre!r} is not supported (known: "
                                   f"{sorted(GGUF_PRE_TOKENIZERS)}); pass pre_tokenizer= one of "
                                   f"{sorted(PRE_TOKENIZERS)}")
     layout, ignore_merges, add_bos = GGUF_PRE_TOKENIZERS.get(pre, (None, False, False))
-    tokens = get("tokenizer.ggml.tokens")
-    token_types = get("tokenizer.ggml.token_type", [])
-    for key, value, kind in (("tokenizer.ggml.tokens", tokens, str), ("tokenizer.ggml.token_type", token_types, int),
-                             ("tokenizer.ggml.merges", get("tokenizer.ggml.merges"), str)):
-        if not isinstance(value, list) or not all(isinstance(v, kind) for v in value):
-            raise TokenizerError(f"{path}: {key} must be an array of {kind.__name__}")
-    if not tokens or len(tokens) > MAX_ID + 1:
-        raise TokenizerError(f"{path}: tokenizer.ggml.tokens has {len(tokens)} tokens")
     # As transformers' byte_level_tokenizer: a token outside the byte alphabet is respelled from its bytes.
     byte_char = bytes_to_unicode()
     alphabet = set(byte_char.values())
@@ -743,23 +934,39 @@ def _from_gguf(path, override):
     merges = [tuple(m.split(" ")) for m in get("tokenizer.ggml.merges")]
     if any(len(m) != 2 for m in merges):
         raise TokenizerError(f"{path}: tokenizer.ggml.merges has an entry that is not two tokens")
-    # Control tokens (type 3) spelled in the byte alphabet are special; user-defined ones (4) are plain.
+    # Control tokens spelled in the byte alphabet are special; user-defined ones are plain.
     added = [{"id": i, "content": t, "special": True, "normalized": False}
-             for i, (t, kind) in enumerate(zip(tokens, token_types)) if kind == 3 and set(t) <= alphabet]
+             for i, (t, kind) in enumerate(zip(tokens, token_types)) if kind == _CONTROL and set(t) <= alphabet]
     added += [{"id": vocab[t], "content": t, "special": False, "normalized": False}
-              for t, kind in zip(tokens, token_types) if kind == 4 and t in vocab]
+              for t, kind in zip(tokens, token_types) if kind == _USER_DEFINED and t in vocab]
+    return dict(vocab=vocab, merges=merges, added_tokens=added, pre_tokenizer=override or PRE_TOKENIZERS[layout],
+                decoder={"type": "ByteLevel"}, ignore_merges=ignore_merges), spelled, add_bos
 
-    def token_id(key):
-        i = get(key, None)
-        if i is not None and not (_is_id(i) and i < len(tokens)):
-            raise TokenizerError(f"{path}: {key} = {i!r} is outside the vocabulary of {len(tokens)}")
-        return i
 
-    bos, eos = token_id("tokenizer.ggml.bos_token_id"), token_id("tokenizer.ggml.eos_token_id")
-    pad, unk = token_id("tokenizer.ggml.padding_token_id"), token_id("tokenizer.ggml.unknown_token_id")
-    prefix = [bos] if get("tokenizer.ggml.add_bos_token", add_bos) and bos is not None else []
-    suffix = [eos] if get("tokenizer.ggml.add_eos_token", False) and eos is not None else []
-    return Tokenizer(vocab, merges, added, override or PRE_TOKENIZERS[layout], prefix_ids=prefix, suffix_ids=suffix,
-                     **{name: None if i is None else spelled[i] for name, i in
-                        (("bos_token", bos), ("eos_token", eos), ("pad_token", pad), ("unk_token", unk))},
-                     ignore_merges=ignore_merges, chat_template=get("tokenizer.chat_template", None), source=path)
+def _gguf_spm(path, tokens, token_types, get, override):
+    """llama.cpp's SPM vocabulary: text " " -> "▁", with a leading "▁" after the start and after every special
+    token when tokenizer.ggml.add_space_prefix (default true); unknown, control and user-defined tokens are
+    cut out of the text whole. Decoded as transformers' LlamaTokenizer decodes."""
+    if override is not None:
+        raise ValueError(f"{path}: a SentencePiece ('llama') vocabulary has no pre-tokenizer to replace")
+    spelled = [t or f"[EMPTY_{i}]" for i, t in enumerate(tokens)]  # as llama.cpp names an empty token
+    vocab = {}
+    for i, t in enumerate(spelled):
+        if vocab.setdefault(t, i) != i:
+            raise TokenizerError(f"{path}: tokenizer.ggml.tokens has {t!r} twice (ids {vocab[t]} and {i})")
+    scores = [float(s) for s in get("tokenizer.ggml.scores", [0.0] * len(tokens))]
+    if len(scores) < len(tokens):
+        raise TokenizerError(f"{path}: tokenizer.ggml.scores has {len(scores)} scores for {len(tokens)} tokens")
+    space_prefix = get("tokenizer.ggml.add_space_prefix", True)
+    if not isinstance(space_prefix, bool):
+        raise TokenizerError(f"{path}: tokenizer.ggml.add_space_prefix must be a bool, got {space_prefix!r}")
+    added = [{"id": i, "content": spelled[i], "special": kind != _USER_DEFINED, "normalized": False}
+             for i, kind in enumerate(token_types[:len(tokens)]) if kind in (_UNKNOWN, _CONTROL, _USER_DEFINED)]
+    escape = {"type": "Replace", "pattern": {"String": " "}, "content": "\u2581"}
+    unescape = {"type": "Replace", "pattern": {"String": "\u2581"}, "content": " "}
+    prefix = [{"type": "Prepend", "prepend": "\u2581"}] if space_prefix else []
+    strip = [{"type": "Strip", "content": " ", "start": 1, "stop": 0}] if space_prefix else []
+    return dict(vocab=vocab, merges=[], added_tokens=added, pre_tokenizer=None, scores=scores[:len(tokens)],
+                normalizer={"type": "Sequence", "normalizers": [*prefix, escape]},
+                decoder={"type": "Sequence", "decoders": [unescape, {"type": "ByteFallback"}, {"type": "Fuse"},
+                                                          *strip]}), spelled, True
