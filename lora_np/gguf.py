@@ -26,8 +26,8 @@ Every offset and length read from the file is checked against the file size
 before it is used; a bad file raises `GGUFError` naming the file and the problem.
 
 The writer writes version 3 as gguf-py's GGUFWriter does (the same header, key/value and tensor-info
-encoding, each tensor's data padded to the alignment), quantizing float arrays to F32, F16, Q8_0 or Q4_0
-bit for bit as `gguf.quants.quantize` does. A value's type is the one given in `value_types`, else the one
+encoding, each tensor's data padded to the alignment), storing float arrays as F32 or F16 or quantized by
+lora_np.quant (Q8_0, Q4_0, Q5_0 bit for bit as gguf-py's `gguf.quants.quantize`, Q4_K as ggml's reference). A value's type is the one given in `value_types`, else the one
 llama.cpp's converter gives such a Python value (int: UINT32, a negative one INT32, float: FLOAT32, list of
 int: ARRAY of INT32).
 Tensor data must be laid out as llama.cpp's gguf.cpp requires: tensor i's offset is
@@ -451,55 +451,25 @@ SUPPORTED_TYPES = tuple(sorted(_NATIVE)) + tuple(sorted(_DEQUANTIZE))
 GGUF_VERSION = 3
 _TYPE_IDS = {name: i for i, (name, _) in _VALUE_TYPES.items()}
 _GGML_TYPE_IDS = {name: i for i, (name, _, _) in GGML_TYPES.items()}
-WRITABLE_TYPES = ("F32", "F16", "Q8_0", "Q4_0")
-
-
-def np_roundf(x):
-    """C's roundf (half away from zero) in float32, as ggml's quantizers round."""
-    a = np.abs(x)
-    floored = np.floor(a)
-    return np.sign(x) * (floored + np.floor(2 * (a - floored)))
-
-
-def _q8_0(blocks):  # (n, 32) float32 -> (n, 34) bytes: d = max|x| / 127 (f16), q = roundf(x / d) int8
-    d = np.abs(blocks).max(axis=1, keepdims=True) / np.float32(127)
-    with np.errstate(divide="ignore"):
-        inv = np.where(d == 0, np.float32(0), np.float32(1) / d)
-    qs = np_roundf(blocks * inv).astype(np.int8)
-    return np.concatenate([d.astype("<f2").view(np.uint8), qs.view(np.uint8)], axis=1)
-
-
-def _q4_0(blocks):  # (n, 32) float32 -> (n, 18) bytes: d = -(signed max|x|) / 8 (f16), q = trunc(x / d + 8.5)
-    n = len(blocks)
-    signed_max = np.take_along_axis(blocks, np.abs(blocks).argmax(axis=1)[:, None], axis=1)
-    d = signed_max / np.float32(-8)
-    with np.errstate(divide="ignore"):
-        inv = np.where(d == 0, np.float32(0), np.float32(1) / d)
-    q = np.trunc(blocks * inv + np.float32(8.5)).astype(np.uint8).clip(0, 15).reshape(n, 2, 16)
-    qs = q[:, 0] | (q[:, 1] << np.uint8(4))  # elements 0-15 in the low nibbles, 16-31 in the high
-    return np.concatenate([d.astype("<f2").view(np.uint8), qs], axis=1)
-
-
-_QUANTIZE = {"Q8_0": _q8_0, "Q4_0": _q4_0}
+WRITABLE_TYPES = ("F32", "F16", "Q8_0", "Q4_0", "Q5_0", "Q4_K")
 
 
 def quantize(array, ggml_type) -> np.ndarray:
-    """A float array as the bytes (flat uint8) of `ggml_type` (F32, F16, Q8_0 or Q4_0), bit for bit as
-    gguf-py's gguf.quants.quantize; a quantized type needs rows that are whole blocks."""
+    """A float array as the bytes (flat uint8) of `ggml_type`: F32 and F16 here, the quantized types by
+    lora_np.quant.quantize (bit for bit as gguf-py's gguf.quants.quantize / ggml's reference quantizers);
+    a quantized type needs rows that are whole blocks."""
     if ggml_type in ("F32", "F16"):
         return np.ascontiguousarray(array, dtype=_NATIVE[ggml_type]).reshape(-1).view(np.uint8)
-    if ggml_type not in _QUANTIZE:
+    if ggml_type not in WRITABLE_TYPES:
         raise GGUFError(f"cannot write tensors of type {ggml_type!r} (writable: {', '.join(WRITABLE_TYPES)})")
-    block_size, type_size = _SIZES[ggml_type]
+    from .quant import quantize as quantize_rows
+
     array = np.asarray(array, dtype=np.float32)
+    block_size = _SIZES[ggml_type][0]
     if not array.ndim or array.shape[-1] % block_size:
         raise GGUFError(f"cannot quantize shape {array.shape} to {ggml_type}: the row length is not a multiple "
                         f"of the block size {block_size}")
-    blocks = array.reshape(-1, block_size)
-    out = np.empty((len(blocks), type_size), dtype=np.uint8)
-    for i in range(0, len(blocks), _BLOCK_CHUNK):
-        out[i:i + _BLOCK_CHUNK] = _QUANTIZE[ggml_type](blocks[i:i + _BLOCK_CHUNK])
-    return out.reshape(-1)
+    return quantize_rows(array.reshape(-1, array.shape[-1]), ggml_type).reshape(-1)
 
 
 def value_type(value):

@@ -81,7 +81,7 @@ blocks = hnp.arrays(np.float32, st.tuples(st.integers(1, 4), st.sampled_from([32
                     elements=st.floats(-1e4, 1e4, width=32))
 
 
-@given(blocks, st.sampled_from(["F16", "Q8_0", "Q4_0"]), st.integers(0, 3))
+@given(blocks, st.sampled_from(["F16", "Q8_0", "Q4_0", "Q5_0"]), st.integers(0, 3))
 def test_quantize_is_bit_exact_with_gguf_py(x, ggml_type, special):
     gguf = crosscheck("gguf")
     x = x.copy()
