@@ -12,6 +12,7 @@ from ..gguf import GGUFError
 from ..nn import Linear, Module
 from ..options import Float, Int
 from ..tensor import Tensor
+from .rope import RopeTables  # noqa: F401  (the families import it from here)
 
 # Sane bounds for what a config may say; the loaders also check every size against the tensors present.
 SIZE = Int(min=1, max=2**24)
@@ -126,21 +127,6 @@ class CausalLMOutput:
     loss: Optional[Tensor] = None
 
 
-class RopeTables:
-    """cos/sin for positions [0, n), grown on demand, one copy per dtype."""
-
-    def __init__(self, head_dim, base):
-        self.head_dim, self.base, self.tables = head_dim, base, {}
-
-    def get(self, start, length, dtype):
-        cos, sin = self.tables.get(np.dtype(dtype), (None, None))
-        if cos is None or cos.shape[0] < start + length:
-            n = max(start + length, 2 * (cos.shape[0] if cos is not None else 0), 256)
-            cos, sin = F.rope_cos_sin(np.arange(n), self.head_dim, self.base, dtype)
-            self.tables[np.dtype(dtype)] = cos, sin
-        return cos[start:start + length], sin[start:start + length]                  # (T, D)
-
-
 class CausalLM(Module):
     """What every family shares: input ids -> logits (and the loss when labels are given). A family
     supplies its blocks, its embedding (with the RoPE tables, if any) and its final norm."""
@@ -186,7 +172,8 @@ class CausalLM(Module):
         """logits (B, T, V) for input_ids (B, T), and the causal-LM loss when labels (B, T)
         are given. With labels and return_logits=False the loss is computed chunk by chunk
         without the (B, T, V) logits (training). `cache` (nn.KVCache) holds earlier positions; `logits_to_keep` > 0
-        computes logits for the last that many positions only (generation)."""
+        computes logits for the last that many positions only (generation). A family that sets
+        `final_logit_softcapping` c (Gemma 2/3) gets logits c·tanh(z/c), in both paths."""
         ids = np.asarray(input_ids.data if isinstance(input_ids, Tensor) else input_ids)
         if ids.ndim == 1:
             ids = ids[None]
@@ -196,12 +183,15 @@ class CausalLM(Module):
         h, cos, sin = self._embed(ids, past)                                          # (B, T, C)
         for block in self._blocks():
             h = block(h, cos, sin, cache, attn_mask)
+        cap = getattr(self, "final_logit_softcapping", None)
         if labels is not None and not return_logits and type(self.lm_head) is Linear:  # a plain (un-adapted) head
             h = self._final_norm(h)
-            return CausalLMOutput(None, F.causal_lm_head_loss(h, self.lm_head.weight, labels))
+            return CausalLMOutput(None, F.causal_lm_head_loss(h, self.lm_head.weight, labels, softcap=cap))
         if logits_to_keep:
             h = h[:, -logits_to_keep:]
         logits = self.lm_head(self._final_norm(h))                                   # (B, T', V)
+        if cap is not None:
+            logits = F.mul(F.tanh(F.div(logits, cap)), cap)
         loss = F.causal_lm_loss(logits, labels) if labels is not None else None
         return CausalLMOutput(logits, loss)
 
