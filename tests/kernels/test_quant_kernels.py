@@ -1,0 +1,264 @@
+"""The GEMMs over GGUF blocks (lora_np.kernels.quant, csrc/quant_kernels.c) and the quantized modules (lora_np.quant).
+
+Properties:
+- dequantization, in C and in NumPy, equals gguf-py's bit for bit, for every type;
+- y = x Wᵀ + b and dx = dy W equal "dequantize (gguf-py), then matmul in float64" within the bound
+  of summation-order rounding: |error| ≤ tol · (|x| |W|ᵀ + |b|), tol 1e-5 in float32 and 1e-12 in
+  float64, for shapes hypothesis picks (ragged M around the decode path's 8 rows and the 6-row register
+  tile, N not a multiple of the 64-feature tile, K of one block to several 256-element panels);
+- results do not depend on the number of threads;
+- the quantizers equal llama.cpp's reference ones bit for bit (gguf-py; ggml's quantize_row_q4_K_ref
+  through llama_cpp's libggml-base);
+- a quantized model computes what the float model with the dequantized weights computes, and generates;
+- the C driver passes under AddressSanitizer + UBSan.
+"""
+import ctypes
+import os
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from conftest import IN_CI, assert_close, crosscheck, run_c_driver_under_sanitizers
+from lora_np import Tensor, kernels
+from lora_np.kernels import quant as kq
+from lora_np.quant import QuantizedEmbedding, QuantizedLinear, quantize, quantize_model
+
+HAS_C = "c" in kernels.available_backends()
+needs_c = pytest.mark.skipif(not HAS_C and not IN_CI, reason="C core not built")
+BACKENDS = ["numpy", "c"] if HAS_C or IN_CI else ["numpy"]
+TYPES = kq.QUANT_TYPES
+# offsets of the float16 scale fields (d, m, dmin) in each block type: the rest of a block is any bits
+_HALVES = {"Q4_0": (0,), "Q5_0": (0,), "Q8_0": (0,), "Q4_1": (0, 2), "Q5_1": (0, 2), "Q4_K": (0, 2), "Q5_K": (0, 2),
+           "Q6_K": (208,)}
+
+
+def random_blocks(rng, ggml_type, N, K):
+    """blocks [N, row bytes] of random quantized values with scales of moderate size (any sign)."""
+    if ggml_type in ("F32", "F16", "BF16"):
+        w = rng.standard_normal((N, K)).astype(np.float32)
+        if ggml_type == "F32":
+            return w.view(np.uint8).reshape(N, -1)
+        if ggml_type == "F16":
+            return w.astype(np.float16).view(np.uint8).reshape(N, -1)
+        return (w.view(np.uint32) >> 16).astype(np.uint16).view(np.uint8).reshape(N, -1)
+    block, size = kq._SIZES[ggml_type]
+    raw = rng.integers(0, 256, (N, K // block, size), dtype=np.uint8)
+    for at in _HALVES[ggml_type]:
+        scale = rng.uniform(2.0**-10, 2.0**-5, (N, K // block)) * rng.choice([-1, 1], (N, K // block))
+        raw[:, :, at:at + 2] = scale.astype(np.float16).view(np.uint8).reshape(N, K // block, 2)
+    return raw.reshape(N, -1)
+
+
+def gguf_dequantize(blocks, ggml_type):
+    gguf = crosscheck("gguf")
+    K = kq.in_features(blocks, ggml_type)
+    if ggml_type == "F32":
+        return blocks.view(np.float32).reshape(blocks.shape[0], K)
+    qtype = gguf.GGMLQuantizationType[ggml_type]
+    return np.asarray(gguf.quants.dequantize(blocks, qtype), np.float32).reshape(blocks.shape[0], K)
+
+
+def k_for(ggml_type, n_blocks):
+    return n_blocks * kq.block_size(ggml_type) if kq.block_size(ggml_type) > 1 else 32 * n_blocks + 5
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("ggml_type", TYPES)
+def test_dequantize_equals_gguf_py_bit_for_bit(backend, ggml_type):
+    rng = np.random.default_rng(0)
+    blocks = random_blocks(rng, ggml_type, 7, k_for(ggml_type, 3))
+    kernels.set_backend(backend)
+    got = kq.dequantize_rows(blocks, ggml_type)
+    want = gguf_dequantize(blocks, ggml_type)
+    assert np.array_equal(got.view(np.uint32), want.view(np.uint32)), \
+        f"{ggml_type}: {int((got != want).sum())} elements differ, max {np.abs(got - want).max():.3e}"
+    assert np.array_equal(kq.dequantize_rows(blocks, ggml_type, np.float64), want.astype(np.float64))
+
+
+def check_gemms(ggml_type, M, N, n_blocks, dtype, with_bias, seed):
+    """forward and backward against gguf-py's dequantization then a float64 matmul."""
+    rng = np.random.default_rng(seed)
+    K = k_for(ggml_type, n_blocks)
+    blocks = random_blocks(rng, ggml_type, N, K)
+    W = gguf_dequantize(blocks, ggml_type).astype(np.float64)                  # [N, K]
+    x, dy = rng.standard_normal((M, K)).astype(dtype), rng.standard_normal((M, N)).astype(dtype)
+    bias = rng.standard_normal(N).astype(dtype) if with_bias else None
+    tol = 1e-5 if dtype == np.float32 else 1e-12
+    y = kq.quant_linear_forward(x, blocks, ggml_type, bias)
+    y_ref = x.astype(np.float64) @ W.T + (0 if bias is None else bias)
+    scale = np.abs(x.astype(np.float64)) @ np.abs(W).T + (0 if bias is None else np.abs(bias))
+    assert y.dtype == dtype and y.shape == (M, N)
+    assert_close(y, y_ref, 0, tol * scale, name=f"{ggml_type} y {M}x{N}x{K} {np.dtype(dtype)}")
+    dx = kq.quant_linear_backward(dy, blocks, ggml_type)
+    dx_ref = dy.astype(np.float64) @ W
+    assert dx.dtype == dtype and dx.shape == (M, K)
+    assert_close(dx, dx_ref, 0, tol * (np.abs(dy.astype(np.float64)) @ np.abs(W)),
+                 name=f"{ggml_type} dx {M}x{N}x{K} {np.dtype(dtype)}")
+
+
+@needs_c
+@settings(max_examples=60, deadline=None)
+@given(ggml_type=st.sampled_from(TYPES), M=st.one_of(st.integers(1, 13), st.integers(250, 270)),
+       N=st.integers(1, 140), n_blocks=st.integers(1, 3), dtype=st.sampled_from([np.float32, np.float64]),
+       with_bias=st.booleans(), seed=st.integers(0, 2**16))
+def test_c_gemms_equal_dequantize_then_matmul(ggml_type, M, N, n_blocks, dtype, with_bias, seed):
+    kernels.set_backend("c")
+    check_gemms(ggml_type, M, N, n_blocks, dtype, with_bias, seed)
+
+
+@pytest.mark.parametrize("ggml_type", ["Q4_1", "Q6_K", "BF16"])
+def test_numpy_gemms_equal_dequantize_then_matmul(ggml_type):
+    kernels.set_backend("numpy")
+    check_gemms(ggml_type, 9, 300, 2, np.float32, True, 1)  # 300 rows: more than one slice of the reference
+
+
+@needs_c
+@pytest.mark.parametrize("M", [1, 8, 9, 300])
+def test_threads_do_not_change_results(M):
+    kernels.set_backend("c")
+    rng = np.random.default_rng(M)
+    blocks = random_blocks(rng, "Q4_K", 200, 512)
+    x, dy = rng.standard_normal((M, 512)).astype(np.float32), rng.standard_normal((M, 200)).astype(np.float32)
+    results = []
+    for threads in (1, 2):
+        kernels.set_num_threads(threads)
+        results.append((kq.quant_linear_forward(x, blocks, "Q4_K"), kq.quant_linear_backward(dy, blocks, "Q4_K")))
+    assert all(np.array_equal(a, b) for a, b in zip(*results))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_bad_arguments_are_named(backend):
+    kernels.set_backend(backend)
+    blocks = np.zeros((4, 34), np.uint8)
+    x = np.zeros((2, 32), np.float32)
+    with pytest.raises(ValueError, match="type 'Q2_K' is not supported"):
+        kq.quant_linear_forward(x, np.zeros((4, 84), np.uint8), "Q2_K")
+    with pytest.raises(ValueError, match="not whole Q8_0 blocks of 34 bytes"):
+        kq.quant_linear_forward(x, np.zeros((4, 35), np.uint8), "Q8_0")
+    with pytest.raises(TypeError, match="blocks must be a 2-D numpy.ndarray of uint8"):
+        kq.quant_linear_forward(x, blocks.view(np.int8), "Q8_0")
+    with pytest.raises(ValueError, match=r"x has shape \(2, 64\), expected \(2, 32\)"):
+        kq.quant_linear_forward(np.zeros((2, 64), np.float32), blocks, "Q8_0")
+    with pytest.raises(ValueError, match=r"bias has shape \(3,\), expected \(4,\)"):
+        kq.quant_linear_forward(x, blocks, "Q8_0", np.zeros(3, np.float32))
+    with pytest.raises(TypeError, match="bias has dtype float64"):
+        kq.quant_linear_forward(x, blocks, "Q8_0", np.zeros(4))
+    with pytest.raises(ValueError, match=r"dy has shape \(2, 5\), expected \(2, 4\)"):
+        kq.quant_linear_backward(np.zeros((2, 5), np.float32), blocks, "Q8_0")
+    assert kq.quant_linear_forward(np.zeros((0, 32), np.float32), blocks, "Q8_0").shape == (0, 4)
+
+
+# ---- quantizers --------------------------------------------------------------------------
+
+
+def weights(rng, rows, cols, zero_block):
+    """Rows of different scales; optionally a block of zeros and a block of one repeated value."""
+    w = (rng.standard_normal((rows, cols)) * rng.uniform(1e-3, 3, (rows, 1))).astype(np.float32)
+    if zero_block:
+        w[0, :32] = 0
+        w[-1, -32:] = 0.75
+    return w
+
+
+@settings(max_examples=15, deadline=None)
+@given(ggml_type=st.sampled_from(["Q8_0", "Q4_0", "Q5_0"]), rows=st.integers(1, 9), n_blocks=st.integers(1, 4),
+       zero_block=st.booleans(), seed=st.integers(0, 2**16))
+def test_quantize_equals_gguf_py(ggml_type, rows, n_blocks, zero_block, seed):
+    gguf = crosscheck("gguf")
+    w = weights(np.random.default_rng(seed), rows, 32 * n_blocks, zero_block)
+    want = np.ascontiguousarray(gguf.quants.quantize(w, gguf.GGMLQuantizationType[ggml_type])).view(np.uint8)
+    got = quantize(w, ggml_type.lower())
+    assert np.array_equal(got, want), f"{ggml_type}: {int((got != want).sum())} bytes differ"
+
+
+def ggml_quantize_row_q4_k_ref():
+    """ggml's reference Q4_K quantizer from the libggml-base that llama_cpp ships."""
+    llama_cpp = crosscheck("llama_cpp")
+    path = os.path.join(os.path.dirname(llama_cpp.__file__), "lib", "libggml-base.so")
+    if not os.path.exists(path):
+        pytest.fail(f"llama_cpp has no {path}")
+    fn = ctypes.CDLL(path).quantize_row_q4_K_ref
+    fn.argtypes, fn.restype = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64], None
+    return fn
+
+
+@settings(max_examples=10, deadline=None)
+@given(rows=st.integers(1, 6), n_blocks=st.integers(1, 2), zero_block=st.booleans(), seed=st.integers(0, 2**16))
+def test_quantize_q4_k_equals_ggml_reference(rows, n_blocks, zero_block, seed):
+    ref = ggml_quantize_row_q4_k_ref()
+    w = weights(np.random.default_rng(seed), rows, 256 * n_blocks, zero_block)
+    want = np.zeros(rows * n_blocks * 144, np.uint8)
+    ref(w.ctypes.data, want.ctypes.data, w.size)
+    got = quantize(w, "q4_k")
+    assert np.array_equal(got.reshape(-1), want), f"{int((got.reshape(-1) != want).sum())} bytes differ"
+
+
+def test_quantize_refuses_what_it_cannot_do():
+    with pytest.raises(ValueError, match="type 'q2_k' is not supported"):
+        quantize(np.zeros((2, 256), np.float32), "q2_k")
+    with pytest.raises(ValueError, match=r"Q4_K needs a 2-D weight whose rows are whole blocks of 256, got shape \(2, 64\)"):
+        quantize(np.zeros((2, 64), np.float32), "q4_k")
+
+
+# ---- modules and models ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_quantized_linear_gradient_is_dy_w(backend):
+    kernels.set_backend(backend)
+    rng = np.random.default_rng(3)
+    blocks, bias = random_blocks(rng, "Q5_1", 40, 64), rng.standard_normal(40)
+    layer = QuantizedLinear(blocks, "Q5_1", bias)
+    W = gguf_dequantize(blocks, "Q5_1").astype(np.float64)
+    x = Tensor(rng.standard_normal((2, 3, 64)), requires_grad=True)
+    y = layer(x)
+    g = rng.standard_normal((2, 3, 40))
+    (y * Tensor(g)).sum().backward()
+    assert_close(y.data, x.data @ W.T + bias, 1e-12, name="y")
+    assert_close(x.grad, g @ W, 1e-12, name="dx")
+    assert not any(p.requires_grad for p in layer.parameters())
+
+
+def tiny_float_model(tie, seed=0):
+    from lora_np import manual_seed
+    from lora_np.models import LlamaConfig, LlamaForCausalLM
+
+    manual_seed(seed)
+    config = LlamaConfig(vocab_size=97, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, rms_norm_eps=1e-5, rope_theta=10000.0,
+                         tie_word_embeddings=tie, max_position_embeddings=64)
+    model = LlamaForCausalLM(config)
+    for p in model.parameters():
+        p.data *= 0.2
+    return model
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("ggml_type,tie", [("q8_0", True), ("q4_0", False), ("q4_k", True)])
+def test_quantized_model_equals_the_dequantized_float_model(backend, ggml_type, tie):
+    """Every Linear and the embedding quantized (q4_k falls back to q5_0 for the 64- and 96-wide rows);
+    logits equal those of the float model holding the dequantized weights, within float32 rounding."""
+    kernels.set_backend(backend)
+    model = quantize_model(tiny_float_model(tie), ggml_type)
+    reference = tiny_float_model(tie)
+    quantized = dict(model.named_modules())
+    for name, module in reference.named_modules():
+        q = quantized[name]
+        if isinstance(q, (QuantizedLinear, QuantizedEmbedding)):
+            assert q.ggml_type == ("Q5_0" if ggml_type == "q4_k" else ggml_type.upper()), name
+            module.weight.data[...] = kq.dequantize_rows(q.weight_blocks, q.ggml_type)
+    assert type(model.lm_head) is QuantizedLinear and type(model.model.embed_tokens) is QuantizedEmbedding
+    if tie:
+        assert model.lm_head.weight_blocks is model.model.embed_tokens.weight_blocks
+    ids = np.array([[3, 17, 96, 42, 5, 5, 61, 0], [1, 2, 3, 4, 5, 6, 7, 8]])
+    got, want = model(ids).logits.data, reference(ids).logits.data
+    assert_close(got, want, 0, 2e-5 * np.abs(want).max(), name="logits")
+    assert np.array_equal(model.generate(ids[:1], max_new_tokens=5), reference.generate(ids[:1], max_new_tokens=5))
+
+
+@needs_c
+def test_quant_kernels_under_address_sanitizer(tmp_path):
+    run_c_driver_under_sanitizers(tmp_path, "test_quant_kernels", ["quant_kernels.c", "lora_kernels.c"],
+                                  "all quantized GEMM checks passed")
