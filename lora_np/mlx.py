@@ -11,9 +11,10 @@ each of the last `num_layers` decoder layers, and those named by `keys` relative
 `lm_head`); each computes y = base(x) + s · (dropout(x) @ lora_a) @ lora_b, with one rank and one raw
 scale s (not alpha / r) for all. Exporting a PEFT adapter therefore pads lower ranks of a rank_pattern
 with zero rows and columns (the same update) and folds a layer scaling other than the common one
-(rsLoRA, alpha_pattern) into lora_b; importing gives PEFT r = rank and lora_alpha = s · r (the nearest
-integer when it gives s back exactly), the adapted modules by full name. mlx-lm's module names are
-transformers' for the llama-style families, so the keys are the model's own module paths.
+(rsLoRA, alpha_pattern) into lora_b; importing gives PEFT r = rank and lora_alpha = s · r (the integer or
+float next to it whose alpha / r is s exactly, where there is one), the adapted modules by full name.
+mlx-lm's module names are transformers' for the llama-style families, so the keys are the model's own
+module paths.
 """
 import collections
 import json
@@ -104,9 +105,12 @@ def save_mlx_adapter(lora_model, out, adapter_name="default"):
 
 
 def _alpha(scale, rank):
-    """PEFT's lora_alpha for mlx-lm's raw scale: scale · rank, the nearest integer if it gives scale back."""
+    """PEFT's lora_alpha for mlx-lm's raw scale: the nearest integer to scale · rank if alpha / rank gives the
+    scale back exactly, else scale · rank or a float next to it that does (PEFT then computes the same scale),
+    else (no float does) scale · rank, its scaling one rounding away."""
     alpha = scale * rank
-    return round(alpha) if round(alpha) != 0 and round(alpha) / rank == scale else alpha
+    candidates = [round(alpha), alpha, float(np.nextafter(alpha, np.inf)), float(np.nextafter(alpha, -np.inf))]
+    return next((c for c in candidates if c != 0 and c / rank == scale), alpha)
 
 
 def read_mlx_adapter(folder):
