@@ -1,4 +1,6 @@
-"""Byte-level BPE tokenizer (GPT-2, Llama 3, SmolLM), exact to Hugging Face `tokenizers`.
+"""BPE tokenizers exact to Hugging Face `tokenizers` (byte-level: GPT-2, Llama 3, SmolLM, Qwen2/3;
+SentencePiece-style: Llama 2, TinyLlama, Mistral, Phi-3, Gemma) and llama.cpp's SentencePiece tokenizer for
+GGUF "llama" vocabularies.
 
     tok = load_tokenizer("SmolLM2-135M-Instruct.Q4_1.gguf")   # or a tokenizer.json, or a HF folder
     ids = tok.encode("Hello world")                            # [19556, 905]
@@ -6,13 +8,19 @@
     tok.apply_chat_template([{"role": "user", "content": "hi"}], add_generation_prompt=True)
 
 Encoding goes the way `tokenizers` goes:
-  1. added tokens (`<|im_start|>`...) are cut out of the text verbatim, longest match first;
-  2. each remaining segment is split by the pre-tokenizer: a sequence of regex splits
-     (the GPT-2 pattern, the Llama 3 pattern, SmolLM's "every digit alone, then GPT-2");
-  3. each piece becomes its UTF-8 bytes, one initial symbol per byte (GPT-2's byte <-> unicode
-     map names those symbols in the vocabulary), and BPE merges the adjacent pair of lowest
-     rank, leftmost first, until no pair has a merge;
-  4. the post-processor adds BOS/EOS when asked.
+  1. added tokens that are not normalized (`<|im_start|>`, `<s>`...) are cut out of the text verbatim,
+     leftmost-longest match first (lstrip / rstrip take the white space around them);
+  2. each remaining segment is normalized (Prepend "▁", Replace " " by "▁", NFC...: tokenizer_spm.py), and
+     normalized added tokens are cut out of it;
+  3. each remaining piece is split by the pre-tokenizer: regex splits (the GPT-2, Llama 3 and Qwen2
+     patterns, SmolLM's "every digit alone, then GPT-2"), Metaspace, or none;
+  4. byte-level BPE: each piece becomes its UTF-8 bytes, one initial symbol per byte (GPT-2's byte <->
+     unicode map names those symbols in the vocabulary); otherwise one symbol per character, a character
+     missing from the vocabulary becoming its <0xNN> byte tokens (byte_fallback) or the unk token. BPE
+     merges the adjacent pair of lowest rank, leftmost first, until no pair has a merge (a GGUF "llama"
+     vocabulary instead merges the pair whose token scores highest: tokenizer_spm.spm_tokenize);
+  5. the post-processor adds BOS/EOS when asked.
+Decoding runs the decoder chain: ByteLevel, or Replace / ByteFallback / Fuse / Strip / Metaspace.
 
 The regexes are Oniguruma's (as in tokenizer.json and llama.cpp). They are run with Python's
 `re` after `\\p{L}`, `\\p{N}` and `\\s` are replaced by explicit code point classes built from
@@ -24,6 +32,8 @@ does (llama-vocab.cpp). For "smollm" that is "every digit alone, then GPT-2", as
 own tokenizer.json. transformers (5.x) builds a plain GPT-2 ByteLevel pre-tokenizer for
 "smollm" instead; the two differ when whitespace or newlines precede a digit ("a   1",
 "x\\n\\n2"). `load_tokenizer(path, pre_tokenizer="gpt2")` reproduces transformers.
+A GGUF "llama" vocabulary is tokenized as llama.cpp does (ids equal to llama_cpp's tokenize with
+special=True); transformers differs from it after special tokens and on leading white space.
 """
 from __future__ import annotations
 
@@ -306,6 +316,7 @@ def _regex_split(regex, behavior="Isolated", invert=False):
         if behavior == "MergedWithNext":
             kept = [[len(text) - b, len(text) - a, match] for a, b, match in reversed(kept)]
         return [text[a:b] for a, b, _ in kept if b > a]
+    split.removes = behavior == "Removed"  # then the first piece may not start where the text starts
     return split
 
 
@@ -453,8 +464,9 @@ class Tokenizer:
     normalized, lstrip, rstrip). normalizer, pre_tokenizer, decoder: tokenizer.json's dicts (a ByteLevel
     pre-tokenizer makes the BPE byte-level). byte_fallback, fuse_unk, ignore_merges, model_unk_token: the
     BPE model's options. scores: a score per id, for llama.cpp's SentencePiece merges instead of BPE merges
-    (`merges` then empty). prefix_ids / suffix_ids: what `encode(..., add_special_tokens=True)` puts around
-    the text.
+    (`merges` then empty). strip_space: the characters an lstrip / rstrip added token takes (default Unicode
+    White_Space, as tokenizers; llama.cpp takes C's isspace). prefix_ids / suffix_ids: what
+    `encode(..., add_special_tokens=True)` puts around the text.
     """
 
     _CACHE_SIZE = 100_000
@@ -462,7 +474,7 @@ class Tokenizer:
     def __init__(self, vocab, merges, added_tokens, pre_tokenizer, *, normalizer=None, decoder=None,
                  prefix_ids=(), suffix_ids=(), bos_token=None, eos_token=None, pad_token=None, unk_token=None,
                  model_unk_token=None, byte_fallback=False, fuse_unk=False, ignore_merges=False, scores=None,
-                 chat_template=None, source="tokenizer"):
+                 strip_space=None, chat_template=None, source="tokenizer"):
         self.source = source
         _check_vocab(vocab, merges, added_tokens, source)
         self._model_vocab = dict(vocab)
@@ -477,6 +489,7 @@ class Tokenizer:
             self._id_to_token[t["id"]] = t["content"]
         self._special_contents = frozenset(t["content"] for t in added_tokens if t.get("special"))
         self._special_ids = frozenset(t["id"] for t in added_tokens if t.get("special"))
+        self._strip_space = _white_space() if strip_space is None else strip_space
         # What decode shows for an added token: its normalized form if it is matched normalized.
         self._decode_token = dict(self._id_to_token)
         # Non-normalized added tokens are cut out of the text first, normalized ones from the normalized text.
@@ -496,6 +509,10 @@ class Tokenizer:
         if self._byte_level and steps.index((None, None)) != len(steps) - 1:
             raise NotImplementedError(f"{source}: pre_tokenizer must end with its ByteLevel, got {pre_tokenizer}")
         self._steps = [s for s in steps if s != (None, None)]
+        for k, (lead, step) in enumerate(self._steps):
+            if lead is not step and any(getattr(s, "removes", False) for _, s in self._steps[:k]):
+                raise NotImplementedError(f"{source}: pre_tokenizer: a Split with behavior Removed before a "
+                                          f"Metaspace with prepend_scheme 'first' is not supported")
         self._decoders = _structured(source, "decoder", _decoder_steps, decoder, source)
         self._byte_table = str.maketrans({chr(b): c for b, c in bytes_to_unicode().items()})
 
@@ -588,8 +605,7 @@ class Tokenizer:
             for piece, offset, added in self._find_added(normalized, *self._added_matchers[1]):
                 yield piece, start == 0 and offset == 0, added
 
-    @staticmethod
-    def _find_added(text, regex, group):
+    def _find_added(self, text, regex, group):
         """(piece, offset, None) and (None, offset, id) covering `text`, as tokenizers' find_matches: a token
         with lstrip / rstrip takes the white space before / after it."""
         pos = 0
@@ -598,9 +614,9 @@ class Tokenizer:
                 start, stop = m.span()
                 i, lstrip, rstrip = group[m.group()]
                 if lstrip:
-                    start = max(len(text[:start].rstrip(_white_space())), pos)
+                    start = max(len(text[:start].rstrip(self._strip_space)), pos)
                 if rstrip:
-                    stop = len(text) - len(text[stop:].lstrip(_white_space()))
+                    stop = len(text) - len(text[stop:].lstrip(self._strip_space))
                 if pos < start:
                     yield text[pos:start], pos, None
                 yield None, start, i
@@ -960,13 +976,18 @@ def _gguf_spm(path, tokens, token_types, get, override):
     space_prefix = get("tokenizer.ggml.add_space_prefix", True)
     if not isinstance(space_prefix, bool):
         raise TokenizerError(f"{path}: tokenizer.ggml.add_space_prefix must be a bool, got {space_prefix!r}")
-    added = [{"id": i, "content": spelled[i], "special": kind != _USER_DEFINED, "normalized": False}
+    # llama.cpp's attributes by model name: in a Phi-3 every special token but <unk>, <s> and <|endoftext|>
+    # takes the white space after it (rstrip), white space as C's isspace.
+    phi3 = any(name in str(get("general.name", "")).lower() for name in ("phi-3", "phi3"))
+    added = [{"id": i, "content": spelled[i], "special": kind != _USER_DEFINED, "normalized": False,
+              "rstrip": phi3 and spelled[i] not in ("<unk>", "<s>", "<|endoftext|>")}
              for i, kind in enumerate(token_types[:len(tokens)]) if kind in (_UNKNOWN, _CONTROL, _USER_DEFINED)]
     escape = {"type": "Replace", "pattern": {"String": " "}, "content": "\u2581"}
     unescape = {"type": "Replace", "pattern": {"String": "\u2581"}, "content": " "}
     prefix = [{"type": "Prepend", "prepend": "\u2581"}] if space_prefix else []
     strip = [{"type": "Strip", "content": " ", "start": 1, "stop": 0}] if space_prefix else []
     return dict(vocab=vocab, merges=[], added_tokens=added, pre_tokenizer=None, scores=scores[:len(tokens)],
+                strip_space=" \t\n\v\f\r",
                 normalizer={"type": "Sequence", "normalizers": [*prefix, escape]},
                 decoder={"type": "Sequence", "decoders": [unescape, {"type": "ByteFallback"}, {"type": "Fuse"},
                                                           *strip]}), spelled, True

@@ -264,7 +264,7 @@ def test_qwen2_random_text_matches_tokenizers(qwen2, text):
 
 # -- GGUF "llama": llama.cpp's SentencePiece --------------------------------------------
 
-def write_spm_gguf(path, vocab, extra, add_space_prefix=None, add_bos=None, add_eos=None):
+def write_spm_gguf(path, vocab, extra, add_space_prefix=None, add_bos=None, add_eos=None, name=None):
     """The vocabulary as llama.cpp's converter writes a SentencePiece one (_create_vocab_sentencepiece):
     tokens by id, score -id for normal tokens and 0 for the others, token types (unknown, control, byte,
     user-defined), the special ids and flags."""
@@ -278,6 +278,8 @@ def write_spm_gguf(path, vocab, extra, add_space_prefix=None, add_bos=None, add_
         types.append(kind)
     scores = [-float(i) if kind == gguf.TokenType.NORMAL else 0.0 for i, kind in enumerate(types)]
     writer = gguf.GGUFWriter(str(path), "llama")
+    if name is not None:
+        writer.add_name(name)
     writer.add_tokenizer_model("llama")
     writer.add_tokenizer_pre("default")
     writer.add_token_list(tokens)
@@ -299,10 +301,11 @@ def write_spm_gguf(path, vocab, extra, add_space_prefix=None, add_bos=None, add_
     return path
 
 
-GGUF_VARIANTS = {  # name -> (add_space_prefix, add_bos, add_eos)
-    "default": (None, None, None),
-    "gemma_like": (False, True, False),
-    "eos": (True, False, True),
+GGUF_VARIANTS = {  # name -> (add_space_prefix, add_bos, add_eos, general.name)
+    "default": (None, None, None, None),
+    "gemma_like": (False, True, False, "gemma-2-2b-it"),
+    "eos": (True, False, True, None),
+    "phi3": (None, None, None, "Phi-3-mini-4k-instruct"),  # special tokens take the white space after them
 }
 
 
@@ -312,7 +315,7 @@ def spm_gguf(spm_base, tmp_path_factory):
     crosscheck("gguf")
     llama_cpp = crosscheck("llama_cpp")
     vocab, _ = spm_base
-    extra = [("<|user|>", 3), ("<|end|>", 3), ("<think>", 4)]
+    extra = [("<|user|>", 3), ("<|end|>", 3), ("<|endoftext|>", 3), ("<think>", 4)]
     out = {}
     for name, flags in GGUF_VARIANTS.items():
         path = write_spm_gguf(tmp_path_factory.mktemp(name) / "spm.gguf", vocab, extra, *flags)
@@ -330,7 +333,8 @@ def check_llama_cpp(ref, ours, text):
 @pytest.mark.parametrize("variant", list(GGUF_VARIANTS))
 def test_spm_gguf_corpus_matches_llama_cpp(spm_gguf, variant):
     _, ref, ours = spm_gguf[variant]
-    for text in corpus() + ["", " ", "  lead", "<s>", "</s>x", "<unk> y", "<|user|>hi<|end|> <think>x", "<0x41>"]:
+    for text in corpus() + ["", " ", "  lead", "<s>", "</s>x", "<unk> y", "<|user|>hi<|end|> <think>x", "<0x41>",
+                            "<|end|> \t\n\x0b\x0c\r\u3000\xa0x", "<s> x</s> \n"]:
         check_llama_cpp(ref, ours, text)
 
 
