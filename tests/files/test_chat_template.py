@@ -395,3 +395,36 @@ def write_rows(folder, rows):
     path = folder / "rows.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
     return path
+
+
+# -- whitespace control, generated ------------------------------------------------------------------
+
+def _tag(draw, body, kind="%"):
+    left, right = draw(st.sampled_from(["", "-", "+"])), draw(st.sampled_from(["", "-", "+"]))
+    if kind == "{":
+        left, right = left.replace("+", ""), right.replace("+", "")  # no + on variable tags
+        return "{{" + left + " " + body + " " + right + "}}"
+    return "{" + kind + left + " " + body + " " + right + kind + "}"
+
+
+@st.composite
+def whitespace_templates(draw, depth=0):
+    parts = []
+    for _ in range(draw(st.integers(0, 4))):
+        choice = draw(st.sampled_from(["text", "var", "comment", "if", "for"] if depth < 2 else ["text", "var"]))
+        if choice == "text":
+            parts.append(draw(st.text(st.sampled_from(" \t\na\r"), max_size=6)))
+        elif choice == "var":
+            parts.append(_tag(draw, "'v'", "{"))
+        elif choice == "comment":
+            parts.append(_tag(draw, "c", "#"))
+        else:
+            head = "if true" if choice == "if" else "for i in [1, 2]"
+            parts += [_tag(draw, head), draw(whitespace_templates(depth + 1)), _tag(draw, "end" + choice)]
+    return "".join(parts)
+
+
+@settings(max_examples=300)
+@given(source=whitespace_templates())
+def test_whitespace_control_matches_jinja2(source):
+    check_same(source, [U1], **SPECIAL)
