@@ -23,20 +23,20 @@ from lora_np.gguf import GGUFError, GGUFFile
 from lora_np.loaders import load_model
 from lora_np.lora import LoraConfig, LoraModel, get_peft_model
 from lora_np.lora.gguf_io import read_gguf_adapter, save_gguf_adapter
-from lora_np.models import LlamaConfig, LlamaForCausalLM
+from lora_np.models import LlamaConfig, LlamaForCausalLM, family
 
 IDS = [3, 17, 9, 42, 5, 5, 61, 0, 8, 23, 77]
 ALL_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
-def tiny_model(tie=False, seed=0, **overrides):
+def tiny_model(tie=False, seed=0, model_cls=LlamaForCausalLM, config_cls=LlamaConfig, **overrides):
     """A tiny random lora_np Llama (GQA, weights spread enough that every layer matters)."""
     fields = dict(vocab_size=96, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
                   num_key_value_heads=2, rms_norm_eps=2.0**-17, rope_theta=500.0, max_position_embeddings=256,
                   tie_word_embeddings=tie)
     fields.update(overrides)
     lora_np.manual_seed(seed)
-    model = LlamaForCausalLM(LlamaConfig(**fields))
+    model = model_cls(config_cls(**fields))
     rng = np.random.default_rng(seed)
     for name, p in model.named_parameters():
         p.data = (rng.standard_normal(p.shape) * (0.1 if p.data.ndim == 2 else 0.2) + (p.data.ndim == 1)).astype(
@@ -365,6 +365,23 @@ def test_row_map_inverts_the_llama_interleave():
     assert np.array_equal(LlamaForCausalLM.from_gguf_tensor("blk.0.attn_k.weight",
                                                             to_gguf_rows((perm, offset), w), config), w)
     assert gguf_row_map(LlamaForCausalLM, "blk.0.attn_v.weight", w.shape, config) is None
+
+
+@pytest.mark.parametrize("model_type, fields", [
+    ("granite", dict(embedding_multiplier=3.0, residual_multiplier=0.5, attention_multiplier=0.3, logits_scaling=2.0)),
+    ("olmo2", {})])
+def test_other_families_export_through_their_own_gguf_tables(tmp_path, model_type, fields):
+    """No per-family export code: Granite (its *_scale keys) and OLMo 2 (q/k norms, post-norms) go out through
+    the tables their loaders read, merged and as an adapter, and llama.cpp computes what lora_np does."""
+    config_cls, model_cls = family(model_type)
+    model = tiny_model(model_cls=model_cls, config_cls=config_cls, **fields)
+    base = save_merged_gguf(model, tmp_path / "base.gguf", outtype="f32")
+    expected_base = logits(model)
+    assert np.array_equal(logits(load_model(base)), expected_base)
+    lora = randomize_adapter(get_peft_model(load_model(base), LoraConfig(r=4, lora_alpha=8, target_modules=ALL_LINEAR)))
+    adapter = save_gguf_adapter(lora, tmp_path / "adapter.gguf")
+    assert_rel(llama_cpp_logits(base), expected_base, 1e-4, f"llama.cpp on a {model_type} GGUF")
+    assert_rel(llama_cpp_logits(base, adapter), logits(lora), 1e-4, f"llama.cpp with a {model_type} adapter")
 
 
 # ---------------------------------------------------------------------------- SmolLM2's Q4_1 base
