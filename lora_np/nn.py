@@ -13,6 +13,7 @@ from functools import partial
 import numpy as np
 
 from . import functional as F
+from .functional.attention import check_sliding_window_softcap
 from .tensor import DEFAULT_DTYPE, Tensor
 
 __all__ = [
@@ -426,9 +427,14 @@ class KVCache:
         return next(iter(self.keys.values())).shape[2] if self.keys else 0
 
 
-def attend(q, k, v, cache, layer_idx, cos, sin, attn_mask, scale=None, dropout=0.0):
+def attend(q, k, v, cache, layer_idx, cos, sin, attn_mask, scale=None, dropout=0.0, sliding_window=None,
+           softcap=None):
     """The tail every family's attention layer shares: RoPE, cache, causal SDPA (scale None: 1/sqrt(D)); with
     dropout > 0 (training) the attention weights are dropped out, on the unfused path.
+    `sliding_window` W (None: none): each query sees the last W positions, itself included (Mistral, Qwen2,
+    Gemma's sliding layers; the cache keeps every position, the window is the mask's); `softcap` c (None:
+    none): scores c·tanh(s/c) before the mask (Gemma 2's attn_logit_softcapping). See
+    F.scaled_dot_product_attention. cos/sin (T, rd) with rd < D rotate the first rd dims only (partial rotary).
     q (B,Hq,T,D), k/v (B,Hkv,T,D)."""
     if cos is not None:
         q = F.rotary_embedding(q, cos, sin)
@@ -437,8 +443,9 @@ def attend(q, k, v, cache, layer_idx, cos, sin, attn_mask, scale=None, dropout=0
         kd, vd = cache.update(layer_idx, k.data, v.data)
         k, v = Tensor(kd), Tensor(vd)
     if dropout:
-        return _attention_with_dropout(q, k, v, attn_mask, scale, dropout)
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=True, scale=scale)
+        return _attention_with_dropout(q, k, v, attn_mask, scale, dropout, sliding_window, softcap)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=True, scale=scale,
+                                          sliding_window=sliding_window, softcap=softcap)
 
 
 def check_dropout_p(where, p):
@@ -448,17 +455,24 @@ def check_dropout_p(where, p):
     return p
 
 
-def _attention_with_dropout(q, k, v, attn_mask, scale, p):
-    """Causal attention, dropout(p) on the weights, as transformers' eager attention in training.
-    q (B,Hq,T,D), k/v (B,Hkv,S,D); the causal mask is aligned to the bottom right, as in SDPA."""
+def _attention_with_dropout(q, k, v, attn_mask, scale, p, sliding_window=None, softcap=None):
+    """Causal attention, dropout(p) on the weights, as transformers' eager attention in training (soft cap
+    and sliding window as in attend). q (B,Hq,T,D), k/v (B,Hkv,S,D); the causal mask is aligned to the
+    bottom right, as in SDPA."""
+    sliding_window, softcap = check_sliding_window_softcap("attention", sliding_window, softcap)
     B, Hq, T, D = q.shape
     Hkv, S = k.shape[1], k.shape[2]
     if Hkv != Hq:  # each key/value head serves Hq // Hkv consecutive query heads
         k = F.reshape(F.stack([k] * (Hq // Hkv), dim=2), (B, Hq, S, D))
         v = F.reshape(F.stack([v] * (Hq // Hkv), dim=2), (B, Hq, S, D))
     scores = F.mul(F.matmul(q, F.transpose(k, 2, 3)), 1.0 / math.sqrt(D) if scale is None else scale)  # (B,Hq,T,S)
-    causal = np.arange(S)[None, :] <= np.arange(T)[:, None] + (S - T)                                 # (T, S)
-    bias = np.where(causal, 0.0, -np.inf).astype(q.dtype)
+    if softcap is not None:
+        scores = F.mul(F.tanh(F.mul(scores, 1.0 / softcap)), softcap)
+    position = np.arange(T)[:, None] + (S - T)                                                        # (T, 1)
+    seen = np.arange(S)[None, :] <= position                                                          # (T, S)
+    if sliding_window is not None:
+        seen &= np.arange(S)[None, :] > position - sliding_window
+    bias = np.where(seen, 0.0, -np.inf).astype(q.dtype)
     if attn_mask is not None:
         m = attn_mask.data if isinstance(attn_mask, Tensor) else np.asarray(attn_mask)
         bias = bias + (np.where(m, 0.0, -np.inf).astype(q.dtype) if m.dtype == np.bool_ else m.astype(q.dtype))

@@ -17,6 +17,7 @@ import numpy as np
 
 from .. import kernels
 from ..tensor import Function, Tensor
+from .attention import check_sliding_window_softcap
 from .primitives import _check_float, _tensors, permute, reshape
 
 
@@ -196,14 +197,15 @@ def causal_lm_loss(logits, labels, ignore_index=-100):
 
 
 class LinearCrossEntropy(Function):
-    """mean over rows with a target of cross_entropy(h Wᵀ, target), never holding all the
+    """mean over rows with a target of cross_entropy(cap(h Wᵀ), target), never holding all the
     logits: rows go through the head in chunks. When a gradient is wanted, forward computes it
     too, chunk by chunk, while softmax − one-hot is at hand, and backward only scales it: two
     head matmuls per step instead of three, and what is kept is the gradient (N, C) (plus (V, C)
     when the head trains) instead of the rows of h. Rows whose target is ignore_index cost
-    nothing. h (N, C), weight (V, C), target (N,)."""
+    nothing. h (N, C), weight (V, C), target (N,). With `softcap` c the logits are c·tanh(z/c)
+    (Gemma 2/3's final_logit_softcapping), and the gradient goes through the cap's 1 − tanh²."""
 
-    def forward(self, h, weight, target, ignore_index=-100, chunk=512):
+    def forward(self, h, weight, target, ignore_index=-100, chunk=512, softcap=None):
         rows = np.nonzero(target != ignore_index)[0]
         hr, t, count = h[rows], target[rows].astype(np.int64), len(rows)                 # (M, C), (M,)
         if t.size and (t.min() < 0 or t.max() >= weight.shape[0]):
@@ -216,11 +218,20 @@ class LinearCrossEntropy(Function):
         for s in range(0, count, chunk):
             hc, tc = hr[s:s + chunk], t[s:s + chunk]
             logits = hc @ weight.T                                                       # (c, V)
+            if softcap is not None:                                                      # c·tanh(z/c)
+                logits /= logits.dtype.type(softcap)
+                np.tanh(logits, out=logits)
+                th = logits.copy() if need_h or need_w else None                         # tanh, for 1 − tanh²
+                logits *= logits.dtype.type(softcap)
             picked = logits[np.arange(len(tc)), tc]                                      # a copy
             lse = kernels.softmax_rows(logits, scale=inv)                                # logits -> softmax / M
             total += float((lse - picked).sum())
             if need_h or need_w:
                 logits[np.arange(len(tc)), tc] -= h.dtype.type(inv)                      # d loss / d logits
+                if softcap is not None:                                                  # through the cap
+                    th *= th
+                    np.subtract(1, th, out=th)
+                    logits *= th
                 if need_h:
                     self.gh[rows[s:s + chunk]] = logits @ weight                         # (c, C)
                 if need_w:
@@ -236,13 +247,15 @@ class LinearCrossEntropy(Function):
         return self.gh, self.gw, None
 
 
-def causal_lm_head_loss(h, weight, labels, ignore_index=-100):
-    """causal_lm_loss(h Wᵀ, labels) without the (B, T, V) logits: h (B, T, C), weight (V, C)."""
+def causal_lm_head_loss(h, weight, labels, ignore_index=-100, softcap=None):
+    """causal_lm_loss(cap(h Wᵀ), labels) without the (B, T, V) logits: h (B, T, C), weight (V, C);
+    `softcap` c (None: none) caps the logits at c·tanh(z/c) (final_logit_softcapping)."""
+    _, softcap = check_sliding_window_softcap("causal_lm_head_loss", None, softcap)
     labels = np.asarray(labels.data if isinstance(labels, Tensor) else labels)
     B, T, C = h.shape
     target = np.concatenate([labels[:, 1:], np.full((B, 1), ignore_index, labels.dtype)], 1)  # (B, T)
     return LinearCrossEntropy.apply(reshape(h, (B * T, C)), weight, Tensor(target.reshape(-1)),
-                                    ignore_index=ignore_index)
+                                    ignore_index=ignore_index, softcap=softcap)
 
 
 # -- normalisation ---------------------------------------------------------------------

@@ -438,6 +438,111 @@ def _sdpa(data):
     return Case(fn, [q, k, v], (0, 1, 2), lambda q, k, v: np_attention(q, k, v, mask, is_causal, scale), tfn)
 
 
+def _rotary_partial(data):
+    """Partial rotary (transformers' Phi-3 / GPT-NeoX): tables of rd < D dims rotate x[..., :rd] (rotate-half
+    within them) and pass x[..., rd:] through."""
+    rng = _rng(data)
+    B, H, T = (data.draw(st.integers(1, 3)) for _ in range(3))
+    rd = 2 * data.draw(st.integers(0, 3), label="rd / 2")
+    D = rd + data.draw(st.integers(1, 4), label="D - rd")
+    x = _normal(rng, (B, H, T, D))
+    cos, sin = _normal(rng, (T, rd)), _normal(rng, (T, rd))
+
+    def ref(x):
+        return np.concatenate([x[..., :rd] * cos + _np_rotate_half(x[..., :rd]) * sin, x[..., rd:]], -1)
+
+    def tfn(T_, x):  # transformers' phi3 apply_rotary_pos_emb, written out
+        c, s_ = T_.from_numpy(cos), T_.from_numpy(sin)
+        rot, keep = x[..., :rd], x[..., rd:]
+        half = rd // 2
+        return T_.cat([rot * c + T_.cat([-rot[..., half:], rot[..., :half]], -1) * s_, keep], -1)
+    return Case(lambda x: F.rotary_embedding(x, cos, sin), [x], (0,), ref, tfn)
+
+
+def _np_attention_window_softcap(q, k, v, mask, is_causal, scale, window, softcap):
+    """Dense reference: scaled scores, capped c·tanh(s/c), then the mask, the causal limit (s <= p) and the
+    window (s > p - W), query t at position p = t + S - T."""
+    B, Hq, T, D = q.shape
+    S, g = k.shape[2], Hq // k.shape[1]
+    s = q @ np.swapaxes(np.repeat(k, g, 1), -1, -2) * (scale if scale is not None else 1 / math.sqrt(D))
+    if softcap is not None:
+        s = softcap * np.tanh(s / softcap)
+    if mask is not None:
+        s = np.where(mask, s, -np.inf) if mask.dtype == bool else s + mask
+    p = np.arange(T)[:, None] + S - T
+    seen = (np.arange(S)[None, :] <= p) | (not is_causal)
+    if window is not None:
+        seen = seen & (np.arange(S)[None, :] > p - window)
+    return _np_softmax(np.where(seen, s, -np.inf), -1) @ np.repeat(v, g, 1)
+
+
+def _sdpa_window_softcap(data):
+    """SDPA with a sliding window and / or a soft cap, with and without a mask (the NumPy path then)."""
+    rng = _rng(data)
+    B, Hkv, g = data.draw(st.integers(1, 2)), data.draw(st.integers(1, 2)), data.draw(st.integers(1, 2))
+    L = data.draw(st.integers(1, 5), label="L")
+    S = data.draw(st.integers(L, 7), label="S")  # S >= L; each row sees itself (kept by the mask too)
+    D = data.draw(st.integers(1, 3), label="D")
+    is_causal = data.draw(st.booleans(), label="is_causal")
+    window = data.draw(st.one_of(st.none(), st.integers(1, 6)), label="sliding_window")
+    softcap = data.draw(st.one_of(st.none(), st.sampled_from([0.5, 2.0, 30.0])), label="softcap")
+    kind = data.draw(st.sampled_from(["none", "bool", "float"]), label="mask")
+    scale = data.draw(st.sampled_from([None, 0.7]), label="scale")
+    mshape = data.draw(st.sampled_from([(L, S), (B, 1, L, S), (1, Hkv * g, L, S)]), label="mshape")
+    mask = None
+    if kind == "bool":
+        mask = rng.random(mshape) < 0.7
+        mask[..., np.arange(L), np.arange(L) + S - L] = True  # the row's own position: inside any window
+    elif kind == "float":
+        mask = _normal(rng, mshape)
+    q, k, v = 2 * _normal(rng, (B, Hkv * g, L, D)), 2 * _normal(rng, (B, Hkv, S, D)), _normal(rng, (B, Hkv, S, D))
+    fn = lambda q, k, v: F.scaled_dot_product_attention(  # noqa: E731
+        q, k, v, None if mask is None else (Tensor(mask) if mask.dtype == bool else Tensor(mask.astype(q.dtype))),
+        is_causal=is_causal, scale=scale, sliding_window=window, softcap=softcap)
+
+    def tfn(T_, q, k, v):  # transformers' eager attention: scores, cap, mask, softmax
+        s = q @ k.repeat_interleave(g, 1).transpose(-1, -2) * (scale if scale is not None else 1 / math.sqrt(D))
+        if softcap is not None:
+            s = T_.tanh(s / softcap) * softcap
+        if mask is not None:
+            m = T_.from_numpy(mask)
+            s = s.masked_fill(~m, -math.inf) if m.dtype == T_.bool else s + m
+        p = np.arange(L)[:, None] + S - L
+        seen = (np.arange(S)[None, :] <= p) | (not is_causal)
+        if window is not None:
+            seen = seen & (np.arange(S)[None, :] > p - window)
+        s = s.masked_fill(~T_.from_numpy(seen), -math.inf)
+        return T_.softmax(s, -1) @ v.repeat_interleave(g, 1)
+    return Case(fn, [q, k, v], (0, 1, 2),
+                lambda q, k, v: _np_attention_window_softcap(q, k, v, mask, is_causal, scale, window, softcap), tfn)
+
+
+def _lm_head_loss_softcap(data):
+    """The chunked LM-head loss with final-logit soft-capping: mean cross-entropy of c·tanh(h Wᵀ / c)."""
+    rng = _rng(data)
+    B, T, C, V = data.draw(st.integers(1, 2)), data.draw(st.integers(2, 5)), data.draw(st.integers(1, 4)), \
+        data.draw(st.integers(2, 6))
+    softcap = data.draw(st.sampled_from([0.5, 3.0, 30.0]), label="softcap")
+    labels = rng.integers(0, V, (B, T))
+    labels[rng.random((B, T)) < 0.3] = -100
+    labels[0, 1] = rng.integers(0, V)  # at least one target
+    h, w = 2 * _normal(rng, (B, T, C)), _normal(rng, (V, C))
+
+    def ref(h, w):
+        z = softcap * np.tanh(h @ w.T / softcap)[:, :-1].reshape(-1, V)
+        t = labels[:, 1:].reshape(-1)
+        keep = t != -100
+        z, t = z[keep], t[keep]
+        lse = np.log(np.exp(z - z.max(-1, keepdims=True)).sum(-1)) + z.max(-1)
+        return np.asarray((lse - z[np.arange(len(t)), t]).mean())
+
+    def tfn(T_, h, w):  # transformers' Gemma 2: logits / cap, tanh, * cap, then the shifted loss
+        z = T_.tanh((h @ w.T) / softcap) * softcap
+        return T_.nn.functional.cross_entropy(z[:, :-1].reshape(-1, V), T_.from_numpy(labels[:, 1:].reshape(-1)),
+                                              ignore_index=-100)
+    return Case(lambda h, w: F.causal_lm_head_loss(h, w, labels, softcap=softcap), [h, w], (0, 1), ref, tfn)
+
+
 def _silu_mul(data):
     rng = _rng(data)
     shape = _shape(data)
@@ -503,8 +608,11 @@ CASES = {
     "rms_norm": _rms_norm,
     "dropout": _dropout,
     "rotary_embedding": _rotary,
+    "rotary_embedding_partial": _rotary_partial,
     "rotate_half": _rotate_half,
     "scaled_dot_product_attention": _sdpa,
+    "scaled_dot_product_attention_window_softcap": _sdpa_window_softcap,
+    "causal_lm_head_loss_softcap": _lm_head_loss_softcap,
 }
 
 
