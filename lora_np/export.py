@@ -225,12 +225,19 @@ def _tensor_type(gname, shape, outtype):
 
 def _source_metadata(source):
     """(metadata, value types) a merged GGUF carries over from a GGUF base model: general.* (but the file
-    type and alignment) and tokenizer.* keys; a base without a GGUF tokenizer gets llama.cpp's "none"."""
-    if source and os.fspath(source).endswith(".gguf"):
+    type and alignment) and tokenizer.* keys. A base without a tokenizer gets llama.cpp's "none" (token ids
+    only); a Hugging Face folder's tokenizer.json is refused rather than dropped (not converted yet)."""
+    source = os.fspath(source) if source else None
+    if source and source.endswith(".gguf"):
         f = _gguf.GGUFFile(source)
         keep = [k for k in f.metadata if k.startswith("tokenizer.") or k.startswith("general.") and k not in (
             "general.architecture", "general.file_type", "general.quantization_version", "general.alignment")]
         return {k: f.metadata[k] for k in keep}, {k: f.value_types[k] for k in keep}
+    folder = source if source and os.path.isdir(source) else os.path.dirname(source) if source else None
+    if folder and os.path.exists(os.path.join(folder, "tokenizer.json")):
+        raise NotImplementedError(f"GGUF export: {folder}'s tokenizer.json is not converted to GGUF's tokenizer "
+                                  "keys yet; export from the model's GGUF file, or convert the merged folder "
+                                  "(lora-np merge) with llama.cpp's convert_hf_to_gguf.py")
     return {"tokenizer.ggml.model": "none"}, {}
 
 
@@ -239,16 +246,17 @@ def save_merged_gguf(model, out, source=None, outtype="f32"):
     llama.cpp's convert_hf_to_gguf.py writes it: llama.cpp's tensor names, the family's converter
     transform (llama's q/k row interleave) redone, the `{arch}.*` keys, tensors in `outtype` (f32, f16,
     q8_0, q4_0; norms and 1-D tensors F32). The general.* and tokenizer.* keys of a GGUF `source` (the
-    base model's file: vocabulary, merges, special tokens, chat template) are carried over."""
+    base model's file: vocabulary, merges, special tokens, chat template) are carried over; without a
+    tokenizer (no `source`, or a folder with no tokenizer.json) the file has llama.cpp's "none" vocabulary."""
     if outtype not in OUTTYPES:
         raise ValueError(f"GGUF export: outtype {outtype!r} is not one of {', '.join(OUTTYPES)}")
+    arch = gguf_architecture(model.config)
+    metadata, types = _source_metadata(source)
     base = model.merge_and_unload() if hasattr(model, "merge_and_unload") else model
     config, cls = base.config, type(base)
-    arch = gguf_architecture(config)
     names = gguf_tensor_names(cls, config)
     params = dict(base.named_parameters())  # a tied head once, under the embedding: no output.weight
     shapes = {names[p]: tuple(param.shape) for p, param in params.items() if p in names}
-    metadata, types = _source_metadata(source)
     keys, key_types = gguf_config_keys(config, arch, shapes, metadata)  # first: it names a config field
     unnamed = [p for p in params if p not in names]
     if unnamed:

@@ -338,6 +338,16 @@ def test_merged_gguf_carries_the_gguf_sources_tokenizer_and_chat_template(tmp_pa
     assert llm.tokenize(text.encode(), add_bos=False) == lora_np.load_tokenizer(path).encode(text)
 
 
+def test_merged_gguf_refuses_to_drop_a_hugging_face_tokenizer(tmp_path):
+    from lora_np.export import save_merged
+
+    folder = save_merged(tiny_model(), tmp_path / "hf")
+    (tmp_path / "hf" / "tokenizer.json").write_text("{}")
+    with pytest.raises(NotImplementedError, match="tokenizer.json is not converted to GGUF's tokenizer keys yet"):
+        save_merged_gguf(load_model(folder), tmp_path / "m.gguf", source=folder)
+    assert not (tmp_path / "m.gguf").exists()
+
+
 def test_merged_gguf_refuses_a_config_gguf_cannot_express(tmp_path):
     model = tiny_model(mlp_bias=True)
     with pytest.raises(NotImplementedError, match="LlamaConfig.mlp_bias = True has no GGUF key in llama.cpp's "
