@@ -214,17 +214,17 @@ def gguf_config(metadata, tensors, source):
 def _load_gguf(path, dtype):
     f = _gguf.GGUFFile(path)
     config = gguf_config(f.metadata, f.tensors, path)
+    if "rope_freqs.weight" in f.tensors:  # Llama 3's RoPE frequency factors: part of the config, not a parameter
+        config = config.with_rope_freqs(f.load("rope_freqs.weight", dtype=np.float64), path)
     model = _build(config, dtype)
     cls = type(model)
     names = {}
-    for gname in f.tensors:
+    for gname in (g for g in f.tensors if g != "rope_freqs.weight"):
         names[gname] = cls.gguf_parameter_name(gname)
         if names[gname] is None:
-            if gname == "rope_freqs.weight":
-                raise NotImplementedError(f"{path}: tensor 'rope_freqs.weight' (scaled RoPE) is not supported")
             raise CheckpointError(f"{path}: unexpected tensor {gname!r}")
-    for gname, info in f.tensors.items():  # every shape is checked before any tensor is read
-        _check_shape(model, names[gname], info.shape, path, "the GGUF metadata")
+    for gname, name in names.items():  # every shape is checked before any tensor is read
+        _check_shape(model, name, f.tensors[gname].shape, path, "the GGUF metadata")
     for gname, name in names.items():
         try:
             array = f.load(gname, dtype=dtype)

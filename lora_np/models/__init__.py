@@ -22,6 +22,9 @@ __all__ = ["LlamaConfig", "GPT2Config", "LlamaForCausalLM", "GPT2LMHeadModel", "
 FAMILIES = {
     "llama": ("llama", "LlamaConfig", "LlamaForCausalLM"),
     "qwen2": ("llama", "LlamaConfig", "LlamaForCausalLM"),  # Llama with q/k/v biases (and sliding windows)
+    "mistral": ("llama", "LlamaConfig", "LlamaForCausalLM"),  # Llama with a sliding window on every layer
+    "qwen3": ("qwen3", "Qwen3Config", "Qwen3ForCausalLM"),
+    "smollm3": ("smollm3", "SmolLM3Config", "SmolLM3ForCausalLM"),
     "gpt2": ("gpt2", "GPT2Config", "GPT2LMHeadModel"),
     "olmo2": ("olmo2", "Olmo2Config", "Olmo2ForCausalLM"),
     "granite": ("granite", "GraniteConfig", "GraniteForCausalLM"),
@@ -30,6 +33,9 @@ FAMILIES = {
 # GGUF's general.architecture (llama.cpp's LLM_ARCH names) -> the config.json model_type that computes it
 GGUF_ARCHITECTURES = {
     "llama": "llama",
+    "qwen2": "qwen2",
+    "qwen3": "qwen3",
+    "smollm3": "smollm3",
     "olmo2": "olmo2",
     "granite": "granite",
 }

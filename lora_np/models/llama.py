@@ -1,21 +1,31 @@
-"""The Llama family (SmolLM2, TinyLlama; Qwen2's q/k/v biases): config, attention, gated MLP, decoder layer
-and the causal LM, with transformers' module names (`model.layers.0.self_attn.q_proj.weight`, ...)."""
+"""The Llama family (Llama 3.x, SmolLM2, TinyLlama; Mistral's sliding window; Qwen2's q/k/v biases and sliding
+windows), and the blocks Qwen3 and SmolLM3 reuse: config, attention, gated MLP, decoder layer and the causal LM,
+with transformers' module names (`model.layers.0.self_attn.q_proj.weight`, ...)."""
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Optional
+
+import numpy as np
 
 from .. import functional as F
 from ..nn import Embedding, Linear, Module, ModuleList, RMSNorm, activation, attend, check_dropout_p
 from ..options import Int
 from ..tensor import DEFAULT_DTYPE
-from ..gguf import reverse_llama_permute
-from .base import (BOOL, DROPOUT, EPS, LAYERS, POSITIONS, SIZE, THETA, CausalLM, Config, RopeTables, check_fields,
-                   refuse)
+from ..gguf import GGUFError, reverse_llama_permute
+from .base import BOOL, DROPOUT, EPS, LAYERS, POSITIONS, SIZE, THETA, CausalLM, Config, check_fields, refuse
+from .rope import RopeTables, check_rope_scaling
 
 __all__ = ["LlamaConfig", "Attention", "GatedMLP", "DecoderBlock", "LlamaModel", "LlamaForCausalLM"]
 
 
+LAYER_TYPES = ("full_attention", "sliding_attention")
+
+
 @dataclass
 class LlamaConfig(Config):
+    """Llama and the families that compute it with other defaults: model_type "llama"; "mistral" (every layer
+    attends within sliding_window, when set); "qwen2" (q/k/v biases; with use_sliding_window, the layers from
+    max_window_layers on, or those layer_types names "sliding_attention", attend within sliding_window)."""
     vocab_size: int = 32000
     hidden_size: int = 4096
     intermediate_size: int = 11008
@@ -25,7 +35,8 @@ class LlamaConfig(Config):
     head_dim: Optional[int] = None
     rms_norm_eps: float = 1e-6
     rope_theta: float = 10000.0
-    rope_scaling: Optional[dict] = None
+    rope_scaling: Optional[dict] = None  # rope_parameters besides rope_theta (rope.check_rope_scaling's form)
+    rope_freq_factors: Optional[list] = None  # llama.cpp's rope_freqs tensor (Llama 3 GGUF): divides frequencies
     max_position_embeddings: int = 2048
     tie_word_embeddings: bool = False
     attention_bias: bool = False  # biases on q, k, v and o (llama's meaning)
@@ -37,16 +48,30 @@ class LlamaConfig(Config):
     use_sliding_window: bool = False  # Qwen2: sliding-window attention on layers >= max_window_layers
     sliding_window: Optional[int] = None
     max_window_layers: Optional[int] = None
-    layer_types: Optional[list] = None
+    layer_types: Optional[list] = None  # per layer "full_attention" or "sliding_attention" (Qwen2, Qwen3, SmolLM3)
     bos_token_id: Optional[int] = 1
     eos_token_id: Optional[int] = 2
     model_type: str = "llama"
     architectures: list = field(default_factory=lambda: ["LlamaForCausalLM"])
 
+    qk_norm = False  # RMSNorm over head_dim on q and k before RoPE (Qwen3)
+    WINDOWED = ("mistral", "qwen2", "qwen3", "smollm3")  # the model types with sliding-window attention
+    # config.json's model_type -> transformers' causal-LM class, for the model types this class computes
+    ARCHITECTURES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM"}
+    GGUF_MODEL_TYPES = {"qwen2": "qwen2"}  # llama.cpp architecture -> model_type, where it is not the class default
+    # llama.cpp's rope.scaling.type -> transformers' rope_type, and the GGUF keys each reads: (config key, GGUF key)
+    GGUF_ROPE_SCALING = {
+        "linear": ("linear", (("factor", "rope.scaling.factor"),)),
+        "yarn": ("yarn", (("factor", "rope.scaling.factor"),
+                          ("original_max_position_embeddings", "rope.scaling.original_context_length"),
+                          ("attention_factor", "rope.scaling.yarn_attn_factor"),
+                          ("beta_fast", "rope.scaling.yarn_beta_fast"), ("beta_slow", "rope.scaling.yarn_beta_slow"))),
+    }
+
     def __post_init__(self):
         """Check every field that shapes the computation: ValueError naming a field of the wrong type or value,
         NotImplementedError naming one that asks for something this model does not compute."""
-        where = "LlamaConfig"
+        where = type(self).__name__
         if self.qkv_bias is None:
             self.qkv_bias = self.attention_bias
         if self.num_key_value_heads is None:
@@ -69,48 +94,101 @@ class LlamaConfig(Config):
         if self.num_attention_heads % self.num_key_value_heads:
             raise ValueError(f"num_attention_heads {self.num_attention_heads} is not a multiple of "
                              f"num_key_value_heads {self.num_key_value_heads}")
-        if self.rope_scaling is not None and not isinstance(self.rope_scaling, dict):
-            raise ValueError(f"rope_scaling must be an object or null, got {self.rope_scaling!r}")
-        if self.rope_scaling and self.rope_scaling.get("rope_type", self.rope_scaling.get("type")) not in (None, "default"):
-            refuse(where, "rope_scaling", self.rope_scaling, " (only the default RoPE)")
-        if self.rope_scaling and self.rope_scaling.get("partial_rotary_factor", 1.0) != 1.0:
-            refuse(where, "partial_rotary_factor", self.rope_scaling["partial_rotary_factor"], " (RoPE on all dims only)")
+        self.rope_scaling = check_rope_scaling(self.rope_scaling, self.head_dim, self.max_position_embeddings, where)
+        if self.rope_scaling and "partial_rotary_factor" in self.rope_scaling:
+            # transformers' Llama-family RoPE rotates every dim whatever this says (default), or fails (others)
+            refuse(where, "partial_rotary_factor", self.rope_scaling["partial_rotary_factor"],
+                   " (this family rotates all of head_dim)")
+        if self.rope_freq_factors is not None and (not isinstance(self.rope_freq_factors, list) or
+                                                   len(self.rope_freq_factors) != self.head_dim // 2):
+            raise ValueError(f"rope_freq_factors must be a list of head_dim / 2 = {self.head_dim // 2} numbers")
         activation(self.hidden_act, f"{where}: hidden_act")
         self.attention_dropout = DROPOUT.check("attention_dropout", self.attention_dropout or 0.0)
         if self.pretraining_tp is not None:
             Int(min=1).check("pretraining_tp", self.pretraining_tp)
-        if self.use_sliding_window and self.sliding_window is not None and \
-                (self.max_window_layers is None or self.max_window_layers < self.num_hidden_layers):
-            refuse(where, "use_sliding_window", True, f" (sliding_window {self.sliding_window}, max_window_layers "
-                   f"{self.max_window_layers}: only full attention)")
-        if self.layer_types is not None and any(t != "full_attention" for t in self.layer_types):
-            refuse(where, "layer_types", self.layer_types, " (only 'full_attention')")
+        self._check_layer_types(where)
+
+    def _default_layer_types(self):
+        """transformers' layer types of this model_type when config.json names none (None: all full attention)."""
+        if self.model_type in ("qwen2", "qwen3"):  # Qwen2Config / Qwen3Config.__post_init__
+            first = 28 if self.max_window_layers is None else self.max_window_layers  # Qwen2Config's default
+            return ["sliding_attention" if self.sliding_window is not None and i >= first
+                    else "full_attention" for i in range(self.num_hidden_layers)]
+        return None
+
+    def _check_layer_types(self, where):
+        if self.model_type in ("qwen2", "qwen3") and not self.use_sliding_window:
+            self.sliding_window = None  # as transformers: the window exists only with use_sliding_window
+        if self.model_type not in ("qwen2", "qwen3", "smollm3"):
+            for name in ("use_sliding_window", "max_window_layers", "layer_types"):
+                if getattr(self, name) not in (None, False):
+                    refuse(where, name, getattr(self, name), f" (model_type {self.model_type!r} has no such field)")
+        if self.model_type not in self.WINDOWED and self.sliding_window is not None:
+            refuse(where, "sliding_window", self.sliding_window, f" (model_type {self.model_type!r} has no sliding "
+                   "window)")
+        if self.sliding_window is not None:
+            self.sliding_window = SIZE.check("sliding_window", self.sliding_window)
+        if self.max_window_layers is not None:
+            self.max_window_layers = Int(min=0).check("max_window_layers", self.max_window_layers)
+        if self.layer_types is None:
+            self.layer_types = self._default_layer_types()
+        if self.layer_types is None:
+            return
+        if not isinstance(self.layer_types, list) or len(self.layer_types) != self.num_hidden_layers or \
+                any(t not in LAYER_TYPES for t in self.layer_types):
+            raise ValueError(f"layer_types must list {self.num_hidden_layers} of {LAYER_TYPES}, got "
+                             f"{self.layer_types!r:.120}")
+        if "sliding_attention" in self.layer_types and self.sliding_window is None:
+            raise ValueError(f"layer_types has sliding_attention layers but sliding_window is null"
+                             f"{' (use_sliding_window is false)' if self.model_type != 'smollm3' else ''}")
+
+    def sliding_windows(self):
+        """The attention window of each layer (None: full causal attention); Mistral's applies to every layer."""
+        types = self.layer_types or ["sliding_attention" if self.model_type == "mistral" else "full_attention"
+                                     ] * self.num_hidden_layers
+        return [self.sliding_window if t == "sliding_attention" else None for t in types]
+
+    def rope_layers(self):
+        """Whether each layer applies RoPE."""
+        return [True] * self.num_hidden_layers
 
     @classmethod
     def from_config_json(cls, d):
-        """model_type llama or qwen2 (Llama with q/k/v biases and transformers' sliding-window defaults)."""
+        """model_type llama, mistral or qwen2 (Llama with q/k/v biases and transformers' sliding-window defaults);
+        RoPE from transformers 5's rope_parameters or the older rope_theta / rope_scaling keys."""
         d = dict(d)
-        rope = d.get("rope_parameters") or {}  # transformers 5 keeps rope_theta here
+        # transformers' convert_rope_params_to_dict: rope_scaling wins over rope_parameters, whose rope_theta wins
+        # over the top-level one (default: the family's), a top-level partial_rotary_factor goes in
+        rope = d.pop("rope_scaling", None) or d.pop("rope_parameters", None) or {}
+        d.pop("rope_parameters", None)
         if not isinstance(rope, dict):
             raise ValueError(f"rope_parameters must be an object, got {rope!r}")
-        if "rope_theta" in rope:
-            d["rope_theta"] = rope["rope_theta"]
-        if rope:
-            d["rope_scaling"] = rope if rope.get("rope_type", "default") != "default" or \
-                rope.get("partial_rotary_factor", 1.0) != 1.0 else None
-        if d.get("model_type") == "qwen2":
-            d.update(qkv_bias=True, attention_bias=False)
+        rope = dict(rope)
+        if "partial_rotary_factor" in d:
+            rope.setdefault("partial_rotary_factor", d.pop("partial_rotary_factor"))
+        d["rope_theta"] = rope.pop("rope_theta", d.get("rope_theta", cls.rope_theta))
+        d["rope_scaling"] = rope or None
+        model_type = d.get("model_type", "llama")
+        if model_type in cls.ARCHITECTURES:
+            d.setdefault("architectures", [cls.ARCHITECTURES[model_type]])
+        if model_type == "qwen2":  # Qwen2Config's defaults; its attention has q/k/v biases and no other
+            d.update(qkv_bias=True, attention_bias=False, mlp_bias=False)
             d.setdefault("use_sliding_window", False)
             d.setdefault("sliding_window", 4096)
             d.setdefault("max_window_layers", 28)
-        else:  # llama has no sliding window: these keys, if a file has them, mean nothing to transformers
+        elif model_type == "mistral":  # MistralConfig's defaults; no biases, layer_types ignored
+            d.setdefault("sliding_window", 4096)
+            for key in ("attention_bias", "mlp_bias", "use_sliding_window", "max_window_layers", "layer_types"):
+                d.pop(key, None)
+        elif model_type not in cls.WINDOWED:  # no sliding window: these keys, if a file has them, mean nothing
             for key in ("use_sliding_window", "sliding_window", "max_window_layers", "layer_types"):
                 d.pop(key, None)
         return cls.from_dict(d)
 
     @classmethod
     def from_gguf(cls, gguf):
-        """The config of a GGUF file of llama.cpp's 'llama' architecture (a base.GGUFConfigReader)."""
+        """The config of a GGUF file of llama.cpp's 'llama' architecture, or one that a subclass names (a
+        base.GGUFConfigReader); Llama 3's rope_freqs tensor is the loader's to pass (with_rope_freqs)."""
         fields = {f: gguf.number(f, key) for f, key in (
             ("hidden_size", "embedding_length"), ("intermediate_size", "feed_forward_length"),
             ("num_hidden_layers", "block_count"), ("num_attention_heads", "attention.head_count"))}
@@ -120,36 +198,75 @@ class LlamaConfig(Config):
                       rms_norm_eps=gguf.number("rms_norm_eps", "attention.layer_norm_rms_epsilon", 1e-5),
                       rope_theta=gguf.number("rope_theta", "rope.freq_base", 10000.0),
                       max_position_embeddings=gguf.number("max_position_embeddings", "context_length", 2048))
-        config = gguf.build(cls, **fields, tie_word_embeddings="output.weight" not in gguf.tensors,
-                            qkv_bias="blk.0.attn_q.bias" in gguf.tensors,
+        scaling = gguf.metadata.get(gguf.key("rope.scaling.type"))
+        gguf.refuse_unless("rope.scaling.type", (None, "none", *cls.GGUF_ROPE_SCALING))
+        if scaling in cls.GGUF_ROPE_SCALING:
+            rope_type, keys = cls.GGUF_ROPE_SCALING[scaling]
+            rope = {"rope_type": rope_type}
+            rope.update((k, v) for k, v in ((k, gguf.number(k, key, None)) for k, key in keys) if v is not None)
+            fields["rope_scaling"] = rope
+        else:
+            gguf.refuse_unless("rope.scaling.factor", (None, 0.0, 1.0))
+        config = gguf.build(cls, **fields, **cls._gguf_fields(gguf),
+                            tie_word_embeddings="output.weight" not in gguf.tensors,
                             bos_token_id=gguf.metadata.get("tokenizer.ggml.bos_token_id"),
                             eos_token_id=gguf.metadata.get("tokenizer.ggml.eos_token_id"))
         # keys that ask for another computation than this model's (llama.cpp's names)
         for name, ok in (("rope.dimension_count", (None, config.head_dim)),
                          ("attention.value_length", (None, config.head_dim)),
-                         ("rope.scaling.type", (None, "none")), ("rope.scaling.factor", (None, 0.0, 1.0)),
+                         ("rope.scaling.yarn_ext_factor", (None, 1.0)),
+                         ("rope.scaling.yarn_log_multiplier", (None, 0.0)), ("rope.scaling.attn_factor", (None, 1.0)),
                          ("expert_count", (None, 0)), ("attention.sliding_window", (None, 0))):
             gguf.refuse_unless(name, ok)
         return config
 
+    @classmethod
+    def _gguf_fields(cls, gguf):
+        """The fields a GGUF architecture implies beyond the shared keys (llama: q/k/v biases if present)."""
+        return {"qkv_bias": "blk.0.attn_q.bias" in gguf.tensors,
+                "attention_bias": "blk.0.attn_output.bias" in gguf.tensors,
+                "model_type": cls.GGUF_MODEL_TYPES.get(gguf.arch, cls.model_type)}
+
+    def with_rope_freqs(self, factors, source):
+        """This config with llama.cpp's rope_freqs tensor (head_dim/2,) dividing the RoPE frequencies (a Llama 3
+        GGUF); GGUFError naming `source` if its shape is not that."""
+        factors = np.asarray(factors, np.float64)
+        if factors.shape != (self.head_dim // 2,) or not np.all(np.isfinite(factors) & (factors > 0)):
+            raise GGUFError(f"{source}: tensor 'rope_freqs.weight' must hold head_dim / 2 = {self.head_dim // 2} "
+                            f"positive numbers, got shape {factors.shape}")
+        return dataclasses.replace(self, rope_freq_factors=factors.tolist())
+
     def to_config_json(self):
-        """model_type qwen2 for q/k/v biases without an o_proj bias, else llama; RoPE in rope_parameters."""
-        qwen2 = self.qkv_bias and not self.attention_bias
+        """transformers' config.json of this model_type (model_type llama with q/k/v biases and no o_proj bias is
+        written as qwen2); RoPE in rope_parameters."""
+        if self.rope_freq_factors is not None:
+            refuse(type(self).__name__, "rope_freq_factors", "...",
+                   " in a config.json (llama.cpp's rope_freqs tensor has no transformers form)")
         d = super().to_config_json()
-        d.update(architectures=["Qwen2ForCausalLM" if qwen2 else "LlamaForCausalLM"],
-                 model_type="qwen2" if qwen2 else "llama", hidden_act="silu")
+        model_type = self.model_type
+        if model_type == "llama" and self.qkv_bias and not self.attention_bias:
+            model_type = "qwen2"
+        d.update(architectures=[self.ARCHITECTURES.get(model_type, self.architectures[0])], model_type=model_type)
         d.pop("qkv_bias")
         d.pop("rope_scaling", None)
-        d["rope_parameters"] = {"rope_theta": self.rope_theta, "rope_type": "default"}
+        d.pop("rope_theta")
+        d["rope_parameters"] = {"rope_type": "default", **(self.rope_scaling or {}), "rope_theta": self.rope_theta}
+        if model_type not in ("qwen2", "qwen3", "smollm3"):
+            for key in ("use_sliding_window", "max_window_layers", "layer_types"):
+                d.pop(key, None)
+        if model_type == "mistral":
+            d["sliding_window"] = self.sliding_window  # null is meaningful: MistralConfig's default is 4096
         return d
 
 
 class Attention(Module):
     """Causal self-attention with separate q/k/v projections (Llama names), grouped-query
-    heads and optional RoPE; `bias` adds q/k/v biases (Qwen2), `o_bias` an o_proj bias."""
+    heads and optional RoPE; `bias` adds q/k/v biases (Qwen2), `o_bias` an o_proj bias; `qk_norm` (an eps)
+    RMS-normalises each head of q and k before RoPE (Qwen3's q_norm / k_norm); `sliding_window` W lets a query
+    see the last W positions only; `use_rope` False skips RoPE (SmolLM3's NoPE layers)."""
 
     def __init__(self, hidden_size, num_heads, num_kv_heads=None, head_dim=None, bias=False, o_bias=False,
-                 layer_idx=0, dropout=0.0, dtype=DEFAULT_DTYPE):
+                 layer_idx=0, dropout=0.0, qk_norm=None, sliding_window=None, use_rope=True, dtype=DEFAULT_DTYPE):
         super().__init__()
         self.attention_dropout = check_dropout_p("Attention", dropout)
         self.num_heads = num_heads
@@ -157,20 +274,30 @@ class Attention(Module):
         self.head_dim = head_dim or hidden_size // num_heads
         if self.num_heads % self.num_kv_heads:
             raise ValueError(f"Attention: {num_heads} heads is not a multiple of {self.num_kv_heads} kv heads")
-        self.layer_idx = layer_idx
+        self.layer_idx, self.sliding_window, self.use_rope = layer_idx, sliding_window, use_rope
         self.q_proj = Linear(hidden_size, self.num_heads * self.head_dim, bias=bias, dtype=dtype)
         self.k_proj = Linear(hidden_size, self.num_kv_heads * self.head_dim, bias=bias, dtype=dtype)
         self.v_proj = Linear(hidden_size, self.num_kv_heads * self.head_dim, bias=bias, dtype=dtype)
         self.o_proj = Linear(self.num_heads * self.head_dim, hidden_size, bias=o_bias, dtype=dtype)
+        self.qk_norm = qk_norm is not None
+        if self.qk_norm:
+            self.q_norm = RMSNorm(self.head_dim, qk_norm, dtype=dtype)
+            self.k_norm = RMSNorm(self.head_dim, qk_norm, dtype=dtype)
 
     def forward(self, x, cos=None, sin=None, cache=None, attn_mask=None):
         B, T, _ = x.shape
         hd = self.head_dim
-        q = F.transpose(F.reshape(self.q_proj(x), (B, T, self.num_heads, hd)), 1, 2)     # (B, Hq, T, D)
-        k = F.transpose(F.reshape(self.k_proj(x), (B, T, self.num_kv_heads, hd)), 1, 2)  # (B, Hkv, T, D)
+        q = F.reshape(self.q_proj(x), (B, T, self.num_heads, hd))                        # (B, T, Hq, D)
+        k = F.reshape(self.k_proj(x), (B, T, self.num_kv_heads, hd))                     # (B, T, Hkv, D)
+        if self.qk_norm:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = F.transpose(q, 1, 2), F.transpose(k, 1, 2)                                 # (B, H, T, D)
         v = F.transpose(F.reshape(self.v_proj(x), (B, T, self.num_kv_heads, hd)), 1, 2)  # (B, Hkv, T, D)
+        if not self.use_rope:
+            cos = sin = None
         p = self.attention_dropout if self.training else 0.0
-        y = attend(q, k, v, cache, self.layer_idx, cos, sin, attn_mask, dropout=p)       # (B, Hq, T, D)
+        y = attend(q, k, v, cache, self.layer_idx, cos, sin, attn_mask, dropout=p,
+                   sliding_window=self.sliding_window)                                    # (B, Hq, T, D)
         return self.o_proj(F.reshape(F.transpose(y, 1, 2), (B, T, self.num_heads * hd)))
 
 
@@ -195,11 +322,13 @@ class DecoderBlock(Module):
 
     def __init__(self, hidden_size, num_heads, num_kv_heads, intermediate_size, head_dim=None, eps=1e-6,
                  attention_bias=False, o_bias=False, mlp_bias=False, act="silu", layer_idx=0, attention_dropout=0.0,
-                 dtype=DEFAULT_DTYPE):
+                 qk_norm=False, sliding_window=None, use_rope=True, dtype=DEFAULT_DTYPE):
         super().__init__()
         self.input_layernorm = RMSNorm(hidden_size, eps, dtype=dtype)
         self.self_attn = Attention(hidden_size, num_heads, num_kv_heads, head_dim, bias=attention_bias,
-                                   o_bias=o_bias, layer_idx=layer_idx, dropout=attention_dropout, dtype=dtype)
+                                   o_bias=o_bias, layer_idx=layer_idx, dropout=attention_dropout,
+                                   qk_norm=eps if qk_norm else None, sliding_window=sliding_window,
+                                   use_rope=use_rope, dtype=dtype)
         self.post_attention_layernorm = RMSNorm(hidden_size, eps, dtype=dtype)
         self.mlp = GatedMLP(hidden_size, intermediate_size, bias=mlp_bias, act=act, dtype=dtype)
 
@@ -217,8 +346,9 @@ class LlamaModel(Module):
             DecoderBlock(c.hidden_size, c.num_attention_heads, c.num_key_value_heads, c.intermediate_size,
                          head_dim=c.head_dim, eps=c.rms_norm_eps, attention_bias=c.qkv_bias,
                          o_bias=c.attention_bias, mlp_bias=c.mlp_bias, act=c.hidden_act, layer_idx=i,
-                         attention_dropout=c.attention_dropout, dtype=dtype)
-            for i in range(c.num_hidden_layers))
+                         attention_dropout=c.attention_dropout, qk_norm=c.qk_norm, sliding_window=window,
+                         use_rope=rope, dtype=dtype)
+            for i, (window, rope) in enumerate(zip(c.sliding_windows(), c.rope_layers())))
         self.norm = RMSNorm(c.hidden_size, c.rms_norm_eps, dtype=dtype)
 
 
@@ -230,7 +360,7 @@ class LlamaForCausalLM(CausalLM):
         "attn_q.weight": "self_attn.q_proj.weight", "attn_k.weight": "self_attn.k_proj.weight",
         "attn_v.weight": "self_attn.v_proj.weight", "attn_output.weight": "self_attn.o_proj.weight",
         "attn_q.bias": "self_attn.q_proj.bias", "attn_k.bias": "self_attn.k_proj.bias",
-        "attn_v.bias": "self_attn.v_proj.bias",
+        "attn_v.bias": "self_attn.v_proj.bias", "attn_output.bias": "self_attn.o_proj.bias",
         "ffn_norm.weight": "post_attention_layernorm.weight",
         "ffn_gate.weight": "mlp.gate_proj.weight", "ffn_up.weight": "mlp.up_proj.weight",
         "ffn_down.weight": "mlp.down_proj.weight",
@@ -238,7 +368,10 @@ class LlamaForCausalLM(CausalLM):
 
     @classmethod
     def from_gguf_tensor(cls, gname, array, config):
-        """llama.cpp's converter permutes the rows of the llama architecture's q and k: undone here."""
+        """llama.cpp's converter permutes the rows of q and k for its LlamaModel and subclasses (llama, smollm3,
+        granite, ...), not for Qwen2Model and Qwen3Model: undone here."""
+        if config.model_type in ("qwen2", "qwen3"):
+            return array
         if gname.endswith(("attn_q.weight", "attn_q.bias")):
             return reverse_llama_permute(array, config.num_attention_heads)
         if gname.endswith(("attn_k.weight", "attn_k.bias")):
@@ -252,7 +385,8 @@ class LlamaForCausalLM(CausalLM):
         self.lm_head = Linear(config.hidden_size, config.vocab_size, bias=False, dtype=dtype)
         if config.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
-        self._rope = RopeTables(config.head_dim, config.rope_theta)
+        self._rope = RopeTables(config.head_dim, config.rope_theta, config.rope_scaling,
+                                config.max_position_embeddings, config.rope_freq_factors)
 
     def _blocks(self):
         return self.model.layers

@@ -88,11 +88,11 @@ def test_a_tied_alias_that_differs_is_refused(tmp_path, arch):
 
 
 @pytest.mark.parametrize("cls_name, kw, field", [
-    ("LlamaConfig", dict(rope_parameters={"rope_type": "linear", "factor": 2.0, "rope_theta": 10000.0}),
-     "rope_scaling"),
+    ("LlamaConfig", dict(rope_parameters={"rope_type": "default", "rope_theta": 10000.0,
+                                          "partial_rotary_factor": 0.5}), "partial_rotary_factor"),
     ("LlamaConfig", dict(hidden_act="gelu_fast"), "hidden_act"),
     ("LlamaConfig", dict(hidden_act="quick_gelu"), "hidden_act"),
-    ("Qwen2Config", dict(use_sliding_window=True, sliding_window=4, max_window_layers=1), "use_sliding_window"),
+    ("Qwen2Config", dict(rope_parameters={"rope_type": "proportional", "rope_theta": 10000.0}), "rope_type"),
     ("GPT2Config", dict(activation_function="gelu_fast"), "activation_function"),
     ("GPT2Config", dict(add_cross_attention=True), "add_cross_attention"),
 ])
