@@ -80,18 +80,31 @@ _CATEGORY_NAMES = ("Lu", "Ll", "Lt", "Lm", "Lo", "Mn", "Mc", "Me", "Nd", "Nl", "
                    "Pf", "Po", "Sm", "Sc", "Sk", "So", "Zs", "Zl", "Zp", "Cc", "Cf", "Cs", "Co", "Cn")
 
 
-# Letters and numbers assigned in Unicode 15.0-16.0, which tokenizers' Oniguruma (Unicode 16.0) knows and
-# Python 3.11's unicodedata (14.0) calls unassigned. Added to \p{L} / \p{N} (not to subcategories).
+# Letters, marks and numbers assigned in Unicode 15.0-16.0, which tokenizers' Oniguruma (Unicode 16.0) knows and
+# Python 3.11's unicodedata (14.0) calls unassigned, by general category (found by matching each \p{..}
+# against every code point unassigned in Python). \p{L} takes those of every L. category, and so on.
 _UNICODE_16_ADDITIONS = {
-    "L": ((0x1C89, 0x1C8A), (0xA7CB, 0xA7CD), (0xA7DA, 0xA7DC), (0x105C0, 0x105F3), (0x10D4A, 0x10D65),
-          (0x10D6F, 0x10D85), (0x10EC2, 0x10EC4), (0x1123F, 0x11240), (0x11380, 0x11389), (0x1138B, 0x1138B),
-          (0x1138E, 0x1138E), (0x11390, 0x113B5), (0x113B7, 0x113B7), (0x113D1, 0x113D1), (0x113D3, 0x113D3),
-          (0x11BC0, 0x11BE0), (0x11F02, 0x11F02), (0x11F04, 0x11F10), (0x11F12, 0x11F33), (0x1342F, 0x1342F),
-          (0x13441, 0x13446), (0x13460, 0x143FA), (0x16100, 0x1611D), (0x16D40, 0x16D6C), (0x18CFF, 0x18CFF),
-          (0x1B132, 0x1B132), (0x1B155, 0x1B155), (0x1DF25, 0x1DF2A), (0x1E030, 0x1E06D), (0x1E4D0, 0x1E4EB),
-          (0x1E5D0, 0x1E5ED), (0x1E5F0, 0x1E5F0), (0x2B739, 0x2B739), (0x2EBF0, 0x2EE5D), (0x31350, 0x323AF)),
-    "N": ((0x10D40, 0x10D49), (0x116D0, 0x116E3), (0x11BF0, 0x11BF9), (0x11F50, 0x11F59), (0x16130, 0x16139),
-          (0x16D70, 0x16D79), (0x1CCF0, 0x1CCF9), (0x1D2C0, 0x1D2D3), (0x1E4F0, 0x1E4F9), (0x1E5F1, 0x1E5FA)),
+    "Lu": ((0x1C89, 0x1C89), (0xA7CB, 0xA7CC), (0xA7DA, 0xA7DA), (0xA7DC, 0xA7DC), (0x10D50, 0x10D65)),
+    "Ll": ((0x1C8A, 0x1C8A), (0xA7CD, 0xA7CD), (0xA7DB, 0xA7DB), (0x10D70, 0x10D85), (0x1DF25, 0x1DF2A)),
+    "Lm": ((0x10D4E, 0x10D4E), (0x10D6F, 0x10D6F), (0x16D40, 0x16D42), (0x16D6B, 0x16D6C), (0x1E030, 0x1E06D),
+           (0x1E4EB, 0x1E4EB)),
+    "Lo": ((0x105C0, 0x105F3), (0x10D4A, 0x10D4D), (0x10D4F, 0x10D4F), (0x10EC2, 0x10EC4), (0x1123F, 0x11240),
+           (0x11380, 0x11389), (0x1138B, 0x1138B), (0x1138E, 0x1138E), (0x11390, 0x113B5), (0x113B7, 0x113B7),
+           (0x113D1, 0x113D1), (0x113D3, 0x113D3), (0x11BC0, 0x11BE0), (0x11F02, 0x11F02), (0x11F04, 0x11F10),
+           (0x11F12, 0x11F33), (0x1342F, 0x1342F), (0x13441, 0x13446), (0x13460, 0x143FA), (0x16100, 0x1611D),
+           (0x16D43, 0x16D6A), (0x18CFF, 0x18CFF), (0x1B132, 0x1B132), (0x1B155, 0x1B155), (0x1E4D0, 0x1E4EA),
+           (0x1E5D0, 0x1E5ED), (0x1E5F0, 0x1E5F0), (0x2B739, 0x2B739), (0x2EBF0, 0x2EE5D), (0x31350, 0x323AF)),
+    "Mn": ((0x897, 0x897), (0xECE, 0xECE), (0x10D69, 0x10D6D), (0x10EFC, 0x10EFF), (0x11241, 0x11241),
+           (0x113BB, 0x113C0), (0x113CE, 0x113CE), (0x113D0, 0x113D0), (0x113D2, 0x113D2), (0x113E1, 0x113E2),
+           (0x11F00, 0x11F01), (0x11F36, 0x11F3A), (0x11F40, 0x11F40), (0x11F42, 0x11F42), (0x11F5A, 0x11F5A),
+           (0x13440, 0x13440), (0x13447, 0x13455), (0x1611E, 0x16129), (0x1612D, 0x1612F), (0x1E08F, 0x1E08F),
+           (0x1E4EC, 0x1E4EF), (0x1E5EE, 0x1E5EF)),
+    "Mc": ((0xCF3, 0xCF3), (0x113B8, 0x113BA), (0x113C2, 0x113C2), (0x113C5, 0x113C5), (0x113C7, 0x113CA),
+           (0x113CC, 0x113CD), (0x113CF, 0x113CF), (0x11F03, 0x11F03), (0x11F34, 0x11F35), (0x11F3E, 0x11F3F),
+           (0x11F41, 0x11F41), (0x1612A, 0x1612C)),
+    "Nd": ((0x10D40, 0x10D49), (0x116D0, 0x116E3), (0x11BF0, 0x11BF9), (0x11F50, 0x11F59), (0x16130, 0x16139),
+           (0x16D70, 0x16D79), (0x1CCF0, 0x1CCF9), (0x1E4F0, 0x1E4F9), (0x1E5F1, 0x1E5FA)),
+    "No": ((0x1D2C0, 0x1D2D3),),
 }
 
 
@@ -114,7 +127,8 @@ def _category_ranges(category):
     if not letters:
         raise ValueError(f"unknown Unicode general category \\p{{{category}}}")
     ranges = [(m.start(), m.end() - 1) for m in re.finditer(f"[{letters}]+", _categories())]
-    return tuple(_merged(ranges + list(_UNICODE_16_ADDITIONS.get(category, ()))))
+    ranges += [r for name, added in _UNICODE_16_ADDITIONS.items() if name.startswith(category) for r in added]
+    return tuple(_merged(ranges))
 
 
 def _merged(ranges):
@@ -251,6 +265,13 @@ QWEN2_PATTERN = (
     r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
 )
 
+# GPT-4o's o200k pattern (Phi-4-mini, Llama 4): words by letter case, marks inside words.
+GPT4O_PATTERN = (
+    r"[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]*[\p{Ll}\p{Lm}\p{Lo}\p{M}]+(?i:'s|'t|'re|'ve|'m|'ll|'d)?"
+    r"|[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]+[\p{Ll}\p{Lm}\p{Lo}\p{M}]*(?i:'s|'t|'re|'ve|'m|'ll|'d)?"
+    r"|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n/]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+
 
 def _split_then_byte_level(pattern):
     return {"type": "Sequence", "pretokenizers": [
@@ -268,6 +289,7 @@ PRE_TOKENIZERS = {
     ]},
     "llama3": _split_then_byte_level(LLAMA3_PATTERN),
     "qwen2": _split_then_byte_level(QWEN2_PATTERN),
+    "gpt4o": _split_then_byte_level(GPT4O_PATTERN),
 }
 
 # `tokenizer.ggml.pre` -> (named pre-tokenizer, ignore_merges, add BOS when the file has no
@@ -280,6 +302,7 @@ GGUF_PRE_TOKENIZERS = {
                     ("llama3", True, True)),
     **dict.fromkeys(("dbrx", "smaug-bpe"), ("llama3", False, False)),
     **dict.fromkeys(("qwen2", "deepseek-r1-qwen", "kormo", "f2llmv2", "megrez", "stablelm2"), ("qwen2", False, False)),
+    **dict.fromkeys(("gpt-4o", "llama4", "kanana2", "talkie"), ("gpt4o", False, False)),
 }
 
 _SPLIT_BEHAVIORS = ("Removed", "Isolated", "MergedWithPrevious", "MergedWithNext", "Contiguous")
@@ -925,7 +948,8 @@ def _from_gguf(path, override):
     spm = kind == "llama"
     bos, eos = token_id("tokenizer.ggml.bos_token_id", 1 if spm else None), \
         token_id("tokenizer.ggml.eos_token_id", 2 if spm else None)
-    pad, unk = token_id("tokenizer.ggml.padding_token_id"), token_id("tokenizer.ggml.unknown_token_id", 0 if spm else None)
+    pad = token_id("tokenizer.ggml.padding_token_id")
+    unk = token_id("tokenizer.ggml.unknown_token_id", 0 if spm else None)
     kwargs, spelled, add_bos = (_gguf_spm if spm else _gguf_byte_level)(path, tokens, token_types, get, override)
     prefix = [bos] if get("tokenizer.ggml.add_bos_token", add_bos) and bos is not None else []
     suffix = [eos] if get("tokenizer.ggml.add_eos_token", False) and eos is not None else []
