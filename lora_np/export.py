@@ -28,7 +28,7 @@ from .models import GGUF_ARCHITECTURES
 from .models.base import GGUFConfigReader
 
 __all__ = ["save_merged", "hf_config_dict", "save_merged_gguf", "OUTTYPES", "gguf_architecture",
-           "gguf_tensor_names", "gguf_row_map", "to_gguf_rows", "gguf_config_keys"]
+           "gguf_tensor_names", "gguf_row_map", "to_gguf_rows", "gguf_config_keys", "hf_tokenizer_metadata"]
 
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json")
 
@@ -223,10 +223,10 @@ def _tensor_type(gname, shape, outtype):
     return ggml_type
 
 
-def _source_metadata(source):
-    """(metadata, value types) a merged GGUF carries over from a GGUF base model: general.* (but the file
-    type and alignment) and tokenizer.* keys. A base without a tokenizer gets llama.cpp's "none" (token ids
-    only); a Hugging Face folder's tokenizer.json is refused rather than dropped (not converted yet)."""
+def _source_metadata(source, vocab_size):
+    """(metadata, value types) a merged GGUF takes from its base model: from a GGUF file its general.* (but
+    the file type and alignment) and tokenizer.* keys, from a Hugging Face folder its tokenizer.json
+    converted (hf_tokenizer_metadata); without a tokenizer llama.cpp's "none" vocabulary (token ids only)."""
     source = os.fspath(source) if source else None
     if source and source.endswith(".gguf"):
         f = _gguf.GGUFFile(source)
@@ -235,10 +235,68 @@ def _source_metadata(source):
         return {k: f.metadata[k] for k in keep}, {k: f.value_types[k] for k in keep}
     folder = source if source and os.path.isdir(source) else os.path.dirname(source) if source else None
     if folder and os.path.exists(os.path.join(folder, "tokenizer.json")):
-        raise NotImplementedError(f"GGUF export: {folder}'s tokenizer.json is not converted to GGUF's tokenizer "
-                                  "keys yet; export from the model's GGUF file, or convert the merged folder "
-                                  "(lora-np merge) with llama.cpp's convert_hf_to_gguf.py")
+        return hf_tokenizer_metadata(folder, vocab_size)
     return {"tokenizer.ggml.model": "none"}, {}
+
+
+# llama.cpp's token types (llama_token_type)
+_NORMAL, _CONTROL, _USER_DEFINED, _UNUSED = 1, 3, 4, 5
+
+
+def _without_offsets(spec):
+    """A pre-tokenizer spec without `trim_offsets` (it moves offsets, not tokens)."""
+    if isinstance(spec, dict):
+        return {k: _without_offsets(v) for k, v in spec.items() if k != "trim_offsets"}
+    if isinstance(spec, list):
+        return [_without_offsets(v) for v in spec]
+    return spec
+
+
+def hf_tokenizer_metadata(folder, vocab_size):
+    """(tokenizer.* keys, their GGUF types) of a Hugging Face folder's byte-level BPE tokenizer, as
+    convert_hf_to_gguf.py's _set_vocab_gpt2 writes them: tokens by id ([PAD<id>] for ids the tokenizer lacks
+    up to `vocab_size`, type UNUSED), added special tokens CONTROL and other added ones USER_DEFINED,
+    the merges, `tokenizer.ggml.pre` the llama.cpp name of the tokenizer.json's pre-tokenizer, the special
+    token ids, add_bos / add_eos and the chat template as lora_np's tokenizer resolves them from the folder.
+    NotImplementedError naming what GGUF's gpt2 tokenizer cannot hold (another model, a normalizer)."""
+    from .fileio import read_json_object
+    from .tokenizer import GGUF_PRE_TOKENIZERS, PRE_TOKENIZERS, load_tokenizer
+
+    path = os.path.join(folder, "tokenizer.json")
+    spec = read_json_object(path, ValueError, "a tokenizer")
+    model = spec.get("model") or {}
+    if model.get("type") != "BPE" or model.get("byte_fallback") or spec.get("normalizer"):
+        raise NotImplementedError(f"GGUF export: {path}: only byte-level BPE tokenizers without a normalizer are "
+                                  f"converted (model {model.get('type')!r}, byte_fallback "
+                                  f"{model.get('byte_fallback')!r}, normalizer {spec.get('normalizer')!r})")
+    pre = _without_offsets(spec.get("pre_tokenizer"))
+    names = [n for n, p in PRE_TOKENIZERS.items() if _without_offsets(p) == pre]
+    ignore_merges = bool(model.get("ignore_merges", False))
+    gguf_pre = next((g for g, (n, ignore, _) in GGUF_PRE_TOKENIZERS.items() if n in names and ignore == ignore_merges),
+                    None)
+    if gguf_pre is None:
+        raise NotImplementedError(f"GGUF export: {path}: pre_tokenizer {spec.get('pre_tokenizer')!r:.200} "
+                                  f"(ignore_merges {ignore_merges}) has no llama.cpp name lora_np knows")
+    tok = load_tokenizer(folder)
+    vocab = tok.get_vocab()
+    added = {t["id"]: t for t in spec.get("added_tokens") or []}
+    n = max(vocab_size, max(vocab.values()) + 1)
+    by_id = {i: t for t, i in vocab.items()}
+    tokens = [by_id.get(i, f"[PAD{i}]") for i in range(n)]
+    types = [_UNUSED if i not in by_id else _CONTROL if added.get(i, {}).get("special") else
+             _USER_DEFINED if i in added else _NORMAL for i in range(n)]
+    merges = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges") or []]
+    metadata = {"tokenizer.ggml.model": "gpt2", "tokenizer.ggml.pre": gguf_pre, "tokenizer.ggml.tokens": tokens,
+                "tokenizer.ggml.token_type": types, "tokenizer.ggml.merges": merges}
+    for key, token_id in (("bos_token_id", tok.bos_token_id), ("eos_token_id", tok.eos_token_id),
+                          ("unknown_token_id", tok.unk_token_id), ("padding_token_id", tok.pad_token_id)):
+        if token_id is not None:
+            metadata[f"tokenizer.ggml.{key}"] = token_id
+    metadata["tokenizer.ggml.add_bos_token"] = tok.bos_token_id is not None and tok.prefix_ids == [tok.bos_token_id]
+    metadata["tokenizer.ggml.add_eos_token"] = tok.eos_token_id is not None and tok.suffix_ids == [tok.eos_token_id]
+    if tok.chat_template is not None:
+        metadata["tokenizer.chat_template"] = tok.chat_template
+    return metadata, {}
 
 
 def save_merged_gguf(model, out, source=None, outtype="f32"):
@@ -246,12 +304,13 @@ def save_merged_gguf(model, out, source=None, outtype="f32"):
     llama.cpp's convert_hf_to_gguf.py writes it: llama.cpp's tensor names, the family's converter
     transform (llama's q/k row interleave) redone, the `{arch}.*` keys, tensors in `outtype` (f32, f16,
     q8_0, q4_0; norms and 1-D tensors F32). The general.* and tokenizer.* keys of a GGUF `source` (the
-    base model's file: vocabulary, merges, special tokens, chat template) are carried over; without a
-    tokenizer (no `source`, or a folder with no tokenizer.json) the file has llama.cpp's "none" vocabulary."""
+    base model's file: vocabulary, merges, special tokens, chat template) are carried over, a Hugging Face
+    folder's tokenizer.json converted; without a tokenizer (no `source`, or a folder with no tokenizer.json)
+    the file has llama.cpp's "none" vocabulary."""
     if outtype not in OUTTYPES:
         raise ValueError(f"GGUF export: outtype {outtype!r} is not one of {', '.join(OUTTYPES)}")
     arch = gguf_architecture(model.config)
-    metadata, types = _source_metadata(source)
+    metadata, types = _source_metadata(source, model.config.vocab_size)
     base = model.merge_and_unload() if hasattr(model, "merge_and_unload") else model
     config, cls = base.config, type(base)
     names = gguf_tensor_names(cls, config)

@@ -338,12 +338,51 @@ def test_merged_gguf_carries_the_gguf_sources_tokenizer_and_chat_template(tmp_pa
     assert llm.tokenize(text.encode(), add_bos=False) == lora_np.load_tokenizer(path).encode(text)
 
 
-def test_merged_gguf_refuses_to_drop_a_hugging_face_tokenizer(tmp_path):
+def test_merged_gguf_from_a_hugging_face_folder_converts_its_tokenizer(tmp_path):
+    """A byte-level BPE trained by `tokenizers` (SmolLM2's pre-tokenizer: digits, then byte-level) in a folder
+    with SmolLM2's chat template: the exported GGUF tokenizes in llama.cpp as `tokenizers` does, special tokens
+    and the padding up to the model's vocabulary included, and carries the template and special ids."""
+    tokenizers = crosscheck("tokenizers")
+    from lora_np.demo import DATA_DIR
+    from lora_np.export import save_merged
+
+    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+    tok = tokenizers.Tokenizer(tokenizers.models.BPE())
+    tok.pre_tokenizer = tokenizers.pre_tokenizers.Sequence([
+        tokenizers.pre_tokenizers.Digits(individual_digits=True),
+        tokenizers.pre_tokenizers.ByteLevel(add_prefix_space=False)])
+    tok.decoder = tokenizers.decoders.ByteLevel()
+    trainer = tokenizers.trainers.BpeTrainer(vocab_size=400, special_tokens=specials,
+                                             initial_alphabet=tokenizers.pre_tokenizers.ByteLevel.alphabet())
+    with open(os.path.join(DATA_DIR, "dates_train.jsonl"), encoding="utf-8") as fh:
+        tok.train_from_iterator(fh.read().splitlines(), trainer)
+    folder = save_merged(tiny_model(vocab_size=416), tmp_path / "hf")  # 16 ids past the tokenizer's: [PAD<id>]
+    tok.save(str(tmp_path / "hf" / "tokenizer.json"))
+    template = GGUFFile(lora_np.default_model_path()).metadata["tokenizer.chat_template"]
+    (tmp_path / "hf" / "tokenizer_config.json").write_text(json.dumps({
+        "bos_token": "<|im_start|>", "eos_token": "<|im_end|>", "unk_token": "<|endoftext|>",
+        "chat_template": template}))
+    f = GGUFFile(save_merged_gguf(load_model(folder), tmp_path / "m.gguf", source=folder, outtype="f32"))
+    md = f.metadata
+    assert md["tokenizer.ggml.model"] == "gpt2" and md["tokenizer.ggml.pre"] == "smollm"
+    assert md["tokenizer.chat_template"] == template and len(md["tokenizer.ggml.tokens"]) == 416
+    assert md["tokenizer.ggml.bos_token_id"] == 1 and md["tokenizer.ggml.eos_token_id"] == 2
+    assert md["tokenizer.ggml.token_type"][:3] == [3, 3, 3] and md["tokenizer.ggml.token_type"][-1] == 5
+    assert md["tokenizer.ggml.tokens"][-1] == "[PAD415]" and f.value_types["tokenizer.ggml.token_type"] == (
+        "ARRAY", "INT32")
+    llama_cpp = crosscheck("llama_cpp")
+    llm = llama_cpp.Llama(str(tmp_path / "m.gguf"), n_ctx=64, n_threads=2, verbose=False, vocab_only=True)
+    for text in ("Rewrite the date: the 21st of September, 1947.", "<|im_start|>user\nFeb 4, 2043<|im_end|>",
+                 "  Monday,\tApril 1 2010  \u00e9t\u00e9 \U0001F600 12345"):
+        assert llm.tokenize(text.encode(), add_bos=False, special=True) == tok.encode(text).ids, text
+
+
+def test_merged_gguf_refuses_a_tokenizer_gguf_cannot_hold(tmp_path):
     from lora_np.export import save_merged
 
     folder = save_merged(tiny_model(), tmp_path / "hf")
-    (tmp_path / "hf" / "tokenizer.json").write_text("{}")
-    with pytest.raises(NotImplementedError, match="tokenizer.json is not converted to GGUF's tokenizer keys yet"):
+    (tmp_path / "hf" / "tokenizer.json").write_text(json.dumps({"model": {"type": "Unigram", "vocab": []}}))
+    with pytest.raises(NotImplementedError, match="only byte-level BPE tokenizers without a normalizer"):
         save_merged_gguf(load_model(folder), tmp_path / "m.gguf", source=folder)
     assert not (tmp_path / "m.gguf").exists()
 
