@@ -26,6 +26,9 @@ FAMILIES = {
     "qwen3": ("qwen3", "Qwen3Config", "Qwen3ForCausalLM"),
     "smollm3": ("smollm3", "SmolLM3Config", "SmolLM3ForCausalLM"),
     "gpt2": ("gpt2", "GPT2Config", "GPT2LMHeadModel"),
+    "gemma": ("gemma", "GemmaConfig", "GemmaForCausalLM"),
+    "gemma2": ("gemma", "Gemma2Config", "Gemma2ForCausalLM"),
+    "gemma3_text": ("gemma", "Gemma3TextConfig", "Gemma2ForCausalLM"),  # Gemma 2 with q/k norms, two RoPE bases
     "olmo2": ("olmo2", "Olmo2Config", "Olmo2ForCausalLM"),
     "granite": ("granite", "GraniteConfig", "GraniteForCausalLM"),
 }
@@ -36,6 +39,9 @@ GGUF_ARCHITECTURES = {
     "qwen2": "qwen2",
     "qwen3": "qwen3",
     "smollm3": "smollm3",
+    "gemma": "gemma",
+    "gemma2": "gemma2",
+    "gemma3": "gemma3_text",
     "olmo2": "olmo2",
     "granite": "granite",
 }
