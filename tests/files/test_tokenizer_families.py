@@ -434,3 +434,43 @@ def test_gguf_missing_byte_token_is_named(spm_base, tmp_path):
     with pytest.raises(ValueError, match=r"nobyte\.gguf: no token for .*<0xE2>"):
         ours.encode("price: 5\u20ac")
     assert unicodedata.name("\u20ac") == "EURO SIGN"
+
+
+# -- GGUF "gpt2" with the Qwen2 and GPT-4o pre-tokenizers --------------------------------
+
+@pytest.fixture(scope="module")
+def split_byte_level_gguf(split_byte_level, tmp_path_factory):
+    """The byte-level BPE written as llama.cpp's converter writes it (tokens, types, merges, the pre-tokenizer
+    name): (transformers' tokenizer from the GGUF, ours from the GGUF, the pre name)."""
+    gguf = crosscheck("gguf")
+    crosscheck("transformers")
+    from transformers.integrations.gguf.gguf_tokenizer_mapping import convert_gguf_tokenizer, get_gguf_tokenizer
+
+    ref, _ = split_byte_level
+    pre = "qwen2" if ref.normalizer is not None else "gpt-4o"
+    vocab = ref.get_vocab()
+    tokens = sorted(vocab, key=vocab.get)
+    path = tmp_path_factory.mktemp(pre) / "tok.gguf"
+    writer = gguf.GGUFWriter(str(path), "qwen2")
+    writer.add_tokenizer_model("gpt2")
+    writer.add_tokenizer_pre(pre)
+    writer.add_token_list(tokens)
+    writer.add_token_types([3 if t.startswith("<|") else 1 for t in tokens])
+    writer.add_token_merges([" ".join(m) for m in json.loads(ref.to_str())["model"]["merges"]])
+    writer.add_eos_token_id(vocab["<|endoftext|>"])
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    architecture, tokenizer_dict, _ = get_gguf_tokenizer(str(path))
+    return convert_gguf_tokenizer(architecture, tokenizer_dict)[0], load_tokenizer(path), pre
+
+
+@settings(max_examples=60, deadline=None)
+@given(text=texts)
+def test_split_byte_level_gguf_matches_transformers(split_byte_level_gguf, text):
+    """llama.cpp runs no NFC for "qwen2", and neither does transformers' GGUF tokenizer."""
+    ref, ours, _ = split_byte_level_gguf
+    ids = ref.encode(text, add_special_tokens=False).ids
+    assert ours.encode(text) == ids, text
+    assert ours.decode(ids) == ref.decode(ids, skip_special_tokens=False)
