@@ -31,6 +31,7 @@ FAMILIES = {
     "gemma3_text": ("gemma", "Gemma3TextConfig", "Gemma2ForCausalLM"),  # Gemma 2 with q/k norms, two RoPE bases
     "olmo2": ("olmo2", "Olmo2Config", "Olmo2ForCausalLM"),
     "granite": ("granite", "GraniteConfig", "GraniteForCausalLM"),
+    "phi3": ("phi3", "Phi3Config", "Phi3ForCausalLM"),
 }
 
 # GGUF's general.architecture (llama.cpp's LLM_ARCH names) -> the config.json model_type that computes it
@@ -44,6 +45,7 @@ GGUF_ARCHITECTURES = {
     "gemma3": "gemma3_text",
     "olmo2": "olmo2",
     "granite": "granite",
+    "phi3": "phi3",
 }
 
 

@@ -111,4 +111,5 @@ class Olmo2ForCausalLM(LlamaForCausalLM):
         self.lm_head = Linear(config.hidden_size, config.vocab_size, bias=False, dtype=dtype)
         if config.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
-        self._rope = RopeTables(config.head_dim, config.rope_theta)
+        self._rope = RopeTables(config.head_dim, config.rope_theta, config.rope_scaling, config.max_position_embeddings,
+                                config.rope_freq_factors)

@@ -11,6 +11,8 @@ wrote the adapter; "all-linear" adapts the modules PEFT adapts; a GGUF written a
 transformers computes its RMSNorms and RoPE tables in float32 even in a float64 model; `_float64` gives it
 float64 versions (the RoPE tables recomputed from transformers' formulas, checked against its own float32 tables
 first) so that a float64 comparison tests the model, not that rounding."""
+import math
+
 import numpy as np
 import pytest
 
@@ -36,7 +38,15 @@ OPTIONS = {
     "granite": dict(attention_bias=True, mlp_bias=True, embedding_multiplier=3.0, residual_multiplier=0.37,
                     attention_multiplier=0.11, logits_scaling=2.5, rope_parameters=ROPE),
 }
-CONFIGS = {"olmo2": "Olmo2Config", "granite": "GraniteConfig"}
+LONGROPE = {"rope_type": "longrope", "rope_theta": 300.0, "short_factor": [1.0, 1.25, 2.125],
+            "long_factor": [1.75, 3.0, 5.5]}
+PHI_IDS = dict(pad_token_id=0, bos_token_id=1, eos_token_id=2)  # Phi3Config's default ids are past VOCAB
+OPTIONS["phi3"] = dict(**PHI_IDS, sliding_window=6, original_max_position_embeddings=16,  # Phi-3-mini: window, longrope
+                       rope_parameters={**LONGROPE, "short_factor": [1.0, 1.25, 2.125, 0.875],
+                                        "long_factor": [1.75, 3.0, 5.5, 1.125]})
+OPTIONS["phi4mini"] = dict(**PHI_IDS, tie_word_embeddings=True, original_max_position_embeddings=16,  # partial rotary
+                           rope_parameters={**LONGROPE, "partial_rotary_factor": 0.75})
+CONFIGS = {"olmo2": "Olmo2Config", "granite": "GraniteConfig", "phi3": "Phi3Config", "phi4mini": "Phi3Config"}
 
 
 def _randomize(torch, ref, rng):
@@ -48,8 +58,24 @@ def _randomize(torch, ref, rng):
             p.copy_(torch.from_numpy(base + scale * rng.standard_normal(tuple(p.shape))))
 
 
+def _inv_freq64(torch, cfg, seq_len):
+    """transformers' inverse frequencies and attention scaling (_compute_default_rope_parameters,
+    _compute_longrope_parameters with dynamic_rope_update's choice of factors) in float64."""
+    rope = cfg.rope_parameters
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    dim = int(head_dim * rope.get("partial_rotary_factor", 1.0))
+    powers = rope["rope_theta"] ** (torch.arange(0, dim, 2, dtype=torch.float64) / dim)          # (rd/2,)
+    if rope["rope_type"] == "default":
+        return 1.0 / powers, 1.0
+    original = rope["original_max_position_embeddings"]
+    factors = torch.tensor(rope["long_factor" if seq_len > original else "short_factor"], dtype=torch.float64)
+    factor = cfg.max_position_embeddings / original
+    return 1.0 / (factors * powers), math.sqrt(1 + math.log(factor) / math.log(original)) if factor > 1 else 1.0
+
+
 def _float64(torch, ref):
-    """Make transformers' float32 internals float64: every *RMSNorm, and the RoPE tables (default RoPE here)."""
+    """Make transformers' float32 internals float64: every *RMSNorm, and the RoPE tables (each call's tables
+    first checked against transformers' own float32 ones)."""
     def rms_forward(self, h):
         return self.weight * (h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.variance_epsilon))
 
@@ -57,16 +83,13 @@ def _float64(torch, ref):
         if type(mod).__name__.endswith("RMSNorm"):
             mod.forward = rms_forward.__get__(mod)
     rot = ref.model.rotary_emb
-    cfg = ref.config
-    theta = cfg.rope_parameters["rope_theta"]
-    dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
-    inv = 1.0 / (theta ** (torch.arange(0, dim, 2, dtype=torch.float64) / dim))
     own = rot.forward
 
     def rope_forward(x, position_ids):
-        f = position_ids[..., None].double() * inv                                  # (B, T, D/2)
-        emb = torch.cat([f, f], -1)                                                 # (B, T, D)
-        cos, sin = emb.cos().to(x.dtype), emb.sin().to(x.dtype)
+        inv, scaling = _inv_freq64(torch, ref.config, int(position_ids.max()) + 1)
+        f = position_ids[..., None].double() * inv                                  # (B, T, rd/2)
+        emb = torch.cat([f, f], -1)                                                 # (B, T, rd)
+        cos, sin = (emb.cos() * scaling).to(x.dtype), (emb.sin() * scaling).to(x.dtype)
         cos32, sin32 = own(x.float(), position_ids)
         assert torch.allclose(cos32.double(), cos, atol=1e-5) and torch.allclose(sin32.double(), sin, atol=1e-5)
         return cos, sin
@@ -80,7 +103,7 @@ def _pair(kind, folder, **options):
     torch = crosscheck("torch")
     transformers = crosscheck("transformers")
     torch.manual_seed(0)
-    config = getattr(transformers, CONFIGS[kind])(**SMALL, **{**OPTIONS[kind], **options})
+    config = getattr(transformers, CONFIGS[kind])(**{**SMALL, **OPTIONS[kind], **options})
     ref = transformers.AutoModelForCausalLM.from_config(config)
     _randomize(torch, ref, np.random.default_rng(0))
     ref.save_pretrained(folder)
@@ -94,16 +117,30 @@ def _logits(torch, ref, ids):
         return ref(torch.tensor(ids)).logits.numpy()
 
 
-KINDS = ["olmo2", "granite"]
+KINDS = ["olmo2", "granite", "phi3", "phi4mini"]
+LENGTHS = {"phi3": (12, 20), "phi4mini": (12, 20)}  # short and long factors (original_max_position_embeddings 16)
 
 
 @pytest.mark.parametrize("kind", KINDS)
 def test_hf_folder_matches_transformers(kind, tmp_path):
     torch, ref, model = _pair(kind, tmp_path)
     assert type(model).__name__ == type(ref).__name__
-    assert sorted(model.state_dict()) == sorted(ref.state_dict())
-    ids = _ids()
-    assert_close(model(ids).logits.data, _logits(torch, ref, ids), name="logits", **TOL)
+    assert sorted(model.state_dict(), key=str) == sorted(ref.state_dict(), key=str)
+    for T in LENGTHS.get(kind, (11,)):
+        ids = _ids(T)
+        assert_close(model(ids).logits.data, _logits(torch, ref, ids), name=f"logits T={T}", **TOL)
+
+
+@pytest.mark.parametrize("kind", ["phi3", "phi4mini"])
+def test_greedy_generation_matches_transformers(kind, tmp_path):
+    """With the KV cache, across the sliding window and past original_max_position_embeddings (where transformers'
+    Phi-3 drops the cache of short-factor keys once and recomputes every position with the long factors)."""
+    torch, ref, model = _pair(kind, tmp_path)
+    ids = _ids(10)
+    ref.generation_config.eos_token_id = None
+    with torch.no_grad():
+        theirs = ref.generate(torch.tensor(ids), max_new_tokens=12, do_sample=False, pad_token_id=0).numpy()
+    np.testing.assert_array_equal(model.generate(ids, max_new_tokens=12), theirs)
 
 
 # -- LoRA against PEFT -------------------------------------------------------------------------
@@ -142,7 +179,9 @@ def _compare(mine, theirs):
 
 
 LORA = {"olmo2": dict(r=3, lora_alpha=5, target_modules=["q_proj", "k_proj", "o_proj", "up_proj"]),
-        "granite": dict(r=3, lora_alpha=7, target_modules=["v_proj", "gate_proj", "down_proj"], use_rslora=True)}
+        "granite": dict(r=3, lora_alpha=7, target_modules=["v_proj", "gate_proj", "down_proj"], use_rslora=True),
+        "phi3": dict(r=3, lora_alpha=5, target_modules=["qkv_proj", "gate_up_proj"]),
+        "phi4mini": dict(r=2, lora_alpha=4, target_modules=["qkv_proj", "o_proj", "down_proj", "embed_tokens"])}
 
 
 @pytest.mark.parametrize("kind", KINDS)
@@ -154,7 +193,7 @@ def test_peft_adapter_loads_here_with_peft_gradients(kind, tmp_path):
     with torch.no_grad():
         _perturb(params.items(), np.random.default_rng(2), lambda n, d: params[n].add_(torch.from_numpy(d)))
     pm.save_pretrained(tmp_path / "adapter")
-    ids = _ids()
+    ids = _ids(LENGTHS.get(kind, (11,))[-1])
     theirs = _run_torch(torch, pm, ids)
     _compare(_run_np(LoraModel.from_pretrained(model, tmp_path / "adapter", is_trainable=True), ids), theirs)
 
@@ -168,12 +207,23 @@ def test_all_linear_adapter_loads_in_peft_with_our_gradients(kind, tmp_path):
     params = dict(lm.named_parameters())
     _perturb(params.items(), np.random.default_rng(3), lambda n, d: setattr(params[n], "data", params[n].data + d))
     lm.save_pretrained(tmp_path / "adapter")
-    ids = _ids()
+    ids = _ids(LENGTHS.get(kind, (11,))[-1])
     mine = _run_np(lm, ids)
     theirs_all_linear = peft.get_peft_model(ref, peft.LoraConfig(**kw))
     assert sorted(n for n, p in theirs_all_linear.named_parameters() if p.requires_grad) == sorted(mine[2])
     pm = peft.PeftModel.from_pretrained(theirs_all_linear.unload(), str(tmp_path / "adapter"), is_trainable=True)
     _compare(mine, _run_torch(torch, pm, ids))
+
+
+@pytest.mark.parametrize("kind", ["olmo2", "granite", "phi3"])
+def test_no_default_target_modules_as_in_peft(kind, tmp_path):
+    """PEFT has no default target_modules for these model types and asks for them; so do we."""
+    torch, ref, model = _pair(kind, tmp_path)
+    peft = crosscheck("peft")
+    with pytest.raises(ValueError, match="target_modules"):
+        peft.get_peft_model(ref, peft.LoraConfig(r=2))
+    with pytest.raises(ValueError, match=f"target_modules is None and model type '{kind}' has no default"):
+        get_peft_model(model, LoraConfig(r=2))
 
 
 # -- GGUF as llama.cpp's converter writes it ------------------------------------------------------
@@ -182,11 +232,15 @@ def _permute(w, n_head):
     return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
-def _write_gguf(path, ref, arch):
-    """`ref` as convert_hf_to_gguf.py converts it: TextModel's keys (+ LlamaModel's rope.dimension_count and
-    q/k permutation for granite, GraniteModel's *_scale keys), tensor names from gguf-py's tensor map."""
+def _write_gguf(path, ref, arch, granite_scales=True):
+    """`ref` as convert_hf_to_gguf.py converts it: TextModel's keys (olmo2), LlamaModel's with its
+    rope.dimension_count and q/k permutation and GraniteModel's *_scale keys (granite), Phi3MiniModel's keys and
+    longrope factor tensors (phi3); tensor names from gguf-py's tensor map, tied heads written once. The
+    converter writes a granite scale only when it is nonzero: granite_scales=False writes none."""
     gguf = crosscheck("gguf")
     cfg = ref.config
+    rope = cfg.rope_parameters
+    head_dim = cfg.hidden_size // cfg.num_attention_heads
     w = gguf.GGUFWriter(str(path), arch)
     w.add_context_length(cfg.max_position_embeddings)
     w.add_embedding_length(cfg.hidden_size)
@@ -194,17 +248,31 @@ def _write_gguf(path, ref, arch):
     w.add_block_count(cfg.num_hidden_layers)
     w.add_head_count(cfg.num_attention_heads)
     w.add_head_count_kv(cfg.num_key_value_heads)
-    w.add_rope_freq_base(cfg.rope_parameters["rope_theta"])
+    w.add_rope_freq_base(rope["rope_theta"])
     w.add_layer_norm_rms_eps(cfg.rms_norm_eps)
     if arch == "granite":
         w.add_vocab_size(cfg.vocab_size)
-        w.add_rope_dimension_count(cfg.hidden_size // cfg.num_attention_heads)
+        w.add_rope_dimension_count(head_dim)
+    if arch == "granite" and granite_scales:
         w.add_attention_scale(cfg.attention_multiplier)
         w.add_embedding_scale(cfg.embedding_multiplier)
         w.add_residual_scale(cfg.residual_multiplier)
         w.add_logit_scale(cfg.logits_scaling)
+    if arch == "phi3":
+        original = rope.get("original_max_position_embeddings", cfg.original_max_position_embeddings)
+        w.add_rope_scaling_orig_ctx_len(original)
+        w.add_rope_dimension_count(int(rope.get("partial_rotary_factor", 1.0) * cfg.hidden_size)
+                                   // cfg.num_attention_heads)
+        w.add_sliding_window(cfg.sliding_window or 0)
+        if rope.get("long_factor"):
+            scale = cfg.max_position_embeddings / original
+            w.add_rope_scaling_attn_factors(math.sqrt(1 + math.log(scale) / math.log(original)) if scale > 1 else 1.0)
+            w.add_tensor("rope_factors_long.weight", np.array(rope["long_factor"], np.float32))
+            w.add_tensor("rope_factors_short.weight", np.array(rope["short_factor"], np.float32))
     names = gguf.get_tensor_name_map({v: k for k, v in gguf.MODEL_ARCH_NAMES.items()}[arch], cfg.num_hidden_layers)
     for name, t in ref.state_dict().items():
+        if name == "lm_head.weight" and cfg.tie_word_embeddings:
+            continue
         a = t.numpy().astype(np.float32)
         if arch == "granite" and name.endswith("q_proj.weight"):
             a = _permute(a, cfg.num_attention_heads)
@@ -217,15 +285,148 @@ def _write_gguf(path, ref, arch):
     w.close()
 
 
+# GGUF keeps numbers as float32: values float32 holds exactly; llama.cpp's olmo2 and granite have no biases; the
+# converter writes longrope's attention factor √(1 + ln s / ln n) for s = max / original positions: s = n³ makes
+# it 2, exactly
+GGUF_OPTIONS = {"olmo2": dict(attention_bias=False),
+                "granite": dict(attention_bias=False, mlp_bias=False, residual_multiplier=0.375,
+                                attention_multiplier=0.125),
+                "phi3": dict(original_max_position_embeddings=8, max_position_embeddings=4096),
+                "phi4mini": dict(original_max_position_embeddings=8, max_position_embeddings=4096)}
+GGUF_LENGTHS = {"phi3": (8, 20), "phi4mini": (8, 20)}
+
+
 @pytest.mark.parametrize("kind", KINDS)
 def test_gguf_matches_transformers(kind, tmp_path):
-    """llama.cpp's olmo2 and granite architectures have no bias tensors: a model without; GGUF keeps the
-    multipliers as float32: ones that float32 holds exactly."""
-    exact = dict(residual_multiplier=0.375, attention_multiplier=0.125) if kind == "granite" else {}
-    torch, ref, _ = _pair(kind, tmp_path / "model", attention_bias=False, mlp_bias=False, **exact)
-    _write_gguf(tmp_path / "m.gguf", ref, kind)
+    torch, ref, _ = _pair(kind, tmp_path / "model", **GGUF_OPTIONS[kind])
+    _write_gguf(tmp_path / "m.gguf", ref, "phi3" if kind.startswith("phi") else kind)
     model = load_model(tmp_path / "m.gguf", dtype="float64")
+    assert sorted(model.state_dict(), key=str) == sorted(ref.state_dict(), key=str)
     for name, t in ref.state_dict().items():
         assert_close(model.state_dict()[name], t.numpy(), rtol=0, name=name)
+    for T in GGUF_LENGTHS.get(kind, (11,)):
+        ids = _ids(T)
+        assert_close(model(ids).logits.data, _logits(torch, ref, ids), name=f"logits T={T}", **TOL)
+
+
+# -- config.json: our own, and the older forms found on the Hub ---------------------------------------
+@pytest.mark.parametrize("kind", KINDS)
+def test_exported_folder_loads_in_transformers(kind, tmp_path):
+    """to_config_json is the inverse of from_config_json: the folder export writes computes the same in
+    transformers."""
+    from lora_np.export import save_merged
+
+    torch, ref, model = _pair(kind, tmp_path / "model")
+    save_merged(model, tmp_path / "out")
+    transformers = crosscheck("transformers")
+    back = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out", dtype=torch.float64).eval()
+    theirs, back_d = ref.config.to_dict(), back.config.to_dict()
+    for key in ("_name_or_path", "transformers_version", "dtype"):
+        theirs.pop(key), back_d.pop(key)
+    assert back_d.pop("head_dim", 8) == 8 and back_d == theirs
+    _float64(torch, back)
+    ids = _ids(LENGTHS.get(kind, (11,))[-1])
+    assert_close(_logits(torch, back, ids), _logits(torch, ref, ids), name="logits", **TOL)
+
+
+def _hub_form(folder, edit):
+    """Rewrite folder/config.json by `edit(dict)` (an older form of the same model)."""
+    import json
+
+    path = folder / "config.json"
+    d = json.loads(path.read_text())
+    edit(d)
+    path.write_text(json.dumps(d))
+
+
+def _phi4_mini_hub(d):
+    """Phi-4-mini-instruct's config.json: rope_scaling with "type", rope_theta and partial_rotary_factor beside."""
+    rope = d.pop("rope_parameters")
+    d["rope_theta"] = rope.pop("rope_theta")
+    d["partial_rotary_factor"] = rope.pop("partial_rotary_factor")
+    rope["type"] = rope.pop("rope_type")
+    rope.pop("original_max_position_embeddings", None)
+    d["rope_scaling"] = rope
+
+
+def _phi3_su_hub(d):
+    """Phi-3-mini-128k's first config.json: rope_scaling type "su" (transformers reads it as longrope)."""
+    _phi4_mini_hub(d)
+    d["rope_scaling"]["type"] = "yarn"
+    del d["partial_rotary_factor"]
+
+
+@pytest.mark.parametrize("kind,edit", [("phi4mini", _phi4_mini_hub), ("phi3", _phi3_su_hub)])
+def test_hub_config_forms_match_transformers(kind, edit, tmp_path):
+    torch, _, _ = _pair(kind, tmp_path)
+    _hub_form(tmp_path, edit)
+    transformers = crosscheck("transformers")
+    ref = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float64).eval()
+    assert ref.config.rope_parameters["rope_type"] == "longrope"
+    _float64(torch, ref)
+    model = load_model(tmp_path, dtype="float64")
+    for T in LENGTHS[kind]:
+        ids = _ids(T)
+        assert_close(model(ids).logits.data, _logits(torch, ref, ids), name=f"logits T={T}", **TOL)
+
+
+def test_phi3_residual_dropout_in_training_only(tmp_path):
+    """resid_pdrop drops each sublayer's output in training; eval computes transformers' function."""
+    torch, ref, _ = _pair("phi3", tmp_path, resid_pdrop=0.5)
+    model = load_model(tmp_path, dtype="float64")
+    assert model.model.layers[1].resid_mlp_dropout.p == 0.5
+    ids = _ids()
+    assert_close(model(ids).logits.data, _logits(torch, ref, ids), name="eval logits", **TOL)
+    model.train()
+    trained = model(ids).logits.data
+    assert np.abs(trained - _logits(torch, ref, ids)).max() > 1e-3
+
+
+# -- bad input is named --------------------------------------------------------------------------
+def test_refusals_name_the_field():
+    from lora_np.models import config_from_dict
+
+    base = dict(SMALL, model_type="phi3")
+    with pytest.raises(ValueError, match="rope_type must be 'default' or 'longrope'"):
+        config_from_dict({**base, "rope_parameters": {"rope_type": "linear", "factor": 2.0}})
+    with pytest.raises(ValueError, match="short_factor"):
+        config_from_dict({**base, "rope_parameters": {**LONGROPE, "short_factor": [1.0]}})
+    with pytest.raises(ValueError, match="sliding_window"):
+        config_from_dict({**base, "sliding_window": 0})
+    with pytest.raises(ValueError, match="logits_scaling"):
+        config_from_dict(dict(SMALL, model_type="granite", logits_scaling=0))
+    with pytest.raises(ValueError, match="residual_multiplier"):
+        config_from_dict(dict(SMALL, model_type="granite", residual_multiplier="x"))
+
+
+def test_gguf_longrope_needs_both_factor_tensors(tmp_path):
+    gguf = crosscheck("gguf")
+    torch, ref, _ = _pair("phi4mini", tmp_path / "model", **GGUF_OPTIONS["phi4mini"])
+    _write_gguf(tmp_path / "m.gguf", ref, "phi3")
+    reader = gguf.GGUFReader(str(tmp_path / "m.gguf"))
+    w = gguf.GGUFWriter(str(tmp_path / "bad.gguf"), "phi3")
+    for field in reader.fields.values():
+        if field.name.startswith("phi3."):
+            w.add_key_value(field.name, field.contents(), field.types[0], field.types[-1] if
+                            field.types[0] == gguf.GGUFValueType.ARRAY else None)
+    for t in reader.tensors:
+        if t.name != "rope_factors_short.weight":
+            w.add_tensor(t.name, np.array(t.data).reshape(tuple(reversed(t.shape.tolist()))))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    with pytest.raises(ValueError, match="rope_factors_short.weight"):
+        load_model(tmp_path / "bad.gguf")
+
+
+def test_gguf_granite_without_scales_is_llama_cpp_default(tmp_path):
+    """llama.cpp reads absent granite scales as 1 and an absent attention.scale as 1/√head_dim."""
+    torch, ref, _ = _pair("granite", tmp_path / "model", **{**GGUF_OPTIONS["granite"], "embedding_multiplier": 1.0,
+                                                           "residual_multiplier": 1.0, "logits_scaling": 1.0,
+                                                           "attention_multiplier": 8 ** -0.5})
+    _write_gguf(tmp_path / "m.gguf", ref, "granite", granite_scales=False)
+    model = load_model(tmp_path / "m.gguf", dtype="float64")
+    assert model.config.attention_multiplier == 8 ** -0.5
     ids = _ids()
     assert_close(model(ids).logits.data, _logits(torch, ref, ids), name="logits", **TOL)
