@@ -34,11 +34,15 @@ from functools import lru_cache
 from numbers import Number
 from types import GeneratorType
 
-__all__ = ["ChatTemplateError", "ChatTemplate", "render_chat"]
+__all__ = ["ChatTemplateError", "ChatTemplateSyntaxError", "ChatTemplate", "render_chat"]
 
 
 class ChatTemplateError(ValueError):
     """An error the template raises while rendering (jinja2's TemplateError in transformers)."""
+
+
+class ChatTemplateSyntaxError(ChatTemplateError):
+    """A template that is not valid Jinja (jinja2's TemplateSyntaxError)."""
 
 
 def _unsupported(what, line):
@@ -257,6 +261,8 @@ def _replace(s, old, new, count=None):
 
 
 def _int(value, default=0, base=10):
+    if isinstance(value, Undefined):
+        value._fail()
     try:
         return int(value, base) if isinstance(value, str) else int(value)
     except (TypeError, ValueError):
@@ -267,6 +273,8 @@ def _int(value, default=0, base=10):
 
 
 def _float(value, default=0.0):
+    if isinstance(value, Undefined):
+        value._fail()
     try:
         return float(value)
     except (TypeError, ValueError):
@@ -285,7 +293,10 @@ def _attrgetter(attribute, line):
 
 
 def _select(seq, args, keep, attribute, line):
-    """select / reject / selectattr / rejectattr."""
+    """select / reject / selectattr / rejectattr: a generator, as jinja2's (a falsy seq gives nothing,
+    other errors surface when it is iterated)."""
+    if not seq:
+        return
     if attribute:
         get, args = _attrgetter(args[0], line), args[1:]
     else:
@@ -297,20 +308,28 @@ def _select(seq, args, keep, attribute, line):
         check = lambda value: TESTS[name](value, *args)  # noqa: E731
     else:
         check = bool
-    return (item for item in seq if bool(check(get(item))) == keep)
+    for item in seq:
+        if bool(check(get(item))) == keep:
+            yield item
 
 
 def _map(seq, args, kwargs, line):
+    """map(attribute=...) or map('filter', ...): a generator, as jinja2's."""
+    if not seq:
+        return
     if "attribute" in kwargs:
         get = _attrgetter(kwargs.pop("attribute"), line)
         default = kwargs.pop("default", None)
         if args or kwargs:
             raise _unsupported("map(attribute=...) with other arguments", line)
-        return (default if default is not None and isinstance(v, Undefined) else v for v in map(get, seq))
+        for value in map(get, seq):
+            yield default if default is not None and isinstance(value, Undefined) else value
+        return
     name, args = args[0], args[1:]
     if name not in FILTERS:
         raise _unsupported(f"the filter {name!r}", line)
-    return (_apply_filter(name, item, args, kwargs, line) for item in seq)
+    for item in seq:
+        yield _apply_filter(name, item, args, kwargs, line)
 
 
 FILTERS = {
@@ -431,7 +450,7 @@ def _tokenize(source):
         if kind == "comment_begin":
             end = _COMMENT_END.match(source, pos)
             if end is None:
-                raise ValueError(f"chat template line {line}: missing end of comment tag")
+                raise ChatTemplateSyntaxError(f"chat template line {line}: missing end of comment tag")
             line += end.group().count("\n")
             pos, line_starting = end.end(), end.group().endswith("\n")
             continue
@@ -440,7 +459,7 @@ def _tokenize(source):
         stack = []
         while True:
             if pos >= len(source):
-                raise ValueError(f"chat template line {line}: unexpected end of template inside a tag")
+                raise ChatTemplateSyntaxError(f"chat template line {line}: unexpected end of template inside a tag")
             end = None if stack else end_re.match(source, pos)
             if end is not None:
                 tokens.append((line, "end_var" if kind == "variable_begin" else "end_block", ""))
@@ -449,7 +468,7 @@ def _tokenize(source):
                 break
             t = _TOKEN.match(source, pos)
             if t is None:
-                raise ValueError(f"chat template line {line}: unexpected character {source[pos]!r}")
+                raise ChatTemplateSyntaxError(f"chat template line {line}: unexpected character {source[pos]!r}")
             value, tkind = t.group(), t.lastgroup
             if tkind == "float" or tkind == "int":
                 tokens.append((line, tkind, (float if tkind == "float" else int)(value.replace("_", ""))))
@@ -461,7 +480,7 @@ def _tokenize(source):
                     stack.append(_CLOSING[value])
                 elif value in (")", "]", "}"):
                     if not stack or stack.pop() != value:
-                        raise ValueError(f"chat template line {line}: unexpected {value!r}")
+                        raise ChatTemplateSyntaxError(f"chat template line {line}: unexpected {value!r}")
                 tokens.append((line, tkind, value))
             line += value.count("\n")
             pos, line_starting = t.end(), value.endswith("\n")
@@ -509,7 +528,7 @@ class _Parser:
         line, k, v = self.current
         if k != kind or value is not None and v != value:
             want = value if value is not None else kind
-            raise ValueError(f"chat template line {line}: expected {want!r}, got {v if v is not None else k!r}")
+            raise ChatTemplateSyntaxError(f"chat template line {line}: expected {want!r}, got {v if v is not None else k!r}")
         self.i += 1
         return v
 
@@ -536,7 +555,7 @@ class _Parser:
                     return body, name
                 body.append(self.parse_statement(name, name_line))
         if end_names:
-            raise ValueError(f"chat template line {opener[1]}: '{{% {opener[0]} %}}' is never closed: expected "
+            raise ChatTemplateSyntaxError(f"chat template line {opener[1]}: '{{% {opener[0]} %}}' is never closed: expected "
                              f"{' or '.join(repr('{% ' + n + ' %}') for n in end_names)}")
         return body, None
 
@@ -588,7 +607,7 @@ class _Parser:
             return (name, line)
         if name in _UNSUPPORTED_TAGS:
             raise _unsupported(f"'{{% {name} %}}'", line)
-        raise ValueError(f"chat template line {line}: unknown tag {name!r}")
+        raise ChatTemplateSyntaxError(f"chat template line {line}: unknown tag {name!r}")
 
     def parse_target(self, allow_attribute=False):
         line = self.current[0]
@@ -739,7 +758,7 @@ class _Parser:
                 self.expect("op", ":")
                 pairs.append((key, self.parse_expression()))
             return ("dict", line, pairs)
-        raise ValueError(f"chat template line {line}: unexpected {value if value is not None else kind!r}")
+        raise ChatTemplateSyntaxError(f"chat template line {line}: unexpected {value if value is not None else kind!r}")
 
     def parse_postfix(self, node):
         while True:
@@ -752,7 +771,7 @@ class _Parser:
                 elif k == "name":
                     node = ("getattr", line, node, v)
                 else:
-                    raise ValueError(f"chat template line {line}: expected a name after '.'")
+                    raise ChatTemplateSyntaxError(f"chat template line {line}: expected a name after '.'")
             elif kind == "op" and value == "[":
                 self.next()
                 node = ("getitem", line, node, self.parse_subscript())
@@ -775,10 +794,10 @@ class _Parser:
                 part = self.parse_expression()
         if len(parts) == 1:
             if parts[0] is None:
-                raise ValueError(f"chat template line {line}: empty subscript")
+                raise ChatTemplateSyntaxError(f"chat template line {line}: empty subscript")
             return parts[0]
         if len(parts) > 3:
-            raise ValueError(f"chat template line {line}: invalid slice")
+            raise ChatTemplateSyntaxError(f"chat template line {line}: invalid slice")
         return ("slice", line, *(parts + [None] * (3 - len(parts))))
 
     def parse_call_args(self):
@@ -798,7 +817,7 @@ class _Parser:
                 kwargs.append((name, self.parse_expression()))
             else:
                 if kwargs:
-                    raise ValueError(f"chat template line {line}: positional argument after a keyword argument")
+                    raise ChatTemplateSyntaxError(f"chat template line {line}: positional argument after a keyword argument")
                 args.append(self.parse_expression())
         return args, kwargs
 
