@@ -111,14 +111,16 @@ class LlamaConfig(Config):
     def _default_layer_types(self):
         """transformers' layer types of this model_type when config.json names none (None: all full attention)."""
         if self.model_type in ("qwen2", "qwen3"):  # Qwen2Config / Qwen3Config.__post_init__
-            first = 28 if self.max_window_layers is None else self.max_window_layers  # Qwen2Config's default
-            return ["sliding_attention" if self.sliding_window is not None and i >= first
+            return ["sliding_attention" if self.sliding_window is not None and i >= self.max_window_layers
                     else "full_attention" for i in range(self.num_hidden_layers)]
         return None
 
     def _check_layer_types(self, where):
-        if self.model_type in ("qwen2", "qwen3") and not self.use_sliding_window:
-            self.sliding_window = None  # as transformers: the window exists only with use_sliding_window
+        if self.model_type in ("qwen2", "qwen3"):
+            if not self.use_sliding_window:
+                self.sliding_window = None  # as transformers: the window exists only with use_sliding_window
+            if self.max_window_layers is None:
+                self.max_window_layers = 28  # Qwen2Config's and Qwen3Config's default
         if self.model_type not in ("qwen2", "qwen3", "smollm3"):
             for name in ("use_sliding_window", "max_window_layers", "layer_types"):
                 if getattr(self, name) not in (None, False):
@@ -173,9 +175,7 @@ class LlamaConfig(Config):
             d.setdefault("architectures", [cls.ARCHITECTURES[model_type]])
         if model_type == "qwen2":  # Qwen2Config's defaults; its attention has q/k/v biases and no other
             d.update(qkv_bias=True, attention_bias=False, mlp_bias=False)
-            d.setdefault("use_sliding_window", False)
             d.setdefault("sliding_window", 4096)
-            d.setdefault("max_window_layers", 28)
         elif model_type == "mistral":  # MistralConfig's defaults; no biases, layer_types ignored
             d.setdefault("sliding_window", 4096)
             for key in ("attention_bias", "mlp_bias", "use_sliding_window", "max_window_layers", "layer_types"):
@@ -223,9 +223,10 @@ class LlamaConfig(Config):
     @classmethod
     def _gguf_fields(cls, gguf):
         """The fields a GGUF architecture implies beyond the shared keys (llama: q/k/v biases if present)."""
+        model_type = cls.GGUF_MODEL_TYPES.get(gguf.arch, cls.model_type)
         return {"qkv_bias": "blk.0.attn_q.bias" in gguf.tensors,
-                "attention_bias": "blk.0.attn_output.bias" in gguf.tensors,
-                "model_type": cls.GGUF_MODEL_TYPES.get(gguf.arch, cls.model_type)}
+                "attention_bias": "blk.0.attn_output.bias" in gguf.tensors, "model_type": model_type,
+                **({"architectures": [cls.ARCHITECTURES[model_type]]} if model_type in cls.ARCHITECTURES else {})}
 
     def with_rope_freqs(self, factors, source):
         """This config with llama.cpp's rope_freqs tensor (head_dim/2,) dividing the RoPE frequencies (a Llama 3

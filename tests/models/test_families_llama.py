@@ -429,3 +429,23 @@ def test_llama3_rope_freqs_reproduce_transformers_llama3_within_float32(float64_
     tables = RopeTables(16, 500.0, freq_factors=factors)
     tables.get(0, 1, np.float64)
     assert_close(tables.inv_freq, expected, rtol=1e-6, name="inv_freq")
+
+
+@pytest.mark.parametrize("config", [
+    {"model_type": "qwen2", **TINY, "tie_word_embeddings": True},
+    {"model_type": "qwen3", **TINY, "head_dim": 12, "attention_bias": True},
+    {"model_type": "smollm3", **TINY, "num_hidden_layers": 4, "rope_theta": 1000.0},
+], ids=lambda c: c["model_type"])
+def test_merged_gguf_export_reads_back_as_the_same_model(tmp_path, config):
+    """save_merged_gguf inverts these families' GGUF reading (config keys, names, permutation)."""
+    from lora_np.export import save_merged_gguf
+
+    config = config_from_dict({**config, "rms_norm_eps": 2.0 ** -17})
+    model = model_class(config)(config, dtype=np.float64)
+    rng = np.random.default_rng(0)
+    for p in model.parameters():  # float32 values: F32 tensors hold them exactly
+        p.data = (rng.standard_normal(p.shape) * 0.2).astype(np.float32).astype(np.float64)
+    save_merged_gguf(model, tmp_path / "m.gguf")
+    back = load_model(tmp_path / "m.gguf", dtype="float64")
+    assert type(back.config) is type(config) and back.config.model_type == config.model_type
+    assert_close(back(IDS).logits.data, model(IDS).logits.data, rtol=1e-13, atol=1e-14, name="logits")
