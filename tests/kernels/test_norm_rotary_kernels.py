@@ -17,7 +17,8 @@ it should (and not where it should not).
 Directly on the kernels: rms_norm_backward's need_x / need_weight (each output bit for bit that of
 the full call, None when not asked), gweight the sum over rows, the same for any leading axes;
 rotary with random cos/sin tables whose halves differ (rope tables repeat one half, which would hide
-a swapped index) against the NumPy functions, its transpose the adjoint (<R x, y> = <x, Rᵀ y>) and
+a swapped index) against the NumPy functions, also over the first rd < D dims only (partial rotary: the
+rest passed through bit for bit), its transpose the adjoint (<R x, y> = <x, Rᵀ y>) and
 the inverse for a rope table, its output laid out as x. 1 and 2 threads give identical bits above
 the parallel threshold (1e5 elements). Malformed calls raise TypeError / ValueError naming the
 argument (the checks at the end of the file were strict xfails until the wrappers were fixed).
@@ -431,6 +432,34 @@ def test_rotary_kernel_with_arbitrary_tables(B, H, T, D, dtype, layout, seed):
     check(kernels.rotary(x, cos, sin), nr._rotary_numpy(values, cos, sin), tol_y, name)
     check(kernels.rotary(x, cos, sin, transpose=True), nr._rotary_transpose_numpy(values, cos, sin), tol_t,
           name + " transpose")
+
+
+@needs_c
+@settings(max_examples=100, deadline=None)
+@given(B=st.integers(1, 2), H=st.integers(1, 3), T=st.integers(1, 9), D=st.integers(1, 70), data=st.data(),
+       dtype=st.sampled_from(DTYPES), layout=st.sampled_from(LAYOUTS), seed=st.integers(0, 2**32 - 1))
+def test_partial_rotary_kernel(B, H, T, D, data, dtype, layout, seed):
+    """Tables of rd < D dims (partial rotary, Phi-3 / GPT-NeoX): the C kernel and its transpose rotate the
+    first rd dims as the NumPy functions do, pass the other D - rd through bit for bit, and equal the full
+    rotary of those rd dims alone."""
+    rd = 2 * data.draw(st.integers(0, (D - 1) // 2), label="rd / 2")
+    rng = np.random.default_rng(seed)
+    shape = (B, H, T, D)
+    cos, sin = (rng.standard_normal((T, rd)).astype(dtype) for _ in range(2))
+    values = rng.standard_normal(shape).astype(dtype)
+    x = laid_out(values, layout)
+    tol_y, tol_t = rotary_tolerances(values[..., :rd], values[..., :rd], cos, sin, dtype)
+    name = f"partial rotary kernel {dtype.__name__} {shape} rd={rd} {layout}"
+    kernels.set_backend("c")
+    with spy() as calls:
+        y, t = kernels.rotary(x, cos, sin), kernels.rotary(x, cos, sin, transpose=True)
+    assert calls["rotary"] == 2, f"{name}: the C kernel did not run"
+    for got, ref, tol, what in ((y, nr._rotary_numpy, tol_y, ""), (t, nr._rotary_transpose_numpy, tol_t, " transpose")):
+        want = ref(values, cos, sin)
+        assert np.array_equal(got[..., rd:], values[..., rd:]) and np.array_equal(want[..., rd:], values[..., rd:]), \
+            f"{name}{what}: the dims after rd changed"
+        check(got[..., :rd], want[..., :rd], tol, name + what)
+        check(got[..., :rd], ref(np.ascontiguousarray(values[..., :rd]), cos, sin), tol, name + what + " vs rd alone")
 
 
 @needs_c
