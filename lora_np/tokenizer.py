@@ -402,11 +402,13 @@ def _pre_tokenizer_steps(spec, where):
 def _byte_level_decoder(tokens):
     """tokenizers' ByteLevel decoder: every token's bytes (a token outside the byte alphabet, an added token,
     gives its UTF-8), decoded as one string, U+FFFD for what is not UTF-8."""
+    return [b"".join(map(_token_bytes, tokens)).decode("utf-8", errors="replace")]
+
+
+@lru_cache(maxsize=1 << 18)
+def _token_bytes(token):
     char_byte = _char_byte()
-    out = bytearray()
-    for s in tokens:
-        out += bytes(char_byte[c] for c in s) if all(c in char_byte for c in s) else s.encode("utf-8")
-    return [out.decode("utf-8", errors="replace")]
+    return bytes(char_byte[c] for c in token) if all(c in char_byte for c in token) else token.encode("utf-8")
 
 
 @lru_cache(maxsize=None)
@@ -493,6 +495,7 @@ class Tokenizer:
     """
 
     _CACHE_SIZE = 100_000
+    _CACHE_PIECE = 256  # longer pieces (a SentencePiece text between special tokens) are not kept
 
     def __init__(self, vocab, merges, added_tokens, pre_tokenizer, *, normalizer=None, decoder=None,
                  prefix_ids=(), suffix_ids=(), bos_token=None, eos_token=None, pad_token=None, unk_token=None,
@@ -662,9 +665,10 @@ class Tokenizer:
             word = piece.encode("utf-8").decode("latin-1").translate(self._byte_table) if self._byte_level else piece
             whole = self._model_vocab.get(word) if self._ignore_merges else None
             ids = [whole] if whole is not None else self._merge(self._symbols(word))
-        if len(self._cache) >= self._CACHE_SIZE:
-            self._cache.clear()
-        self._cache[piece] = ids
+        if len(piece) < self._CACHE_PIECE:
+            if len(self._cache) >= self._CACHE_SIZE:
+                self._cache.clear()
+            self._cache[piece] = ids
         return ids
 
     def _symbols(self, word):
