@@ -151,6 +151,9 @@ FAMILIES = {
     "llama-dynamic": ("LlamaConfig", dict(max_position_embeddings=8,  # the 11 tokens grow the base
                                           rope_parameters={**ROPES["dynamic"], "rope_theta": 1000.0})),
     "llama-yarn": ("LlamaConfig", dict(rope_parameters={**ROPES["yarn-mscale"], "rope_theta": 1000.0})),
+    "llama-longrope": ("LlamaConfig", dict(rope_parameters={  # 11 tokens > 8: long factors, attention scaling √2
+        "rope_type": "longrope", "short_factor": [1.0, 1.5, 2.0, 2.5], "long_factor": [2.0, 3.0, 5.0, 7.0],
+        "original_max_position_embeddings": 8, "rope_theta": 1000.0})),
     "mistral": ("MistralConfig", dict(sliding_window=4, head_dim=12)),
     "qwen2": ("Qwen2Config", dict(use_sliding_window=True, sliding_window=4, max_window_layers=1)),
     "qwen3": ("Qwen3Config", dict(head_dim=12, attention_bias=True, use_sliding_window=True, sliding_window=4,
@@ -321,7 +324,7 @@ def _converter_rope_freqs(rope, dim):
     return np.array(factors, np.float32)
 
 
-def _write_gguf(path, tm, arch):
+def _write_gguf(path, tm, arch, extra=lambda w: None):
     """`tm` as llama.cpp's convert_hf_to_gguf.py writes it: its keys for `arch`, gguf's tensor names, q/k rows
     permuted for the LlamaModel subclasses (llama, smollm3), Llama 3's rope_freqs tensor."""
     gguf = crosscheck("gguf")
@@ -371,6 +374,7 @@ def _write_gguf(path, tm, arch):
         w.add_tensor(tensor_map.get_name(name, try_suffixes=(".weight", ".bias")), a)
     if rope["rope_type"] == "llama3":
         w.add_tensor("rope_freqs.weight", _converter_rope_freqs(rope, cfg.head_dim))
+    extra(w)
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
@@ -449,3 +453,21 @@ def test_merged_gguf_export_reads_back_as_the_same_model(tmp_path, config):
     back = load_model(tmp_path / "m.gguf", dtype="float64")
     assert type(back.config) is type(config) and back.config.model_type == config.model_type
     assert_close(back(IDS).logits.data, model(IDS).logits.data, rtol=1e-13, atol=1e-14, name="logits")
+
+
+@pytest.mark.parametrize("extra, error, named", [
+    (lambda w: w.add_string("llama.rope.scaling.type", "longrope"), NotImplementedError, "llama.rope.scaling.type"),
+    (lambda w: w.add_float32("llama.rope.scaling.yarn_log_multiplier", 0.1), NotImplementedError,
+     "llama.rope.scaling.yarn_log_multiplier"),
+    (lambda w: w.add_float32("llama.rope.scaling.factor", 2.0), NotImplementedError, "llama.rope.scaling.factor"),
+    (lambda w: w.add_uint32("llama.attention.sliding_window", 4), NotImplementedError,
+     "llama.attention.sliding_window"),
+    (lambda w: w.add_tensor("rope_freqs.weight", np.ones(3, np.float32)), ValueError, "rope_freqs.weight"),
+], ids=["longrope", "yarn_log_multiplier", "factor-without-type", "sliding_window", "rope_freqs-shape"])
+def test_gguf_rope_keys_computing_something_else_are_refused_by_name(tmp_path, extra, error, named):
+    torch, transformers = crosscheck("torch"), crosscheck("transformers")
+    torch.manual_seed(0)
+    tm = transformers.LlamaForCausalLM(transformers.LlamaConfig(**TINY)).eval()
+    _write_gguf(tmp_path / "m.gguf", tm, "llama", extra)
+    with pytest.raises(error, match=rf"m\.gguf: .*{named}"):
+        load_model(tmp_path / "m.gguf")
