@@ -62,7 +62,7 @@ def rotary(x, cos, sin, transpose=False):
     dtype. With rd < D (partial rotary: transformers' Phi-3 / GPT-NeoX `q_rot, q_pass = q[..., :rd],
     q[..., rd:]`) the first rd dims are rotated, rotate-half within them, and the others pass through."""
     if (backend() == "c" and x.ndim == 4 and cos.shape == sin.shape == (x.shape[2], cos.shape[-1])
-            and cos.flags.c_contiguous and sin.flags.c_contiguous and x.strides[-1] == x.itemsize):
+            and cos.flags.c_contiguous and sin.flags.c_contiguous and (x.strides[-1] == x.itemsize or x.shape[-1] < 2)):
         return _rotary_c(x, cos, sin, transpose)                     # one pass, in x's layout
     return (_rotary_transpose_numpy if transpose else _rotary_numpy)(x, cos, sin)
 
@@ -103,8 +103,9 @@ def _rotary_transpose_numpy(g, cos, sin):
 
 
 def _strides3(a):
-    """Strides in elements of a 4-D array's first three axes; it needs a unit stride along the last."""
-    if a.strides[-1] != a.itemsize or any(x % a.itemsize for x in a.strides):
+    """Strides in elements of a 4-D array's first three axes; it needs a unit stride along the last (of length
+    >= 2: along one element any stride is unit)."""
+    if (a.strides[-1] != a.itemsize and a.shape[-1] > 1) or any(x % a.itemsize for x in a.strides[:3]):
         raise ValueError(f"an array of shape {a.shape} needs a unit stride along its last axis, got {a.strides}")
     return c_int64s([x // a.itemsize for x in a.strides[:3]])
 
