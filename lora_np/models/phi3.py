@@ -137,6 +137,9 @@ class Phi3Config(Config):
             rope.update(rope_type="longrope", long_factor=_config_tensor(gguf, "rope_factors_long.weight"),
                         short_factor=_config_tensor(gguf, "rope_factors_short.weight"),
                         attention_factor=gguf.number("rope_attention_factor", "rope.scaling.attn_factor", None))
+        if "rope_freqs.weight" in gguf.tensors:
+            raise NotImplementedError(f"{gguf.source}: tensor 'rope_freqs.weight' is not supported in llama.cpp's phi3 "
+                                      "architecture (its longrope factors are rope_factors_long / rope_factors_short)")
         window = gguf.number("sliding_window", "attention.sliding_window", 0)
         fields.update(vocab_size=gguf.vocab_size(), rope_scaling=rope, sliding_window=window or None,
                       rms_norm_eps=gguf.number("rms_norm_eps", "attention.layer_norm_rms_epsilon", 1e-5),

@@ -131,6 +131,25 @@ def test_hf_folder_matches_transformers(kind, tmp_path):
         assert_close(model(ids).logits.data, _logits(torch, ref, ids), name=f"logits T={T}", **TOL)
 
 
+@pytest.mark.parametrize("kind", ["granite", "phi4mini"])
+def test_chunked_training_loss_matches_transformers(kind, tmp_path):
+    """The training path (loss without the logits, chunk by chunk through the head) carries Granite's
+    logits_scaling and Phi-4-mini's tied head: loss and gradients equal transformers'."""
+    torch, ref, model = _pair(kind, tmp_path)
+    ids = _ids(LENGTHS.get(kind, (11,))[-1])
+    logits = ref(torch.tensor(ids)).logits
+    loss = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, VOCAB), torch.tensor(ids[:, 1:]).reshape(-1))
+    loss.backward()
+    model.requires_grad_(True)
+    out = model(ids, labels=ids, return_logits=False)
+    assert out.logits is None
+    out.loss.backward()
+    assert_close(out.loss.data, loss.item(), name="loss", **TOL)
+    params = dict(model.named_parameters())
+    for name, p in ref.named_parameters():
+        assert_close(params[name].grad, p.grad.numpy(), name=f"grad {name}", **TOL)
+
+
 @pytest.mark.parametrize("kind", ["phi3", "phi4mini"])
 def test_greedy_generation_matches_transformers(kind, tmp_path):
     """With the KV cache, across the sliding window and past original_max_position_embeddings (where transformers'
