@@ -77,7 +77,8 @@ DECODER_STRIP = {"type": "Sequence", "decoders": [*DECODER_REPLACE, {"type": "St
 LAYOUTS = {
     "llama2": (NORMALIZER_PREPEND_REPLACE, None, DECODER_STRIP, True, True, False),
     "metaspace_first": (None, _metaspace("first", False), DECODER_STRIP, True, True, True),
-    "gemma": ({"type": "Replace", "pattern": {"String": " "}, "content": "\u2581"}, None,
+    "gemma": ({"type": "Replace", "pattern": {"String": " "}, "content": "\u2581"},
+              {"type": "Split", "pattern": {"String": " "}, "behavior": "MergedWithPrevious", "invert": False},
               {"type": "Sequence", "decoders": DECODER_REPLACE}, True, True, True),
     "metaspace_always_split": (None, _metaspace("always", True), _metaspace("always", True), True, False, False),
     "metaspace_never_unk": (None, _metaspace("never", True), _metaspace("never", True), False, False, False),
@@ -349,17 +350,19 @@ def test_spm_gguf_random_text_matches_llama_cpp(spm_gguf, variant, text):
 
 @pytest.fixture(scope="module")
 def spm_gguf_transformers(spm_gguf):
-    """transformers' tokenizer from the default GGUF, built as for Phi-3 (a Prepend normalizer: llama.cpp's space
-    prefix after every special token) and as for Llama (Metaspace "first")."""
+    """transformers' tokenizers from the GGUFs: from the default one built as for Phi-3 (a Prepend normalizer:
+    llama.cpp's space prefix after every special token) and as for Llama (Metaspace "first"); from the one
+    without add_space_prefix built as for Gemma."""
     crosscheck("transformers")
     from transformers.integrations.gguf import gguf_tokenizer_mapping as mapping
 
-    path = spm_gguf["default"][0]
-    _, tokenizer_dict, config = mapping.get_gguf_tokenizer(str(path))
-    built = {}
-    for name, builder in (("phi3", mapping.phi3_tokenizer), ("llama", mapping.sentencepiece_tokenizer)):
+    built, configs = {}, {}
+    for name, variant, builder in (("phi3", "default", mapping.phi3_tokenizer),
+                                   ("llama", "default", mapping.sentencepiece_tokenizer),
+                                   ("gemma", "gemma_like", mapping.gemma_tokenizer)):
+        _, tokenizer_dict, configs[name] = mapping.get_gguf_tokenizer(str(spm_gguf[variant][0]))
         built[name] = mapping.add_gguf_special_tokens(builder(tokenizer_dict), tokenizer_dict).backend_tokenizer
-    return built, config
+    return built, configs
 
 
 @settings(max_examples=100, deadline=None)
@@ -369,14 +372,26 @@ def test_spm_gguf_matches_transformers(spm_gguf, spm_gguf_transformers, text):
     "first" wherever the two layouts agree: text that does not start with " " or "▁" and has no special
     tokens. Decode as transformers' LlamaTokenizer decodes."""
     _, _, ours = spm_gguf["default"]
-    built, config = spm_gguf_transformers
-    assert config["add_bos_token"] is True
+    built, configs = spm_gguf_transformers
+    assert configs["phi3"]["add_bos_token"] is True  # llama.cpp's default for a SentencePiece GGUF, as ours
     ids = built["phi3"].encode(text, add_special_tokens=False).ids
     assert ours.encode(text, add_special_tokens=False) == ids, text
     if not text.startswith((" ", "\u2581")) and "<" not in text:
         assert built["llama"].encode(text, add_special_tokens=False).ids == ids
     for skip in (False, True):
         assert ours.decode(ids, skip_special_tokens=skip) == built["llama"].decode(ids, skip_special_tokens=skip)
+
+
+@settings(max_examples=100, deadline=None)
+@given(text=texts)
+def test_spm_gguf_without_space_prefix_matches_transformers_gemma(spm_gguf, spm_gguf_transformers, text):
+    """A GGUF with add_space_prefix false (Gemma's): ids and decode as transformers' Gemma tokenizer."""
+    _, _, ours = spm_gguf["gemma_like"]
+    ref = spm_gguf_transformers[0]["gemma"]
+    ids = ref.encode(text, add_special_tokens=False).ids
+    assert ours.encode(text, add_special_tokens=False) == ids, text
+    for skip in (False, True):
+        assert ours.decode(ids, skip_special_tokens=skip) == ref.decode(ids, skip_special_tokens=skip)
 
 
 def test_spm_gguf_special_tokens(spm_gguf):
