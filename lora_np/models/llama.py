@@ -262,12 +262,12 @@ class LlamaConfig(Config):
 
 class Attention(Module):
     """Causal self-attention with separate q/k/v projections (Llama names), grouped-query
-    heads and optional RoPE; `bias` adds q/k/v biases (Qwen2), `o_bias` an o_proj bias; `qk_norm` (an eps)
-    RMS-normalises each head of q and k before RoPE (Qwen3's q_norm / k_norm); `sliding_window` W lets a query
+    heads and optional RoPE; `bias` adds q/k/v biases (Qwen2), `o_bias` an o_proj bias; `qk_norm_eps` (None:
+    none) RMS-normalises each head of q and k before RoPE (Qwen3's q_norm / k_norm); `sliding_window` W lets a query
     see the last W positions only; `use_rope` False skips RoPE (SmolLM3's NoPE layers)."""
 
     def __init__(self, hidden_size, num_heads, num_kv_heads=None, head_dim=None, bias=False, o_bias=False,
-                 layer_idx=0, dropout=0.0, qk_norm=None, sliding_window=None, use_rope=True, dtype=DEFAULT_DTYPE):
+                 layer_idx=0, dropout=0.0, qk_norm_eps=None, sliding_window=None, use_rope=True, dtype=DEFAULT_DTYPE):
         super().__init__()
         self.attention_dropout = check_dropout_p("Attention", dropout)
         self.num_heads = num_heads
@@ -280,10 +280,10 @@ class Attention(Module):
         self.k_proj = Linear(hidden_size, self.num_kv_heads * self.head_dim, bias=bias, dtype=dtype)
         self.v_proj = Linear(hidden_size, self.num_kv_heads * self.head_dim, bias=bias, dtype=dtype)
         self.o_proj = Linear(self.num_heads * self.head_dim, hidden_size, bias=o_bias, dtype=dtype)
-        self.qk_norm = qk_norm is not None
+        self.qk_norm = qk_norm_eps is not None
         if self.qk_norm:
-            self.q_norm = RMSNorm(self.head_dim, qk_norm, dtype=dtype)
-            self.k_norm = RMSNorm(self.head_dim, qk_norm, dtype=dtype)
+            self.q_norm = RMSNorm(self.head_dim, qk_norm_eps, dtype=dtype)
+            self.k_norm = RMSNorm(self.head_dim, qk_norm_eps, dtype=dtype)
 
     def forward(self, x, cos=None, sin=None, cache=None, attn_mask=None):
         B, T, _ = x.shape
@@ -328,7 +328,7 @@ class DecoderBlock(Module):
         self.input_layernorm = RMSNorm(hidden_size, eps, dtype=dtype)
         self.self_attn = Attention(hidden_size, num_heads, num_kv_heads, head_dim, bias=attention_bias,
                                    o_bias=o_bias, layer_idx=layer_idx, dropout=attention_dropout,
-                                   qk_norm=eps if qk_norm else None, sliding_window=sliding_window,
+                                   qk_norm_eps=eps if qk_norm else None, sliding_window=sliding_window,
                                    use_rope=use_rope, dtype=dtype)
         self.post_attention_layernorm = RMSNorm(hidden_size, eps, dtype=dtype)
         self.mlp = GatedMLP(hidden_size, intermediate_size, bias=mlp_bias, act=act, dtype=dtype)

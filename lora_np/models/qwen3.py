@@ -29,7 +29,6 @@ class Qwen3Config(LlamaConfig):
 
     qk_norm = True
     ARCHITECTURES = {"qwen3": "Qwen3ForCausalLM"}
-    GGUF_MODEL_TYPES = {"qwen3": "qwen3"}
 
     @classmethod
     def from_config_json(cls, d):
