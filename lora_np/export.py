@@ -168,8 +168,8 @@ class _KeyRecorder:
 
     def number(self, field, name, default=KeyError):
         value = getattr(self.config, field)
-        if value is not None:
-            is_float = "float" in str(self.types.get(field))
+        if value is not None:  # FLOAT32 when the field, its default or its value says float (llama.cpp checks)
+            is_float = "float" in str(self.types.get(field)) or isinstance(default, float) or isinstance(value, float)
             self.keys[self.key(name)] = (float(value), "FLOAT32") if is_float else (int(value), "UINT32")
         return value
 
@@ -180,7 +180,14 @@ class _KeyRecorder:
         return self.config
 
     def refuse_unless(self, name, ok):
-        pass
+        """A key the family accepts absent or at one value: written when that value says something (llama.cpp's
+        default for an absent key may differ, as value_length's n_embd / n_head); 0 and "none" (a feature off)
+        and a factor of 1.0 are what llama.cpp assumes when the key is absent."""
+        values = [v for v in ok if v is not None]
+        if len(values) != 1 or isinstance(values[0], bool) or values[0] in (0, "none") or \
+                isinstance(values[0], float) and values[0] == 1.0:
+            return
+        self.keys[self.key(name)] = (values[0], _gguf.value_type(values[0])[0])
 
 
 def _same_value(a, b):

@@ -396,11 +396,14 @@ def test_merged_gguf_refuses_a_config_gguf_cannot_express(tmp_path):
 
 
 def test_config_keys_are_the_families_gguf_keys_inverted():
+    """convert_hf_to_gguf.py's llama keys: read by the family's from_gguf, or accepted by it at one value that
+    llama.cpp's default for an absent key need not equal (value_length: n_embd / n_head)."""
     config = tiny_model().config
     keys, types = gguf_config_keys(config, "llama", {"token_embd.weight": (96, 64), "output.weight": (96, 64)})
     assert keys == {"llama.embedding_length": 64, "llama.feed_forward_length": 96, "llama.block_count": 2,
                     "llama.attention.head_count": 4, "llama.attention.head_count_kv": 2,
-                    "llama.attention.key_length": 16, "llama.vocab_size": 96,
+                    "llama.attention.key_length": 16, "llama.attention.value_length": 16,
+                    "llama.rope.dimension_count": 16, "llama.vocab_size": 96,
                     "llama.attention.layer_norm_rms_epsilon": 2.0**-17, "llama.rope.freq_base": 500.0,
                     "llama.context_length": 256}
     assert types["llama.rope.freq_base"] == "FLOAT32" and types["llama.block_count"] == "UINT32"
