@@ -12,7 +12,7 @@ import math
 import numpy as np
 import pytest
 
-from conftest import assert_close, crosscheck
+from conftest import assert_close, crosscheck, f32_tolerance
 from lora_np.lora import LoraConfig, LoraModel, get_peft_model
 from lora_np.loaders import load_model
 from lora_np.models import LlamaConfig, config_from_dict, model_class
@@ -243,6 +243,18 @@ def test_greedy_generation_across_the_window_boundary_matches_transformers(float
         theirs = tm.generate(torch.tensor(prompt), max_new_tokens=9, do_sample=False, min_new_tokens=9,
                              pad_token_id=0, eos_token_id=None).numpy()
     assert ours.shape == (1, 12) and np.array_equal(ours, theirs), (ours, theirs)
+
+
+@pytest.mark.parametrize("family", ["qwen3", "smollm3"])
+def test_float32_model_computes_the_float64_logits_to_float32_precision(family):
+    """The float32 path (the C kernels: windowed attention, per-head norms, NoPE layers) agrees with float64."""
+    torch, transformers = crosscheck("torch"), crosscheck("transformers")
+    _, m = _pair(torch, transformers, family)
+    m32 = model_class(m.config)(m.config, dtype=np.float32)
+    m32.load_state_dict({k: np.asarray(v, np.float32) for k, v in m.state_dict().items()})
+    expected = m(IDS).logits.data
+    rtol, atol = f32_tolerance(expected)
+    assert_close(m32.eval()(IDS).logits.data, expected, rtol=rtol, atol=atol, name=f"{family} float32 logits")
 
 
 def test_sliding_window_changes_the_logits():
