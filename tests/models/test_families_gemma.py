@@ -7,8 +7,8 @@ logits), Gemma 3's two RoPE bases with linear scaling on its full layers, biases
 HF folder transformers saves loads here with the same logits; with the same adapter, logits, loss and the
 gradient of every LoRA tensor agree with PEFT (≤ 1e-10 relative) whichever side wrote it; greedy generation
 with the KV cache continues past the window as transformers' does; a GGUF written as llama.cpp's converter
-writes it (its keys, gguf-py's tensor names, 1 added to every norm weight) loads with the same logits; the
-older config.json forms read as transformers reads them.
+writes it (its keys, gguf-py's tensor names, 1 added to every norm weight) loads with the same logits, and
+llama.cpp computes that file as transformers does; the older config.json forms read as transformers reads them.
 
 transformers computes its RMSNorms, RoPE tables and eager-attention softmax in float32 even in a float64 model;
 `_float64` gives it float64 versions (the RoPE tables recomputed from transformers' formulas, checked against its
@@ -159,6 +159,25 @@ def test_hf_folder_matches_transformers(kind, tmp_path, monkeypatch):
             assert moved > 1e-3, f"{name} does not change transformers' logits"
 
 
+@pytest.mark.parametrize("kind", KINDS)
+def test_exported_folder_computes_the_same_in_transformers(kind, tmp_path, monkeypatch):
+    """to_config_json is the inverse of from_config_json: the merged folder lora_np writes loads in transformers
+    with the config and the logits of the model it came from."""
+    from lora_np.export import save_merged
+
+    torch, ref, model = _pair(kind, tmp_path / "model", monkeypatch)
+    save_merged(model, tmp_path / "out")
+    transformers = crosscheck("transformers")
+    back = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out", dtype=torch.float64).eval()
+    theirs, back_d = ref.config.to_dict(), back.config.to_dict()
+    for key in ("_name_or_path", "transformers_version", "dtype"):
+        theirs.pop(key, None), back_d.pop(key, None)
+    assert back_d == theirs
+    _float64(torch, back, monkeypatch)
+    ids = _ids()
+    assert_close(_logits(torch, back, ids), _logits(torch, ref, ids), name="logits", **TOL)
+
+
 def test_gemma3_rope_bases_and_scaling_bite(tmp_path, monkeypatch):
     """Gemma 3's sliding layers rotate with their own base, its full layers with the linearly scaled one: a model
     that swaps them computes other logits (here and in transformers)."""
@@ -285,6 +304,8 @@ def _write_gguf(path, ref, pattern=None, scaling="LINEAR"):
     w.add_head_count(cfg.num_attention_heads)
     w.add_head_count_kv(cfg.num_key_value_heads)
     w.add_layer_norm_rms_eps(cfg.rms_norm_eps)
+    w.add_tokenizer_model("none")  # no tokenizer: llama.cpp's stand-in, the vocabulary size said instead
+    w.add_vocab_size(cfg.vocab_size)
     w.add_key_length(cfg.head_dim)
     w.add_value_length(cfg.head_dim)
     if arch != "gemma":
@@ -340,6 +361,24 @@ def test_gguf_matches_transformers(case, tmp_path, monkeypatch):
         assert_close(model.state_dict()[name], t.numpy(), rtol=0, name=name)
     ids = _ids()
     assert_close(model(ids).logits.data, _logits(torch, ref, ids), name="logits", **TOL)
+
+
+@pytest.mark.parametrize("case", list(GGUF_CASES))
+def test_llama_cpp_computes_the_gguf_as_transformers(case, tmp_path, monkeypatch):
+    """The same file in llama.cpp (llama-cpp-python) gives transformers' logits: the GGUF side reads the keys as
+    llama.cpp does. Tolerance 3e-3 of the largest logit: ggml's CPU GELU is an fp16 table (the match is ~7e-4,
+    a window, soft-cap or attention scale read otherwise moves the logits by more than 6e-2)."""
+    llama_cpp = crosscheck("llama_cpp")
+    kind, options, pattern = GGUF_CASES[case]
+    torch, ref = _reference(kind, monkeypatch, **options)
+    _write_gguf(tmp_path / "m.gguf", ref, pattern)
+    ids = _ids()[0]
+    llm = llama_cpp.Llama(str(tmp_path / "m.gguf"), logits_all=True, n_ctx=64, n_threads=2, verbose=False,
+                          type_k=0, type_v=0)
+    llm.eval(list(ids))
+    expected = _logits(torch, ref, ids[None])[0]
+    assert_close(np.array(llm.scores[:len(ids)]), expected, rtol=0, atol=3e-3 * np.abs(expected).max(),
+                 name="llama.cpp logits")
 
 
 def test_gguf_rope_scaling_other_than_linear_is_refused(tmp_path, monkeypatch):
