@@ -375,13 +375,20 @@ def _phi3_su_hub(d):
     del d["partial_rotary_factor"]
 
 
-@pytest.mark.parametrize("kind,edit", [("phi4mini", _phi4_mini_hub), ("phi3", _phi3_su_hub)])
-def test_hub_config_forms_match_transformers(kind, edit, tmp_path):
-    torch, _, _ = _pair(kind, tmp_path)
+def _phi3_mini_4k_hub(d):
+    """Phi-3-mini-4k-instruct's config.json: rope_scaling null, rope_theta beside it."""
+    d["rope_theta"] = d.pop("rope_parameters")["rope_theta"]
+    d["rope_scaling"] = None
+
+
+@pytest.mark.parametrize("kind,options,edit", [("phi4mini", {}, _phi4_mini_hub), ("phi3", {}, _phi3_su_hub),
+                                               ("phi3", dict(rope_parameters=ROPE), _phi3_mini_4k_hub)])
+def test_hub_config_forms_match_transformers(kind, options, edit, tmp_path):
+    torch, _, _ = _pair(kind, tmp_path, **options)
     _hub_form(tmp_path, edit)
     transformers = crosscheck("transformers")
     ref = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float64).eval()
-    assert ref.config.rope_parameters["rope_type"] == "longrope"
+    assert ref.config.rope_parameters["rope_type"] == options.get("rope_parameters", LONGROPE)["rope_type"]
     _float64(torch, ref)
     model = load_model(tmp_path, dtype="float64")
     for T in LENGTHS[kind]:
