@@ -328,7 +328,7 @@ def save_merged_gguf(model, out, source=None, outtype="f32"):
     if unnamed:
         raise NotImplementedError(f"GGUF export: parameters {unnamed[:5]} have no tensor name in llama.cpp's "
                                   f"{arch!r} architecture")
-    ftype, file_type = OUTTYPES[outtype]
+    file_type = OUTTYPES[outtype][1]
     tensors = {}
     for p, param in params.items():
         gname = names[p]

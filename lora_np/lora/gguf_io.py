@@ -22,7 +22,7 @@ import re
 
 import numpy as np
 
-from ..export import gguf_architecture, gguf_row_map, gguf_tensor_names
+from ..export import gguf_architecture, gguf_row_map, gguf_tensor_names, to_gguf_rows
 from ..gguf import GGUFError, GGUFFile, write_gguf
 from ..nn import Embedding as BaseEmbedding
 from .config import LoraConfig
@@ -83,12 +83,9 @@ def save_gguf_adapter(lora_model, out, adapter_name="default", outtype="f32"):
             lora_B = lora_B * (module.scaling[adapter_name] * r / alpha)
         if isinstance(module.base_layer, BaseEmbedding):
             lora_a, lora_b = lora_A.T, lora_B                                 # (vocab, r), (dim, r)
-        else:
+        else:  # (r, in), (out, r): B's rows in the order the converter stored the base tensor's
             row_map = gguf_row_map(type(base), gname, lora_B.shape, base.config)
-            lora_a, lora_b = lora_A, lora_B                                   # (r, in), (out, r)
-            if row_map is not None:
-                lora_b = np.empty_like(lora_B)
-                lora_b[row_map[0]] = lora_B
+            lora_a, lora_b = lora_A, to_gguf_rows(row_map, lora_B, constant=False)
         tensors[f"{gname}.lora_a"] = (np.ascontiguousarray(lora_a, dtype=np.float32), ggml_type)
         tensors[f"{gname}.lora_b"] = (np.ascontiguousarray(lora_b, dtype=np.float32), ggml_type)
     if not tensors:
