@@ -410,7 +410,8 @@ def activation(name, where="activation"):
 
 
 class KVCache:
-    """Keys and values of earlier positions, per layer, for incremental decoding (no graph)."""
+    """Keys and values of earlier positions, per layer, for incremental decoding (no graph). Every position
+    is kept, also on sliding-window layers: the window is attention's (the keys outside it are skipped)."""
 
     def __init__(self):
         self.keys, self.values = {}, {}
