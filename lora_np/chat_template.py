@@ -18,9 +18,11 @@ Qwen2.5/3, Llama 3.x, Gemma 2/3, Phi-3/4-mini, Mistral, OLMo 2 and Granite use:
 - expressions: literals, names, `.attr`, `[key]`, slices, calls, `if`/`else`, `and`/`or`/`not`,
   comparisons (chained), `in`/`not in`, `+ - * / // % **`, `~`, filters and tests (FILTERS, TESTS),
   the str/dict/list methods in METHODS;
-- jinja2's scoping: each loop iteration and each `{% generation %}` body is a new scope (a `set`
-  inside does not outlive it), `if` is not; jinja2's Undefined (prints as "", is falsy, iterates
-  as empty, and raises on arithmetic, calls, attributes and items).
+- jinja2's scoping: each loop iteration, a loop's `else` and each `{% generation %}` body is a
+  new scope (a `set` inside does not outlive it), `if` is not; a loop's `else` runs unless an
+  iteration reached the end of the body (so also after a `break` in the first one); jinja2's
+  Undefined (prints as "", is falsy, iterates as empty, and raises on arithmetic, calls,
+  attributes and items).
 
 Anything else (macros, call blocks, includes, unknown filters, tests, methods or globals) raises
 NotImplementedError naming the construct and its line: never an approximate rendering. Errors
@@ -923,15 +925,19 @@ class _Renderer:
             elif kind == "set":
                 self.assign(node[2], self.eval(node[3]))
             elif kind == "scope":
-                self.scopes.append({})
-                try:
-                    self.run(node[2])
-                finally:
-                    self.scopes.pop()
+                self.run_scope(node[2])
             elif kind == "break":
                 raise _Break()
             else:
                 raise _Continue()
+
+    def run_scope(self, body):
+        """body in a scope of its own: what it sets does not outlive it."""
+        self.scopes.append({})
+        try:
+            self.run(body)
+        finally:
+            self.scopes.pop()
 
     def run_for(self, target, iterable, cond, body, else_body):
         items = list(self.eval(iterable))
@@ -944,19 +950,21 @@ class _Renderer:
                     kept.append(item)
                 self.scopes.pop()
             items = kept
+        completed = False  # jinja2 runs `else` unless some iteration reached the end of the body
         for index0, item in enumerate(items):
             self.scopes.append({"loop": _Loop(items, index0)})
             try:
                 self.assign(target, item)
                 self.run(body)
+                completed = True
             except _Continue:
                 pass
             except _Break:
                 break
             finally:
                 self.scopes.pop()
-        if not items:
-            self.run(else_body)
+        if not completed:
+            self.run_scope(else_body)
 
     def eval(self, node):
         kind, line = node[0], node[1]

@@ -480,3 +480,45 @@ def test_expressions_match_jinja2(expression):
     want = outcome(lambda: reference(source, [U1, A1], **SPECIAL))
     got = outcome(lambda: ours(source, [U1, A1], **SPECIAL))
     assert got == want or want[0] == got[0] == "error", (source, want, got)
+
+
+# -- statements, generated ------------------------------------------------------------------------
+
+VALUES = ["1", "x", "y", "i", "loop.index", "x ~ 'a'", "ns.n", "messages|length", "[1, 2]"]
+
+
+@st.composite
+def statements(draw, depth=0):
+    out = []
+    for _ in range(draw(st.integers(0, 4))):
+        kind = draw(st.sampled_from(["print", "set", "text"] + (["nsset", "if", "for"] if depth < 3 else [])))
+        if kind == "print":
+            out.append("{{ " + draw(st.sampled_from(VALUES)) + " }}")
+        elif kind == "set":
+            out.append(f"{{% set {draw(st.sampled_from(['x', 'y', 'i', 'messages']))} = "
+                       f"{draw(st.sampled_from(VALUES))} %}}")
+        elif kind == "nsset":
+            out.append("{% set ns.n = " + draw(st.sampled_from(VALUES)) + " %}")
+        elif kind == "text":
+            out.append(draw(st.sampled_from(["|", "\n", " "])))
+        elif kind == "if":
+            out.append("{% if " + draw(st.sampled_from(VALUES)) + " %}" + draw(statements(depth + 1))
+                       + ("{% else %}" + draw(statements(depth + 1)) if draw(st.booleans()) else "") + "{% endif %}")
+        else:
+            head = (f"{{% for {draw(st.sampled_from(['i', 'x', 'i, x']))} in "
+                    f"{draw(st.sampled_from(['[1, 2]', '[]', 'messages', '[[1, 2], [3, 4]]', 'range(3)']))}"
+                    f"{draw(st.sampled_from(['', ' if i', ' if loop is undefined']))} %}}")
+            control = draw(st.sampled_from(["", "{% break %}", "{% continue %}", "{% if i == 2 %}{% break %}{% endif %}"]))
+            otherwise = "{% else %}" + draw(statements(depth + 1)) if draw(st.booleans()) else ""
+            out.append(head + draw(statements(depth + 1)) + control + otherwise + "{% endfor %}")
+    return "".join(out)
+
+
+@settings(max_examples=300)
+@given(body=statements())
+def test_statements_match_jinja2(body):
+    """Scoping of set in loops, loop else / break / continue, namespaces, tuple targets, loop.*."""
+    source = "{% set ns = namespace(n=0) %}" + body + "{{ x }}{{ y }}{{ ns.n }}{{ i }}"
+    want = outcome(lambda: reference(source, [U1, A1], **SPECIAL))
+    got = outcome(lambda: ours(source, [U1, A1], **SPECIAL))
+    assert got == want or want[0] == got[0] == "error", (source, want, got)
