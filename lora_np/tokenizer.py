@@ -514,7 +514,6 @@ class Tokenizer:
         for t in added_tokens:
             self._id_to_token[t["id"]] = t["content"]
         self._special_contents = frozenset(t["content"] for t in added_tokens if t.get("special"))
-        self._special_ids = frozenset(t["id"] for t in added_tokens if t.get("special"))
         self._strip_space = _white_space() if strip_space is None else strip_space
         # What decode shows for an added token: its normalized form if it is matched normalized.
         self._decode_token = dict(self._id_to_token)
@@ -673,25 +672,29 @@ class Tokenizer:
 
     def _symbols(self, word):
         """One id per character, as tokenizers' BPE::merge_word: a character missing from the vocabulary becomes
-        its <0xNN> byte tokens (byte_fallback, when all exist), else the unk token (runs fused into one with
-        fuse_unk), else nothing."""
+        its <0xNN> byte tokens (byte_fallback, when all exist), else the unk token, which waits for the next
+        character in the vocabulary (byte tokens go before it) and with fuse_unk stands for a whole run."""
         symbols, unk = [], False
         vocab = self._model_vocab
         for c in word:
             i = vocab.get(c)
             if i is not None:
+                if unk:
+                    symbols.append(self._unk_id)
+                    unk = False
                 symbols.append(i)
-                unk = False
                 continue
             if self._byte_fallback is not None:
                 fallback = [self._byte_fallback[b] for b in c.encode("utf-8")]
                 if None not in fallback:
                     symbols.extend(fallback)
-                    unk = False
                     continue
-            if self._unk_id is not None and not (unk and self._fuse_unk):
-                symbols.append(self._unk_id)
+            if self._unk_id is not None:
+                if unk and not self._fuse_unk:
+                    symbols.append(self._unk_id)
                 unk = True
+        if unk:
+            symbols.append(self._unk_id)
         return symbols
 
     def _merge(self, symbols):
