@@ -1,9 +1,9 @@
 """OLMo 2, Granite and Phi-3 / Phi-4-mini against transformers + PEFT in float64.
 
 Each family is a tiny random transformers model with every option of the family switched on so that it matters
-(OLMo 2's full-width q/k norms and post-norms with non-trivial weights, Granite's four multipliers ≠ 1, Phi-3's
-fused projections, partial rotary, longrope past original_max_position_embeddings and a sliding window shorter
-than the sequence). Properties: the HF folder transformers saves loads here with the same logits; with the same
+(OLMo 2's full-width q/k norms and post-norms with non-trivial weights and a scaled RoPE, Granite's four
+multipliers ≠ 1, Phi-3's fused projections, partial rotary, longrope past original_max_position_embeddings and a
+sliding window shorter than the sequence). Properties: the HF folder transformers saves loads here with the same logits; with the same
 adapter, logits, loss and the gradient of every LoRA tensor agree with PEFT (≤ 1e-10 relative) whichever side
 wrote the adapter; "all-linear" adapts the modules PEFT adapts; a GGUF written as llama.cpp's converter writes it
 (gguf-py's keys and tensor names, its q/k permutation where it applies one) loads with the same logits.
@@ -34,7 +34,7 @@ def _ids(T=11, seed=1):
 
 ROPE = {"rope_theta": 500.0, "rope_type": "default"}
 OPTIONS = {
-    "olmo2": dict(attention_bias=True, rope_parameters=ROPE),
+    "olmo2": dict(attention_bias=True, rope_parameters={**ROPE, "rope_type": "linear", "factor": 2.5}),
     "granite": dict(attention_bias=True, mlp_bias=True, embedding_multiplier=3.0, residual_multiplier=0.37,
                     attention_multiplier=0.11, logits_scaling=2.5, rope_parameters=ROPE),
 }
@@ -60,13 +60,14 @@ def _randomize(torch, ref, rng):
 
 def _inv_freq64(torch, cfg, seq_len):
     """transformers' inverse frequencies and attention scaling (_compute_default_rope_parameters,
-    _compute_longrope_parameters with dynamic_rope_update's choice of factors) in float64."""
+    _compute_linear_scaling_rope_parameters, _compute_longrope_parameters with dynamic_rope_update's choice of
+    factors) in float64."""
     rope = cfg.rope_parameters
     head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
     dim = int(head_dim * rope.get("partial_rotary_factor", 1.0))
     powers = rope["rope_theta"] ** (torch.arange(0, dim, 2, dtype=torch.float64) / dim)          # (rd/2,)
-    if rope["rope_type"] == "default":
-        return 1.0 / powers, 1.0
+    if rope["rope_type"] in ("default", "linear"):
+        return 1.0 / (powers * rope.get("factor", 1.0)), 1.0
     original = rope["original_max_position_embeddings"]
     factors = torch.tensor(rope["long_factor" if seq_len > original else "short_factor"], dtype=torch.float64)
     factor = cfg.max_position_embeddings / original
@@ -307,7 +308,7 @@ def _write_gguf(path, ref, arch, granite_scales=True):
 # GGUF keeps numbers as float32: values float32 holds exactly; llama.cpp's olmo2 and granite have no biases; the
 # converter writes longrope's attention factor √(1 + ln s / ln n) for s = max / original positions: s = n³ makes
 # it 2, exactly
-GGUF_OPTIONS = {"olmo2": dict(attention_bias=False),
+GGUF_OPTIONS = {"olmo2": dict(attention_bias=False, rope_parameters=ROPE),
                 "granite": dict(attention_bias=False, mlp_bias=False, residual_multiplier=0.375,
                                 attention_multiplier=0.125),
                 "phi3": dict(original_max_position_embeddings=8, max_position_embeddings=4096),
