@@ -18,7 +18,7 @@ import json
 import numpy as np
 import pytest
 
-from conftest import assert_close, crosscheck
+from conftest import assert_close, crosscheck, f32_tolerance
 from lora_np.loaders import load_model
 from lora_np.lora import LoraConfig, LoraModel, get_peft_model
 from lora_np.models import config_from_dict
@@ -176,6 +176,19 @@ def test_exported_folder_computes_the_same_in_transformers(kind, tmp_path, monke
     _float64(torch, back, monkeypatch)
     ids = _ids()
     assert_close(_logits(torch, back, ids), _logits(torch, ref, ids), name="logits", **TOL)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_float32_model_computes_the_float64_logits_to_float32_precision(kind, tmp_path, monkeypatch):
+    """The float32 path (the C kernels: windowed soft-capped attention, per-head norms, the capped chunked loss)
+    agrees with float64."""
+    torch, ref, model = _pair(kind, tmp_path, monkeypatch)
+    m32 = load_model(tmp_path, dtype="float32")
+    ids = _ids()
+    out, out32 = model(ids, labels=ids), m32(ids, labels=ids, return_logits=False)
+    rtol, atol = f32_tolerance(out.logits.data)
+    assert_close(m32(ids).logits.data, out.logits.data, rtol=rtol, atol=atol, name="float32 logits")
+    assert_close(out32.loss.data, out.loss.data, rtol=rtol, atol=rtol, name="float32 chunked loss")
 
 
 def test_gemma3_rope_bases_and_scaling_bite(tmp_path, monkeypatch):
