@@ -8,7 +8,9 @@ HF folder transformers saves loads here with the same logits; with the same adap
 gradient of every LoRA tensor agree with PEFT (≤ 1e-10 relative) whichever side wrote it; greedy generation
 with the KV cache continues past the window as transformers' does; a GGUF written as llama.cpp's converter
 writes it (its keys, gguf-py's tensor names, 1 added to every norm weight) loads with the same logits, and
-llama.cpp computes that file as transformers does; the older config.json forms read as transformers reads them.
+llama.cpp computes that file as transformers does; the older config.json forms read as transformers reads them
+and the folder lora_np exports loads in transformers with the same config and logits; the float32 model (the C
+kernels) agrees with float64; fields that change the computation are refused by name when not computed.
 
 transformers computes its RMSNorms, RoPE tables and eager-attention softmax in float32 even in a float64 model;
 `_float64` gives it float64 versions (the RoPE tables recomputed from transformers' formulas, checked against its
