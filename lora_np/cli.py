@@ -231,8 +231,11 @@ def cmd_generate(ns):
     if not ns.prompt and not ns.chat:  # in a chat template an empty message is still a conversation
         raise CLIError("--prompt is empty")
     model, tok, _ = load_for_command(ns)
+    stop = [tok.eos_token_id]
     if ns.chat:
+        from .data import end_of_turn_id
         ids = tok.apply_chat_template([{"role": "user", "content": ns.prompt}], add_generation_prompt=True)
+        stop.append(end_of_turn_id(tok))  # e.g. Gemma's <end_of_turn>, which is not its eos
     else:
         ids = tok.encode(ns.prompt)
     if not ids:
@@ -240,7 +243,8 @@ def cmd_generate(ns):
     ids = np.array(ids, dtype=np.int64)
     _check_ids(ids[None], model, "--prompt")
     out = model.generate(ids, max_new_tokens=ns.max_new_tokens, temperature=ns.temperature,
-                         top_k=ns.top_k, top_p=ns.top_p, seed=ns.seed, eos_token_id=tok.eos_token_id)
+                         top_k=ns.top_k, top_p=ns.top_p, seed=ns.seed,
+                         eos_token_id=[i for i in stop if i is not None] or None)
     new = out[0, len(ids):].tolist()
     print(tok.decode(new, skip_special_tokens=True))
     return 0

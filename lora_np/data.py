@@ -224,6 +224,19 @@ def _chat_example(tokenizer, messages, where):
     return ids, labels
 
 
+def end_of_turn_id(tokenizer):
+    """The special token the chat template closes an assistant turn with (<|im_end|>, <|eot_id|>,
+    <end_of_turn>...), found as `{"messages"}` rows find it, on a turn in mid-conversation; None
+    when the template locates no such turn (Qwen3's drops earlier turns' reasoning)."""
+    probe = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"},
+             {"role": "user", "content": "Bye"}]
+    try:
+        ids, labels = _chat_example(tokenizer, probe, "chat template")
+    except ValueError:
+        return None
+    return next(i for i, label in zip(reversed(ids), reversed(labels)) if label != IGNORE_INDEX)
+
+
 def _common_prefix_length(a, b):
     n = 0
     for x, y in zip(a, b):

@@ -21,7 +21,7 @@ from hypothesis import strategies as st
 
 from conftest import ROOT, crosscheck
 from lora_np.chat_template import ChatTemplate, ChatTemplateError, ChatTemplateSyntaxError, render_chat
-from lora_np.data import IGNORE_INDEX, load_examples
+from lora_np.data import IGNORE_INDEX, end_of_turn_id, load_examples
 from lora_np.tokenizer import load_tokenizer
 
 TEMPLATES_DIR = os.path.join(ROOT, "tests", "data", "chat_templates")
@@ -389,6 +389,14 @@ def test_messages_rows_label_assistant_turns_only(folders, family, tmp_path):
     assert example.input_ids[:len(example.input_ids)].tolist()[:len(tok.apply_chat_template(messages))] == \
         tok.apply_chat_template(messages)
     assert labelled_runs(tok, example) == expected
+
+
+@pytest.mark.parametrize("family", sorted(TOKENS))
+def test_end_of_turn_id(folders, family):
+    """The token `lora-np generate --chat` also stops on (Gemma's <end_of_turn> is not its eos)."""
+    tok = load_tokenizer(folders[family])
+    expected = None if family == "qwen3" else tok.token_to_id(TOKENS[family][2])
+    assert end_of_turn_id(tok) == expected
 
 
 def test_messages_rows_the_template_refuses_name_the_row(folders, tmp_path):
