@@ -158,7 +158,7 @@ def test_dropout_fields_act_in_training_only(tmp_path, monkeypatch, cls_name, kw
     model.train()
     unfused = []
     real_attention_dropout = nn._attention_with_dropout
-    monkeypatch.setattr(nn, "_attention_with_dropout", lambda *a: unfused.append(a[-1]) or real_attention_dropout(*a))
+    monkeypatch.setattr(nn, "_attention_with_dropout", lambda *a, **kw: unfused.append(a[5]) or real_attention_dropout(*a, **kw))
     monkeypatch.setattr(F, "dropout", lambda x, p=0.5, training=True, generator=None: x)
     assert_close(model(IDS).logits.data, expected, rtol=1e-12, atol=1e-13, name="logits, dropout as identity")
     assert unfused and set(unfused) == {kw.get("attention_dropout", kw.get("attn_pdrop"))}
