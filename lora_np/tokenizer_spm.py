@@ -104,10 +104,9 @@ def metaspace(spec, where):
 
 
 def _prepend_scheme(spec, where):
-    """prepend_scheme, or the older add_prefix_space (true: always), as tokenizers reads them."""
-    scheme = spec.get("prepend_scheme")
-    if scheme is None:
-        return "always" if spec.get("add_prefix_space", True) else "never"
+    """prepend_scheme (default "always"), which an older add_prefix_space false must agree with, as tokenizers
+    reads them."""
+    scheme = spec.get("prepend_scheme", "always")
     if scheme not in _PREPEND_SCHEMES:
         raise ValueError(f"{where}: Metaspace prepend_scheme {scheme!r} (one of {_PREPEND_SCHEMES})")
     if spec.get("add_prefix_space") is False and scheme != "never":

@@ -426,6 +426,8 @@ def test_unsupported_parts_are_named(spm_base, tmp_path):
     refused(lambda d: d["added_tokens"][0].update(single_word=True), r"added token '<unk>' uses single_word")
     refused(lambda d: d["model"].update(continuing_subword_prefix="##"), r"model\.continuing_subword_prefix")
     refused(lambda d: d.update(pre_tokenizer=_metaspace("sometimes", True)), "prepend_scheme 'sometimes'", ValueError)
+    refused(lambda d: d.update(pre_tokenizer={"type": "Metaspace", "replacement": "\u2581", "add_prefix_space": False}),
+            "add_prefix_space false does not match prepend_scheme 'always'", ValueError)  # as tokenizers refuses it
     refused(lambda d: d["model"].update(byte_fallback="yes"), "model.byte_fallback must be true or false", ValueError)
 
 
