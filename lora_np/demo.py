@@ -128,7 +128,7 @@ def serve_lines(model, base_path, out, prompt):
     adapter = save_gguf_adapter(model, os.path.join(out, "adapter.gguf"))
     modelfile = os.path.join(out, "Modelfile")
     write_atomic(modelfile, f"FROM {os.path.abspath(base_path)}\nADAPTER {os.path.abspath(adapter)}\n"
-                            f"SYSTEM \"{SYSTEM}\"\n")
+                            f'SYSTEM """{SYSTEM}"""\n')
     return (f"llama.cpp adapter: {adapter}\n"
             f"  llama-cli -m {base_path} --lora {adapter} -sys \"{SYSTEM}\" -p \"{prompt}\"\n"
             f"Ollama: {modelfile} (FROM the base GGUF, ADAPTER {adapter})\n"

@@ -507,5 +507,5 @@ def test_demo_ends_with_the_adapter_gguf_and_the_llama_cpp_and_ollama_lines(base
     adapter = tmp_path / "adapter.gguf"
     assert np.array_equal(logits(LoraModel.from_pretrained(load_model(base_gguf), adapter)), logits(model))
     assert f"llama-cli -m {base_gguf} --lora {adapter} -sys \"{SYSTEM}\" -p \"Feb 4, 2043\"" in text
-    assert (tmp_path / "Modelfile").read_text() == f"FROM {base_gguf}\nADAPTER {adapter}\nSYSTEM \"{SYSTEM}\"\n"
+    assert (tmp_path / "Modelfile").read_text() == f'FROM {base_gguf}\nADAPTER {adapter}\nSYSTEM """{SYSTEM}"""\n'
     assert f"ollama create lora-np-dates -f {tmp_path / 'Modelfile'}" in text
