@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 import lora_np
+from conftest import crosscheck, patch_float64, tiny_llama
 from lora_np import safetensors
 from lora_np.cli import main as cli_main
 from lora_np.lora import LoraConfig, LoraModel, get_peft_model
@@ -174,3 +175,27 @@ def test_cli_export_mlx(tmp_path):
     assert json.loads((tmp_path / "mlx" / "adapter_config.json").read_text())["num_layers"] == 3
     assert cli_main(["export", "--model", str(base), "--adapter", str(tmp_path / "peft"), "--format", "mlx",
                      "--out", str(tmp_path / "mlx")]) == 2  # not an empty folder
+
+
+def test_peft_loads_an_imported_mlx_adapter_and_computes_what_lora_np_does(tmp_path):
+    """The PEFT folder `lora-np import --from mlx` writes is PEFT's own: peft.PeftModel.from_pretrained loads it
+    onto the transformers model, and its logits equal lora_np's (float64, to 1e-10)."""
+    torch = crosscheck("torch")
+    transformers = crosscheck("transformers")
+    peft = crosscheck("peft")
+    ref = tiny_llama(transformers)
+    ref.save_pretrained(tmp_path / "model")
+    model = get_peft_model(lora_np.load_model(tmp_path / "model"), LoraConfig(
+        r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj", "embed_tokens"]))
+    rng = np.random.default_rng(0)
+    for name, p in model.named_parameters():
+        if "lora_" in name:
+            p.data = (rng.standard_normal(p.shape) * 0.2).astype(np.float32)
+    save_mlx_adapter(model, tmp_path / "mlx")
+    assert cli_main(["import", "--from", "mlx", str(tmp_path / "mlx"), "--out", str(tmp_path / "peft")]) == 0
+    theirs_model = peft.PeftModel.from_pretrained(ref.double(), tmp_path / "peft").eval()
+    patch_float64(torch, theirs_model.base_model.model)
+    with torch.no_grad():
+        theirs = theirs_model(torch.tensor(IDS)).logits.numpy()
+    ours = LoraModel.from_pretrained(lora_np.load_model(tmp_path / "model", dtype="float64"), tmp_path / "peft")
+    np.testing.assert_allclose(ours(IDS).logits.data, theirs, rtol=1e-10, atol=1e-10 * np.abs(theirs).max())
