@@ -12,9 +12,9 @@
  * superblock at a time into a buffer in L1, and dotted with every row of x there.
  *
  * Dequantization is exact: each value is computed with ggml's float32 operations in ggml's order
- * (d * q, then + m or - dmin * m in a second pass, so that no multiply-add is fused), so a tile
- * equals gguf-py's (and lora_np.gguf's) dequantization bit for bit, and the float64 kernels see
- * the same weights widened. float64 activations accumulate in float64.
+ * (where a min is added, d * q is exact, so a fused multiply-add changes nothing), so a tile equals
+ * gguf-py's (and lora_np.gguf's) dequantization bit for bit, and the float64 kernels see the same
+ * weights widened. float64 activations accumulate in float64.
  *
  * SIMD: GCC/Clang vector extensions, built for AVX2 + FMA and for the baseline and picked at run
  * time, as in lora_kernels.c (instantiate.h; SIMD() in lora_internal.h).
@@ -27,6 +27,9 @@
 
 #ifdef _OPENMP
 #include <omp.h>
+#endif
+#ifdef LORA_V3
+#include <immintrin.h>
 #endif
 
 #define NT 64              /* output features (forward) or summed features (backward) per panel */
@@ -87,23 +90,16 @@ static int64_t thread_id(void)
 #endif
 }
 
-/* IEEE half -> float, exactly (subnormals, infinities and NaNs included). */
+/* IEEE half -> float, exactly (subnormals, infinities and NaNs included), without branches so that
+ * loops over halves vectorize. */
 static inline float half_to_float(const uint8_t *p)
 {
-    const uint32_t h = (uint32_t)p[0] | (uint32_t)p[1] << 8;
-    const uint32_t sign = (h & 0x8000u) << 16, exp = (h >> 10) & 0x1f, mant = h & 0x3ff;
-    uint32_t bits;
-    if (exp == 0x1f)
-        bits = sign | 0x7f800000u | mant << 13;
-    else if (exp != 0)
-        bits = sign | (exp + 112) << 23 | mant << 13;
-    else { /* zero or subnormal: mant * 2^-24 is exact in float */
-        const float f = (float)mant * 5.9604644775390625e-8f;
-        return sign ? -f : f;
-    }
+    const uint32_t h = (uint32_t)p[0] | (uint32_t)p[1] << 8, exp = h >> 10 & 0x1f, mant = h & 0x3ff;
+    const uint32_t bits = exp == 0x1f ? 0x7f800000u | mant << 13 : (exp + 112) << 23 | mant << 13;
     float f;
     memcpy(&f, &bits, sizeof f);
-    return f;
+    f = exp == 0 ? (float)mant * 5.9604644775390625e-8f : f; /* zero or subnormal: mant 2^-24, exact */
+    return h & 0x8000 ? -f : f;
 }
 
 static inline uint32_t load_u32(const uint8_t *p)

@@ -7,80 +7,123 @@
 
 #define MR 6 /* rows of the micro-kernel's register tile (x 2 vectors of columns: 12 accumulators) */
 
-/* Stops the compiler from fusing the products stored at p with the additions that follow, so
- * that each value is rounded twice, as ggml and gguf-py compute it. */
-#define SEPARATE_ROUNDING(p) __asm__ volatile("" : : "r"(p) : "memory")
+#if VBYTES == 32 && defined(__x86_64__)
+/* AVX2 dequantization of the commonest 32-element types: GCC's own vectorization of their scalar loops
+ * converts element by element (measured 4x slower than this). */
+#define AVX2_BLOCKS 1
 
-/* y [n] -= mins [n / 32]: the second pass of Q4_1, Q5_1 (with -m), Q4_K and Q5_K. */
-static void FN(sub_mins)(real *restrict y, const float *mins, int64_t n)
+/* 8 floats to y [8]: stored, or widened to doubles. */
+ALWAYS_INLINE void FN(store8)(real *y, __m256 v)
 {
-    SEPARATE_ROUNDING(y);
-    for (int64_t j = 0; j < n; j++) y[j] = (float)y[j] - mins[j / 32];
+#if IS_F32
+    _mm256_storeu_ps(y, v);
+#else
+    _mm256_storeu_pd(y, _mm256_cvtps_pd(_mm256_castps256_ps128(v)));
+    _mm256_storeu_pd(y + 4, _mm256_cvtps_pd(_mm256_extractf128_ps(v, 1)));
+#endif
 }
 
-/* One block of `type` at b -> its elements y [block size], as ggml's dequantize_row_*. */
-static void FN(dequant_block)(real *restrict y, const uint8_t *restrict b, int type)
+/* The 8 low bytes of v, unsigned (or signed), as 8 floats. */
+ALWAYS_INLINE __m256 FN(u8_floats)(__m128i v) { return _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(v)); }
+ALWAYS_INLINE __m256 FN(i8_floats)(__m128i v) { return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(v)); }
+
+/* Q4_0 (x = d (q - 8)) and Q4_1 (x = d q + m: the product is exact, so fused as ggml rounds it). */
+ALWAYS_INLINE void FN(q4_avx2)(real *y, const uint8_t *b, int q4_1)
 {
-    const float d = half_to_float(b);
-    float mins[8];
+    const __m256 d = _mm256_set1_ps(half_to_float(b)), m = _mm256_set1_ps(q4_1 ? half_to_float(b + 2) : 0);
+    const __m128i qs = _mm_loadu_si128((const __m128i *)(b + 2 + 2 * q4_1)), low = _mm_set1_epi8(0xF);
+    const __m128i nib[2] = {_mm_and_si128(qs, low), _mm_and_si128(_mm_srli_epi16(qs, 4), low)};
+    for (int i = 0; i < 4; i++) {
+        const __m256 q = FN(u8_floats)(i & 1 ? _mm_srli_si128(nib[i / 2], 8) : nib[i / 2]);
+        FN(store8)(y + 8 * i, q4_1 ? _mm256_fmadd_ps(d, q, m) : _mm256_mul_ps(d, _mm256_sub_ps(q, _mm256_set1_ps(8))));
+    }
+}
+
+ALWAYS_INLINE void FN(q8_0_avx2)(real *y, const uint8_t *b)
+{
+    const __m256 d = _mm256_set1_ps(half_to_float(b));
+    for (int i = 0; i < 4; i++)
+        FN(store8)(y + 8 * i, _mm256_mul_ps(d, FN(i8_floats)(_mm_loadl_epi64((const __m128i *)(b + 2 + 8 * i)))));
+}
+#else
+#define AVX2_BLOCKS 0
+#endif
+
+/* One block of `type` at b -> its elements y [block size], as ggml's dequantize_row_*: plain loops that
+ * GCC vectorizes. Where ggml adds a min (Q4_1, Q5_1, Q4_K, Q5_K) the product before it is exact in
+ * float32 (a half's 11 bits times at most 11 more), so a fused multiply-add rounds as ggml's
+ * multiply, then add. */
+ALWAYS_INLINE void FN(dequant_block)(real *restrict y, const uint8_t *restrict b, const int type)
+{
     switch (type) {
-    case QUANT_Q8_0:
+    case QUANT_Q8_0: {
+#if AVX2_BLOCKS
+        FN(q8_0_avx2)(y, b);
+#else
+        const float d = half_to_float(b);
         for (int j = 0; j < 32; j++) y[j] = d * (float)(int8_t)b[2 + j];
+#endif
         return;
-    case QUANT_Q4_0:
+    }
+    case QUANT_Q4_0: {
+#if AVX2_BLOCKS
+        FN(q4_avx2)(y, b, 0);
+#else
+        const float d = half_to_float(b);
         for (int j = 0; j < 16; j++) {
             y[j] = d * (float)((b[2 + j] & 0xF) - 8);
             y[j + 16] = d * (float)((b[2 + j] >> 4) - 8);
         }
+#endif
         return;
-    case QUANT_Q4_1:
+    }
+    case QUANT_Q4_1: {
+#if AVX2_BLOCKS
+        FN(q4_avx2)(y, b, 1);
+#else
+        const float d = half_to_float(b), m = half_to_float(b + 2);
         for (int j = 0; j < 16; j++) {
-            y[j] = d * (float)(b[4 + j] & 0xF);
-            y[j + 16] = d * (float)(b[4 + j] >> 4);
+            y[j] = d * (float)(b[4 + j] & 0xF) + m;
+            y[j + 16] = d * (float)(b[4 + j] >> 4) + m;
         }
-        mins[0] = -half_to_float(b + 2); /* y = d q + m */
-        FN(sub_mins)(y, mins, 32);
+#endif
         return;
+    }
     case QUANT_Q5_0:
-    case QUANT_Q5_1: {
+    case QUANT_Q5_1: { /* q = nibble | fifth bit from qh: x = d (q - 16), or d q + m */
         const int q5_1 = type == QUANT_Q5_1, offset = q5_1 ? 0 : 16;
+        const float d = half_to_float(b), m = q5_1 ? half_to_float(b + 2) : 0;
         const uint32_t qh = load_u32(b + 2 + 2 * q5_1);
         const uint8_t *qs = b + 6 + 2 * q5_1;
         for (int j = 0; j < 16; j++) {
             const int h0 = (int)((qh >> j) << 4 & 0x10), h1 = (int)(qh >> (j + 12) & 0x10);
-            y[j] = d * (float)(((qs[j] & 0xF) | h0) - offset);
-            y[j + 16] = d * (float)(((qs[j] >> 4) | h1) - offset);
-        }
-        if (q5_1) {
-            mins[0] = -half_to_float(b + 2);
-            FN(sub_mins)(y, mins, 32);
+            const float q0 = (float)(((qs[j] & 0xF) | h0) - offset), q1 = (float)(((qs[j] >> 4) | h1) - offset);
+            y[j] = q5_1 ? d * q0 + m : d * q0;
+            y[j + 16] = q5_1 ? d * q1 + m : d * q1;
         }
         return;
     }
     case QUANT_Q4_K:
-    case QUANT_Q5_K: { /* 8 sub-blocks of 32: y = d sc q - dmin m, q 4 bits (+ a fifth from qh) */
+    case QUANT_Q5_K: { /* 8 sub-blocks of 32: x = d sc q - dmin m, q 4 bits (+ a fifth from qh) */
         const int q5 = type == QUANT_Q5_K;
-        const float dmin = half_to_float(b + 2);
+        const float d = half_to_float(b), dmin = half_to_float(b + 2);
         const uint8_t *scales = b + 4, *qh = b + 16, *qs = b + 16 + 32 * q5;
         for (int j = 0; j < 8; j += 2) {
             uint8_t sc1, m1, sc2, m2;
             scale_min_k4(j, scales, &sc1, &m1);
             scale_min_k4(j + 1, scales, &sc2, &m2);
-            const float d1 = d * (float)sc1, d2 = d * (float)sc2;
-            mins[j] = dmin * (float)m1;
-            mins[j + 1] = dmin * (float)m2;
-            const uint8_t *q = qs + 16 * j, u1 = (uint8_t)(1u << j), u2 = (uint8_t)(2u << j);
+            const float d1 = d * (float)sc1, d2 = d * (float)sc2, dm1 = dmin * (float)m1, dm2 = dmin * (float)m2;
+            const uint8_t *q = qs + 16 * j;
             for (int l = 0; l < 32; l++) {
-                const int h1 = q5 && (qh[l] & u1) ? 16 : 0, h2 = q5 && (qh[l] & u2) ? 16 : 0;
-                y[32 * j + l] = d1 * (float)((q[l] & 0xF) + h1);
-                y[32 * j + 32 + l] = d2 * (float)((q[l] >> 4) + h2);
+                const int h1 = q5 ? (qh[l] >> j & 1) << 4 : 0, h2 = q5 ? (qh[l] >> (j + 1) & 1) << 4 : 0;
+                y[32 * j + l] = d1 * (float)((q[l] & 0xF) + h1) - dm1;
+                y[32 * j + 32 + l] = d2 * (float)((q[l] >> 4) + h2) - dm2;
             }
         }
-        FN(sub_mins)(y, mins, 256);
         return;
     }
-    case QUANT_Q6_K: { /* 16 sub-blocks of 16: y = d scale (q - 32), q 6 bits from ql and qh */
-        const float d6 = half_to_float(b + 208);
+    case QUANT_Q6_K: { /* 16 sub-blocks of 16: x = d scale (q - 32), q 6 bits from ql and qh */
+        const float d = half_to_float(b + 208);
         for (int h = 0; h < 2; h++) {
             const uint8_t *ql = b + 64 * h, *qh = b + 128 + 32 * h;
             const int8_t *sc = (const int8_t *)(b + 192) + 8 * h;
@@ -91,10 +134,10 @@ static void FN(dequant_block)(real *restrict y, const uint8_t *restrict b, int t
                 const int q2 = ((ql[l + 32] & 0xF) | ((qh[l] >> 2) & 3) << 4) - 32;
                 const int q3 = ((ql[l] >> 4) | ((qh[l] >> 4) & 3) << 4) - 32;
                 const int q4 = ((ql[l + 32] >> 4) | ((qh[l] >> 6) & 3) << 4) - 32;
-                yh[l] = d6 * (float)sc[is] * (float)q1;
-                yh[l + 32] = d6 * (float)sc[is + 2] * (float)q2;
-                yh[l + 64] = d6 * (float)sc[is + 4] * (float)q3;
-                yh[l + 96] = d6 * (float)sc[is + 6] * (float)q4;
+                yh[l] = d * (float)sc[is] * (float)q1;
+                yh[l + 32] = d * (float)sc[is + 2] * (float)q2;
+                yh[l + 64] = d * (float)sc[is + 4] * (float)q3;
+                yh[l + 96] = d * (float)sc[is + 6] * (float)q4;
             }
         }
         return;
@@ -102,33 +145,49 @@ static void FN(dequant_block)(real *restrict y, const uint8_t *restrict b, int t
     }
 }
 
+/* Blocks of one type, the switch on the type taken once (ALWAYS_INLINE with a constant type). */
+#define EACH_BLOCK(TYPE)                                                                                         \
+    case TYPE:                                                                                                   \
+        for (int64_t e = 0; e < n; e += bs, b += bb) FN(dequant_block)(out + e, b, TYPE);                      \
+        return;
+
 /* out [n] = elements k0 .. k0 + n of a row of W (k0 and n whole blocks). */
 static void FN(dequant)(real *restrict out, const uint8_t *restrict row, int type, int64_t k0, int64_t n)
 {
     const int64_t bs = quant_block_size(type), bb = block_bytes(type);
     const uint8_t *b = row + k0 / bs * bb;
+    int64_t i = 0;
     switch (type) {
     case QUANT_F32:
-        for (int64_t i = 0; i < n; i++) {
+        for (; i < n; i++) {
             float f;
             memcpy(&f, b + 4 * i, sizeof f);
             out[i] = f;
         }
         return;
     case QUANT_F16:
-        for (int64_t i = 0; i < n; i++) out[i] = half_to_float(b + 2 * i);
+        for (; i < n; i++) out[i] = half_to_float(b + 2 * i);
         return;
     case QUANT_BF16: /* the top half of a float32 */
-        for (int64_t i = 0; i < n; i++) {
+        for (; i < n; i++) {
             const uint32_t bits = ((uint32_t)b[2 * i] | (uint32_t)b[2 * i + 1] << 8) << 16;
             float f;
             memcpy(&f, &bits, sizeof f);
             out[i] = f;
         }
         return;
+    EACH_BLOCK(QUANT_Q8_0)
+    EACH_BLOCK(QUANT_Q4_0)
+    EACH_BLOCK(QUANT_Q4_1)
+    EACH_BLOCK(QUANT_Q5_0)
+    EACH_BLOCK(QUANT_Q5_1)
+    EACH_BLOCK(QUANT_Q4_K)
+    EACH_BLOCK(QUANT_Q5_K)
+    EACH_BLOCK(QUANT_Q6_K)
     }
-    for (int64_t e = 0; e < n; e += bs, b += bb) FN(dequant_block)(out + e, b, type);
 }
+
+#undef EACH_BLOCK
 
 /* The micro-kernel: C [mr, nc] += A [mr, L] @ B [L, 2 VL]; A's rows lda apart, B's ldb apart, C's
  * ldc apart; mr <= MR rows and nc <= 2 VL columns are stored (B is read in full, A's last row
@@ -244,5 +303,5 @@ static void FN(decode)(real *y, const real *x, const uint8_t *w, const real *bia
 }
 
 #undef MR
-#undef SEPARATE_ROUNDING
+#undef AVX2_BLOCKS
 #include "simd_vec_end.h"
