@@ -325,6 +325,7 @@ def _write_gguf(path, ref, pattern=None, scaling="LINEAR"):
     w.add_value_length(cfg.head_dim)
     if arch != "gemma":
         w.add_sliding_window(cfg.sliding_window)
+    if arch == "gemma2" or arch == "gemma3" and cfg.final_logit_softcapping:
         w.add_final_logit_softcapping(cfg.final_logit_softcapping)
     if pattern is not None:
         w.add_sliding_window_pattern(pattern)
@@ -358,9 +359,10 @@ GGUF_CASES = {
     # six layers: llama.cpp's period 6 gives one full layer (the last), as transformers' default layer_types
     "gemma3_text": ("gemma3_text", dict(query_pre_attn_scalar=12, attention_bias=False, layer_types=None,
                                         num_hidden_layers=6, attn_logit_softcapping=None), None),
-    # the layer types as one flag per layer, an untied head (output.weight)
+    # the layer types as one flag per layer, an untied head (output.weight), no final soft-cap (no key)
     "gemma3_text-flags": ("gemma3_text", dict(query_pre_attn_scalar=12, attention_bias=False,
-                                              attn_logit_softcapping=None), [True, False, True]),
+                                              attn_logit_softcapping=None, final_logit_softcapping=None),
+                          [True, False, True]),
 }
 
 
@@ -509,3 +511,27 @@ def test_gemma1_has_none_of_gemma2s_fields():
     with pytest.raises(ValueError, match="sliding_window"):
         fields = {k: v for k, v in HUB_GEMMA.items() if k not in ("rope_theta", "hidden_act", "hidden_activation")}
         GemmaConfig(**fields, sliding_window=4)
+
+
+@pytest.mark.parametrize("arch,layers,window,expected_scalar,expected_types", [
+    ("gemma2", 46, 4096, 16, ["sliding_attention", "full_attention"] * 23),  # the 27B: (hidden / heads)
+    ("gemma2", 4, 4096, 8, ["sliding_attention", "full_attention"] * 2),     # else head_dim
+    ("gemma3", 62, 512, 16, (["sliding_attention"] * 5 + ["full_attention"]) * 10 + ["sliding_attention"] * 2),
+    ("gemma3", 3, None, 8, ["full_attention"] * 3),                          # no window key: no sliding layers
+])
+def test_gguf_keys_read_as_llama_cpp_reads_them(arch, layers, window, expected_scalar, expected_types):
+    """llama-model.cpp: no key for query_pre_attn_scalar (the 27B models' layer counts give hidden / heads, else
+    head_dim), the sliding-window period 2 (Gemma 2) or 6 (Gemma 3), no sliding layers without a window, the
+    soft-caps' defaults."""
+    from lora_np.models.base import GGUFConfigReader
+    from lora_np.models.gemma import Gemma2Config, Gemma3TextConfig
+
+    metadata = {"general.architecture": arch, f"{arch}.embedding_length": 64, f"{arch}.feed_forward_length": 96,
+                f"{arch}.block_count": layers, f"{arch}.attention.head_count": 4, f"{arch}.attention.key_length": 8,
+                f"{arch}.vocab_size": VOCAB, **({f"{arch}.attention.sliding_window": window} if window else {})}
+    config = (Gemma2Config if arch == "gemma2" else Gemma3TextConfig).from_gguf(
+        GGUFConfigReader(metadata, {}, "test.gguf"))
+    assert config.query_pre_attn_scalar == expected_scalar and config.layer_types == expected_types
+    # absent soft-cap keys: llama.cpp's defaults for gemma2 (hparams 50 / 30), none for gemma3
+    assert (config.attn_logit_softcapping, config.final_logit_softcapping) == \
+        ((50.0, 30.0) if arch == "gemma2" else (None, None))
