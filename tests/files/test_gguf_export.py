@@ -487,16 +487,30 @@ def test_cli_export_errors_are_one_line(base_gguf, tmp_path, capsys):
     assert GGUFFile(tmp_path / "m.gguf").metadata["general.file_type"] == 1  # f16 by default, as the converter
 
 
-def test_cli_import_gguf_lora_writes_a_peft_folder(base_gguf, tmp_path):
+def test_cli_import_gguf_lora_writes_a_folder_peft_loads(base_gguf, tmp_path):
+    """`lora-np import --from gguf-lora` (ranks from the shapes: rank_pattern) gives a PEFT folder that PEFT
+    itself loads onto transformers' model of the same GGUF base, computing lora_np's logits (float64, 1e-10)."""
+    torch = crosscheck("torch")
+    transformers = crosscheck("transformers")
+    peft = crosscheck("peft")
     path = base_gguf
-    model = randomize_adapter(get_peft_model(load_model(path), LoraConfig(r=2, lora_alpha=4, target_modules=["v_proj"])))
-    expected = logits(model)
+    model = randomize_adapter(get_peft_model(load_model(path), LoraConfig(r=4, lora_alpha=4, target_modules=[
+        "q_proj", "v_proj", "down_proj"], rank_pattern={"down_proj": 2})))
     save_gguf_adapter(model, tmp_path / "a.gguf")
     assert cli_main(["import", "--from", "gguf-lora", str(tmp_path / "a.gguf"), "--model", str(path),
                      "--out", str(tmp_path / "peft")]) == 0
     config = json.loads((tmp_path / "peft" / "adapter_config.json").read_text())
-    assert config["r"] == 2 and config["lora_alpha"] == 4 and config["peft_type"] == "LORA"
-    assert np.array_equal(logits(LoraModel.from_pretrained(load_model(path), tmp_path / "peft")), expected)
+    assert config["r"] == 4 and config["lora_alpha"] == 4 and config["peft_type"] == "LORA"
+    assert sorted(config["rank_pattern"].values()) == [2, 2]
+    ours = LoraModel.from_pretrained(load_model(path, dtype="float64"), tmp_path / "peft")
+    assert np.array_equal(logits(LoraModel.from_pretrained(load_model(path), tmp_path / "peft")), logits(model))
+    ref = transformers.AutoModelForCausalLM.from_pretrained(os.path.dirname(path), gguf_file=os.path.basename(path),
+                                                            dtype=torch.float64)
+    theirs_model = peft.PeftModel.from_pretrained(ref, tmp_path / "peft").eval()
+    patch_float64(torch, theirs_model.base_model.model)
+    with torch.no_grad():
+        theirs = theirs_model(torch.tensor([IDS])).logits[0].numpy()
+    assert_close(logits(ours), theirs, rtol=1e-10, atol=1e-10 * np.abs(theirs).max(), name="PEFT on the import")
 
 
 def test_demo_ends_with_the_adapter_gguf_and_the_llama_cpp_and_ollama_lines(base_gguf, tmp_path):
