@@ -41,22 +41,23 @@ class QuantLinear(Function):
 
 class QuantizedLinear(Module):
     """A frozen Linear whose weight [out_features, in_features] stays in ggml blocks (`weight_blocks`,
-    uint8 [out_features, row bytes], type `ggml_type`); bias (float, frozen) optional."""
+    uint8 [out_features, row bytes], type `ggml_type`); bias (float, frozen) optional; `dtype`: the
+    float type of its inputs and outputs (the model's)."""
 
-    def __init__(self, blocks, ggml_type, bias=None):
+    def __init__(self, blocks, ggml_type, bias=None, dtype=np.float32):
         super().__init__()
         self.out_features, self.in_features = check_blocks("QuantizedLinear", blocks, ggml_type)
-        self.ggml_type, self.weight_blocks = ggml_type, blocks
+        self.ggml_type, self.weight_blocks, self.dtype = ggml_type, blocks, np.dtype(dtype)
         if bias is not None and np.shape(bias) != (self.out_features,):
             raise ValueError(f"QuantizedLinear: bias has shape {np.shape(bias)}, expected ({self.out_features},)")
-        self.bias = None if bias is None else Parameter(bias, requires_grad=False)
+        self.bias = None if bias is None else Parameter(np.asarray(bias, self.dtype), requires_grad=False)
 
     def forward(self, x):
         x = x if isinstance(x, Tensor) else Tensor(x)
         if x.shape[-1] != self.in_features:
             raise ValueError(f"QuantizedLinear: input shape {x.shape} does not match in_features {self.in_features}")
-        if self.bias is not None and self.bias.dtype != x.dtype:
-            raise TypeError(f"QuantizedLinear: input dtype {x.dtype} differs from the bias's {self.bias.dtype}")
+        if x.dtype != self.dtype:
+            raise TypeError(f"QuantizedLinear: input dtype {x.dtype} differs from the layer's {self.dtype}")
         return QuantLinear.apply(x, self.bias, blocks=self.weight_blocks, ggml_type=self.ggml_type)
 
     def dequantized_weight(self, dtype=np.float32):
@@ -243,26 +244,33 @@ def quantize_model(model, ggml_type):
     if adapted:
         raise ValueError(f"quantize_model: the model already has LoRA layers ({adapted[0]}, ...); quantize the base "
                          "first, then add the adapter")
-    done = {}  # id(weight Parameter) -> (blocks, type): tied weights share their blocks
-    for name, module in list(model.named_modules()):
-        if type(module) not in (Linear, Conv1D, Embedding):
-            continue
-        weight = module.weight
-        if id(weight) not in done:
-            w = weight.data.T if type(module) is Conv1D else weight.data                   # [out, in]
+    blocks_of = {}
+    for module in model.modules():
+        if type(module) in (Linear, Conv1D, Embedding) and id(module.weight) not in blocks_of:
+            w = module.weight.data.T if type(module) is Conv1D else module.weight.data                # [out, in]
             chosen = t if w.shape[1] % (256 if t == "Q4_K" else 32) == 0 else _FALLBACK.get(t)
-            if chosen is None or w.shape[1] % 32:
-                continue
-            done[id(weight)] = (quantize(w, chosen), chosen)
-        blocks, chosen = done[id(weight)]
+            if chosen is not None and w.shape[1] % 32 == 0:
+                blocks_of[id(module.weight)] = (quantize(w, chosen), chosen)
+    return use_blocks(model, blocks_of)
+
+
+def use_blocks(model, blocks_of):
+    """Replace each Linear, Conv1D and Embedding whose weight Parameter p has blocks_of[id(p)] =
+    (blocks [out, row bytes], ggml type) by a QuantizedLinear / QuantizedEmbedding holding those blocks
+    (so a tied head shares its embedding's), keeping the bias and the dtype; returns the model."""
+    for name, module in list(model.named_modules()):
+        if type(module) not in (Linear, Conv1D, Embedding) or id(module.weight) not in blocks_of:
+            continue
+        blocks, ggml_type = blocks_of[id(module.weight)]
+        dtype = module.weight.dtype
         if type(module) is Embedding:
-            replacement = QuantizedEmbedding(blocks, chosen, dtype=weight.dtype)
+            replacement = QuantizedEmbedding(blocks, ggml_type, dtype)
         else:
-            replacement = QuantizedLinear(blocks, chosen, None if module.bias is None else module.bias.data)
+            replacement = QuantizedLinear(blocks, ggml_type, None if module.bias is None else module.bias.data, dtype)
         parent, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent) if parent else model, child, replacement)
     return model
 
 
-__all__ = ["QuantizedLinear", "QuantizedEmbedding", "QuantLinear", "quantize", "quantize_model", "QUANTIZE_TYPES",
-           "QUANT_TYPES"]
+__all__ = ["QuantizedLinear", "QuantizedEmbedding", "QuantLinear", "quantize", "quantize_model", "use_blocks",
+           "QUANTIZE_TYPES", "QUANT_TYPES"]

@@ -210,7 +210,7 @@ def test_quantized_linear_gradient_is_dy_w(backend):
     kernels.set_backend(backend)
     rng = np.random.default_rng(3)
     blocks, bias = random_blocks(rng, "Q5_1", 40, 64), rng.standard_normal(40)
-    layer = QuantizedLinear(blocks, "Q5_1", bias)
+    layer = QuantizedLinear(blocks, "Q5_1", bias, dtype=np.float64)
     W = gguf_dequantize(blocks, "Q5_1").astype(np.float64)
     x = Tensor(rng.standard_normal((2, 3, 64)), requires_grad=True)
     y = layer(x)
