@@ -4,14 +4,12 @@ output times residual_multiplier before it joins the residual, attention_multipl
 included."""
 from dataclasses import dataclass, field
 
-from .. import functional as F
-from ..nn import Embedding, Linear, Module, ModuleList, RMSNorm, attend
+from ..nn import Module, RMSNorm
 from ..options import Float
 from ..tensor import DEFAULT_DTYPE
-from .base import CausalLM, RopeTables
 from .llama import Attention, GatedMLP, LlamaConfig, LlamaForCausalLM
 
-__all__ = ["GraniteConfig", "GraniteAttention", "GraniteDecoderBlock", "GraniteModel", "GraniteForCausalLM"]
+__all__ = ["GraniteConfig", "GraniteDecoderBlock", "GraniteForCausalLM"]
 
 MULTIPLIER = Float()
 MULTIPLIERS = ("embedding_multiplier", "residual_multiplier", "attention_multiplier", "logits_scaling")
@@ -60,26 +58,6 @@ class GraniteConfig(LlamaConfig):
         return d
 
 
-class GraniteAttention(Attention):
-    """Llama's attention with `scale` (attention_multiplier) in place of 1/√head_dim."""
-
-    def __init__(self, hidden_size, num_heads, num_kv_heads, head_dim, scale, bias=False, layer_idx=0, dropout=0.0,
-                 dtype=DEFAULT_DTYPE):
-        super().__init__(hidden_size, num_heads, num_kv_heads, head_dim, bias=bias, o_bias=bias, layer_idx=layer_idx,
-                         dropout=dropout, dtype=dtype)
-        self.scale = scale
-
-    def forward(self, x, cos=None, sin=None, cache=None, attn_mask=None):
-        B, T, _ = x.shape
-        hd = self.head_dim
-        q = F.transpose(F.reshape(self.q_proj(x), (B, T, self.num_heads, hd)), 1, 2)     # (B, Hq, T, D)
-        k = F.transpose(F.reshape(self.k_proj(x), (B, T, self.num_kv_heads, hd)), 1, 2)  # (B, Hkv, T, D)
-        v = F.transpose(F.reshape(self.v_proj(x), (B, T, self.num_kv_heads, hd)), 1, 2)  # (B, Hkv, T, D)
-        p = self.attention_dropout if self.training else 0.0
-        y = attend(q, k, v, cache, self.layer_idx, cos, sin, attn_mask, scale=self.scale, dropout=p)  # (B, Hq, T, D)
-        return self.o_proj(F.reshape(F.transpose(y, 1, 2), (B, T, self.num_heads * hd)))
-
-
 class GraniteDecoderBlock(Module):
     """Pre-norm layer with scaled residual branches: x + r·attn(norm(x)), then x + r·mlp(norm(x))."""
 
@@ -87,9 +65,9 @@ class GraniteDecoderBlock(Module):
         super().__init__()
         c = config
         self.input_layernorm = RMSNorm(c.hidden_size, c.rms_norm_eps, dtype=dtype)
-        self.self_attn = GraniteAttention(c.hidden_size, c.num_attention_heads, c.num_key_value_heads, c.head_dim,
-                                          c.attention_multiplier, bias=c.attention_bias, layer_idx=layer_idx,
-                                          dropout=c.attention_dropout, dtype=dtype)
+        self.self_attn = Attention(c.hidden_size, c.num_attention_heads, c.num_key_value_heads, c.head_dim,
+                                   bias=c.attention_bias, o_bias=c.attention_bias, layer_idx=layer_idx,
+                                   dropout=c.attention_dropout, scale=c.attention_multiplier, dtype=dtype)
         self.post_attention_layernorm = RMSNorm(c.hidden_size, c.rms_norm_eps, dtype=dtype)
         self.mlp = GatedMLP(c.hidden_size, c.intermediate_size, bias=c.mlp_bias, act=c.hidden_act, dtype=dtype)
         self.residual_multiplier = c.residual_multiplier
@@ -100,27 +78,9 @@ class GraniteDecoderBlock(Module):
         return x + self.mlp(self.post_attention_layernorm(x)) * r
 
 
-class GraniteModel(Module):
-    def __init__(self, config, dtype=DEFAULT_DTYPE):
-        super().__init__()
-        c = config
-        self.embed_tokens = Embedding(c.vocab_size, c.hidden_size, dtype=dtype)
-        self.layers = ModuleList(GraniteDecoderBlock(c, i, dtype) for i in range(c.num_hidden_layers))
-        self.norm = RMSNorm(c.hidden_size, c.rms_norm_eps, dtype=dtype)
-
-
 class GraniteForCausalLM(LlamaForCausalLM):
     """Llama's RoPE and head around Granite's blocks; GGUF names and q/k permutation as llama's."""
-
-    def __init__(self, config, dtype=DEFAULT_DTYPE):
-        CausalLM.__init__(self)
-        self.config = config
-        self.model = GraniteModel(config, dtype)
-        self.lm_head = Linear(config.hidden_size, config.vocab_size, bias=False, dtype=dtype)
-        if config.tie_word_embeddings:
-            self.lm_head.weight = self.model.embed_tokens.weight
-        self._rope = RopeTables(config.head_dim, config.rope_theta, config.rope_scaling, config.max_position_embeddings,
-                                config.rope_freq_factors)
+    block_class = GraniteDecoderBlock
 
     def _embed(self, ids, past):
         h, cos, sin = super()._embed(ids, past)

@@ -263,11 +263,14 @@ class LlamaConfig(Config):
 class Attention(Module):
     """Causal self-attention with separate q/k/v projections (Llama names), grouped-query
     heads and optional RoPE; `bias` adds q/k/v biases (Qwen2), `o_bias` an o_proj bias; `qk_norm_eps` (None:
-    none) RMS-normalises each head of q and k before RoPE (Qwen3's q_norm / k_norm); `sliding_window` W lets a query
-    see the last W positions only; `use_rope` False skips RoPE (SmolLM3's NoPE layers)."""
+    none) RMS-normalises q and k before RoPE (q_norm / k_norm): each head (`qk_norm_per_head`, Qwen3) or the whole
+    projected width Hq·D and Hkv·D (OLMo 2); `scale` replaces 1/√head_dim on the scores (Granite's
+    attention_multiplier); `sliding_window` W lets a query see the last W positions only; `use_rope` False skips
+    RoPE (SmolLM3's NoPE layers)."""
 
     def __init__(self, hidden_size, num_heads, num_kv_heads=None, head_dim=None, bias=False, o_bias=False,
-                 layer_idx=0, dropout=0.0, qk_norm_eps=None, sliding_window=None, use_rope=True, dtype=DEFAULT_DTYPE):
+                 layer_idx=0, dropout=0.0, qk_norm_eps=None, qk_norm_per_head=True, scale=None, sliding_window=None,
+                 use_rope=True, dtype=DEFAULT_DTYPE):
         super().__init__()
         self.attention_dropout = check_dropout_p("Attention", dropout)
         self.num_heads = num_heads
@@ -275,29 +278,35 @@ class Attention(Module):
         self.head_dim = head_dim or hidden_size // num_heads
         if self.num_heads % self.num_kv_heads:
             raise ValueError(f"Attention: {num_heads} heads is not a multiple of {self.num_kv_heads} kv heads")
-        self.layer_idx, self.sliding_window, self.use_rope = layer_idx, sliding_window, use_rope
+        self.layer_idx, self.sliding_window, self.use_rope, self.scale = layer_idx, sliding_window, use_rope, scale
         self.q_proj = Linear(hidden_size, self.num_heads * self.head_dim, bias=bias, dtype=dtype)
         self.k_proj = Linear(hidden_size, self.num_kv_heads * self.head_dim, bias=bias, dtype=dtype)
         self.v_proj = Linear(hidden_size, self.num_kv_heads * self.head_dim, bias=bias, dtype=dtype)
         self.o_proj = Linear(self.num_heads * self.head_dim, hidden_size, bias=o_bias, dtype=dtype)
         self.qk_norm = qk_norm_eps is not None
+        self.qk_norm_per_head = qk_norm_per_head
         if self.qk_norm:
-            self.q_norm = RMSNorm(self.head_dim, qk_norm_eps, dtype=dtype)
-            self.k_norm = RMSNorm(self.head_dim, qk_norm_eps, dtype=dtype)
+            q_width, k_width = (self.head_dim, self.head_dim) if qk_norm_per_head else \
+                (self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim)
+            self.q_norm = RMSNorm(q_width, qk_norm_eps, dtype=dtype)
+            self.k_norm = RMSNorm(k_width, qk_norm_eps, dtype=dtype)
 
     def forward(self, x, cos=None, sin=None, cache=None, attn_mask=None):
         B, T, _ = x.shape
         hd = self.head_dim
-        q = F.reshape(self.q_proj(x), (B, T, self.num_heads, hd))                        # (B, T, Hq, D)
-        k = F.reshape(self.k_proj(x), (B, T, self.num_kv_heads, hd))                     # (B, T, Hkv, D)
-        if self.qk_norm:
+        q, k = self.q_proj(x), self.k_proj(x)                                            # (B, T, Hq·D), (B, T, Hkv·D)
+        if self.qk_norm and not self.qk_norm_per_head:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q = F.reshape(q, (B, T, self.num_heads, hd))                                     # (B, T, Hq, D)
+        k = F.reshape(k, (B, T, self.num_kv_heads, hd))                                  # (B, T, Hkv, D)
+        if self.qk_norm and self.qk_norm_per_head:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = F.transpose(q, 1, 2), F.transpose(k, 1, 2)                                 # (B, H, T, D)
         v = F.transpose(F.reshape(self.v_proj(x), (B, T, self.num_kv_heads, hd)), 1, 2)  # (B, Hkv, T, D)
         if not self.use_rope:
             cos = sin = None
         p = self.attention_dropout if self.training else 0.0
-        y = attend(q, k, v, cache, self.layer_idx, cos, sin, attn_mask, dropout=p,
+        y = attend(q, k, v, cache, self.layer_idx, cos, sin, attn_mask, scale=self.scale, dropout=p,
                    sliding_window=self.sliding_window)                                    # (B, Hq, T, D)
         return self.o_proj(F.reshape(F.transpose(y, 1, 2), (B, T, self.num_heads * hd)))
 
@@ -333,27 +342,38 @@ class DecoderBlock(Module):
         self.post_attention_layernorm = RMSNorm(hidden_size, eps, dtype=dtype)
         self.mlp = GatedMLP(hidden_size, intermediate_size, bias=mlp_bias, act=act, dtype=dtype)
 
+    @classmethod
+    def from_config(cls, config, layer_idx=0, dtype=DEFAULT_DTYPE):
+        """Layer `layer_idx` of a LlamaConfig (its window and whether it applies RoPE)."""
+        c = config
+        return cls(c.hidden_size, c.num_attention_heads, c.num_key_value_heads, c.intermediate_size,
+                   head_dim=c.head_dim, eps=c.rms_norm_eps, attention_bias=c.qkv_bias, o_bias=c.attention_bias,
+                   mlp_bias=c.mlp_bias, act=c.hidden_act, layer_idx=layer_idx, attention_dropout=c.attention_dropout,
+                   qk_norm=c.qk_norm, sliding_window=c.sliding_windows()[layer_idx],
+                   use_rope=c.rope_layers()[layer_idx], dtype=dtype)
+
     def forward(self, x, cos=None, sin=None, cache=None, attn_mask=None):
         x = x + self.self_attn(self.input_layernorm(x), cos, sin, cache, attn_mask)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
 class LlamaModel(Module):
-    def __init__(self, config, dtype=DEFAULT_DTYPE):
+    """The embedding, the decoder layers (`block_class(config, layer_idx, dtype)` builds each; by default Llama's)
+    and the final norm."""
+
+    def __init__(self, config, dtype=DEFAULT_DTYPE, block_class=DecoderBlock.from_config):
         super().__init__()
         c = config
         self.embed_tokens = Embedding(c.vocab_size, c.hidden_size, dtype=dtype)
-        self.layers = ModuleList(
-            DecoderBlock(c.hidden_size, c.num_attention_heads, c.num_key_value_heads, c.intermediate_size,
-                         head_dim=c.head_dim, eps=c.rms_norm_eps, attention_bias=c.qkv_bias,
-                         o_bias=c.attention_bias, mlp_bias=c.mlp_bias, act=c.hidden_act, layer_idx=i,
-                         attention_dropout=c.attention_dropout, qk_norm=c.qk_norm, sliding_window=window,
-                         use_rope=rope, dtype=dtype)
-            for i, (window, rope) in enumerate(zip(c.sliding_windows(), c.rope_layers())))
+        self.layers = ModuleList(block_class(c, i, dtype) for i in range(c.num_hidden_layers))
         self.norm = RMSNorm(c.hidden_size, c.rms_norm_eps, dtype=dtype)
 
 
 class LlamaForCausalLM(CausalLM):
+    """Llama's embedding, RoPE tables, final norm and head around the decoder layers that `block_class` builds
+    (called as block_class(config, layer_idx, dtype)): a family with Llama's skeleton and other layers (OLMo 2,
+    Granite, Phi-3) names its layer class there."""
+    block_class = DecoderBlock.from_config
     gguf_names = {"token_embd.weight": "model.embed_tokens.weight", "output_norm.weight": "model.norm.weight",
                   "output.weight": "lm_head.weight"}
     gguf_block_names = {
@@ -382,7 +402,7 @@ class LlamaForCausalLM(CausalLM):
     def __init__(self, config, dtype=DEFAULT_DTYPE):
         super().__init__()
         self.config = config
-        self.model = LlamaModel(config, dtype)
+        self.model = LlamaModel(config, dtype, self.block_class)
         self.lm_head = Linear(config.hidden_size, config.vocab_size, bias=False, dtype=dtype)
         if config.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight

@@ -4,13 +4,11 @@ to the residual, and no norm precedes a sublayer. transformers' Olmo2ForCausalLM
 from dataclasses import dataclass, field
 from typing import Optional
 
-from .. import functional as F
-from ..nn import Embedding, Linear, Module, ModuleList, RMSNorm, attend
+from ..nn import Module, RMSNorm
 from ..tensor import DEFAULT_DTYPE
-from .base import CausalLM, RopeTables
 from .llama import Attention, GatedMLP, LlamaConfig, LlamaForCausalLM
 
-__all__ = ["Olmo2Config", "Olmo2Attention", "Olmo2DecoderBlock", "Olmo2Model", "Olmo2ForCausalLM"]
+__all__ = ["Olmo2Config", "Olmo2DecoderBlock", "Olmo2ForCausalLM"]
 
 
 @dataclass
@@ -39,36 +37,16 @@ class Olmo2Config(LlamaConfig):
         return d
 
 
-class Olmo2Attention(Attention):
-    """Llama's attention with q_norm / k_norm over the whole projected q (Hq·D) and k (Hkv·D), before RoPE."""
-
-    def __init__(self, hidden_size, num_heads, num_kv_heads, head_dim, eps, bias=False, layer_idx=0, dropout=0.0,
-                 dtype=DEFAULT_DTYPE):
-        super().__init__(hidden_size, num_heads, num_kv_heads, head_dim, bias=bias, o_bias=bias, layer_idx=layer_idx,
-                         dropout=dropout, dtype=dtype)
-        self.q_norm = RMSNorm(self.num_heads * self.head_dim, eps, dtype=dtype)
-        self.k_norm = RMSNorm(self.num_kv_heads * self.head_dim, eps, dtype=dtype)
-
-    def forward(self, x, cos=None, sin=None, cache=None, attn_mask=None):
-        B, T, _ = x.shape
-        hd = self.head_dim
-        q = F.transpose(F.reshape(self.q_norm(self.q_proj(x)), (B, T, self.num_heads, hd)), 1, 2)     # (B, Hq, T, D)
-        k = F.transpose(F.reshape(self.k_norm(self.k_proj(x)), (B, T, self.num_kv_heads, hd)), 1, 2)  # (B, Hkv, T, D)
-        v = F.transpose(F.reshape(self.v_proj(x), (B, T, self.num_kv_heads, hd)), 1, 2)               # (B, Hkv, T, D)
-        p = self.attention_dropout if self.training else 0.0
-        y = attend(q, k, v, cache, self.layer_idx, cos, sin, attn_mask, dropout=p)                     # (B, Hq, T, D)
-        return self.o_proj(F.reshape(F.transpose(y, 1, 2), (B, T, self.num_heads * hd)))
-
-
 class Olmo2DecoderBlock(Module):
     """Post-norm layer: x + post_attention_layernorm(attn(x)), then x + post_feedforward_layernorm(mlp(x))."""
 
     def __init__(self, config, layer_idx=0, dtype=DEFAULT_DTYPE):
         super().__init__()
         c = config
-        self.self_attn = Olmo2Attention(c.hidden_size, c.num_attention_heads, c.num_key_value_heads, c.head_dim,
-                                        c.rms_norm_eps, bias=c.attention_bias, layer_idx=layer_idx,
-                                        dropout=c.attention_dropout, dtype=dtype)
+        self.self_attn = Attention(c.hidden_size, c.num_attention_heads, c.num_key_value_heads, c.head_dim,
+                                   bias=c.attention_bias, o_bias=c.attention_bias, layer_idx=layer_idx,
+                                   dropout=c.attention_dropout, qk_norm_eps=c.rms_norm_eps, qk_norm_per_head=False,
+                                   dtype=dtype)
         self.mlp = GatedMLP(c.hidden_size, c.intermediate_size, act=c.hidden_act, dtype=dtype)
         self.post_attention_layernorm = RMSNorm(c.hidden_size, c.rms_norm_eps, dtype=dtype)
         self.post_feedforward_layernorm = RMSNorm(c.hidden_size, c.rms_norm_eps, dtype=dtype)
@@ -78,18 +56,10 @@ class Olmo2DecoderBlock(Module):
         return x + self.post_feedforward_layernorm(self.mlp(x))
 
 
-class Olmo2Model(Module):
-    def __init__(self, config, dtype=DEFAULT_DTYPE):
-        super().__init__()
-        c = config
-        self.embed_tokens = Embedding(c.vocab_size, c.hidden_size, dtype=dtype)
-        self.layers = ModuleList(Olmo2DecoderBlock(c, i, dtype) for i in range(c.num_hidden_layers))
-        self.norm = RMSNorm(c.hidden_size, c.rms_norm_eps, dtype=dtype)
-
-
 class Olmo2ForCausalLM(LlamaForCausalLM):
     """Llama's embedding, RoPE, final norm and head around OLMo 2's blocks. GGUF: llama.cpp's olmo2 architecture
     (its converter does not permute q/k)."""
+    block_class = Olmo2DecoderBlock
     gguf_block_names = {
         "attn_q.weight": "self_attn.q_proj.weight", "attn_k.weight": "self_attn.k_proj.weight",
         "attn_v.weight": "self_attn.v_proj.weight", "attn_output.weight": "self_attn.o_proj.weight",
@@ -103,13 +73,3 @@ class Olmo2ForCausalLM(LlamaForCausalLM):
     def from_gguf_tensor(cls, gname, array, config):
         """llama.cpp's olmo2 converter writes q and k as transformers has them: nothing to undo."""
         return array
-
-    def __init__(self, config, dtype=DEFAULT_DTYPE):
-        CausalLM.__init__(self)
-        self.config = config
-        self.model = Olmo2Model(config, dtype)
-        self.lm_head = Linear(config.hidden_size, config.vocab_size, bias=False, dtype=dtype)
-        if config.tie_word_embeddings:
-            self.lm_head.weight = self.model.embed_tokens.weight
-        self._rope = RopeTables(config.head_dim, config.rope_theta, config.rope_scaling, config.max_position_embeddings,
-                                config.rope_freq_factors)

@@ -11,13 +11,13 @@ import numpy as np
 
 from .. import functional as F
 from ..gguf import GGUFError, GGUFFile
-from ..nn import Dropout, Embedding, Linear, Module, ModuleList, RMSNorm, activation, attend, check_dropout_p
+from ..nn import Dropout, Linear, Module, RMSNorm, activation, attend, check_dropout_p
 from ..tensor import DEFAULT_DTYPE, Tensor
-from .base import BOOL, DROPOUT, EPS, LAYERS, POSITIONS, SIZE, THETA, CausalLM, Config, check_fields
+from .base import BOOL, DROPOUT, EPS, LAYERS, POSITIONS, SIZE, THETA, Config, check_fields
 from .llama import LlamaForCausalLM
-from .rope import RopeTables, check_rope_scaling, rotary_dim
+from .rope import check_rope_scaling, rotary_dim
 
-__all__ = ["Phi3Config", "Phi3Attention", "Phi3MLP", "Phi3DecoderBlock", "Phi3Model", "Phi3ForCausalLM"]
+__all__ = ["Phi3Config", "Phi3Attention", "Phi3MLP", "Phi3DecoderBlock", "Phi3ForCausalLM"]
 
 
 @dataclass
@@ -46,6 +46,8 @@ class Phi3Config(Config):
     pad_token_id: Optional[int] = 32000
     model_type: str = "phi3"
     architectures: list = field(default_factory=lambda: ["Phi3ForCausalLM"])
+
+    rope_freq_factors = None  # no Llama 3 frequency factors (LlamaForCausalLM's RoPE tables read this)
 
     def __post_init__(self):
         """Check every field that shapes the computation: ValueError naming a field of the wrong type or value."""
@@ -233,18 +235,10 @@ class Phi3DecoderBlock(Module):
         return x + self.resid_mlp_dropout(self.mlp(self.post_attention_layernorm(x)))
 
 
-class Phi3Model(Module):
-    def __init__(self, config, dtype=DEFAULT_DTYPE):
-        super().__init__()
-        c = config
-        self.embed_tokens = Embedding(c.vocab_size, c.hidden_size, dtype=dtype)
-        self.layers = ModuleList(Phi3DecoderBlock(c, i, dtype) for i in range(c.num_hidden_layers))
-        self.norm = RMSNorm(c.hidden_size, c.rms_norm_eps, dtype=dtype)
-
-
 class Phi3ForCausalLM(LlamaForCausalLM):
-    """Llama's embedding, final norm and head around Phi-3's blocks, with Phi-3's RoPE tables. GGUF: llama.cpp's
-    phi3 architecture (fused attn_qkv and ffn_up kept as they are, no q/k permutation)."""
+    """Llama's embedding, RoPE tables (of Phi-3's RoPE parameters), final norm and head around Phi-3's blocks.
+    GGUF: llama.cpp's phi3 architecture (fused attn_qkv and ffn_up kept as they are, no q/k permutation)."""
+    block_class = Phi3DecoderBlock
     gguf_block_names = {
         "attn_norm.weight": "input_layernorm.weight", "attn_qkv.weight": "self_attn.qkv_proj.weight",
         "attn_output.weight": "self_attn.o_proj.weight", "ffn_norm.weight": "post_attention_layernorm.weight",
@@ -255,16 +249,6 @@ class Phi3ForCausalLM(LlamaForCausalLM):
     def from_gguf_tensor(cls, gname, array, config):
         """llama.cpp's phi3 converter writes every tensor as transformers has it: nothing to undo."""
         return array
-
-    def __init__(self, config, dtype=DEFAULT_DTYPE):
-        CausalLM.__init__(self)
-        self.config = config
-        self.model = Phi3Model(config, dtype)
-        self.lm_head = Linear(config.hidden_size, config.vocab_size, bias=False, dtype=dtype)
-        if config.tie_word_embeddings:
-            self.lm_head.weight = self.model.embed_tokens.weight
-        self._rope = RopeTables(config.head_dim, config.rope_theta, config.rope_scaling,
-                                config.max_position_embeddings)
 
     def forward(self, input_ids, labels=None, cache=None, attn_mask=None, logits_to_keep=0, return_logits=True):
         """CausalLM.forward; and, as transformers' Phi3 generation (prepare_inputs_for_generation), when a cached
