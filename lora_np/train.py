@@ -47,6 +47,7 @@ from .options import Float, Int, OptionError
 from .progress import MetricsLog, Progress, read_metrics, try_write_loss_svg, write_loss_svg
 
 __all__ = ["TrainArgs", "train", "train_step", "evaluate", "NonFiniteLoss", "RunExists", "OPTION_RULES", "CHOICES",
+           "BOOL_OPTIONS",
            # where they were: lora_np.kernels.backend's, lora_np.checkpoints' and lora_np.progress'
            "set_threads", "keep_freed_memory", "RunFolderBusy", "RunFileError", "write_loss_svg"]
 
@@ -94,6 +95,7 @@ OPTION_RULES = {
     "allreduce_timeout": Float(min=0, min_open=True, none_ok=True),
 }
 CHOICES = {"schedule": ("linear", "cosine"), "dtype": ("float32", "float64")}
+BOOL_OPTIONS = ("rslora", "dora", "grad_checkpoint", "resume", "overwrite")
 
 
 @dataclass
@@ -110,6 +112,7 @@ class TrainArgs:
     targets: str = "q_proj,v_proj"
     rslora: bool = False
     dora: bool = False
+    grad_checkpoint: bool = False  # recompute each block's forward in backward: less memory, same gradients
     lr: float = 2e-4
     weight_decay: float = 0.0
     schedule: str = "linear"
@@ -143,6 +146,9 @@ class TrainArgs:
         for name, choices in CHOICES.items():
             if getattr(self, name) not in choices:
                 raise OptionError(f"{name} must be one of {', '.join(choices)}, got {getattr(self, name)!r}")
+        for name in BOOL_OPTIONS:
+            if not isinstance(getattr(self, name), bool):
+                raise OptionError(f"{name} must be true or false, got {getattr(self, name)!r}")
         if self.steps is not None and self.epochs is not None:
             raise OptionError(f"give steps or epochs, not both (got steps={self.steps}, epochs={self.epochs})")
         if self.resume and self.overwrite:
@@ -415,6 +421,8 @@ def _adapted_model(args, model_path, ckpt_folder, comm):
     from .lora import LoraModel, get_peft_model
 
     model = load_model(model_path, dtype=args.dtype)
+    if args.grad_checkpoint:
+        model.gradient_checkpointing_enable()
     n_ctx, field = context_length(model.config)
     if n_ctx is not None and args.seq_len > n_ctx:
         raise OptionError(f"--seq-len {args.seq_len} is longer than the model's context ({field} = {n_ctx} in "

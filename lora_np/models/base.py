@@ -8,10 +8,11 @@ from typing import Optional
 import numpy as np
 
 from .. import functional as F
+from ..checkpointing import checkpoint
 from ..gguf import GGUFError
 from ..nn import Linear, Module
 from ..options import Float, Int
-from ..tensor import Tensor
+from ..tensor import Tensor, is_grad_enabled
 from .rope import RopeTables  # noqa: F401  (the families import it from here)
 
 # Sane bounds for what a config may say; the loaders also check every size against the tensors present.
@@ -173,7 +174,9 @@ class CausalLM(Module):
         are given. With labels and return_logits=False the loss is computed chunk by chunk
         without the (B, T, V) logits (training). `cache` (nn.KVCache) holds earlier positions; `logits_to_keep` > 0
         computes logits for the last that many positions only (generation). A family that sets
-        `final_logit_softcapping` c (Gemma 2/3) gets logits c·tanh(z/c), in both paths."""
+        `final_logit_softcapping` c (Gemma 2/3) gets logits c·tanh(z/c), in both paths. After
+        gradient_checkpointing_enable(), a training forward with grad mode and no cache keeps only each block's
+        input and recomputes the block in backward (lora_np.checkpointing)."""
         ids = np.asarray(input_ids.data if isinstance(input_ids, Tensor) else input_ids)
         if ids.ndim == 1:
             ids = ids[None]
@@ -181,8 +184,9 @@ class CausalLM(Module):
             raise ValueError(f"input_ids must be (B, T), got shape {ids.shape}")
         past = cache.seq_len() if cache is not None else 0
         h, cos, sin = self._embed(ids, past)                                          # (B, T, C)
+        recompute = self.gradient_checkpointing and self.training and cache is None and is_grad_enabled()
         for block in self._blocks():
-            h = block(h, cos, sin, cache, attn_mask)
+            h = checkpoint(block, h, cos, sin, cache, attn_mask) if recompute else block(h, cos, sin, cache, attn_mask)
         cap = getattr(self, "final_logit_softcapping", None)
         if labels is not None and not return_logits and type(self.lm_head) is Linear:  # a plain (un-adapted) head
             h = self._final_norm(h)
@@ -194,6 +198,26 @@ class CausalLM(Module):
             logits = F.mul(F.tanh(F.div(logits, cap)), cap)
         loss = F.causal_lm_loss(logits, labels) if labels is not None else None
         return CausalLMOutput(logits, loss)
+
+    gradient_checkpointing = False  # recompute each block's forward in backward (training only)
+
+    def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs=None):
+        """Keep only each decoder block's input in training and recompute the block in backward
+        (lora_np.checkpointing): the same gradients for less memory. As transformers' method;
+        gradient_checkpointing_kwargs may say use_reentrant (torch's two mechanisms compute the same
+        gradients, and so does the one here, whichever is asked for); any other key is refused."""
+        for key in gradient_checkpointing_kwargs or {}:
+            if key != "use_reentrant":
+                raise NotImplementedError(f"gradient_checkpointing_enable: gradient_checkpointing_kwargs[{key!r}] "
+                                          "is not supported (supported: use_reentrant)")
+        self.gradient_checkpointing = True
+
+    def gradient_checkpointing_disable(self):
+        self.gradient_checkpointing = False
+
+    @property
+    def is_gradient_checkpointing(self):
+        return self.gradient_checkpointing
 
     @property
     def dtype(self):
