@@ -21,7 +21,8 @@ __all__ = ["resolve_config", "plan_adapter", "lora_shapes", "check_target_module
 # (phi3, smollm3, olmo2, granite) have no default in PEFT either, which asks for target_modules
 DEFAULT_TARGET_MODULES = {"llama": ["q_proj", "v_proj"], "mistral": ["q_proj", "v_proj"],
                           "qwen2": ["q_proj", "v_proj"], "qwen3": ["q_proj", "v_proj"],
-                          "gemma2": ["q_proj", "v_proj"], "gemma3_text": ["q_proj", "v_proj"], "gpt2": ["c_attn"]}
+                          "gemma": ["q_proj", "v_proj"], "gemma2": ["q_proj", "v_proj"],
+                          "gemma3_text": ["q_proj", "v_proj"], "gpt2": ["c_attn"]}
 # modules PEFT treats as embeddings when deciding to save base embedding weights
 EMBEDDING_LAYER_NAMES = ("embed_tokens", "lm_head")
 _EXCLUDED = "excluded"

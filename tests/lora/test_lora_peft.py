@@ -238,3 +238,15 @@ def test_pissa_olora_init_matches_peft_in_float32(init, monkeypatch):
         assert_close(mine[n].base_layer.weight.data, w, name=f"{n} residual W", rtol=0, atol=atol)
         assert_close(mine[n].get_delta_weight("default"), theirs[n].get_delta_weight("default").detach().numpy(),
                      name=f"{n} s·BA", rtol=0, atol=atol)
+
+
+def test_default_target_modules_are_peft_s_for_every_family():
+    """target_modules=None means what PEFT's mapping says for each model_type lora_np computes, and families
+    PEFT has no default for are refused there as in PEFT."""
+    from peft.utils.constants import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING as peft_defaults
+
+    from lora_np.lora.targets import DEFAULT_TARGET_MODULES
+    from lora_np.models import FAMILIES
+
+    for model_type in FAMILIES:
+        assert DEFAULT_TARGET_MODULES.get(model_type) == peft_defaults.get(model_type), model_type
