@@ -27,9 +27,9 @@ before it is used; a bad file raises `GGUFError` naming the file and the problem
 
 The writer writes version 3 as gguf-py's GGUFWriter does (the same header, key/value and tensor-info
 encoding, each tensor's data padded to the alignment), storing float arrays as F32 or F16 or quantized by
-lora_np.quant (Q8_0, Q4_0, Q5_0 bit for bit as gguf-py's `gguf.quants.quantize`, Q4_K as ggml's reference). A value's type is the one given in `value_types`, else the one
-llama.cpp's converter gives such a Python value (int: UINT32, a negative one INT32, float: FLOAT32, list of
-int: ARRAY of INT32).
+lora_np.quant (Q8_0, Q4_0, Q5_0 bit for bit as gguf-py's `gguf.quants.quantize`, Q4_K as ggml's reference).
+A value's type is the one given in `value_types`, else the one llama.cpp's converter gives such a Python
+value (int: UINT32, a negative one INT32, float: FLOAT32, list of int: ARRAY of INT32).
 Tensor data must be laid out as llama.cpp's gguf.cpp requires: tensor i's offset is
 exactly the sum of the sizes of tensors 0..i-1, each padded to `general.alignment`
 (so no overlap, no misalignment, no gap beyond the padding, file order).

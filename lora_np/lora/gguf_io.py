@@ -54,7 +54,8 @@ def _all_names(model):
 def save_gguf_adapter(lora_model, out, adapter_name="default", outtype="f32"):
     """Write adapter `adapter_name` of a LoraModel as a llama.cpp LoRA GGUF file `out` (f32 or f16)."""
     if adapter_name not in lora_model.peft_config:
-        raise ValueError(f"GGUF adapter export: unknown adapter {adapter_name!r}; known: {list(lora_model.peft_config)}")
+        raise ValueError(f"GGUF adapter export: unknown adapter {adapter_name!r}; "
+                         f"known: {list(lora_model.peft_config)}")
     if outtype not in GGUF_ADAPTER_OUTTYPES:
         raise ValueError(f"GGUF adapter export: outtype {outtype!r} is not one of {', '.join(GGUF_ADAPTER_OUTTYPES)}")
     config = lora_model.peft_config[adapter_name]

@@ -155,12 +155,13 @@ def test_adapter_gguf_in_llama_cpp_equals_lora_np(tmp_path, tie):
 
 def test_adapter_gguf_layout_is_llama_cpps(base_gguf, tmp_path):
     """The keys and shapes llama-adapter.cpp checks; f16 on request."""
-    model = randomize_adapter(get_peft_model(load_model(base_gguf), LoraConfig(r=4, lora_alpha=16,
-                                                                               target_modules=["q_proj", "embed_tokens"])))
+    model = randomize_adapter(get_peft_model(load_model(base_gguf), LoraConfig(
+        r=4, lora_alpha=16, target_modules=["q_proj", "embed_tokens"])))
     for outtype, ggml_type in (("f32", "F32"), ("f16", "F16")):
         f = GGUFFile(save_gguf_adapter(model, tmp_path / f"a_{outtype}.gguf", outtype=outtype))
         assert f.metadata["general.type"] == "adapter" and f.metadata["adapter.type"] == "lora"
-        assert f.metadata["general.architecture"] == "llama" and f.value_types["adapter.lora.alpha"] == ("FLOAT32", None)
+        assert f.metadata["general.architecture"] == "llama"
+        assert f.value_types["adapter.lora.alpha"] == ("FLOAT32", None)
         assert f.metadata["adapter.lora.alpha"] == 16.0
         shapes = {n: (i.shape, i.ggml_type) for n, i in f.tensors.items()}
         assert shapes["blk.1.attn_q.weight.lora_a"] == ((4, 64), ggml_type)  # (r, in)
@@ -275,7 +276,8 @@ def test_merged_gguf_in_llama_cpp_equals_lora_np(tmp_path, tie):
     path = save_merged_gguf(model, tmp_path / "merged.gguf", outtype="f32")
     f = GGUFFile(path)
     assert ("output.weight" in f.tensors) != tie and f.metadata["general.file_type"] == 0
-    assert f.metadata["llama.attention.head_count_kv"] == 2 and f.value_types["llama.rope.freq_base"] == ("FLOAT32", None)
+    assert f.metadata["llama.attention.head_count_kv"] == 2
+    assert f.value_types["llama.rope.freq_base"] == ("FLOAT32", None)
     assert_close(logits(load_model(path)), expected, rtol=0, atol=1e-5 * np.abs(expected).max(),
                  name="lora_np reading its merged GGUF")
     assert_rel(llama_cpp_logits(path), expected, 1e-4, "llama.cpp on the merged GGUF")
@@ -421,16 +423,20 @@ def test_row_map_inverts_the_llama_interleave():
 
 @pytest.mark.parametrize("model_type, fields", [
     ("granite", dict(embedding_multiplier=3.0, residual_multiplier=0.5, attention_multiplier=0.3, logits_scaling=2.0)),
-    ("olmo2", {})])
+    ("olmo2", {}), ("qwen2", {}), ("qwen3", {}), ("smollm3", {}), ("phi3", {})])
 def test_other_families_export_through_their_own_gguf_tables(tmp_path, model_type, fields):
-    """No per-family export code: Granite (its *_scale keys) and OLMo 2 (q/k norms, post-norms) go out through
-    the tables their loaders read, merged and as an adapter, and llama.cpp computes what lora_np does."""
+    """No per-family export code: Granite (its *_scale keys), OLMo 2 (q/k norms, post-norms), Qwen2 (q/k/v
+    biases, no interleave), Qwen3 (head_dim 128 apart from hidden / heads), SmolLM3 and Phi-3 (fused qkv and
+    gate_up) go out through the tables their loaders read, merged and as an adapter, and llama.cpp computes
+    what lora_np does. (The Gemmas load too; llama.cpp's GELU reads its input through a float16 table, so
+    their logits differ by ~5e-4 and are not compared here.)"""
     config_cls, model_cls = family(model_type)
     model = tiny_model(model_cls=model_cls, config_cls=config_cls, **fields)
     base = save_merged_gguf(model, tmp_path / "base.gguf", outtype="f32")
     expected_base = logits(model)
     assert np.array_equal(logits(load_model(base)), expected_base)
-    lora = randomize_adapter(get_peft_model(load_model(base), LoraConfig(r=4, lora_alpha=8, target_modules=ALL_LINEAR)))
+    lora = randomize_adapter(get_peft_model(load_model(base), LoraConfig(r=4, lora_alpha=8,
+                                                                        target_modules="all-linear")))
     adapter = save_gguf_adapter(lora, tmp_path / "adapter.gguf")
     assert_rel(llama_cpp_logits(base), expected_base, 1e-4, f"llama.cpp on a {model_type} GGUF")
     assert_rel(llama_cpp_logits(base, adapter), logits(lora), 1e-4, f"llama.cpp with a {model_type} adapter")
