@@ -12,7 +12,7 @@ import numpy as np
 from .. import functional as F
 from ..gguf import GGUFError, GGUFFile
 from ..nn import Dropout, Linear, Module, RMSNorm, activation, attend, check_dropout_p
-from ..tensor import DEFAULT_DTYPE, Tensor
+from ..tensor import DEFAULT_DTYPE
 from .base import BOOL, DROPOUT, EPS, LAYERS, POSITIONS, SIZE, THETA, Config, check_fields
 from .llama import LlamaForCausalLM
 from .rope import check_rope_scaling, rotary_dim
@@ -250,19 +250,10 @@ class Phi3ForCausalLM(LlamaForCausalLM):
         """llama.cpp's phi3 converter writes every tensor as transformers has it: nothing to undo."""
         return array
 
-    def forward(self, input_ids, labels=None, cache=None, attn_mask=None, logits_to_keep=0, return_logits=True):
-        """CausalLM.forward; and, as transformers' Phi3 generation (prepare_inputs_for_generation), when a cached
-        call first takes the sequence past original_max_position_embeddings under longrope, the cache (keys of
-        the short factors) is dropped and every position recomputed with the long factors: the cache keeps the
-        ids it has seen for this (`phi3_input_ids`)."""
-        if cache is not None and self._rope.rope_type == "longrope":
-            ids = np.asarray(input_ids.data if isinstance(input_ids, Tensor) else input_ids)
-            ids = ids[None] if ids.ndim == 1 else ids
-            seen = getattr(cache, "phi3_input_ids", ids[:, :0])
-            cache.phi3_input_ids = np.concatenate([seen, ids], axis=1)
-            if 0 < cache.seq_len() <= self.config.rope_scaling["original_max_position_embeddings"] < \
-                    cache.phi3_input_ids.shape[1]:
-                cache.keys.clear()
-                cache.values.clear()
-                input_ids, logits_to_keep = cache.phi3_input_ids, logits_to_keep or ids.shape[1]
-        return super().forward(input_ids, labels, cache, attn_mask, logits_to_keep, return_logits)
+    def cache_invalid(self, past, total):
+        """Whether generation must drop its KV cache of `past` positions and recompute every position when the
+        sequence grows to `total`: as transformers' Phi-3 generation (prepare_inputs_for_generation), once, when
+        the sequence first passes original_max_position_embeddings under longrope (the cached keys were rotated
+        with the short factors, every position from then on takes the long ones)."""
+        return self._rope.rope_type == "longrope" and \
+            0 < past <= self.config.rope_scaling["original_max_position_embeddings"] < total
