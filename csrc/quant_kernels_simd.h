@@ -8,8 +8,8 @@
 #define MR 6 /* rows of the micro-kernel's register tile (x 2 vectors of columns: 12 accumulators) */
 
 #if VBYTES == 32 && defined(__x86_64__)
-/* AVX2 dequantization of the commonest 32-element types: GCC's own vectorization of their scalar loops
- * converts element by element (measured 4x slower than this). */
+/* AVX2 dequantization of Q8_0, Q4_0, Q4_1, Q6_K and F16: GCC's own vectorization of their scalar loops
+ * converts element by element, or not at all (measured 4-10x slower than this). */
 #define AVX2_BLOCKS 1
 
 /* 8 floats to y [8]: stored, or widened to doubles. */
@@ -44,6 +44,47 @@ ALWAYS_INLINE void FN(q8_0_avx2)(real *y, const uint8_t *b)
     const __m256 d = _mm256_set1_ps(half_to_float(b));
     for (int i = 0; i < 4; i++)
         FN(store8)(y + 8 * i, _mm256_mul_ps(d, FN(i8_floats)(_mm_loadl_epi64((const __m128i *)(b + 2 + 8 * i)))));
+}
+/* Q6_K: x = (d scale) (q - 32), q 6 bits from ql and qh, a scale per 16 elements. */
+ALWAYS_INLINE void FN(q6_k_avx2)(real *y, const uint8_t *b)
+{
+    const float d = half_to_float(b + 208);
+    const int8_t *sc = (const int8_t *)(b + 192);
+    const __m128i low = _mm_set1_epi8(0xF), two = _mm_set1_epi8(3);
+    for (int h = 0; h < 2; h++)
+        for (int l = 0; l < 32; l += 16) { /* elements 128 h + 32 k + l .. + 16, k = 0..3 */
+            const __m128i ql0 = _mm_loadu_si128((const __m128i *)(b + 64 * h + l));
+            const __m128i ql1 = _mm_loadu_si128((const __m128i *)(b + 64 * h + 32 + l));
+            const __m128i qh = _mm_loadu_si128((const __m128i *)(b + 128 + 32 * h + l));
+            const __m128i q[4] = {
+                _mm_or_si128(_mm_and_si128(ql0, low), _mm_slli_epi16(_mm_and_si128(qh, two), 4)),
+                _mm_or_si128(_mm_and_si128(ql1, low), _mm_slli_epi16(_mm_and_si128(_mm_srli_epi16(qh, 2), two), 4)),
+                _mm_or_si128(_mm_and_si128(_mm_srli_epi16(ql0, 4), low),
+                             _mm_slli_epi16(_mm_and_si128(_mm_srli_epi16(qh, 4), two), 4)),
+                _mm_or_si128(_mm_and_si128(_mm_srli_epi16(ql1, 4), low),
+                             _mm_slli_epi16(_mm_and_si128(_mm_srli_epi16(qh, 6), two), 4))};
+            for (int k = 0; k < 4; k++) {
+                const __m256 scale = _mm256_set1_ps(d * (float)sc[8 * h + 2 * k + l / 16]), off = _mm256_set1_ps(32);
+                real *yk = y + 128 * h + 32 * k + l;
+                FN(store8)(yk, _mm256_mul_ps(scale, _mm256_sub_ps(FN(u8_floats)(q[k]), off)));
+                FN(store8)(yk + 8, _mm256_mul_ps(scale, _mm256_sub_ps(FN(u8_floats)(_mm_srli_si128(q[k], 8)), off)));
+            }
+        }
+}
+
+/* 8 halves at p -> 8 floats, exactly: half_to_float's bit manipulation, 8 lanes at a time. */
+ALWAYS_INLINE __m256 FN(f16_avx2)(const uint8_t *p)
+{
+    const __m256i h = _mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)p));
+    const __m256i exp = _mm256_and_si256(_mm256_srli_epi32(h, 10), _mm256_set1_epi32(0x1f));
+    const __m256i mant = _mm256_and_si256(h, _mm256_set1_epi32(0x3ff)), mant13 = _mm256_slli_epi32(mant, 13);
+    const __m256i normal = _mm256_or_si256(_mm256_slli_epi32(_mm256_add_epi32(exp, _mm256_set1_epi32(112)), 23), mant13);
+    const __m256i special = _mm256_or_si256(_mm256_set1_epi32(0x7f800000), mant13);
+    const __m256i sub = _mm256_castps_si256(_mm256_mul_ps(_mm256_cvtepi32_ps(mant), _mm256_set1_ps(5.9604644775390625e-8f)));
+    __m256i bits = _mm256_blendv_epi8(normal, special, _mm256_cmpeq_epi32(exp, _mm256_set1_epi32(0x1f)));
+    bits = _mm256_blendv_epi8(bits, sub, _mm256_cmpeq_epi32(exp, _mm256_setzero_si256()));
+    const __m256i sign = _mm256_slli_epi32(_mm256_and_si256(h, _mm256_set1_epi32(0x8000)), 16);
+    return _mm256_castsi256_ps(_mm256_or_si256(bits, sign));
 }
 #else
 #define AVX2_BLOCKS 0
@@ -123,6 +164,9 @@ ALWAYS_INLINE void FN(dequant_block)(real *restrict y, const uint8_t *restrict b
         return;
     }
     case QUANT_Q6_K: { /* 16 sub-blocks of 16: x = d scale (q - 32), q 6 bits from ql and qh */
+#if AVX2_BLOCKS
+        FN(q6_k_avx2)(y, b);
+#else
         const float d = half_to_float(b + 208);
         for (int h = 0; h < 2; h++) {
             const uint8_t *ql = b + 64 * h, *qh = b + 128 + 32 * h;
@@ -140,6 +184,7 @@ ALWAYS_INLINE void FN(dequant_block)(real *restrict y, const uint8_t *restrict b
                 yh[l + 96] = d * (float)sc[is + 6] * (float)q4;
             }
         }
+#endif
         return;
     }
     }
@@ -166,6 +211,9 @@ static void FN(dequant)(real *restrict out, const uint8_t *restrict row, int typ
         }
         return;
     case QUANT_F16:
+#if AVX2_BLOCKS
+        for (; i + 8 <= n; i += 8) FN(store8)(out + i, FN(f16_avx2)(b + 2 * i));
+#endif
         for (; i < n; i++) out[i] = half_to_float(b + 2 * i);
         return;
     case QUANT_BF16: /* the top half of a float32 */

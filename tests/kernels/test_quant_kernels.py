@@ -77,6 +77,15 @@ def test_dequantize_equals_gguf_py_bit_for_bit(backend, ggml_type):
     assert np.array_equal(kq.dequantize_rows(blocks, ggml_type, np.float64), want.astype(np.float64))
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_every_half_dequantizes_exactly(backend):
+    """All 65536 F16 bit patterns (subnormals, infinities, NaNs) widen as NumPy widens them, bit for bit."""
+    kernels.set_backend(backend)
+    halves = np.arange(65536, dtype=np.uint32).astype(np.uint16)
+    got = kq.dequantize_rows(halves.view(np.uint8).reshape(2048, 64), "F16").reshape(-1)
+    assert np.array_equal(got.view(np.uint32), halves.view(np.float16).astype(np.float32).view(np.uint32))
+
+
 def check_gemms(ggml_type, M, N, n_blocks, dtype, with_bias, seed):
     """forward and backward against gguf-py's dequantization then a float64 matmul."""
     rng = np.random.default_rng(seed)
