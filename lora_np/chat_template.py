@@ -19,7 +19,9 @@ Qwen2.5/3, Llama 3.x, Gemma 2/3, Phi-3/4-mini, Mistral, OLMo 2 and Granite use:
   comparisons (chained), `in`/`not in`, `+ - * / // % **`, `~`, filters and tests (FILTERS, TESTS),
   the str/dict/list methods in METHODS;
 - jinja2's scoping: each loop iteration, a loop's `else` and each `{% generation %}` body is a
-  new scope (a `set` inside does not outlive it), `if` is not; a loop's `else` runs unless an
+  new scope (a `set` inside does not outlive it), `if` is not; a name a scope sets before reading
+  it is undefined until then, also in the loops nested in it (jinja2 decides this when compiling,
+  _scoping), rather than the context's value; a loop's `else` runs unless an
   iteration reached the end of the body (so also after a `break` in the first one); jinja2's
   Undefined (prints as "", is falsy, iterates as empty, and raises on arithmetic, calls,
   attributes and items).
@@ -861,7 +863,87 @@ class _Parser:
                 return node
 
 
+# -- jinja2's compile-time scoping ------------------------------------------------------------------
+
+def _names(expr):
+    """The names an expression reads."""
+    if isinstance(expr, tuple) and len(expr) == 3 and expr[0] == "name" and isinstance(expr[1], int):
+        yield expr[2]
+    elif isinstance(expr, (tuple, list)):
+        for part in expr:
+            if isinstance(part, (tuple, list)):
+                yield from _names(part)
+
+
+class _Frame:
+    """jinja2's idtracking.Symbols for one frame: the names it refers to (refs), stores, and those
+    whose first reference is an unconditional store while no enclosing frame refers to them (unset:
+    jinja2 starts them as undefined, not as the context's value)."""
+
+    def __init__(self, outer, params=()):
+        self.outer, self.refs, self.stores, self.unset = outer, set(params), set(params), set()
+
+    def load(self, names):
+        self.refs.update(n for n in names if n not in self.outer)
+
+    def store(self, name):
+        self.stores.add(name)
+        if name not in self.refs:
+            self.refs.add(name)
+            if name not in self.outer:
+                self.unset.add(name)
+
+
+def _scoping(body, outer=frozenset(), params=(), out=None):
+    """{id(frame body): names unset at its entry} for the template body and every loop body, loop
+    else and generation body in it (jinja2 analyses a frame whole before the frames nested in it)."""
+    out = {} if out is None else out
+    frame, nested = _Frame(outer, params), []
+
+    def visit(statements, symbols):
+        for node in statements:
+            kind = node[0]
+            if kind == "output":
+                symbols.load(n for part in node[2] if not isinstance(part, str) for n in _names(part))
+            elif kind == "set":
+                symbols.load(_names(node[3]))
+                target = node[2]
+                if target[0] == "nsattr":
+                    symbols.load([target[2]])
+                for name in [target[2]] if target[0] == "name" else target[2] if target[0] == "names" else []:
+                    symbols.store(name)
+            elif kind == "if":  # jinja2's branch_update: a name first stored in a branch is not unset
+                symbols.load(_names(node[2][0][0]))
+                branches = []
+                for k, body in enumerate([b for _, b in node[2]] + [node[3]]):
+                    branch = _Frame(symbols.outer)
+                    branch.refs, branch.stores = set(symbols.refs), set(symbols.stores)
+                    if 0 < k < len(node[2]):
+                        branch.load(_names(node[2][k][0]))
+                    visit(body, branch)
+                    branches.append(branch)
+                for branch in branches:
+                    symbols.refs |= branch.refs
+                    symbols.stores |= branch.stores
+            elif kind == "for":
+                symbols.load(_names(node[3]))
+                target = node[2]
+                nested.append((node[5], [target[2]] if target[0] == "name" else target[2]))
+                nested.append((node[6], []))
+            elif kind == "scope":
+                nested.append((node[2], []))
+
+    visit(body, frame)
+    if frame.unset:
+        out[id(body)] = frozenset(frame.unset)
+    for child, child_params in nested:
+        _scoping(child, outer | frame.refs, [*child_params, "loop"], out)
+    return out
+
+
 # -- renderer --------------------------------------------------------------------------------------
+
+_UNSET = object()  # a name jinja2 has not bound yet in this frame
 
 class _Break(Exception):
     pass
@@ -879,14 +961,19 @@ _BINARY = {"+": lambda a, b: a + b, "-": lambda a, b: a - b, "*": lambda a, b: a
 
 
 class _Renderer:
-    def __init__(self, context):
-        self.scopes = [dict(GLOBALS), dict(context), {}]  # globals, the caller's context, template-level sets
-        self.out = []
+    def __init__(self, context, body, unset):
+        self.unset, self.out = unset, []
+        self.scopes = [dict(GLOBALS), dict(context), self.frame(body)]  # globals, the caller's, the template's
+
+    def frame(self, body):
+        """The scope a frame starts with."""
+        return dict.fromkeys(self.unset.get(id(body), ()), _UNSET)
 
     def lookup(self, name, line):
         for scope in reversed(self.scopes):
             if name in scope:
-                return scope[name]
+                value = scope[name]
+                return Undefined(f"{name!r} is undefined") if value is _UNSET else value
         if name in _UNSUPPORTED_GLOBALS:
             raise _unsupported(f"the global {name!r}", line)
         return Undefined(f"{name!r} is undefined")
@@ -933,7 +1020,7 @@ class _Renderer:
 
     def run_scope(self, body):
         """body in a scope of its own: what it sets does not outlive it."""
-        self.scopes.append({})
+        self.scopes.append(self.frame(body))
         try:
             self.run(body)
         finally:
@@ -952,7 +1039,7 @@ class _Renderer:
             items = kept
         completed = False  # jinja2 runs `else` unless some iteration reached the end of the body
         for index0, item in enumerate(items):
-            self.scopes.append({"loop": _Loop(items, index0)})
+            self.scopes.append({**self.frame(body), "loop": _Loop(items, index0)})
             try:
                 self.assign(target, item)
                 self.run(body)
@@ -1028,9 +1115,10 @@ class ChatTemplate:
             raise TypeError(f"a chat template must be a str, got {type(source).__name__}")
         self.source = source
         self.body = _Parser(_tokenize(source)).parse()
+        self.unset = _scoping(self.body)
 
     def render(self, **context):
-        renderer = _Renderer(context)
+        renderer = _Renderer(context, self.body, self.unset)
         renderer.run(self.body)
         return "".join(renderer.out)
 

@@ -211,6 +211,9 @@ SNIPPETS = [
     "{{ dict(a=1, b='x') }} {{ dict.fromkeys(['a', 'b'], 0) }} {{ range(3)|list }} {{ range(1, 7, 2)|list }}",
     "{% set a, b = [1, 2] %}{{ b }}{{ a }}{% set t = 1, 2 %}{{ t }}",
     "{% generation %}{% set g = 1 %}gen{% endgeneration %}{{ g is defined }}",
+    "{% for i in [1] %}{{ messages|length }}{% endfor %}{% set messages = 1 %}{{ messages }}",
+    "{% for i in [1] %}{{ messages|length }}{% endfor %}{% if true %}{% set messages = 1 %}{% endif %}",
+    "{% for i in [1] %}{% for j in [1] %}{{ bos_token }}{% endfor %}{% set bos_token = 3 %}{% endfor %}{{ bos_token }}",
 ]
 
 
@@ -492,23 +495,26 @@ def test_expressions_match_jinja2(expression):
 
 # -- statements, generated ------------------------------------------------------------------------
 
-VALUES = ["1", "x", "y", "i", "loop.index", "x ~ 'a'", "ns.n", "messages|length", "[1, 2]"]
+VALUES = ["1", "x", "y", "i", "loop.index", "x ~ 'a'", "ns.n", "messages|length", "[1, 2]", "bos_token"]
 
 
 @st.composite
 def statements(draw, depth=0):
     out = []
     for _ in range(draw(st.integers(0, 4))):
-        kind = draw(st.sampled_from(["print", "set", "text"] + (["nsset", "if", "for"] if depth < 3 else [])))
+        kind = draw(st.sampled_from(["print", "set", "text"] + (["nsset", "if", "for", "generation"] if depth < 3
+                                                                else [])))
         if kind == "print":
             out.append("{{ " + draw(st.sampled_from(VALUES)) + " }}")
         elif kind == "set":
-            out.append(f"{{% set {draw(st.sampled_from(['x', 'y', 'i', 'messages']))} = "
+            out.append(f"{{% set {draw(st.sampled_from(['x', 'y', 'i', 'messages', 'bos_token']))} = "
                        f"{draw(st.sampled_from(VALUES))} %}}")
         elif kind == "nsset":
             out.append("{% set ns.n = " + draw(st.sampled_from(VALUES)) + " %}")
         elif kind == "text":
             out.append(draw(st.sampled_from(["|", "\n", " "])))
+        elif kind == "generation":
+            out.append("{% generation %}" + draw(statements(depth + 1)) + "{% endgeneration %}")
         elif kind == "if":
             out.append("{% if " + draw(st.sampled_from(VALUES)) + " %}" + draw(statements(depth + 1))
                        + ("{% else %}" + draw(statements(depth + 1)) if draw(st.booleans()) else "") + "{% endif %}")
@@ -525,7 +531,9 @@ def statements(draw, depth=0):
 @settings(max_examples=300)
 @given(body=statements())
 def test_statements_match_jinja2(body):
-    """Scoping of set in loops, loop else / break / continue, namespaces, tuple targets, loop.*."""
+    """Scoping of set in loops (and jinja2's compile-time rule: a name a frame first sets is undefined
+    in the loops run before that set, even if the context has it), loop else / break / continue,
+    namespaces, tuple targets, loop.*."""
     source = "{% set ns = namespace(n=0) %}" + body + "{{ x }}{{ y }}{{ ns.n }}{{ i }}"
     want = outcome(lambda: reference(source, [U1, A1], **SPECIAL))
     got = outcome(lambda: ours(source, [U1, A1], **SPECIAL))
