@@ -55,6 +55,7 @@ class LlamaConfig(Config):
     architectures: list = field(default_factory=lambda: ["LlamaForCausalLM"])
 
     qk_norm = False  # RMSNorm over head_dim on q and k before RoPE (Qwen3)
+    gguf_config_tensors = ("rope_freqs.weight",)  # GGUF tensors that are config, not parameters (from_gguf's)
     WINDOWED = ("mistral", "qwen2", "qwen3", "smollm3")  # the model types with sliding-window attention
     # config.json's model_type -> transformers' causal-LM class, for the model types this class computes
     ARCHITECTURES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM"}
@@ -188,7 +189,7 @@ class LlamaConfig(Config):
     @classmethod
     def from_gguf(cls, gguf):
         """The config of a GGUF file of llama.cpp's 'llama' architecture, or one that a subclass names (a
-        base.GGUFConfigReader); Llama 3's rope_freqs tensor is the loader's to pass (with_rope_freqs)."""
+        base.GGUFConfigReader); Llama 3's rope_freqs tensor (head_dim/2,) divides the RoPE frequencies."""
         fields = {f: gguf.number(f, key) for f, key in (
             ("hidden_size", "embedding_length"), ("intermediate_size", "feed_forward_length"),
             ("num_hidden_layers", "block_count"), ("num_attention_heads", "attention.head_count"))}
@@ -218,6 +219,12 @@ class LlamaConfig(Config):
                          ("rope.scaling.yarn_log_multiplier", (None, 0.0)), ("rope.scaling.attn_factor", (None, 1.0)),
                          ("expert_count", (None, 0)), ("attention.sliding_window", (None, 0))):
             gguf.refuse_unless(name, ok)
+        if "rope_freqs.weight" in gguf.tensors:
+            factors = gguf.config_tensor("rope_freqs.weight")
+            if factors.shape != (config.head_dim // 2,) or not np.all(np.isfinite(factors) & (factors > 0)):
+                raise GGUFError(f"{gguf.source}: tensor 'rope_freqs.weight' must hold head_dim / 2 = "
+                                f"{config.head_dim // 2} positive numbers, got shape {factors.shape}")
+            config = dataclasses.replace(config, rope_freq_factors=factors.tolist())
         return config
 
     @classmethod
@@ -227,15 +234,6 @@ class LlamaConfig(Config):
         return {"qkv_bias": "blk.0.attn_q.bias" in gguf.tensors,
                 "attention_bias": "blk.0.attn_output.bias" in gguf.tensors, "model_type": model_type,
                 **({"architectures": [cls.ARCHITECTURES[model_type]]} if model_type in cls.ARCHITECTURES else {})}
-
-    def with_rope_freqs(self, factors, source):
-        """This config with llama.cpp's rope_freqs tensor (head_dim/2,) dividing the RoPE frequencies (a Llama 3
-        GGUF); GGUFError naming `source` if its shape is not that."""
-        factors = np.asarray(factors, np.float64)
-        if factors.shape != (self.head_dim // 2,) or not np.all(np.isfinite(factors) & (factors > 0)):
-            raise GGUFError(f"{source}: tensor 'rope_freqs.weight' must hold head_dim / 2 = {self.head_dim // 2} "
-                            f"positive numbers, got shape {factors.shape}")
-        return dataclasses.replace(self, rope_freq_factors=factors.tolist())
 
     def to_config_json(self):
         """transformers' config.json of this model_type (model_type llama with q/k/v biases and no o_proj bias is

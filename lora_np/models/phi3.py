@@ -7,10 +7,8 @@ included. transformers 5 applies no embedding dropout: embd_pdrop is read and ch
 from dataclasses import dataclass, field
 from typing import Optional
 
-import numpy as np
-
 from .. import functional as F
-from ..gguf import GGUFError, GGUFFile
+from ..gguf import GGUFError
 from ..nn import Dropout, Linear, Module, RMSNorm, activation, attend, check_dropout_p
 from ..tensor import DEFAULT_DTYPE
 from .base import BOOL, DROPOUT, EPS, LAYERS, POSITIONS, SIZE, THETA, Config, check_fields
@@ -48,6 +46,7 @@ class Phi3Config(Config):
     architectures: list = field(default_factory=lambda: ["Phi3ForCausalLM"])
 
     rope_freq_factors = None  # no Llama 3 frequency factors (LlamaForCausalLM's RoPE tables read this)
+    gguf_config_tensors = ("rope_factors_long.weight", "rope_factors_short.weight")  # config, not parameters
 
     def __post_init__(self):
         """Check every field that shapes the computation: ValueError naming a field of the wrong type or value."""
@@ -124,7 +123,7 @@ class Phi3Config(Config):
     def from_gguf(cls, gguf):
         """llama.cpp's phi3 architecture (a base.GGUFConfigReader): the rotated dims as rope.dimension_count, the
         window as attention.sliding_window (0: none), longrope as the rope_factors_long / rope_factors_short
-        tensors (read here: `_config_tensor`) with rope.scaling.attn_factor and rope.scaling.original_context_length."""
+        tensors (gguf_config_tensors) with rope.scaling.attn_factor and rope.scaling.original_context_length."""
         fields = {f: gguf.number(f, key) for f, key in (
             ("hidden_size", "embedding_length"), ("intermediate_size", "feed_forward_length"),
             ("num_hidden_layers", "block_count"), ("num_attention_heads", "attention.head_count"),
@@ -136,8 +135,8 @@ class Phi3Config(Config):
         rope_dims = gguf.number("rotary_dims", "rope.dimension_count", head_dim)
         rope = {"rope_type": "default", "partial_rotary_factor": rope_dims / head_dim if head_dim else 1.0}
         if "rope_factors_long.weight" in gguf.tensors or "rope_factors_short.weight" in gguf.tensors:
-            rope.update(rope_type="longrope", long_factor=_config_tensor(gguf, "rope_factors_long.weight"),
-                        short_factor=_config_tensor(gguf, "rope_factors_short.weight"),
+            rope.update(rope_type="longrope", long_factor=_longrope_factors(gguf, "rope_factors_long.weight"),
+                        short_factor=_longrope_factors(gguf, "rope_factors_short.weight"),
                         attention_factor=gguf.number("rope_attention_factor", "rope.scaling.attn_factor", None))
         if "rope_freqs.weight" in gguf.tensors:
             raise NotImplementedError(f"{gguf.source}: tensor 'rope_freqs.weight' is not supported in llama.cpp's phi3 "
@@ -163,14 +162,12 @@ class Phi3Config(Config):
         return config
 
 
-def _config_tensor(gguf, name):
-    """The values of a GGUF tensor that is config, not a parameter (longrope's factors), taken out of the reader's
-    tensor table so that the loader looks for no parameter of that name. GGUFError naming a missing one."""
+def _longrope_factors(gguf, name):
+    """The values of one of longrope's factor tensors: GGUFError naming a missing one."""
     if name not in gguf.tensors:
         raise GGUFError(f"{gguf.source}: longrope needs both rope_factors_long.weight and rope_factors_short.weight; "
                         f"{name!r} is missing")
-    del gguf.tensors[name]
-    return [float(x) for x in GGUFFile(gguf.source).load(name, np.float64).ravel()]
+    return gguf.config_tensor(name).ravel().tolist()
 
 
 class Phi3Attention(Module):
