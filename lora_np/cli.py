@@ -370,7 +370,8 @@ def _train_args(p):
     p.add_argument("--rslora", action="store_true")
     p.add_argument("--dora", action="store_true")
     p.add_argument("--grad-checkpoint", action="store_true",
-                   help="recompute each block's forward in backward: less memory, the same gradients, ~1/3 more time")
+                   help="recompute each block's forward in backward: less memory, the same gradients, one more "
+                        "forward per step")
     number("--lr")
     number("--weight-decay")
     p.add_argument("--schedule", choices=CHOICES["schedule"], default=d["schedule"])
