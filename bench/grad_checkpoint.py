@@ -40,7 +40,8 @@ def worker(name):
         model = lora_np.load_model()
         if name == "checkpointed":
             model.gradient_checkpointing_enable()
-        peft = lora_np.get_peft_model(model, lora_np.LoraConfig(r=R, lora_alpha=ALPHA, target_modules=["q_proj", "v_proj"]))
+        config = lora_np.LoraConfig(r=R, lora_alpha=ALPHA, target_modules=["q_proj", "v_proj"])
+        peft = lora_np.get_peft_model(model, config)
         params = [p for p in peft.parameters() if p.requires_grad]
         ids = np.random.default_rng(0).integers(0, 49152, (BATCH, SEQ))
         state.update(model=peft.train(), opt=AdamW(params, lr=1e-4), ids=ids)
@@ -89,8 +90,8 @@ def main():
                         "steps": times[w.name], **w.facts}
         w.close()
     print(json.dumps(rows, indent=1))
-    print(f"\n| B{BATCH}xT{SEQ} | step (median of {args.reps}) | tokens/s | peak RSS (after load) | kept by the graph | "
-          "first loss |\n|---|---|---|---|---|---|")
+    print(f"\n| B{BATCH}xT{SEQ} | step (median of {args.reps}) | tokens/s | peak RSS (after load) | "
+          "kept by the graph | first loss |\n|---|---|---|---|---|---|")
     for name, r in rows.items():
         print(f"| {name} | {r['step_s']:.2f} s | {r['tokens_per_s']:.0f} | {r['peak_rss_mb']:.0f} MB "
               f"({r['load_peak_rss_mb']:.0f} MB) | {r['kept_mb']:.0f} MB | {r['loss']!r} |")

@@ -72,7 +72,8 @@ def _assert_same_grads(plain, checkpointed):
         a, b = plain[name], checkpointed[name]
         assert a is not None and b is not None, name
         diff = np.abs(a.astype(np.float64) - b.astype(np.float64))
-        assert np.array_equal(a, b), f"{name}: max difference {diff.max()} at {np.unravel_index(diff.argmax(), a.shape)}"
+        worst = np.unravel_index(diff.argmax(), a.shape)
+        assert np.array_equal(a, b), f"{name}: max difference {diff.max()} at {worst}"
 
 
 @pytest.mark.parametrize("model_type", sorted(FAMILIES))
