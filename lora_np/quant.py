@@ -6,6 +6,7 @@
 QuantizedLinear computes y = x Wᵀ + b and, in backward, dx = dy W (lora_np.kernels.quant: the C GEMMs
 over the blocks, or the NumPy reference); the weight gets no gradient and is never held as floats.
 QuantizedEmbedding dequantizes the rows it looks up. A tied LM head shares the embedding's blocks.
+Both answer `.weight` with a QuantizedWeight (shape, dtype; `.data` dequantizes, for inspection).
 
 Quantizers (quantize) equal llama.cpp's reference quantizers bit for bit: q8_0 and q4_0 as gguf-py's
 ``gguf.quants.quantize``, q4_k as ggml's ``quantize_row_q4_K_ref`` (gguf-py has none), and q5_0 (the
@@ -39,6 +40,34 @@ class QuantLinear(Function):
         return gx, gb
 
 
+class QuantizedWeight:
+    """What `.weight` of a quantized layer answers: shape, dtype (the layer's float type), ggml_type, the
+    blocks, and `.data`, W dequantized into a new float array (for inspection and export; the layer itself
+    never makes one). It is frozen: assigning `.data` raises, so nothing merges into it unnoticed."""
+
+    requires_grad = False
+    grad = None
+
+    def __init__(self, blocks, ggml_type, shape, dtype):
+        self.blocks, self.ggml_type, self.shape, self.dtype = blocks, ggml_type, tuple(shape), np.dtype(dtype)
+
+    @property
+    def ndim(self):
+        return len(self.shape)
+
+    @property
+    def data(self):
+        return dequantize_rows(self.blocks, self.ggml_type, self.dtype)
+
+    @data.setter
+    def data(self, value):
+        raise NotImplementedError(f"a {self.ggml_type} weight {self.shape} kept in its blocks cannot be assigned; "
+                                  "load the model with dequantize=True to change its weights")
+
+    def __repr__(self):
+        return f"QuantizedWeight({self.ggml_type}, shape={self.shape}, dtype={self.dtype})"
+
+
 class QuantizedLinear(Module):
     """A frozen Linear whose weight [out_features, in_features] stays in ggml blocks (`weight_blocks`,
     uint8 [out_features, row bytes], type `ggml_type`); bias (float, frozen) optional; `dtype`: the
@@ -51,6 +80,7 @@ class QuantizedLinear(Module):
         if bias is not None and np.shape(bias) != (self.out_features,):
             raise ValueError(f"QuantizedLinear: bias has shape {np.shape(bias)}, expected ({self.out_features},)")
         self.bias = None if bias is None else Parameter(np.asarray(bias, self.dtype), requires_grad=False)
+        self.weight = QuantizedWeight(blocks, ggml_type, (self.out_features, self.in_features), self.dtype)
 
     def forward(self, x):
         x = x if isinstance(x, Tensor) else Tensor(x)
@@ -59,10 +89,6 @@ class QuantizedLinear(Module):
         if x.dtype != self.dtype:
             raise TypeError(f"QuantizedLinear: input dtype {x.dtype} differs from the layer's {self.dtype}")
         return QuantLinear.apply(x, self.bias, blocks=self.weight_blocks, ggml_type=self.ggml_type)
-
-    def dequantized_weight(self, dtype=np.float32):
-        """W [out_features, in_features] as floats (a new array of W's size: for export and checks)."""
-        return dequantize_rows(self.weight_blocks, self.ggml_type, dtype)
 
     def extra_repr(self):
         return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
@@ -77,6 +103,7 @@ class QuantizedEmbedding(Module):
         super().__init__()
         self.num_embeddings, self.embedding_dim = check_blocks("QuantizedEmbedding", blocks, ggml_type)
         self.ggml_type, self.weight_blocks, self.dtype = ggml_type, blocks, np.dtype(dtype)
+        self.weight = QuantizedWeight(blocks, ggml_type, (self.num_embeddings, self.embedding_dim), self.dtype)
 
     def forward(self, input_ids):
         ids = np.asarray(input_ids.data if isinstance(input_ids, Tensor) else input_ids)
@@ -272,5 +299,5 @@ def use_blocks(model, blocks_of):
     return model
 
 
-__all__ = ["QuantizedLinear", "QuantizedEmbedding", "QuantLinear", "quantize", "quantize_model", "use_blocks",
+__all__ = ["QuantizedLinear", "QuantizedEmbedding", "QuantizedWeight", "QuantLinear", "quantize", "quantize_model", "use_blocks",
            "QUANTIZE_TYPES", "QUANT_TYPES"]
