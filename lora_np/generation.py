@@ -75,9 +75,9 @@ def generate(model, input_ids, max_new_tokens=32, temperature=0.0, top_k=None, t
     every row has produced `eos_token_id` (rows that finished are padded with it).
     Options outside MAX_NEW_TOKENS, TEMPERATURE, TOP_K, TOP_P, SEED raise OptionError, as
     does a prompt + max_new_tokens longer than the model's context; ids that are not
-    integers within the model's vocabulary raise ValueError. A model with a method `cache_invalid(past, total)`
-    has the cache dropped and every position recomputed when it says that a cache of `past` positions cannot
-    serve a sequence of `total` (Phi-3's longrope)."""
+    integers within the model's vocabulary raise ValueError. The cache is dropped and every position recomputed
+    when the model's `cache_invalid(past, total)` says that a cache of `past` positions cannot serve a sequence of
+    `total` (Phi-3's longrope)."""
     max_new_tokens = MAX_NEW_TOKENS.check("max_new_tokens", max_new_tokens)
     for name, rule, value in (("temperature", TEMPERATURE, temperature), ("top_k", TOP_K, top_k),
                               ("top_p", TOP_P, top_p)):
@@ -103,12 +103,11 @@ def generate(model, input_ids, max_new_tokens=32, temperature=0.0, top_k=None, t
     eos = set() if eos_token_id is None else set(np.atleast_1d(eos_token_id).tolist())
     rng = np.random.default_rng(seed)
     cache = KVCache()
-    cache_invalid = getattr(model, "cache_invalid", None)
     done = np.zeros(ids.shape[0], dtype=bool)
     out = [ids]
     step_input = ids
     for _ in range(max_new_tokens):
-        if cache_invalid is not None and cache_invalid(cache.seq_len(), cache.seq_len() + step_input.shape[1]):
+        if model.cache_invalid(cache.seq_len(), cache.seq_len() + step_input.shape[1]):
             cache, step_input = KVCache(), np.concatenate(out, axis=1)  # every position recomputed
         logits = model(step_input, cache=cache, logits_to_keep=1).logits.data[:, -1]   # (B, V)
         nxt = sample_next(logits, rng, temperature, top_k, top_p)

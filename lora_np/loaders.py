@@ -198,27 +198,6 @@ def _tied_names(model):
 GGUF_TENSOR_NAMES = {**LlamaForCausalLM.gguf_names, **LlamaForCausalLM.gguf_block_names}
 
 
-class _ConfigTensorReader(GGUFConfigReader):
-    """GGUFConfigReader with the values of the GGUF tensors the family's config declares as config, not
-    parameters (`gguf_config_tensors`), for its from_gguf to read with config_tensor."""
-
-    def __init__(self, metadata, tensors, source, config_tensors):
-        super().__init__(metadata, tensors, source)
-        self.config_tensors = config_tensors
-
-    def config_tensor(self, name):
-        """The values (float64) of the config tensor `name`: GGUFError if they were not read."""
-        if name not in self.config_tensors:
-            raise _gguf.GGUFError(f"{self.source}: the values of tensor {name!r} were not given (gguf_config's "
-                                  "load)")
-        return self.config_tensors[name]
-
-
-def _config_tensor_names(config_cls):
-    """The GGUF tensors a family's config declares as config, not parameters (Llama 3's rope_freqs)."""
-    return getattr(config_cls, "gguf_config_tensors", ())
-
-
 def gguf_config(metadata, tensors, source, load=None):
     """The config of a GGUF file: its general.architecture picks the family (models.GGUF_ARCHITECTURES), whose
     config reads llama.cpp's `{arch}.*` keys, every value checked (GGUFError naming the key), and the tensors it
@@ -228,9 +207,9 @@ def gguf_config(metadata, tensors, source, load=None):
         raise _gguf.GGUFError(f"{source}: unknown architecture {arch!r} (supported in GGUF: "
                               f"{', '.join(map(repr, GGUF_ARCHITECTURES))})")
     config_cls, _ = family(GGUF_ARCHITECTURES[arch])
-    names = [n for n in _config_tensor_names(config_cls) if n in tensors] if load is not None else []
-    config = config_cls.from_gguf(_ConfigTensorReader(metadata, tensors, source,
-                                                      {n: load(n, dtype=np.float64) for n in names}))
+    names = [n for n in config_cls.gguf_config_tensors if n in tensors] if load is not None else []
+    config = config_cls.from_gguf(GGUFConfigReader(metadata, tensors, source,
+                                                   {n: load(n, dtype=np.float64) for n in names}))
     _check_layer_count(getattr(config, config.layers_field), tensors, source, f"{arch}.block_count")
     return config
 
@@ -241,7 +220,7 @@ def _load_gguf(path, dtype):
     model = _build(config, dtype)
     cls = type(model)
     names = {}
-    for gname in (g for g in f.tensors if g not in _config_tensor_names(type(config))):
+    for gname in (g for g in f.tensors if g not in config.gguf_config_tensors):
         names[gname] = cls.gguf_parameter_name(gname)
         if names[gname] is None:
             raise CheckpointError(f"{path}: unexpected tensor {gname!r}")

@@ -1,5 +1,6 @@
-"""What every causal-LM family shares: the config base and its field checks, the output type, the
-forward pass (input ids -> logits and loss) and the RoPE tables."""
+"""What every causal-LM family shares: the config base and its field checks, the GGUF config reader, the output
+type, the forward pass (input ids -> logits and loss) and the hooks a family may override (GGUF names and tensor
+transforms, GGUF tensors that are config, cache_invalid). The RoPE tables are in rope.py."""
 import dataclasses
 import re
 from dataclasses import dataclass
@@ -13,7 +14,6 @@ from ..gguf import GGUFError
 from ..nn import Linear, Module
 from ..options import Float, Int
 from ..tensor import Tensor, is_grad_enabled
-from .rope import RopeTables  # noqa: F401  (the families import it from here)
 
 # Sane bounds for what a config may say; the loaders also check every size against the tensors present.
 SIZE = Int(min=1, max=2**24)
@@ -45,6 +45,9 @@ class Config:
     overrides where transformers' file says more than the dataclass (defaults, renamed keys)."""
 
     layers_field = "num_hidden_layers"  # the field that counts decoder layers (named in the loaders' errors)
+    # GGUF tensors that are config, not parameters (Llama 3's rope_freqs): the loader reads their values for
+    # from_gguf (GGUFConfigReader.config_tensor) and assigns them to no parameter
+    gguf_config_tensors = ()
 
     @classmethod
     def from_dict(cls, d):
@@ -67,10 +70,13 @@ class Config:
 
 class GGUFConfigReader:
     """Reads a family's config from GGUF metadata (llama.cpp's `{arch}.*` keys), every value checked: GGUFError
-    naming the key. A family's `Config.from_gguf(reader)` calls `number` / `build` / `refuse_unless`."""
+    naming the key. A family's `Config.from_gguf(reader)` calls `number` / `build` / `refuse_unless`, and
+    `config_tensor` for the values of a tensor its `gguf_config_tensors` declares (`config_tensors`
+    {name: float64 array}, those the loader read)."""
 
-    def __init__(self, metadata, tensors, source):
+    def __init__(self, metadata, tensors, source, config_tensors=None):
         self.metadata, self.tensors, self.source = metadata, tensors, source
+        self.config_tensors = config_tensors or {}
         self.arch = metadata.get("general.architecture")
         self.keys = {}  # config field -> the GGUF key it came from (for error messages)
 
@@ -88,6 +94,12 @@ class GGUFConfigReader:
         if value is not None and (isinstance(value, (list, str, bool)) or not isinstance(value, (int, float))):
             raise GGUFError(f"{self.source}: metadata key {key!r} is {value!r:.80}, expected a number")
         return value
+
+    def config_tensor(self, name):
+        """The values (float64) of the config tensor `name`: GGUFError if they were not read."""
+        if name not in self.config_tensors:
+            raise GGUFError(f"{self.source}: the values of tensor {name!r} were not given (gguf_config's load)")
+        return self.config_tensors[name]
 
     def vocab_size(self):
         """'{arch}.vocab_size', else the tokenizer's token count, else token_embd's rows."""
@@ -159,6 +171,11 @@ class CausalLM(Module):
     def from_gguf_tensor(cls, gname, array, config):
         """Undo what llama.cpp's converter did to a tensor beyond renaming it (nothing, unless a family says)."""
         return array
+
+    def cache_invalid(self, past, total):
+        """Whether a KV cache of `past` positions cannot serve a sequence of `total` (generation then drops it and
+        recomputes every position): never, unless a family says (Phi-3's longrope switches its factors)."""
+        return False
 
     def _blocks(self):
         raise NotImplementedError  # pragma: no cover
