@@ -21,14 +21,14 @@ import numpy as np
 
 from .. import functional as F
 from ..gguf import GGUFError
-from ..nn import Embedding, Linear, Module, ModuleList, Parameter, _full, activation, attend
+from ..nn import Embedding, Linear, Module, ModuleList, Parameter, _full, activation
 from ..options import Float, Int
 from ..tensor import DEFAULT_DTYPE
 from .base import BOOL, DROPOUT, EPS, LAYERS, POSITIONS, SIZE, THETA, CausalLM, Config, check_fields, refuse
 from .llama import Attention, GatedMLP
 from .rope import RopeTables, check_rope_scaling
 
-__all__ = ["GemmaConfig", "Gemma2Config", "Gemma3TextConfig", "GemmaRMSNorm", "GemmaAttention", "GemmaDecoderLayer",
+__all__ = ["GemmaConfig", "Gemma2Config", "Gemma3TextConfig", "GemmaRMSNorm", "GemmaDecoderLayer",
            "GemmaModel", "GemmaForCausalLM", "Gemma2ForCausalLM"]
 
 SLIDING, FULL = "sliding_attention", "full_attention"
@@ -366,39 +366,6 @@ class GemmaRMSNorm(Module):
         return F.rms_norm(x, (self.weight.shape[0],), F.add(self.weight, 1.0), self.eps)
 
 
-class GemmaAttention(Attention):
-    """Llama's attention (projections, sliding window) with Gemma 3's per-head q_norm / k_norm (Gemma's norm) before
-    RoPE, scores scaled by query_pre_attn_scalar⁻½ and soft-capped by `softcap` (Gemma 2's
-    attn_logit_softcapping)."""
-
-    def __init__(self, config, layer_idx, dtype=DEFAULT_DTYPE):
-        c = config
-        super().__init__(c.hidden_size, c.num_attention_heads, c.num_key_value_heads, c.head_dim,
-                         bias=c.attention_bias, o_bias=c.attention_bias, layer_idx=layer_idx,
-                         dropout=c.attention_dropout, dtype=dtype)
-        self.sliding_window = c.sliding_window if c.layer_types[layer_idx] == SLIDING else None
-        self.scaling = c.query_pre_attn_scalar ** -0.5
-        self.softcap = c.attn_logit_softcapping if c.attention_softcap else None
-        self.qk_norm = c.qk_norm
-        if self.qk_norm:
-            self.q_norm = GemmaRMSNorm(c.head_dim, c.rms_norm_eps, dtype=dtype)
-            self.k_norm = GemmaRMSNorm(c.head_dim, c.rms_norm_eps, dtype=dtype)
-
-    def forward(self, x, cos=None, sin=None, cache=None, attn_mask=None):
-        B, T, _ = x.shape
-        hd = self.head_dim
-        q = F.reshape(self.q_proj(x), (B, T, self.num_heads, hd))                        # (B, T, Hq, D)
-        k = F.reshape(self.k_proj(x), (B, T, self.num_kv_heads, hd))                     # (B, T, Hkv, D)
-        if self.qk_norm:
-            q, k = self.q_norm(q), self.k_norm(k)
-        q, k = F.transpose(q, 1, 2), F.transpose(k, 1, 2)                                 # (B, H, T, D)
-        v = F.transpose(F.reshape(self.v_proj(x), (B, T, self.num_kv_heads, hd)), 1, 2)  # (B, Hkv, T, D)
-        p = self.attention_dropout if self.training else 0.0
-        y = attend(q, k, v, cache, self.layer_idx, cos, sin, attn_mask, scale=self.scaling, dropout=p,
-                   sliding_window=self.sliding_window, softcap=self.softcap)              # (B, Hq, T, D)
-        return self.o_proj(F.reshape(F.transpose(y, 1, 2), (B, T, self.num_heads * hd)))
-
-
 class GemmaDecoderLayer(Module):
     """Gemma 1's layer: x + attn(input_layernorm(x)), then x + mlp(post_attention_layernorm(x)); Gemma 2 / 3's
     (post_norms) normalize each sublayer's output too: x + post_attention_layernorm(attn(input_layernorm(x))),
@@ -408,7 +375,14 @@ class GemmaDecoderLayer(Module):
         super().__init__()
         c = config
         self.layer_type, self.post_norms = c.layer_types[layer_idx], c.post_norms
-        self.self_attn = GemmaAttention(c, layer_idx, dtype=dtype)
+        # Llama's attention with Gemma 3's per-head q_norm / k_norm (Gemma's norm) before RoPE, scores scaled by
+        # query_pre_attn_scalar⁻½ and soft-capped by Gemma 2's attn_logit_softcapping
+        self.self_attn = Attention(c.hidden_size, c.num_attention_heads, c.num_key_value_heads, c.head_dim,
+                                   bias=c.attention_bias, o_bias=c.attention_bias, layer_idx=layer_idx,
+                                   dropout=c.attention_dropout, qk_norm_eps=c.rms_norm_eps if c.qk_norm else None,
+                                   norm_class=GemmaRMSNorm, scale=c.query_pre_attn_scalar ** -0.5,
+                                   sliding_window=c.sliding_window if c.layer_types[layer_idx] == SLIDING else None,
+                                   softcap=c.attn_logit_softcapping if c.attention_softcap else None, dtype=dtype)
         self.mlp = GatedMLP(c.hidden_size, c.intermediate_size, act=c.hidden_activation, dtype=dtype)
         self.input_layernorm = GemmaRMSNorm(c.hidden_size, c.rms_norm_eps, dtype=dtype)
         self.post_attention_layernorm = GemmaRMSNorm(c.hidden_size, c.rms_norm_eps, dtype=dtype)

@@ -262,13 +262,14 @@ class Attention(Module):
     """Causal self-attention with separate q/k/v projections (Llama names), grouped-query
     heads and optional RoPE; `bias` adds q/k/v biases (Qwen2), `o_bias` an o_proj bias; `qk_norm_eps` (None:
     none) RMS-normalises q and k before RoPE (q_norm / k_norm): each head (`qk_norm_per_head`, Qwen3) or the whole
-    projected width Hq·D and Hkv·D (OLMo 2); `scale` replaces 1/√head_dim on the scores (Granite's
-    attention_multiplier); `sliding_window` W lets a query see the last W positions only; `use_rope` False skips
-    RoPE (SmolLM3's NoPE layers)."""
+    projected width Hq·D and Hkv·D (OLMo 2), with `norm_class` (Gemma's (1 + w) norm); `scale` replaces
+    1/√head_dim on the scores (Granite's attention_multiplier, Gemma's query_pre_attn_scalar⁻½); `sliding_window`
+    W lets a query see the last W positions only; `softcap` c caps the scores at c·tanh(s/c) (Gemma 2's
+    attn_logit_softcapping); `use_rope` False skips RoPE (SmolLM3's NoPE layers)."""
 
     def __init__(self, hidden_size, num_heads, num_kv_heads=None, head_dim=None, bias=False, o_bias=False,
-                 layer_idx=0, dropout=0.0, qk_norm_eps=None, qk_norm_per_head=True, scale=None, sliding_window=None,
-                 use_rope=True, dtype=DEFAULT_DTYPE):
+                 layer_idx=0, dropout=0.0, qk_norm_eps=None, qk_norm_per_head=True, norm_class=RMSNorm, scale=None,
+                 sliding_window=None, softcap=None, use_rope=True, dtype=DEFAULT_DTYPE):
         super().__init__()
         self.attention_dropout = check_dropout_p("Attention", dropout)
         self.num_heads = num_heads
@@ -277,6 +278,7 @@ class Attention(Module):
         if self.num_heads % self.num_kv_heads:
             raise ValueError(f"Attention: {num_heads} heads is not a multiple of {self.num_kv_heads} kv heads")
         self.layer_idx, self.sliding_window, self.use_rope, self.scale = layer_idx, sliding_window, use_rope, scale
+        self.softcap = softcap
         self.q_proj = Linear(hidden_size, self.num_heads * self.head_dim, bias=bias, dtype=dtype)
         self.k_proj = Linear(hidden_size, self.num_kv_heads * self.head_dim, bias=bias, dtype=dtype)
         self.v_proj = Linear(hidden_size, self.num_kv_heads * self.head_dim, bias=bias, dtype=dtype)
@@ -286,8 +288,8 @@ class Attention(Module):
         if self.qk_norm:
             q_width, k_width = (self.head_dim, self.head_dim) if qk_norm_per_head else \
                 (self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim)
-            self.q_norm = RMSNorm(q_width, qk_norm_eps, dtype=dtype)
-            self.k_norm = RMSNorm(k_width, qk_norm_eps, dtype=dtype)
+            self.q_norm = norm_class(q_width, qk_norm_eps, dtype=dtype)
+            self.k_norm = norm_class(k_width, qk_norm_eps, dtype=dtype)
 
     def forward(self, x, cos=None, sin=None, cache=None, attn_mask=None):
         B, T, _ = x.shape
@@ -305,7 +307,7 @@ class Attention(Module):
             cos = sin = None
         p = self.attention_dropout if self.training else 0.0
         y = attend(q, k, v, cache, self.layer_idx, cos, sin, attn_mask, scale=self.scale, dropout=p,
-                   sliding_window=self.sliding_window)                                    # (B, Hq, T, D)
+                   sliding_window=self.sliding_window, softcap=self.softcap)              # (B, Hq, T, D)
         return self.o_proj(F.reshape(F.transpose(y, 1, 2), (B, T, self.num_heads * hd)))
 
 
