@@ -4,10 +4,10 @@ output times residual_multiplier before it joins the residual, attention_multipl
 included."""
 from dataclasses import dataclass, field
 
-from ..nn import Module, RMSNorm
 from ..options import Float
 from ..tensor import DEFAULT_DTYPE
-from .llama import Attention, GatedMLP, LlamaConfig, LlamaForCausalLM
+from .base import refuse
+from .llama import DecoderBlock, LlamaConfig, LlamaForCausalLM
 
 __all__ = ["GraniteConfig", "GraniteDecoderBlock", "GraniteForCausalLM"]
 
@@ -28,6 +28,9 @@ class GraniteConfig(LlamaConfig):
 
     def __post_init__(self):
         super().__post_init__()
+        if self.qkv_bias != self.attention_bias:
+            refuse(type(self).__name__, "qkv_bias", self.qkv_bias,
+                   f" with attention_bias {self.attention_bias} (Granite's attention_bias biases q, k, v and o alike)")
         for name in MULTIPLIERS:
             setattr(self, name, MULTIPLIER.check(name, getattr(self, name)))
         if self.logits_scaling == 0:
@@ -58,29 +61,19 @@ class GraniteConfig(LlamaConfig):
         return d
 
 
-class GraniteDecoderBlock(Module):
-    """Pre-norm layer with scaled residual branches: x + r·attn(norm(x)), then x + r·mlp(norm(x))."""
+class GraniteDecoderBlock(DecoderBlock):
+    """Llama's layer with Granite's attention scale (attention_multiplier) and scaled residual branches
+    (residual_multiplier r): x + r·attn(norm(x)), then x + r·mlp(norm(x))."""
 
-    def __init__(self, config, layer_idx=0, dtype=DEFAULT_DTYPE):
-        super().__init__()
-        c = config
-        self.input_layernorm = RMSNorm(c.hidden_size, c.rms_norm_eps, dtype=dtype)
-        self.self_attn = Attention(c.hidden_size, c.num_attention_heads, c.num_key_value_heads, c.head_dim,
-                                   bias=c.attention_bias, o_bias=c.attention_bias, layer_idx=layer_idx,
-                                   dropout=c.attention_dropout, scale=c.attention_multiplier, dtype=dtype)
-        self.post_attention_layernorm = RMSNorm(c.hidden_size, c.rms_norm_eps, dtype=dtype)
-        self.mlp = GatedMLP(c.hidden_size, c.intermediate_size, bias=c.mlp_bias, act=c.hidden_act, dtype=dtype)
-        self.residual_multiplier = c.residual_multiplier
-
-    def forward(self, x, cos=None, sin=None, cache=None, attn_mask=None):
-        r = self.residual_multiplier
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, cache, attn_mask) * r
-        return x + self.mlp(self.post_attention_layernorm(x)) * r
+    @classmethod
+    def from_config(cls, config, layer_idx=0, dtype=DEFAULT_DTYPE):
+        return super().from_config(config, layer_idx, dtype, scale=config.attention_multiplier,
+                                   residual_multiplier=config.residual_multiplier)
 
 
 class GraniteForCausalLM(LlamaForCausalLM):
     """Llama's RoPE and head around Granite's blocks; GGUF names and q/k permutation as llama's."""
-    block_class = GraniteDecoderBlock
+    block_class = GraniteDecoderBlock.from_config
 
     def _embed(self, ids, past):
         h, cos, sin = super()._embed(ids, past)

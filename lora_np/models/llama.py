@@ -328,33 +328,42 @@ class GatedMLP(Module):
 
 
 class DecoderBlock(Module):
-    """Pre-norm Llama decoder layer: x + attn(norm(x)), then x + mlp(norm(x))."""
+    """Pre-norm Llama decoder layer: x + attn(norm(x)), then x + mlp(norm(x)); `scale` is the attention's (None:
+    1/√head_dim) and `residual_multiplier` r scales each sublayer's output as it joins the residual (Granite's):
+    x + r·attn(norm(x)), then x + r·mlp(norm(x))."""
 
     def __init__(self, hidden_size, num_heads, num_kv_heads, intermediate_size, head_dim=None, eps=1e-6,
                  attention_bias=False, o_bias=False, mlp_bias=False, act="silu", layer_idx=0, attention_dropout=0.0,
-                 qk_norm=False, sliding_window=None, use_rope=True, dtype=DEFAULT_DTYPE):
+                 qk_norm=False, sliding_window=None, use_rope=True, scale=None, residual_multiplier=1.0,
+                 dtype=DEFAULT_DTYPE):
         super().__init__()
         self.input_layernorm = RMSNorm(hidden_size, eps, dtype=dtype)
         self.self_attn = Attention(hidden_size, num_heads, num_kv_heads, head_dim, bias=attention_bias,
                                    o_bias=o_bias, layer_idx=layer_idx, dropout=attention_dropout,
-                                   qk_norm_eps=eps if qk_norm else None, sliding_window=sliding_window,
+                                   qk_norm_eps=eps if qk_norm else None, scale=scale, sliding_window=sliding_window,
                                    use_rope=use_rope, dtype=dtype)
         self.post_attention_layernorm = RMSNorm(hidden_size, eps, dtype=dtype)
         self.mlp = GatedMLP(hidden_size, intermediate_size, bias=mlp_bias, act=act, dtype=dtype)
+        self.residual_multiplier = residual_multiplier
 
     @classmethod
-    def from_config(cls, config, layer_idx=0, dtype=DEFAULT_DTYPE):
-        """Layer `layer_idx` of a LlamaConfig (its window and whether it applies RoPE)."""
+    def from_config(cls, config, layer_idx=0, dtype=DEFAULT_DTYPE, **options):
+        """Layer `layer_idx` of a LlamaConfig (its window and whether it applies RoPE); `options` (scale,
+        residual_multiplier) as a subclass's config says."""
         c = config
         return cls(c.hidden_size, c.num_attention_heads, c.num_key_value_heads, c.intermediate_size,
                    head_dim=c.head_dim, eps=c.rms_norm_eps, attention_bias=c.qkv_bias, o_bias=c.attention_bias,
                    mlp_bias=c.mlp_bias, act=c.hidden_act, layer_idx=layer_idx, attention_dropout=c.attention_dropout,
                    qk_norm=c.qk_norm, sliding_window=c.sliding_windows()[layer_idx],
-                   use_rope=c.rope_layers()[layer_idx], dtype=dtype)
+                   use_rope=c.rope_layers()[layer_idx], dtype=dtype, **options)
 
     def forward(self, x, cos=None, sin=None, cache=None, attn_mask=None):
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, cache, attn_mask)
-        return x + self.mlp(self.post_attention_layernorm(x))
+        x = x + self._residual(self.self_attn(self.input_layernorm(x), cos, sin, cache, attn_mask))
+        return x + self._residual(self.mlp(self.post_attention_layernorm(x)))
+
+    def _residual(self, y):
+        """A sublayer's output y as it joins the residual: r·y (y itself when r is 1, an op saved)."""
+        return y if self.residual_multiplier == 1.0 else y * self.residual_multiplier
 
 
 class LlamaModel(Module):
