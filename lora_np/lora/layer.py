@@ -32,6 +32,7 @@ from .. import kernels
 from ..nn import Conv1D, Dropout, Module, ModuleDict, Parameter, ParameterDict
 from ..nn import Embedding as BaseEmbedding
 from ..nn import Linear as BaseLinear
+from ..quant import QuantizedLinear
 from ..tensor import Function, Tensor, _check_float_dtypes
 
 __all__ = ["LoraLinear", "LoraLayer", "Linear", "Embedding", "DoraLinearLayer", "ModulesToSaveWrapper",
@@ -183,6 +184,9 @@ class LoraLayer(Module):
     def merge(self, safe_merge=False, adapter_names=None):
         """Add the adapters' updates into the base weight (by default: the active adapters).
         safe_merge: merge into a copy and refuse a result that is not finite."""
+        if isinstance(self.base_layer, QuantizedLinear):
+            raise NotImplementedError(f"merging into a quantized base ({self.base_layer.ggml_type} blocks) is not "
+                                      "supported yet; load the model with dequantize=True to merge")
         names = self.active_adapters if adapter_names is None else adapter_names
         weight = self.base_layer.weight
         for name in names:
@@ -282,6 +286,10 @@ class Linear(LoraLayer):
             # the decomposition has only min(in, out) components: A, B would not have r rows / columns
             raise ValueError(f"LoraConfig.init_lora_weights={init!r} needs r <= min(in_features, out_features) = "
                              f"{min(self.in_features, self.out_features)}, got r={r}")
+        if isinstance(self.base_layer, QuantizedLinear) and (init in ("pissa", "olora") or config.use_dora):
+            what = "use_dora=True" if config.use_dora else f"init_lora_weights={init!r}"
+            raise NotImplementedError(f"LoraConfig.{what} needs the float weight, and this layer's base is "
+                                      f"{self.base_layer.ggml_type} blocks; load the model with dequantize=True")
         dtype = self.base_layer.weight.dtype
         self.r[adapter_name], self.lora_alpha[adapter_name] = r, lora_alpha
         self.scaling[adapter_name] = config.scaling_for(r, lora_alpha)
@@ -452,7 +460,7 @@ def lora_layer_for(target, adapter_name, r, lora_alpha, config, key, init_lora_w
 
 
 def check_supported(target, key):
-    """ValueError unless `target` is a layer LoRA can adapt (Linear, Conv1D, Embedding)."""
-    if not isinstance(target, (BaseLinear, Conv1D, BaseEmbedding)):
-        raise ValueError(f"target module {key!r} is a {type(target).__name__}; LoRA supports Linear, Conv1D and "
-                         "Embedding layers")
+    """ValueError unless `target` is a layer LoRA can adapt (Linear, Conv1D, Embedding, QuantizedLinear)."""
+    if not isinstance(target, (BaseLinear, Conv1D, BaseEmbedding, QuantizedLinear)):
+        raise ValueError(f"target module {key!r} is a {type(target).__name__}; LoRA supports Linear, Conv1D, "
+                         "Embedding and QuantizedLinear layers")

@@ -271,3 +271,100 @@ def test_quantized_model_equals_the_dequantized_float_model(backend, ggml_type, 
 def test_quant_kernels_under_address_sanitizer(tmp_path):
     run_c_driver_under_sanitizers(tmp_path, "test_quant_kernels", ["quant_kernels.c", "lora_kernels.c"],
                                   "all quantized GEMM checks passed")
+
+
+# ---- loading: GGUF blocks kept resident, float checkpoints quantized at load -------------------
+
+
+def lora_gradients(model, ids):
+    """The loss and the LoRA gradients of one step with an adapter on q, v and down (seeded: the same A)."""
+    from lora_np import LoraConfig, get_peft_model, manual_seed
+
+    manual_seed(5)
+    peft = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"],
+                                            lora_dropout=0.0))
+    rng = np.random.default_rng(6)
+    for name, p in peft.named_parameters():  # B nonzero, so that A's gradients (and dx through the base) count
+        if "lora_B" in name:
+            p.data[...] = 0.1 * rng.standard_normal(p.shape)
+    peft.train()
+    out = peft(ids, labels=ids)
+    out.loss.backward()
+    return out.loss.data, {n: p.grad for n, p in peft.named_parameters() if p.requires_grad}
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("outtype", ["q8_0", "q4_0"])
+def test_gguf_blocks_stay_resident_and_compute_the_dequantized_model(tmp_path, backend, outtype):
+    """With dequantize=False a GGUF file's quantized Linear and Embedding weights (the tied head with them) stay
+    in the file's blocks;
+    logits, greedy generation and a LoRA step's gradients equal the dequantized (float32) model's within float32
+    rounding."""
+    from lora_np.export import save_merged_gguf
+    from lora_np.loaders import load_model
+
+    kernels.set_backend(backend)
+    path = save_merged_gguf(tiny_float_model(tie=True), tmp_path / "m.gguf", outtype=outtype)
+    resident, floats = load_model(path, dequantize=False), load_model(path)
+    mlp = resident.model.layers[1].mlp
+    assert type(mlp.down_proj) is QuantizedLinear and mlp.down_proj.ggml_type == outtype.upper()
+    assert resident.lm_head.weight_blocks is resident.model.embed_tokens.weight_blocks
+    assert_close(kq.dequantize_rows(mlp.gate_proj.weight_blocks, outtype.upper()),
+                 floats.model.layers[1].mlp.gate_proj.weight.data, 0, name="gate_proj blocks")
+    ids = np.array([[3, 17, 96, 42, 5, 5, 61, 0], [1, 2, 3, 4, 5, 6, 7, 8]])
+    got, want = resident(ids).logits.data, floats(ids).logits.data
+    assert_close(got, want, 0, 2e-5 * np.abs(want).max(), name="logits")
+    assert np.array_equal(resident.generate(ids[:1], max_new_tokens=6), floats.generate(ids[:1], max_new_tokens=6))
+    (loss_q, grads_q), (loss_f, grads_f) = lora_gradients(resident, ids), lora_gradients(floats, ids)
+    assert_close(loss_q, loss_f, 1e-5, name="loss")
+    assert grads_q.keys() == grads_f.keys() and len(grads_q) == 12
+    for name in grads_f:
+        assert_close(grads_q[name], grads_f[name], 0, 1e-4 * np.abs(grads_f[name]).max(), name=name)
+
+
+def test_float_checkpoint_quantized_at_load(tmp_path):
+    from lora_np.export import save_merged, save_merged_gguf
+    from lora_np.loaders import load_model
+
+    save_merged(tiny_float_model(tie=False), str(tmp_path / "hf"))
+    model = load_model(tmp_path / "hf", quantize="q8_0")
+    assert type(model.lm_head) is QuantizedLinear and type(model.model.embed_tokens) is QuantizedEmbedding
+    assert model.model.layers[0].self_attn.q_proj.ggml_type == "Q8_0"
+    with pytest.raises(ValueError, match="quantize='q3_k' is not supported; supported: q8_0, q4_0, q4_k"):
+        load_model(tmp_path / "hf", quantize="q3_k")
+    save_merged_gguf(tiny_float_model(tie=False), tmp_path / "m.gguf", outtype="q8_0")
+    with pytest.raises(ValueError, match="quantize='q4_0' is for float checkpoints; .*m.gguf has its own blocks"):
+        load_model(tmp_path / "m.gguf", quantize="q4_0")
+
+
+def test_lora_on_a_quantized_base_refuses_what_needs_its_float_weight(tmp_path):
+    from lora_np import LoraConfig, get_peft_model
+
+    model = quantize_model(tiny_float_model(tie=False), "q8_0")
+    with pytest.raises(NotImplementedError, match="init_lora_weights='pissa' needs the float weight"):
+        get_peft_model(model, LoraConfig(r=2, target_modules=["q_proj"], init_lora_weights="pissa"))
+    peft = get_peft_model(quantize_model(tiny_float_model(tie=False), "q8_0"), LoraConfig(r=2, target_modules=["q_proj"]))
+    with pytest.raises(NotImplementedError, match="merging into a quantized base"):
+        peft.merge_and_unload()
+
+
+def test_smollm2_q4_1_stays_resident():
+    """SmolLM2-135M's Q4_1 GGUF (Q8_0 embedding, tied head): about 90 MB of weights instead of 513 MB, and the
+    logits of the dequantized model within float32 rounding."""
+    from lora_np.loaders import default_model_path, load_model
+
+    try:
+        path = default_model_path()
+    except FileNotFoundError as e:
+        if IN_CI:
+            pytest.fail(str(e))
+        pytest.skip(str(e))
+    resident = load_model(path, dequantize=False)
+    blocks = {id(m.weight_blocks): m.weight_blocks.nbytes for m in resident.modules()
+              if isinstance(m, (QuantizedLinear, QuantizedEmbedding))}
+    floats = sum(p.data.nbytes for p in resident.parameters())
+    assert 80e6 < sum(blocks.values()) + floats < 100e6, (sum(blocks.values()), floats)
+    ids = np.array([[1, 9690, 314, 253, 1345, 282]])
+    got = resident(ids).logits.data
+    want = load_model(path)(ids).logits.data
+    assert_close(got, want, 0, 1e-4 * np.abs(want).max(), name="SmolLM2 logits")
