@@ -92,9 +92,9 @@ def generation(threads, new_tokens, rounds):
     prompt = np.array([[1, 9690, 314, 253, 1345, 282, 4376, 30]])
     models = {"Q4_1 resident": load_model(path, dequantize=False), "float32": load_model(path)}
     for name, model in models.items():
-        n_bytes = sum(m.weight_blocks.nbytes for m in model.modules()
-                      if isinstance(m, (QuantizedLinear, QuantizedEmbedding)))
-        n_bytes += sum(p.data.nbytes for p in model.parameters())
+        blocks = {id(m.weight_blocks): m.weight_blocks.nbytes for m in model.modules()
+                  if isinstance(m, (QuantizedLinear, QuantizedEmbedding))}  # the tied head shares the embedding's
+        n_bytes = sum(blocks.values()) + sum(p.data.nbytes for p in model.parameters())
         print(f"{name:>14}: weights {n_bytes / 1e6:.1f} MB")
     fns = {name: (lambda m=model: m.generate(prompt, max_new_tokens=new_tokens)) for name, model in models.items()}
     outputs = {name: fn() for name, fn in fns.items()}

@@ -78,9 +78,11 @@ ALWAYS_INLINE __m256 FN(f16_avx2)(const uint8_t *p)
     const __m256i h = _mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)p));
     const __m256i exp = _mm256_and_si256(_mm256_srli_epi32(h, 10), _mm256_set1_epi32(0x1f));
     const __m256i mant = _mm256_and_si256(h, _mm256_set1_epi32(0x3ff)), mant13 = _mm256_slli_epi32(mant, 13);
-    const __m256i normal = _mm256_or_si256(_mm256_slli_epi32(_mm256_add_epi32(exp, _mm256_set1_epi32(112)), 23), mant13);
+    const __m256i biased = _mm256_add_epi32(exp, _mm256_set1_epi32(112));
+    const __m256i normal = _mm256_or_si256(_mm256_slli_epi32(biased, 23), mant13);
     const __m256i special = _mm256_or_si256(_mm256_set1_epi32(0x7f800000), mant13);
-    const __m256i sub = _mm256_castps_si256(_mm256_mul_ps(_mm256_cvtepi32_ps(mant), _mm256_set1_ps(5.9604644775390625e-8f)));
+    const __m256 tiny = _mm256_mul_ps(_mm256_cvtepi32_ps(mant), _mm256_set1_ps(5.9604644775390625e-8f)); /* exact */
+    const __m256i sub = _mm256_castps_si256(tiny);
     __m256i bits = _mm256_blendv_epi8(normal, special, _mm256_cmpeq_epi32(exp, _mm256_set1_epi32(0x1f)));
     bits = _mm256_blendv_epi8(bits, sub, _mm256_cmpeq_epi32(exp, _mm256_setzero_si256()));
     const __m256i sign = _mm256_slli_epi32(_mm256_and_si256(h, _mm256_set1_epi32(0x8000)), 16);

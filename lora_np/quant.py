@@ -131,7 +131,8 @@ def quantize(weight, ggml_type):
     w = np.asarray(weight)
     block = 256 if t == "Q4_K" else 32
     if w.ndim != 2 or w.shape[1] % block:
-        raise ValueError(f"quantize: {t} needs a 2-D weight whose rows are whole blocks of {block}, got shape {w.shape}")
+        raise ValueError(f"quantize: {t} needs a 2-D weight whose rows are whole blocks of {block}, "
+                         f"got shape {w.shape}")
     x = np.ascontiguousarray(w, dtype=np.float32).reshape(-1, block)  # (n_blocks, block)
     with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
         return _QUANTIZERS[t](x).reshape(w.shape[0], -1)
@@ -299,5 +300,6 @@ def use_blocks(model, blocks_of):
     return model
 
 
-__all__ = ["QuantizedLinear", "QuantizedEmbedding", "QuantizedWeight", "QuantLinear", "quantize", "quantize_model", "use_blocks",
+__all__ = ["QuantizedLinear", "QuantizedEmbedding", "QuantizedWeight", "QuantLinear", "quantize", "quantize_model",
+           "use_blocks",
            "QUANTIZE_TYPES", "QUANT_TYPES"]

@@ -207,7 +207,8 @@ def test_quantize_q4_k_equals_ggml_reference(rows, n_blocks, zero_block, seed):
 def test_quantize_refuses_what_it_cannot_do():
     with pytest.raises(ValueError, match="type 'q2_k' is not supported"):
         quantize(np.zeros((2, 256), np.float32), "q2_k")
-    with pytest.raises(ValueError, match=r"Q4_K needs a 2-D weight whose rows are whole blocks of 256, got shape \(2, 64\)"):
+    with pytest.raises(ValueError, match=r"Q4_K needs a 2-D weight whose rows are whole blocks of 256, got shape "
+                                         r"\(2, 64\)"):
         quantize(np.zeros((2, 64), np.float32), "q4_k")
 
 
@@ -343,7 +344,8 @@ def test_lora_on_a_quantized_base_refuses_what_needs_its_float_weight(tmp_path):
     model = quantize_model(tiny_float_model(tie=False), "q8_0")
     with pytest.raises(NotImplementedError, match="init_lora_weights='pissa' needs the float weight"):
         get_peft_model(model, LoraConfig(r=2, target_modules=["q_proj"], init_lora_weights="pissa"))
-    peft = get_peft_model(quantize_model(tiny_float_model(tie=False), "q8_0"), LoraConfig(r=2, target_modules=["q_proj"]))
+    peft = get_peft_model(quantize_model(tiny_float_model(tie=False), "q8_0"),
+                          LoraConfig(r=2, target_modules=["q_proj"]))
     with pytest.raises(NotImplementedError, match="merging into a quantized base"):
         peft.merge_and_unload()
 
