@@ -462,7 +462,7 @@ def quantize(array, ggml_type) -> np.ndarray:
         return np.ascontiguousarray(array, dtype=_NATIVE[ggml_type]).reshape(-1).view(np.uint8)
     if ggml_type not in WRITABLE_TYPES:
         raise GGUFError(f"cannot write tensors of type {ggml_type!r} (writable: {', '.join(WRITABLE_TYPES)})")
-    from .quant import quantize as quantize_rows
+    from .kernels.quantize import quantize as quantize_rows
 
     array = np.asarray(array, dtype=np.float32)
     block_size = _SIZES[ggml_type][0]
