@@ -20,31 +20,16 @@ import os
 os.environ.setdefault("OPENBLAS_THREAD_TIMEOUT", "4")  # before NumPy loads OpenBLAS (as the `lora-np` command)
 
 import argparse  # noqa: E402
-import statistics  # noqa: E402
-import time  # noqa: E402
 
 import numpy as np  # noqa: E402
 
+from lora_kernels import median_times  # noqa: E402  (bench/lora_kernels.py: interleaved rounds, medians)
 from lora_np import kernels  # noqa: E402
 from lora_np.kernels import quant as kq  # noqa: E402
 
 SHAPES = [(576, 576), (192, 576), (1536, 576), (576, 1536), (49152, 576)]  # q/o, k/v, gate/up, down, head
 ROWS = [1, 8, 1024]
 TYPES = ["Q4_1", "Q8_0", "Q4_0", "Q5_0", "Q4_K", "F16", "BF16"]  # those with a quantizer (gguf-py's, lora_np's q4_k)
-
-
-def median_times(fns, rounds):
-    """{name: median seconds}, each fn called once per round, in turn, each round starting one further on."""
-    times = {name: [] for name in fns}
-    for fn in fns.values():  # warm-up
-        fn()
-    order = list(fns.items())
-    for i in range(rounds):
-        for name, fn in order[i % len(order):] + order[:i % len(order)]:
-            start = time.perf_counter()
-            fn()
-            times[name].append(time.perf_counter() - start)
-    return {name: statistics.median(ts) for name, ts in times.items()}
 
 
 def blocks_of(w, ggml_type):
