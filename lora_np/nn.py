@@ -287,16 +287,29 @@ def _placeholder(shape, dtype):
     return np.broadcast_to(np.zeros((), dtype), shape)
 
 
+def _drawn(shape, dtype, draw):
+    """An array of `dtype` filled by draw(n) (float64 draws, cast) a chunk at a time: the values of one
+    draw(size) call, without its float64 temporary of the whole shape (a big embedding's 1.2 GB)."""
+    out = np.empty(shape, dtype)
+    flat = out.reshape(-1)
+    chunk = 1 << 20
+    for i in range(0, flat.size, chunk):
+        flat[i:i + chunk] = draw(min(chunk, flat.size - i))
+    return out
+
+
 def _uniform(shape, bound, dtype):
     if not _INIT[0]:
         return _placeholder(shape, dtype)
-    return _rng().uniform(-bound, bound, size=shape).astype(dtype)
+    rng = _rng()
+    return _drawn(shape, dtype, lambda n: rng.uniform(-bound, bound, size=n))
 
 
 def _normal(shape, std, dtype):
     if not _INIT[0]:
         return _placeholder(shape, dtype)
-    return (_rng().standard_normal(shape) * std).astype(dtype)
+    rng = _rng()
+    return _drawn(shape, dtype, lambda n: rng.standard_normal(n) * std)
 
 
 def _full(shape, value, dtype):

@@ -205,7 +205,9 @@ class LinearCrossEntropy(Function):
     nothing. h (N, C), weight (V, C), target (N,). With `softcap` c the logits are c·tanh(z/c)
     (Gemma 2/3's final_logit_softcapping), and the gradient goes through the cap's 1 − tanh²."""
 
-    def forward(self, h, weight, target, ignore_index=-100, chunk=512, softcap=None):
+    def forward(self, h, weight, target, ignore_index=-100, chunk=None, softcap=None):
+        if chunk is None:  # ≤ 512 rows, and a chunk's logits ≤ 2^25 elements (128 MiB in float32)
+            chunk = max(32, min(512, (1 << 25) // max(weight.shape[0], 1)))
         rows = np.nonzero(target != ignore_index)[0]
         hr, t, count = h[rows], target[rows].astype(np.int64), len(rows)                 # (M, C), (M,)
         if t.size and (t.min() < 0 or t.max() >= weight.shape[0]):
