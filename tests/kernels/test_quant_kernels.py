@@ -351,8 +351,9 @@ def test_lora_on_a_quantized_base_refuses_what_needs_its_float_weight(tmp_path):
 
 
 def test_smollm2_q4_1_stays_resident():
-    """SmolLM2-135M's Q4_1 GGUF (Q8_0 embedding, tied head): about 90 MB of weights instead of 513 MB, and the
-    logits of the dequantized model within float32 rounding."""
+    """SmolLM2-135M's Q4_1 GGUF (Q8_0 embedding, tied head): about 90 MB of weights instead of 513 MB, the
+    logits of the dequantized model within float32 rounding, and a LoRA step (q, v, down) on it: its loss, and
+    gradients finite and nonzero everywhere."""
     from lora_np.loaders import default_model_path, load_model
 
     try:
@@ -367,6 +368,9 @@ def test_smollm2_q4_1_stays_resident():
     floats = sum(p.data.nbytes for p in resident.parameters())
     assert 80e6 < sum(blocks.values()) + floats < 100e6, (sum(blocks.values()), floats)
     ids = np.array([[1, 9690, 314, 253, 1345, 282]])
-    got = resident(ids).logits.data
-    want = load_model(path)(ids).logits.data
+    floats = load_model(path)
+    got, want = resident(ids).logits.data, floats(ids).logits.data
     assert_close(got, want, 0, 1e-4 * np.abs(want).max(), name="SmolLM2 logits")
+    (loss_q, grads_q), (loss_f, _) = lora_gradients(resident, ids), lora_gradients(floats, ids)
+    assert_close(loss_q, loss_f, 1e-4, name="SmolLM2 LoRA loss")
+    assert len(grads_q) == 180 and all(np.isfinite(g).all() and np.abs(g).max() > 0 for g in grads_q.values())
