@@ -16,6 +16,7 @@ import math
 import numpy as np
 
 from .. import kernels
+from ..kernels.quant import quant_linear_backward, quant_linear_forward
 from ..tensor import Function, Tensor
 from .attention import check_sliding_window_softcap
 from .primitives import _check_float, _tensors, permute, reshape
@@ -203,23 +204,26 @@ class LinearCrossEntropy(Function):
     head matmuls per step instead of three, and what is kept is the gradient (N, C) (plus (V, C)
     when the head trains) instead of the rows of h. Rows whose target is ignore_index cost
     nothing. h (N, C), weight (V, C), target (N,). With `softcap` c the logits are c·tanh(z/c)
-    (Gemma 2/3's final_logit_softcapping), and the gradient goes through the cap's 1 − tanh²."""
+    (Gemma 2/3's final_logit_softcapping), and the gradient goes through the cap's 1 − tanh².
+    A frozen quantized head comes as weight=None and its ggml `blocks` (V, row bytes) of `ggml_type`:
+    each chunk's logits and h's gradient go through the GEMMs over the blocks (kernels.quant)."""
 
-    def forward(self, h, weight, target, ignore_index=-100, chunk=None, softcap=None):
+    def forward(self, h, weight, target, ignore_index=-100, chunk=None, softcap=None, blocks=None, ggml_type=None):
+        V = weight.shape[0] if blocks is None else blocks.shape[0]
         if chunk is None:  # ≤ 512 rows, and a chunk's logits ≤ 2^25 elements (128 MiB in float32)
-            chunk = max(32, min(512, (1 << 25) // max(weight.shape[0], 1)))
+            chunk = max(32, min(512, (1 << 25) // max(V, 1)))
         rows = np.nonzero(target != ignore_index)[0]
         hr, t, count = h[rows], target[rows].astype(np.int64), len(rows)                 # (M, C), (M,)
-        if t.size and (t.min() < 0 or t.max() >= weight.shape[0]):
-            raise IndexError(f"cross_entropy: target out of range [0, {weight.shape[0]})")
+        if t.size and (t.min() < 0 or t.max() >= V):
+            raise IndexError(f"cross_entropy: target out of range [0, {V})")
         need_h, need_w = self.needs_input_grad[:2]
-        self.gh = np.zeros((h.shape[0], weight.shape[1]), h.dtype) if need_h else None
+        self.gh = np.zeros(h.shape, h.dtype) if need_h else None
         self.gw = np.zeros_like(weight) if need_w else None
         inv = 1.0 / count if count else 0.0
         total = 0.0
         for s in range(0, count, chunk):
             hc, tc = hr[s:s + chunk], t[s:s + chunk]
-            logits = hc @ weight.T                                                       # (c, V)
+            logits = hc @ weight.T if blocks is None else quant_linear_forward(hc, blocks, ggml_type)  # (c, V)
             if softcap is not None:                                                      # c·tanh(z/c)
                 logits /= logits.dtype.type(softcap)
                 np.tanh(logits, out=logits)
@@ -235,7 +239,8 @@ class LinearCrossEntropy(Function):
                     np.subtract(1, th, out=th)
                     logits *= th
                 if need_h:
-                    self.gh[rows[s:s + chunk]] = logits @ weight                         # (c, C)
+                    self.gh[rows[s:s + chunk]] = logits @ weight if blocks is None else \
+                        quant_linear_backward(logits, blocks, ggml_type)                         # (c, C)
                 if need_w:
                     self.gw += logits.T @ hc                                             # (V, C)
         return np.asarray(total / count if count else np.nan, h.dtype)
@@ -250,14 +255,21 @@ class LinearCrossEntropy(Function):
 
 
 def causal_lm_head_loss(h, weight, labels, ignore_index=-100, softcap=None):
-    """causal_lm_loss(cap(h Wᵀ), labels) without the (B, T, V) logits: h (B, T, C), weight (V, C);
-    `softcap` c (None: none) caps the logits at c·tanh(z/c) (final_logit_softcapping)."""
+    """causal_lm_loss(cap(h Wᵀ), labels) without the (B, T, V) logits: h (B, T, C), weight (V, C), a
+    Tensor or a quantized head's frozen weight (lora_np.quant.QuantizedWeight: its blocks, never
+    dequantized whole); `softcap` c (None: none) caps the logits at c·tanh(z/c) (final_logit_softcapping)."""
     _, softcap = check_sliding_window_softcap("causal_lm_head_loss", None, softcap)
     labels = np.asarray(labels.data if isinstance(labels, Tensor) else labels)
     B, T, C = h.shape
-    target = np.concatenate([labels[:, 1:], np.full((B, 1), ignore_index, labels.dtype)], 1)  # (B, T)
-    return LinearCrossEntropy.apply(reshape(h, (B * T, C)), weight, Tensor(target.reshape(-1)),
-                                    ignore_index=ignore_index, softcap=softcap)
+    target = Tensor(np.concatenate([labels[:, 1:], np.full((B, 1), ignore_index, labels.dtype)], 1).reshape(-1))
+    h = reshape(h, (B * T, C))                                                                     # (B·T, C)
+    if hasattr(weight, "ggml_type"):  # a QuantizedWeight
+        if weight.shape[1] != C or weight.dtype != h.dtype:
+            raise ValueError(f"causal_lm_head_loss: quantized head {weight} does not take h of shape (B, T, {C}) "
+                             f"and dtype {h.dtype}")
+        return LinearCrossEntropy.apply(h, None, target, ignore_index=ignore_index, softcap=softcap,
+                                        blocks=weight.blocks, ggml_type=weight.ggml_type)
+    return LinearCrossEntropy.apply(h, weight, target, ignore_index=ignore_index, softcap=softcap)
 
 
 # -- normalisation ---------------------------------------------------------------------

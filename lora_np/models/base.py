@@ -13,6 +13,7 @@ from ..checkpointing import checkpoint
 from ..gguf import GGUFError
 from ..nn import Linear, Module
 from ..options import Float, Int
+from ..quant import QuantizedLinear
 from ..tensor import Tensor, is_grad_enabled
 
 # Sane bounds for what a config may say; the loaders also check every size against the tensors present.
@@ -205,7 +206,8 @@ class CausalLM(Module):
         for block in self._blocks():
             h = checkpoint(block, h, cos, sin, cache, attn_mask) if recompute else block(h, cos, sin, cache, attn_mask)
         cap = getattr(self, "final_logit_softcapping", None)
-        if labels is not None and not return_logits and type(self.lm_head) is Linear:  # a plain (un-adapted) head
+        if labels is not None and not return_logits and type(self.lm_head) in (Linear, QuantizedLinear) \
+                and self.lm_head.bias is None:  # a plain (un-adapted) head, float or in quantized blocks
             h = self._final_norm(h)
             return CausalLMOutput(None, F.causal_lm_head_loss(h, self.lm_head.weight, labels, softcap=cap))
         if logits_to_keep:

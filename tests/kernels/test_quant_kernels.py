@@ -268,6 +268,57 @@ def test_quantized_model_equals_the_dequantized_float_model(backend, ggml_type, 
     assert np.array_equal(model.generate(ids[:1], max_new_tokens=5), reference.generate(ids[:1], max_new_tokens=5))
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("softcap", [None, 3.0])
+def test_chunked_head_loss_over_blocks_equals_the_dequantized_head(backend, softcap):
+    """LinearCrossEntropy over a Q4_1 head's blocks (chunks of 5 rows, some rows ignored) gives the loss and h's
+    gradient of the float64 head holding the dequantized weight, and never holds all the logits."""
+    import tracemalloc
+
+    from lora_np.functional import LinearCrossEntropy
+
+    kernels.set_backend(backend)
+    rng = np.random.default_rng(7)
+    V, C, N = 2048, 64, 400
+    blocks = random_blocks(rng, "Q4_1", V, C)
+    W = gguf_dequantize(blocks, "Q4_1").astype(np.float64)                                             # (V, C)
+    h = rng.standard_normal((N, C))
+    target = rng.integers(0, V, N)
+    target[[0, 11, 30]] = -100
+    results = []
+    for weight, quant in ((Tensor(W), {}), (None, {"blocks": blocks, "ggml_type": "Q4_1"})):
+        x = Tensor(h.copy(), requires_grad=True)
+        tracemalloc.start()
+        loss = LinearCrossEntropy.apply(x, weight, Tensor(target), chunk=5, softcap=softcap, **quant)
+        peak = tracemalloc.get_traced_memory()[1]
+        tracemalloc.stop()
+        (loss * 2.5).backward()
+        results.append((loss.data, x.grad, peak))
+    (loss_q, gh_q, peak_q), (loss_f, gh_f, _) = results[1], results[0]
+    assert_close(loss_q, loss_f, 1e-12, name="loss")
+    assert_close(gh_q, gh_f, 1e-10, 1e-14, name="dh")
+    assert np.abs(gh_q).max() > 0 and not gh_q[[0, 11, 30]].any()
+    assert peak_q < N * V * 8 / 4, peak_q  # a chunk's logits (5, V), the gradient (N, C): not the (N, V) logits
+
+
+@pytest.mark.parametrize("ggml_type,tie", [("q8_0", True), ("q4_0", False)])
+def test_quantized_head_takes_the_chunked_loss(ggml_type, tie):
+    """A model whose head is a QuantizedLinear computes its training loss chunk by chunk (no logits returned),
+    equal to the loss from the whole logits, with the same gradients of the final norm."""
+    model = quantize_model(tiny_float_model(tie), ggml_type)
+    ids = np.array([[3, 17, 96, 42, 5, 5, 61, 0], [1, 2, 3, 4, 5, 6, 7, 8]])
+    results = []
+    for return_logits in (False, True):
+        model.zero_grad()
+        out = model(ids, labels=ids, return_logits=return_logits)
+        out.loss.backward()
+        results.append((out.logits, out.loss.data, model.model.norm.weight.grad.copy()))
+    (logits_c, loss_c, g_c), (logits_w, loss_w, g_w) = results
+    assert logits_c is None and logits_w is not None
+    assert_close(loss_c, loss_w, 1e-6, name="loss")
+    assert_close(g_c, g_w, 1e-4, 1e-5 * np.abs(g_w).max(), name="norm weight gradient")
+
+
 @needs_c
 def test_quant_kernels_under_address_sanitizer(tmp_path):
     run_c_driver_under_sanitizers(tmp_path, "test_quant_kernels", ["quant_kernels.c", "lora_kernels.c"],
