@@ -75,7 +75,7 @@ def generation(threads, new_tokens, rounds):
 
     path = default_model_path()
     prompt = np.array([[1, 9690, 314, 253, 1345, 282, 4376, 30]])
-    models = {"Q4_1 resident": load_model(path, dequantize=False), "float32": load_model(path)}
+    models = {"Q4_1 resident": load_model(path), "float32": load_model(path, dequantize=True)}
     for name, model in models.items():
         blocks = {id(m.weight_blocks): m.weight_blocks.nbytes for m in model.modules()
                   if isinstance(m, (QuantizedLinear, QuantizedEmbedding))}  # the tied head shares the embedding's

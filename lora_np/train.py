@@ -42,6 +42,7 @@ from . import safetensors
 from .checkpoints import (RunFileError, RunFolderBusy, earlier_run, load_checkpoint, lock_run_folder,
                           remove_leftovers, remove_run, save_adapter, save_checkpoint)
 from .kernels.backend import keep_freed_memory, set_threads
+from .kernels.quantize import QUANTIZE_TYPES
 from .optim import clip_grad_norm_
 from .options import Float, Int, OptionError
 from .progress import MetricsLog, Progress, read_metrics, try_write_loss_svg, write_loss_svg
@@ -95,7 +96,7 @@ OPTION_RULES = {
     "allreduce_timeout": Float(min=0, min_open=True, none_ok=True),
 }
 CHOICES = {"schedule": ("linear", "cosine"), "dtype": ("float32", "float64")}
-BOOL_OPTIONS = ("rslora", "dora", "grad_checkpoint", "resume", "overwrite")
+BOOL_OPTIONS = ("rslora", "dora", "grad_checkpoint", "dequantize", "resume", "overwrite")
 
 
 @dataclass
@@ -130,6 +131,8 @@ class TrainArgs:
     seed: int = 0
     threads: Optional[int] = None
     dtype: str = "float32"
+    quantize: Optional[str] = None  # q8_0, q4_0 or q4_k: a float checkpoint's Linear / Embedding weights at load
+    dequantize: bool = False  # a GGUF base as float `dtype` weights instead of its resident blocks
     resume: bool = False
     overwrite: bool = False  # replace the run already in `out` (its lora_np files only)
     stop_at: Optional[int] = None
@@ -149,6 +152,8 @@ class TrainArgs:
         for name in BOOL_OPTIONS:
             if not isinstance(getattr(self, name), bool):
                 raise OptionError(f"{name} must be true or false, got {getattr(self, name)!r}")
+        if self.quantize is not None and self.quantize not in QUANTIZE_TYPES:
+            raise OptionError(f"quantize must be one of {', '.join(QUANTIZE_TYPES)}, got {self.quantize!r}")
         if self.steps is not None and self.epochs is not None:
             raise OptionError(f"give steps or epochs, not both (got steps={self.steps}, epochs={self.epochs})")
         if self.resume and self.overwrite:
@@ -420,7 +425,7 @@ def _adapted_model(args, model_path, ckpt_folder, comm):
     from .loaders import load_model
     from .lora import LoraModel, get_peft_model
 
-    model = load_model(model_path, dtype=args.dtype)
+    model = load_model(model_path, dtype=args.dtype, quantize=args.quantize, dequantize=args.dequantize)
     if args.grad_checkpoint:
         model.gradient_checkpointing_enable()
     n_ctx, field = context_length(model.config)

@@ -319,11 +319,7 @@ class LoraModel(Module):
 
     # -- counting -------------------------------------------------------------------------
     def get_nb_trainable_parameters(self):
-        trainable = total = 0
-        for _, p in self.named_parameters():
-            total += p.numel()
-            trainable += p.numel() if p.requires_grad else 0
-        return trainable, total
+        return self.num_parameters(only_trainable=True), self.num_parameters()
 
     def print_trainable_parameters(self):
         """PEFT's line: `trainable params: 460,800 || all params: ... || trainable%: 0.3414`."""

@@ -348,8 +348,8 @@ def lora_gradients(model, ids):
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("outtype", ["q8_0", "q4_0"])
 def test_gguf_blocks_stay_resident_and_compute_the_dequantized_model(tmp_path, backend, outtype):
-    """With dequantize=False a GGUF file's quantized Linear and Embedding weights (the tied head with them) stay
-    in the file's blocks;
+    """By default a GGUF file's quantized Linear and Embedding weights (the tied head with them) stay in the file's
+    blocks;
     logits, greedy generation and a LoRA step's gradients equal the dequantized (float32) model's within float32
     rounding."""
     from lora_np.export import save_merged_gguf
@@ -357,7 +357,7 @@ def test_gguf_blocks_stay_resident_and_compute_the_dequantized_model(tmp_path, b
 
     kernels.set_backend(backend)
     path = save_merged_gguf(tiny_float_model(tie=True), tmp_path / "m.gguf", outtype=outtype)
-    resident, floats = load_model(path, dequantize=False), load_model(path)
+    resident, floats = load_model(path), load_model(path, dequantize=True)
     mlp = resident.model.layers[1].mlp
     assert type(mlp.down_proj) is QuantizedLinear and mlp.down_proj.ggml_type == outtype.upper()
     assert resident.lm_head.weight_blocks is resident.model.embed_tokens.weight_blocks
@@ -389,6 +389,39 @@ def test_float_checkpoint_quantized_at_load(tmp_path):
         load_model(tmp_path / "m.gguf", quantize="q4_0")
 
 
+def test_commands_take_quantize_and_dequantize(tmp_path, capsys):
+    """--quantize / --dequantize reach load_model from the model commands and train's TrainArgs; merged exports
+    of a resident model are refused naming dequantize, and `lora-np merge` of a GGUF base loads it as floats."""
+    from lora_np.cli import build_parser, main, train_args_from_namespace
+    from lora_np.export import save_merged, save_merged_gguf
+    from lora_np.loaders import load_model
+    from lora_np.options import OptionError
+    from lora_np.safetensors import load_file
+    from lora_np.train import TrainArgs
+
+    model = tiny_float_model(tie=False)
+    save_merged(model, str(tmp_path / "hf"))
+    assert main(["info", "--model", str(tmp_path / "hf"), "--quantize", "q8_0"]) == 0
+    assert f"parameters: {model.num_parameters():,}\n" in capsys.readouterr().out
+    path = save_merged_gguf(model, tmp_path / "m.gguf", outtype="q8_0")
+    resident = load_model(path)
+    assert type(resident.lm_head) is QuantizedLinear and resident.num_parameters() == model.num_parameters()
+    for save in (save_merged, save_merged_gguf):
+        with pytest.raises(NotImplementedError, match=f"{save.__name__} needs float weights, but "
+                                                      "model.layers.0.self_attn.q_proj keeps its Q8_0 weight in "
+                                                      "blocks; load the model with dequantize=True"):
+            save(resident, tmp_path / "out")
+    assert main(["merge", "--model", str(path), "--out", str(tmp_path / "merged")]) == 0
+    merged = load_file(str(tmp_path / "merged" / "model.safetensors"))["model.layers.1.mlp.down_proj.weight"]
+    assert np.array_equal(merged, resident.model.layers[1].mlp.down_proj.weight.data)
+    ns = build_parser().parse_args(["train", "--data", "d.txt", "--out", "o", "--quantize", "q4_k", "--dequantize"])
+    args = train_args_from_namespace(ns)
+    assert (args.quantize, args.dequantize) == ("q4_k", True)
+    assert (TrainArgs(data="d", out="o").quantize, TrainArgs(data="d", out="o").dequantize) == (None, False)
+    with pytest.raises(OptionError, match="quantize must be one of q8_0, q4_0, q4_k, got 'q3_k'"):
+        TrainArgs(data="d", out="o", quantize="q3_k")
+
+
 def test_lora_on_a_quantized_base_refuses_what_needs_its_float_weight(tmp_path):
     from lora_np import LoraConfig, get_peft_model
 
@@ -413,13 +446,13 @@ def test_smollm2_q4_1_stays_resident():
         if IN_CI:
             pytest.fail(str(e))
         pytest.skip(str(e))
-    resident = load_model(path, dequantize=False)
+    resident = load_model(path)
     blocks = {id(m.weight_blocks): m.weight_blocks.nbytes for m in resident.modules()
               if isinstance(m, (QuantizedLinear, QuantizedEmbedding))}
     floats = sum(p.data.nbytes for p in resident.parameters())
     assert 80e6 < sum(blocks.values()) + floats < 100e6, (sum(blocks.values()), floats)
     ids = np.array([[1, 9690, 314, 253, 1345, 282]])
-    floats = load_model(path)
+    floats = load_model(path, dequantize=True)
     got, want = resident(ids).logits.data, floats(ids).logits.data
     assert_close(got, want, 0, 1e-4 * np.abs(want).max(), name="SmolLM2 logits")
     (loss_q, grads_q), (loss_f, _) = lora_gradients(resident, ids), lora_gradients(floats, ids)

@@ -371,7 +371,9 @@ def test_smollm2_print_trainable_parameters(capsys):
         if IN_CI:
             pytest.fail(str(e))
         pytest.skip(str(e))
-    lm = get_peft_model(lora_np.load_model(path), LoraConfig(r=8, target_modules=["q_proj", "v_proj"]))
+    base = lora_np.load_model(path)  # Q4_1 blocks resident: each counts as the float weight PEFT counts
+    assert type(base.model.layers[0].mlp.up_proj).__name__ == "QuantizedLinear"
+    lm = get_peft_model(base, LoraConfig(r=8, target_modules=["q_proj", "v_proj"]))
     lm.print_trainable_parameters()
     # REFERENCE.md §4: 30 blocks, hidden 576, kv width 3·64, SwiGLU 1536, vocab 49152, tied head
     block = 2 * 576 * 576 + 2 * 576 * 192 + 3 * 576 * 1536 + 2 * 576

@@ -118,15 +118,23 @@ def test_gguf_quantized_tensors_dequantize_as_gguf_py(tmp_path):
     ref = tiny_llama(transformers, tie=True)
     types = {"attn_q.weight": "Q4_0", "attn_k.weight": "Q4_1", "ffn_up.weight": "Q8_0", "ffn_down.weight": "F16"}
     _write_gguf(tmp_path / "q.gguf", ref, types)
-    model = load_model(tmp_path / "q.gguf")
+    model = load_model(tmp_path / "q.gguf", dequantize=True)
+    resident = load_model(tmp_path / "q.gguf")  # the default: the blocks kept, dequantized on request
     reader = gguf.GGUFReader(str(tmp_path / "q.gguf"))
+    checked = 0
     for t in reader.tensors:
-        if t.name == "blk.1.attn_q.weight":
-            expected = reverse_llama_permute(gguf.quants.dequantize(t.data, t.tensor_type), 4)
-            assert_close(model.state_dict()["model.layers.1.self_attn.q_proj.weight"], expected, rtol=0, name=t.name)
-        if t.name == "blk.0.ffn_up.weight":
+        if t.name in ("blk.1.attn_q.weight", "blk.0.ffn_up.weight"):
             expected = gguf.quants.dequantize(t.data, t.tensor_type)
-            assert_close(model.state_dict()["model.layers.0.mlp.up_proj.weight"], expected, rtol=0, name=t.name)
+            if t.name == "blk.1.attn_q.weight":
+                name, expected = "model.layers.1.self_attn.q_proj.weight", reverse_llama_permute(expected, 4)
+            else:
+                name = "model.layers.0.mlp.up_proj.weight"
+            assert_close(model.state_dict()[name], expected, rtol=0, name=t.name)
+            layer = resident.get_submodule(name.rpartition(".")[0])
+            assert layer.ggml_type == t.tensor_type.name and name not in resident.state_dict()
+            assert_close(layer.weight.data, expected, rtol=0, name=f"{t.name} resident")
+            checked += 1
+    assert checked == 2
     assert model.lm_head.weight is model.model.embed_tokens.weight
 
 

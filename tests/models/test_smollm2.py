@@ -91,7 +91,8 @@ def test_kv_cache_generation_equals_full_recompute(smol):
     assert np.array_equal(full[:, 6:].argmax(-1), gen[:, 7:])
 
 
-def test_info_prints_sizes(capsys, hf):
-    assert cli_main(["info"]) == 0
+@pytest.mark.parametrize("weights", [[], ["--dequantize"]])  # the Q4_1 blocks resident, or float32
+def test_info_prints_sizes(capsys, hf, weights):
+    assert cli_main(["info", *weights]) == 0
     out = capsys.readouterr().out
     assert "num_hidden_layers: 30" in out and f"parameters: {hf.num_parameters():,}" in out
