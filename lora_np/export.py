@@ -172,7 +172,7 @@ class _KeyRecorder:
     def number(self, field, name, default=KeyError):
         if self.key(name) in self.metadata:  # a key the config writes itself (its to_gguf): answered as written
             return self.metadata[self.key(name)]
-        value = getattr(self.config, field)
+        value = getattr(self.config, field) if default is KeyError else getattr(self.config, field, default)
         if value is not None:  # FLOAT32 when the field, its default or its value says float (llama.cpp checks)
             is_float = "float" in str(self.types.get(field)) or isinstance(default, float) or isinstance(value, float)
             self.keys[self.key(name)] = (float(value), "FLOAT32") if is_float else (int(value), "UINT32")

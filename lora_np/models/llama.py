@@ -13,7 +13,7 @@ from ..options import Int
 from ..tensor import DEFAULT_DTYPE
 from ..gguf import GGUFError, reverse_llama_permute
 from .base import BOOL, DROPOUT, EPS, LAYERS, POSITIONS, SIZE, THETA, CausalLM, Config, check_fields, refuse
-from .rope import RopeTables, check_rope_scaling
+from .rope import RopeTables, check_rope_scaling, llama3_freq_factors
 
 __all__ = ["LlamaConfig", "Attention", "GatedMLP", "DecoderBlock", "LlamaModel", "LlamaForCausalLM"]
 
@@ -226,6 +226,24 @@ class LlamaConfig(Config):
                                 f"{config.head_dim // 2} positive numbers, got shape {factors.shape}")
             config = dataclasses.replace(config, rope_freq_factors=factors.tolist())
         return config
+
+    def to_gguf(self):
+        """(this config as its GGUF file holds it, {`{arch}.`-less key: value}, {config tensor: float32 array}):
+        what convert_hf_to_gguf.py writes for the RoPE scaling, which from_gguf reads back: llama3 as the
+        rope_freqs tensor (rope.llama3_freq_factors; the config then holds them as rope_freq_factors, with no
+        rope_scaling), linear and yarn as the rope.scaling.* keys of GGUF_ROPE_SCALING; any other rope_type as it is
+        (the export refuses it, naming rope_scaling)."""
+        config, keys, factors = self, {}, self.rope_freq_factors
+        rope = self.rope_scaling or {}
+        scaling = next((g for g, (t, _) in self.GGUF_ROPE_SCALING.items() if t == rope.get("rope_type")), None)
+        if rope.get("rope_type") == "llama3" and factors is None:
+            factors = llama3_freq_factors(self.rope_theta, rope, self.head_dim)
+            config = dataclasses.replace(self, rope_scaling=None, rope_freq_factors=factors.tolist())
+        elif scaling is not None and rope.get("factor") is not None:
+            keys["rope.scaling.type"] = scaling
+            keys.update((key, rope[k]) for k, key in self.GGUF_ROPE_SCALING[scaling][1] if k in rope)
+        tensors = {} if factors is None else {"rope_freqs.weight": np.asarray(factors, np.float32)}  # (head_dim/2,)
+        return config, keys, tensors
 
     @classmethod
     def _gguf_fields(cls, gguf):

@@ -11,7 +11,7 @@ import math
 
 import numpy as np
 
-__all__ = ["ROPE_TYPES", "check_rope_scaling", "rotary_dim", "inv_freq", "RopeTables"]
+__all__ = ["ROPE_TYPES", "check_rope_scaling", "rotary_dim", "inv_freq", "llama3_freq_factors", "RopeTables"]
 
 # rope_type -> the keys of rope_parameters it reads (besides rope_type, rope_theta and partial_rotary_factor)
 ROPE_TYPES = {
@@ -137,6 +137,22 @@ def _llama3(inv, scaling):
     smoothed = (1 - smooth) * inv_llama / factor + smooth * inv_llama
     medium = ~(wavelen < high_freq_wavelen) & ~(wavelen > low_freq_wavelen)
     return np.where(medium, smoothed, inv_llama)
+
+
+def llama3_freq_factors(rope_theta, scaling, head_dim):
+    """(head_dim/2,) float32: llama.cpp's rope_freqs tensor for a llama3 rope_scaling, the divisors of the default
+    frequencies, computed in float32 as convert_hf_to_gguf.py's LlamaModel.generate_extra_tensors computes them:
+    1 for short wavelengths, factor for long ones, 1 / ((1 - smooth) / factor + smooth) between."""
+    f32 = np.float32
+    factor, low, high = scaling["factor"], scaling["low_freq_factor"], scaling["high_freq_factor"]
+    old_context_len = scaling["original_max_position_embeddings"]
+    low_freq_wavelen, high_freq_wavelen = old_context_len / low, old_context_len / high
+    freqs = f32(1) / f32(rope_theta) ** (np.arange(0, head_dim, 2, dtype=f32) / f32(head_dim))   # (head_dim/2,)
+    wavelen = f32(2 * math.pi) / freqs
+    smooth = (f32(old_context_len) / wavelen - f32(low)) / f32(high - low)
+    medium = f32(1) / ((f32(1) - smooth) / f32(factor) + smooth)
+    return np.where(wavelen < high_freq_wavelen, f32(1),
+                    np.where(wavelen > low_freq_wavelen, f32(factor), medium)).astype(f32)
 
 
 def _yarn(base, exponent, dim, scaling, max_position_embeddings):

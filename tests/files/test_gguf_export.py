@@ -529,3 +529,83 @@ def test_demo_ends_with_the_adapter_gguf_and_the_llama_cpp_and_ollama_lines(base
     assert f"llama-cli -m {base_gguf} --lora {adapter} -sys \"{SYSTEM}\" -p \"Feb 4, 2043\"" in text
     assert (tmp_path / "Modelfile").read_text() == f'FROM {base_gguf}\nADAPTER {adapter}\nSYSTEM """{SYSTEM}"""\n'
     assert f"ollama create lora-np-dates -f {tmp_path / 'Modelfile'}" in text
+
+
+# ---------------------------------------------------------------------------- merged GGUF of RoPE-scaled models
+# tiny_model's wavelengths 2 pi / 500^(-k/8): 6.3, 13.6, 29, 65, ...; positions run past original_max_position_
+# embeddings (8 < len(IDS)). Llama 3 with low/high_freq_factor 0.75/1 (wavelength bands 10.7 and 8) has no dim
+# in the smooth band: the factors are 1 and 4, exact in float32, so the file's RoPE is the config's exactly; with
+# 1/4 (bands 8 and 2) the first dim is in the band and its factor is the converter's float32 rounding.
+LLAMA3 = {"rope_type": "llama3", "factor": 4.0, "original_max_position_embeddings": 8}
+ROPE_SCALINGS = {
+    "llama3 exact": ({**LLAMA3, "low_freq_factor": 0.75, "high_freq_factor": 1.0}, 1e-10),
+    # a factor off by <= 2^-24 relative turns an angle of <= len(IDS) radians by <= 6e-7
+    "llama3 smooth band": ({**LLAMA3, "low_freq_factor": 1.0, "high_freq_factor": 4.0}, 1e-6),
+    "linear": ({"rope_type": "linear", "factor": 4.0}, 1e-10),
+    "yarn": ({"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 8}, 1e-10),
+}
+
+
+def float64_logits(model, ids=IDS):
+    for _, p in model.named_parameters():
+        p.data = p.data.astype(np.float64)
+    return logits(model, ids)
+
+
+def converters_llama3_factors(torch, rope_theta, rope, dim):
+    """convert_hf_to_gguf.py's LlamaModel.generate_extra_tensors, as it is written there (torch float32)."""
+    import math
+    freqs = 1.0 / (rope_theta ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim))
+    factor, low_freq_factor, high_freq_factor = rope["factor"], rope["low_freq_factor"], rope["high_freq_factor"]
+    old_context_len = rope["original_max_position_embeddings"]
+    low_freq_wavelen, high_freq_wavelen = old_context_len / low_freq_factor, old_context_len / high_freq_factor
+    rope_factors = []
+    for freq in freqs:
+        wavelen = 2 * math.pi / freq
+        if wavelen < high_freq_wavelen:
+            rope_factors.append(1)
+        elif wavelen > low_freq_wavelen:
+            rope_factors.append(factor)
+        else:
+            smooth = (old_context_len / wavelen - low_freq_factor) / (high_freq_factor - low_freq_factor)
+            rope_factors.append(1 / ((1 - smooth) / factor + smooth))
+    return torch.tensor(rope_factors, dtype=torch.float32).numpy()
+
+
+@pytest.mark.parametrize("case", list(ROPE_SCALINGS))
+def test_merged_gguf_of_a_rope_scaled_model_reads_back_and_runs_in_llama_cpp(tmp_path, case):
+    """Llama 3's RoPE as the rope_freqs tensor (the converter's float32 factors, no scaling keys), linear and
+    yarn as the rope.scaling.* keys: lora_np reads the file back to the same RoPE (float64: exactly where the
+    factors are exact in float32, else to float32 precision), llama.cpp computes the same logits."""
+    rope, rtol = ROPE_SCALINGS[case]
+    model = tiny_model(rope_scaling=rope)
+    expected = logits(model)
+    path = save_merged_gguf(model, tmp_path / "m.gguf")
+    f = GGUFFile(path)
+    scaling_keys = {k: v for k, v in f.metadata.items() if k.startswith("llama.rope.scaling.")}
+    if rope["rope_type"] == "llama3":
+        torch = crosscheck("torch")
+        assert scaling_keys == {} and f.tensors["rope_freqs.weight"].ggml_type == "F32"
+        factors = f.load("rope_freqs.weight")
+        assert np.array_equal(factors, converters_llama3_factors(torch, 500.0, rope, 16))
+        assert (set(factors.tolist()) == {1.0, 4.0}) == (rtol == 1e-10)
+        again = save_merged_gguf(load_model(path), tmp_path / "again.gguf")  # rope_freq_factors written back
+        assert np.array_equal(GGUFFile(again).load("rope_freqs.weight"), factors)
+    else:
+        assert "rope_freqs.weight" not in f.tensors
+        assert scaling_keys == {"llama.rope.scaling.type": rope["rope_type"], "llama.rope.scaling.factor": 4.0,
+                                **({"llama.rope.scaling.original_context_length": 8} if case == "yarn" else {})}
+    ours = logits(load_model(path, dtype="float64"))
+    theirs = float64_logits(model)
+    assert_rel(ours, theirs, rtol, f"lora_np reading the {case} GGUF (float64)")
+    assert_rel(llama_cpp_logits(path), expected, 1e-4, f"llama.cpp on the {case} GGUF")
+
+
+@pytest.mark.parametrize("rope", [{"rope_type": "dynamic", "factor": 2.0},
+                                  {"rope_type": "yarn", "factor": 4.0, "truncate": False}])
+def test_merged_gguf_refuses_a_rope_scaling_llama_cpp_has_no_key_for(tmp_path, rope):
+    model = tiny_model(rope_scaling=rope)
+    with pytest.raises(NotImplementedError, match=f"LlamaConfig.rope_scaling = .*'{rope['rope_type']}'.* has no "
+                                                  "GGUF key"):
+        save_merged_gguf(model, tmp_path / "m.gguf")
+    assert not (tmp_path / "m.gguf").exists()
