@@ -8,7 +8,10 @@ The GGUF side needs no per-family writer: a family's GGUF tables (`gguf_names`, 
 it (a row permutation, as llama's q/k interleave, plus a constant), so its inverse is exact;
 `gguf_config_keys` runs `Config.from_gguf` against a recorder that answers each key with the config's
 own value, which gives the `{arch}.*` keys, then reads them back with the real reader and refuses a
-config that does not come back (a field GGUF has no key for) naming the field.
+config that does not come back (a field GGUF has no key for) naming the field. A config with a `to_gguf()`
+(llama's: RoPE scaling) gives the form the file holds it in, the keys it writes itself and the tensors that are
+config, not parameters (Llama 3's rope_freqs, the inverse of `gguf_config_tensors`); those go through the same
+read-back check.
 """
 import contextlib
 import dataclasses
