@@ -8,7 +8,7 @@ The GGUF side needs no per-family writer: a family's GGUF tables (`gguf_names`, 
 it (a row permutation, as llama's q/k interleave, plus a constant), so its inverse is exact;
 `gguf_config_keys` runs `Config.from_gguf` against a recorder that answers each key with the config's
 own value, which gives the `{arch}.*` keys, then reads them back with the real reader and refuses a
-config that does not come back (a field GGUF has no key for) naming the field. A config with a `to_gguf()`
+config that does not come back (a field GGUF has no key for) naming the field. A config's `to_gguf()`
 (llama's: RoPE scaling) gives the form the file holds it in, the keys it writes itself and the tensors that are
 config, not parameters (Llama 3's rope_freqs, the inverse of `gguf_config_tensors`); those go through the same
 read-back check.
@@ -337,7 +337,7 @@ def save_merged_gguf(model, out, source=None, outtype="f32"):
     params = dict(base.named_parameters())  # a tied head once, under the embedding: no output.weight
     shapes = {names[p]: tuple(param.shape) for p, param in params.items() if p in names}
     # the config as the file holds it: keys it writes itself, tensors that are config (Llama 3's rope_freqs)
-    file_config, own_keys, config_tensors = config.to_gguf() if hasattr(config, "to_gguf") else (config, {}, {})
+    file_config, own_keys, config_tensors = config.to_gguf()
     own_keys = {f"{arch}.{k}": v for k, v in own_keys.items()}
     shapes.update((name, array.shape) for name, array in config_tensors.items())
     keys, key_types = gguf_config_keys(file_config, arch, shapes, {**metadata, **own_keys},

@@ -68,6 +68,12 @@ class Config:
         """The config.json dict transformers reads for this config (the inverse of from_config_json)."""
         return {k: v for k, v in self.to_dict().items() if v is not None}
 
+    def to_gguf(self):
+        """(this config as its GGUF file holds it, {`{arch}.`-less key: value} it writes itself, {config tensor:
+        float32 array}) for the GGUF export; a family whose converter writes more than from_gguf's keys (RoPE
+        factor tensors, scaling keys) says so here. By default: itself, nothing more."""
+        return self, {}, {}
+
 
 class GGUFConfigReader:
     """Reads a family's config from GGUF metadata (llama.cpp's `{arch}.*` keys), every value checked: GGUFError
