@@ -4,8 +4,11 @@ rows of lora_B), partial rotary (Phi-4-mini: partial_rotary_factor 0.75), longro
 the sequence length against original_max_position_embeddings), an optional sliding window on every layer
 (Phi-3-mini), and residual dropout (resid_pdrop) in training. transformers' Phi3ForCausalLM, module names
 included. transformers 5 applies no embedding dropout: embd_pdrop is read and checked, and changes nothing."""
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Optional
+
+import numpy as np
 
 from .. import functional as F
 from ..gguf import GGUFError
@@ -13,7 +16,7 @@ from ..nn import Dropout, Linear, Module, RMSNorm, activation, attend, check_dro
 from ..tensor import DEFAULT_DTYPE
 from .base import BOOL, DROPOUT, EPS, LAYERS, POSITIONS, SIZE, THETA, Config, check_fields
 from .llama import LlamaForCausalLM
-from .rope import check_rope_scaling, rotary_dim
+from .rope import check_rope_scaling, inv_freq, rotary_dim
 
 __all__ = ["Phi3Config", "Phi3Attention", "Phi3MLP", "Phi3DecoderBlock", "Phi3ForCausalLM"]
 
@@ -118,6 +121,25 @@ class Phi3Config(Config):
         d["rope_parameters"] = {"rope_type": "default", **(d.pop("rope_scaling", None) or {}),
                                 "rope_theta": d.pop("rope_theta")}
         return d
+
+    def to_gguf(self):
+        """(this config as its GGUF file holds it, {`phi3.`-less key: value}, {config tensor: float32 array}): what
+        convert_hf_to_gguf.py's Phi3MiniModel writes for longrope, which from_gguf reads back: the factors as the
+        rope_factors_long / rope_factors_short tensors (float32) and the attention factor as rope.scaling.attn_factor
+        (the config's attention_factor, else transformers' and the converter's sqrt(1 + ln s / ln original) for
+        s = max_position_embeddings / original_max_position_embeddings > 1, else 1; a given `factor` is the s of
+        that formula, so the file holds its result). The config then holds the factors as float32 values and the
+        attention factor it computes with, without `factor`."""
+        rope = self.rope_scaling or {}
+        if rope.get("rope_type") != "longrope":
+            return self, {}, {}
+        attention = inv_freq(self.rope_theta, rope, self.head_dim, self.max_position_embeddings)[1]
+        tensors = {f"rope_factors_{k}.weight": np.asarray(rope[f"{k}_factor"], np.float32)  # (rotary_dims/2,)
+                   for k in ("long", "short")}
+        file_rope = {k: v for k, v in rope.items() if k != "factor"}
+        file_rope.update(long_factor=tensors["rope_factors_long.weight"].tolist(), attention_factor=attention,
+                         short_factor=tensors["rope_factors_short.weight"].tolist())
+        return dataclasses.replace(self, rope_scaling=file_rope), {"rope.scaling.attn_factor": attention}, tensors
 
     @classmethod
     def from_gguf(cls, gguf):

@@ -609,3 +609,55 @@ def test_merged_gguf_refuses_a_rope_scaling_llama_cpp_has_no_key_for(tmp_path, r
                                                   "GGUF key"):
         save_merged_gguf(model, tmp_path / "m.gguf")
     assert not (tmp_path / "m.gguf").exists()
+
+
+# Phi-3's longrope: original_max_position_embeddings 8 < len(IDS) (and llama.cpp's n_ctx 256 > 8), so both pick the
+# long factors. Factors in quarters and an attention factor of 1.25 are exact in float32; the converter's
+# attention factor sqrt(1 + ln 32 / ln 8) and factors such as 1.1 are rounded to float32 in the file (a factor or
+# the cos/sin scale off by <= 2^-24 relative moves the logits by <= ~1e-6 of their scale).
+LONGROPE = {
+    "phi3": (dict(long_factor=[1.0 + 0.1 * i for i in range(8)], short_factor=[1.0 + 0.05 * i for i in range(8)]),
+             {}, 1e-6),
+    "phi4-mini": (dict(long_factor=[1.0, 1.25, 2.5, 4.0, 8.0, 16.0], short_factor=[1.0, 1.0, 1.5, 1.5, 2.0, 2.0],
+                       partial_rotary_factor=0.75), dict(tie=True), 1e-6),
+    "phi4-mini attention_factor": (dict(long_factor=[1.0, 1.25, 2.5, 4.0, 8.0, 16.0],
+                                        short_factor=[1.0, 1.0, 1.5, 1.5, 2.0, 2.0], partial_rotary_factor=0.75,
+                                        attention_factor=1.25), dict(tie=True), 1e-10),
+}
+
+
+@pytest.mark.parametrize("case", list(LONGROPE))
+def test_merged_gguf_of_a_longrope_phi3_reads_back_and_runs_in_llama_cpp(tmp_path, case):
+    """Phi-3 / Phi-4-mini (partial rotary, tied) longrope as convert_hf_to_gguf.py's Phi3MiniModel writes it: the
+    rope_factors_long / rope_factors_short tensors (F32), rope.scaling.attn_factor (the config's attention_factor,
+    else the converter's formula) and rope.scaling.original_context_length; lora_np reads the file back to the
+    same RoPE (float64: exactly where factors and attention factor are exact in float32, else to float32
+    precision), llama.cpp computes the same logits past original_max_position_embeddings, and a re-export of the
+    loaded file writes the same factors and keys."""
+    import math
+    rope, fields, rtol = LONGROPE[case]
+    config_cls, model_cls = family("phi3")
+    model = tiny_model(model_cls=model_cls, config_cls=config_cls, original_max_position_embeddings=8,
+                       rope_scaling={"rope_type": "longrope", **rope}, **fields)
+    expected = logits(model)
+    path = save_merged_gguf(model, tmp_path / "m.gguf")
+    f = GGUFFile(path)
+    scale = 256 / 8  # the converter: max_position_embeddings / original_max_position_embeddings
+    attn_factor = rope.get("attention_factor", math.sqrt(1 + math.log(scale) / math.log(8)))
+    scaling_keys = {k: v for k, v in f.metadata.items() if k.startswith("phi3.rope.")}
+    assert scaling_keys == {"phi3.rope.scaling.attn_factor": np.float32(attn_factor),
+                            "phi3.rope.scaling.original_context_length": 8, "phi3.rope.freq_base": 500.0,
+                            "phi3.rope.dimension_count": 12 if "partial_rotary_factor" in rope else 16}
+    for kind in ("long", "short"):
+        name = f"rope_factors_{kind}.weight"
+        assert f.tensors[name].ggml_type == "F32"
+        assert np.array_equal(f.load(name), np.array(rope[f"{kind}_factor"], np.float32))
+    assert ("output.weight" in f.tensors) != fields.get("tie", False)
+    ours = logits(load_model(path, dtype="float64"))
+    theirs = float64_logits(model)
+    assert_rel(ours, theirs, rtol, f"lora_np reading the {case} GGUF (float64)")
+    assert_rel(llama_cpp_logits(path), expected, 1e-4, f"llama.cpp on the {case} GGUF")
+    again = GGUFFile(save_merged_gguf(load_model(path), tmp_path / "again.gguf"))
+    assert {k: v for k, v in again.metadata.items() if k.startswith("phi3.rope.")} == scaling_keys
+    for name in ("rope_factors_long.weight", "rope_factors_short.weight"):
+        assert np.array_equal(again.load(name), f.load(name))
