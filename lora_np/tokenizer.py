@@ -791,7 +791,8 @@ _HF_CHAT_OPTIONS = frozenset(("continue_final_message", "return_assistant_tokens
 # -- loaders -----------------------------------------------------------------------------
 
 def load_tokenizer(path, pre_tokenizer=None) -> Tokenizer:
-    """A `Tokenizer` from a tokenizer.json, a Hugging Face folder, or a .gguf file.
+    """A `Tokenizer` from a tokenizer.json, a Hugging Face folder, or a .gguf file; a model's config.json or
+    .safetensors file means the folder it is in (every path load_model takes names its tokenizer too).
 
     pre_tokenizer: a name in PRE_TOKENIZERS to use instead of the one the file describes
     ("gpt2" reproduces what transformers builds from a SmolLM GGUF).
@@ -802,6 +803,8 @@ def load_tokenizer(path, pre_tokenizer=None) -> Tokenizer:
     override = PRE_TOKENIZERS.get(pre_tokenizer)
     if path.endswith(".gguf"):
         return _from_gguf(path, override)
+    if os.path.isfile(path) and (path.endswith(".safetensors") or os.path.basename(path) == "config.json"):
+        path = os.path.dirname(path) or "."
     if os.path.isdir(path):
         return _from_folder(path, override)
     if os.path.isfile(path):

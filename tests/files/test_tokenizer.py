@@ -451,3 +451,16 @@ def test_unsupported_parts_are_named(trained, tmp_path):
         tok.decode([99999])
     with pytest.raises(NotImplementedError, match="chat template"):
         tok.apply_chat_template([{"role": "user", "content": "hi"}])
+
+
+def test_a_model_file_names_the_tokenizer_of_its_folder(hf, saved, tmp_path):
+    """load_model takes a folder, its config.json or a .safetensors file in it: load_tokenizer takes the same
+    paths (train's --model x.safetensors with no --tokenizer) and reads the folder's tokenizer."""
+    import shutil
+
+    folder = shutil.copytree(saved, tmp_path / "model")
+    (folder / "config.json").write_text("{}")
+    (folder / "model.safetensors").write_bytes(b"")
+    for path in (folder / "config.json", folder / "model.safetensors"):
+        tok = load_tokenizer(path)
+        assert [tok.encode(t) for t in FIXED] == [hf.encode(t) for t in FIXED], path
