@@ -11,8 +11,9 @@ medians of --reps steps after one warm-up step. Peak RSS is each worker's ru_max
 (load included). Import time is `python -c "import lora_np"` against `python -c pass`.
 --resident adds a third worker, lora_np_q4_1: the same step with the GGUF's Q4_1 blocks kept
 resident (load_model's default; the tied head's chunked loss over the blocks too).
+--grad-checkpoint runs lora_np's workers with gradient_checkpointing_enable() (PyTorch's too).
 
-    python bench/train_step.py [--reps 5] [--threads 2] [--skip-torch] [--resident]
+    python bench/train_step.py [--reps 5] [--threads 2] [--skip-torch] [--resident] [--grad-checkpoint]
 """
 import argparse
 import json
@@ -31,7 +32,7 @@ def _batch():
     return np.random.default_rng(0).integers(0, 49152, (BATCH, SEQ))
 
 
-def lora_np_worker(dequantize):
+def lora_np_worker(dequantize, grad_checkpoint):
     import lora_np
     from lora_np.optim import AdamW
 
@@ -42,7 +43,10 @@ def lora_np_worker(dequantize):
 
         keep_freed_memory()  # as `lora-np train` does
         model = lora_np.load_model(dequantize=dequantize)
+        if grad_checkpoint:
+            model.gradient_checkpointing_enable()
         peft = lora_np.get_peft_model(model, lora_np.LoraConfig(r=R, lora_alpha=ALPHA, target_modules=["q_proj", "v_proj"]))
+        peft.train()  # as `lora-np train` does (no dropout here; checkpointing recomputes in training only)
         params = [p for p in peft.parameters() if p.requires_grad]
         state.update(model=peft, opt=AdamW(params, lr=1e-4), ids=_batch())
         return {"trainable": sum(p.numel() for p in params), "backend": lora_np.backend()}
@@ -56,7 +60,7 @@ def lora_np_worker(dequantize):
     return setup, step
 
 
-def torch_worker(threads):
+def torch_worker(threads, grad_checkpoint):
     import torch
 
     torch.set_num_threads(threads)
@@ -66,7 +70,10 @@ def torch_worker(threads):
         import peft
 
         config = peft.LoraConfig(r=R, lora_alpha=ALPHA, target_modules=["q_proj", "v_proj"])
-        model = peft.get_peft_model(W.load_torch_smollm2(), config)
+        base = W.load_torch_smollm2()
+        if grad_checkpoint:
+            base.gradient_checkpointing_enable()
+        model = peft.get_peft_model(base, config)
         model.train()
         params = [p for p in model.parameters() if p.requires_grad]
         state.update(model=model, opt=torch.optim.AdamW(params, lr=1e-4), ids=torch.tensor(_batch()))
@@ -87,18 +94,20 @@ def main():
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--skip-torch", action="store_true")
     ap.add_argument("--resident", action="store_true", help="also lora_np on the Q4_1 blocks kept resident")
+    ap.add_argument("--grad-checkpoint", action="store_true", help="recompute each block's forward in backward")
     ap.add_argument("--worker")
     args = ap.parse_args()
     if args.worker:
-        W.serve(*(torch_worker(args.threads) if args.worker == "torch" else
-                  lora_np_worker(dequantize=args.worker == "lora_np")))
+        W.serve(*(torch_worker(args.threads, args.grad_checkpoint) if args.worker == "torch" else
+                  lora_np_worker(args.worker == "lora_np", args.grad_checkpoint)))
         return
     print(W.machine())
-    workers = [W.Worker(__file__, "lora_np", [], args.threads)]
+    extra = ["--grad-checkpoint"] if args.grad_checkpoint else []
+    workers = [W.Worker(__file__, "lora_np", extra, args.threads)]
     if args.resident:
-        workers.append(W.Worker(__file__, "lora_np_q4_1", [], args.threads))
+        workers.append(W.Worker(__file__, "lora_np_q4_1", extra, args.threads))
     if not args.skip_torch:
-        workers.append(W.Worker(__file__, "torch", [], args.threads))
+        workers.append(W.Worker(__file__, "torch", extra, args.threads))
     times = W.interleave(workers, args.reps)
     rss = {w.name: w.ask("rss")["peak_rss_mb"] for w in workers}
     facts = {w.name: w.facts for w in workers}
