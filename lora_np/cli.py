@@ -268,7 +268,7 @@ EXPORT_OUTTYPES = {"gguf-lora": ("f32", "f16"), "gguf": ("f16", "f32", "q8_0", "
 
 
 def cmd_export(ns):
-    from .export import save_merged_gguf
+    from .export import requantization_summary, save_merged_gguf
 
     outtypes = EXPORT_OUTTYPES[ns.format]  # the first is the default
     if ns.outtype is not None and ns.outtype not in outtypes:
@@ -291,7 +291,10 @@ def cmd_export(ns):
 
         save_mlx_adapter(model, ns.out)
     else:
-        save_merged_gguf(model, ns.out, source=path, outtype=outtype)
+        errors = {}
+        save_merged_gguf(model, ns.out, source=path, outtype=outtype, errors=errors)
+        if errors:
+            print(requantization_summary(errors))
     print(f"wrote {ns.out} ({ns.format}{', ' + outtype if outtype else ''})")
     return 0
 

@@ -31,8 +31,9 @@ from .models import GGUF_ARCHITECTURES
 from .models.base import GGUFConfigReader
 from .quant import check_float_weights
 
-__all__ = ["save_merged", "hf_config_dict", "save_merged_gguf", "OUTTYPES", "gguf_architecture",
-           "gguf_tensor_names", "gguf_row_map", "to_gguf_rows", "gguf_config_keys", "hf_tokenizer_metadata"]
+__all__ = ["save_merged", "hf_config_dict", "save_merged_gguf", "requantization_summary", "OUTTYPES",
+           "gguf_architecture", "gguf_tensor_names", "gguf_row_map", "to_gguf_rows", "gguf_config_keys",
+           "hf_tokenizer_metadata"]
 
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json")
 
@@ -318,19 +319,65 @@ def hf_tokenizer_metadata(folder, vocab_size):
     return metadata, {}
 
 
-def save_merged_gguf(model, out, source=None, outtype="f32"):
+def _base_weights(model):
+    """{id(base weight Parameter): a copy of its data} for each adapted layer of a LoraModel, before merging
+    (merging replaces the data of the same Parameter)."""
+    from .lora.layer import LoraLayer
+
+    return {id(m.base_layer.weight): np.array(m.base_layer.weight.data, dtype=np.float32)
+            for _, m in model.named_modules() if isinstance(m, LoraLayer)}
+
+
+def _requantization_error(array, ggml_type, base=None, merged=None):
+    """{"type", "error": ‖deq(Q(W')) − W'‖ / ‖W'‖, "delta_error": ‖(deq(Q(W')) − W_base) − (W' − W_base)‖
+    / ‖W' − W_base‖ (None without an adapted base)} of the array `ggml_type` writes; `base` and `merged`
+    (model order) give the adapter's update W' − W_base, whose norm a row permutation does not change."""
+    if ggml_type == "F16":  # a quantized outtype's fallback for rows that are not whole blocks
+        written = array.astype(np.float16)
+    else:
+        written = _gguf.dequantize(_gguf.quantize(array, ggml_type), ggml_type).reshape(array.shape)
+    lost = float(np.linalg.norm(written.astype(np.float64) - array))
+    norm = float(np.linalg.norm(array.astype(np.float64)))
+    delta = None if base is None else float(np.linalg.norm(merged.astype(np.float64) - base))
+    return {"type": ggml_type, "error": lost / norm if norm else 0.0, "delta_error": lost / delta if delta else None}
+
+
+def requantization_summary(errors):
+    """The error a quantized export adds, in one line, and a second on the adapter's update where tensors had
+    one: the worst and the median tensor of `errors` (the dict save_merged_gguf(errors=) fills)."""
+    def worst_and_median(key):
+        values = {name: e[key] for name, e in errors.items() if e[key] is not None}
+        worst = max(values, key=values.get)
+        return f"worst {values[worst]:.3g} ({worst}), median {float(np.median(list(values.values()))):.3g}"
+
+    lines = [f"requantization error |deq(Q(W')) - W'| / |W'| over {len(errors)} tensors: "
+             f"{worst_and_median('error')}"]
+    if any(e["delta_error"] is not None for e in errors.values()):
+        lines.append(f"of the adapter's update, |deq(Q(W')) - W'| / |W' - W_base| (1 or more: lost): "
+                     f"{worst_and_median('delta_error')}")
+    return "\n".join(lines)
+
+
+def save_merged_gguf(model, out, source=None, outtype="f32", errors=None):
     """Merge every adapter of a LoraModel (or take a plain model) and write it to the GGUF file `out` as
     llama.cpp's convert_hf_to_gguf.py writes it: llama.cpp's tensor names, the family's converter
     transform (llama's q/k row interleave) redone, the `{arch}.*` keys, tensors in `outtype` (f32, f16,
     q8_0, q4_0; norms and 1-D tensors F32). The general.* and tokenizer.* keys of a GGUF `source` (the
     base model's file: vocabulary, merges, special tokens, chat template) are carried over, a Hugging Face
     folder's tokenizer.json converted; without a tokenizer (no `source`, or a folder with no tokenizer.json)
-    the file has llama.cpp's "none" vocabulary."""
+    the file has llama.cpp's "none" vocabulary.
+    A quantized `outtype` (q8_0, q4_0) adds an error: a dict `errors` is filled with, per tensor written in a
+    type other than F32, {"type", "error": ‖deq(Q(W')) − W'‖ / ‖W'‖ of the merged weight W', "delta_error":
+    ‖deq(Q(W')) − W'‖ / ‖W' − W_base‖, how much of the adapter's update the requantization loses (≥ 1: all of
+    it; None for a tensor no adapter changed)}; requantization_summary(errors) says it in one or two lines.
+    Returns `out`."""
     if outtype not in OUTTYPES:
         raise ValueError(f"GGUF export: outtype {outtype!r} is not one of {', '.join(OUTTYPES)}")
     arch = gguf_architecture(model.config)
     metadata, types = _source_metadata(source, model.config.vocab_size)
     check_float_weights(model, "save_merged_gguf")
+    measure = errors is not None and OUTTYPES[outtype][0] not in ("F32", "F16")
+    before = _base_weights(model) if measure and hasattr(model, "merge_and_unload") else {}
     base = model.merge_and_unload() if hasattr(model, "merge_and_unload") else model
     config, cls = base.config, type(base)
     names = gguf_tensor_names(cls, config)
@@ -355,8 +402,11 @@ def save_merged_gguf(model, out, source=None, outtype="f32"):
         array = np.asarray(param.data, dtype=np.float32)
         if not np.isfinite(array).all():
             raise ValueError(f"merged tensor {p!r} is not finite (NaN or inf in the base model or the adapter)")
+        merged = array
         array = to_gguf_rows(gguf_row_map(cls, gname, array.shape, config), array)
         tensors[gname] = (array, _tensor_type(gname, array.shape, outtype))
+        if measure and tensors[gname][1] != "F32":
+            errors[gname] = _requantization_error(array, tensors[gname][1], before.pop(id(param), None), merged)
     quantized = any(t not in ("F32", "F16") for _, t in tensors.values())
     header = {"general.architecture": arch, **{k: v for k, v in metadata.items() if k.startswith("general.")},
               "general.file_type": file_type, **({"general.quantization_version": _QUANTIZATION_VERSION}

@@ -661,3 +661,52 @@ def test_merged_gguf_of_a_longrope_phi3_reads_back_and_runs_in_llama_cpp(tmp_pat
     assert {k: v for k, v in again.metadata.items() if k.startswith("phi3.rope.")} == scaling_keys
     for name in ("rope_factors_long.weight", "rope_factors_short.weight"):
         assert np.array_equal(again.load(name), f.load(name))
+
+
+# ---------------------------------------------------------------------------- the error requantizing adds
+@pytest.mark.parametrize("outtype", ["q8_0", "q4_0"])
+def test_requantized_merge_reports_the_error_gguf_py_measures(tmp_path, outtype, capsys):
+    """Merging into a Q8_0 base and requantizing: save_merged_gguf(errors=) gives per tensor the error of the
+    merged weight and of the adapter's update, equal to gguf-py's quantize / dequantize of the merged weights
+    (read from an f32 export of the same merge) against the base file's blocks; the CLI prints the summary."""
+    gguf = crosscheck("gguf")
+    from lora_np.export import requantization_summary
+
+    base = save_merged_gguf(tiny_model(), tmp_path / "base.gguf", outtype="q8_0")
+    config = LoraConfig(r=4, lora_alpha=8, target_modules=ALL_LINEAR)
+    randomize_adapter(get_peft_model(load_model(base, dequantize=True), config), scale=0.1).save_pretrained(
+        tmp_path / "adapter")
+
+    def merged():
+        return LoraModel.from_pretrained(load_model(base, dequantize=True), tmp_path / "adapter")
+
+    save_merged_gguf(merged(), tmp_path / "m_f32.gguf", outtype="f32")
+    errors = {}
+    path = save_merged_gguf(merged(), tmp_path / "m.gguf", outtype=outtype, errors=errors)
+    float_file = {t.name: t for t in gguf.GGUFReader(tmp_path / "m_f32.gguf").tensors}
+    base_file, written = ({t.name: t for t in gguf.GGUFReader(p).tensors} for p in (base, path))
+    matrices = {n for n, t in float_file.items() if len(t.shape) == 2}
+    assert set(errors) == matrices
+    adapted = {f"blk.{i}.{s}.weight" for i in range(2) for s in ("attn_q", "attn_k", "attn_v", "attn_output",
+                                                                  "ffn_gate", "ffn_up", "ffn_down")}
+    for name, reported in errors.items():
+        w = np.asarray(float_file[name].data, dtype=np.float64)  # W', as the file's rows hold it
+        qtype = gguf.GGMLQuantizationType[reported["type"]]
+        blocks = gguf.quants.quantize(w.astype(np.float32), qtype)
+        assert qtype == written[name].tensor_type == gguf.GGMLQuantizationType[outtype.upper()]
+        assert np.array_equal(np.asarray(written[name].data).view(np.uint8), blocks.view(np.uint8))
+        lost = np.linalg.norm(gguf.quants.dequantize(blocks, qtype).astype(np.float64) - w)
+        assert reported["error"] == pytest.approx(lost / np.linalg.norm(w), rel=1e-12), name
+        b = base_file[name]
+        w_base = gguf.quants.dequantize(np.asarray(b.data), b.tensor_type).astype(np.float64)  # deq(Q_base)
+        if name in adapted:
+            assert reported["delta_error"] == pytest.approx(lost / np.linalg.norm(w - w_base), rel=1e-12), name
+        else:
+            assert reported["delta_error"] is None and np.array_equal(w, w_base), name
+    assert all(errors[n]["error"] > 0 and errors[n]["delta_error"] > 0 for n in adapted)
+    assert cli_main(["export", "--model", str(base), "--adapter", str(tmp_path / "adapter"), "--format", "gguf",
+                     "--outtype", outtype, "--out", str(tmp_path / "cli.gguf")]) == 0
+    printed = capsys.readouterr().out.splitlines()
+    summary = requantization_summary(errors)
+    assert printed == [*summary.splitlines(), f"wrote {tmp_path / 'cli.gguf'} (gguf, {outtype})"]
+    assert len(printed) == 3 and all("worst" in line and "median" in line for line in printed[:2])
