@@ -70,6 +70,47 @@ def saved_transformers_model(folder, config):
     return ref
 
 
+def perturb_trainable(named_params, rng, add, scale):
+    """Move every trainable tensor off its init (B = 0, m = ‖W‖ would hide a wrong gradient): add(name, delta)."""
+    for name, p in named_params:
+        if p.requires_grad:
+            add(name, rng.standard_normal(tuple(p.shape)) * scale)
+
+
+def peft_run(torch, pm, ids):
+    """(logits, loss, {trainable name: grad}) of a PEFT model on ids, in eval mode (lora_dropout is random in
+    training); the float64 loss taken here, as transformers' own loss casts the logits to float32."""
+    pm.eval()
+    pm.zero_grad()
+    logits = pm(input_ids=torch.tensor(ids)).logits                                   # (B, T, V)
+    loss = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]),
+                                             torch.tensor(ids[:, 1:]).reshape(-1))
+    loss.backward()
+    grads = {n: p.grad.numpy().copy() for n, p in pm.named_parameters() if p.requires_grad}
+    return logits.detach().numpy(), loss.item(), grads
+
+
+def lora_np_run(lm, ids):
+    """peft_run's (logits, loss, grads) for a lora_np model."""
+    lm.eval()
+    lm.zero_grad()
+    out = lm(ids, labels=ids)
+    out.loss.backward()
+    grads = {n: p.grad for n, p in lm.named_parameters() if p.requires_grad}
+    return out.logits.data, out.loss.item(), grads
+
+
+def compare_runs(mine, theirs, tol, grad_tol=None):
+    """Logits, loss and every trainable gradient of two runs (lora_np_run, peft_run) within tol (grad_tol for
+    the gradients, tol if None); the trainable parameter names must be PEFT's."""
+    (logits, loss, grads), (t_logits, t_loss, t_grads) = mine, theirs
+    assert_close(logits, t_logits, name="logits", **tol)
+    assert_close(loss, t_loss, name="loss", **tol)
+    assert sorted(grads) == sorted(t_grads), "trainable parameter names differ from PEFT's"
+    for n in grads:
+        assert_close(grads[n], t_grads[n], name=f"grad {n}", **(grad_tol or tol))
+
+
 def assert_close(actual, expected, rtol, atol=0.0, name="value"):
     """assert_allclose that prints the worst element and the max difference."""
     actual = np.asarray(actual)

@@ -7,7 +7,7 @@ adapter folder. Runs in CI through crosscheck("torch" / "transformers" / "peft")
 import numpy as np
 import pytest
 
-from conftest import assert_close, crosscheck
+from conftest import assert_close, compare_runs, crosscheck, lora_np_run, peft_run, perturb_trainable
 from lora_np.lora import LoraConfig, LoraModel, get_peft_model
 from lora_np.models import GPT2LMHeadModel, LlamaForCausalLM, config_from_dict
 
@@ -77,40 +77,12 @@ CASES = [
 ]
 
 
-def _perturb(named_params, rng, set_data):
-    """Move every trainable tensor off its init (B = 0, m = ‖W‖ would hide bugs)."""
-    for name, p in named_params:
-        if p.requires_grad:
-            set_data(name, rng.standard_normal(tuple(p.shape)) * 0.05)
 
 
-def _run_torch(torch, pm, ids):
-    pm.eval()  # lora_dropout is random in training mode
-    pm.zero_grad()
-    logits = pm(input_ids=torch.tensor(ids)).logits                                   # (B, T, V)
-    # transformers' own loss casts the logits to float32; take the float64 loss here
-    loss = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, VOCAB), torch.tensor(ids[:, 1:]).reshape(-1))
-    loss.backward()
-    grads = {n: p.grad.numpy().copy() for n, p in pm.named_parameters() if p.requires_grad}
-    return logits.detach().numpy(), loss.item(), grads
 
 
-def _run_np(lm, ids):
-    lm.eval()
-    lm.zero_grad()
-    out = lm(ids, labels=ids)
-    out.loss.backward()
-    grads = {n: p.grad for n, p in lm.named_parameters() if p.requires_grad}
-    return out.logits.data, out.loss.item(), grads
 
 
-def _compare(mine, theirs):
-    (logits, loss, grads), (t_logits, t_loss, t_grads) = mine, theirs
-    assert_close(logits, t_logits, name="logits", **TOL)
-    assert_close(loss, t_loss, name="loss", **TOL)
-    assert sorted(grads) == sorted(t_grads), "trainable parameter names differ from PEFT's"
-    for n in grads:
-        assert_close(grads[n], t_grads[n], name=f"grad {n}", rtol=1e-9, atol=1e-11)
 
 
 def _ids(seed=1):
@@ -124,13 +96,13 @@ def test_peft_adapter_loads_in_lora_np(kind, kw, tmp_path, monkeypatch):
     pm = peft.get_peft_model(tm, peft.LoraConfig(**kw))
     params = dict(pm.named_parameters())
     with torch.no_grad():
-        _perturb(params.items(), np.random.default_rng(2),
-                 lambda n, d: params[n].add_(torch.from_numpy(d)))
+        perturb_trainable(params.items(), np.random.default_rng(2),
+                          lambda n, d: params[n].add_(torch.from_numpy(d)), 0.05)
     pm.save_pretrained(tmp_path)
-    theirs = _run_torch(torch, pm, _ids())
+    theirs = peft_run(torch, pm, _ids())
 
     lm = LoraModel.from_pretrained(m, tmp_path, is_trainable=True)
-    _compare(_run_np(lm, _ids()), theirs)
+    compare_runs(lora_np_run(lm, _ids()), theirs, TOL, dict(rtol=1e-9, atol=1e-11))
 
 
 def _perturbed_and_saved(m, kw, seed, folder):
@@ -141,7 +113,7 @@ def _perturbed_and_saved(m, kw, seed, folder):
     def add(name, d):
         params[name].data = params[name].data + d
 
-    _perturb(params.items(), np.random.default_rng(seed), add)
+    perturb_trainable(params.items(), np.random.default_rng(seed), add, 0.05)
     lm.save_pretrained(folder)
     return lm
 
@@ -151,10 +123,10 @@ def test_lora_np_adapter_loads_in_peft(kind, kw, tmp_path, monkeypatch):
     torch, tm, m = _pair(kind, monkeypatch)
     peft = crosscheck("peft")
     lm = _perturbed_and_saved(m, kw, 3, tmp_path)
-    mine = _run_np(lm, _ids())
+    mine = lora_np_run(lm, _ids())
 
     pm = peft.PeftModel.from_pretrained(tm, str(tmp_path), is_trainable=True)
-    _compare(mine, _run_torch(torch, pm, _ids()))
+    compare_runs(mine, peft_run(torch, pm, _ids()), TOL, dict(rtol=1e-9, atol=1e-11))
 
 
 def test_print_trainable_parameters_matches_peft(monkeypatch, capsys):

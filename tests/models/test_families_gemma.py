@@ -20,7 +20,8 @@ import json
 import numpy as np
 import pytest
 
-from conftest import assert_close, crosscheck, f32_tolerance
+from conftest import (assert_close, compare_runs, crosscheck, f32_tolerance, lora_np_run, peft_run,
+                      perturb_trainable)
 from lora_np.loaders import load_model
 from lora_np.lora import LoraConfig, LoraModel, get_peft_model
 from lora_np.models import config_from_dict
@@ -208,38 +209,12 @@ def test_gemma3_rope_bases_and_scaling_bite(tmp_path, monkeypatch):
 
 
 # -- LoRA against PEFT -------------------------------------------------------------------------
-def _perturb(named_params, rng, add):
-    """Move every trainable tensor off its init (B = 0 would hide a wrong gradient of A)."""
-    for name, p in named_params:
-        if p.requires_grad:
-            add(name, rng.standard_normal(tuple(p.shape)) * 0.1)
 
 
-def _run_torch(torch, pm, ids):
-    pm.eval()
-    pm.zero_grad()
-    logits = pm(input_ids=torch.tensor(ids)).logits                                  # (B, T, V)
-    loss = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, VOCAB), torch.tensor(ids[:, 1:]).reshape(-1))
-    loss.backward()
-    return logits.detach().numpy(), loss.item(), {n: p.grad.numpy().copy() for n, p in pm.named_parameters()
-                                                  if p.requires_grad}
 
 
-def _run_np(lm, ids):
-    lm.eval()
-    lm.zero_grad()
-    out = lm(ids, labels=ids)
-    out.loss.backward()
-    return out.logits.data, out.loss.item(), {n: p.grad for n, p in lm.named_parameters() if p.requires_grad}
 
 
-def _compare(mine, theirs):
-    (logits, loss, grads), (t_logits, t_loss, t_grads) = mine, theirs
-    assert_close(logits, t_logits, name="logits", **TOL)
-    assert_close(loss, t_loss, name="loss", **TOL)
-    assert sorted(grads) == sorted(t_grads), "trainable parameter names differ from PEFT's"
-    for n in grads:
-        assert_close(grads[n], t_grads[n], name=f"grad {n}", **TOL)
 
 
 LORA = {"gemma": dict(r=2, lora_alpha=4, target_modules=["k_proj", "v_proj", "o_proj", "down_proj"]),
@@ -255,11 +230,13 @@ def test_peft_adapter_loads_here_with_peft_gradients(kind, tmp_path, monkeypatch
     pm = peft.get_peft_model(ref, peft.LoraConfig(**LORA[kind]))
     params = dict(pm.named_parameters())
     with torch.no_grad():
-        _perturb(params.items(), np.random.default_rng(2), lambda n, d: params[n].add_(torch.from_numpy(d)))
+        perturb_trainable(params.items(), np.random.default_rng(2),
+                          lambda n, d: params[n].add_(torch.from_numpy(d)), 0.1)
     pm.save_pretrained(tmp_path / "adapter")
     ids = _ids()
-    theirs = _run_torch(torch, pm, ids)
-    _compare(_run_np(LoraModel.from_pretrained(model, tmp_path / "adapter", is_trainable=True), ids), theirs)
+    theirs = peft_run(torch, pm, ids)
+    compare_runs(lora_np_run(LoraModel.from_pretrained(model, tmp_path / "adapter", is_trainable=True), ids), theirs,
+                 TOL)
 
 
 @pytest.mark.parametrize("kind", KINDS)
@@ -274,14 +251,14 @@ def test_default_and_all_linear_adapters_load_in_peft_with_our_gradients(kind, t
     for i, kw in enumerate(defaults + [dict(r=2, lora_alpha=3, target_modules="all-linear")]):
         lm = get_peft_model(model, LoraConfig(**kw))
         params = dict(lm.named_parameters())
-        _perturb(params.items(), np.random.default_rng(3),
-                 lambda n, d: setattr(params[n], "data", params[n].data + d))
+        perturb_trainable(params.items(), np.random.default_rng(3),
+                          lambda n, d: setattr(params[n], "data", params[n].data + d), 0.1)
         lm.save_pretrained(tmp_path / f"adapter{i}")
-        mine = _run_np(lm, ids)
+        mine = lora_np_run(lm, ids)
         theirs = peft.get_peft_model(ref, peft.LoraConfig(**kw))
         assert sorted(n for n, p in theirs.named_parameters() if p.requires_grad) == sorted(mine[2])
         pm = peft.PeftModel.from_pretrained(theirs.unload(), str(tmp_path / f"adapter{i}"), is_trainable=True)
-        _compare(mine, _run_torch(torch, pm, ids))
+        compare_runs(mine, peft_run(torch, pm, ids), TOL)
         ref = pm.unload()
         model = lm.unload()
 
