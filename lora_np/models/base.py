@@ -211,7 +211,7 @@ class CausalLM(Module):
         recompute = self.gradient_checkpointing and self.training and cache is None and is_grad_enabled()
         for block in self._blocks():
             h = checkpoint(block, h, cos, sin, cache, attn_mask) if recompute else block(h, cos, sin, cache, attn_mask)
-        cap = getattr(self, "final_logit_softcapping", None)
+        cap = self.final_logit_softcapping
         if labels is not None and not return_logits and type(self.lm_head) in (Linear, QuantizedLinear) \
                 and self.lm_head.bias is None:  # a plain (un-adapted) head, float or in quantized blocks
             h = self._final_norm(h)
@@ -225,6 +225,7 @@ class CausalLM(Module):
         return CausalLMOutput(logits, loss)
 
     gradient_checkpointing = False  # recompute each block's forward in backward (training only)
+    final_logit_softcapping = None  # c: logits c·tanh(z/c) (Gemma 2/3 set it from their config)
 
     def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs=None):
         """Keep only each decoder block's input in training and recompute the block in backward

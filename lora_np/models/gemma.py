@@ -25,7 +25,7 @@ from ..nn import Embedding, Linear, Module, ModuleList, Parameter, _full, activa
 from ..options import Float, Int
 from ..tensor import DEFAULT_DTYPE
 from .base import BOOL, DROPOUT, EPS, LAYERS, POSITIONS, SIZE, THETA, CausalLM, Config, check_fields, refuse
-from .llama import Attention, GatedMLP
+from .llama import Attention, GatedMLP, LlamaForCausalLM
 from .rope import RopeTables, check_rope_scaling
 
 __all__ = ["GemmaConfig", "Gemma2Config", "Gemma3TextConfig", "GemmaRMSNorm", "GemmaDecoderLayer",
@@ -411,18 +411,13 @@ class GemmaModel(Module):
 class Gemma2ForCausalLM(CausalLM):
     """transformers' Gemma2ForCausalLM and Gemma3ForCausalLM (the config says which); logits soft-capped by
     final_logit_softcapping. llama.cpp's converter stores every norm weight as 1 + w: undone in from_gguf_tensor."""
-    gguf_names = {"token_embd.weight": "model.embed_tokens.weight", "output_norm.weight": "model.norm.weight",
-                  "output.weight": "lm_head.weight"}
-    gguf_block_names = {
-        "attn_norm.weight": "input_layernorm.weight",
-        "attn_q.weight": "self_attn.q_proj.weight", "attn_k.weight": "self_attn.k_proj.weight",
-        "attn_v.weight": "self_attn.v_proj.weight", "attn_output.weight": "self_attn.o_proj.weight",
+    gguf_names = LlamaForCausalLM.gguf_names
+    gguf_block_names = {  # Llama's (no biases), q/k norms, and the four norms of a block
+        **{g: name for g, name in LlamaForCausalLM.gguf_block_names.items() if not g.endswith(".bias")},
         "attn_q_norm.weight": "self_attn.q_norm.weight", "attn_k_norm.weight": "self_attn.k_norm.weight",
         "post_attention_norm.weight": "post_attention_layernorm.weight",
         "ffn_norm.weight": "pre_feedforward_layernorm.weight",
         "post_ffw_norm.weight": "post_feedforward_layernorm.weight",
-        "ffn_gate.weight": "mlp.gate_proj.weight", "ffn_up.weight": "mlp.up_proj.weight",
-        "ffn_down.weight": "mlp.down_proj.weight",
     }
 
     @classmethod
