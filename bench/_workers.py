@@ -10,9 +10,11 @@ OMP_NUM_THREADS, torch.set_num_threads).
 import json
 import os
 import resource
+import shutil
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 
 
@@ -82,8 +84,9 @@ class Worker:
         self.proc.wait()
 
 
-def interleave(workers, reps, warmup=1):
-    """{name: [step times]} with the workers' steps alternating."""
+def interleave(workers, reps, warmup=1, between=None):
+    """{name: [step times]} with the workers' steps alternating; `between` (optional, called after each timed
+    round while the workers wait) measures something else under the same machine noise."""
     for _ in range(warmup):
         for w in workers:
             w.ask("step")
@@ -91,6 +94,8 @@ def interleave(workers, reps, warmup=1):
     for _ in range(reps):
         for w in workers:
             times[w.name].append(w.ask("step")["t"])
+        if between is not None:
+            between()
     return times
 
 
@@ -114,3 +119,75 @@ def machine():
 
     return f"{platform.node()}: {os.cpu_count()} cpus, {platform.processor() or platform.machine()}, " \
            f"load average {os.getloadavg()[0]:.2f} at start"
+
+
+# Independent FMA chains held in registers: 12 accumulators of 8 floats, each a = a·x + y per iteration (a
+# converges to y / (1 - x) = 1: no overflow, no denormals); enough chains to cover the FMA latency on both
+# FMA pipes. 2 · 8 · 12 FLOP per iteration and thread; the iteration count doubles until a run takes 0.2 s.
+_FMA_PEAK_C = r"""
+#include <immintrin.h>
+#include <omp.h>
+#include <stdio.h>
+#include <stdlib.h>
+
+#define FMA4(a, b, c, d) a = _mm256_fmadd_ps(a, x, y); b = _mm256_fmadd_ps(b, x, y); \
+                         c = _mm256_fmadd_ps(c, x, y); d = _mm256_fmadd_ps(d, x, y);
+
+static double run(long n, int threads, float *sink) {
+    double t0 = omp_get_wtime();
+    float total = 0.0f;
+    #pragma omp parallel num_threads(threads) reduction(+ : total)
+    {
+        const __m256 x = _mm256_set1_ps(0.999f), y = _mm256_set1_ps(0.001f);
+        __m256 a0 = _mm256_set1_ps(0.f), a1 = _mm256_set1_ps(1.f), a2 = _mm256_set1_ps(2.f),
+               a3 = _mm256_set1_ps(3.f), a4 = _mm256_set1_ps(4.f), a5 = _mm256_set1_ps(5.f),
+               a6 = _mm256_set1_ps(6.f), a7 = _mm256_set1_ps(7.f), a8 = _mm256_set1_ps(8.f),
+               a9 = _mm256_set1_ps(9.f), a10 = _mm256_set1_ps(10.f), a11 = _mm256_set1_ps(11.f);
+        for (long i = 0; i < n; i++) {
+            FMA4(a0, a1, a2, a3) FMA4(a4, a5, a6, a7) FMA4(a8, a9, a10, a11)
+        }
+        __m256 s = _mm256_add_ps(_mm256_add_ps(_mm256_add_ps(a0, a1), _mm256_add_ps(a2, a3)),
+                                 _mm256_add_ps(_mm256_add_ps(a4, a5), _mm256_add_ps(a6, a7)));
+        s = _mm256_add_ps(s, _mm256_add_ps(_mm256_add_ps(a8, a9), _mm256_add_ps(a10, a11)));
+        float out[8];
+        _mm256_storeu_ps(out, s);
+        for (int j = 0; j < 8; j++) total += out[j];
+    }
+    *sink += total;
+    return omp_get_wtime() - t0;
+}
+
+int main(int argc, char **argv) {
+    int threads = argc > 1 ? atoi(argv[1]) : 2;
+    float sink = 0.0f;
+    long n = 1L << 16;
+    double t = run(n, threads, &sink);
+    while (t < 0.2) {
+        n *= 2;
+        t = run(n, threads, &sink);
+    }
+    printf("%.3f %ld %.6f %g\n", 2.0 * 8 * 12 * n * threads / t / 1e9, n, t, sink);
+    return 0;
+}
+"""
+
+
+class FmaPeak:
+    """The machine's float32 FMA peak, measured: the C above compiled with gcc (-O2 -mavx2 -mfma -fopenmp) in a
+    temporary folder; measure() runs it on `threads` threads and returns GFLOP/s. Bench-only."""
+
+    def __init__(self, threads):
+        self.threads, self.runs = threads, []
+        self.folder = tempfile.mkdtemp(prefix="fma_peak-")
+        source, self.binary = os.path.join(self.folder, "fma_peak.c"), os.path.join(self.folder, "fma_peak")
+        with open(source, "w") as fh:
+            fh.write(_FMA_PEAK_C)
+        subprocess.run(["gcc", "-O2", "-mavx2", "-mfma", "-fopenmp", source, "-o", self.binary], check=True)
+
+    def measure(self):
+        out = subprocess.run([self.binary, str(self.threads)], check=True, capture_output=True, text=True).stdout
+        self.runs.append(float(out.split()[0]))
+        return self.runs[-1]
+
+    def close(self):
+        shutil.rmtree(self.folder, ignore_errors=True)

@@ -13,6 +13,11 @@ medians of --reps steps after one warm-up step. Peak RSS is each worker's ru_max
 resident (load_model's default; the tied head's chunked loss over the blocks too).
 --grad-checkpoint runs lora_np's workers with gradient_checkpointing_enable() (PyTorch's too).
 
+Achieved GFLOP/s: each worker's useful FLOPs per step (step_flops, from the model's layers: matmuls only) over
+its median step time, against the machine's float32 FMA peak on --threads threads, measured in the same run by
+a C micro-benchmark (bench/_workers.py FmaPeak: independent FMA chains in registers, gcc -O2 -mavx2 -mfma
+-fopenmp) run once after each timed round while the workers wait; the peak is the median of those runs.
+
     python bench/train_step.py [--reps 5] [--threads 2] [--skip-torch] [--resident] [--grad-checkpoint]
 """
 import argparse
@@ -26,10 +31,55 @@ import _workers as W  # noqa: E402
 BATCH, SEQ, R, ALPHA = 4, 256, 8, 16
 
 
+def _config():
+    """The config of the default model (SmolLM2-135M), from its GGUF metadata."""
+    from lora_np.gguf import GGUFFile
+    from lora_np.loaders import default_model_path, gguf_config
+
+    f = GGUFFile(default_model_path())
+    return gguf_config(f.metadata, f.tensors, f.path, f.load)
+
+
 def _batch():
     import numpy as np
 
     return np.random.default_rng(0).integers(0, 49152, (BATCH, SEQ))
+
+
+def step_flops(config, batch, seq, r, targets, grad_checkpoint):
+    """{term: FLOPs} of one training step of the causal LM of `config` on batch × seq tokens with LoRA rank r on
+    the Linears named in `targets`; N = batch·seq, and for each Linear (in → out) of the model's layers (q, k, v,
+    o, gate, up, down of every block, and the LM head; read from the model built with placeholder weights):
+      forward      2·N·in·out per Linear, plus attention 4·B·T²·d / 2 per block (QKᵀ and PV, 2·B·T²·d each,
+                   halved: causal), d = heads · head_dim
+      backward     dx of every frozen Linear: the forward again, 2·N·in·out (a frozen weight gets no gradient);
+                   attention: twice its forward (dP and dV from dO, dQ and dK from dS)
+      LoRA         per adapted Linear: forward 2·N·r·(in + out) (x Aᵀ, then (x Aᵀ) Bᵀ); backward twice that
+                   (dB and d(x Aᵀ) from dy, then dA and dx from d(x Aᵀ))
+      recompute    with gradient checkpointing, every block's forward once more in backward (not the LM head's)
+    Not counted: norms, RoPE, softmax, activations, the loss's exp, the embedding lookup, the optimizer."""
+    from lora_np.models import model_class
+    from lora_np.nn import Linear, skip_init
+
+    with skip_init():  # placeholders that take no memory: only the layers' shapes are read
+        model = model_class(config)(config)
+    n = batch * seq
+    block = {"linear": 0, "lora": 0, "attention": 0}
+    head = 0
+    for name, m in model.named_modules():
+        if type(m) is Linear:
+            if name == "lm_head":
+                head += 2 * n * m.in_features * m.out_features
+                continue
+            block["linear"] += 2 * n * m.in_features * m.out_features
+            if name.rpartition(".")[2] in targets:
+                block["lora"] += 2 * n * r * (m.in_features + m.out_features)
+        elif hasattr(m, "num_heads") and hasattr(m, "head_dim"):  # an attention layer
+            block["attention"] += 4 * batch * seq * seq * m.num_heads * m.head_dim // 2
+    forward = block["linear"] + block["lora"] + block["attention"] + head
+    return {"forward": forward,
+            "backward": block["linear"] + head + 2 * block["lora"] + 2 * block["attention"],
+            "recompute": block["linear"] + block["lora"] + block["attention"] if grad_checkpoint else 0}
 
 
 def lora_np_worker(dequantize, grad_checkpoint):
@@ -108,7 +158,10 @@ def main():
         workers.append(W.Worker(__file__, "lora_np_q4_1", extra, args.threads))
     if not args.skip_torch:
         workers.append(W.Worker(__file__, "torch", extra, args.threads))
-    times = W.interleave(workers, args.reps)
+    peak = W.FmaPeak(args.threads)
+    times = W.interleave(workers, args.reps, between=peak.measure)
+    peak.close()
+    peak_gflops = W.median(peak.runs)
     rss = {w.name: w.ask("rss")["peak_rss_mb"] for w in workers}
     facts = {w.name: w.facts for w in workers}
     for w in workers:
@@ -117,16 +170,24 @@ def main():
     if not args.skip_torch:
         imports["torch"] = W.import_time("import torch, transformers, peft", reps=3)
     tokens = BATCH * SEQ
+    flops = step_flops(_config(), BATCH, SEQ, R, ("q_proj", "v_proj"), args.grad_checkpoint)
     rows = {}
     for name in times:
         med = W.median(times[name])
         rows[name] = {"step_s": med, "tokens_per_s": tokens / med, "peak_rss_mb": rss[name],
-                      "import_s": imports[name.partition("_q4")[0]],
+                      "import_s": imports[name.partition("_q4")[0]], "gflops": sum(flops.values()) / med / 1e9,
                       "steps": times[name], **facts[name]}
-    print(json.dumps(rows, indent=1))
-    print(f"\n| | step (median of {args.reps}) | tokens/s | peak RSS | import |\n|---|---|---|---|---|")
+    print(json.dumps({"step_flops": flops, "fma_peak_gflops": peak.runs, **rows}, indent=1))
+    print(f"\n| | step (median of {args.reps}) | tokens/s | GFLOP/s | peak RSS | import |\n|---|---|---|---|---|---|")
     for name, r in rows.items():
-        print(f"| {name} | {r['step_s']:.2f} s | {r['tokens_per_s']:.0f} | {r['peak_rss_mb']:.0f} MB | {r['import_s']:.2f} s |")
+        print(f"| {name} | {r['step_s']:.2f} s | {r['tokens_per_s']:.0f} | {r['gflops']:.1f} | "
+              f"{r['peak_rss_mb']:.0f} MB | {r['import_s']:.2f} s |")
+    terms = ", ".join(f"{k} {v / 1e9:.0f}" for k, v in flops.items())
+    print(f"\nstep: {sum(flops.values()) / 1e9:.0f} GFLOP ({terms}); FMA peak on {args.threads} threads "
+          f"{peak_gflops:.1f} GFLOP/s (median of {len(peak.runs)} runs between the rounds)")
+    for name, r in rows.items():
+        print(f"{name}: step achieves {r['gflops']:.1f} GFLOP/s = {100 * r['gflops'] / peak_gflops:.1f}% of the "
+              "measured FMA peak")
     if "lora_np_q4_1" in rows:
         a, b = rows["lora_np_q4_1"], rows["lora_np"]
         print(f"\nQ4_1 resident / float32: speed {a['tokens_per_s'] / b['tokens_per_s']:.2f}x; "
