@@ -1,7 +1,8 @@
 """Benchmark of the GEMMs over GGUF blocks (csrc/quant_kernels.c) and of generation with a resident base.
 
     python bench/quant_gemm.py                    # GEMMs: SmolLM2's layer shapes x M = 1, 8, 1024 x types
-    python bench/quant_gemm.py --generate         # and generation tokens/s: Q4_1 resident vs float32 (vs llama.cpp)
+    python bench/quant_gemm.py --generate         # and prefill + generation tokens/s: Q4_1 resident vs float32
+                                                  # (vs llama.cpp)
     python bench/quant_gemm.py --types Q4_1 Q8_0  # only these types
 
 GEMMs, per shape (N out x K in features of SmolLM2-135M's layers) and M rows of x, medians over
@@ -10,10 +11,14 @@ interleaved rounds (every implementation timed in turn, each round starting one 
   f32 fwd      x @ Wᵀ with W already float32 (NumPy's OpenBLAS): what a dequantized model does
   deq+fwd      dequantize W (lora_np's C dequantization), then x @ Wᵀ: the naive resident path
   quant bwd    dx = dy W in blocks, against f32 bwd (dy @ W)
-Generation: greedy, 128 new tokens after a short prompt, SmolLM2-135M-Instruct Q4_1 (lora_np's default
-model file) with its blocks resident against the same file dequantized to float32 at load, and against
-llama-cpp-python on the same file when it is installed; the resident weights' bytes are printed.
-Threads: --threads (default 2) for the C core, OpenBLAS and llama.cpp.
+Generation, SmolLM2-135M-Instruct Q4_1 (lora_np's default model file) with its blocks resident against the
+same file dequantized to float32 at load, and against llama-cpp-python on the same file when it is installed
+(the resident weights' bytes are printed), each timed in turn round after round (interleaved), medians:
+  prefill      a --prefill-tokens (256) prompt of random token ids processed once: lora_np one forward that
+               fills a new KV cache and keeps the last position's logits (as generate() runs the prompt);
+               llama.cpp Llama.eval(tokens) with n_batch 512 (one batch) after reset(), which drops the cache
+  decode       greedy generation of --new-tokens (128) after a short prompt (generate(); llama.cpp generate())
+Threads: --threads (default 2) for the C core, OpenBLAS and llama.cpp (n_threads and n_threads_batch).
 """
 import os
 
@@ -69,8 +74,10 @@ def gemm_table(types, rounds):
                       f"{m['f32 fwd'] / m['quant fwd']:10.2f}x {m['f32 bwd'] / m['quant bwd']:10.2f}x", flush=True)
 
 
-def generation(threads, new_tokens, rounds):
+def generation(threads, new_tokens, prefill_tokens, rounds):
+    from lora_np import no_grad
     from lora_np.loaders import default_model_path, load_model
+    from lora_np.nn import KVCache
     from lora_np.quant import QuantizedEmbedding, QuantizedLinear
 
     path = default_model_path()
@@ -81,16 +88,28 @@ def generation(threads, new_tokens, rounds):
                   if isinstance(m, (QuantizedLinear, QuantizedEmbedding))}  # the tied head shares the embedding's
         n_bytes = sum(blocks.values()) + sum(p.data.nbytes for p in model.parameters())
         print(f"{name:>14}: weights {n_bytes / 1e6:.1f} MB")
-    fns = {name: (lambda m=model: m.generate(prompt, max_new_tokens=new_tokens)) for name, model in models.items()}
-    outputs = {name: fn() for name, fn in fns.items()}
+    long_prompt = np.random.default_rng(0).integers(0, models["float32"].config.vocab_size, (1, prefill_tokens))
+
+    @no_grad()
+    def prefill(model):  # what generate() runs first: the whole prompt into a new cache, the last logits kept
+        return model(long_prompt, cache=KVCache(), logits_to_keep=1).logits.data[:, -1]   # (1, V)
+
+    prefills = {name: (lambda m=model: prefill(m)) for name, model in models.items()}
+    decodes = {name: (lambda m=model: m.generate(prompt, max_new_tokens=new_tokens)) for name, model in models.items()}
+    outputs = {name: fn() for name, fn in decodes.items()}
     same = np.array_equal(*outputs.values())
     try:
         import llama_cpp
     except ImportError:
         llama_cpp = None
     if llama_cpp is not None:
-        llm = llama_cpp.Llama(path, n_threads=threads, n_ctx=256, verbose=False)
-        tokens = prompt[0].tolist()
+        llm = llama_cpp.Llama(path, n_threads=threads, n_threads_batch=threads, n_ctx=512, n_batch=512,
+                              verbose=False)
+        tokens, long_tokens = prompt[0].tolist(), long_prompt[0].tolist()
+
+        def llama_prefill():
+            llm.reset()  # n_tokens = 0: eval drops the cache from there
+            llm.eval(long_tokens)
 
         def llama_generate():
             out = []
@@ -99,12 +118,15 @@ def generation(threads, new_tokens, rounds):
                 if len(out) == new_tokens:
                     return out
 
-        fns["llama.cpp"] = llama_generate
-    m = median_times(fns, rounds)
-    print(f"greedy generation, {new_tokens} new tokens, {threads} threads (median of {rounds}); "
-          f"resident and float32 outputs {'equal' if same else 'DIFFER'}")
-    for name, t in m.items():
-        print(f"{name:>14}: {new_tokens / t:7.1f} tokens/s")
+        prefills["llama.cpp"], decodes["llama.cpp"] = llama_prefill, llama_generate
+    for what, fns, n in (("prefill", prefills, prefill_tokens), ("decode", decodes, new_tokens)):
+        m = median_times(fns, rounds)
+        print(f"{what}: " + (f"a {n}-token prompt (random ids), one forward" if what == "prefill" else
+                             f"greedy generation, {n} new tokens; resident and float32 outputs "
+                             f"{'equal' if same else 'DIFFER'}") + f"; {threads} threads, median of {rounds}")
+        for name, t in m.items():
+            vs = f"   {m['llama.cpp'] / t:.2f}x llama.cpp's" if "llama.cpp" in m and name != "llama.cpp" else ""
+            print(f"{name:>14}: {n / t:7.1f} tokens/s{vs}")
 
 
 def main():
@@ -114,12 +136,13 @@ def main():
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--generate", action="store_true", help="also time generation (loads SmolLM2)")
     ap.add_argument("--new-tokens", type=int, default=128)
+    ap.add_argument("--prefill-tokens", type=int, default=256)
     args = ap.parse_args()
     kernels.set_threads(args.threads)
     print(f"backend {kernels.backend()}, {kernels.get_num_threads()} threads")
     gemm_table(args.types, args.rounds)
     if args.generate:
-        generation(args.threads, args.new_tokens, max(3, args.rounds // 7))
+        generation(args.threads, args.new_tokens, args.prefill_tokens, max(3, args.rounds // 7))
 
 
 if __name__ == "__main__":
