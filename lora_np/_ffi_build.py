@@ -1,8 +1,8 @@
 """cffi build script (API mode) for the C core in csrc/: `cffi_modules` in setup.py points at make_ffibuilder.
 
-Compiles csrc/lora_kernels.c, csrc/step_kernels.c and csrc/quant_kernels.c into the extension module
-`lora_np._lora_np_c` with -O3 and, when the compiler accepts it, OpenMP. No -ffast-math: the kernels are compared with the
-NumPy reference element by element. Run this file directly to build the module in place.
+Compiles csrc/lora_kernels.c, csrc/step_kernels.c, csrc/quant_kernels.c and csrc/gemm_kernels.c into the
+extension module `lora_np._lora_np_c` with -O3 and, when the compiler accepts it, OpenMP. No -ffast-math: the
+kernels are compared with the NumPy reference element by element. Run this file directly to build the module in place.
 Importing it does no work: lora_np/_cuda.py takes cdef_from_header from here for the CUDA header.
 """
 import os
@@ -13,11 +13,12 @@ import tempfile
 from cffi import FFI
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-HEADERS = [os.path.join("csrc", f) for f in ("lora_np.h", "quant.h")]
-SOURCES = [os.path.join("csrc", f) for f in ("lora_kernels.c", "step_kernels.c", "quant_kernels.c")]
+HEADERS = [os.path.join("csrc", f) for f in ("lora_np.h", "quant.h", "gemm.h")]
+SOURCES = [os.path.join("csrc", f) for f in ("lora_kernels.c", "step_kernels.c", "quant_kernels.c", "gemm_kernels.c")]
 DEPENDS = HEADERS + [os.path.join("csrc", f) for f in (
     "lora_internal.h", "instantiate.h", "instantiate_types.h", "lora_kernels_impl.h", "lora_kernels_simd.h", "step_kernels_impl.h", "step_kernels_simd.h",
-    "simd_vec.h", "simd_vec_end.h", "quant_kernels_impl.h", "quant_kernels_simd.h")]
+    "simd_vec.h", "simd_vec_end.h", "quant_kernels_impl.h", "quant_kernels_simd.h", "gemm_kernels_impl.h",
+    "gemm_kernels_simd.h")]
 
 
 def cdef_from_header(path):
@@ -41,13 +42,13 @@ def openmp_flags():
 
 
 def make_ffibuilder():
-    """The FFI of lora_np._lora_np_c, its cdef read from csrc/lora_np.h and csrc/quant.h."""
+    """The FFI of lora_np._lora_np_c, its cdef read from csrc/lora_np.h, csrc/quant.h and csrc/gemm.h."""
     omp = openmp_flags()
     builder = FFI()
     builder.cdef("\n".join(cdef_from_header(os.path.join(ROOT, h)) for h in HEADERS))
     builder.set_source(
         "lora_np._lora_np_c",
-        '#include "lora_np.h"\n#include "quant.h"',
+        '#include "lora_np.h"\n#include "quant.h"\n#include "gemm.h"',
         sources=SOURCES,
         depends=DEPENDS,
         include_dirs=["csrc"],

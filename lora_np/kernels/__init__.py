@@ -6,6 +6,7 @@
     rows.py         the SwiGLU gate (silu_mul_*) and the row softmaxes (softmax_rows, exp_rows)
     norm_rotary.py  RMSNorm (rms_norm_*) and rotary position embedding (rotary)
     attention.py    scaled dot-product attention (attention_*)
+    gemm.py         the C core's float GEMM, and a LoRA Linear with its low-rank branch fused into it
 
 Each op picks its backend itself (lora_np.backend(), or cuda.DeviceArray arguments for the LoRA
 ops): the autograd ops of lora_np.functional call it and never branch on the backend. On the
