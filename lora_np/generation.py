@@ -37,7 +37,9 @@ def sample_next(logits, rng, temperature=0.0, top_k=None, top_p=None):
     temperature = TEMPERATURE.check("temperature", temperature)
     top_k = TOP_K.check("top_k", top_k)
     top_p = TOP_P.check("top_p", top_p)
-    logits = np.asarray(logits, dtype=np.float64)
+    logits = np.asarray(logits)
+    if logits.dtype.kind != "f":
+        logits = logits.astype(np.float64)
     if logits.ndim != 2 or logits.shape[-1] == 0:
         raise ValueError(f"sample_next: logits must be (B, V) with V >= 1, got shape {logits.shape}")
     top = logits.max(-1, keepdims=True)                                   # (B, 1)
@@ -45,7 +47,8 @@ def sample_next(logits, rng, temperature=0.0, top_k=None, top_p=None):
         raise ValueError("sample_next: the logits contain NaN or +inf, or a row has no finite value "
                          "(are the model's weights finite?)")
     if not temperature:
-        return logits.argmax(-1)
+        return logits.argmax(-1)  # the float64 copy below would pick the same (exact conversion, same ties)
+    logits, top = logits.astype(np.float64), top.astype(np.float64)
     with np.errstate(over="ignore"):
         logits = (logits - top) / temperature  # <= 0 with the top at 0: no inf - inf for tiny temperatures
     if top_k:

@@ -92,22 +92,23 @@ class Function:
     """
 
     def __init__(self, *parents):
-        grad = _grad_enabled[0]
-        self.needs_input_grad = tuple(grad and isinstance(p, Tensor) and p._requires_grad for p in parents)
-        self.next_nodes = tuple((p._ctx if p._ctx is not None else p) if need else None
-                                for p, need in zip(parents, self.needs_input_grad))
-        self.input_shapes = tuple(p.data.shape if need else None for p, need in zip(parents, self.needs_input_grad))
+        needs = tuple(isinstance(p, Tensor) and p._requires_grad for p in parents) if _grad_enabled[0] \
+            else (False,) * len(parents)
+        self.needs_input_grad = needs
+        if True in needs:  # else no gradient flows through this op: it is not part of any graph
+            self.next_nodes = tuple((p._ctx if p._ctx is not None else p) if need else None
+                                    for p, need in zip(parents, needs))
+            self.input_shapes = tuple(p.data.shape if need else None for p, need in zip(parents, needs))
 
     @classmethod
     def apply(cls, *args, **kwargs):
         ctx = cls(*args)
-        arrays = [a.data if isinstance(a, Tensor) else a for a in args]
-        out = ctx.forward(*arrays, **kwargs)
-        if any(ctx.needs_input_grad):
+        out = ctx.forward(*[a.data if isinstance(a, Tensor) else a for a in args], **kwargs)
+        if True in ctx.needs_input_grad:
             result = Tensor(out, requires_grad=True)
             result._ctx = ctx
             return result
-        return Tensor(out)
+        return Tensor._of(out) if type(out) is np.ndarray else Tensor(out)
 
     def forward(self, *arrays, **kwargs):  # pragma: no cover - abstract
         raise NotImplementedError
@@ -150,6 +151,14 @@ class Tensor:
         self._ctx = None
         self._requires_grad = False
         self.requires_grad = requires_grad
+
+    @classmethod
+    def _of(cls, array):
+        """A Tensor of `array` (an ndarray, taken as it is) without a gradient: what an op's output is
+        when it records no graph, made without __init__'s conversions."""
+        t = cls.__new__(cls)
+        t.data, t.grad, t._ctx, t._requires_grad = array, None, None, False
+        return t
 
     # -- autograd state -------------------------------------------------------------
     @property

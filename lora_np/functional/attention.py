@@ -31,7 +31,7 @@ class Rotary(Function):
         rd = cos.shape[-1] if cos.ndim else 0
         rotated = x.shape[:-1] + (rd,)
         if (rd % 2 or rd > x.shape[-1] or cos.shape != sin.shape
-                or np.broadcast_shapes(rotated, cos.shape) != rotated):
+                or (cos.shape != rotated[-cos.ndim:] and np.broadcast_shapes(rotated, cos.shape) != rotated)):
             raise ValueError(f"rotary_embedding: cos/sin shapes {cos.shape}, {sin.shape} must be equal, with an even "
                              f"last dim rd <= D, and broadcastable to x[..., :rd] for x of shape {x.shape}")
         self.cos, self.sin = cos, sin

@@ -10,7 +10,7 @@ import math
 import numpy as np
 
 from ..kernels.rows import sigmoid as _sigmoid  # 1 / (1 + exp(-x)) in one new array
-from ..tensor import Function, Tensor, _check_float_dtypes, _to_array
+from ..tensor import _FLOAT_DTYPES, Function, Tensor, _check_float_dtypes, _to_array
 
 
 # -- helpers ---------------------------------------------------------------------------
@@ -29,6 +29,10 @@ def _unbroadcast(grad, shape):
 
 def _tensors(op, *xs):
     """Wrap scalars/arrays as Tensors of the common float dtype; raise on mixed floats."""
+    first = xs[0].data.dtype if isinstance(xs[0], Tensor) else None
+    if first is not None and first in _FLOAT_DTYPES and \
+            all(isinstance(x, Tensor) and x.data.dtype == first for x in xs[1:]):
+        return list(xs)  # the common call: Tensors of one float dtype, nothing to convert or check
     arrays = [x.data if isinstance(x, Tensor) else None for x in xs]
     dtype = _check_float_dtypes(op, [a for a in arrays if a is not None])
     for x in xs:
@@ -59,6 +63,8 @@ def _axes(dim, ndim):
 
 
 def _broadcast_shapes(op, *shapes):
+    if len(shapes) == 2 and shapes[0] == shapes[1]:  # the common case, without NumPy's call
+        return tuple(shapes[0])
     try:
         return np.broadcast_shapes(*shapes)
     except ValueError:
@@ -413,13 +419,14 @@ class Reshape(Function):
 
 class Permute(Function):
     def forward(self, x, dims):
-        if sorted(d % x.ndim for d in dims) != list(range(x.ndim)):
+        axes = [d % x.ndim for d in dims]
+        if sorted(axes) != list(range(x.ndim)):
             raise ValueError(f"permute: dims {tuple(dims)} are not a permutation for shape {x.shape}")
-        self.inv = tuple(np.argsort([d % x.ndim for d in dims]))
-        return np.transpose(x, dims)
+        self.inv = tuple(axes.index(i) for i in range(x.ndim))
+        return x.transpose(dims)
 
     def backward(self, g):
-        return np.transpose(g, self.inv)
+        return g.transpose(self.inv)
 
 
 def reshape(input, shape):

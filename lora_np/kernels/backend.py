@@ -124,13 +124,25 @@ def _pointer(a, ctype):
     return ffi.cast(ctype[:-2] + "*", a.__array_interface__["data"][0])
 
 
+_PLAIN = (int, float)  # the sizes and scalars among call_c's arguments, passed as they are
+_ARRAY_TYPES = {}  # type -> whether its instances are arrays (asked once per type: hasattr on an ndarray
+                  # builds its __array_interface__ dict each time, on an int it raises an AttributeError)
+
+
+def _is_array(a):
+    kind = _ARRAY_TYPES.get(type(a))
+    if kind is None:
+        kind = _ARRAY_TYPES[type(a)] = hasattr(type(a), "__array_interface__")
+    return kind
+
+
 def call_c(op, *args, ref=False):
     """Call lib.<op>[_ref]_{f32,f64} (the dtype of the first array) with arrays passed as pointers
     (None -> NULL) and the other arguments as they are; arguments are the caller's to check."""
-    dtype = next(a.dtype for a in args if hasattr(a, "__array_interface__"))
+    dtype = next(a.dtype for a in args if _is_array(a))
     fn = c_function(op, dtype, ref)
     ctype = "float[]" if dtype.itemsize == 4 else "double[]"
-    c_args = [ffi.NULL if a is None else _pointer(a, ctype) if hasattr(a, "__array_interface__") else a
+    c_args = [a if type(a) in _PLAIN else ffi.NULL if a is None else _pointer(a, ctype) if _is_array(a) else a
               for a in args]
     c_status(op, fn(*c_args))
 

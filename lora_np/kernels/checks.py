@@ -32,6 +32,18 @@ def check_arrays(op, outputs, inputs, shapes=None, device=False):
 
     outputs / inputs: {name: array or None}; device: cuda.DeviceArrays are accepted, all or
     none. Returns (dtype, whether the arrays are on the device)."""
+    if not outputs:  # the common call: inputs only, checked in one pass; any doubt goes to the full checks
+        dtype = None
+        for name, a in inputs.items():
+            if a is None:
+                continue
+            if type(a) is not np.ndarray or a.dtype not in FLOAT_DTYPES or (dtype is not None and a.dtype != dtype) \
+                    or not a.flags.c_contiguous or (shapes is not None and (a.ndim != 2 or a.shape != shapes[name])):
+                break
+            dtype = a.dtype
+        else:
+            if dtype is not None:
+                return dtype, False
     given = {name: a for name, a in {**outputs, **inputs}.items() if a is not None}
     on_device = [isinstance(a, cuda.DeviceArray) for a in given.values()]
     if any(on_device) and not all(on_device):
