@@ -456,7 +456,8 @@ def add_weight_args(p):
     """--quantize and --dequantize: how the base's weights are held (lora_np.load_model's quantize, dequantize)."""
     p.add_argument("--quantize", choices=QUANTIZE_TYPES,
                    help="quantize a float checkpoint's Linear and Embedding weights at load (GGUF blocks, "
-                        "frozen; LoRA trains on top)")
+                        "frozen; LoRA trains on top); bf16 / f16 keep them as 2-byte floats (bf16 is lossless "
+                        "for a bf16 checkpoint)")
     p.add_argument("--dequantize", action="store_true",
                    help="load a GGUF base's quantized weights as float --dtype (the exact reference) instead of "
                         "keeping them in the file's blocks (merge and export always do)")

@@ -60,7 +60,9 @@ def load_model(path=None, dtype="float32", quantize=None, dequantize=False):
     GEMMs over the blocks; frozen, LoRA trains on top); `dequantize=True` loads every weight as
     `dtype` (the exact reference mode, and what merging and merged exports need). `quantize` ("q8_0",
     "q4_0" or "q4_k") quantizes a float checkpoint's Linear and Embedding weights at load
-    (lora_np.quant.quantize_model)."""
+    (lora_np.quant.quantize_model); "bf16" or "f16" keeps them as 2-byte floats (for a checkpoint whose
+    safetensors are bf16, as Llama 3.2's, Qwen3's and Gemma's, "bf16" computes what the float32 model
+    does, up to the order of float32 summation, in half its memory)."""
     dtype = np.dtype(dtype)
     if dtype not in (np.float32, np.float64):
         raise ValueError(f"load_model: dtype must be float32 or float64, got {dtype}")

@@ -8,12 +8,14 @@ over the blocks, or the NumPy reference); the weight gets no gradient and is nev
 QuantizedEmbedding dequantizes the rows it looks up. A tied LM head shares the embedding's blocks.
 Both answer `.weight` with a QuantizedWeight (shape, dtype; `.data` dequantizes, for inspection).
 
-The quantizers (quantize, from lora_np.kernels.quantize) equal llama.cpp's reference ones bit for bit.
+The quantizers (quantize, from lora_np.kernels.quantize) equal llama.cpp's reference ones bit for bit;
+"bf16" and "f16" keep 2-byte floats: a bf16 checkpoint so kept computes what its float32 model computes, up
+to the order of float32 summation.
 """
 import numpy as np
 
 from .kernels.quant import QUANT_TYPES, check_blocks, dequantize_rows, quant_linear_backward, quant_linear_forward
-from .kernels.quantize import QUANTIZE_TYPES, quantize
+from .kernels.quantize import BLOCK_SIZES, QUANTIZE_TYPES, quantize
 from .nn import Conv1D, Embedding, Linear, Module, Parameter
 from .tensor import Function, Tensor
 
@@ -133,6 +135,7 @@ def quantize_model(model, ggml_type):
     """Replace every Linear, GPT-2 Conv1D and Embedding of a float model by its quantized form, in place,
     and return the model. A tied LM head shares its embedding's blocks. A weight whose rows are not
     whole blocks of ggml_type takes llama.cpp's fallback (q4_k -> q5_0) or, without one, stays float.
+    "bf16" / "f16" keep every weight as 2-byte floats (lossless for weights that are bf16 / f16 values).
     LoRA adapters go on afterwards (a model that has them is refused)."""
     t = ggml_type.upper()
     if ggml_type.lower() not in QUANTIZE_TYPES:
@@ -145,8 +148,8 @@ def quantize_model(model, ggml_type):
     for module in model.modules():
         if type(module) in (Linear, Conv1D, Embedding) and id(module.weight) not in blocks_of:
             w = module.weight.data.T if type(module) is Conv1D else module.weight.data                # [out, in]
-            chosen = t if w.shape[1] % (256 if t == "Q4_K" else 32) == 0 else _FALLBACK.get(t)
-            if chosen is not None and w.shape[1] % 32 == 0:
+            chosen = t if w.shape[1] % BLOCK_SIZES[t] == 0 else _FALLBACK.get(t)
+            if chosen is not None and w.shape[1] % BLOCK_SIZES[chosen] == 0:
                 blocks_of[id(module.weight)] = (quantize(w, chosen), chosen)
     return use_blocks(model, blocks_of)
 

@@ -3,23 +3,28 @@ uint8 [rows, row bytes].
 
 - q8_0, q4_0, q5_0: as gguf-py's ``gguf.quants.quantize`` (itself ggml's quantize_row_*_ref);
 - q4_k: as ggml's ``quantize_row_q4_K_ref`` (gguf-py has none); q5_0 is what llama.cpp falls back to
-  for a q4_k tensor whose rows are not whole 256-element superblocks.
+  for a q4_k tensor whose rows are not whole 256-element superblocks;
+- bf16, f16: the float32 values rounded to nearest even (bf16 as ggml_compute_fp32_to_bf16, NaN made
+  quiet; f16 as NumPy's and gguf-py's float16 cast), two bytes each: lossless for a checkpoint whose
+  weights are bf16 (Llama 3.2, Qwen3, Gemma ship so) or f16.
 
 A leaf module (NumPy only): lora_np.gguf's writer and lora_np.quant both use it.
 """
 import numpy as np
 
-QUANTIZE_TYPES = ("q8_0", "q4_0", "q4_k")  # what quantize_model / load_model(quantize=) offer
+QUANTIZE_TYPES = ("q8_0", "q4_0", "q4_k", "bf16", "f16")  # what quantize_model / load_model(quantize=) offer
+BLOCK_SIZES = {"Q8_0": 32, "Q4_0": 32, "Q5_0": 32, "Q4_K": 256, "BF16": 1, "F16": 1}  # elements per block
 
 
 def quantize(weight, ggml_type):
     """blocks uint8 [rows, row bytes] of a float matrix [rows, cols] in ggml_type ("q8_0", "q4_0",
-    "q4_k", "q5_0"; any case), bit for bit as llama.cpp's reference quantizers. cols must be whole blocks."""
+    "q4_k", "q5_0", "bf16", "f16"; any case), bit for bit as llama.cpp's reference quantizers. cols must
+    be whole blocks."""
     t = ggml_type.upper()
     if t not in _QUANTIZERS:
         raise ValueError(f"quantize: type {ggml_type!r} is not supported; supported: {', '.join(QUANTIZE_TYPES)}")
     w = np.asarray(weight)
-    block = 256 if t == "Q4_K" else 32
+    block = BLOCK_SIZES[t]
     if w.ndim != 2 or w.shape[1] % block:
         raise ValueError(f"quantize: {t} needs a 2-D weight whose rows are whole blocks of {block}, "
                          f"got shape {w.shape}")
@@ -31,6 +36,13 @@ def quantize(weight, ggml_type):
 def _f16_bytes(d):
     """(n,) float32 -> (n, 2) uint8: IEEE half, round to nearest even (GGML_FP32_TO_FP16)."""
     return d.astype(np.float16).reshape(-1, 1).view(np.uint8)
+
+
+def _quantize_bf16(x):  # ggml_compute_fp32_to_bf16: a NaN keeps its top bits and is made quiet; round half to even
+    n = x.view(np.uint32)                                                               # (n, 1)
+    n = np.where((n & 0x7FFFFFFF) > 0x7F800000, (n & 0xFFFF0000) | 0x00400000, n)
+    n = (n.astype(np.uint64) + (0x7FFF + ((n >> 16) & 1))) >> 16
+    return n.astype(np.uint16).view(np.uint8)                                           # (n, 2)
 
 
 def _signed_absmax(x):
@@ -144,4 +156,5 @@ def _quantize_q4_k(x):  # ggml's quantize_row_q4_K_ref: 8 sub-blocks of 32, 6-bi
     return np.concatenate([d.reshape(-1, 1).view(np.uint8), dmin.reshape(-1, 1).view(np.uint8), packed, qs], axis=1)
 
 
-_QUANTIZERS = {"Q8_0": _quantize_q8_0, "Q4_0": _quantize_q4_0, "Q5_0": _quantize_q5_0, "Q4_K": _quantize_q4_k}
+_QUANTIZERS = {"Q8_0": _quantize_q8_0, "Q4_0": _quantize_q4_0, "Q5_0": _quantize_q5_0, "Q4_K": _quantize_q4_k,
+               "BF16": _quantize_bf16, "F16": _f16_bytes}
