@@ -29,6 +29,7 @@
 #define MR 6               /* rows of the micro-kernel's tile (columns: NR = 2 vectors) */
 #define KC 288             /* at most this many k per panel: a sliver of the weight, KC x NR, stays in L1 */
 #define MC 384             /* at most this many rows per block: a block of the activations stays in L2 */
+#define PACK_BYTES (8 << 20) /* at most this much of the weight packed at a time (all of a small one) */
 #define VPAD 16            /* reals of slack after each buffer */
 #define PARALLEL_WORK 200000 /* multiply-adds below which a call stays on one thread */
 

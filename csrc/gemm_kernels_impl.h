@@ -9,11 +9,12 @@ static real *FN(gemm_alloc)(int64_t count) { return malloc(sizeof(real) * (size_
  * B[k * brs + c * bcs] is [K, N], L (k, j) = L[k * lrs + j * lcs] is [K, r], E (j, c) =
  * E[j * ers + c * ecs] is [r, N]. T NULL: the plain GEMM (r = 0). A is dense, row stride K.
  *
- * K is cut into panels of at most KC (a function of K alone). All threads first pack B's and L's
- * slivers, every panel, together (one barrier); then each takes whole blocks of rows (mc, from M and
- * the thread count), and for each panel packs its block of A and computes every column of it. Each
- * element of C is the same sum in the same order whatever mc and the thread count: results are
- * bit-identical for any number of threads. */
+ * K is cut into panels of at most KC (a function of K alone), N into chunks of columns whose packed
+ * weight, all panels, takes at most PACK_BYTES. Per chunk, all threads first pack its slivers of B
+ * (and, in the first chunk, L's), every panel, together; then each takes whole blocks of rows (mc,
+ * from M and the thread count) and for each panel packs its block of A and computes the chunk's
+ * columns of it (and T, in the first chunk). Each element of C is the same sum in the same order
+ * whatever mc and the thread count: results are bit-identical for any number of threads. */
 static int FN(gemm_lora)(real *C, real *T, const real *A, const real *B, int64_t brs, int64_t bcs, const real *L,
                          int64_t lrs, int64_t lcs, const real *E, int64_t ers, int64_t ecs, real scale, int64_t M,
                          int64_t N, int64_t K, int64_t r)
@@ -21,8 +22,10 @@ static int FN(gemm_lora)(real *C, real *T, const real *A, const real *B, int64_t
     if (M == 0) return LORA_OK;
     if (!T) r = 0;
     const int64_t nr = SIMD(gemm_nr)();
-    const int64_t nb = (N + nr - 1) / nr, nbl = (r + nr - 1) / nr, slivers = nb + nbl;
+    const int64_t nb = (N + nr - 1) / nr, nbl = (r + nr - 1) / nr;
     const int64_t n_k = K > KC ? (K + KC - 1) / KC : 1, kc_max = (K + n_k - 1) / n_k;
+    int64_t chunk = PACK_BYTES / (nr * (K > 0 ? K : 1) * (int64_t)sizeof(real)); /* slivers of B per chunk */
+    chunk = chunk < nb ? (chunk > 1 ? chunk : 1) : (nb > 1 ? nb : 1);
     const int threads = M * N * K > PARALLEL_WORK ? lora_get_num_threads() : 1;
     /* Blocks of rows: about MC or fewer, a multiple of the threads in number, each a multiple of MR. */
     int64_t n_m = (M + MC - 1) / MC;
@@ -30,8 +33,8 @@ static int FN(gemm_lora)(real *C, real *T, const real *A, const real *B, int64_t
     int64_t mc = (M + n_m - 1) / n_m;
     mc = (mc + MR - 1) / MR * MR;
     n_m = (M + mc - 1) / mc;
-    /* Bp: panel p (k0 = p K / n_k, kc of k) at Bp + k0 * slivers * nr, its sliver j at + j * kc * nr. */
-    real *Bp = FN(gemm_alloc)(slivers * nr * K + VPAD);
+    /* Bp: a chunk of s slivers; panel p (k0 = p K / n_k, kc of k) at Bp + k0 * s * nr, sliver j at + j * kc * nr. */
+    real *Bp = FN(gemm_alloc)((chunk + nbl) * nr * K + VPAD);
     real *Ep = r ? FN(gemm_alloc)(nb * nr * r + VPAD) : NULL;
     real *scratch = FN(gemm_alloc)(threads * (mc * (kc_max + r) + VPAD));
     if (!Bp || (r && !Ep) || !scratch) {
@@ -42,22 +45,27 @@ static int FN(gemm_lora)(real *C, real *T, const real *A, const real *B, int64_t
 #pragma omp parallel num_threads(threads)
     {
         real *Ap = scratch + thread_id() * (mc * (kc_max + r) + VPAD), *Tp = Ap + mc * kc_max;
+        for (int64_t c0 = 0; c0 == 0 || c0 < nb; c0 += chunk) {
+            const int64_t cb = min64(chunk, nb - c0), s = cb + (c0 == 0 ? nbl : 0), n0 = c0 * nr;
+            const int64_t cols = min64(N - n0, cb * nr);
 #pragma omp for schedule(static)
-        for (int64_t i = 0; i < n_k * slivers; i++) {
-            const int64_t p = i / slivers, j = i % slivers, k0 = p * K / n_k, kc = (p + 1) * K / n_k - k0;
-            real *panel = Bp + k0 * slivers * nr;
-            if (j < nb)
-                SIMD(gemm_pack_b)(panel, B + k0 * brs, brs, bcs, 1, kc, N, j, j + 1);
-            else
-                SIMD(gemm_pack_b)(panel + nb * kc * nr, L + k0 * lrs, lrs, lcs, 1, kc, r, j - nb, j - nb + 1);
-        }
+            for (int64_t i = 0; i < n_k * s; i++) {
+                const int64_t p = i / s, j = i % s, k0 = p * K / n_k, kc = (p + 1) * K / n_k - k0;
+                real *panel = Bp + k0 * s * nr;
+                if (j < cb)
+                    SIMD(gemm_pack_b)(panel, B + k0 * brs + n0 * bcs, brs, bcs, 1, kc, cols, j, j + 1);
+                else
+                    SIMD(gemm_pack_b)(panel + cb * kc * nr, L + k0 * lrs, lrs, lcs, 1, kc, r, j - cb, j - cb + 1);
+            }
 #pragma omp for schedule(dynamic)
-        for (int64_t b = 0; b < n_m; b++) {
-            const int64_t m0 = b * mc, rows = min64(mc, M - m0);
-            for (int64_t p = 0; p < n_k; p++) {
-                const int64_t k0 = p * K / n_k, kc = (p + 1) * K / n_k - k0;
-                SIMD(gemm_block)(C + m0 * N, N, T ? T + m0 * r : NULL, Ap, Tp, A + m0 * K + k0, K,
-                                 Bp + k0 * slivers * nr, Ep, rows, N, kc, r, p > 0, p == n_k - 1);
+            for (int64_t b = 0; b < n_m; b++) {
+                const int64_t m0 = b * mc, rows = min64(mc, M - m0);
+                for (int64_t p = 0; p < n_k; p++) {
+                    const int64_t k0 = p * K / n_k, kc = (p + 1) * K / n_k - k0;
+                    SIMD(gemm_block)(C + m0 * N + n0, N, T ? T + m0 * r : NULL, c0 == 0, Ap, Tp, A + m0 * K + k0, K,
+                                     Bp + k0 * s * nr, r ? Ep + c0 * r * nr : NULL, rows, cols, kc, r, p > 0,
+                                     p == n_k - 1);
+                }
             }
         }
     }

@@ -157,25 +157,24 @@ static void FN(gemm_tile)(real *restrict C, int64_t ldc, const real *restrict Ap
 }
 
 /* One block of mc rows over one panel of kc: C [mc, n] (+)= A [mc, kc] @ B [kc, n], B packed in Bp
- * (its n columns in nb = ceil(n / NR) slivers). With T (low rank r): first T [mc, r] (+)= A @ L, L
- * packed in the slivers after B's (Bp + nb * kc * NR), and on the last panel of K (`last`) the low-rank
- * term C += T @ E, E [r, n] packed in Ep (slivers of r rows, scaled), added to each finished tile.
- * Ap (mc * kc) and Tp (mc * r) are this thread's scratch: A packed, T packed. add: C and T hold the
- * earlier panels' sums. */
-static void FN(gemm_block)(real *restrict C, int64_t ldc, real *restrict T, real *restrict Ap, real *restrict Tp,
-                           const real *restrict A, int64_t lda, const real *restrict Bp, const real *restrict Ep,
-                           int64_t mc, int64_t n, int64_t kc, int64_t r, int add, int last)
+ * (its n columns in nb = ceil(n / NR) slivers). With T (low rank r): when new_t, first T [mc, r] (+)=
+ * A @ L, L packed in the slivers after B's (Bp + nb * kc * NR); and on the last panel of K (`last`)
+ * the low-rank term C += T @ E, E [r, n] packed in Ep (slivers of r rows, scaled), added to each
+ * finished tile. Ap (mc * kc) and Tp (mc * r) are this thread's scratch: A packed, T packed. add: C
+ * and T hold the earlier panels' sums. */
+static void FN(gemm_block)(real *restrict C, int64_t ldc, real *restrict T, int new_t, real *restrict Ap,
+                           real *restrict Tp, const real *restrict A, int64_t lda, const real *restrict Bp,
+                           const real *restrict Ep, int64_t mc, int64_t n, int64_t kc, int64_t r, int add, int last)
 {
     const int64_t nb = (n + NR - 1) / NR;
     FN(gemm_pack_a)(Ap, A, lda, mc, kc);
-    if (T) {
+    if (T && new_t)
         for (int64_t j0 = 0; j0 < r; j0 += NR)
             for (int64_t i0 = 0; i0 < mc; i0 += MR)
                 FN(gemm_tile)(T + i0 * r + j0, r, Ap + i0 * kc, Bp + (nb + j0 / NR) * kc * NR, kc, add, NULL, NULL, 0,
                               mc - i0 < MR ? mc - i0 : MR, r - j0 < NR ? r - j0 : NR);
-        if (last) FN(gemm_pack_a)(Tp, T, r, mc, r);
-    }
     const int epilogue = T && last && r > 0;
+    if (epilogue) FN(gemm_pack_a)(Tp, T, r, mc, r);
     for (int64_t j = 0; j < nb; j++)
         for (int64_t i0 = 0; i0 < mc; i0 += MR)
             FN(gemm_tile)(C + i0 * ldc + j * NR, ldc, Ap + i0 * kc, Bp + j * kc * NR, kc, add,

@@ -6,7 +6,8 @@ Properties:
   NumPy composition x Wᵀ + s (x Aᵀ) Bᵀ, dy W + s (dy B) A in float64 within the bound of summation-order
   rounding: |error| ≤ tol · (the same expression on absolute values), element by element, tol 1e-5 in
   float32 and 1e-12 in float64, for shapes hypothesis picks (M around the 6-row tile, N around the
-  16-column sliver, K over several 288-element panels, r from 0 past a sliver);
+  16-column sliver, K over several 288-element panels, r from 0 past a sliver), and for a weight packed
+  in several chunks of columns and for N or K = 0;
 - the fused backward's d_lora_A and d_lora_B are lora_backward's, bit for bit;
 - results do not depend on the number of threads, nor t on whether it came from the fused forward
   (within the tolerance);
@@ -94,7 +95,19 @@ def test_fused_layer_equals_the_composition(shape, dtype, seed):
 
 
 @needs_c
-@pytest.mark.parametrize("shape", [(1024, 96, 600, 8), (100, 577, 290, 17), (7, 5, 3, 1)])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("shape", [(13, 2100, 1024, 9), (5, 0, 7, 3), (4, 6, 0, 2)])
+def test_wide_weights_and_empty_sizes(shape, dtype):
+    """A weight over 8 MB packed is done in chunks of columns (t from the first one); N or K may be 0."""
+    M, out, n_in, r = shape
+    kernels.set_backend("c")
+    a = make_case(3, M, n_in, out, r, dtype)
+    got = run_all(a)
+    check(got["y"], a, 0, "y"), check(got["t"], a, 1, "t"), check(got["dx"], a, 2, "dx")
+
+
+@needs_c
+@pytest.mark.parametrize("shape", [(1024, 96, 600, 8), (100, 577, 290, 17), (7, 5, 3, 1), (13, 2100, 1024, 9)])
 def test_threads_do_not_change_results(shape):
     M, out, n_in, r = shape
     kernels.set_backend("c")
