@@ -11,8 +11,13 @@ GGUF file stores the tensor. Types: QUANT_TYPES.
 
 x, dy and bias are float32 or float64 (all alike); float64 accumulates in float64 against the
 same (float32) dequantized weights. The NumPy reference dequantizes as gguf-py does
-(lora_np.gguf.dequantize), a slice of rows at a time, then multiplies; the C kernels dequantize
-tiles bit-identically and differ from it by the order of summation only.
+(lora_np.gguf.dequantize), a slice of rows at a time, then multiplies. On the C backend a few rows of x
+(M ≤ 8: decoding) go through the C tile kernels, which dequantize tiles of W bit-identically; more rows
+(training, prefill) go through NumPy's OpenBLAS on float panels of W of at most _PANEL_BYTES that the C
+dequantization fills: forward by panels of W's rows (y[:, n0:n1] = x W[n0:n1]ᵀ), backward by panels of
+W's columns (dx[:, k0:k1] = dy W[:, k0:k1], the byte columns of whole blocks being themselves blocks),
+or of its rows with accumulation when N is so large (an LM head) that a column panel would be too
+narrow. All differ from the reference by the order of summation only.
 """
 import numpy as np
 
@@ -25,6 +30,10 @@ QUANT_TYPES = ("F32", "F16", "BF16", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q4
 TYPE_IDS = {name: type_id for type_id, (name, _, _) in GGML_TYPES.items() if name in QUANT_TYPES}
 _SIZES = {name: (block, size) for name, block, size in GGML_TYPES.values() if name in QUANT_TYPES}
 _NUMPY_ROWS = 256  # rows of W the NumPy reference dequantizes at a time: no W-sized float copy
+_DECODE_ROWS = 8  # M up to this: the C tile kernels; more rows: OpenBLAS on dequantized panels of W
+_PANEL_BYTES = 4 << 20  # one dequantized panel of W (C backend, M > _DECODE_ROWS); measured in bench/quant_gemm.py
+_MIN_PANEL_COLS = 64  # backward: column panels at least this wide (or all of K), else row panels
+_UINT8 = np.dtype(np.uint8)
 
 
 def block_size(ggml_type):
@@ -72,30 +81,23 @@ def dequantize_rows(blocks, ggml_type, dtype=np.float32):
     if dtype not in CTYPES:
         raise TypeError(f"dequantize_rows: dtype {dtype}; expected float32 or float64")
     if backend() == "c":
-        out = np.empty((N, K), dtype)
-        fn = c_function("quant_dequantize", dtype)
-        c_status("quant_dequantize", fn(ffi.from_buffer(CTYPES[dtype], out, require_writable=True),
-                                        ffi.from_buffer("uint8_t[]", blocks), TYPE_IDS[ggml_type], N, K))
-        return out
+        return _dequantize_into(np.empty((N, K), dtype), blocks, ggml_type)
     return _dequantize_numpy(blocks, ggml_type).astype(dtype, copy=False)
 
 
 def quant_linear_forward(x, blocks, ggml_type, bias=None):
     """y [M, N] = x [M, K] @ Wᵀ + bias [N] (bias may be None), W given as blocks [N, row_bytes]."""
-    N, K = check_blocks("quant_linear_forward", blocks, ggml_type)
-    M = x.shape[0] if getattr(x, "ndim", 0) == 2 else 0
-    check_arrays("quant_linear_forward", {}, {"x": x}, {"x": (M, K)})
-    if bias is not None:
-        check_arrays("quant_linear_forward", {}, {"x": x, "bias": bias})
-        if bias.shape != (N,):
-            raise ValueError(f"quant_linear_forward: bias has shape {bias.shape}, expected {(N,)}")
+    M, N, K = _shapes(x, blocks, ggml_type, bias) or _check("quant_linear_forward", "x", x, blocks, ggml_type, bias)
     y = np.empty((M, N), x.dtype)
     if backend() == "c":
-        _call("quant_linear_forward", y, x, blocks, bias, ggml_type, M, N, K)
-        return y
-    for n0 in range(0, N, _NUMPY_ROWS):
-        w = _dequantize_numpy(blocks[n0:n0 + _NUMPY_ROWS], ggml_type).astype(x.dtype, copy=False)  # [rows, K]
-        np.matmul(x, w.T, out=y[:, n0:n0 + _NUMPY_ROWS])
+        if M <= _DECODE_ROWS:
+            _call("quant_linear_forward", y, x, blocks, bias, ggml_type, M, N, K)
+            return y
+        _forward_panels(y, x, blocks, ggml_type)
+    else:
+        for n0 in range(0, N, _NUMPY_ROWS):
+            w = _dequantize_numpy(blocks[n0:n0 + _NUMPY_ROWS], ggml_type).astype(x.dtype, copy=False)  # [rows, K]
+            np.matmul(x, w.T, out=y[:, n0:n0 + _NUMPY_ROWS])
     if bias is not None:
         y += bias
     return y
@@ -103,9 +105,10 @@ def quant_linear_forward(x, blocks, ggml_type, bias=None):
 
 def quant_linear_backward(dy, blocks, ggml_type):
     """dx [M, K] = dy [M, N] @ W, W given as blocks [N, row_bytes]."""
-    N, K = check_blocks("quant_linear_backward", blocks, ggml_type)
-    M = dy.shape[0] if getattr(dy, "ndim", 0) == 2 else 0
-    check_arrays("quant_linear_backward", {}, {"dy": dy}, {"dy": (M, N)})
+    M, N, K = _shapes(dy, blocks, ggml_type, None, by_rows=True) or \
+        _check("quant_linear_backward", "dy", dy, blocks, ggml_type, None)
+    if backend() == "c" and M > _DECODE_ROWS:
+        return _backward_panels(np.empty((M, K), dy.dtype), dy, blocks, ggml_type)
     dx = np.zeros((M, K), dy.dtype)
     if backend() == "c":
         _call("quant_linear_backward", dx, dy, blocks, None, ggml_type, M, N, K)
@@ -116,6 +119,41 @@ def quant_linear_backward(dy, blocks, ggml_type):
     return dx
 
 
+def _shapes(a, blocks, ggml_type, bias, by_rows=False):
+    """(M, N, K) when a (x [M, K], or dy [M, N] when by_rows), blocks and bias pass every check in the common
+    way (NumPy arrays, C-contiguous, one float dtype); None for anything else, which _check then names. A
+    decoding step calls this ~200 times a token: a few attribute tests instead of the full checks."""
+    sizes = _SIZES.get(ggml_type)
+    if (sizes is None or type(a) is not np.ndarray or type(blocks) is not np.ndarray or a.ndim != 2
+            or blocks.ndim != 2 or blocks.dtype != _UINT8 or a.dtype not in CTYPES
+            or not a.flags.c_contiguous or not blocks.flags.c_contiguous):
+        return None
+    row_bytes = blocks.shape[1]
+    if row_bytes % sizes[1]:
+        return None
+    N, K = blocks.shape[0], row_bytes // sizes[1] * sizes[0]
+    M, n = a.shape
+    if n != (N if by_rows else K):
+        return None
+    if bias is not None and (type(bias) is not np.ndarray or bias.dtype != a.dtype or bias.shape != (N,)
+                             or not bias.flags.c_contiguous):
+        return None
+    return M, N, K
+
+
+def _check(op, name, a, blocks, ggml_type, bias):
+    """The full checks of x (forward) or dy (backward), blocks and bias, raising the error that names the
+    problem; (M, N, K) when there is none."""
+    N, K = check_blocks(op, blocks, ggml_type)
+    M = a.shape[0] if getattr(a, "ndim", 0) == 2 else 0
+    check_arrays(op, {}, {name: a}, {name: (M, K if name == "x" else N)})
+    if bias is not None:
+        check_arrays(op, {}, {name: a, "bias": bias})
+        if bias.shape != (N,):
+            raise ValueError(f"{op}: bias has shape {bias.shape}, expected {(N,)}")
+    return M, N, K
+
+
 def _call(op, out, a, blocks, bias, ggml_type, M, N, K):
     """lib.<op>_{f32,f64}: out and a (x or dy) and bias as the dtype's pointers, blocks as bytes."""
     ctype = CTYPES[a.dtype]
@@ -124,6 +162,58 @@ def _call(op, out, a, blocks, bias, ggml_type, M, N, K):
     if op == "quant_linear_forward":
         pointers.append(ffi.NULL if bias is None else ffi.from_buffer(ctype, bias))
     c_status(op, c_function(op, a.dtype)(*pointers, TYPE_IDS[ggml_type], M, N, K))
+
+
+def _dequantize_into(out, blocks, ggml_type):
+    """out [rows, K] (float32 or float64, C-contiguous) = W dequantized from blocks [rows, row_bytes] (C)."""
+    c_status("quant_dequantize", c_function("quant_dequantize", out.dtype)(
+        ffi.from_buffer(CTYPES[out.dtype], out, require_writable=True), ffi.from_buffer("uint8_t[]", blocks),
+        TYPE_IDS[ggml_type], out.shape[0], out.shape[1]))
+    return out
+
+
+# ---- many rows on the C backend: OpenBLAS on dequantized panels of W --------------------------
+
+
+def _forward_panels(y, x, blocks, ggml_type):
+    """y [M, N] = x [M, K] Wᵀ, a panel of W's rows at a time (no bias)."""
+    N, K = y.shape[1], x.shape[1]
+    rows = max(1, _PANEL_BYTES // x.itemsize // max(K, 1))
+    panel = np.empty(min(rows, N) * K, x.dtype)
+    for n0 in range(0, N, rows):
+        n1 = min(N, n0 + rows)
+        w = _dequantize_into(panel[:(n1 - n0) * K].reshape(n1 - n0, K), blocks[n0:n1], ggml_type)  # [rows, K]
+        np.matmul(x, w.T, out=y[:, n0:n1])
+
+
+def _backward_panels(dx, dy, blocks, ggml_type):
+    """dx [M, K] = dy [M, N] W, returns dx: by panels of W's columns (each writes its own columns of dx), or,
+    when N is so large that such a panel would be narrower than _MIN_PANEL_COLS, by panels of its rows,
+    accumulated."""
+    (M, N), K = dy.shape, dx.shape[1]
+    block, size = _SIZES[ggml_type]
+    elements = _PANEL_BYTES // dy.itemsize
+    cols = min(K, elements // max(N, 1) // block * block)
+    if cols >= min(K, _MIN_PANEL_COLS):
+        panel = np.empty(N * cols, dy.dtype)
+        for k0 in range(0, K, max(cols, 1)):
+            k1 = min(K, k0 + cols)
+            part = blocks if k1 - k0 == K else np.ascontiguousarray(blocks[:, k0 // block * size:k1 // block * size])
+            w = _dequantize_into(panel[:N * (k1 - k0)].reshape(N, k1 - k0), part, ggml_type)           # [N, cols]
+            np.matmul(dy, w, out=dx[:, k0:k1])
+        return dx
+    rows = max(1, elements // max(K, 1))
+    rows = rows // 256 * 256 or rows  # whole 256s: OpenBLAS then sums each panel alike on any thread count
+    panel, partial = np.empty(min(rows, N) * K, dy.dtype), np.empty_like(dx)
+    for n0 in range(0, N, rows):
+        n1 = min(N, n0 + rows)
+        w = _dequantize_into(panel[:(n1 - n0) * K].reshape(n1 - n0, K), blocks[n0:n1], ggml_type)  # [rows, K]
+        if n0 == 0:
+            np.matmul(dy[:, n0:n1], w, out=dx)
+        else:
+            np.matmul(dy[:, n0:n1], w, out=partial)
+            dx += partial
+    return dx
 
 
 # ---- NumPy reference ----------------------------------------------------------------------
