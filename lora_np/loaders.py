@@ -16,8 +16,8 @@ from .fileio import read_json_object
 from .gguf import reverse_llama_permute
 from .models import GGUF_ARCHITECTURES, LlamaForCausalLM, config_from_dict, family, model_class
 from .models.base import GGUFConfigReader
-from .nn import Embedding, Linear, skip_init
-from .quant import QUANT_TYPES, QUANTIZE_TYPES, quantize_model, use_blocks
+from .nn import Conv1D, Embedding, Linear, skip_init
+from .quant import QUANT_TYPES, QUANTIZE_TYPES, quantize, quantize_plan, use_blocks
 
 __all__ = ["load_model", "default_model_path", "DEFAULT_MODEL_PACKAGE", "DEFAULT_MODEL_FILE",
            "gguf_config", "GGUF_TENSOR_NAMES", "CheckpointError", "reverse_llama_permute"]
@@ -59,8 +59,8 @@ def load_model(path=None, dtype="float32", quantize=None, dequantize=False):
     stay in the file's blocks by default (lora_np.quant.QuantizedLinear / QuantizedEmbedding: the C
     GEMMs over the blocks; frozen, LoRA trains on top); `dequantize=True` loads every weight as
     `dtype` (the exact reference mode, and what merging and merged exports need). `quantize` ("q8_0",
-    "q4_0" or "q4_k") quantizes a float checkpoint's Linear and Embedding weights at load
-    (lora_np.quant.quantize_model); "bf16" or "f16" keeps them as 2-byte floats (for a checkpoint whose
+    "q4_0" or "q4_k") quantizes a float checkpoint's Linear and Embedding weights at load, each as it is
+    read (the blocks lora_np.quant.quantize_model makes; the float model is never held whole); "bf16" or "f16" keeps them as 2-byte floats (for a checkpoint whose
     safetensors are bf16, as Llama 3.2's, Qwen3's and Gemma's, "bf16" computes what the float32 model
     does, up to the order of float32 summation, in half its memory)."""
     dtype = np.dtype(dtype)
@@ -77,8 +77,7 @@ def load_model(path=None, dtype="float32", quantize=None, dequantize=False):
                              "blocks (kept unless dequantize=True)")
         return _load_gguf(path, dtype, resident=not dequantize)
     folder = path if os.path.isdir(path) else os.path.dirname(path)
-    model = _load_hf_folder(folder, dtype)
-    return model if quantize is None else quantize_model(model, quantize)
+    return _load_hf_folder(folder, dtype, None if quantize is None else str(quantize).upper())
 
 
 def _check_shape(model, name, shape, source, config_name):
@@ -145,7 +144,10 @@ def _finish(model, source):
 
 
 # -- Hugging Face folders ------------------------------------------------------------------
-def _load_hf_folder(folder, dtype):
+def _load_hf_folder(folder, dtype, quantize=None):
+    """The model of a Hugging Face folder; with `quantize` (a ggml type), each Linear / Conv1D / Embedding weight
+    quantize_model would quantize is quantized as it is read, a slice of rows at a time (the same blocks: ggml
+    quantizes rows independently), so the float model is never held whole."""
     cfg_path = os.path.join(folder, "config.json")
     if not os.path.isfile(cfg_path):
         raise FileNotFoundError(f"load_model: {folder} has no config.json")
@@ -174,6 +176,11 @@ def _load_hf_folder(folder, dtype):
                        [checkpoint_name(n) or "" for h in headers.values() for n in h],
                        cfg_path, f"config.json's {config.layers_field}")
     model = _build(config, dtype)
+    plan = {}  # parameter name -> (its module's class, ggml type) for the weights quantized while loading
+    if quantize is not None:
+        names = {id(p): n for n, p in model._load_targets.items()}
+        plan = {names[id(m.weight)]: (type(m), t) for m, t in quantize_plan(model, quantize).items()}
+    blocks_of = {}
     aliases = _tied_names(model)
     for file, header in headers.items():  # every shape is checked before any tensor is read
         for key, info in header.items():
@@ -181,25 +188,40 @@ def _load_hf_folder(folder, dtype):
             if name is not None:
                 _check_shape(model, aliases.get(name, name), info["shape"], os.path.join(folder, file),
                              "config.json")
-    skipped = []
+    skipped, quantized_from = [], {}
     for file in files:
         source = os.path.join(folder, file)
-        for name, array in _st.load_file(source).items():
+        for name, array in _st.iter_file(source):
             name = checkpoint_name(name)
             if name is None:
                 continue
             if name in aliases:  # a tied copy: checked against what it aliases once that is loaded
                 skipped.append((name, array, source))
                 continue
+            if name in plan:
+                p = _check_shape(model, name, array.shape, source, "config.json")
+                del model._load_targets[name]
+                blocks_of[id(p)] = (_quantize_rows(array, *plan[name], dtype), plan[name][1])
+                quantized_from[name] = array  # a memory map (or BF16 widened): for a tied copy's check only
+                continue
             _assign(model, name, array, source, dtype)
     model = _finish(model, folder)
     params = dict(model.named_parameters(remove_duplicate=False))
     for name, array, source in skipped:
-        if not np.array_equal(np.asarray(array, dtype), params[name].data):
+        first = quantized_from.get(aliases[name], params[name].data)
+        if not np.array_equal(np.asarray(array, dtype), np.asarray(first, dtype)):
             raise CheckpointError(f"{source}: tensor {name!r} differs from {aliases[name]!r}, which config.json's "
                                   f"tie_word_embeddings=true makes it share; set tie_word_embeddings to false "
                                   f"to use it")
-    return model
+    return use_blocks(model, blocks_of) if quantize is not None else model
+
+
+def _quantize_rows(array, module_class, ggml_type, dtype, rows=4096):
+    """The blocks [out, row bytes] of a checkpoint's weight `array` ([out, in]; a GPT-2 Conv1D's is [in, out]) as
+    quantize_model makes them from the loaded `dtype` weight, quantized `rows` rows at a time."""
+    w = array.T if module_class is Conv1D else array                                                  # [out, in]
+    return np.concatenate([quantize(np.ascontiguousarray(w[i:i + rows], dtype=dtype), ggml_type)
+                           for i in range(0, max(w.shape[0], 1), rows)])
 
 
 def _tied_names(model):

@@ -145,13 +145,26 @@ def quantize_model(model, ggml_type):
         raise ValueError(f"quantize_model: the model already has LoRA layers ({adapted[0]}, ...); quantize the base "
                          "first, then add the adapter")
     blocks_of = {}
-    for module in model.modules():
-        if type(module) in (Linear, Conv1D, Embedding) and id(module.weight) not in blocks_of:
-            w = module.weight.data.T if type(module) is Conv1D else module.weight.data                # [out, in]
-            chosen = t if w.shape[1] % BLOCK_SIZES[t] == 0 else _FALLBACK.get(t)
-            if chosen is not None and w.shape[1] % BLOCK_SIZES[chosen] == 0:
-                blocks_of[id(module.weight)] = (quantize(w, chosen), chosen)
+    for module, chosen in quantize_plan(model, t).items():
+        w = module.weight.data.T if type(module) is Conv1D else module.weight.data                    # [out, in]
+        blocks_of[id(module.weight)] = (quantize(w, chosen), chosen)
     return use_blocks(model, blocks_of)
+
+
+def quantize_plan(model, ggml_type):
+    """{module: the ggml type its weight gets} for each Linear, GPT-2 Conv1D and Embedding of a float model
+    (the first of modules sharing a weight, as a tied head): ggml_type (upper case) where the rows are whole
+    blocks of it, else llama.cpp's fallback (q4_k -> q5_0) where that fits; a weight neither fits is left out
+    (it stays float)."""
+    plan, seen = {}, set()
+    for module in model.modules():
+        if type(module) in (Linear, Conv1D, Embedding) and id(module.weight) not in seen:
+            seen.add(id(module.weight))
+            k = module.weight.shape[0 if type(module) is Conv1D else 1]                             # in_features
+            chosen = ggml_type if k % BLOCK_SIZES[ggml_type] == 0 else _FALLBACK.get(ggml_type)
+            if chosen is not None and k % BLOCK_SIZES[chosen] == 0:
+                plan[module] = chosen
+    return plan
 
 
 def use_blocks(model, blocks_of):
@@ -173,5 +186,5 @@ def use_blocks(model, blocks_of):
 
 
 __all__ = ["QuantizedLinear", "QuantizedEmbedding", "QuantizedWeight", "QuantLinear", "quantize", "quantize_model",
-           "use_blocks", "check_float_weights",
+           "quantize_plan", "use_blocks", "check_float_weights",
            "QUANTIZE_TYPES", "QUANT_TYPES"]

@@ -89,26 +89,31 @@ def load_file(path, mmap: bool = True) -> dict[str, np.ndarray]:
     (BF16 excepted: it is widened to a new float32 array); with mmap=False
     they are writable copies.
     """
-    buf = _map(path)
-    return _tensors(buf, path, copy=not mmap)
+    return dict(iter_file(path, mmap))
+
+
+def iter_file(path, mmap: bool = True):
+    """(name, array) for each tensor of a file, in file order, as load_file gives them, one at a time: a BF16
+    tensor is widened when it is reached, so a loader that keeps each tensor in another form (quantized
+    blocks) never holds the whole file widened."""
+    yield from _iter_tensors(_map(path), path, copy=not mmap)
 
 
 def load(data: bytes) -> dict[str, np.ndarray]:
     """All tensors of a safetensors file held in memory (read-only views of `data`)."""
-    return _tensors(data, "<bytes>", copy=False)
+    return dict(_iter_tensors(data, "<bytes>", copy=False))
 
 
 def _map(path):
     with open(path, "rb") as f:
         if os.fstat(f.fileno()).st_size == 0:
-            return b""  # mmap cannot map an empty file; _tensors reports it as truncated
+            return b""  # mmap cannot map an empty file; _iter_tensors reports it as truncated
         return mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
 
 
-def _tensors(buf, source, copy):
+def _iter_tensors(buf, source, copy):
     n = _header_length(bytes(buf[:_ALIGN]), len(buf), source)
     header = _parse_header(bytes(buf[_ALIGN:_ALIGN + n]), len(buf) - _ALIGN - n, source)
-    out = {}
     for name, info in header.items():
         if name == "__metadata__":
             continue
@@ -126,8 +131,7 @@ def _tensors(buf, source, copy):
             arr = bf16_to_float32(arr)
         elif copy:
             arr = arr.copy()
-        out[name] = arr
-    return out
+        yield name, arr
 
 
 def _header_length(head, size, source):
