@@ -29,7 +29,8 @@
 #define MR 6               /* rows of the micro-kernel's tile (columns: NR = 2 vectors) */
 #define KC 288             /* at most this many k per panel: a sliver of the weight, KC x NR, stays in L1 */
 #define MC 384             /* at most this many rows per block: a block of the activations stays in L2 */
-#define PACK_BYTES (8 << 20) /* at most this much of the weight packed at a time (all of a small one) */
+#define PACK_BYTES (8 << 20) /* at most this much of the weight packed at a time (all of a small one) ... */
+#define CHUNK_COLS 1024    /* ... unless that is fewer columns than this (A is packed again per chunk) */
 #define VPAD 16            /* reals of slack after each buffer */
 #define PARALLEL_WORK 200000 /* multiply-adds below which a call stays on one thread */
 

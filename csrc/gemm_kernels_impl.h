@@ -10,7 +10,7 @@ static real *FN(gemm_alloc)(int64_t count) { return malloc(sizeof(real) * (size_
  * E[j * ers + c * ecs] is [r, N]. T NULL: the plain GEMM (r = 0). A is dense, row stride K.
  *
  * K is cut into panels of at most KC (a function of K alone), N into chunks of columns whose packed
- * weight, all panels, takes at most PACK_BYTES. Per chunk, all threads first pack its slivers of B
+ * weight, all panels, takes at most PACK_BYTES, or is CHUNK_COLS columns wide. Per chunk, all threads first pack its slivers of B
  * (and, in the first chunk, L's), every panel, together; then each takes whole blocks of rows (mc,
  * from M and the thread count) and for each panel packs its block of A and computes the chunk's
  * columns of it (and T, in the first chunk). Each element of C is the same sum in the same order
@@ -24,8 +24,10 @@ static int FN(gemm_lora)(real *C, real *T, const real *A, const real *B, int64_t
     const int64_t nr = SIMD(gemm_nr)();
     const int64_t nb = (N + nr - 1) / nr, nbl = (r + nr - 1) / nr;
     const int64_t n_k = K > KC ? (K + KC - 1) / KC : 1, kc_max = (K + n_k - 1) / n_k;
-    int64_t chunk = PACK_BYTES / (nr * (K > 0 ? K : 1) * (int64_t)sizeof(real)); /* slivers of B per chunk */
-    chunk = chunk < nb ? (chunk > 1 ? chunk : 1) : (nb > 1 ? nb : 1);
+    /* slivers of B per chunk: PACK_BYTES of them, but CHUNK_COLS columns at least (A is packed once per chunk) */
+    int64_t chunk = PACK_BYTES / (nr * (K > 0 ? K : 1) * (int64_t)sizeof(real));
+    chunk = chunk > CHUNK_COLS / nr ? chunk : CHUNK_COLS / nr;
+    chunk = chunk < nb ? chunk : (nb > 1 ? nb : 1);
     const int threads = M * N * K > PARALLEL_WORK ? lora_get_num_threads() : 1;
     /* Blocks of rows: about MC or fewer, a multiple of the threads in number, each a multiple of MR. */
     int64_t n_m = (M + MC - 1) / MC;

@@ -96,9 +96,10 @@ def test_fused_layer_equals_the_composition(shape, dtype, seed):
 
 @needs_c
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
-@pytest.mark.parametrize("shape", [(13, 2100, 1024, 9), (5, 0, 7, 3), (4, 6, 0, 2)])
+@pytest.mark.parametrize("shape", [(13, 2100, 1024, 9), (3, 2100, 2900, 2), (5, 0, 7, 3), (4, 6, 0, 2)])
 def test_wide_weights_and_empty_sizes(shape, dtype):
-    """A weight over 8 MB packed is done in chunks of columns (t from the first one); N or K may be 0."""
+    """A weight over 8 MB packed is done in chunks of columns (t from the first one), of 1024 columns at
+    least (2900 inputs: three chunks); N or K may be 0."""
     M, out, n_in, r = shape
     kernels.set_backend("c")
     a = make_case(3, M, n_in, out, r, dtype)
