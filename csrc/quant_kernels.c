@@ -8,8 +8,10 @@
  * Work is split by output tiles (a block of at most MBLK rows x one column tile), so OpenMP needs
  * no atomics, and each output element is summed in an order fixed by the sizes alone: results are
  * bit-identical for any number of threads. A block of W is dequantized once per block of rows.
- * Forward with M <= 8 rows (decoding) is memory-bound: each weight row is dequantized once, a
- * superblock at a time into a buffer in L1, and dotted with every row of x there.
+ * Forward with M <= 8 rows (decoding) reads each weight row once and dots it with every row of x: in
+ * the AVX2 build 32 weights at a time, dequantized into registers and fed straight to the multiply-adds
+ * (no buffer, no scratch memory, one thread below PARALLEL_WORK); in the baseline build a superblock at a
+ * time into a buffer in L1.
  *
  * Dequantization is exact: each value is computed with ggml's float32 operations in ggml's order
  * (where a min is added, d * q is exact, so a fused multiply-add changes nothing), so a tile equals
@@ -17,7 +19,7 @@
  * weights widened. float64 activations accumulate in float64.
  *
  * SIMD: GCC/Clang vector extensions, built for AVX2 + FMA and for the baseline and picked at run
- * time, as in lora_kernels.c (instantiate.h; SIMD() in lora_internal.h).
+ * time, as in lora_kernels.c (instantiate.h; QSIMD() below: SIMD() of lora_internal.h, also asking for F16C).
  */
 #include <stdlib.h>
 #include <string.h>
@@ -118,6 +120,20 @@ static inline void scale_min_k4(int j, const uint8_t *q, uint8_t *sc, uint8_t *m
         *mn = (uint8_t)((q[j + 4] >> 4) | ((q[j] >> 6) << 4));
     }
 }
+
+/* QSIMD(name): SIMD(name) for these kernels, whose AVX2 build also converts halves with F16C (x86-64-v3
+ * has it with AVX2 and FMA; checked all the same). */
+#ifdef LORA_V3
+static int use_v3(void)
+{
+    static int use = -1;
+    if (use < 0) use = lora_np_use_v3() && __builtin_cpu_supports("f16c");
+    return use;
+}
+#define QSIMD(name) (use_v3() ? CAT(name, CAT(SFX, v3)) : CAT(name, CAT(SFX, base)))
+#else
+#define QSIMD(name) CAT(name, CAT(SFX, base))
+#endif
 
 #define SIMD_TEMPLATE "quant_kernels_simd.h" /* name_f32_v3, name_f64_v3, name_f32_base, name_f64_base */
 #include "instantiate.h"

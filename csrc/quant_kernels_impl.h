@@ -1,6 +1,6 @@
 /* quant_kernels_impl.h: the public functions of quant_kernels.c for one element type.
  * quant_kernels.c instantiates it (instantiate.h) with `real` = float, SFX = f32 and `real` = double,
- * SFX = f64, so each function below exists as name_f32 and name_f64. SIMD(name) is the worker of
+ * SFX = f64, so each function below exists as name_f32 and name_f64. QSIMD(name) is the worker of
  * quant_kernels_simd.h for the instruction set this CPU has; the _ref loops use the baseline's
  * dequantization (tested bit-exact against gguf-py's in tests/kernels/test_quant_kernels.py).
  */
@@ -15,7 +15,7 @@ int FN(quant_dequantize)(real *out, const uint8_t *w, int type, int64_t rows, in
     if (bad_call(type, rows, 0, K) || !out || !w) return LORA_EINVAL;
     const int64_t rb = quant_row_bytes(type, K);
 #pragma omp parallel for schedule(static) num_threads(lora_get_num_threads()) if (rows * K > PARALLEL_WORK)
-    for (int64_t n = 0; n < rows; n++) SIMD(dequant)(out + n * K, w + n * rb, type, 0, K);
+    for (int64_t n = 0; n < rows; n++) QSIMD(dequant)(out + n * K, w + n * rb, type, 0, K);
     return LORA_OK;
 }
 
@@ -26,15 +26,11 @@ int FN(quant_linear_forward)(real *y, const real *x, const uint8_t *w, const rea
     if (M == 0) return LORA_OK;
     const int64_t rb = quant_row_bytes(type, K);
     const int threads = lora_get_num_threads();
-    if (M <= DECODE_ROWS) {
-        real *buf = FN(alloc)((int64_t)threads * KT);
-        if (!buf) return LORA_ENOMEM;
-        const int64_t chunk = 16, n_chunks = (N + chunk - 1) / chunk; /* weight rows per unit of work */
+    if (M <= DECODE_ROWS) { /* no scratch: each thread takes contiguous chunks of weight rows */
+        const int64_t chunk = 16, n_chunks = (N + chunk - 1) / chunk;
 #pragma omp parallel for schedule(static) num_threads(threads) if (M * N * K > PARALLEL_WORK)
         for (int64_t c = 0; c < n_chunks; c++)
-            SIMD(decode)(y, x, w, bias, type, rb, M, c * chunk, min64(N, c * chunk + chunk), N, K,
-                         buf + thread_id() * KT);
-        free(buf);
+            QSIMD(decode)(y, x, w, bias, type, rb, M, c * chunk, min64(N, c * chunk + chunk), N, K);
         return LORA_OK;
     }
     real *scratch = calloc((size_t)threads * (KT * NT + KT), sizeof(real)); /* per thread: panel, buf */
@@ -44,7 +40,7 @@ int FN(quant_linear_forward)(real *y, const real *x, const uint8_t *w, const rea
     for (int64_t t = 0; t < m_blocks * n_tiles; t++) {
         const int64_t m0 = t / n_tiles * MBLK, n0 = t % n_tiles * NT;
         real *panel = scratch + thread_id() * (KT * NT + KT);
-        SIMD(forward_tile)(y, x, w, bias, type, rb, m0, min64(M, m0 + MBLK), n0, min64(NT, N - n0), N, K, panel,
+        QSIMD(forward_tile)(y, x, w, bias, type, rb, m0, min64(M, m0 + MBLK), n0, min64(NT, N - n0), N, K, panel,
                            panel + KT * NT);
     }
     free(scratch);
@@ -62,7 +58,7 @@ int FN(quant_linear_backward)(real *dx, const real *dy, const uint8_t *w, int ty
 #pragma omp parallel for schedule(dynamic) num_threads(threads) if (M * N * K > PARALLEL_WORK)
     for (int64_t t = 0; t < m_blocks * k_tiles; t++) {
         const int64_t m0 = t / k_tiles * MBLK, k0 = t % k_tiles * KT;
-        SIMD(backward_tile)(dx, dy, w, type, rb, m0, min64(M, m0 + MBLK), k0, min64(KT, K - k0), N, K,
+        QSIMD(backward_tile)(dx, dy, w, type, rb, m0, min64(M, m0 + MBLK), k0, min64(KT, K - k0), N, K,
                             scratch + thread_id() * NT * KT);
     }
     free(scratch);

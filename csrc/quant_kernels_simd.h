@@ -8,6 +8,7 @@
 #define MR 6 /* rows of the micro-kernel's register tile (x 2 vectors of columns: 12 accumulators) */
 
 #if VBYTES == 32 && defined(__x86_64__)
+#pragma GCC target("f16c") /* halves -> floats; this build runs only where the CPU has it (quant_kernels.c, QSIMD) */
 /* AVX2 dequantization of Q8_0, Q4_0, Q4_1, Q6_K and F16: GCC's own vectorization of their scalar loops
  * converts element by element, or not at all (measured 4-10x slower than this). */
 #define AVX2_BLOCKS 1
@@ -309,11 +310,12 @@ static void FN(backward_tile)(real *dx, const real *dy, const uint8_t *w, int ty
 }
 
 /* Decode: y [0:ROWS, n0:n1] = x [ROWS, K] @ W [n0:n1, :]^T + bias, ROWS <= DECODE_ROWS a constant.
- * Each weight row is dequantized a superblock at a time into buf [KT] and dotted with every row of
- * x while it is in L1: W is read once. */
+ * The baseline's: each weight row is dequantized a superblock at a time into a buffer in L1 and dotted
+ * with every row of x there: W is read once. */
 ALWAYS_INLINE void FN(decode_rows)(real *y, const real *x, const uint8_t *w, const real *bias, int type, int64_t rb,
-                                   int64_t n0, int64_t n1, int64_t N, int64_t K, real *buf, const int ROWS)
+                                   int64_t n0, int64_t n1, int64_t N, int64_t K, const int ROWS)
 {
+    real buf[KT];
     for (int64_t n = n0; n < n1; n++) {
         vec acc[DECODE_ROWS][2];
         real tail[DECODE_ROWS];
@@ -336,22 +338,245 @@ ALWAYS_INLINE void FN(decode_rows)(real *y, const real *x, const uint8_t *w, con
     }
 }
 
-/* decode_rows with its row count made a constant (1 .. DECODE_ROWS), so the accumulators live in registers. */
-static void FN(decode)(real *y, const real *x, const uint8_t *w, const real *bias, int type, int64_t rb, int64_t M,
-                       int64_t n0, int64_t n1, int64_t N, int64_t K, real *buf)
+#if AVX2_BLOCKS
+/* ---- AVX2 decode in registers: a row of W 32 weights at a time (a group), as 4 vectors of 8 floats that go
+ * from the dequantization straight into the multiply-adds with x (no store and reload through a buffer). */
+
+/* 8 bytes at p, widened to 8 unsigned (or signed) 32-bit lanes. */
+ALWAYS_INLINE __m256i FN(u8x8)(const uint8_t *p) { return _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)p)); }
+ALWAYS_INLINE __m256i FN(i8x8)(const uint8_t *p) { return _mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)p)); }
+
+/* The scales of a K-quant superblock b, as ggml rounds them: s [g], mn [g] = d sc_g, dmin m_g of group g (Q4_K,
+ * Q5_K); s [j] = d sc_j of the 16 sub-blocks of 16 (Q6_K). The other types read their scales in group(). */
+ALWAYS_INLINE void FN(span_scales)(float *s, float *mn, const uint8_t *b, const int type)
 {
-    switch (M) {
-    case 1: FN(decode_rows)(y, x, w, bias, type, rb, n0, n1, N, K, buf, 1); return;
-    case 2: FN(decode_rows)(y, x, w, bias, type, rb, n0, n1, N, K, buf, 2); return;
-    case 3: FN(decode_rows)(y, x, w, bias, type, rb, n0, n1, N, K, buf, 3); return;
-    case 4: FN(decode_rows)(y, x, w, bias, type, rb, n0, n1, N, K, buf, 4); return;
-    case 5: FN(decode_rows)(y, x, w, bias, type, rb, n0, n1, N, K, buf, 5); return;
-    case 6: FN(decode_rows)(y, x, w, bias, type, rb, n0, n1, N, K, buf, 6); return;
-    case 7: FN(decode_rows)(y, x, w, bias, type, rb, n0, n1, N, K, buf, 7); return;
-    default: FN(decode_rows)(y, x, w, bias, type, rb, n0, n1, N, K, buf, 8); return;
+    if (type == QUANT_Q4_K || type == QUANT_Q5_K) {
+        const float d = half_to_float(b), dmin = half_to_float(b + 2);
+        for (int j = 0; j < 8; j++) {
+            uint8_t sc, m;
+            scale_min_k4(j, b + 4, &sc, &m);
+            s[j] = d * (float)sc, mn[j] = dmin * (float)m;
+        }
+    } else if (type == QUANT_Q6_K) {
+        const __m256 d = _mm256_set1_ps(half_to_float(b + 208));
+        _mm256_storeu_ps(s, _mm256_mul_ps(d, _mm256_cvtepi32_ps(FN(i8x8)(b + 192))));
+        _mm256_storeu_ps(s + 8, _mm256_mul_ps(d, _mm256_cvtepi32_ps(FN(i8x8)(b + 200))));
     }
 }
 
+/* wv [4] = 32 weights, each the value ggml's dequantization gives (products that ggml rounds before adding a min
+ * are exact, so the fused multiply-adds round as ggml does): the 32-element block at b (Q4_0, Q4_1, Q5_0, Q5_1,
+ * Q8_0), the 32 values at b (F32, F16, BF16), or group g (0 .. 7) of the superblock at b with its scales s, mn
+ * (K-quants: group_at() says where each vector lies in the superblock). */
+ALWAYS_INLINE void FN(group)(__m256 wv[4], const uint8_t *b, const int type, int g, const float *s, const float *mn)
+{
+    const __m256i low = _mm256_set1_epi32(0xF);
+    switch (type) {
+    case QUANT_F32:
+        for (int i = 0; i < 4; i++) wv[i] = _mm256_loadu_ps((const float *)(b + 32 * i));
+        return;
+    case QUANT_F16: /* F16C converts halves exactly */
+        for (int i = 0; i < 4; i++) wv[i] = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(b + 16 * i)));
+        return;
+    case QUANT_BF16: /* the top half of a float32 */
+        for (int i = 0; i < 4; i++)
+            wv[i] = _mm256_castsi256_ps(_mm256_slli_epi32(
+                _mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)(b + 16 * i))), 16));
+        return;
+    case QUANT_Q8_0: {
+        const __m256 d = _mm256_broadcastss_ps(_mm_cvtph_ps(_mm_cvtsi32_si128((int)load_u32(b))));
+        for (int i = 0; i < 4; i++) wv[i] = _mm256_mul_ps(d, _mm256_cvtepi32_ps(FN(i8x8)(b + 2 + 8 * i)));
+        return;
+    }
+    case QUANT_Q4_0: case QUANT_Q4_1: case QUANT_Q5_0: case QUANT_Q5_1: {
+        /* elements 0..15: the low nibbles of qs [0..15], 16..31 the high ones; Q5: the fifth bit of element e is
+         * bit e of qh */
+        const int has_m = type == QUANT_Q4_1 || type == QUANT_Q5_1, q5 = type == QUANT_Q5_0 || type == QUANT_Q5_1;
+        const uint8_t *qs = b + 2 + 2 * has_m + 4 * q5;
+        const __m256i lo = FN(u8x8)(qs), hi = FN(u8x8)(qs + 8);
+        const __m256i q[4] = {_mm256_and_si256(lo, low), _mm256_and_si256(hi, low), _mm256_srli_epi32(lo, 4),
+                              _mm256_srli_epi32(hi, 4)};
+        const __m128 dm = _mm_cvtph_ps(_mm_cvtsi32_si128((int)load_u32(b))); /* d, and m for Q4_1 and Q5_1 */
+        const __m256 d = _mm256_broadcastss_ps(dm), m = _mm256_broadcastss_ps(_mm_movehdup_ps(dm));
+        const __m256i qh = _mm256_set1_epi32(q5 ? (int)load_u32(b + 2 + 2 * has_m) : 0);
+        for (int i = 0; i < 4; i++) {
+            __m256i qi = q[i];
+            if (q5) {
+                const __m256i bits = _mm256_setr_epi32(1 << (8 * i), 2 << (8 * i), 4 << (8 * i), 8 << (8 * i),
+                                                       16 << (8 * i), 32 << (8 * i), 64 << (8 * i),
+                                                       (int)(128u << (8 * i))); /* 1 << e, e of vector i */
+                const __m256i hit = _mm256_cmpeq_epi32(_mm256_and_si256(qh, bits), bits);
+                qi = _mm256_or_si256(qi, _mm256_and_si256(hit, _mm256_set1_epi32(16)));
+            }
+            wv[i] = has_m ? _mm256_fmadd_ps(d, _mm256_cvtepi32_ps(qi), m)
+                          : _mm256_mul_ps(d, _mm256_cvtepi32_ps(_mm256_sub_epi32(qi, _mm256_set1_epi32(q5 ? 16 : 8))));
+        }
+        return;
+    }
+    case QUANT_Q4_K: case QUANT_Q5_K: { /* group g: 16 bytes of qs, low nibbles (sub-block 2 p), high (2 p + 1) */
+        const int q5 = type == QUANT_Q5_K, p = g / 2, c = g % 2;
+        const uint8_t *qs = b + 16 + 32 * q5 + 32 * p + 16 * c, *qh = b + 16 + 16 * c;
+        for (int i = 0; i < 4; i++) {
+            const int j = 2 * p + i / 2; /* the sub-block */
+            const __m256i raw = FN(u8x8)(qs + 8 * (i % 2));
+            __m256i qi = i < 2 ? _mm256_and_si256(raw, low) : _mm256_srli_epi32(raw, 4);
+            if (q5) { /* fifth bit: bit j of qh [l] */
+                const __m256i h = _mm256_srl_epi32(FN(u8x8)(qh + 8 * (i % 2)), _mm_cvtsi32_si128(j));
+                qi = _mm256_or_si256(qi, _mm256_slli_epi32(_mm256_and_si256(h, _mm256_set1_epi32(1)), 4));
+            }
+            wv[i] = _mm256_fmsub_ps(_mm256_set1_ps(s[j]), _mm256_cvtepi32_ps(qi), _mm256_set1_ps(mn[j]));
+        }
+        return;
+    }
+    case QUANT_Q6_K: { /* group g = 4 h + i: l = 8 i .. 8 i + 7 of the four quarters k of half h, from one load
+                        * each of ql [64 h + l], ql [64 h + 32 + l] (low nibbles for k = 0, 1, high for 2, 3) and
+                        * qh [32 h + l] (bits 2 k, 2 k + 1) */
+        const int h = g / 4, i = g % 4;
+        const __m256i ql0 = FN(u8x8)(b + 64 * h + 8 * i), ql1 = FN(u8x8)(b + 64 * h + 32 + 8 * i);
+        const __m256i qh = FN(u8x8)(b + 128 + 32 * h + 8 * i), bits = _mm256_set1_epi32(0x30);
+        const __m256i q[4] = {
+            _mm256_or_si256(_mm256_and_si256(ql0, low), _mm256_and_si256(_mm256_slli_epi32(qh, 4), bits)),
+            _mm256_or_si256(_mm256_and_si256(ql1, low), _mm256_and_si256(_mm256_slli_epi32(qh, 2), bits)),
+            _mm256_or_si256(_mm256_srli_epi32(ql0, 4), _mm256_and_si256(qh, bits)),
+            _mm256_or_si256(_mm256_srli_epi32(ql1, 4), _mm256_and_si256(_mm256_srli_epi32(qh, 2), bits))};
+        for (int k = 0; k < 4; k++)
+            wv[k] = _mm256_mul_ps(_mm256_set1_ps(s[8 * h + 2 * k + i / 2]),
+                                  _mm256_cvtepi32_ps(_mm256_sub_epi32(q[k], _mm256_set1_epi32(32))));
+        return;
+    }
+    }
+}
+
+/* Where vector i of group g of a K-quant superblock (group()) starts in it. */
+ALWAYS_INLINE int FN(group_at)(const int type, int g, int i)
+{
+    if (type == QUANT_Q6_K) return 128 * (g / 4) + 32 * i + 8 * (g % 4);
+    return 64 * (g / 2) + 32 * (i / 2) + 16 * (g % 2) + 8 * (i % 2);
+}
+
+/* acc [u % NV] += x [8 weights] * w for the vectors u of these 8 weights (one of floats, two of doubles). */
+ALWAYS_INLINE void FN(fma8)(vec *acc, const int NV, int u, const real *x, __m256 w)
+{
+#if IS_F32
+    acc[u % NV] = (vec)_mm256_fmadd_ps((__m256)FN(load)(x), w, (__m256)acc[u % NV]);
+#else
+    acc[2 * u % NV] = (vec)_mm256_fmadd_pd((__m256d)FN(load)(x), _mm256_cvtps_pd(_mm256_castps256_ps128(w)),
+                                            (__m256d)acc[2 * u % NV]);
+    acc[(2 * u + 1) % NV] = (vec)_mm256_fmadd_pd((__m256d)FN(load)(x + 4), _mm256_cvtps_pd(_mm256_extractf128_ps(w, 1)),
+                                                  (__m256d)acc[(2 * u + 1) % NV]);
+#endif
+}
+
+/* The sum of v's lanes as a tree of vector adds (halves, then quarters, ...): a short dependency chain. */
+ALWAYS_INLINE real FN(hsum_tree)(vec v)
+{
+#if IS_F32
+    __m128 h = _mm_add_ps(_mm256_castps256_ps128((__m256)v), _mm256_extractf128_ps((__m256)v, 1));
+    h = _mm_add_ps(h, _mm_movehl_ps(h, h));
+    return _mm_cvtss_f32(_mm_add_ss(h, _mm_movehdup_ps(h)));
+#else
+    const __m128d h = _mm_add_pd(_mm256_castpd256_pd128((__m256d)v), _mm256_extractf128_pd((__m256d)v, 1));
+    return _mm_cvtsd_f64(_mm_add_sd(h, _mm_unpackhi_pd(h, h)));
+#endif
+}
+
+/* decode_rows in registers, for one type (a constant): NV accumulators a row of x, enough independent
+ * multiply-add chains to hide their latency. K % 32 last weights (F32, F16, BF16 only) one at a time. */
+ALWAYS_INLINE void FN(decode_regs)(real *y, const real *x, const uint8_t *w, const real *bias, const int type,
+                                   int64_t rb, int64_t n0, int64_t n1, int64_t N, int64_t K, const int ROWS)
+{
+    enum { NV = DECODE_ROWS }; /* room for the most; ROWS decides how many are used */
+    const int nv = ROWS <= 2 ? 4 : ROWS <= 4 ? 2 : 1;
+    const int kquant = type == QUANT_Q4_K || type == QUANT_Q5_K || type == QUANT_Q6_K;
+    const int64_t bs = quant_block_size(type), bb = block_bytes(type), K32 = K / 32 * 32;
+    for (int64_t n = n0; n < n1; n++) {
+        const uint8_t *row = w + n * rb;
+        vec acc[DECODE_ROWS][NV];
+        real tail[DECODE_ROWS];
+        for (int m = 0; m < ROWS; m++) {
+            for (int v = 0; v < nv; v++) acc[m][v] = (vec){0};
+            tail[m] = 0;
+        }
+        if (kquant) {
+            for (int64_t k0 = 0; k0 < K; k0 += 256) {
+                const uint8_t *b = row + k0 / 256 * bb;
+                float s[16], mn[8];
+                FN(span_scales)(s, mn, b, type);
+#pragma GCC unroll 8
+                for (int g = 0; g < 8; g++) { /* unrolled: the offsets in the superblock become constants */
+                    __m256 wv[4];
+                    FN(group)(wv, b, type, g, s, mn);
+                    for (int i = 0; i < 4; i++)
+                        for (int m = 0; m < ROWS; m++)
+                            FN(fma8)(acc[m], nv, i, x + m * K + k0 + FN(group_at)(type, g, i), wv[i]);
+                }
+            }
+        } else {
+            for (int64_t k0 = 0; k0 < K32; k0 += 32) {
+                __m256 wv[4];
+                FN(group)(wv, row + k0 / bs * bb, type, 0, NULL, NULL);
+                for (int i = 0; i < 4; i++)
+                    for (int m = 0; m < ROWS; m++) FN(fma8)(acc[m], nv, i, x + m * K + k0 + 8 * i, wv[i]);
+            }
+        }
+        for (int64_t k = K32; k < K; k++) {
+            real e;
+            FN(dequant)(&e, row, type, k, 1);
+            for (int m = 0; m < ROWS; m++) tail[m] += x[m * K + k] * e;
+        }
+        for (int m = 0; m < ROWS; m++) {
+            for (int v = 1; v < nv; v++) acc[m][0] += acc[m][v];
+            y[m * N + n] = FN(hsum_tree)(acc[m][0]) + tail[m] + (bias ? bias[n] : 0);
+        }
+    }
+}
+
+#define DECODE_TYPE(TYPE)                                                                                        \
+    case TYPE: FN(decode_regs)(y, x, w, bias, TYPE, rb, n0, n1, N, K, ROWS); return;
+
+/* decode_regs with the type made a constant. */
+ALWAYS_INLINE void FN(decode_m)(real *y, const real *x, const uint8_t *w, const real *bias, int type, int64_t rb,
+                                int64_t n0, int64_t n1, int64_t N, int64_t K, const int ROWS)
+{
+    switch (type) {
+    DECODE_TYPE(QUANT_F32)
+    DECODE_TYPE(QUANT_F16)
+    DECODE_TYPE(QUANT_BF16)
+    DECODE_TYPE(QUANT_Q8_0)
+    DECODE_TYPE(QUANT_Q4_0)
+    DECODE_TYPE(QUANT_Q4_1)
+    DECODE_TYPE(QUANT_Q5_0)
+    DECODE_TYPE(QUANT_Q5_1)
+    DECODE_TYPE(QUANT_Q4_K)
+    DECODE_TYPE(QUANT_Q5_K)
+    DECODE_TYPE(QUANT_Q6_K)
+    }
+}
+
+#undef DECODE_TYPE
+#else
+ALWAYS_INLINE void FN(decode_m)(real *y, const real *x, const uint8_t *w, const real *bias, int type, int64_t rb,
+                                int64_t n0, int64_t n1, int64_t N, int64_t K, const int ROWS)
+{
+    FN(decode_rows)(y, x, w, bias, type, rb, n0, n1, N, K, ROWS);
+}
+#endif
+
+/* The decode worker with its row count made a constant (1 .. DECODE_ROWS), so the accumulators live in registers. */
+static void FN(decode)(real *y, const real *x, const uint8_t *w, const real *bias, int type, int64_t rb, int64_t M,
+                       int64_t n0, int64_t n1, int64_t N, int64_t K)
+{
+    switch (M) {
+    case 1: FN(decode_m)(y, x, w, bias, type, rb, n0, n1, N, K, 1); return;
+    case 2: FN(decode_m)(y, x, w, bias, type, rb, n0, n1, N, K, 2); return;
+    case 3: FN(decode_m)(y, x, w, bias, type, rb, n0, n1, N, K, 3); return;
+    case 4: FN(decode_m)(y, x, w, bias, type, rb, n0, n1, N, K, 4); return;
+    case 5: FN(decode_m)(y, x, w, bias, type, rb, n0, n1, N, K, 5); return;
+    case 6: FN(decode_m)(y, x, w, bias, type, rb, n0, n1, N, K, 6); return;
+    case 7: FN(decode_m)(y, x, w, bias, type, rb, n0, n1, N, K, 7); return;
+    default: FN(decode_m)(y, x, w, bias, type, rb, n0, n1, N, K, 8); return;
+    }
+}
 #undef MR
 #undef AVX2_BLOCKS
 #include "simd_vec_end.h"

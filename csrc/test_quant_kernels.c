@@ -3,9 +3,10 @@
  * Built with -fsanitize=address,undefined by tests/kernels/test_quant_kernels.py (and runnable by hand):
  *   cc -O1 -g -fsanitize=address -fopenmp -Icsrc csrc/test_quant_kernels.c csrc/quant_kernels.c \
  *      csrc/lora_kernels.c -o t && ./t
- * Every type, on sizes that are not multiples of the tiles or the SIMD width (M = 0, 1, the decode
- * path's 8 and the tiled path's 9, ragged M, and above a block of 256 rows; N ragged; K one block and several
- * panels), a NULL bias, both element types, 1 and 2 threads (results must be identical), the
+ * Every type, on sizes that are not multiples of the tiles or the SIMD width (M = 0, every M of the decode
+ * path's 1 .. 8 and the tiled path's 9, ragged M, and above a block of 256 rows; N ragged, and odd with one
+ * row of x past the one-thread threshold; K one block and several panels), a NULL bias, both element types,
+ * 1 and 2 threads (results must be identical), the
  * dequantization of this CPU's build against the baseline's (equal values), and the error codes.
  * Prints the max difference per case; exits non-zero on a failure.
  */
@@ -188,7 +189,7 @@ int main(void)
 {
     static const int types[] = {QUANT_F32, QUANT_F16,  QUANT_BF16, QUANT_Q4_0, QUANT_Q4_1, QUANT_Q5_0,
                                 QUANT_Q5_1, QUANT_Q8_0, QUANT_Q4_K, QUANT_Q5_K, QUANT_Q6_K};
-    static const int64_t Ms[] = {0, 1, 3, 8, 9, 70};
+    static const int64_t Ms[] = {0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 70};
     for (size_t t = 0; t < sizeof types / sizeof *types; t++) {
         const int type = types[t];
         const int64_t bs = quant_block_size(type), K1 = bs == 1 ? 37 : bs, K2 = bs == 256 ? 768 : 288;
@@ -197,6 +198,7 @@ int main(void)
             check_case(type, Ms[m], 70, K2, 1);
             check_case(type, Ms[m], 3, K1, m % 2);
         }
+        check_case(type, 1, 701, K2, 1); /* 1 x 701 x K2 > PARALLEL_WORK: the decode path on 2 threads */
     }
     check_case(QUANT_Q4_K, 261, 70, 768, 1); /* more than one block of MBLK = 256 rows */
     check_case(QUANT_Q8_0, 261, 3, 32, 0);

@@ -137,6 +137,33 @@ def test_threads_do_not_change_results(M):
     assert all(np.array_equal(a, b) for a, b in zip(*results))
 
 
+@needs_c
+@pytest.mark.parametrize("ggml_type", TYPES)
+def test_decode_path_every_row_count(ggml_type):
+    """M = 1 .. 8 rows (the decode path), odd N, with and without bias, float32 and float64: dequantize-then-matmul
+    within summation-order rounding, and bit-identical on 1 and 2 threads (1 x N x K past the one-thread
+    threshold; K 768, or 773 for F32 / F16 / BF16: a tail of K % 32)."""
+    kernels.set_backend("c")
+    rng = np.random.default_rng(11)
+    N, K = 301, k_for(ggml_type, 3 if kq.block_size(ggml_type) == 256 else 24)
+    blocks = random_blocks(rng, ggml_type, N, K)
+    W = gguf_dequantize(blocks, ggml_type).astype(np.float64)                  # [N, K]
+    for M in range(1, 9):
+        for dtype, tol in ((np.float32, 1e-5), (np.float64, 1e-12)):
+            x = rng.standard_normal((M, K)).astype(dtype)
+            for bias in (None, rng.standard_normal(N).astype(dtype)):
+                ys = []
+                for threads in (1, 2):
+                    kernels.set_num_threads(threads)
+                    ys.append(kq.quant_linear_forward(x, blocks, ggml_type, bias))
+                y_ref = x.astype(np.float64) @ W.T + (0 if bias is None else bias)
+                scale = np.abs(x.astype(np.float64)) @ np.abs(W).T + (0 if bias is None else np.abs(bias))
+                name = f"{ggml_type} y {M}x{N}x{K} {np.dtype(dtype)} bias {bias is not None}"
+                assert ys[0].dtype == dtype and ys[0].shape == (M, N)
+                assert_close(ys[0], y_ref, 0, tol * scale, name=name)
+                assert np.array_equal(ys[0], ys[1]), f"{name}: 1 and 2 threads differ"
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_bad_arguments_are_named(backend):
     kernels.set_backend(backend)
