@@ -191,10 +191,13 @@ def _load_hf_folder(folder, dtype, quantize=None):
     skipped, quantized_from = [], {}
     for file in files:
         source = os.path.join(folder, file)
-        for name, array in _st.iter_file(source):
-            name = checkpoint_name(name)
+        header = headers[file]
+        for key, array in _st.iter_file(source, widen_bf16=False, release=True):  # pages dropped once used
+            name = checkpoint_name(key)
             if name is None:
                 continue
+            if header[key]["dtype"] == "BF16":  # its uint16 bits: widened a slice at a time where quantized
+                array = _Bf16(array)
             if name in aliases:  # a tied copy: checked against what it aliases once that is loaded
                 skipped.append((name, array, source))
                 continue
@@ -204,24 +207,44 @@ def _load_hf_folder(folder, dtype, quantize=None):
                 blocks_of[id(p)] = (_quantize_rows(array, *plan[name], dtype), plan[name][1])
                 quantized_from[name] = array  # a memory map (or BF16 widened): for a tied copy's check only
                 continue
-            _assign(model, name, array, source, dtype)
+            _assign(model, name, _widened(array), source, dtype)
     model = _finish(model, folder)
     params = dict(model.named_parameters(remove_duplicate=False))
     for name, array, source in skipped:
         first = quantized_from.get(aliases[name], params[name].data)
-        if not np.array_equal(np.asarray(array, dtype), np.asarray(first, dtype)):
+        if not np.array_equal(np.asarray(_widened(array), dtype), np.asarray(_widened(first), dtype)):
             raise CheckpointError(f"{source}: tensor {name!r} differs from {aliases[name]!r}, which config.json's "
                                   f"tie_word_embeddings=true makes it share; set tie_word_embeddings to false "
                                   f"to use it")
     return use_blocks(model, blocks_of) if quantize is not None else model
 
 
+class _Bf16:
+    """A BF16 tensor of a checkpoint as its uint16 bits (`bits`), widened by _widened."""
+
+    def __init__(self, bits):
+        self.bits, self.shape = bits, bits.shape
+
+
+def _widened(array):
+    """A checkpoint tensor as NumPy floats: a _Bf16's bits widened to float32 (exact), anything else as it is."""
+    return _st.bf16_to_float32(array.bits) if isinstance(array, _Bf16) else array
+
+
 def _quantize_rows(array, module_class, ggml_type, dtype, rows=4096):
-    """The blocks [out, row bytes] of a checkpoint's weight `array` ([out, in]; a GPT-2 Conv1D's is [in, out]) as
-    quantize_model makes them from the loaded `dtype` weight, quantized `rows` rows at a time."""
-    w = array.T if module_class is Conv1D else array                                                  # [out, in]
-    return np.concatenate([quantize(np.ascontiguousarray(w[i:i + rows], dtype=dtype), ggml_type)
-                           for i in range(0, max(w.shape[0], 1), rows)])
+    """The blocks [out, row bytes] of a checkpoint's weight `array` ([out, in]; a GPT-2 Conv1D's is [in, out]; or
+    a _Bf16) as quantize_model makes them from the loaded `dtype` weight, `rows` rows at a time (each slice of a
+    BF16 tensor widened on its own)."""
+    bits = array.bits if isinstance(array, _Bf16) else array
+    w = bits.T if module_class is Conv1D else bits                                                    # [out, in]
+    out = None
+    for i in range(0, w.shape[0], rows):
+        part = w[i:i + rows]
+        part = _st.bf16_to_float32(np.ascontiguousarray(part)) if isinstance(array, _Bf16) else part
+        blocks = quantize(np.ascontiguousarray(part, dtype=dtype), ggml_type)                      # [rows, bytes]
+        out = np.empty((w.shape[0], blocks.shape[1]), np.uint8) if out is None else out
+        out[i:i + rows] = blocks
+    return out if out is not None else quantize(np.zeros((0, w.shape[1]), dtype), ggml_type)
 
 
 def _tied_names(model):

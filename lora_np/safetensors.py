@@ -89,14 +89,17 @@ def load_file(path, mmap: bool = True) -> dict[str, np.ndarray]:
     (BF16 excepted: it is widened to a new float32 array); with mmap=False
     they are writable copies.
     """
-    return dict(iter_file(path, mmap))
+    return dict(_iter_tensors(_map(path), path, copy=not mmap))
 
 
-def iter_file(path, mmap: bool = True):
-    """(name, array) for each tensor of a file, in file order, as load_file gives them, one at a time: a BF16
-    tensor is widened when it is reached, so a loader that keeps each tensor in another form (quantized
-    blocks) never holds the whole file widened."""
-    yield from _iter_tensors(_map(path), path, copy=not mmap)
+def iter_file(path, widen_bf16=True, release=False):
+    """(name, array) for each tensor of a file, one at a time, as read-only views of the memory-mapped file (a
+    BF16 tensor widened to a new float32 array when it is reached). widen_bf16=False: a BF16 tensor comes as its
+    uint16 bits (bf16_to_float32 widens them), for a caller that widens a slice at a time. release=True: when
+    the next tensor is asked for, the pages of the one before are dropped from memory (madvise DONTNEED: they
+    are read from the file again if touched), so a loader that copies or converts each tensor holds the file's
+    pages one tensor at a time instead of all of them."""
+    yield from _iter_tensors(_map(path), path, copy=False, widen_bf16=widen_bf16, release=release)
 
 
 def load(data: bytes) -> dict[str, np.ndarray]:
@@ -111,7 +114,7 @@ def _map(path):
         return mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
 
 
-def _iter_tensors(buf, source, copy):
+def _iter_tensors(buf, source, copy, widen_bf16=True, release=False):
     n = _header_length(bytes(buf[:_ALIGN]), len(buf), source)
     header = _parse_header(bytes(buf[_ALIGN:_ALIGN + n]), len(buf) - _ALIGN - n, source)
     for name, info in header.items():
@@ -127,11 +130,14 @@ def _iter_tensors(buf, source, copy):
         begin, end = info["data_offsets"]
         arr = np.frombuffer(buf, dtype=np_dtype, count=(end - begin) // np_dtype.itemsize,
                             offset=_ALIGN + n + begin).reshape(shape)
-        if dtype == "BF16":
+        if dtype == "BF16" and widen_bf16:
             arr = bf16_to_float32(arr)
         elif copy:
             arr = arr.copy()
         yield name, arr
+        if release and isinstance(buf, mmap.mmap) and end > begin:
+            start = (_ALIGN + n + begin) // mmap.PAGESIZE * mmap.PAGESIZE
+            buf.madvise(mmap.MADV_DONTNEED, start, _ALIGN + n + end - start)
 
 
 def _header_length(head, size, source):

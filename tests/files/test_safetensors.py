@@ -318,3 +318,24 @@ def test_file_mode_follows_umask(tmp_path):
     finally:
         os.umask(umask)
     assert os.stat(path).st_mode & 0o777 == 0o644
+
+
+def test_iter_file_one_tensor_at_a_time(tmp_path):
+    """iter_file yields what load_file holds, tensor by tensor; widen_bf16=False gives a BF16 tensor's bits;
+    release=True drops each tensor's pages once the next is asked for, and a view kept from before still
+    reads the file's values (the pages come back from the file)."""
+    rng = np.random.default_rng(0)
+    tensors = {f"t{i}": rng.standard_normal((300 + i, 97)).astype(np.float32) for i in range(5)}
+    path = tmp_path / "m.safetensors"
+    sft.save_file(tensors, path, dtype="BF16")
+    want = sft.load_file(path)
+    kept = dict(sft.iter_file(path, release=True))
+    assert kept.keys() == want.keys()
+    for name, bits in sft.iter_file(path, widen_bf16=False, release=True):
+        assert bits.dtype == np.uint16 and np.array_equal(sft.bf16_to_float32(bits), want[name]), name
+    sft.save_file(tensors, path)  # float32: views of the map
+    views = list(sft.iter_file(path, release=True))
+    for name, view in views:
+        assert np.array_equal(view, tensors[name]), name
+    for name in kept:
+        assert np.array_equal(kept[name], want[name]), name
