@@ -6,9 +6,17 @@ LoRA r=8 (alpha 16, no dropout) on q_proj and v_proj, and time one AdamW step on
 forward with labels, backward, optimizer step, zero_grad. lora_np runs the step as `lora-np train` does (the
 chunked LM-head loss, glibc told to keep freed memory). Steps alternate between the two worker processes
 (bench/_workers.py); medians of --reps steps after one warm-up step. Peak RSS is each worker's ru_maxrss
-(model build included).
+(model build or load included).
+
+--base float32 (default): each side builds its model with random float32 weights in its own process.
+--base bf16: what a user does with the real checkpoints, which ship as bfloat16 safetensors. A helper process
+writes one random bf16 checkpoint (transformers' init, save_pretrained) to --dir; PyTorch loads it as float32
+(from_pretrained(dtype=torch.float32): CPU training computes in float32) and lora_np loads it with
+load_model(quantize="bf16"), keeping the weights as BF16 blocks and computing in float32. bf16 -> float32 is
+exact, so both compute the same float32 function of the same weights; lora_np holds them in half the memory.
 
     python bench/families_step.py [--model qwen3-0.6b|llama-3.2-1b] [--reps 3] [--threads 2] [--skip-torch]
+                                  [--base float32|bf16] [--dir /tmp/families_step]
 """
 import argparse
 import json
@@ -45,7 +53,27 @@ def _batch(vocab):
     return np.random.default_rng(0).integers(0, vocab, (BATCH, SEQ))
 
 
-def lora_np_worker(name):
+def write_bf16_checkpoint(name, folder):
+    """A random bf16 checkpoint of model `name` in `folder` (config.json + model.safetensors), as the Hub ships
+    them; written once (kept when its config matches)."""
+    import torch
+    import transformers
+
+    made_from = os.path.join(folder, "bench_config.json")  # the CONFIGS entry it was written from
+    if os.path.exists(os.path.join(folder, "model.safetensors")) and os.path.exists(made_from):
+        with open(made_from) as f:
+            if json.load(f) == CONFIGS[name]:
+                return
+    d = dict(CONFIGS[name])
+    config = transformers.AutoConfig.for_model(d.pop("model_type"), **d)
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
+    model.save_pretrained(folder, safe_serialization=True, max_shard_size="20GB")
+    with open(made_from, "w") as f:
+        json.dump(CONFIGS[name], f)
+
+
+def lora_np_worker(name, folder=None):
     import lora_np
     from lora_np.models import config_from_dict, model_class
     from lora_np.optim import AdamW
@@ -56,8 +84,12 @@ def lora_np_worker(name):
         from lora_np.kernels import keep_freed_memory
 
         keep_freed_memory()  # as `lora-np train` does
-        config = config_from_dict(CONFIGS[name])
-        model = model_class(config)(config).requires_grad_(False)
+        if folder is None:
+            config = config_from_dict(CONFIGS[name])
+            model = model_class(config)(config).requires_grad_(False)
+        else:
+            model = lora_np.load_model(folder, quantize="bf16")
+            config = model.config
         peft = lora_np.get_peft_model(model, lora_np.LoraConfig(r=R, lora_alpha=ALPHA,
                                                                 target_modules=["q_proj", "v_proj"]))
         peft.train()
@@ -74,7 +106,7 @@ def lora_np_worker(name):
     return setup, step
 
 
-def torch_worker(name, threads):
+def torch_worker(name, threads, folder=None):
     import torch
 
     torch.set_num_threads(threads)
@@ -84,9 +116,13 @@ def torch_worker(name, threads):
         import peft
         import transformers
 
-        d = dict(CONFIGS[name])
-        config = transformers.AutoConfig.for_model(d.pop("model_type"), **d)
-        model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+        if folder is None:
+            d = dict(CONFIGS[name])
+            config = transformers.AutoConfig.for_model(d.pop("model_type"), **d)
+            model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+        else:
+            model = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+            config = model.config
         model = peft.get_peft_model(model, peft.LoraConfig(r=R, lora_alpha=ALPHA, target_modules=["q_proj", "v_proj"]))
         model.train()
         params = [p for p in model.parameters() if p.requires_grad]
@@ -103,10 +139,11 @@ def torch_worker(name, threads):
     return setup, step
 
 
-def run(name, reps, threads, skip_torch):
-    workers = [W.Worker(__file__, "lora_np", ["--model", name], threads)]
+def run(name, reps, threads, skip_torch, folder=None):
+    extra = ["--model", name] + (["--checkpoint", folder] if folder else [])
+    workers = [W.Worker(__file__, "lora_np", extra, threads)]
     if not skip_torch:
-        workers.append(W.Worker(__file__, "torch", ["--model", name], threads))
+        workers.append(W.Worker(__file__, "torch", extra, threads))
     times = W.interleave(workers, reps)
     rss = {w.name: w.ask("rss")["peak_rss_mb"] for w in workers}
     facts = {w.name: w.facts for w in workers}
@@ -126,14 +163,29 @@ def main():
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--skip-torch", action="store_true")
+    ap.add_argument("--base", choices=["float32", "bf16"], default="float32")
+    ap.add_argument("--dir", default="/tmp/families_step", help="where --base bf16 writes its checkpoints")
+    ap.add_argument("--checkpoint", help=argparse.SUPPRESS)  # a worker's bf16 folder
     ap.add_argument("--worker")
     args = ap.parse_args()
     if args.worker:
         (name,) = args.model
-        W.serve(*(lora_np_worker(name) if args.worker == "lora_np" else torch_worker(name, args.threads)))
+        W.serve(*(lora_np_worker(name, args.checkpoint) if args.worker == "lora_np"
+                  else torch_worker(name, args.threads, args.checkpoint)))
         return
     print(W.machine())
-    results = {name: run(name, args.reps, args.threads, args.skip_torch) for name in args.model or sorted(CONFIGS)}
+    print(f"base: {args.base}")
+    names = args.model or sorted(CONFIGS)
+    folders = {name: None for name in names}
+    if args.base == "bf16":
+        import subprocess
+
+        for name in names:  # in a process of its own: its memory is not any worker's
+            folders[name] = os.path.join(args.dir, name)
+            subprocess.run([sys.executable, "-c", f"import sys; sys.path.insert(0, {os.path.dirname(__file__)!r}); "
+                            f"import families_step as f; f.write_bf16_checkpoint({name!r}, {folders[name]!r})"],
+                           check=True)
+    results = {name: run(name, args.reps, args.threads, args.skip_torch, folders[name]) for name in names}
     print(json.dumps(results, indent=1))
     print(f"\n| model | | step (median of {args.reps}) | tokens/s | peak RSS |\n|---|---|---|---|---|")
     for name, rows in results.items():
