@@ -108,7 +108,11 @@ class Function:
             result = Tensor(out, requires_grad=True)
             result._ctx = ctx
             return result
-        return Tensor._of(out) if type(out) is np.ndarray else Tensor(out)
+        if type(out) is not np.ndarray:
+            return Tensor(out)
+        result = Tensor.__new__(Tensor)  # no graph: the output as it is, without __init__'s conversions
+        result.data, result.grad, result._ctx, result._requires_grad = out, None, None, False
+        return result
 
     def forward(self, *arrays, **kwargs):  # pragma: no cover - abstract
         raise NotImplementedError
@@ -151,14 +155,6 @@ class Tensor:
         self._ctx = None
         self._requires_grad = False
         self.requires_grad = requires_grad
-
-    @classmethod
-    def _of(cls, array):
-        """A Tensor of `array` (an ndarray, taken as it is) without a gradient: what an op's output is
-        when it records no graph, made without __init__'s conversions."""
-        t = cls.__new__(cls)
-        t.data, t.grad, t._ctx, t._requires_grad = array, None, None, False
-        return t
 
     # -- autograd state -------------------------------------------------------------
     @property

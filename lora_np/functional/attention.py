@@ -47,9 +47,7 @@ def rotary_embedding(x, cos, sin):
     (rotate-half within them) and pass x[..., rd:] through unchanged."""
     (x,) = _tensors("rotary_embedding", x)
     _check_float("rotary_embedding", x)
-    cos = Tensor(_to_array(cos, x.dtype))
-    sin = Tensor(_to_array(sin, x.dtype))
-    return Rotary.apply(x, cos, sin)
+    return Rotary.apply(x, _to_array(cos, x.dtype), _to_array(sin, x.dtype))  # the tables get no gradient
 
 
 def rotate_half(x):

@@ -30,9 +30,12 @@ def _unbroadcast(grad, shape):
 def _tensors(op, *xs):
     """Wrap scalars/arrays as Tensors of the common float dtype; raise on mixed floats."""
     first = xs[0].data.dtype if isinstance(xs[0], Tensor) else None
-    if first is not None and first in _FLOAT_DTYPES and \
-            all(isinstance(x, Tensor) and x.data.dtype == first for x in xs[1:]):
-        return list(xs)  # the common call: Tensors of one float dtype, nothing to convert or check
+    if first is not None and first in _FLOAT_DTYPES:  # the common call: Tensors of one float dtype, as they are
+        for x in xs[1:]:
+            if not isinstance(x, Tensor) or x.data.dtype != first:
+                break
+        else:
+            return list(xs)
     arrays = [x.data if isinstance(x, Tensor) else None for x in xs]
     dtype = _check_float_dtypes(op, [a for a in arrays if a is not None])
     for x in xs:
@@ -422,7 +425,7 @@ class Permute(Function):
         axes = [d % x.ndim for d in dims]
         if sorted(axes) != list(range(x.ndim)):
             raise ValueError(f"permute: dims {tuple(dims)} are not a permutation for shape {x.shape}")
-        self.inv = tuple(axes.index(i) for i in range(x.ndim))
+        self.inv = tuple(sorted(range(x.ndim), key=axes.__getitem__))  # the inverse permutation
         return x.transpose(dims)
 
     def backward(self, g):

@@ -167,11 +167,11 @@ def _attention_backward_numpy(g_out, q, k, v, out, lse, scale, is_causal, need_q
 
 def _head_strides(a, g):
     """Strides in elements of a (B, Hkv·g, T, D)-like array, as (batch, kv head, position, query head in group)."""
-    sb, sh, st, sd = (x // a.itemsize for x in a.strides)
-    if (sd != 1 and a.shape[-1] > 1 and a.size) or any(x % a.itemsize for x in a.strides):
+    (sb, sh, st, sd), size = a.strides, a.itemsize
+    if (sd != size and a.shape[-1] > 1 and a.size) or sb % size or sh % size or st % size or sd % size:
         raise ValueError(f"attention: an array of shape {a.shape} needs a unit stride along its last axis, "
                          f"got strides {a.strides}")
-    return c_int64s([sb, g * sh, st, sh])
+    return c_int64s([sb // size, g * (sh // size), st // size, sh // size])
 
 
 def _attention_dims(q, k, v):

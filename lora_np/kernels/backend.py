@@ -111,17 +111,19 @@ def c_function(op, dtype, ref=False):
 
 def c_status(op, status):
     """Turn the C core's error code into an exception."""
+    if status == lib.LORA_OK:
+        return
     if status == lib.LORA_ENOMEM:
         raise MemoryError(f"{op}: the C core could not allocate its small scratch buffers")
-    if status != lib.LORA_OK:
-        raise RuntimeError(f"{op}: the C core returned error {status}")
+    raise RuntimeError(f"{op}: the C core returned error {status}")
 
 
 def _pointer(a, ctype):
     """A cffi pointer to a's first element; strided arrays (attention's q) are passed with their strides."""
-    if a.flags.c_contiguous:
-        return ffi.from_buffer(ctype, a)
-    return ffi.cast(ctype[:-2] + "*", a.__array_interface__["data"][0])
+    try:
+        return ffi.from_buffer(ctype, a)  # refuses an array that is not C-contiguous
+    except ValueError:
+        return ffi.cast(ctype[:-2] + "*", a.__array_interface__["data"][0])
 
 
 _PLAIN = (int, float)  # the sizes and scalars among call_c's arguments, passed as they are
@@ -139,11 +141,11 @@ def _is_array(a):
 def call_c(op, *args, ref=False):
     """Call lib.<op>[_ref]_{f32,f64} (the dtype of the first array) with arrays passed as pointers
     (None -> NULL) and the other arguments as they are; arguments are the caller's to check."""
-    dtype = next(a.dtype for a in args if _is_array(a))
+    arrays = [type(a) not in _PLAIN and a is not None and _is_array(a) for a in args]
+    dtype = args[arrays.index(True)].dtype
     fn = c_function(op, dtype, ref)
     ctype = "float[]" if dtype.itemsize == 4 else "double[]"
-    c_args = [a if type(a) in _PLAIN else ffi.NULL if a is None else _pointer(a, ctype) if _is_array(a) else a
-              for a in args]
+    c_args = [_pointer(a, ctype) if is_array else ffi.NULL if a is None else a for a, is_array in zip(args, arrays)]
     c_status(op, fn(*c_args))
 
 

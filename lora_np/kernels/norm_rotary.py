@@ -105,9 +105,10 @@ def _rotary_transpose_numpy(g, cos, sin):
 def _strides3(a):
     """Strides in elements of a 4-D array's first three axes; it needs a unit stride along the last (of length
     >= 2: along one element any stride is unit)."""
-    if (a.strides[-1] != a.itemsize and a.shape[-1] > 1) or any(x % a.itemsize for x in a.strides[:3]):
+    (s0, s1, s2, s3), size = a.strides, a.itemsize
+    if (s3 != size and a.shape[-1] > 1) or s0 % size or s1 % size or s2 % size:
         raise ValueError(f"an array of shape {a.shape} needs a unit stride along its last axis, got {a.strides}")
-    return c_int64s([x // a.itemsize for x in a.strides[:3]])
+    return c_int64s([s0 // size, s1 // size, s2 // size])
 
 
 def _rms_rows(op, x, weight):
