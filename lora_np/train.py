@@ -131,7 +131,7 @@ class TrainArgs:
     seed: int = 0
     threads: Optional[int] = None
     dtype: str = "float32"
-    quantize: Optional[str] = None  # q8_0, q4_0 or q4_k: a float checkpoint's Linear / Embedding weights at load
+    quantize: Optional[str] = None  # q8_0, q4_0, q4_k, bf16 or f16: a float checkpoint's Linear / Embedding weights
     dequantize: bool = False  # a GGUF base as float `dtype` weights instead of its resident blocks
     resume: bool = False
     overwrite: bool = False  # replace the run already in `out` (its lora_np files only)

@@ -445,7 +445,7 @@ def test_commands_take_quantize_and_dequantize(tmp_path, capsys):
     args = train_args_from_namespace(ns)
     assert (args.quantize, args.dequantize) == ("q4_k", True)
     assert (TrainArgs(data="d", out="o").quantize, TrainArgs(data="d", out="o").dequantize) == (None, False)
-    with pytest.raises(OptionError, match="quantize must be one of q8_0, q4_0, q4_k, got 'q3_k'"):
+    with pytest.raises(OptionError, match="quantize must be one of q8_0, q4_0, q4_k, bf16, f16, got 'q3_k'"):
         TrainArgs(data="d", out="o", quantize="q3_k")
 
 
