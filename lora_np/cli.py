@@ -60,6 +60,10 @@ def load_for_command(args, trainable=False, with_tokenizer=True, floats=False):
     from .tokenizer import load_tokenizer
 
     path = args.model or default_model_path()
+    if floats and args.quantize:
+        raise CLIError(f"--quantize {args.quantize} keeps the base's weights in blocks, but this command writes "
+                       "float weights: leave it out (export --format gguf --outtype q8_0|q4_0 quantizes what it "
+                       "writes)")
     model = load_model(path, dtype=args.dtype, quantize=args.quantize, dequantize=args.dequantize or floats)
     if args.adapter:
         from .lora import LoraModel

@@ -439,6 +439,13 @@ def test_commands_take_quantize_and_dequantize(tmp_path, capsys):
                                                       "blocks; load the model with dequantize=True"):
             save(resident, tmp_path / "out")
     assert main(["merge", "--model", str(path), "--out", str(tmp_path / "merged")]) == 0
+    for command in (["merge", "--out", str(tmp_path / "m2")], ["export", "--format", "gguf", "--out",
+                                                                 str(tmp_path / "m2.gguf")]):
+        capsys.readouterr()
+        assert main([*command, "--model", str(tmp_path / "hf"), "--quantize", "q8_0"]) == 2
+        assert "--quantize q8_0 keeps the base's weights in blocks, but this command writes float weights" \
+            in capsys.readouterr().err
+        assert not os.path.exists(tmp_path / "m2") and not os.path.exists(tmp_path / "m2.gguf")
     merged = load_file(str(tmp_path / "merged" / "model.safetensors"))["model.layers.1.mlp.down_proj.weight"]
     assert np.array_equal(merged, resident.model.layers[1].mlp.down_proj.weight.data)
     ns = build_parser().parse_args(["train", "--data", "d.txt", "--out", "o", "--quantize", "q4_k", "--dequantize"])
