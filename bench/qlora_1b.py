@@ -9,8 +9,8 @@ to_gguf), 2-D weights Q4_0, norms F32. The skeleton is built with placeholder we
 tensor is drawn when the writer (lora_np.gguf.write_gguf) comes to it, as lora_np's layers initialise it
 (Linear uniform ±1/√in, Embedding N(0, 1), norms 1, from lora_np.manual_seed(0)), and quantized there: the
 build holds one float tensor at a time (the largest, the 128256 × 2048 embedding, 1.05 GB), never the 5 GB
-model; the writer quantizes a tensor in one piece, whose temporaries are about twice the tensor, so the build
-peaks near 3.1 GB. Its peak RSS is reported on a line of its own.
+model; the writer quantizes 4096 rows at a time, so the build peaks near 1.25 GB (the embedding drawn whole).
+Its peak RSS is reported on a line of its own.
 
 Train, in a fresh worker process (bench/_workers.py), so that its peak RSS (ru_maxrss, load included) is the
 training's alone, as a user's `lora-np train` on that file: load_model(file) keeps the Q4_0 blocks resident

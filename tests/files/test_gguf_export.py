@@ -9,7 +9,7 @@ import os
 
 import numpy as np
 import pytest
-from hypothesis import given
+from hypothesis import assume, given
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
@@ -95,6 +95,24 @@ def test_quantize_is_bit_exact_with_gguf_py(x, ggml_type, special):
     theirs = gguf.quants.quantize(x, gguf.GGMLQuantizationType[ggml_type]).reshape(-1).view(np.uint8)
     assert ours.dtype == np.uint8 and np.array_equal(ours, theirs), \
         f"{ggml_type}: first differing byte {np.argmax(ours != theirs)} of {ours.size}"
+
+
+@given(hnp.arrays(np.float32, st.tuples(st.integers(1, 3), st.integers(1, 9), st.sampled_from([32, 256])),
+                  elements=st.floats(-1e3, 1e3, width=32)), st.sampled_from(["Q8_0", "Q4_0", "Q4_K"]),
+       st.integers(1, 4))
+def test_quantize_a_slice_of_rows_at_a_time_gives_the_whole_tensors_bytes(x, ggml_type, chunk):
+    """gguf.quantize quantizes _QUANTIZE_ROWS rows at a time (its temporaries stay a slice's): the bytes of any
+    slicing equal those of the whole tensor quantized at once."""
+    from lora_np.kernels.quantize import quantize as quantize_rows
+
+    assume(x.shape[-1] % lg._SIZES[ggml_type][0] == 0)
+    whole = quantize_rows(x.reshape(-1, x.shape[-1]), ggml_type).reshape(-1)
+    saved, lg._QUANTIZE_ROWS = lg._QUANTIZE_ROWS, chunk
+    try:
+        sliced = lg.quantize(x, ggml_type)
+    finally:
+        lg._QUANTIZE_ROWS = saved
+    assert np.array_equal(sliced, whole), f"{ggml_type}: first differing byte {np.argmax(sliced != whole)}"
 
 
 def test_quantize_refuses_partial_blocks_and_unknown_types():
