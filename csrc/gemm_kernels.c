@@ -34,18 +34,6 @@
 #define VPAD 16            /* reals of slack after each buffer */
 #define PARALLEL_WORK 200000 /* multiply-adds below which a call stays on one thread */
 
-static int64_t min64(int64_t a, int64_t b) { return a < b ? a : b; }
-
-/* The calling thread's index in its OpenMP team: which slice of the scratch memory is its own. */
-static int64_t thread_id(void)
-{
-#ifdef _OPENMP
-    return omp_get_thread_num();
-#else
-    return 0;
-#endif
-}
-
 #define SIMD_TEMPLATE "gemm_kernels_simd.h" /* name_f32_v3, name_f64_v3, name_f32_base, name_f64_base */
 #include "instantiate.h"
 #define TEMPLATE "gemm_kernels_impl.h" /* the public name_f32, name_f64 */

@@ -4,6 +4,10 @@
 
 #include <stdint.h>
 
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
 #if !defined(__GNUC__)
 #error "the C core needs GCC or Clang (vector extensions); lora_np falls back to NumPy"
 #endif
@@ -25,6 +29,18 @@ int lora_np_use_v3(void);
 ALWAYS_INLINE void prefetch_ahead(const void *p, int64_t bytes)
 {
     __builtin_prefetch((const void *)((uintptr_t)p + (uintptr_t)bytes), 0, 3);
+}
+
+static inline int64_t min64(int64_t a, int64_t b) { return a < b ? a : b; }
+
+/* The calling thread's index in its OpenMP team: which slice of the scratch memory is its own. */
+static inline int64_t thread_id(void)
+{
+#ifdef _OPENMP
+    return omp_get_thread_num();
+#else
+    return 0;
+#endif
 }
 
 #define CAT_(a, b) a##_##b

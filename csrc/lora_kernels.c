@@ -67,8 +67,6 @@ int lora_has_openmp(void)
 #endif
 }
 
-static int64_t min64(int64_t a, int64_t b) { return a < b ? a : b; }
-
 /* Number of token chunks for the backward sums: a function of N alone. */
 static int64_t n_chunks(int64_t N)
 {

@@ -80,18 +80,6 @@ static int bad_call(int type, int64_t M, int64_t N, int64_t K)
     return quant_block_size(type) == 0 || M < 0 || N < 0 || K < 0 || K % quant_block_size(type) != 0;
 }
 
-static int64_t min64(int64_t a, int64_t b) { return a < b ? a : b; }
-
-/* The calling thread's index in its OpenMP team: which slice of the scratch memory is its own. */
-static int64_t thread_id(void)
-{
-#ifdef _OPENMP
-    return omp_get_thread_num();
-#else
-    return 0;
-#endif
-}
-
 /* IEEE half -> float, exactly (subnormals, infinities and NaNs included), without branches so that
  * loops over halves vectorize. */
 static inline float half_to_float(const uint8_t *p)
