@@ -33,7 +33,6 @@ _NUMPY_ROWS = 256  # rows of W the NumPy reference dequantizes at a time: no W-s
 _DECODE_ROWS = 8  # M up to this: the C tile kernels; more rows: OpenBLAS on dequantized panels of W
 _PANEL_BYTES = 4 << 20  # one dequantized panel of W (C backend, M > _DECODE_ROWS); measured in bench/quant_gemm.py
 _MIN_PANEL_COLS = 64  # backward: column panels at least this wide (or all of K), else row panels
-_UINT8 = np.dtype(np.uint8)
 
 
 def block_size(ggml_type):
@@ -87,7 +86,7 @@ def dequantize_rows(blocks, ggml_type, dtype=np.float32):
 
 def quant_linear_forward(x, blocks, ggml_type, bias=None):
     """y [M, N] = x [M, K] @ Wᵀ + bias [N] (bias may be None), W given as blocks [N, row_bytes]."""
-    M, N, K = _shapes(x, blocks, ggml_type, bias) or _check("quant_linear_forward", "x", x, blocks, ggml_type, bias)
+    M, N, K = _check("quant_linear_forward", "x", x, blocks, ggml_type, bias)
     y = np.empty((M, N), x.dtype)
     if backend() == "c":
         if M <= _DECODE_ROWS:
@@ -105,8 +104,7 @@ def quant_linear_forward(x, blocks, ggml_type, bias=None):
 
 def quant_linear_backward(dy, blocks, ggml_type):
     """dx [M, K] = dy [M, N] @ W, W given as blocks [N, row_bytes]."""
-    M, N, K = _shapes(dy, blocks, ggml_type, None, by_rows=True) or \
-        _check("quant_linear_backward", "dy", dy, blocks, ggml_type, None)
+    M, N, K = _check("quant_linear_backward", "dy", dy, blocks, ggml_type, None)
     if backend() == "c" and M > _DECODE_ROWS:
         return _backward_panels(np.empty((M, K), dy.dtype), dy, blocks, ggml_type)
     dx = np.zeros((M, K), dy.dtype)
@@ -119,31 +117,9 @@ def quant_linear_backward(dy, blocks, ggml_type):
     return dx
 
 
-def _shapes(a, blocks, ggml_type, bias, by_rows=False):
-    """(M, N, K) when a (x [M, K], or dy [M, N] when by_rows), blocks and bias pass every check in the common
-    way (NumPy arrays, C-contiguous, one float dtype); None for anything else, which _check then names. A
-    decoding step calls this ~200 times a token: a few attribute tests instead of the full checks."""
-    sizes = _SIZES.get(ggml_type)
-    if (sizes is None or type(a) is not np.ndarray or type(blocks) is not np.ndarray or a.ndim != 2
-            or blocks.ndim != 2 or blocks.dtype != _UINT8 or a.dtype not in CTYPES
-            or not a.flags.c_contiguous or not blocks.flags.c_contiguous):
-        return None
-    row_bytes = blocks.shape[1]
-    if row_bytes % sizes[1]:
-        return None
-    N, K = blocks.shape[0], row_bytes // sizes[1] * sizes[0]
-    M, n = a.shape
-    if n != (N if by_rows else K):
-        return None
-    if bias is not None and (type(bias) is not np.ndarray or bias.dtype != a.dtype or bias.shape != (N,)
-                             or not bias.flags.c_contiguous):
-        return None
-    return M, N, K
-
-
 def _check(op, name, a, blocks, ggml_type, bias):
-    """The full checks of x (forward) or dy (backward), blocks and bias, raising the error that names the
-    problem; (M, N, K) when there is none."""
+    """(M, N, K) after checking x (forward) or dy (backward), blocks and bias, raising the error that names the
+    problem (check_arrays takes its one-pass path for the common call)."""
     N, K = check_blocks(op, blocks, ggml_type)
     M = a.shape[0] if getattr(a, "ndim", 0) == 2 else 0
     check_arrays(op, {}, {name: a}, {name: (M, K if name == "x" else N)})
@@ -175,15 +151,21 @@ def _dequantize_into(out, blocks, ggml_type):
 # ---- many rows on the C backend: OpenBLAS on dequantized panels of W --------------------------
 
 
-def _forward_panels(y, x, blocks, ggml_type):
-    """y [M, N] = x [M, K] Wᵀ, a panel of W's rows at a time (no bias)."""
-    N, K = y.shape[1], x.shape[1]
-    rows = max(1, _PANEL_BYTES // x.itemsize // max(K, 1))
-    panel = np.empty(min(rows, N) * K, x.dtype)
+def _row_panels(blocks, ggml_type, K, dtype, rows):
+    """(n0, n1, W[n0:n1] as floats [n1 - n0, K]) for W's rows `rows` at a time, each dequantized by the C core
+    into one buffer that the next panel reuses."""
+    N = blocks.shape[0]
+    buffer = np.empty(min(rows, N) * K, dtype)
     for n0 in range(0, N, rows):
         n1 = min(N, n0 + rows)
-        w = _dequantize_into(panel[:(n1 - n0) * K].reshape(n1 - n0, K), blocks[n0:n1], ggml_type)  # [rows, K]
-        np.matmul(x, w.T, out=y[:, n0:n1])
+        yield n0, n1, _dequantize_into(buffer[:(n1 - n0) * K].reshape(n1 - n0, K), blocks[n0:n1], ggml_type)
+
+
+def _forward_panels(y, x, blocks, ggml_type):
+    """y [M, N] = x [M, K] Wᵀ, a panel of W's rows at a time (no bias)."""
+    K = x.shape[1]
+    for n0, n1, w in _row_panels(blocks, ggml_type, K, x.dtype, max(1, _PANEL_BYTES // x.itemsize // max(K, 1))):
+        np.matmul(x, w.T, out=y[:, n0:n1])                                                         # w [rows, K]
 
 
 def _backward_panels(dx, dy, blocks, ggml_type):
@@ -204,10 +186,8 @@ def _backward_panels(dx, dy, blocks, ggml_type):
         return dx
     rows = max(1, elements // max(K, 1))
     rows = rows // 256 * 256 or rows  # whole 256s: OpenBLAS then sums each panel alike on any thread count
-    panel, partial = np.empty(min(rows, N) * K, dy.dtype), np.empty_like(dx)
-    for n0 in range(0, N, rows):
-        n1 = min(N, n0 + rows)
-        w = _dequantize_into(panel[:(n1 - n0) * K].reshape(n1 - n0, K), blocks[n0:n1], ggml_type)  # [rows, K]
+    partial = np.empty_like(dx)
+    for n0, n1, w in _row_panels(blocks, ggml_type, K, dy.dtype, rows):                          # w [rows, K]
         if n0 == 0:
             np.matmul(dy[:, n0:n1], w, out=dx)
         else:

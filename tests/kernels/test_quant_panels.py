@@ -6,8 +6,8 @@ Properties:
   summation-order rounding, |error| ≤ tol · (|x| |W|ᵀ + |b|), tol 1e-5 in float32 and 1e-12 in float64, for
   panel sizes that hypothesis picks down to one row / one block of columns;
 - no W-sized float copy: the traced peak stays below the dequantized weight's size;
-- the lean argument checks refuse what the full ones refuse, with the same messages, on both paths
-  (M ≤ 8: the C tile kernels; more rows: the panels).
+- bad arguments are refused with messages naming the argument, on both paths (M ≤ 8: the C tile kernels;
+  more rows: the panels).
 """
 import tracemalloc
 
@@ -85,7 +85,7 @@ def test_panels_do_not_depend_on_the_number_of_threads(monkeypatch, panels):
 
 
 @pytest.mark.parametrize("M", [2, 20])
-def test_lean_checks_refuse_what_the_full_checks_refuse(M):
+def test_bad_arguments_are_refused_by_name_on_both_paths(M):
     blocks = np.zeros((4, 34), np.uint8)
     x, dy = np.zeros((M, 32), np.float32), np.zeros((M, 4), np.float32)
     cases = [
