@@ -454,9 +454,6 @@ _GGML_TYPE_IDS = {name: i for i, (name, _, _) in GGML_TYPES.items()}
 WRITABLE_TYPES = ("F32", "F16", "Q8_0", "Q4_0", "Q5_0", "Q4_K")
 
 
-_QUANTIZE_ROWS = 4096  # rows quantized per step: the quantizer's temporaries stay a slice's, not a tensor's
-
-
 def quantize(array, ggml_type) -> np.ndarray:
     """A float array as the bytes (flat uint8) of `ggml_type`: F32 and F16 here, the quantized types by
     lora_np.quant.quantize (bit for bit as gguf-py's gguf.quants.quantize / ggml's reference quantizers);
@@ -472,11 +469,7 @@ def quantize(array, ggml_type) -> np.ndarray:
     if not array.ndim or array.shape[-1] % block_size:
         raise GGUFError(f"cannot quantize shape {array.shape} to {ggml_type}: the row length is not a multiple "
                         f"of the block size {block_size}")
-    rows = array.reshape(-1, array.shape[-1])                                                     # [n, K]
-    out = np.empty((rows.shape[0], rows.shape[1] // block_size * _SIZES[ggml_type][1]), np.uint8)  # [n, row bytes]
-    for i in range(0, rows.shape[0], _QUANTIZE_ROWS):  # ggml quantizes rows independently: the same bytes
-        out[i:i + _QUANTIZE_ROWS] = quantize_rows(np.ascontiguousarray(rows[i:i + _QUANTIZE_ROWS]), ggml_type)
-    return out.reshape(-1)
+    return quantize_rows(array.reshape(-1, array.shape[-1]), ggml_type).reshape(-1)
 
 
 def value_type(value):

@@ -12,8 +12,14 @@ A leaf module (NumPy only): lora_np.gguf's writer and lora_np.quant both use it.
 """
 import numpy as np
 
+from lora_np.gguf import GGML_TYPES
+
 QUANTIZE_TYPES = ("q8_0", "q4_0", "q4_k", "bf16", "f16")  # what quantize_model / load_model(quantize=) offer
 BLOCK_SIZES = {"Q8_0": 32, "Q4_0": 32, "Q5_0": 32, "Q4_K": 256, "BF16": 1, "F16": 1}  # elements per block
+
+
+_BLOCK_BYTES = {name: size for name, _, size in GGML_TYPES.values()}
+_ROWS = 4096  # rows quantized per step: the quantizers' temporaries (about twice their input) stay a slice's
 
 
 def quantize(weight, ggml_type):
@@ -28,9 +34,14 @@ def quantize(weight, ggml_type):
     if w.ndim != 2 or w.shape[1] % block:
         raise ValueError(f"quantize: {t} needs a 2-D weight whose rows are whole blocks of {block}, "
                          f"got shape {w.shape}")
-    x = np.ascontiguousarray(w, dtype=np.float32).reshape(-1, block)  # (n_blocks, block)
-    with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
-        return _QUANTIZERS[t](x).reshape(w.shape[0], -1)
+    out = None
+    for i in range(0, w.shape[0], _ROWS):  # ggml quantizes rows independently: the same bytes, a slice's temporaries
+        x = np.ascontiguousarray(w[i:i + _ROWS], dtype=np.float32).reshape(-1, block)  # (n_blocks, block)
+        with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+            blocks = _QUANTIZERS[t](x).reshape(min(_ROWS, w.shape[0] - i), -1)            # (rows, row bytes)
+        out = np.empty((w.shape[0], blocks.shape[1]), np.uint8) if out is None else out
+        out[i:i + _ROWS] = blocks
+    return out if out is not None else np.zeros((0, w.shape[1] // block * _BLOCK_BYTES[t]), np.uint8)
 
 
 def _f16_bytes(d):

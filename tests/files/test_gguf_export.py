@@ -101,17 +101,17 @@ def test_quantize_is_bit_exact_with_gguf_py(x, ggml_type, special):
                   elements=st.floats(-1e3, 1e3, width=32)), st.sampled_from(["Q8_0", "Q4_0", "Q4_K"]),
        st.integers(1, 4))
 def test_quantize_a_slice_of_rows_at_a_time_gives_the_whole_tensors_bytes(x, ggml_type, chunk):
-    """gguf.quantize quantizes _QUANTIZE_ROWS rows at a time (its temporaries stay a slice's): the bytes of any
-    slicing equal those of the whole tensor quantized at once."""
-    from lora_np.kernels.quantize import quantize as quantize_rows
+    """kernels.quantize quantizes _ROWS rows at a time (its temporaries stay a slice's), and so the GGUF
+    writer's gguf.quantize: the bytes of any slicing equal those of the whole tensor quantized at once."""
+    from lora_np.kernels import quantize as kqz
 
     assume(x.shape[-1] % lg._SIZES[ggml_type][0] == 0)
-    whole = quantize_rows(x.reshape(-1, x.shape[-1]), ggml_type).reshape(-1)
-    saved, lg._QUANTIZE_ROWS = lg._QUANTIZE_ROWS, chunk
+    whole = kqz.quantize(x.reshape(-1, x.shape[-1]), ggml_type).reshape(-1)
+    saved, kqz._ROWS = kqz._ROWS, chunk
     try:
         sliced = lg.quantize(x, ggml_type)
     finally:
-        lg._QUANTIZE_ROWS = saved
+        kqz._ROWS = saved
     assert np.array_equal(sliced, whole), f"{ggml_type}: first differing byte {np.argmax(sliced != whole)}"
 
 
