@@ -4,8 +4,9 @@
     python bench/quant_gemm.py --generate         # and prefill + generation tokens/s: Q4_1 resident vs float32
                                                   # (vs llama.cpp)
     python bench/quant_gemm.py --types Q4_1 Q8_0  # only these types
+    python bench/quant_gemm.py --shapes qwen3 --types BF16   # Qwen3-0.6B's shapes (or llama: Llama-3.2-1B's), M = 1024
 
-GEMMs, per shape (N out x K in features of SmolLM2-135M's layers) and M rows of x, medians over
+GEMMs, per shape (N out x K in features of SmolLM2-135M's layers, or --shapes') and M rows of x, medians over
 interleaved rounds (every implementation timed in turn, each round starting one further on):
   quant fwd    y = x Wᵀ with W in its blocks (lora_np's C kernel)
   f32 fwd      x @ Wᵀ with W already float32 (NumPy's OpenBLAS): what a dequantized model does
@@ -32,7 +33,11 @@ from lora_kernels import median_times  # noqa: E402  (bench/lora_kernels.py: int
 from lora_np import kernels  # noqa: E402
 from lora_np.kernels import quant as kq  # noqa: E402
 
-SHAPES = [(576, 576), (192, 576), (1536, 576), (576, 1536), (49152, 576)]  # q/o, k/v, gate/up, down, head
+SHAPES = {  # (N out, K in) of each model's layers: q/o, k/v, gate/up, down (..., head)
+    "smollm2": [(576, 576), (192, 576), (1536, 576), (576, 1536), (49152, 576)],
+    "qwen3": [(2048, 1024), (1024, 2048), (1024, 1024), (3072, 1024), (1024, 3072)],  # q, o, k/v, gate/up, down
+    "llama": [(2048, 2048), (512, 2048), (8192, 2048), (2048, 8192)],                  # Llama-3.2-1B
+}
 ROWS = [1, 8, 1024]
 TYPES = ["Q4_1", "Q8_0", "Q4_0", "Q5_0", "Q4_K", "F16", "BF16"]  # those with a quantizer (gguf-py's, lora_np's q4_k)
 
@@ -49,13 +54,13 @@ def blocks_of(w, ggml_type):
     return np.ascontiguousarray(q).view(np.uint8).reshape(w.shape[0], -1)
 
 
-def gemm_table(types, rounds):
+def gemm_table(types, rounds, shapes):
     rng = np.random.default_rng(0)
     print(f"{'N x K':>11} {'M':>5} {'type':>5} | {'quant fwd':>9} {'f32 fwd':>8} {'deq+fwd':>8} | "
           f"{'quant bwd':>9} {'f32 bwd':>8} | fwd vs f32  bwd vs f32  (ms; > 1 = faster)")
-    for N, K in SHAPES:
+    for N, K in SHAPES[shapes]:
         w = (rng.standard_normal((N, K)) / np.sqrt(K)).astype(np.float32)
-        for M in ROWS if N < 10000 else ROWS[:2]:  # the head: decoding only
+        for M in (ROWS if N < 10000 else ROWS[:2]) if shapes == "smollm2" else ROWS[-1:]:  # the head: decoding
             x, dy = rng.standard_normal((M, K), np.float32), rng.standard_normal((M, N), np.float32)
             for t in types:
                 if K % kq.block_size(t):
@@ -133,6 +138,8 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--types", nargs="+", default=TYPES, choices=TYPES)
     ap.add_argument("--rounds", type=int, default=21)
+    ap.add_argument("--shapes", default="smollm2", choices=sorted(SHAPES),
+                    help="whose layer shapes (qwen3, llama: M = 1024 only, as a training step's B4 x T256)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--generate", action="store_true", help="also time generation (loads SmolLM2)")
     ap.add_argument("--new-tokens", type=int, default=128)
@@ -140,7 +147,7 @@ def main():
     args = ap.parse_args()
     kernels.set_threads(args.threads)
     print(f"backend {kernels.backend()}, {kernels.get_num_threads()} threads")
-    gemm_table(args.types, args.rounds)
+    gemm_table(args.types, args.rounds, args.shapes)
     if args.generate:
         generation(args.threads, args.new_tokens, args.prefill_tokens, max(3, args.rounds // 7))
 

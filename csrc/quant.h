@@ -33,6 +33,13 @@ int64_t quant_row_bytes(int type, int64_t K);
 int quant_dequantize_f32(float *out, const uint8_t *w, int type, int64_t rows, int64_t K);
 int quant_dequantize_f64(double *out, const uint8_t *w, int type, int64_t rows, int64_t K);
 
+/* out [rows, n] = columns k0 .. k0 + n of the same rows (of K elements each; k0 and n whole blocks, within K):
+ * a column panel of W, read in place. */
+int quant_dequantize_cols_f32(float *out, const uint8_t *w, int type, int64_t rows, int64_t K, int64_t k0,
+                              int64_t n);
+int quant_dequantize_cols_f64(double *out, const uint8_t *w, int type, int64_t rows, int64_t K, int64_t k0,
+                              int64_t n);
+
 /* y [M, N] = x [M, K] @ W^T + bias [N] (bias may be NULL: no bias). M <= 8 takes the decode path
  * (each weight row dequantized once into a small buffer, dotted with every row of x). */
 int quant_linear_forward_f32(float *y, const float *x, const uint8_t *w, const float *bias, int type, int64_t M,

@@ -10,13 +10,20 @@ static real *FN(alloc)(int64_t count) { return malloc(sizeof(real) * (size_t)(co
 
 /* ---- public, tiled and parallel ------------------------------------------------------ */
 
+int FN(quant_dequantize_cols)(real *out, const uint8_t *w, int type, int64_t rows, int64_t K, int64_t k0, int64_t n)
+{
+    if (bad_call(type, rows, 0, K) || !out || !w || k0 < 0 || n < 0 || k0 > K - n ||
+        k0 % quant_block_size(type) || n % quant_block_size(type))
+        return LORA_EINVAL;
+    const int64_t rb = quant_row_bytes(type, K);
+#pragma omp parallel for schedule(static) num_threads(lora_get_num_threads()) if (rows * n > PARALLEL_WORK)
+    for (int64_t r = 0; r < rows; r++) QSIMD(dequant)(out + r * n, w + r * rb, type, k0, n);
+    return LORA_OK;
+}
+
 int FN(quant_dequantize)(real *out, const uint8_t *w, int type, int64_t rows, int64_t K)
 {
-    if (bad_call(type, rows, 0, K) || !out || !w) return LORA_EINVAL;
-    const int64_t rb = quant_row_bytes(type, K);
-#pragma omp parallel for schedule(static) num_threads(lora_get_num_threads()) if (rows * K > PARALLEL_WORK)
-    for (int64_t n = 0; n < rows; n++) QSIMD(dequant)(out + n * K, w + n * rb, type, 0, K);
-    return LORA_OK;
+    return FN(quant_dequantize_cols)(out, w, type, rows, K, 0, K);
 }
 
 int FN(quant_linear_forward)(real *y, const real *x, const uint8_t *w, const real *bias, int type, int64_t M,

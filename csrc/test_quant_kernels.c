@@ -170,7 +170,27 @@ static void check_dequantize(int type, int64_t N, int64_t K)
         for (int64_t k = 0; k < K; k++) same &= out[n * K + k] == wt[k * N + n]; /* +0 and -0 alike */
     snprintf(name, sizeof name, "type %d dequantize equals the baseline's", type);
     expect(name, same);
-    free(w), free(out), free(eye), free(wt);
+    /* a column panel read in place (quant_dequantize_cols): the same values as those columns of the rows */
+    const int64_t bs = quant_block_size(type), k0 = K / bs / 3 * bs, n = K / bs / 2 * bs;
+    float *cols = malloc(sizeof(float) * (size_t)(N * n + 1));
+    double *cols64 = malloc(sizeof(double) * (size_t)(N * n + 1));
+    rc = quant_dequantize_cols_f32(cols, w, type, N, K, k0, n) | quant_dequantize_cols_f64(cols64, w, type, N, K, k0, n);
+    same = rc == LORA_OK;
+    for (int64_t r = 0; r < N && same; r++)
+        for (int64_t k = 0; k < n; k++)
+            same &= cols[r * n + k] == out[r * K + k0 + k] && cols64[r * n + k] == (double)out[r * K + k0 + k];
+    snprintf(name, sizeof name, "type %d column panel [%lld, %lld) equals those columns", type, (long long)k0,
+             (long long)(k0 + n));
+    expect(name, same);
+    if (bs > 1) {
+        snprintf(name, sizeof name, "type %d column panel off the blocks refused", type);
+        expect(name, quant_dequantize_cols_f32(cols, w, type, N, K, k0 + 1, bs) == LORA_EINVAL &&
+                         quant_dequantize_cols_f32(cols, w, type, N, K, 0, bs + 1) == LORA_EINVAL);
+    }
+    snprintf(name, sizeof name, "type %d column panel past K refused", type);
+    expect(name, quant_dequantize_cols_f32(cols, w, type, N, K, K - bs + bs, bs) == LORA_EINVAL &&
+                     quant_dequantize_cols_f32(cols, w, type, N, K, -bs, bs) == LORA_EINVAL);
+    free(w), free(out), free(eye), free(wt), free(cols), free(cols64);
 }
 
 static void check_errors(void)

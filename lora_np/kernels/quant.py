@@ -31,7 +31,7 @@ TYPE_IDS = {name: type_id for type_id, (name, _, _) in GGML_TYPES.items() if nam
 _SIZES = {name: (block, size) for name, block, size in GGML_TYPES.values() if name in QUANT_TYPES}
 _NUMPY_ROWS = 256  # rows of W the NumPy reference dequantizes at a time: no W-sized float copy
 _DECODE_ROWS = 8  # M up to this: the C tile kernels; more rows: OpenBLAS on dequantized panels of W
-_PANEL_BYTES = 4 << 20  # one dequantized panel of W (C backend, M > _DECODE_ROWS); measured in bench/quant_gemm.py
+_PANEL_BYTES = 16 << 20  # one dequantized panel of W (C backend, M > _DECODE_ROWS); measured in bench/quant_gemm.py
 _MIN_PANEL_COLS = 64  # backward: column panels at least this wide (or all of K), else row panels
 
 
@@ -140,11 +140,12 @@ def _call(op, out, a, blocks, bias, ggml_type, M, N, K):
     c_status(op, c_function(op, a.dtype)(*pointers, TYPE_IDS[ggml_type], M, N, K))
 
 
-def _dequantize_into(out, blocks, ggml_type):
-    """out [rows, K] (float32 or float64, C-contiguous) = W dequantized from blocks [rows, row_bytes] (C)."""
-    c_status("quant_dequantize", c_function("quant_dequantize", out.dtype)(
+def _dequantize_into(out, blocks, ggml_type, K=None, k0=0):
+    """out [rows, n] (float32 or float64, C-contiguous) = columns k0 .. k0 + n of W's rows, dequantized from
+    blocks [rows, row_bytes] (C-contiguous, rows of K elements; K defaults to n: whole rows)."""
+    c_status("quant_dequantize_cols", c_function("quant_dequantize_cols", out.dtype)(
         ffi.from_buffer(CTYPES[out.dtype], out, require_writable=True), ffi.from_buffer("uint8_t[]", blocks),
-        TYPE_IDS[ggml_type], out.shape[0], out.shape[1]))
+        TYPE_IDS[ggml_type], out.shape[0], out.shape[1] if K is None else K, k0, out.shape[1]))
     return out
 
 
@@ -173,15 +174,14 @@ def _backward_panels(dx, dy, blocks, ggml_type):
     when N is so large that such a panel would be narrower than _MIN_PANEL_COLS, by panels of its rows,
     accumulated."""
     (M, N), K = dy.shape, dx.shape[1]
-    block, size = _SIZES[ggml_type]
+    block = _SIZES[ggml_type][0]
     elements = _PANEL_BYTES // dy.itemsize
     cols = min(K, elements // max(N, 1) // block * block)
     if cols >= min(K, _MIN_PANEL_COLS):
         panel = np.empty(N * cols, dy.dtype)
         for k0 in range(0, K, max(cols, 1)):
             k1 = min(K, k0 + cols)
-            part = blocks if k1 - k0 == K else np.ascontiguousarray(blocks[:, k0 // block * size:k1 // block * size])
-            w = _dequantize_into(panel[:N * (k1 - k0)].reshape(N, k1 - k0), part, ggml_type)           # [N, cols]
+            w = _dequantize_into(panel[:N * (k1 - k0)].reshape(N, k1 - k0), blocks, ggml_type, K, k0)  # [N, cols]
             np.matmul(dy, w, out=dx[:, k0:k1])
         return dx
     rows = max(1, elements // max(K, 1))
