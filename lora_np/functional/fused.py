@@ -16,7 +16,7 @@ import math
 import numpy as np
 
 from .. import kernels
-from ..kernels.quant import quant_linear_backward, quant_linear_forward
+from ..kernels.quant import row_panels
 from ..tensor import Function, Tensor
 from .attention import check_sliding_window_softcap
 from .primitives import _check_float, _tensors, permute, reshape
@@ -205,8 +205,8 @@ class LinearCrossEntropy(Function):
     when the head trains) instead of the rows of h. Rows whose target is ignore_index cost
     nothing. h (N, C), weight (V, C), target (N,). With `softcap` c the logits are c·tanh(z/c)
     (Gemma 2/3's final_logit_softcapping), and the gradient goes through the cap's 1 − tanh².
-    A frozen quantized head comes as weight=None and its ggml `blocks` (V, row bytes) of `ggml_type`:
-    each chunk's logits and h's gradient go through the GEMMs over the blocks (kernels.quant)."""
+    A frozen quantized head comes as weight=None and its ggml `blocks` (V, row bytes) of `ggml_type`: then
+    the vocabulary is streamed instead (_streamed_head_loss), each panel of W dequantized once a step."""
 
     def forward(self, h, weight, target, ignore_index=-100, chunk=None, softcap=None, blocks=None, ggml_type=None):
         V = weight.shape[0] if blocks is None else blocks.shape[0]
@@ -220,10 +220,18 @@ class LinearCrossEntropy(Function):
         self.gh = np.zeros(h.shape, h.dtype) if need_h else None
         self.gw = np.zeros_like(weight) if need_w else None
         inv = 1.0 / count if count else 0.0
+        if blocks is not None:
+            if not count:
+                return np.asarray(np.nan, h.dtype)
+            total, gh = _streamed_head_loss(hr, t, blocks, ggml_type, softcap, need_h)
+            if need_h:
+                gh *= h.dtype.type(inv)
+                self.gh[rows] = gh
+            return np.asarray(total / count, h.dtype)
         total = 0.0
         for s in range(0, count, chunk):
             hc, tc = hr[s:s + chunk], t[s:s + chunk]
-            logits = hc @ weight.T if blocks is None else quant_linear_forward(hc, blocks, ggml_type)  # (c, V)
+            logits = hc @ weight.T                                                       # (c, V)
             if softcap is not None:                                                      # c·tanh(z/c)
                 logits /= logits.dtype.type(softcap)
                 np.tanh(logits, out=logits)
@@ -239,8 +247,7 @@ class LinearCrossEntropy(Function):
                     np.subtract(1, th, out=th)
                     logits *= th
                 if need_h:
-                    self.gh[rows[s:s + chunk]] = logits @ weight if blocks is None else \
-                        quant_linear_backward(logits, blocks, ggml_type)                         # (c, C)
+                    self.gh[rows[s:s + chunk]] = logits @ weight                                 # (c, C)
                 if need_w:
                     self.gw += logits.T @ hc                                             # (V, C)
         return np.asarray(total / count if count else np.nan, h.dtype)
@@ -252,6 +259,60 @@ class LinearCrossEntropy(Function):
                 if a is not None:
                     a *= scale
         return self.gh, self.gw, None
+
+
+_HEAD_PANEL = 1 << 22  # logits per panel of the streamed quantized head (16 MiB in float32)
+
+
+def _streamed_head_loss(h, target, blocks, ggml_type, softcap, need_h):
+    """(Σ over rows of cross_entropy(cap(h Wᵀ), target), h's gradient of that sum or None), W a quantized
+    head's blocks (V, row bytes), h (M, C), every target in [0, V).
+
+    The vocabulary goes by panels of W's rows, each dequantized once and used at once for all M rows, as
+    flash attention goes over keys: a running row max m and sum s = Σ exp(z − m) (float64) give the
+    log-sum-exp, and the gradient's softmax part Σ_v exp(z_v − m) W_v accumulates in acc (M, C), rescaled
+    by exp(m_old − m_new) when a row's max grows; at the end dh = acc / s − W[target] (through the cap's
+    1 − tanh² with a softcap). Never more than a panel's logits (M, ≤ _HEAD_PANEL / M) at a time, and the
+    GEMMs run on all M rows: the row chunks of the float head would dequantize W twice per chunk."""
+    M, C = h.shape
+    dt, rows = h.dtype.type, np.arange(M)
+    m = np.full(M, -np.inf, h.dtype)                                          # running row max
+    s = np.zeros(M, np.float64)                                               # Σ exp(z − m)
+    picked = np.zeros(M, h.dtype)                                             # each row's target logit
+    acc = np.zeros((M, C), h.dtype) if need_h else None                       # Σ exp(z − m) W (· 1 − tanh²)
+    w_target = np.zeros((M, C), h.dtype) if need_h else None                  # W[target] (· 1 − tanh²)
+    part = np.empty((M, C), h.dtype) if need_h else None
+    for v0, v1, w in row_panels(blocks, ggml_type, h.dtype, max(1, _HEAD_PANEL // M)):   # w (P, C)
+        z = h @ w.T                                                           # (M, P)
+        if softcap is not None:                                               # c·tanh(z/c)
+            z /= dt(softcap)
+            np.tanh(z, out=z)
+            dcap = np.subtract(1, z * z) if need_h else None                  # 1 − tanh²
+            z *= dt(softcap)
+        here = (target >= v0) & (target < v1)
+        i, j = rows[here], target[here] - v0
+        picked[i] = z[i, j]
+        if need_h:
+            w_target[i] = w[j] if softcap is None else w[j] * dcap[i, j][:, None]
+        m_new = np.maximum(m, z.max(1))
+        alpha = np.exp(m - m_new)                                             # 0 on the first panel
+        z -= m_new[:, None]
+        np.exp(z, out=z)                                                      # exp(z − m_new)
+        s = s * alpha + z.sum(1, dtype=np.float64)
+        m = m_new
+        if need_h:
+            if softcap is not None:
+                z *= dcap
+            if (alpha != 1).any():
+                acc *= alpha[:, None]
+            np.matmul(z, w, out=part)                                         # (M, C)
+            acc += part
+    total = float((m + np.log(s) - picked).sum())
+    if not need_h:
+        return total, None
+    acc /= s.astype(h.dtype)[:, None]
+    acc -= w_target
+    return total, acc
 
 
 def causal_lm_head_loss(h, weight, labels, ignore_index=-100, softcap=None):

@@ -7,7 +7,8 @@ GGUF file stores the tensor. Types: QUANT_TYPES.
 - ``quant_linear_forward(x, blocks, ggml_type, bias=None) -> y``: y [M, N] = x [M, K] Wᵀ + bias;
 - ``quant_linear_backward(dy, blocks, ggml_type) -> dx``: dx [M, K] = dy [M, N] W (the frozen
   weight gets no gradient);
-- ``dequantize_rows(blocks, ggml_type, dtype=float32) -> W`` [N, K].
+- ``dequantize_rows(blocks, ggml_type, dtype=float32) -> W`` [N, K];
+- ``row_panels(blocks, ggml_type, dtype, rows)``: W's rows a panel at a time (a quantized LM head's loss).
 
 x, dy and bias are float32 or float64 (all alike); float64 accumulates in float64 against the
 same (float32) dequantized weights. The NumPy reference dequantizes as gguf-py does
@@ -82,6 +83,21 @@ def dequantize_rows(blocks, ggml_type, dtype=np.float32):
     if backend() == "c":
         return _dequantize_into(np.empty((N, K), dtype), blocks, ggml_type)
     return _dequantize_numpy(blocks, ggml_type).astype(dtype, copy=False)
+
+
+def row_panels(blocks, ggml_type, dtype, rows):
+    """(n0, n1, W[n0:n1] as dtype [n1 - n0, K]) for W's rows `rows` at a time, each panel dequantized as
+    dequantize_rows does; on the C backend every panel reuses one buffer (read a panel before the next)."""
+    check_blocks("row_panels", blocks, ggml_type)
+    dtype = np.dtype(dtype)
+    if dtype not in CTYPES:
+        raise TypeError(f"row_panels: dtype {dtype}; expected float32 or float64")
+    rows = max(1, int(rows))
+    if backend() == "c":
+        return _row_panels(blocks, ggml_type, in_features(blocks, ggml_type), dtype, rows)
+    return ((n0, min(blocks.shape[0], n0 + rows),
+             _dequantize_numpy(blocks[n0:n0 + rows], ggml_type).astype(dtype, copy=False))
+            for n0 in range(0, blocks.shape[0], rows))
 
 
 def quant_linear_forward(x, blocks, ggml_type, bias=None):

@@ -297,16 +297,18 @@ def test_quantized_model_equals_the_dequantized_float_model(backend, ggml_type, 
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("softcap", [None, 3.0])
-def test_chunked_head_loss_over_blocks_equals_the_dequantized_head(backend, softcap):
-    """LinearCrossEntropy over a Q4_1 head's blocks (chunks of 5 rows, some rows ignored) gives the loss and h's
-    gradient of the float64 head holding the dequantized weight, and never holds all the logits."""
+def test_chunked_head_loss_over_blocks_equals_the_dequantized_head(backend, softcap, monkeypatch):
+    """LinearCrossEntropy over a Q4_1 head's blocks (the vocabulary streamed in panels of 100 rows, some rows
+    ignored) gives the loss and h's gradient of the float64 head holding the dequantized weight (rows in
+    chunks of 5), and never holds all the logits."""
     import tracemalloc
 
-    from lora_np.functional import LinearCrossEntropy
+    from lora_np.functional import LinearCrossEntropy, fused
 
     kernels.set_backend(backend)
+    monkeypatch.setattr(fused, "_HEAD_PANEL", 397 * 100)  # 397 rows with a target: panels of 100 of W's rows
     rng = np.random.default_rng(7)
-    V, C, N = 2048, 64, 400
+    V, C, N = 4096, 64, 400  # the streamed head holds a few (N, C) arrays and one panel: V ≫ C shows them apart
     blocks = random_blocks(rng, "Q4_1", V, C)
     W = gguf_dequantize(blocks, "Q4_1").astype(np.float64)                                             # (V, C)
     h = rng.standard_normal((N, C))
@@ -325,7 +327,7 @@ def test_chunked_head_loss_over_blocks_equals_the_dequantized_head(backend, soft
     assert_close(loss_q, loss_f, 1e-12, name="loss")
     assert_close(gh_q, gh_f, 1e-10, 1e-14, name="dh")
     assert np.abs(gh_q).max() > 0 and not gh_q[[0, 11, 30]].any()
-    assert peak_q < N * V * 8 / 4, peak_q  # a chunk's logits (5, V), the gradient (N, C): not the (N, V) logits
+    assert peak_q < N * V * 8 / 4, peak_q  # a panel's logits (397, 100), the gradient (N, C): not the (N, V) logits
 
 
 @pytest.mark.parametrize("ggml_type,tie", [("q8_0", True), ("q4_0", False)])
