@@ -269,15 +269,17 @@ def _streamed_head_loss(h, target, blocks, ggml_type, softcap, need_h):
     head's blocks (V, row bytes), h (M, C), every target in [0, V).
 
     The vocabulary goes by panels of W's rows, each dequantized once and used at once for all M rows, as
-    flash attention goes over keys: a running row max m and sum s = Σ exp(z − m) (float64) give the
-    log-sum-exp, and the gradient's softmax part Σ_v exp(z_v − m) W_v accumulates in acc (M, C), rescaled
-    by exp(m_old − m_new) when a row's max grows; at the end dh = acc / s − W[target] (through the cap's
-    1 − tanh² with a softcap). Never more than a panel's logits (M, ≤ _HEAD_PANEL / M) at a time, and the
-    GEMMs run on all M rows: the row chunks of the float head would dequantize W twice per chunk."""
+    flash attention goes over keys: each panel's logits become their softmax within the panel
+    (kernels.softmax_rows) and its log-sum-exp l; a running m = max of the panels' l and s = Σ exp(l − m)
+    (float64) give the row's log-sum-exp m + log s, and the gradient's softmax part Σ_v exp(z_v − m) W_v
+    accumulates in acc (M, C) as exp(l − m)·(softmax_panel @ W_panel), rescaled by exp(m_old − m_new) when m
+    grows; at the end dh = acc / s − W[target] (through the cap's 1 − tanh² with a softcap). Never more than
+    a panel's logits (M, ≤ _HEAD_PANEL / M) at a time, and the GEMMs run on all M rows: the row chunks of the
+    float head would dequantize W twice per chunk."""
     M, C = h.shape
     dt, rows = h.dtype.type, np.arange(M)
-    m = np.full(M, -np.inf, h.dtype)                                          # running row max
-    s = np.zeros(M, np.float64)                                               # Σ exp(z − m)
+    m = np.full(M, -np.inf)                                                   # running max of panel lse
+    s = np.zeros(M)                                                           # Σ exp(lse_panel − m)
     picked = np.zeros(M, h.dtype)                                             # each row's target logit
     acc = np.zeros((M, C), h.dtype) if need_h else None                       # Σ exp(z − m) W (· 1 − tanh²)
     w_target = np.zeros((M, C), h.dtype) if need_h else None                  # W[target] (· 1 − tanh²)
@@ -294,18 +296,18 @@ def _streamed_head_loss(h, target, blocks, ggml_type, softcap, need_h):
         picked[i] = z[i, j]
         if need_h:
             w_target[i] = w[j] if softcap is None else w[j] * dcap[i, j][:, None]
-        m_new = np.maximum(m, z.max(1))
-        alpha = np.exp(m - m_new)                                             # 0 on the first panel
-        z -= m_new[:, None]
-        np.exp(z, out=z)                                                      # exp(z − m_new)
-        s = s * alpha + z.sum(1, dtype=np.float64)
+        lse = kernels.softmax_rows(z).astype(np.float64)                      # z -> softmax over the panel
+        m_new = np.maximum(m, lse)
+        alpha, c = np.exp(m - m_new), np.exp(lse - m_new)                     # alpha 0 on the first panel
+        s = s * alpha + c
         m = m_new
         if need_h:
             if softcap is not None:
                 z *= dcap
             if (alpha != 1).any():
-                acc *= alpha[:, None]
+                acc *= alpha.astype(h.dtype)[:, None]
             np.matmul(z, w, out=part)                                         # (M, C)
+            part *= c.astype(h.dtype)[:, None]
             acc += part
     total = float((m + np.log(s) - picked).sum())
     if not need_h:
