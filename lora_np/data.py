@@ -26,9 +26,11 @@ File formats (chosen by the extension):
     with the model's own chat template; loss on each assistant turn's content and the special
     token closing it (`<|im_end|>`, `<|eot_id|>`, `<end_of_turn>`, `</s>`...), nothing else.
     The spans come from rendering the conversation up to each assistant turn's generation
-    prompt (a prefix of the whole text) and through the turn; a row where a turn cannot be
-    located this way (e.g. Qwen3's template, which renders earlier turns without their
-    reasoning) is an error. One example a row.
+    prompt (a prefix of the whole text) and through the turn; where a template renders a turn
+    differently once others follow it (Qwen3's drops an earlier turn's reasoning and empty
+    `<think></think>`), the turn runs in the whole rendering to its first special token, if the
+    text before it is the end of the turn's content. A row where a turn cannot be located either
+    way is an error. One example a row.
   Extra keys are ignored. A bad line raises ValueError naming `file:line` and the problem.
 
 Packing concatenates the documents (eos between them) and cuts blocks of seq_len tokens,
@@ -215,8 +217,9 @@ def _chat_example(tokenizer, messages, where):
         end = _common_prefix_length(ids, encode(render(messages[:k + 1])))
         while end > start and tokenizer.decode([ids[end - 1]]).isspace():
             end -= 1
-        closing = ids[end - 1] if end > start else None
-        if closing is None or tokenizer.decode([closing], skip_special_tokens=True) != "":
+        if not _ends_with_special(tokenizer, ids, start, end):
+            end = _turn_end_in_place(tokenizer, ids, start, message)
+        if end is None:
             raise ValueError(f"{where}: messages[{k}]: the chat template renders this assistant turn differently "
                              "at the end of the conversation and within it, or closes it with no special token, "
                              "so there is no end-of-turn marker to learn")
@@ -224,10 +227,33 @@ def _chat_example(tokenizer, messages, where):
     return ids, labels
 
 
+def _is_special(tokenizer, token_id):
+    return tokenizer.decode([token_id], skip_special_tokens=True) == ""
+
+
+def _ends_with_special(tokenizer, ids, start, end):
+    return end > start and _is_special(tokenizer, ids[end - 1])
+
+
+def _turn_end_in_place(tokenizer, ids, start, message):
+    """Where an assistant turn that starts at ids[start] ends in the whole conversation's ids (one past its
+    closing special token), for a template that renders a turn differently once others follow it (Qwen3's
+    drops an earlier turn's reasoning and its empty <think></think>): the first special token from start,
+    provided the text before it is what the turn's content renders to (its content, or the part after a
+    dropped reasoning block); else None."""
+    end = next((e for e in range(start, len(ids)) if _is_special(tokenizer, ids[e])), None)
+    if end is None:
+        return None
+    text, content = tokenizer.decode(ids[start:end]).strip(), message.get("content")
+    if not isinstance(content, str) or not text or not content.strip().endswith(text):
+        return None
+    return end + 1
+
+
 def end_of_turn_id(tokenizer):
     """The special token the chat template closes an assistant turn with (<|im_end|>, <|eot_id|>,
     <end_of_turn>...), found as `{"messages"}` rows find it, on a turn in mid-conversation; None
-    when the template locates no such turn (Qwen3's drops earlier turns' reasoning)."""
+    when the template locates no such turn."""
     probe = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"},
              {"role": "user", "content": "Bye"}]
     try:

@@ -380,11 +380,8 @@ TURN = {
 def test_messages_rows_label_assistant_turns_only(folders, family, tmp_path):
     tok = load_tokenizer(folders[family])
     messages = [U1, A1, {"role": "user", "content": "And 2+2?"}, {"role": "assistant", "content": "It is 4."}]
-    if family == "qwen3":  # earlier turns lose their reasoning block: only a last turn can be located
-        with pytest.raises(ValueError, match=r"messages\[1\]: the chat template renders this assistant turn "
-                                             "differently"):
-            load_examples(write_rows(tmp_path, [{"messages": messages}]), tok, 2048)
-        messages, expected = messages[:2], ["<think>\n\n</think>\n\nHello, how can I help?<|im_end|>"]
+    if family == "qwen3":  # the last turn keeps an empty reasoning block, earlier turns lose it
+        expected = [A1["content"] + "<|im_end|>", "<think>\n\n</think>\n\nIt is 4.<|im_end|>"]
     else:
         middle, end = TURN.get(family, ("{}" + TOKENS[family][2],) * 2)
         expected = [middle.format(A1["content"]), end.format("It is 4.")]
@@ -394,12 +391,34 @@ def test_messages_rows_label_assistant_turns_only(folders, family, tmp_path):
     assert labelled_runs(tok, example) == expected
 
 
+def test_qwen3_messages_rows_label_a_turn_whose_reasoning_the_template_drops(folders, tmp_path):
+    """Qwen3's template renders an assistant turn followed by a user turn without its reasoning block; the turn is
+    then located in the whole rendering (its answer and <|im_end|>), and the last turn keeps its reasoning."""
+    tok = load_tokenizer(folders["qwen3"])
+    messages = [U1, A2_THINK, U2, A2_THINK]
+    text = tok.apply_chat_template(messages, tokenize=False)
+    assert text.count("Add them.") == 1  # the first turn's reasoning is not rendered
+    (example,) = load_examples(write_rows(tmp_path, [{"messages": messages}]), tok, 2048)
+    assert labelled_runs(tok, example) == ["4<|im_end|>", "<think>\nAdd them.\n</think>\n\n4<|im_end|>"]
+
+
+def test_messages_rows_refuse_a_turn_rendered_as_something_else(folders, tmp_path):
+    """A template that renders an earlier assistant turn as other text than its content (here: a summary line)
+    cannot have the turn located: the row is refused by name, rather than labelled wrongly."""
+    tok = load_tokenizer(folders["qwen3"])
+    tok.chat_template = ("{% for m in messages %}<|im_start|>{{ m.role }}\n{% if m.role == 'assistant' and not loop.last %}"
+                         "(earlier answer){% else %}{{ m.content }}{% endif %}<|im_end|>\n{% endfor %}"
+                         "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+    with pytest.raises(ValueError, match=r"rows\.jsonl:1: messages\[1\]: the chat template renders this assistant "
+                                         "turn differently"):
+        load_examples(write_rows(tmp_path, [{"messages": [U1, A1, U2, A1]}]), tok, 2048)
+
+
 @pytest.mark.parametrize("family", sorted(TOKENS))
 def test_end_of_turn_id(folders, family):
     """The token `lora-np generate --chat` also stops on (Gemma's <end_of_turn> is not its eos)."""
     tok = load_tokenizer(folders[family])
-    expected = None if family == "qwen3" else tok.token_to_id(TOKENS[family][2])
-    assert end_of_turn_id(tok) == expected
+    assert end_of_turn_id(tok) == tok.token_to_id(TOKENS[family][2])
 
 
 def test_messages_rows_the_template_refuses_name_the_row(folders, tmp_path):
