@@ -240,11 +240,10 @@ def float32_to_bf16(x: np.ndarray) -> np.ndarray:
     the AVX512-BF16 instruction do, so rounding cannot turn it into infinity.
     (PyTorch itself writes 0x7FC0 or 0xFFFF for NaN, depending on the code path.)
     """
+    from .kernels.quantize import _quantize_bf16  # the GGUF quantizer's rounding: one implementation
+
     x = np.asarray(x, dtype=np.float32, order="C")
-    u = x.view(np.uint32)
-    rounded = (u + (np.uint32(0x7FFF) + ((u >> np.uint32(16)) & np.uint32(1)))) >> np.uint32(16)
-    quiet_nan = (u >> np.uint32(16)) | np.uint32(0x0040)
-    return np.where(np.isnan(x), quiet_nan, rounded).astype(np.uint16)
+    return _quantize_bf16(x.reshape(-1, 1)).view(np.uint16).reshape(x.shape)
 
 
 # ---------------------------------------------------------------- writing

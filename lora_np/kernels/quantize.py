@@ -8,17 +8,14 @@ uint8 [rows, row bytes].
   quiet; f16 as NumPy's and gguf-py's float16 cast), two bytes each: lossless for a checkpoint whose
   weights are bf16 (Llama 3.2, Qwen3, Gemma ship so) or f16.
 
-A leaf module (NumPy only): lora_np.gguf's writer and lora_np.quant both use it.
+A leaf module (NumPy only, no lora_np import): lora_np.gguf's writer, lora_np.quant and lora_np.safetensors's
+float32_to_bf16 use it.
 """
 import numpy as np
-
-from lora_np.gguf import GGML_TYPES
 
 QUANTIZE_TYPES = ("q8_0", "q4_0", "q4_k", "bf16", "f16")  # what quantize_model / load_model(quantize=) offer
 BLOCK_SIZES = {"Q8_0": 32, "Q4_0": 32, "Q5_0": 32, "Q4_K": 256, "BF16": 1, "F16": 1}  # elements per block
 
-
-_BLOCK_BYTES = {name: size for name, _, size in GGML_TYPES.values()}
 _ROWS = 4096  # rows quantized per step: the quantizers' temporaries (about twice their input) stay a slice's
 
 
@@ -41,7 +38,11 @@ def quantize(weight, ggml_type):
             blocks = _QUANTIZERS[t](x).reshape(min(_ROWS, w.shape[0] - i), -1)            # (rows, row bytes)
         out = np.empty((w.shape[0], blocks.shape[1]), np.uint8) if out is None else out
         out[i:i + _ROWS] = blocks
-    return out if out is not None else np.zeros((0, w.shape[1] // block * _BLOCK_BYTES[t]), np.uint8)
+    if out is None:  # no rows: the row bytes are the quantizer's for one block
+        with np.errstate(divide="ignore", invalid="ignore"):
+            block_bytes = _QUANTIZERS[t](np.zeros((1, block), np.float32)).size
+        out = np.zeros((0, w.shape[1] // block * block_bytes), np.uint8)
+    return out
 
 
 def _f16_bytes(d):
@@ -50,6 +51,7 @@ def _f16_bytes(d):
 
 
 def _quantize_bf16(x):  # ggml_compute_fp32_to_bf16: a NaN keeps its top bits and is made quiet; round half to even
+    """float32 (n, 1) -> (n, 2) uint8 bf16; also lora_np.safetensors.float32_to_bf16's rounding."""
     n = x.view(np.uint32)                                                               # (n, 1)
     n = np.where((n & 0x7FFFFFFF) > 0x7F800000, (n & 0xFFFF0000) | 0x00400000, n)
     n = (n.astype(np.uint64) + (0x7FFF + ((n >> 16) & 1))) >> 16
