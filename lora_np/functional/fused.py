@@ -289,7 +289,9 @@ def _streamed_head_loss(h, target, blocks, ggml_type, softcap, need_h):
         if softcap is not None:                                               # c·tanh(z/c)
             z /= dt(softcap)
             np.tanh(z, out=z)
-            dcap = np.subtract(1, z * z) if need_h else None                  # 1 − tanh²
+            if need_h:                                                        # 1 − tanh², one panel array
+                dcap = np.multiply(z, z)
+                np.subtract(1, dcap, out=dcap)
             z *= dt(softcap)
         here = (target >= v0) & (target < v1)
         i, j = rows[here], target[here] - v0
