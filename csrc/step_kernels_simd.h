@@ -226,31 +226,64 @@ ALWAYS_INLINE void FN(gemm_tile)(real *restrict C, int64_t ldc, const real *rest
     }
 }
 
+/* Rows [0, mb) of a tile, mb <= MR: gemm_tile with the row count a constant. */
+static inline void FN(gemm_tile_rows)(real *restrict C, int64_t ldc, const real *restrict A, int64_t sai, int64_t sak,
+                                      const real *restrict B, int64_t ldb, int64_t K, real alpha, int add, int64_t mb)
+{
+    switch (mb) {
+    case 6: FN(gemm_tile)(C, ldc, A, sai, sak, B, ldb, K, alpha, add, 6); break;
+    case 5: FN(gemm_tile)(C, ldc, A, sai, sak, B, ldb, K, alpha, add, 5); break;
+    case 4: FN(gemm_tile)(C, ldc, A, sai, sak, B, ldb, K, alpha, add, 4); break;
+    case 3: FN(gemm_tile)(C, ldc, A, sai, sak, B, ldb, K, alpha, add, 3); break;
+    case 2: FN(gemm_tile)(C, ldc, A, sai, sak, B, ldb, K, alpha, add, 2); break;
+    case 1: FN(gemm_tile)(C, ldc, A, sai, sak, B, ldb, K, alpha, add, 1); break;
+    default: break;
+    }
+}
+
+#define GEMM_STACK_PACK 4096 /* reals of the remainder's packed B kept on the stack (K * NR up to this) */
+
 /* C [M, N] (row stride ldc) = (add ? C : 0) + alpha * A [M, K] B [K, N], A and B as in gemm_tile.
- * Columns past the last full NR-wide tile go through plain loops with the same order of terms. */
+ * The columns past the last full NR-wide tile (attention's key counts are seldom multiples of NR) are
+ * copied, zero-padded to NR, into a packed Bp [K, NR] and go through the same tile into a scratch tile;
+ * each element is still the sum over k in order. Plain loops only if Bp cannot be allocated. */
 static void FN(gemm)(real *restrict C, int64_t ldc, const real *restrict A, int64_t sai, int64_t sak,
                      const real *restrict B, int64_t ldb, int64_t M, int64_t N, int64_t K, real alpha, int add)
 {
-    const int64_t full = N / NR * NR;
-    for (int64_t j = 0; j < full; j += NR) {
-        int64_t i = 0;
-        for (; i + MR <= M; i += MR) FN(gemm_tile)(C + i * ldc + j, ldc, A + i * sai, sai, sak, B + j, ldb, K, alpha, add, MR);
-        switch (M - i) {
-        case 5: FN(gemm_tile)(C + i * ldc + j, ldc, A + i * sai, sai, sak, B + j, ldb, K, alpha, add, 5); break;
-        case 4: FN(gemm_tile)(C + i * ldc + j, ldc, A + i * sai, sai, sak, B + j, ldb, K, alpha, add, 4); break;
-        case 3: FN(gemm_tile)(C + i * ldc + j, ldc, A + i * sai, sai, sak, B + j, ldb, K, alpha, add, 3); break;
-        case 2: FN(gemm_tile)(C + i * ldc + j, ldc, A + i * sai, sai, sak, B + j, ldb, K, alpha, add, 2); break;
-        case 1: FN(gemm_tile)(C + i * ldc + j, ldc, A + i * sai, sai, sak, B + j, ldb, K, alpha, add, 1); break;
-        default: break;
-        }
+    const int64_t full = N / NR * NR, rem = N - full;
+    for (int64_t j = 0; j < full; j += NR)
+        for (int64_t i = 0; i < M; i += MR)
+            FN(gemm_tile_rows)(C + i * ldc + j, ldc, A + i * sai, sai, sak, B + j, ldb, K, alpha, add,
+                               M - i < MR ? M - i : MR);
+    if (!rem || M <= 0) return;
+    real stack[GEMM_STACK_PACK], tile[MR * NR];
+    real *Bp = K * NR <= GEMM_STACK_PACK ? stack : malloc(sizeof(real) * (size_t)(K * NR));
+    if (!Bp) {
+        for (int64_t i = 0; i < M; i++)
+            for (int64_t j = full; j < N; j++) {
+                real acc = 0;
+                for (int64_t k = 0; k < K; k++) acc += A[i * sai + k * sak] * B[k * ldb + j];
+                C[i * ldc + j] = add ? C[i * ldc + j] + alpha * acc : alpha * acc;
+            }
+        return;
     }
-    for (int64_t i = 0; i < M; i++)
-        for (int64_t j = full; j < N; j++) {
-            real acc = 0;
-            for (int64_t k = 0; k < K; k++) acc += A[i * sai + k * sak] * B[k * ldb + j];
-            C[i * ldc + j] = add ? C[i * ldc + j] + alpha * acc : alpha * acc;
-        }
+    for (int64_t k = 0; k < K; k++) {                                     /* Bp [K, NR] */
+        for (int64_t c = 0; c < rem; c++) Bp[k * NR + c] = B[k * ldb + full + c];
+        for (int64_t c = rem; c < NR; c++) Bp[k * NR + c] = 0;
+    }
+    for (int64_t i = 0; i < M; i += MR) {
+        const int64_t mb = M - i < MR ? M - i : MR;
+        FN(gemm_tile_rows)(tile, NR, A + i * sai, sai, sak, Bp, NR, K, 1, 0, mb);   /* tile [mb, NR] */
+        for (int64_t m = 0; m < mb; m++)
+            for (int64_t c = 0; c < rem; c++) {
+                real *cij = C + (i + m) * ldc + full + c;
+                *cij = add ? *cij + alpha * tile[m * NR + c] : alpha * tile[m * NR + c];
+            }
+    }
+    if (Bp != stack) free(Bp);
 }
+
+#undef GEMM_STACK_PACK
 
 /* ---- attention for one (batch element, key/value head) ------------------------------------
  * The g query heads of key/value head h are rows i = t * g + j (position t, head j) of a

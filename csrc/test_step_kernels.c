@@ -338,6 +338,8 @@ static const struct {
     {{1, 1, 1, 49, 30, 8, 1, 0.35}, 3333, 2},  /* 48 + 1 positions, 19 blind */
     {{2, 1, 2, 3, 70, 65, 0, 0.12}, 2130, 2},
     {{1, 1, 4, 13, 13, 33, 1, 0.0}, 1, 2},    /* scale 0: uniform over the visible keys */
+    {{1, 1, 2, 10, 600, 17, 1, 0.2}, 1302, 2}, /* 600 keys, D = 17: the products' last columns take their
+                                                  packed B from malloc (over 4096 reals) */
     {{1, 2, 2, 6, 9, 16, 0, 0.25}, 1100, 30},  /* scores in the hundreds: near one-hot rows */
     {{1, 1, 2, 9, 6, 8, 1, 0.25}, 1212, 30},
     {{1, 1, 2, 3, 0, 4, 1, 0.5}, 1111, 1},     /* S = 0: no key at all */
