@@ -185,6 +185,9 @@ class _KeyRecorder:
     def vocab_size(self):
         return self.number("vocab_size", "vocab_size")
 
+    def token_ids(self):  # the tokenizer's keys are written from the tokenizer (below), not recorded here
+        return {}
+
     def build(self, config_cls, **fields):
         return self.config
 

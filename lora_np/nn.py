@@ -366,16 +366,24 @@ class Conv1D(Module):
 
 
 class Embedding(Module):
-    def __init__(self, num_embeddings, embedding_dim, dtype=DEFAULT_DTYPE):
+    """torch.nn.Embedding: weight [num_embeddings, embedding_dim] ~ N(0, 1); padding_idx (as the model's
+    config.pad_token_id gives it to transformers' embed_tokens): that row starts at zero and takes no
+    gradient, in this layer and in a LoRA adapter on it (PEFT's lora.Embedding passes it on)."""
+
+    def __init__(self, num_embeddings, embedding_dim, padding_idx=None, dtype=DEFAULT_DTYPE):
         super().__init__()
         self.num_embeddings, self.embedding_dim = num_embeddings, embedding_dim
+        self.padding_idx = F.check_padding_idx(padding_idx, num_embeddings, "Embedding: padding_idx")
         self.weight = Parameter(_normal((num_embeddings, embedding_dim), 1.0, dtype))
+        if self.padding_idx is not None and _INIT[0]:  # (a model being loaded draws no weights)
+            self.weight.data[self.padding_idx] = 0
 
     def forward(self, input_ids):
-        return F.embedding(input_ids, self.weight)
+        return F.embedding(input_ids, self.weight, self.padding_idx)
 
     def extra_repr(self):
-        return f"{self.num_embeddings}, {self.embedding_dim}"
+        pad = "" if self.padding_idx is None else f", padding_idx={self.padding_idx}"
+        return f"{self.num_embeddings}, {self.embedding_dim}{pad}"
 
 
 class LayerNorm(Module):

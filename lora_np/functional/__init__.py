@@ -16,9 +16,9 @@ from ..tensor import attach_ops
 from .attention import rope_cos_sin, rotary_embedding, rotate_half, scaled_dot_product_attention
 from .fused import (LinearCrossEntropy, causal_lm_head_loss, causal_lm_loss, cross_entropy, default_generator,
                     dropout, gelu, layer_norm, log_softmax, manual_seed, rms_norm, silu_mul, softmax)
-from .primitives import (add, cast, cat, div, embedding, exp, getitem, linear, log, masked_fill, matmul, max, mean,
-                         mul, neg, permute, pow, relu, reshape, sigmoid, silu, split, sqrt, squeeze, stack, sub, sum,
-                         tanh, transpose, unsqueeze, where)
+from .primitives import (add, cast, cat, check_padding_idx, div, embedding, exp, getitem, linear, log, masked_fill,
+                         matmul, max, mean, mul, neg, permute, pow, relu, reshape, sigmoid, silu, split, sqrt, squeeze,
+                         stack, sub, sum, tanh, transpose, unsqueeze, where)
 
 __all__ = [
     "add", "sub", "mul", "div", "neg", "pow", "matmul", "exp", "log", "sqrt", "tanh",

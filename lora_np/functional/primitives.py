@@ -579,20 +579,36 @@ def masked_fill(input, mask, value):
 
 # -- embedding -------------------------------------------------------------------------
 class Embedding(Function):
-    def forward(self, ids, weight):
-        self.ids, self.wshape = ids, weight.shape
+    def forward(self, ids, weight, padding_idx=None):
+        self.ids, self.wshape, self.padding_idx = ids, weight.shape, padding_idx
         return weight[ids]                                               # (*ids.shape, dim)
 
     def backward(self, g):
         gw = np.zeros(self.wshape, g.dtype)
         np.add.at(gw, self.ids.reshape(-1), g.reshape(-1, self.wshape[1]))  # scatter-add
+        if self.padding_idx is not None:
+            gw[self.padding_idx] = 0  # torch: the padding row takes no gradient
         return None, gw
 
 
-def embedding(input, weight):
+def check_padding_idx(padding_idx, num_embeddings, name="embedding: padding_idx"):
+    """torch's padding_idx: None, or a row index in [-num_embeddings, num_embeddings), returned as its row
+    (a negative one counts from the end); ValueError naming it (as `name`) otherwise."""
+    if padding_idx is None:
+        return None
+    if isinstance(padding_idx, bool) or not isinstance(padding_idx, (int, np.integer)) or \
+            not -num_embeddings <= padding_idx < num_embeddings:
+        raise ValueError(f"{name} {padding_idx!r} is not a row of the {num_embeddings}-row embedding (it must "
+                         f"lie in [-{num_embeddings}, {num_embeddings}))")
+    return int(padding_idx) % num_embeddings
+
+
+def embedding(input, weight, padding_idx=None):
+    """weight[input] as torch.nn.functional.embedding: with padding_idx, the rows it reads at that index get
+    no gradient (the forward is the plain lookup)."""
     ids = input.data if isinstance(input, Tensor) else np.asarray(input)
     if ids.dtype.kind not in "iu":
         raise TypeError(f"embedding: indices must be integers, got dtype {ids.dtype}")
     if ids.size and (ids.min() < 0 or ids.max() >= weight.shape[0]):
         raise IndexError(f"embedding: index out of range [0, {weight.shape[0]}): min {ids.min()}, max {ids.max()}")
-    return Embedding.apply(Tensor(ids), weight)
+    return Embedding.apply(Tensor(ids), weight, padding_idx=check_padding_idx(padding_idx, weight.shape[0]))

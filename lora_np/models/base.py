@@ -41,6 +41,17 @@ def refuse(where, field, value, why=""):
     raise NotImplementedError(f"{where}: {field} = {value!r} is not supported{why}")
 
 
+def padding_idx(config):
+    """transformers' embed_tokens takes config.pad_token_id as its padding_idx (that row gets no gradient, nor
+    does it in a LoRA adapter on the embedding): the id when it is a row of the vocabulary (negative ones count
+    from the end, as in torch), else None. A family's default pad id outside a small test vocabulary (Phi-3's
+    32000, SmolLM3's 128004) leaves no padding row, where transformers could not build the model at all."""
+    pad, n = getattr(config, "pad_token_id", None), config.vocab_size
+    if isinstance(pad, bool) or not isinstance(pad, int) or not -n <= pad < n:
+        return None
+    return pad % n
+
+
 class Config:
     """Base of the family config dataclasses: dict round trip, and the config.json reading that a family
     overrides where transformers' file says more than the dataclass (defaults, renamed keys)."""
@@ -121,6 +132,17 @@ class GGUFConfigReader:
             raise GGUFError(f"{self.source}: no vocabulary size: no {self.key('vocab_size')}, tokenizer.ggml.tokens "
                             "or token_embd.weight")
         return n
+
+    def token_ids(self):
+        """The special token ids a config takes from the tokenizer's keys, as transformers' GGUF loader reads
+        them: bos and eos (None when absent), and pad_token_id only when tokenizer.ggml.padding_token_id is
+        there (else the config's default stays, as in transformers)."""
+        get = self.metadata.get
+        pad = get("tokenizer.ggml.padding_token_id")
+        if pad is not None:
+            self.keys["pad_token_id"] = "tokenizer.ggml.padding_token_id"
+        return dict(bos_token_id=get("tokenizer.ggml.bos_token_id"), eos_token_id=get("tokenizer.ggml.eos_token_id"),
+                    **({} if pad is None else {"pad_token_id": pad}))
 
     def build(self, config_cls, **fields):
         """config_cls(**fields), its errors saying which GGUF key the field came from."""

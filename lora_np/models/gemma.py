@@ -24,7 +24,8 @@ from ..gguf import GGUFError
 from ..nn import Embedding, Linear, Module, ModuleList, Parameter, _full, activation
 from ..options import Float, Int
 from ..tensor import DEFAULT_DTYPE
-from .base import BOOL, DROPOUT, EPS, LAYERS, POSITIONS, SIZE, THETA, CausalLM, Config, check_fields, refuse
+from .base import (BOOL, DROPOUT, EPS, LAYERS, POSITIONS, SIZE, THETA, CausalLM, Config, check_fields, padding_idx,
+                   refuse)
 from .llama import Attention, GatedMLP, LlamaForCausalLM
 from .rope import RopeTables, check_rope_scaling
 
@@ -201,8 +202,7 @@ class Gemma2Config(Config):
         if isinstance(n, int) and n > 0:
             fields["layer_types"] = cls._gguf_layer_types(gguf, n) if window else [FULL] * n
         config = gguf.build(cls, **fields, tie_word_embeddings="output.weight" not in gguf.tensors,
-                            bos_token_id=gguf.metadata.get("tokenizer.ggml.bos_token_id"),
-                            eos_token_id=gguf.metadata.get("tokenizer.ggml.eos_token_id"))
+                            **gguf.token_ids())
         for name, ok in (("rope.dimension_count", (None, config.head_dim)),
                          ("attention.value_length", (None, config.head_dim)), ("expert_count", (None, 0))):
             gguf.refuse_unless(name, ok)
@@ -403,7 +403,7 @@ class GemmaModel(Module):
     def __init__(self, config, dtype=DEFAULT_DTYPE):
         super().__init__()
         c = config
-        self.embed_tokens = Embedding(c.vocab_size, c.hidden_size, dtype=dtype)
+        self.embed_tokens = Embedding(c.vocab_size, c.hidden_size, padding_idx(c), dtype=dtype)
         self.layers = ModuleList(GemmaDecoderLayer(c, i, dtype=dtype) for i in range(c.num_hidden_layers))
         self.norm = GemmaRMSNorm(c.hidden_size, c.rms_norm_eps, dtype=dtype)
 

@@ -12,7 +12,8 @@ from ..nn import Embedding, Linear, Module, ModuleList, RMSNorm, activation, att
 from ..options import Int
 from ..tensor import DEFAULT_DTYPE
 from ..gguf import GGUFError, reverse_llama_permute
-from .base import BOOL, DROPOUT, EPS, LAYERS, POSITIONS, SIZE, THETA, CausalLM, Config, check_fields, refuse
+from .base import (BOOL, DROPOUT, EPS, LAYERS, POSITIONS, SIZE, THETA, CausalLM, Config, check_fields, padding_idx,
+                   refuse)
 from .rope import RopeTables, check_rope_scaling, llama3_freq_factors
 
 __all__ = ["LlamaConfig", "Attention", "GatedMLP", "DecoderBlock", "LlamaModel", "LlamaForCausalLM"]
@@ -51,6 +52,7 @@ class LlamaConfig(Config):
     layer_types: Optional[list] = None  # per layer "full_attention" or "sliding_attention" (Qwen2, Qwen3, SmolLM3)
     bos_token_id: Optional[int] = 1
     eos_token_id: Optional[int] = 2
+    pad_token_id: Optional[int] = None  # embed_tokens' padding_idx (no gradient to that row)
     model_type: str = "llama"
     architectures: list = field(default_factory=lambda: ["LlamaForCausalLM"])
 
@@ -210,8 +212,7 @@ class LlamaConfig(Config):
             gguf.refuse_unless("rope.scaling.factor", (None, 0.0, 1.0))
         config = gguf.build(cls, **fields, **cls._gguf_fields(gguf),
                             tie_word_embeddings="output.weight" not in gguf.tensors,
-                            bos_token_id=gguf.metadata.get("tokenizer.ggml.bos_token_id"),
-                            eos_token_id=gguf.metadata.get("tokenizer.ggml.eos_token_id"))
+                            **gguf.token_ids())
         # keys that ask for another computation than this model's (llama.cpp's names)
         for name, ok in (("rope.dimension_count", (None, config.head_dim)),
                          ("attention.value_length", (None, config.head_dim)),
@@ -391,7 +392,7 @@ class LlamaModel(Module):
     def __init__(self, config, dtype=DEFAULT_DTYPE, block_class=DecoderBlock.from_config):
         super().__init__()
         c = config
-        self.embed_tokens = Embedding(c.vocab_size, c.hidden_size, dtype=dtype)
+        self.embed_tokens = Embedding(c.vocab_size, c.hidden_size, padding_idx(c), dtype=dtype)
         self.layers = ModuleList(block_class(c, i, dtype) for i in range(c.num_hidden_layers))
         self.norm = RMSNorm(c.hidden_size, c.rms_norm_eps, dtype=dtype)
 

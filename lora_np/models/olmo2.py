@@ -19,6 +19,7 @@ class Olmo2Config(LlamaConfig):
     rms_norm_eps: float = 1e-5
     bos_token_id: Optional[int] = None
     eos_token_id: Optional[int] = 50279
+    pad_token_id: Optional[int] = 1
     model_type: str = "olmo2"
     architectures: list = field(default_factory=lambda: ["Olmo2ForCausalLM"])
 

@@ -176,8 +176,7 @@ class Phi3Config(Config):
                          ("expert_count", (None, 0))):
             gguf.refuse_unless(name, ok)
         config = gguf.build(cls, **fields, tie_word_embeddings="output.weight" not in gguf.tensors,
-                            bos_token_id=gguf.metadata.get("tokenizer.ggml.bos_token_id"),
-                            eos_token_id=gguf.metadata.get("tokenizer.ggml.eos_token_id"))
+                            **gguf.token_ids())
         if config.rotary_dims != rope_dims:
             raise GGUFError(f"{gguf.source}: {gguf.key('rope.dimension_count')} = {rope_dims} is not an even number "
                             f"of dims of head_dim {config.head_dim}")

@@ -27,6 +27,7 @@ class SmolLM3Config(LlamaConfig):
     no_rope_layer_interval: int = 4
     bos_token_id: Optional[int] = 128000
     eos_token_id: Optional[int] = 128001
+    pad_token_id: Optional[int] = 128004
     model_type: str = "smollm3"
     architectures: list = field(default_factory=lambda: ["SmolLM3ForCausalLM"])
 

@@ -156,3 +156,33 @@ def test_gpt2_block_matches_transformers(data):
     mask = None if impl == "sdpa" else _causal_mask(torch, T)
     _compare_block(ours, theirs, rng.standard_normal((2, T, hidden)), lambda m, x: m(x),
                    lambda m, x: m(x, attention_mask=mask), torch, f"GPT-2 block ({impl})")
+
+
+@given(data=st.data())
+@settings(max_examples=40, deadline=None)
+def test_embedding_padding_idx_matches_torch(data):
+    """F.embedding's padding_idx as torch's: the plain lookup forward, no gradient to that row (a negative index
+    counts from the end). Not a derivative (finite differences would see the row), so checked here alone."""
+    torch = crosscheck("torch")
+    num, dim = data.draw(st.integers(1, 6), label="num"), data.draw(st.integers(1, 3), label="dim")
+    pad = data.draw(st.integers(-num, num - 1), label="padding_idx")
+    rng = np.random.default_rng(data.draw(st.integers(0, 2**16), label="seed"))
+    ids = rng.integers(0, num, data.draw(st.sampled_from([(7,), (2, 5)]), label="shape"))
+    ids[..., 0] = pad % num  # the padding row is read at least once
+    w = rng.standard_normal((num, dim))
+    ours, theirs = Tensor(w, requires_grad=True), torch.from_numpy(w.copy()).requires_grad_(True)
+    out = F.embedding(ids, ours, padding_idx=pad)
+    expected = torch.nn.functional.embedding(torch.from_numpy(ids), theirs, padding_idx=pad)
+    _close(out.data, expected.detach().numpy(), "embedding value")
+    g = rng.standard_normal(out.shape)
+    out.backward(g)
+    expected.backward(torch.from_numpy(g))
+    _close(ours.grad, theirs.grad.numpy(), "embedding gradient with padding_idx")
+    assert not ours.grad[pad % num].any()
+
+
+def test_embedding_padding_idx_outside_the_rows_is_named():
+    w = Tensor(np.ones((4, 2)))
+    for pad in (4, -5, 1.0, True):
+        with pytest.raises(ValueError, match=rf"padding_idx {pad!r} is not a row of the 4-row embedding"):
+            F.embedding(np.array([0, 1]), w, padding_idx=pad)

@@ -14,6 +14,7 @@ from lora_np.models import GPT2LMHeadModel, LlamaForCausalLM, config_from_dict
 pytestmark = pytest.mark.filterwarnings("ignore")
 
 VOCAB = 61
+PAD = 5  # "llama-pad": config.pad_token_id, so embed_tokens has padding_idx 5 in transformers
 TOL = dict(rtol=1e-10, atol=1e-11)
 
 
@@ -38,7 +39,7 @@ def _pair(kind, monkeypatch):
     torch, transformers = crosscheck("torch"), crosscheck("transformers")
     crosscheck("peft")
     torch.manual_seed(0)
-    if kind == "llama":
+    if kind in ("llama", "llama-pad"):
         from transformers.models.llama import modeling_llama
 
         # transformers computes LlamaRMSNorm and the RoPE cos/sin in float32 even in a float64
@@ -46,7 +47,7 @@ def _pair(kind, monkeypatch):
         monkeypatch.setattr(modeling_llama.LlamaRMSNorm, "forward", _rms_forward_f64)
         cfg = transformers.LlamaConfig(vocab_size=VOCAB, hidden_size=24, intermediate_size=40, num_hidden_layers=2,
                                        num_attention_heads=4, num_key_value_heads=2, rope_theta=1000.0,
-                                       tie_word_embeddings=False)
+                                       tie_word_embeddings=False, pad_token_id=PAD if kind == "llama-pad" else None)
         tm = transformers.LlamaForCausalLM(cfg).double().eval()
         _patch_rope_f64(torch, tm, 6, 1000.0)
         m = LlamaForCausalLM(config_from_dict(cfg.to_dict()), dtype=np.float64)
@@ -74,6 +75,10 @@ CASES = [
     ("gpt2", dict(r=4, target_modules=["wte", "c_fc"], use_rslora=True)),
     ("gpt2", dict(r=2, lora_alpha=3, target_modules=["wte", "c_proj"], use_dora=True, init_lora_weights=False)),
     ("llama", dict(r=3, target_modules=["embed_tokens", "v_proj"], use_dora=True)),
+    # the padding row of embed_tokens takes no gradient, in the LoRA factors on it and in a trained copy
+    ("llama-pad", dict(r=4, target_modules=["embed_tokens", "v_proj"], modules_to_save=["lm_head"])),
+    ("llama-pad", dict(r=3, target_modules=["embed_tokens"], use_dora=True)),
+    ("llama-pad", dict(r=2, target_modules=["q_proj"], modules_to_save=["embed_tokens"])),
 ]
 
 
@@ -85,8 +90,11 @@ CASES = [
 
 
 
-def _ids(seed=1):
-    return np.random.default_rng(seed).integers(0, VOCAB, (2, 9))
+def _ids(kind, seed=1):
+    ids = np.random.default_rng(seed).integers(0, VOCAB, (2, 9))
+    if kind == "llama-pad":
+        ids[:, ::3] = PAD  # 6 of the 18 positions read the padding row
+    return ids
 
 
 @pytest.mark.parametrize("kind,kw", CASES, ids=[f"{k}-{i}" for i, (k, _) in enumerate(CASES)])
@@ -99,10 +107,10 @@ def test_peft_adapter_loads_in_lora_np(kind, kw, tmp_path, monkeypatch):
         perturb_trainable(params.items(), np.random.default_rng(2),
                           lambda n, d: params[n].add_(torch.from_numpy(d)), 0.05)
     pm.save_pretrained(tmp_path)
-    theirs = peft_run(torch, pm, _ids())
+    theirs = peft_run(torch, pm, _ids(kind))
 
     lm = LoraModel.from_pretrained(m, tmp_path, is_trainable=True)
-    compare_runs(lora_np_run(lm, _ids()), theirs, TOL, dict(rtol=1e-9, atol=1e-11))
+    compare_runs(lora_np_run(lm, _ids(kind)), theirs, TOL, dict(rtol=1e-9, atol=1e-11))
 
 
 def _perturbed_and_saved(m, kw, seed, folder):
@@ -123,10 +131,10 @@ def test_lora_np_adapter_loads_in_peft(kind, kw, tmp_path, monkeypatch):
     torch, tm, m = _pair(kind, monkeypatch)
     peft = crosscheck("peft")
     lm = _perturbed_and_saved(m, kw, 3, tmp_path)
-    mine = lora_np_run(lm, _ids())
+    mine = lora_np_run(lm, _ids(kind))
 
     pm = peft.PeftModel.from_pretrained(tm, str(tmp_path), is_trainable=True)
-    compare_runs(mine, peft_run(torch, pm, _ids()), TOL, dict(rtol=1e-9, atol=1e-11))
+    compare_runs(mine, peft_run(torch, pm, _ids(kind)), TOL, dict(rtol=1e-9, atol=1e-11))
 
 
 def test_print_trainable_parameters_matches_peft(monkeypatch, capsys):

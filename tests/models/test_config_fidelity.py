@@ -173,3 +173,32 @@ def test_dropout_fields_act_in_training_only(tmp_path, monkeypatch, cls_name, kw
 def test_a_gpt2_config_without_dropout_keys_gets_transformers_defaults():
     cfg = config_from_dict({"model_type": "gpt2", "n_layer": 1})
     assert (cfg.resid_pdrop, cfg.embd_pdrop, cfg.attn_pdrop) == (0.1, 0.1, 0.1)
+
+
+@pytest.mark.parametrize("cls_name,kw", [
+    ("LlamaConfig", {}), ("LlamaConfig", dict(pad_token_id=7)), ("LlamaConfig", dict(pad_token_id=-1)),
+    ("MistralConfig", dict(pad_token_id=3)), ("Qwen2Config", dict(pad_token_id=100)), ("Qwen3Config", {}),
+    ("Gemma2Config", {}), ("Gemma3TextConfig", dict(pad_token_id=9)), ("Phi3Config", dict(vocab_size=32064)),
+    ("Olmo2Config", {}), ("GraniteConfig", dict(pad_token_id=0)), ("SmolLM3Config", dict(vocab_size=128256)),
+], ids=lambda v: v if isinstance(v, str) else "-".join(f"{k}={x}" for k, x in v.items()) or "default")
+def test_embedding_padding_idx_is_transformers_pad_token_id(cls_name, kw):
+    """embed_tokens' padding_idx (the row that takes no gradient, in the layer and in LoRA on it) is the one
+    transformers gives it from pad_token_id, given or the family's default (Phi-3 32000, OLMo2 1, SmolLM3 128004,
+    Gemma 0)."""
+    transformers = crosscheck("transformers")
+    from lora_np.models import model_class
+
+    cfg = getattr(transformers, cls_name)(**{**LLAMA, "vocab_size": 101, **kw, "num_hidden_layers": 1})
+    expected = transformers.AutoModelForCausalLM.from_config(cfg).model.embed_tokens.padding_idx
+    config = config_from_dict(cfg.to_dict())
+    assert model_class(config)(config).model.embed_tokens.padding_idx == expected
+
+
+def test_a_default_pad_id_outside_a_small_vocabulary_leaves_no_padding_row():
+    """Phi-3's default pad_token_id 32000 in a 101-token vocabulary: transformers cannot build that model (its
+    Embedding asserts); here the embedding gets no padding row, so tiny test models of the family still load."""
+    from lora_np.models import model_class
+
+    config = config_from_dict({**LLAMA, "model_type": "phi3"})
+    assert config.pad_token_id == 32000 and config.vocab_size == 101
+    assert model_class(config)(config).model.embed_tokens.padding_idx is None

@@ -386,6 +386,8 @@ def _write_gguf(path, tm, arch, extra=lambda w: None):
         w.add_tensor(tensor_map.get_name(name, try_suffixes=(".weight", ".bias")), a)
     if rope["rope_type"] == "llama3":
         w.add_tensor("rope_freqs.weight", _converter_rope_freqs(rope, cfg.head_dim))
+    if cfg.pad_token_id is not None:  # gguf.SpecialVocab: config.json's pad_token_id when the tokenizer has none
+        w.add_pad_token_id(cfg.pad_token_id)
     extra(w)
     w.write_header_to_file()
     w.write_kv_data_to_file()
@@ -431,6 +433,7 @@ def test_gguf_as_llama_cpp_converts_it_matches_transformers(float64_torch, tmp_p
     with torch.no_grad():
         expected = tm(torch.tensor(IDS)).logits.numpy()
     assert_close(model(IDS).logits.data, expected, name=f"{case} GGUF logits", **TOL)
+    assert model.model.embed_tokens.padding_idx == tm.model.embed_tokens.padding_idx  # tokenizer.ggml.padding_token_id
     if case == "smollm3":
         assert model.config.rope_layers() == [True, True, True, False]
 
