@@ -16,7 +16,6 @@ import numpy as np
 
 from .kernels.quant import QUANT_TYPES, check_blocks, dequantize_rows, quant_linear_backward, quant_linear_forward
 from .kernels.quantize import BLOCK_SIZES, QUANTIZE_TYPES, quantize
-from . import functional as F
 from .nn import Conv1D, Embedding, Linear, Module, Parameter
 from .tensor import Function, Tensor
 
@@ -98,13 +97,11 @@ class QuantizedLinear(Module):
 
 class QuantizedEmbedding(Module):
     """A frozen Embedding whose weight [num_embeddings, embedding_dim] stays in ggml blocks; a lookup
-    dequantizes the rows it reads to `dtype`. padding_idx: the Embedding's, kept for a LoRA adapter on it
-    (whose rows at that index take no gradient)."""
+    dequantizes the rows it reads to `dtype`."""
 
-    def __init__(self, blocks, ggml_type, dtype=np.float32, padding_idx=None):
+    def __init__(self, blocks, ggml_type, dtype=np.float32):
         super().__init__()
         self.num_embeddings, self.embedding_dim = check_blocks("QuantizedEmbedding", blocks, ggml_type)
-        self.padding_idx = F.check_padding_idx(padding_idx, self.num_embeddings, "QuantizedEmbedding: padding_idx")
         self.ggml_type, self.weight_blocks, self.dtype = ggml_type, blocks, np.dtype(dtype)
         self.weight = QuantizedWeight(blocks, ggml_type, (self.num_embeddings, self.embedding_dim), self.dtype)
 
@@ -119,8 +116,7 @@ class QuantizedEmbedding(Module):
         return Tensor(rows.reshape(ids.shape + (self.embedding_dim,)))
 
     def extra_repr(self):
-        pad = "" if self.padding_idx is None else f", padding_idx={self.padding_idx}"
-        return f"{self.num_embeddings}, {self.embedding_dim}{pad}, type={self.ggml_type}"
+        return f"{self.num_embeddings}, {self.embedding_dim}, type={self.ggml_type}"
 
 
 # ---- whole models -------------------------------------------------------------------------
@@ -181,7 +177,7 @@ def use_blocks(model, blocks_of):
         blocks, ggml_type = blocks_of[id(module.weight)]
         dtype = module.weight.dtype
         if type(module) is Embedding:
-            replacement = QuantizedEmbedding(blocks, ggml_type, dtype, module.padding_idx)
+            replacement = QuantizedEmbedding(blocks, ggml_type, dtype)
         else:
             replacement = QuantizedLinear(blocks, ggml_type, None if module.bias is None else module.bias.data, dtype)
         parent, _, child = name.rpartition(".")

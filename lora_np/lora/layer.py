@@ -398,7 +398,7 @@ class Embedding(LoraLayer):
 
     def _add_adapter(self, result, x, name):
         after_A = F.embedding(x, F.permute(self.lora_embedding_A[name], (1, 0)),          # (..., r)
-                              getattr(self.base_layer, "padding_idx", None))  # PEFT's _embed passes it on
+                              self.base_layer.padding_idx)  # PEFT's _embed passes it on
         lora = F.matmul(after_A, F.permute(self.lora_embedding_B[name], (1, 0)))          # (..., dim)
         if name in self.lora_magnitude_vector:  # DoRA scales the whole running output, as PEFT
             mag_norm_scale = self._dora_scale(name)                                       # (dim,)
