@@ -503,6 +503,15 @@ _UNSUPPORTED_TAGS = {"macro", "call", "filter", "block", "extends", "include", "
 _COMPARE = {"==", "!=", "<", "<=", ">", ">="}
 
 
+
+def _static(node):
+    """Whether jinja2's compiler folds `node` to a constant: no variable and no call anywhere in it."""
+    if isinstance(node, tuple) and len(node) > 1 and isinstance(node[0], str) and isinstance(node[1], int):
+        return node[0] not in ("name", "call") and all(_static(x) for x in node[2:])
+    if isinstance(node, (list, tuple)):
+        return all(_static(x) for x in node)
+    return True
+
 class _Parser:
     def __init__(self, tokens):
         self.tokens, self.i = tokens, 0
@@ -1075,7 +1084,12 @@ class _Renderer:
             result = bool(TESTS[node[3]](self.eval(node[2]), *(self.eval(a) for a in node[4])))
             return not result if node[5] else result
         if kind == "bin":
-            return _BINARY[node[2]](self.eval(node[3]), self.eval(node[4]))
+            left = self.eval(node[3])
+            if node[2] == "**" and isinstance(left, (int, float)) and not isinstance(left, bool) and left < 0 and \
+                    _static(node[3]) and not _static(node[4]):
+                # jinja2 folds the base to a literal and writes Python `(-2 ** x)`, which is -(2 ** x)
+                return -((-left) ** self.eval(node[4]))
+            return _BINARY[node[2]](left, self.eval(node[4]))
         if kind == "unary":
             value = self.eval(node[3])
             return -value if node[2] == "-" else +value

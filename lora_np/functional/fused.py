@@ -16,6 +16,7 @@ import math
 import numpy as np
 
 from .. import kernels
+from ..kernels import quant as kernels_quant
 from ..kernels.quant import row_panels
 from ..tensor import Function, Tensor
 from .attention import check_sliding_window_softcap
@@ -274,7 +275,8 @@ def _streamed_head_loss(h, target, blocks, ggml_type, softcap, need_h):
     (float64) give the row's log-sum-exp m + log s, and the gradient's softmax part Σ_v exp(z_v − m) W_v
     accumulates in acc (M, C) as exp(l − m)·(softmax_panel @ W_panel), rescaled by exp(m_old − m_new) when m
     grows; at the end dh = acc / s − W[target] (through the cap's 1 − tanh² with a softcap). Never more than
-    a panel's logits (M, ≤ _HEAD_PANEL / M) at a time, and the GEMMs run on all M rows: the row chunks of the
+    a panel's logits (M, ≤ _HEAD_PANEL / M) and a panel of W (≤ _PANEL_BYTES) at a time, and the GEMMs run on
+    all M rows: the row chunks of the
     float head would dequantize W twice per chunk."""
     M, C = h.shape
     dt, rows = h.dtype.type, np.arange(M)
@@ -284,7 +286,10 @@ def _streamed_head_loss(h, target, blocks, ggml_type, softcap, need_h):
     acc = np.zeros((M, C), h.dtype) if need_h else None                       # Σ exp(z − m) W (· 1 − tanh²)
     w_target = np.zeros((M, C), h.dtype) if need_h else None                  # W[target] (· 1 − tanh²)
     part = np.empty((M, C), h.dtype) if need_h else None
-    for v0, v1, w in row_panels(blocks, ggml_type, h.dtype, max(1, _HEAD_PANEL // M)):   # w (P, C)
+    # P: a panel's logits (M, P) within _HEAD_PANEL, and its W (P, C) within the GEMMs' panel bytes (with few rows
+    # M, a logits bound alone would dequantize the whole head at once)
+    P = max(1, min(_HEAD_PANEL // max(M, 1), kernels_quant._PANEL_BYTES // (C * h.itemsize)))
+    for v0, v1, w in row_panels(blocks, ggml_type, h.dtype, P):                      # w (P, C)
         z = h @ w.T                                                           # (M, P)
         if softcap is not None:                                               # c·tanh(z/c)
             z /= dt(softcap)

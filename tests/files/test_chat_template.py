@@ -498,6 +498,17 @@ def outcome(render):
         return ("error", type(e).__name__)
 
 
+@pytest.mark.parametrize("expression", ["-2 ** (u|length)", "(1 if '' else -1) ** (u|length)", "-2 ** 2",
+                                        "(1 - 3) ** (u|length)", "-(u|length) ** 2", "ns.x ** (u|length)",
+                                        "-2.5 ** (u|length)", "2 ** (u|length)"])
+def test_a_negative_constant_base_of_power_as_jinja2_compiles_it(expression):
+    """jinja2 folds a constant base to a Python literal and writes `(-2 ** x)`, which Python reads as
+    -(2 ** x) when the exponent is not constant; a constant power, or a variable base, is the plain power."""
+    source = "{% set ns = namespace(x=-3) %}{{ " + expression + " }}"
+    want = outcome(lambda: reference(source, [U1, A1], **SPECIAL))
+    assert want[0] == "ok" and outcome(lambda: ours(source, [U1, A1], **SPECIAL)) == want, (source, want)
+
+
 @settings(max_examples=300)
 @given(expression=expressions())
 def test_expressions_match_jinja2(expression):

@@ -333,6 +333,37 @@ def test_chunked_head_loss_over_blocks_equals_the_dequantized_head(backend, soft
     assert peak_q < N * V * 8 / 2, peak_q
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_streamed_head_with_few_rows_dequantizes_a_panel_of_w_at_a_time(backend, monkeypatch):
+    """With few rows the logits bound alone would take the whole head as one panel (the demo: a 113 MB float32
+    copy of SmolLM2's head); a panel of W also stays within the GEMMs' panel bytes (here 64 rows)."""
+    import tracemalloc
+
+    from lora_np.functional import LinearCrossEntropy
+
+    kernels.set_backend(backend)
+    rng = np.random.default_rng(3)
+    V, C, N = 4096, 64, 6
+    monkeypatch.setattr(kq, "_PANEL_BYTES", 64 * C * 8)
+    blocks = random_blocks(rng, "Q8_0", V, C)
+    W = gguf_dequantize(blocks, "Q8_0").astype(np.float64)                                             # (V, C)
+    h, target = rng.standard_normal((N, C)), rng.integers(0, V, N)
+    x = Tensor(h.copy(), requires_grad=True)
+    tracemalloc.start()
+    loss = LinearCrossEntropy.apply(x, None, Tensor(target), blocks=blocks, ggml_type="Q8_0")
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    loss.backward()
+    z = h @ W.T                                                                                        # (N, V)
+    lse = np.log(np.exp(z - z.max(1, keepdims=True)).sum(1)) + z.max(1)
+    assert_close(loss.data, (lse - z[np.arange(N), target]).mean(), 1e-12, name="loss (the rows' mean)")
+    p = np.exp(z - lse[:, None])
+    p[np.arange(N), target] -= 1
+    assert_close(x.grad, p @ W / N, 1e-10, 1e-14, name="dh")
+    assert peak < 4 * 64 * C * 8 + 8 * N * C * 8, peak  # a W panel and its logits, not V * C * 8 = 2 MiB
+    assert peak < V * C * 8 / 4, peak
+
+
 @pytest.mark.parametrize("ggml_type,tie", [("q8_0", True), ("q4_0", False)])
 def test_quantized_head_takes_the_chunked_loss(ggml_type, tie):
     """A model whose head is a QuantizedLinear computes its training loss chunk by chunk (no logits returned),
