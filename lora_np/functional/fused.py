@@ -276,8 +276,7 @@ def _streamed_head_loss(h, target, blocks, ggml_type, softcap, need_h):
     accumulates in acc (M, C) as exp(l − m)·(softmax_panel @ W_panel), rescaled by exp(m_old − m_new) when m
     grows; at the end dh = acc / s − W[target] (through the cap's 1 − tanh² with a softcap). Never more than
     a panel's logits (M, ≤ _HEAD_PANEL / M) and a panel of W (≤ _PANEL_BYTES) at a time, and the GEMMs run on
-    all M rows: the row chunks of the
-    float head would dequantize W twice per chunk."""
+    all M rows: the row chunks of the float head would dequantize W twice per chunk."""
     M, C = h.shape
     dt, rows = h.dtype.type, np.arange(M)
     m = np.full(M, -np.inf)                                                   # running max of panel lse

@@ -46,10 +46,10 @@ def padding_idx(config):
     does it in a LoRA adapter on the embedding): the id when it is a row of the vocabulary (negative ones count
     from the end, as in torch), else None. A family's default pad id outside a small test vocabulary (Phi-3's
     32000, SmolLM3's 128004) leaves no padding row, where transformers could not build the model at all."""
-    pad, n = getattr(config, "pad_token_id", None), config.vocab_size
-    if isinstance(pad, bool) or not isinstance(pad, int) or not -n <= pad < n:
+    try:
+        return F.check_padding_idx(getattr(config, "pad_token_id", None), config.vocab_size)
+    except ValueError:
         return None
-    return pad % n
 
 
 class Config:
